@@ -1,0 +1,76 @@
+//! The local admin HTTP port: `/healthz`, `/readyz`, `/metrics`, `/status`.
+//!
+//! Liveness means the process runs its event loop; readiness means it can do its job
+//! (the float: broker reachable; the bridge: broker reachable and links converged), so a
+//! load balancer or watchdog routes away from an instance that cannot work.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+/// What the daemon exposes to the admin port.
+pub trait AdminState: Send + Sync + 'static {
+    /// Ready to do work?
+    fn ready(&self) -> bool;
+    /// Per-component status as JSON (links, connections, counters).
+    fn status(&self) -> serde_json::Value;
+}
+
+#[derive(Clone)]
+struct Shared {
+    state: Arc<dyn AdminState>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Install the Prometheus recorder for the `metrics` facade (once per process).
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    PrometheusBuilder::new().install_recorder().ok()
+}
+
+/// Serve the admin port on `addr` until `shutdown`. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    state: Arc<dyn AdminState>,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let shared = Shared { state, metrics };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(render_metrics))
+        .with_state(shared);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "admin server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
+    if s.state.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn status(State(s): State<Shared>) -> impl IntoResponse {
+    Json(s.state.status())
+}
+
+async fn render_metrics(State(s): State<Shared>) -> impl IntoResponse {
+    match s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (StatusCode::NOT_FOUND, "metrics recorder not installed\n".to_string()),
+    }
+}

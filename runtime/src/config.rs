@@ -1,0 +1,251 @@
+//! Configuration loading that reports *every* bad key at once.
+//!
+//! A daemon's config is one TOML file plus `DRAWBRIDGE_...` environment overrides
+//! (`DRAWBRIDGE_BROKER__URIS=a,b` sets `broker.uris`). Instead of failing on the first
+//! serde error, callers read each key through a [`ConfigReader`], which collects type
+//! errors, validation errors and unknown keys, so an operator fixes the whole file in one go.
+
+use std::{collections::BTreeSet, fmt, path::Path, time::Duration};
+
+use config::{Config, Environment, File, FileFormat, Value, ValueKind};
+use serde::de::DeserializeOwned;
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads typed keys out of a merged file + environment configuration, collecting errors.
+#[derive(Debug)]
+pub struct ConfigReader {
+    /// The merged configuration.
+    cfg: Config,
+    /// Problems found so far.
+    errors: Vec<String>,
+    /// Keys the daemon asked for; anything else present is reported as unknown.
+    known: BTreeSet<String>,
+}
+
+impl ConfigReader {
+    /// Load `file` (if any) and the environment variables starting with `{env_prefix}_`.
+    /// `list_keys` are keys whose environment value is a comma-separated list.
+    pub fn load(
+        file: Option<&Path>,
+        env_prefix: &str,
+        list_keys: &[&str],
+    ) -> Result<Self, ConfigErrors> {
+        let mut builder = Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigErrors(vec![format!(
+                    "config file {} does not exist",
+                    path.display()
+                )]));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        let mut env = Environment::with_prefix(env_prefix)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",");
+        for key in list_keys {
+            env = env.with_list_parse_key(key);
+        }
+        builder = builder.add_source(env);
+        let cfg = builder
+            .build()
+            .map_err(|e| ConfigErrors(vec![format!("cannot read configuration: {e}")]))?;
+        Ok(Self::from_config(cfg))
+    }
+
+    /// Build from a TOML string only (tests, examples).
+    pub fn from_toml(toml: &str) -> Result<Self, ConfigErrors> {
+        let cfg = Config::builder()
+            .add_source(File::from_str(toml, FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigErrors(vec![format!("cannot parse configuration: {e}")]))?;
+        Ok(Self::from_config(cfg))
+    }
+
+    fn from_config(cfg: Config) -> Self {
+        ConfigReader {
+            cfg,
+            errors: Vec::new(),
+            known: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `key` is set (file or environment).
+    pub fn is_set(&mut self, key: &str) -> bool {
+        self.known.insert(key.to_string());
+        self.cfg.get::<Value>(key).is_ok()
+    }
+
+    /// The value of `key`, or `default` when absent; a value of the wrong type is recorded
+    /// as an error (and `default` returned so reading can go on).
+    pub fn get<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
+        self.optional(key).unwrap_or(default)
+    }
+
+    /// The value of `key` if present and well-typed.
+    pub fn optional<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        self.known.insert(key.to_string());
+        match self.cfg.get::<T>(key) {
+            Ok(v) => Some(v),
+            Err(config::ConfigError::NotFound(_)) => None,
+            Err(e) => {
+                self.errors.push(format!("{key}: {}", strip_key(&e.to_string())));
+                None
+            }
+        }
+    }
+
+    /// The value of a mandatory `key`; absence is recorded as an error.
+    pub fn required<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        let present = self.is_set(key);
+        if !present {
+            self.errors.push(format!("{key}: required but not set"));
+            return None;
+        }
+        self.optional(key)
+    }
+
+    /// A duration such as `"500ms"`, `"5s"`, `"2m"` (or a bare number of seconds).
+    pub fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        self.known.insert(key.to_string());
+        match self.cfg.get::<Value>(key) {
+            Err(_) => default,
+            Ok(v) => match parse_duration(&v.to_string()) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.errors.push(format!("{key}: {e}"));
+                    default
+                }
+            },
+        }
+    }
+
+    /// Record a validation problem with `key`.
+    pub fn invalid(&mut self, key: &str, reason: impl fmt::Display) {
+        self.errors.push(format!("{key}: {reason}"));
+    }
+
+    /// Check `ok`, recording `reason` against `key` when false.
+    pub fn check(&mut self, key: &str, ok: bool, reason: impl fmt::Display) {
+        if !ok {
+            self.invalid(key, reason);
+        }
+    }
+
+    /// Finish reading: report unknown keys and every error collected.
+    pub fn finish(mut self) -> Result<(), ConfigErrors> {
+        let mut leaves = Vec::new();
+        if let Ok(table) = self.cfg.clone().try_deserialize::<config::Map<String, Value>>() {
+            for (k, v) in table {
+                collect_leaves(&k, &v, &mut leaves);
+            }
+        }
+        for leaf in leaves {
+            let known = self
+                .known
+                .iter()
+                .any(|k| leaf == *k || leaf.starts_with(&format!("{k}.")));
+            if !known {
+                self.errors.push(format!("{leaf}: unknown key"));
+            }
+        }
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            self.errors.sort();
+            self.errors.dedup();
+            Err(ConfigErrors(self.errors))
+        }
+    }
+}
+
+fn collect_leaves(prefix: &str, v: &Value, out: &mut Vec<String>) {
+    match &v.kind {
+        ValueKind::Table(t) if !t.is_empty() => {
+            for (k, v) in t {
+                collect_leaves(&format!("{prefix}.{k}"), v, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+fn strip_key(msg: &str) -> String {
+    // config's messages end with `for key "x"`; we already say which key.
+    match msg.find(" for key") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Parse `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&s[..i], s[i..].trim()),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (use e.g. 500ms, 5s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_key_is_reported() {
+        let mut r = ConfigReader::from_toml(
+            "[broker]\nuris = 5\n[link]\nwindow = \"many\"\ntimeout = \"3 parsecs\"\ntypo_key = 1\n",
+        )
+        .unwrap();
+        let _: Vec<String> = r.get("broker.uris", vec![]);
+        let _: u32 = r.get("link.window", 10);
+        let _ = r.duration("link.timeout", Duration::from_secs(1));
+        let _: Option<String> = r.required("float.listen");
+        let errs = r.finish().unwrap_err().0;
+        assert_eq!(errs.len(), 5, "{errs:#?}");
+        for key in ["broker.uris", "link.window", "link.timeout", "link.typo_key", "float.listen"] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key} missing in {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 days").is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! The float's configuration (`float.toml`, overridable by `DRAWBRIDGE_...` variables).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use drawbridge_certs::{LegalName, TlsPolicy};
+use drawbridge_runtime::{
+    broker::BrokerConfig,
+    config::{ConfigErrors, ConfigReader},
+    logging::LogFormat,
+};
+
+/// One identity this float receives for, and the inbox its messages go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The legal name peers put in `drawbridge-destination`.
+    pub legal_name: LegalName,
+    /// The broker queue its messages are published to.
+    pub inbox: String,
+}
+
+/// Everything the float needs to run.
+#[derive(Debug, Clone)]
+pub struct FloatConfig {
+    /// Where peers connect (TLS).
+    pub listen: SocketAddr,
+    /// PEM chain presented to peers (leaf first).
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM network root(s) that client certificates must chain to.
+    pub trust_roots: PathBuf,
+    /// CRL files checked for client certificates.
+    pub crls: Vec<PathBuf>,
+    /// TLS 1.3 only, or 1.2 (ECDHE + AEAD) too.
+    pub tls_policy: TlsPolicy,
+    /// Deadline for the TLS + AMQP open handshake of a new connection.
+    pub handshake_timeout: Duration,
+    /// Connections beyond this are refused.
+    pub max_connections: usize,
+    /// Bigger messages are rejected.
+    pub max_message_size: usize,
+    /// AMQP idle timeout we announce; a peer silent for longer is dropped.
+    pub idle_timeout: Duration,
+    /// Credit per inbound link: how many unsettled transfers a peer may have in flight.
+    pub link_credit: u32,
+    /// The AMQP 1.0 address peers attach to.
+    pub address: String,
+    /// Identities served; empty means "the subject of our own certificate" with
+    /// `default_inbox`.
+    pub identities: Vec<Identity>,
+    /// Inbox used when `identities` is empty.
+    pub default_inbox: String,
+    /// `x-queue-type` for inboxes we declare (`classic` or `quorum`).
+    pub inbox_queue_type: String,
+    /// Declare the inboxes on connect (off if the node owns their declaration).
+    pub declare_inboxes: bool,
+    /// Number of (sender, message-id) pairs remembered for duplicate suppression.
+    pub dedup_capacity: usize,
+    /// How long a pair is remembered.
+    pub dedup_max_age: Duration,
+    /// Broker connection.
+    pub broker: BrokerConfig,
+    /// Admin HTTP port (health, readiness, metrics, status); `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// SIGTERM grace period for settling in-flight transfers.
+    pub drain_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl FloatConfig {
+    /// Read and validate; every problem is reported.
+    pub fn from_reader(mut r: ConfigReader) -> Result<FloatConfig, ConfigErrors> {
+        let listen = parse_addr(&mut r, "float.listen", true);
+        let tls_cert = r.required::<PathBuf>("float.tls_cert").unwrap_or_default();
+        let tls_key = r.required::<PathBuf>("float.tls_key").unwrap_or_default();
+        let trust_roots = r.required::<PathBuf>("float.trust_roots").unwrap_or_default();
+        let crls: Vec<PathBuf> = r.get("float.crls", Vec::new());
+        let tls12: bool = r.get("float.allow_tls12", false);
+        let max_connections: usize = r.get("float.max_connections", 1000);
+        r.check("float.max_connections", max_connections > 0, "must be at least 1");
+        let max_message_size: usize = r.get("float.max_message_size", 10 * 1024 * 1024);
+        r.check("float.max_message_size", max_message_size >= 1024, "must be at least 1024");
+        let link_credit: u32 = r.get("float.link_credit", 1000);
+        r.check("float.link_credit", (1..=100_000).contains(&link_credit), "must be 1..=100000");
+        let mut identities = Vec::new();
+        if r.is_set("float.identities") {
+            let raw: Vec<std::collections::HashMap<String, String>> =
+                r.get("float.identities", Vec::new());
+            for (i, t) in raw.iter().enumerate() {
+                let key = format!("float.identities[{i}]");
+                match (t.get("legal_name"), t.get("inbox")) {
+                    (Some(n), Some(inbox)) => match n.parse::<LegalName>() {
+                        Ok(legal_name) => identities.push(Identity {
+                            legal_name,
+                            inbox: inbox.clone(),
+                        }),
+                        Err(e) => r.invalid(&key, format!("legal_name: {e}")),
+                    },
+                    _ => r.invalid(&key, "needs both `legal_name` and `inbox`"),
+                }
+                for k in t.keys() {
+                    if k != "legal_name" && k != "inbox" {
+                        r.invalid(&format!("{key}.{k}"), "unknown key");
+                    }
+                }
+            }
+        }
+        let inbox_queue_type: String = r.get("float.inbox_queue_type", "classic".to_string());
+        r.check(
+            "float.inbox_queue_type",
+            inbox_queue_type == "classic" || inbox_queue_type == "quorum",
+            "must be `classic` or `quorum`",
+        );
+        let cfg = FloatConfig {
+            listen: listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal")),
+            tls_cert,
+            tls_key,
+            trust_roots,
+            crls,
+            tls_policy: if tls12 {
+                TlsPolicy::AllowTls12
+            } else {
+                TlsPolicy::Tls13Only
+            },
+            handshake_timeout: r.duration("float.handshake_timeout", Duration::from_secs(10)),
+            max_connections,
+            max_message_size,
+            idle_timeout: r.duration("float.idle_timeout", Duration::from_secs(30)),
+            link_credit,
+            address: r.get("float.address", "drawbridge.inbound".to_string()),
+            identities,
+            default_inbox: r.get("float.default_inbox", "drawbridge.inbox".to_string()),
+            inbox_queue_type,
+            declare_inboxes: r.get("float.declare_inboxes", true),
+            dedup_capacity: r.get("dedup.capacity", 100_000),
+            dedup_max_age: r.duration("dedup.max_age", Duration::from_secs(600)),
+            broker: BrokerConfig::read(&mut r, "broker"),
+            admin_listen: parse_addr(&mut r, "admin.listen", false),
+            drain_grace: r.duration("float.drain_grace", Duration::from_secs(10)),
+            log_format: r.get("log.format", LogFormat::Human),
+        };
+        r.finish()?;
+        Ok(cfg)
+    }
+}
+
+fn parse_addr(r: &mut ConfigReader, key: &str, required: bool) -> Option<SocketAddr> {
+    let raw: Option<String> = if required { r.required(key) } else { r.optional(key) };
+    let raw = raw?;
+    match raw.parse() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            r.invalid(key, format!("`{raw}` is not an ip:port address: {e}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_problem() {
+        let r = ConfigReader::from_toml(
+            r#"
+[float]
+listen = "nowhere"
+max_connections = 0
+inbox_queue_type = "stream"
+identities = [{ legal_name = "not a name", inbox = "x" }]
+[broker]
+uris = ["amqp://127.0.0.1:5672/%2f"]
+"#,
+        )
+        .unwrap();
+        let errs = FloatConfig::from_reader(r).unwrap_err().0;
+        for key in [
+            "float.listen",
+            "float.max_connections",
+            "float.inbox_queue_type",
+            "float.identities[0]",
+            "float.tls_cert",
+            "float.tls_key",
+            "float.trust_roots",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key} not in {errs:#?}");
+        }
+    }
+}

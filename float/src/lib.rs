@@ -1,0 +1,225 @@
+//! `drawbridge-float`: the DMZ side of Drawbridge.
+//!
+//! Terminates inbound mutually-authenticated TLS AMQP 1.0 links from peers, validates each
+//! transfer, stamps the authenticated sender (`drawbridge-sender`, from the client
+//! certificate, overwriting whatever the peer wrote), publishes it persistent + mandatory
+//! into the broker with publisher confirms, and settles the transfer `accepted` only after
+//! the broker's confirm. Anything it cannot deliver is `rejected` with a description (the
+//! bridge dead-letters it); anything it cannot deliver *yet* is `released` (the bridge
+//! resends). It never accepts and then drops.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod convert;
+pub mod dedup;
+mod sasl;
+mod server;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use drawbridge_certs::{LegalName, TlsIdentity};
+use drawbridge_runtime::{
+    admin::{self, AdminState},
+    broker::{BrokerSession, Live, Setup},
+};
+use lapin::{
+    options::QueueDeclareOptions,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::FloatConfig;
+use dedup::DedupWindow;
+
+/// Counters shown in `/status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Transfers published, confirmed and accepted.
+    pub accepted: AtomicU64,
+    /// Transfers rejected (undeliverable).
+    pub rejected: AtomicU64,
+    /// Transfers released (transient trouble; resent by the peer).
+    pub released: AtomicU64,
+    /// Duplicates accepted without publishing again.
+    pub duplicates_suppressed: AtomicU64,
+}
+
+/// Shared state of a running float.
+pub(crate) struct Ctx {
+    cfg: FloatConfig,
+    tls: tokio_rustls::TlsAcceptor,
+    broker: BrokerSession,
+    dedup: Mutex<DedupWindow>,
+    stats: Stats,
+    identities: Vec<(LegalName, String)>,
+    connections: Mutex<HashMap<u64, server::ConnectionInfo>>,
+}
+
+impl Ctx {
+    fn route(&self, destination: &str) -> Option<String> {
+        server::resolve(&self.identities, destination)
+    }
+}
+
+impl AdminState for Ctx {
+    fn ready(&self) -> bool {
+        self.broker.is_connected()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let conns: Vec<_> = self
+            .connections
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect();
+        serde_json::json!({
+            "role": "float",
+            "ready": self.ready(),
+            "broker": self.broker.current().map(|l| l.uri.clone()),
+            "listen": self.cfg.listen.to_string(),
+            "identities": self.identities.iter().map(|(n, q)| serde_json::json!({"legal_name": n.to_string(), "inbox": q})).collect::<Vec<_>>(),
+            "connections": conns,
+            "accepted": self.stats.accepted.load(Ordering::Relaxed),
+            "rejected": self.stats.rejected.load(Ordering::Relaxed),
+            "released": self.stats.released.load(Ordering::Relaxed),
+            "duplicates_suppressed": self.stats.duplicates_suppressed.load(Ordering::Relaxed),
+            "dedup_window": self.dedup.lock().expect("poisoned").len(),
+        })
+    }
+}
+
+/// Errors that stop the float from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Certificates, keys or trust roots could not be loaded.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] drawbridge_certs::CertError),
+    /// The listener or admin port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A started float.
+#[derive(Debug)]
+pub struct RunningFloat {
+    /// Where peers connect.
+    pub listen_addr: SocketAddr,
+    /// Admin port, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Completes when the float has drained after `shutdown`.
+    pub done: JoinHandle<()>,
+}
+
+/// Start the float: load TLS material, connect to the broker, listen. Runs until
+/// `shutdown` is cancelled, then stops accepting and drains within `drain_grace`.
+pub async fn start(
+    cfg: FloatConfig,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<RunningFloat, StartError> {
+    let identity = TlsIdentity::load(&cfg.tls_cert, &cfg.tls_key)?;
+    let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
+    let crls = drawbridge_certs::load_crls(&cfg.crls)?;
+    let tls = drawbridge_certs::server_config(&identity, roots, crls, cfg.tls_policy)?;
+    let identities: Vec<(LegalName, String)> = if cfg.identities.is_empty() {
+        vec![(identity.legal_name()?, cfg.default_inbox.clone())]
+    } else {
+        cfg.identities
+            .iter()
+            .map(|i| (i.legal_name.clone(), i.inbox.clone()))
+            .collect()
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    let listen_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+
+    let inboxes: Vec<String> = identities.iter().map(|(_, q)| q.clone()).collect();
+    let queue_type = cfg.inbox_queue_type.clone();
+    let declare = cfg.declare_inboxes;
+    let setup: Setup = Arc::new(move |live: Arc<Live>| {
+        let inboxes = inboxes.clone();
+        let queue_type = queue_type.clone();
+        Box::pin(async move {
+            if !declare {
+                return Ok(());
+            }
+            let ch = live.conn.create_channel().await.map_err(|e| e.to_string())?;
+            for q in &inboxes {
+                let mut args = FieldTable::default();
+                args.insert(
+                    ShortString::from("x-queue-type"),
+                    AMQPValue::LongString(LongString::from(queue_type.clone())),
+                );
+                ch.queue_declare(
+                    ShortString::from(q.as_str()),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args,
+                )
+                .await
+                .map_err(|e| format!("declaring inbox `{q}`: {e}"))?;
+            }
+            let _ = ch.close(200, "setup done".into()).await;
+            Ok(())
+        })
+    });
+    let broker_shutdown = CancellationToken::new();
+    let broker = BrokerSession::start(
+        cfg.broker.clone(),
+        "drawbridge-float",
+        setup,
+        broker_shutdown.clone(),
+    );
+    let ctx = Arc::new(Ctx {
+        dedup: Mutex::new(DedupWindow::new(cfg.dedup_capacity, cfg.dedup_max_age)),
+        tls: tokio_rustls::TlsAcceptor::from(tls),
+        broker,
+        stats: Stats::default(),
+        identities,
+        connections: Mutex::new(HashMap::new()),
+        cfg,
+    });
+    let admin_addr = match ctx.cfg.admin_listen {
+        Some(addr) => Some(
+            admin::serve(addr, ctx.clone(), metrics, shutdown.clone())
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    info!(listen = %listen_addr, admin = ?admin_addr, identities = ?ctx.identities.iter().map(|(n, q)| format!("{n} -> {q}")).collect::<Vec<_>>(), "float listening");
+    let done = tokio::spawn(async move {
+        server::serve(listener, ctx.clone(), shutdown).await;
+        // Links are settled; now the broker connection can close.
+        broker_shutdown.cancel();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        info!("float stopped");
+    });
+    Ok(RunningFloat {
+        listen_addr,
+        admin_addr,
+        done,
+    })
+}

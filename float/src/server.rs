@@ -1,0 +1,499 @@
+//! Accepting peers: TCP → TLS (client certificate required) → AMQP 1.0 → one task per
+//! inbound link, each publishing into the broker with confirms.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use drawbridge_certs::{peer_legal_name, LegalName};
+use drawbridge_runtime::{backoff::Backoff, broker::Live, headers};
+use fe2o3_amqp::{
+    acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SessionAcceptor},
+    link::{delivery::DeliveryInfo, receiver::CreditMode, Receiver},
+    types::{
+        definitions::{AmqpError, Error as AmqpErrorFrame},
+        messaging::{Body, Message},
+        primitives::Value,
+    },
+};
+use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, LongString, ShortString},
+    BasicProperties, Channel, Confirmation,
+};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{convert, sasl::TlsIdentitySasl, Ctx};
+
+/// Accept connections until `shutdown`, then let the connections drain.
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(ctx.cfg.max_connections));
+    let mut conns = JoinSet::new();
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(v) => {
+                backoff.reset();
+                v
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                let d = backoff.next_delay();
+                warn!(error = %e, retry_in = ?d, "accept failed");
+                tokio::time::sleep(d).await;
+                continue;
+            }
+        };
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                warn!(peer_addr = %addr, max = ctx.cfg.max_connections, "connection refused: too many connections");
+                metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "max_connections").increment(1);
+                continue;
+            }
+        };
+        next_id += 1;
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let id = next_id;
+        conns.spawn(async move {
+            serve_connection(tcp, addr, id, ctx.clone(), shutdown).await;
+            ctx.connections.lock().expect("poisoned").remove(&id);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    info!(open_connections = conns.len(), "listener closed, draining connections");
+    let grace = ctx.cfg.drain_grace;
+    if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!(?grace, "drain grace period over; dropping remaining connections (their unsettled transfers will be resent)");
+        conns.abort_all();
+    }
+}
+
+/// What `/status` shows about one connection.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ConnectionInfo {
+    pub peer: String,
+    pub addr: String,
+    pub since_unix_ms: u64,
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    id: u64,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let hs = ctx.cfg.handshake_timeout;
+    let tls = match tokio::time::timeout(hs, ctx.tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(peer_addr = %addr, reason = %e, "TLS handshake refused");
+            metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "tls").increment(1);
+            return;
+        }
+        Err(_) => {
+            warn!(peer_addr = %addr, timeout = ?hs, "TLS handshake refused: timed out");
+            metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "tls_timeout").increment(1);
+            return;
+        }
+    };
+    let peer = match tls.get_ref().1.peer_certificates().map(peer_legal_name) {
+        Some(Ok(name)) => name,
+        Some(Err(e)) => {
+            warn!(peer_addr = %addr, reason = %e, "connection refused: client certificate subject unreadable");
+            return;
+        }
+        None => {
+            warn!(peer_addr = %addr, "connection refused: no client certificate");
+            return;
+        }
+    };
+    if !ctx.broker.is_connected() {
+        // Taking transfers we cannot publish would only bounce them; refusing makes the
+        // bridge back off and lets a load balancer pick another float.
+        warn!(peer = %peer, peer_addr = %addr, "connection refused: broker unavailable");
+        metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "broker_down").increment(1);
+        return;
+    }
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id(format!("drawbridge-float-{}", std::process::id()))
+        .max_frame_size(256 * 1024u32)
+        .idle_time_out(ctx.cfg.idle_timeout.as_millis() as u32)
+        .sasl_acceptor(TlsIdentitySasl)
+        .build();
+    let mut conn = match tokio::time::timeout(hs, acceptor.accept(tls)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(peer = %peer, peer_addr = %addr, reason = %e, "AMQP open refused");
+            return;
+        }
+        Err(_) => {
+            warn!(peer = %peer, peer_addr = %addr, "AMQP open refused: timed out");
+            return;
+        }
+    };
+    let sender: Arc<str> = peer.to_string().into();
+    info!(peer = %sender, peer_addr = %addr, "peer connected");
+    ctx.connections.lock().expect("poisoned").insert(
+        id,
+        ConnectionInfo {
+            peer: sender.to_string(),
+            addr: addr.to_string(),
+            since_unix_ms: unix_ms(),
+        },
+    );
+    metrics::gauge!("drawbridge_float_connections").increment(1.0);
+    let mut sessions = JoinSet::new();
+    let session_acceptor = SessionAcceptor::new();
+    let reason = loop {
+        tokio::select! {
+            s = session_acceptor.accept(&mut conn) => match s {
+                Ok(session) => {
+                    sessions.spawn(serve_session(session, sender.clone(), ctx.clone(), shutdown.clone()));
+                }
+                Err(e) => break format!("{e}"),
+            },
+            _ = shutdown.cancelled() => break "float shutting down".to_string(),
+        }
+    };
+    while sessions.join_next().await.is_some() {}
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
+    metrics::gauge!("drawbridge_float_connections").decrement(1.0);
+    info!(peer = %sender, peer_addr = %addr, reason = %reason, "peer disconnected");
+}
+
+async fn serve_session(
+    mut session: fe2o3_amqp::acceptor::ListenerSessionHandle,
+    sender: Arc<str>,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = LinkAcceptor::new();
+    let mut links = JoinSet::new();
+    loop {
+        tokio::select! {
+            l = acceptor.accept(&mut session) => match l {
+                Ok(LinkEndpoint::Receiver(r)) => {
+                    links.spawn(serve_link(r, sender.clone(), ctx.clone(), shutdown.clone()));
+                }
+                Ok(LinkEndpoint::Sender(s)) => {
+                    let err = AmqpErrorFrame::new(AmqpError::NotAllowed, "this float only receives".to_string(), None);
+                    let _ = s.close_with_error(err).await;
+                }
+                Err(e) => {
+                    debug!(peer = %sender, reason = %e, "session ended");
+                    break;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    while links.join_next().await.is_some() {}
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.end()).await;
+}
+
+/// How one transfer ends.
+enum Settle {
+    /// Published and confirmed (or a confirmed duplicate): accept, remember the id.
+    Accept { dedup_key: Option<String> },
+    /// Cannot ever be delivered: reject with this description.
+    Reject(String),
+    /// Transient trouble: release, the bridge resends.
+    Release(String),
+}
+
+type Pending = BoxFuture<'static, (DeliveryInfo, Settle)>;
+
+async fn serve_link(
+    mut receiver: Receiver,
+    sender: Arc<str>,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
+    let address = receiver
+        .target()
+        .as_ref()
+        .and_then(|t| t.address.clone())
+        .unwrap_or_default();
+    if address != ctx.cfg.address {
+        warn!(peer = %sender, address = %address, expected = %ctx.cfg.address, "link refused: unknown target address");
+        let err = AmqpErrorFrame::new(
+            AmqpError::NotFound,
+            format!("unknown address `{address}`; this float receives on `{}`", ctx.cfg.address),
+            None,
+        );
+        let _ = receiver.close_with_error(err).await;
+        return;
+    }
+    let credit = ctx.cfg.link_credit;
+    receiver.set_credit_mode(CreditMode::Auto(credit));
+    if let Err(e) = receiver.set_credit(credit).await {
+        warn!(peer = %sender, reason = %e, "link failed before it started");
+        return;
+    }
+    info!(peer = %sender, link = %receiver.name(), "inbound link attached");
+    let mut state = LinkState {
+        channel: None,
+        routes: HashMap::new(),
+    };
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut draining = false;
+    let reason = loop {
+        tokio::select! {
+            biased;
+            Some((info, settle)) = pending.next(), if !pending.is_empty() => {
+                if let Err(e) = settle_one(&receiver, info, settle, &sender, &ctx).await {
+                    break format!("disposition failed: {e}");
+                }
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+            }
+            d = receiver.recv::<Body<Value>>(), if !draining && pending.len() < credit as usize => {
+                match d {
+                    Ok(delivery) => {
+                        let (info, msg) = delivery.into_parts();
+                        match handle(msg, &sender, &ctx, &mut state).await {
+                            Handled::Now(settle) => {
+                                if let Err(e) = settle_one(&receiver, info, settle, &sender, &ctx).await {
+                                    break format!("disposition failed: {e}");
+                                }
+                            }
+                            Handled::Later(fut) => pending.push_back(fut.map(move |s| (info, s)).boxed()),
+                        }
+                    }
+                    Err(e) => break format!("{e}"),
+                }
+            }
+            else => break "drained for shutdown".to_string(),
+        }
+    };
+    // Whatever is still pending was never settled: the peer resends it.
+    if !pending.is_empty() {
+        warn!(peer = %sender, unsettled = pending.len(), "link ended with unsettled transfers; the peer will resend them");
+    }
+    if draining {
+        let _ = tokio::time::timeout(Duration::from_secs(2), receiver.close()).await;
+    }
+    info!(peer = %sender, reason = %reason, "inbound link closed");
+}
+
+/// Per-link state: its own broker channel and a cache of destination → inbox.
+struct LinkState {
+    /// Confirm-mode channel on the current broker connection.
+    channel: Option<(Arc<Live>, Channel)>,
+    /// `drawbridge-destination` as written → inbox (None: not served).
+    routes: HashMap<String, Option<String>>,
+}
+
+enum Handled {
+    Now(Settle),
+    Later(BoxFuture<'static, Settle>),
+}
+
+async fn handle(
+    msg: Message<Body<Value>>,
+    sender: &Arc<str>,
+    ctx: &Arc<Ctx>,
+    state: &mut LinkState,
+) -> Handled {
+    let inbound = match convert::from_amqp(msg, ctx.cfg.max_message_size) {
+        Ok(m) => m,
+        Err(e) => {
+            metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label()).increment(1);
+            return Handled::Now(Settle::Reject(e.to_string()));
+        }
+    };
+    let inbox = state
+        .routes
+        .entry(inbound.destination.clone())
+        .or_insert_with(|| ctx.route(&inbound.destination))
+        .clone();
+    let Some(inbox) = inbox else {
+        metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination").increment(1);
+        return Handled::Now(Settle::Reject(
+            convert::Invalid::UnknownDestination(inbound.destination).to_string(),
+        ));
+    };
+    let dedup_key = inbound.message_id.clone();
+    if ctx
+        .dedup
+        .lock()
+        .expect("poisoned")
+        .contains(sender, &dedup_key, Instant::now())
+    {
+        ctx.stats.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("drawbridge_float_duplicates_suppressed_total").increment(1);
+        return Handled::Now(Settle::Accept { dedup_key: None });
+    }
+    let Some((live, channel)) = channel(state, ctx).await else {
+        return Handled::Now(Settle::Release("broker unavailable".into()));
+    };
+    let mut hdrs = inbound.headers;
+    hdrs.insert(
+        ShortString::from(headers::SENDER),
+        AMQPValue::LongString(LongString::from(sender.to_string())),
+    );
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(inbound.message_id))
+        .with_headers(hdrs);
+    if let Some(ct) = inbound.content_type {
+        props = props.with_content_type(ShortString::from(ct));
+    }
+    if let Some(c) = inbound.correlation_id {
+        props = props.with_correlation_id(ShortString::from(c));
+    }
+    let op = ctx.broker.config().op_timeout;
+    let publish = tokio::time::timeout(
+        op,
+        channel.basic_publish(
+            ShortString::from(""),
+            ShortString::from(inbox.as_str()),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &inbound.body,
+            props,
+        ),
+    )
+    .await;
+    let confirm = match publish {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            state.channel = None;
+            return Handled::Now(Settle::Release(format!("publish failed: {e}")));
+        }
+        Err(_) => {
+            state.channel = None;
+            live.report_broken("publish timed out");
+            return Handled::Now(Settle::Release("publish timed out".into()));
+        }
+    };
+    let sender = sender.clone();
+    Handled::Later(
+        async move {
+            match tokio::time::timeout(op, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => Settle::Accept {
+                    dedup_key: Some(format!("{sender}\u{0}{dedup_key}")),
+                },
+                Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                    Settle::Reject(format!("unroutable: no queue `{inbox}` in the receiving broker"))
+                }
+                Ok(Ok(Confirmation::Nack(_))) => {
+                    Settle::Reject("the receiving broker refused the message (nack)".into())
+                }
+                Ok(Ok(Confirmation::NotRequested)) => {
+                    Settle::Release("internal error: publisher confirms not enabled".into())
+                }
+                Ok(Err(e)) => Settle::Release(format!("publish not confirmed: {e}")),
+                Err(_) => {
+                    live.report_broken("publisher confirm timed out");
+                    Settle::Release("publisher confirm timed out".into())
+                }
+            }
+        }
+        .boxed(),
+    )
+}
+
+/// The link's confirm-mode channel, reopened on a new broker connection when needed.
+async fn channel(state: &mut LinkState, ctx: &Arc<Ctx>) -> Option<(Arc<Live>, Channel)> {
+    if let Some((live, ch)) = &state.channel {
+        if !live.is_lost() && ch.status().connected() {
+            return Some((live.clone(), ch.clone()));
+        }
+    }
+    state.channel = None;
+    let live = ctx.broker.current()?;
+    let op = ctx.broker.config().op_timeout;
+    let opened = tokio::time::timeout(op, async {
+        let ch = live.conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok::<_, lapin::Error>(ch)
+    })
+    .await;
+    match opened {
+        Ok(Ok(ch)) => {
+            state.channel = Some((live.clone(), ch.clone()));
+            Some((live, ch))
+        }
+        Ok(Err(e)) => {
+            warn!(reason = %e, "cannot open a broker channel");
+            None
+        }
+        Err(_) => {
+            live.report_broken("channel open timed out");
+            None
+        }
+    }
+}
+
+async fn settle_one(
+    receiver: &Receiver,
+    info: DeliveryInfo,
+    settle: Settle,
+    sender: &str,
+    ctx: &Ctx,
+) -> Result<(), fe2o3_amqp::link::DispositionError> {
+    match settle {
+        Settle::Accept { dedup_key } => {
+            if let Some(key) = dedup_key {
+                let (s, id) = key.split_once('\u{0}').unwrap_or((sender, &key));
+                ctx.dedup.lock().expect("poisoned").insert(s, id, Instant::now());
+                ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("drawbridge_float_accepted_total").increment(1);
+            }
+            receiver.accept(info).await
+        }
+        Settle::Reject(why) => {
+            warn!(peer = %sender, reason = %why, "transfer rejected");
+            ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            let err = AmqpErrorFrame::new(AmqpError::PreconditionFailed, why, None);
+            receiver.reject(info, err).await
+        }
+        Settle::Release(why) => {
+            debug!(peer = %sender, reason = %why, "transfer released");
+            ctx.stats.released.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("drawbridge_float_released_total").increment(1);
+            receiver.release(info).await
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Resolve a destination legal name to an inbox.
+pub(crate) fn resolve(identities: &[(LegalName, String)], destination: &str) -> Option<String> {
+    let name: LegalName = destination.parse().ok()?;
+    identities
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, inbox)| inbox.clone())
+}

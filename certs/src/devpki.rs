@@ -1,0 +1,238 @@
+//! A complete development PKI in one call, for demos, tests and `drawbridge certs`.
+//!
+//! Layout under `dir`:
+//!
+//! ```text
+//! root/ca.crt, root/ca.key          network root CA (self-signed)
+//! <slug>/node-ca.crt, node-ca.key   per-node intermediate CA (signed by the root, pathlen 0)
+//! <slug>/tls.crt                    node TLS certificate, PEM chain: leaf then node CA
+//! <slug>/tls.key                    its private key (PKCS#8 PEM)
+//! <slug>/root.crt                   copy of the root, the node's trust store
+//! ```
+//!
+//! Certificates are ECDSA P-256, valid from one day ago for two years, with subject and
+//! authority key identifiers so OpenSSL-based peers (Qpid Proton) build the same chains as
+//! rustls. Never use these keys outside development: they are written unencrypted.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    PKCS_ECDSA_P256_SHA256,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::{CertError, LegalName};
+
+/// Where [`generate_network`] put everything.
+#[derive(Debug, Clone)]
+pub struct DevNetwork {
+    /// The network root CA certificate (`dir/root/ca.crt`): every node's trust anchor.
+    pub root_cert: PathBuf,
+    /// One entry per requested legal name, in the order given.
+    pub nodes: Vec<NodeFiles>,
+}
+
+/// The files of one node of a [`DevNetwork`].
+#[derive(Debug, Clone)]
+pub struct NodeFiles {
+    /// The node's identity (its TLS certificate subject).
+    pub legal_name: LegalName,
+    /// `dir/<slug>/`, holding the files below.
+    pub dir: PathBuf,
+    /// PEM chain, leaf then node CA: what the bridge/float presents.
+    pub tls_cert: PathBuf,
+    /// PKCS#8 PEM private key of the leaf.
+    pub tls_key: PathBuf,
+    /// Copy of the network root: the trust store to configure.
+    pub root_cert: PathBuf,
+    /// The node's intermediate CA certificate (also included in `tls_cert`).
+    pub node_ca_cert: PathBuf,
+}
+
+/// Writes a whole dev network under `dir` (see the module docs); existing files are
+/// overwritten with a fresh root and fresh keys. Names must have distinct slugs.
+pub fn generate_network(dir: &Path, names: &[LegalName]) -> Result<DevNetwork, CertError> {
+    let mut slugs = std::collections::HashSet::new();
+    for name in names {
+        if !slugs.insert(name.slug()) || name.slug() == "root" {
+            return Err(CertError::Generate(format!(
+                "legal name `{name}` maps to directory `{}`, which is already taken",
+                name.slug()
+            )));
+        }
+    }
+
+    let now = OffsetDateTime::now_utc();
+    let not_before = now - Duration::days(1);
+    let not_after = now + Duration::days(730);
+
+    // Root CA.
+    let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut root_params = CertificateParams::default();
+    root_params.distinguished_name = {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "Drawbridge Dev Root CA");
+        dn.push(DnType::OrganizationName, "Drawbridge Dev Network");
+        dn
+    };
+    ca_params(
+        &mut root_params,
+        BasicConstraints::Unconstrained,
+        not_before,
+        not_after,
+    );
+    let root_cert = root_params.self_signed(&root_key)?;
+    let root_pem = root_cert.pem();
+    let root_issuer = Issuer::new(root_params, &root_key);
+
+    let root_dir = dir.join("root");
+    create_dir(&root_dir)?;
+    let root_cert_path = root_dir.join("ca.crt");
+    write_file(&root_cert_path, &root_pem, false)?;
+    write_file(&root_dir.join("ca.key"), &root_key.serialize_pem(), true)?;
+
+    let mut nodes = Vec::with_capacity(names.len());
+    for name in names {
+        // Node CA: the legal name's attributes (minus CN) plus CN=Drawbridge Node CA.
+        let node_ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut node_ca_params = CertificateParams::default();
+        node_ca_params.distinguished_name = {
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, "Drawbridge Node CA");
+            for attr in name.attributes().iter().filter(|a| a.oid != "2.5.4.3") {
+                dn.push(dn_type(&attr.oid)?, dn_value(&attr.oid, &attr.value));
+            }
+            dn
+        };
+        ca_params(
+            &mut node_ca_params,
+            BasicConstraints::Constrained(0),
+            not_before,
+            not_after,
+        );
+        let node_ca_cert = node_ca_params.signed_by(&node_ca_key, &root_issuer)?;
+        let node_ca_pem = node_ca_cert.pem();
+        let node_issuer = Issuer::new(node_ca_params, &node_ca_key);
+
+        // Leaf: subject is exactly the legal name.
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut leaf = CertificateParams::default();
+        leaf.distinguished_name = {
+            let mut dn = DistinguishedName::new();
+            for attr in name.attributes() {
+                dn.push(dn_type(&attr.oid)?, dn_value(&attr.oid, &attr.value));
+            }
+            dn
+        };
+        leaf.subject_alt_names = vec![
+            SanType::DnsName("localhost".try_into()?),
+            SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        ];
+        leaf.is_ca = IsCa::ExplicitNoCa;
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        leaf.use_authority_key_identifier_extension = true;
+        leaf.not_before = not_before;
+        leaf.not_after = not_after;
+        let leaf_cert = leaf.signed_by(&leaf_key, &node_issuer)?;
+
+        let node_dir = dir.join(name.slug());
+        create_dir(&node_dir)?;
+        let files = NodeFiles {
+            legal_name: name.clone(),
+            tls_cert: node_dir.join("tls.crt"),
+            tls_key: node_dir.join("tls.key"),
+            root_cert: node_dir.join("root.crt"),
+            node_ca_cert: node_dir.join("node-ca.crt"),
+            dir: node_dir,
+        };
+        write_file(&files.node_ca_cert, &node_ca_pem, false)?;
+        write_file(
+            &files.dir.join("node-ca.key"),
+            &node_ca_key.serialize_pem(),
+            true,
+        )?;
+        write_file(
+            &files.tls_cert,
+            &format!("{}{}", leaf_cert.pem(), node_ca_pem),
+            false,
+        )?;
+        write_file(&files.tls_key, &leaf_key.serialize_pem(), true)?;
+        write_file(&files.root_cert, &root_pem, false)?;
+        nodes.push(files);
+    }
+
+    Ok(DevNetwork {
+        root_cert: root_cert_path,
+        nodes,
+    })
+}
+
+/// Settings shared by every CA: basicConstraints CA, keyCertSign + cRLSign, SKI (rcgen's
+/// default) and AKI (so OpenSSL matches issuers by key id).
+fn ca_params(
+    params: &mut CertificateParams,
+    constraints: BasicConstraints,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) {
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = not_before;
+    params.not_after = not_after;
+}
+
+fn dn_type(oid: &str) -> Result<DnType, CertError> {
+    let arcs = oid
+        .split('.')
+        .map(str::parse::<u64>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| CertError::Generate(format!("bad attribute OID `{oid}`")))?;
+    Ok(DnType::from_oid(&arcs))
+}
+
+/// countryName must be a PrintableString (RFC 5280); everything else is UTF8String.
+fn dn_value(oid: &str, value: &str) -> DnValue {
+    if oid == "2.5.4.6" {
+        if let Ok(p) = value.to_owned().try_into() {
+            return DnValue::PrintableString(p);
+        }
+    }
+    DnValue::Utf8String(value.to_owned())
+}
+
+fn create_dir(dir: &Path) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(CertError::io(dir))
+}
+
+/// Writes (replacing) a file; private keys are created readable by the owner only.
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options.open(path).map_err(CertError::io(path))?;
+    file.write_all(contents.as_bytes())
+        .map_err(CertError::io(path))?;
+    #[cfg(unix)]
+    if private {
+        // An existing file keeps its old mode on open; tighten it explicitly.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(CertError::io(path))?;
+    }
+    Ok(())
+}

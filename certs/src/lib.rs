@@ -1,0 +1,32 @@
+//! Drawbridge PKI and TLS: legal names, certificate loading, rustls configurations for both
+//! ends of a peer link, and a development PKI generator.
+//!
+//! Peers in a Drawbridge network are identified by the X.500 **legal name** in their TLS
+//! certificate's subject, never by host name:
+//!
+//! * the bridge (TLS client) accepts a float only if its certificate chains to the network root
+//!   **and** its subject is one of the legal names the node pinned for that link
+//!   ([`client_config`]);
+//! * the float (TLS server) requires a client certificate chaining to the root
+//!   ([`server_config`]) and reads the sender's identity from it ([`peer_legal_name`]).
+//!
+//! All TLS goes through rustls with the aws-lc-rs crypto provider only; call
+//! [`install_crypto_provider`] at the top of `main`.
+#![forbid(unsafe_code)]
+
+pub mod devpki;
+mod error;
+mod legal_name;
+mod tls;
+
+pub use error::CertError;
+pub use legal_name::LegalName;
+pub use tls::{
+    client_config, install_crypto_provider, load_crls, load_trust_roots, peer_legal_name,
+    server_config, TlsIdentity, TlsPolicy,
+};
+
+/// Re-exported so callers name the same rustls types this crate was built against.
+pub use rustls;
+/// Re-exported certificate/key container types (`CertificateDer`, `PrivateKeyDer`, ...).
+pub use rustls_pki_types as pki_types;

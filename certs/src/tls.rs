@@ -1,0 +1,391 @@
+//! Loading identities and trust, and building the rustls configurations of both link ends.
+
+use std::fmt;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, CipherSuite, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    SupportedCipherSuite, SupportedProtocolVersion,
+};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+
+use crate::{CertError, LegalName};
+
+/// Installs aws-lc-rs as the process-wide rustls crypto provider.
+///
+/// Libraries that build their own rustls configs without naming a provider (AMQP and HTTP
+/// clients) need a process default; Drawbridge only ever uses aws-lc-rs. Idempotent: does
+/// nothing if a provider is already installed (whichever it is), never panics.
+pub fn install_crypto_provider() {
+    if CryptoProvider::get_default().is_none() {
+        // Losing a race with another thread installing one is fine.
+        let _ = aws_lc_rs::default_provider().install_default();
+    }
+}
+
+/// Which TLS versions a link end accepts.
+///
+/// TLS 1.3 only by default; TLS 1.2 can be allowed for peers that lack 1.3, and then only
+/// with ECDHE key exchange and AEAD ciphers (GCM, ChaCha20-Poly1305).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsPolicy {
+    /// TLS 1.3 only.
+    #[default]
+    Tls13Only,
+    /// TLS 1.3 preferred, TLS 1.2 (ECDHE + AEAD suites only) accepted.
+    AllowTls12,
+}
+
+/// The TLS 1.2 suites we accept: forward-secret key exchange, authenticated encryption.
+const TLS12_ECDHE_AEAD_SUITES: &[CipherSuite] = &[
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+];
+
+impl TlsPolicy {
+    fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
+        static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        static TLS13_AND_12: &[&SupportedProtocolVersion] =
+            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        match self {
+            Self::Tls13Only => TLS13_ONLY,
+            Self::AllowTls12 => TLS13_AND_12,
+        }
+    }
+
+    /// The aws-lc-rs provider restricted to the suites this policy allows.
+    fn provider(self) -> Arc<CryptoProvider> {
+        let mut provider = aws_lc_rs::default_provider();
+        provider.cipher_suites.retain(|suite| match suite {
+            SupportedCipherSuite::Tls13(_) => true,
+            SupportedCipherSuite::Tls12(_) => {
+                self == Self::AllowTls12 && TLS12_ECDHE_AEAD_SUITES.contains(&suite.suite())
+            }
+        });
+        Arc::new(provider)
+    }
+}
+
+/// A node's own TLS credentials: certificate chain (leaf first) and private key.
+///
+/// Cheap to clone (the key is shared); its `Debug` never prints the key.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// Leaf certificate first, then intermediates (node CA); sent to the peer as is.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let subject = self
+            .legal_name()
+            .map_or_else(|e| format!("<{e}>"), |n| n.to_string());
+        f.debug_struct("TlsIdentity")
+            .field("subject", &subject)
+            .field("chain_len", &self.cert_chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn open(path: &Path) -> Result<BufReader<File>, CertError> {
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(CertError::io(path))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = rustls_pemfile::certs(&mut open(path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::Pem {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(CertError::NoCertificates {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+impl TlsIdentity {
+    /// Loads a PEM certificate chain (leaf first) and a PEM private key (PKCS#8, PKCS#1 or
+    /// SEC1), checking that the key belongs to the leaf.
+    pub fn load(cert_pem: &Path, key_pem: &Path) -> Result<Self, CertError> {
+        let cert_chain = read_certs(cert_pem)?;
+        let key = rustls_pemfile::private_key(&mut open(key_pem)?)
+            .map_err(|e| CertError::Pem {
+                path: key_pem.to_owned(),
+                reason: e.to_string(),
+            })?
+            .ok_or_else(|| CertError::NoPrivateKey {
+                path: key_pem.to_owned(),
+            })?;
+        let identity = Self {
+            cert_chain,
+            key: Arc::new(key),
+        };
+        identity.check_key_matches().map_err(|e| CertError::Pem {
+            path: key_pem.to_owned(),
+            reason: format!(
+                "private key does not belong to the first certificate of `{}`: {e}",
+                cert_pem.display()
+            ),
+        })?;
+        Ok(identity)
+    }
+
+    /// The subject of our own leaf certificate: who we are to peers.
+    pub fn legal_name(&self) -> Result<LegalName, CertError> {
+        peer_legal_name(&self.cert_chain)
+    }
+
+    fn check_key_matches(&self) -> Result<(), rustls::Error> {
+        let signing_key = aws_lc_rs::default_provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())?;
+        rustls::sign::CertifiedKey::new(self.cert_chain.clone(), signing_key).keys_match()
+    }
+}
+
+/// Loads the network trust anchors (root CAs) from a PEM file; at least one is required.
+pub fn load_trust_roots(path: &Path) -> Result<Arc<RootCertStore>, CertError> {
+    let mut store = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        store.add(cert).map_err(|e| CertError::Pem {
+            path: path.to_owned(),
+            reason: format!("not a usable trust anchor: {e}"),
+        })?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// Loads certificate revocation lists, each file PEM (`X509 CRL` blocks) or a single DER CRL.
+pub fn load_crls(
+    paths: &[PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+    let mut all = Vec::new();
+    for path in paths {
+        let bytes = std::fs::read(path).map_err(CertError::io(path))?;
+        if bytes.first() == Some(&0x30) {
+            // DER: an ASN.1 SEQUENCE.
+            all.push(CertificateRevocationListDer::from(bytes));
+            continue;
+        }
+        let crls = rustls_pemfile::crls(&mut bytes.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CertError::Pem {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if crls.is_empty() {
+            return Err(CertError::Pem {
+                path: path.clone(),
+                reason: "no `-----BEGIN X509 CRL-----` block found".into(),
+            });
+        }
+        all.extend(crls);
+    }
+    Ok(all)
+}
+
+/// Subject of the end-entity certificate a peer presented (the first of its chain).
+///
+/// On the float: `peer_legal_name(conn.peer_certificates().unwrap_or_default())` gives the
+/// authenticated sender.
+pub fn peer_legal_name(chain: &[CertificateDer<'_>]) -> Result<LegalName, CertError> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| CertError::X509("the peer presented no certificate".into()))?;
+    LegalName::from_der_cert(leaf)
+}
+
+/// Bridge-side verifier: chain to the roots as usual, ignore the host name, then pin the
+/// subject to one of the expected legal names.
+#[derive(Debug)]
+struct PinnedSubjectVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: Vec<LegalName>,
+}
+
+impl PinnedSubjectVerifier {
+    fn expected_list(&self) -> String {
+        self.expected
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+impl ServerCertVerifier for PinnedSubjectVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // WebPkiServerVerifier checks chain, validity and revocation first and the name last,
+        // so a name mismatch means everything else passed. Peers are identified by subject.
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let subject = LegalName::from_der_cert(end_entity)
+            .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        if self.expected.contains(&subject) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "peer certificate subject `{subject}` is not one of the expected legal names [{}]",
+                self.expected_list()
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// TLS client configuration for the bridge's side of a peer link.
+///
+/// The float's certificate must chain to `roots` (validity period checked), but the server
+/// *name* is ignored: peers are identified by certificate subject, which must equal one of
+/// `expected` (set comparison, see [`LegalName`]). A mismatch fails the handshake with
+/// `rustls::Error::General("peer certificate subject `…` is not one of the expected legal
+/// names […]")`. We present `identity` as client certificate. Session resumption is off, so
+/// every connection is fully verified (links are long-lived; resumption buys nothing).
+///
+/// Any `ServerName` can be passed when connecting (the target host is a good choice).
+pub fn client_config(
+    identity: &TlsIdentity,
+    roots: Arc<RootCertStore>,
+    expected: Vec<LegalName>,
+    policy: TlsPolicy,
+) -> Result<Arc<rustls::ClientConfig>, CertError> {
+    if expected.is_empty() {
+        return Err(CertError::Verifier(
+            "no expected peer legal names: every peer would be refused".into(),
+        ));
+    }
+    let provider = policy.provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| CertError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(PinnedSubjectVerifier { inner, expected });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(policy.versions())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// TLS server configuration for the float.
+///
+/// A client certificate is **required** and must chain to `roots`; if `crls` is non-empty the
+/// client's end-entity certificate is checked against them and refused if revoked or if no
+/// CRL from its issuer is present (hard fail). Session resumption is off so that every
+/// connection re-checks the client certificate (and a revocation takes effect on reconnect).
+pub fn server_config(
+    identity: &TlsIdentity,
+    roots: Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    policy: TlsPolicy,
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    let provider = policy.provider();
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if !crls.is_empty() {
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = builder
+        .build()
+        .map_err(|e| CertError::Verifier(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(policy.versions())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_suites() {
+        let only13 = TlsPolicy::Tls13Only.provider();
+        assert!(only13
+            .cipher_suites
+            .iter()
+            .all(|s| matches!(s, SupportedCipherSuite::Tls13(_))));
+        let with12 = TlsPolicy::AllowTls12.provider();
+        let tls12: Vec<_> = with12
+            .cipher_suites
+            .iter()
+            .filter(|s| matches!(s, SupportedCipherSuite::Tls12(_)))
+            .collect();
+        assert!(!tls12.is_empty());
+        for s in tls12 {
+            let name = format!("{:?}", s.suite());
+            assert!(name.contains("ECDHE"), "{name}");
+            assert!(name.contains("GCM") || name.contains("CHACHA20"), "{name}");
+        }
+    }
+
+    #[test]
+    fn install_is_idempotent() {
+        install_crypto_provider();
+        install_crypto_provider();
+        assert!(CryptoProvider::get_default().is_some());
+    }
+}

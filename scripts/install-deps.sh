@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install the Debian packages Drawbridge's tests need (idempotent, quiet when all present).
+#   rabbitmq-server      private broker nodes for the tests (the system service is NOT started/stopped)
+#   python3-qpid-proton  Qpid Proton peers (tests/proton/*.py), run with /usr/bin/python3
+#   openssl              test certificates for the Proton self-test
+#   iproute2             `ss` for diagnostics
+set -euo pipefail
+
+PACKAGES=(rabbitmq-server python3-qpid-proton openssl iproute2)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    if [[ "$status" != "install ok installed" ]]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    exit 0
+fi
+
+if [[ $(id -u) -eq 0 ]]; then
+    SUDO=()
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo)
+else
+    echo "install-deps.sh: missing packages (${missing[*]}) and not root, no sudo" >&2
+    exit 1
+fi
+
+echo "install-deps.sh: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -qq
+# policy-rc.d is not touched: if rabbitmq-server gets installed here, Debian may start its
+# system service; the tests never use it (they start private nodes on free ports).
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

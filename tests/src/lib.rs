@@ -1,0 +1,4 @@
+#![forbid(unsafe_code)]
+pub mod proton;
+pub mod proxy;
+pub mod rabbit;

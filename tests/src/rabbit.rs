@@ -1,0 +1,580 @@
+//! Private RabbitMQ nodes for tests (no Docker): each node is a `rabbitmq-server` started
+//! directly from `/usr/lib/rabbitmq/bin` with its own name, ports and data directory under
+//! `std::env::temp_dir()/drawbridge-testkit/<name>`.
+//!
+//! # Cleanup
+//! Every node is launched through a small `sh` watchdog that is the leader of its own process
+//! group (the server script, `beam.smp`, `erl_child_setup` … all live in that group). The
+//! watchdog polls the test process (`kill -0 $TESTPID`) every second; when the test process is
+//! gone (normal `process::exit`, panic, SIGKILL …) it kills the whole group with SIGKILL and
+//! removes the node directory. `Drop` does the same immediately. `epmd` is never killed (it is
+//! shared with the system instance and daemonises out of the group anyway).
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use rand::Rng as _;
+
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Keeps Erlang distribution (server and CLI) on loopback.
+const ERL_FLAGS: &str = "-kernel inet_dist_use_interface {127,0,0,1}";
+
+/// Watchdog run by `sh -c`. Env: DBT_SERVER, DBT_DIR, DBT_TESTPID.
+const WATCHDOG: &str = r#"
+"$DBT_SERVER" </dev/null >>"$DBT_DIR/console.log" 2>&1 &
+srv=$!
+while kill -0 "$DBT_TESTPID" 2>/dev/null && kill -0 "$srv" 2>/dev/null; do
+    sleep 1
+done
+if ! kill -0 "$DBT_TESTPID" 2>/dev/null; then
+    # The test process is gone: remove the node dir once the group below is dead.
+    setsid sh -c 'sleep 2; rm -rf "$0"' "$DBT_DIR" </dev/null >/dev/null 2>&1 &
+    h=$!
+    i=0
+    # wait until the helper has left our process group (else `kill 0` kills it too)
+    while [ $i -lt 100 ] && [ "$(cut -d' ' -f5 /proc/$h/stat 2>/dev/null)" = "$$" ]; do
+        sleep 0.02; i=$((i+1))
+    done
+fi
+kill -KILL 0
+"#;
+
+/// Options for a private node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Plugins to enable, e.g. `"rabbitmq_shovel"`.
+    pub plugins: Vec<String>,
+    /// Extra lines appended to the node's `rabbitmq.conf`.
+    pub extra_config: Vec<String>,
+}
+
+/// A private RabbitMQ node. Killed (and its directory removed) on drop.
+#[derive(Debug)]
+pub struct RabbitNode {
+    name: String,
+    amqp_port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+    opts: NodeOptions,
+    /// The watchdog `sh` (process-group leader of the node's processes).
+    child: Option<Child>,
+}
+
+/// Root of all testkit node directories.
+pub fn base_dir() -> PathBuf {
+    std::env::temp_dir().join("drawbridge-testkit")
+}
+
+fn home_dir() -> PathBuf {
+    base_dir().join("home")
+}
+
+/// Creates the shared HOME with an `.erlang.cookie` (mode 0400), race-free across processes.
+fn ensure_cookie() -> Result<PathBuf> {
+    let home = home_dir();
+    std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
+    let cookie = home.join(".erlang.cookie");
+    if cookie.exists() {
+        return Ok(home);
+    }
+    let tmp = home.join(format!(
+        ".erlang.cookie.{}.{}",
+        std::process::id(),
+        random_suffix()
+    ));
+    let value: String = {
+        let mut rng = rand::rng();
+        (0..20)
+            .map(|_| (b'A' + rng.random_range(0..26u8)) as char)
+            .collect()
+    };
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(value.as_bytes())?;
+    }
+    // hard_link fails if the cookie appeared meanwhile: the first writer wins.
+    let _ = std::fs::hard_link(&tmp, &cookie);
+    let _ = std::fs::remove_file(&tmp);
+    if !cookie.exists() {
+        bail!("could not create {}", cookie.display());
+    }
+    Ok(home)
+}
+
+/// Removes node dirs left behind by test processes that no longer exist (belt and braces: the
+/// watchdog normally removes them).
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(base_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !e.file_name().to_string_lossy().starts_with("dbt-") {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(path.join("owner.pid")) else {
+            continue;
+        };
+        let owner = owner.trim();
+        let alive = !owner.is_empty() && Path::new("/proc").join(owner).exists();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(30));
+        if !alive && old {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+fn random_suffix() -> String {
+    format!("{:08x}", rand::rng().random::<u32>())
+}
+
+/// Two distinct free loopback ports (bound together, then released).
+fn free_ports() -> Result<(u16, u16)> {
+    let a = TcpListener::bind("127.0.0.1:0")?;
+    let b = TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+/// Percent-encodes a vhost name for an AMQP URI path.
+pub fn encode_vhost(vhost: &str) -> String {
+    let mut out = String::new();
+    for b in vhost.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let v: Vec<&str> = s.lines().collect();
+            v[v.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("<{}: {e}>", path.display()),
+    }
+}
+
+impl RabbitNode {
+    /// Boots a node on free loopback ports and waits until it is ready (60 s timeout).
+    pub async fn start(opts: NodeOptions) -> Result<RabbitNode> {
+        match Self::start_once(opts.clone()).await {
+            Ok(n) => Ok(n),
+            Err(e) if format!("{e:#}").to_lowercase().contains("eaddrinuse") => {
+                tracing::warn!("rabbit node hit EADDRINUSE, retrying with new ports: {e:#}");
+                Self::start_once(opts).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn start_once(opts: NodeOptions) -> Result<RabbitNode> {
+        ensure_cookie()?;
+        remove_stale_dirs();
+        let short = format!("dbt-{}", random_suffix());
+        let name = format!("{short}@localhost");
+        let (amqp_port, dist_port) = free_ports()?;
+        let dir = base_dir().join(&name);
+        std::fs::create_dir_all(dir.join("mnesia"))?;
+        std::fs::create_dir_all(dir.join("log"))?;
+        let mut conf = format!(
+            "listeners.tcp.default = 127.0.0.1:{amqp_port}\nloopback_users = none\n\
+             log.file.level = info\nlog.console = false\n"
+        );
+        for l in &opts.extra_config {
+            conf.push_str(l);
+            conf.push('\n');
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf)?;
+        std::fs::write(
+            dir.join("enabled_plugins"),
+            format!("[{}].\n", opts.plugins.join(",")),
+        )?;
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
+        let mut node = RabbitNode {
+            name,
+            amqp_port,
+            dist_port,
+            dir,
+            opts,
+            child: None,
+        };
+        node.spawn()?;
+        // on error, drop kills the node and removes its dir
+        node.wait_ready().await?;
+        Ok(node)
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        let d = &self.dir;
+        cmd.env("HOME", home_dir())
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .env("ERL_FLAGS", ERL_FLAGS)
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("LC_ALL", "C.UTF-8");
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let d = self.dir.clone();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(WATCHDOG);
+        self.env(&mut cmd);
+        cmd.env("DBT_SERVER", SERVER)
+            .env("DBT_DIR", &d)
+            .env("DBT_TESTPID", std::process::id().to_string())
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d.join("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", d.join("beam.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        let _ = std::fs::remove_file(d.join("beam.pid"));
+        let child = cmd.spawn().context("spawning rabbitmq-server watchdog")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn log_tails(&self) -> String {
+        format!(
+            "--- {}.log ---\n{}\n--- console.log ---\n{}",
+            self.name,
+            tail(&self.dir.join("log").join(format!("{}.log", self.name)), 30),
+            tail(&self.dir.join("console.log"), 30)
+        )
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let deadline = started + BOOT_TIMEOUT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.amqp_port));
+        // 1. the AMQP listener accepts (cheap to poll)
+        loop {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "rabbit node {} exited during boot ({st})\n{}",
+                    self.name,
+                    self.log_tails()
+                );
+            }
+            let ok = tokio::task::spawn_blocking(move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "rabbit node {} not listening on {addr} after {:?}\n{}",
+                    self.name,
+                    BOOT_TIMEOUT,
+                    self.log_tails()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // 2. await_startup
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+            .max(5);
+        let t = left.to_string();
+        self.ctl(&["await_startup", "--timeout", &t])
+            .await
+            .with_context(|| format!("await_startup\n{}", self.log_tails()))?;
+        tracing::info!(node = %self.name, port = self.amqp_port, elapsed = ?started.elapsed(), "rabbit node ready");
+        Ok(())
+    }
+
+    /// `name@localhost`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn amqp_port(&self) -> u16 {
+        self.amqp_port
+    }
+
+    pub fn dist_port(&self) -> u16 {
+        self.dist_port
+    }
+
+    pub fn amqp_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.amqp_port))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/<percent-encoded vhost>`.
+    pub fn amqp_uri(&self, vhost: &str) -> String {
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/{}",
+            self.amqp_port,
+            encode_vhost(vhost)
+        )
+    }
+
+    /// `rabbitmqctl -n NAME args...`; returns stdout, errors include stderr.
+    pub async fn ctl(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(CTL);
+        self.env(&mut cmd);
+        cmd.arg("-n").arg(&self.name).args(args);
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        let out = tokio::time::timeout(CTL_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| anyhow!("rabbitmqctl -n {} {args:?} timed out", self.name))?
+            .context("running rabbitmqctl")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl -n {} {:?} failed ({}): {}{}",
+                self.name,
+                args,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                if stdout.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!("\nstdout: {}", stdout.trim())
+                }
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// `add_vhost` + `set_permissions guest ".*" ".*" ".*"`.
+    pub async fn create_vhost(&self, name: &str) -> Result<()> {
+        self.ctl(&["add_vhost", name]).await?;
+        self.ctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])
+            .await?;
+        Ok(())
+    }
+
+    /// Creates a uniquely named vhost and returns its name.
+    pub async fn fresh_vhost(&self) -> Result<String> {
+        let name = format!("t-{}", uuid::Uuid::new_v4().simple());
+        self.create_vhost(&name).await?;
+        Ok(name)
+    }
+
+    pub async fn stop_app(&self) -> Result<()> {
+        self.ctl(&["stop_app"]).await.map(drop)
+    }
+
+    pub async fn start_app(&self) -> Result<()> {
+        self.ctl(&["start_app"]).await?;
+        self.ctl(&["await_startup"]).await.map(drop)
+    }
+
+    pub async fn close_all_connections(&self) -> Result<()> {
+        self.ctl(&["close_all_connections", "--global", "drawbridge-testkit"])
+            .await
+            .map(drop)
+    }
+
+    fn beam_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("beam.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// SIGKILLs this node's `beam.smp` (a crash), then its whole process group, and waits.
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(pid) = self.beam_pid() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        kill_group(child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node {} watchdog did not exit after SIGKILL", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // wait until the beam is really gone (it may take a moment to be reaped)
+        if let Some(pid) = self.beam_pid() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the node again (after `kill` or an exit) with the same name, ports and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.kill().await?;
+        }
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    /// Messages (ready + unacked) in `queue` of `vhost`.
+    pub async fn queue_depth(&self, vhost: &str, queue: &str) -> Result<u64> {
+        let out = self
+            .ctl(&[
+                "list_queues",
+                "-p",
+                vhost,
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ])
+            .await?;
+        for line in out.lines() {
+            if let Some((n, m)) = line.rsplit_once('\t') {
+                if n == queue {
+                    return m
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("parsing depth from {line:?}"));
+                }
+            }
+        }
+        bail!("queue {queue:?} not found in vhost {vhost:?}: {out}")
+    }
+
+    /// Options the node was started with.
+    pub fn options(&self) -> &NodeOptions {
+        &self.opts
+    }
+}
+
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_group(child.id());
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One node per test-binary process, booted on first use (each test should then use its own
+/// `fresh_vhost()`). Safe from concurrent `#[tokio::test]`s: the boot runs on a dedicated
+/// thread with its own runtime; the stored node holds no runtime-bound objects. Panics if the
+/// node cannot boot. Killed by its watchdog when the process exits.
+pub async fn shared_node() -> &'static RabbitNode {
+    static SHARED: OnceLock<std::result::Result<RabbitNode, String>> = OnceLock::new();
+    let r = match SHARED.get() {
+        Some(r) => r,
+        None => tokio::task::spawn_blocking(|| {
+            SHARED.get_or_init(|| {
+                std::thread::spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    rt.block_on(RabbitNode::start(NodeOptions::default()))
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .join()
+                .unwrap_or_else(|_| Err("shared node boot thread panicked".into()))
+            })
+        })
+        .await
+        .expect("shared_node boot task"),
+    };
+    match r {
+        Ok(n) => n,
+        Err(e) => panic!("shared RabbitMQ node failed to boot: {e}"),
+    }
+}
+
+/// A RabbitMQ cluster of private nodes (`nodes[0]` is the seed).
+#[derive(Debug)]
+pub struct RabbitCluster {
+    pub nodes: Vec<RabbitNode>,
+}
+
+impl RabbitCluster {
+    /// Boots `n` nodes in parallel and joins nodes 1.. to node 0.
+    pub async fn start(n: usize, opts: NodeOptions) -> Result<Self> {
+        anyhow::ensure!(n >= 1, "a cluster needs at least one node");
+        let results =
+            futures::future::join_all((0..n).map(|_| RabbitNode::start(opts.clone()))).await;
+        let nodes = results.into_iter().collect::<Result<Vec<_>>>()?;
+        let seed = nodes[0].name().to_string();
+        for node in &nodes[1..] {
+            node.ctl(&["stop_app"]).await?;
+            node.ctl(&["reset"]).await?;
+            node.ctl(&["join_cluster", &seed]).await?;
+            node.ctl(&["start_app"]).await?;
+            node.ctl(&["await_startup"]).await?;
+        }
+        Ok(RabbitCluster { nodes })
+    }
+
+    /// One AMQP URI per node for `vhost`.
+    pub fn uris(&self, vhost: &str) -> Vec<String> {
+        self.nodes.iter().map(|n| n.amqp_uri(vhost)).collect()
+    }
+
+    /// Creates the vhost (cluster-wide) with guest permissions.
+    pub async fn create_vhost(&self, name: &str) -> Result<()> {
+        self.nodes[0].create_vhost(name).await
+    }
+
+    /// Creates a uniquely named vhost and returns its name.
+    pub async fn fresh_vhost(&self) -> Result<String> {
+        self.nodes[0].fresh_vhost().await
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs Drawbridge's test suites. Usage: scripts/test.sh
+#   DRAWBRIDGE_FAULT_SUITE=1 (or CI=true) also runs the slow fault-injection suite
+#   (tests/tests/faults.rs, release build, ignored tests, one at a time).
+# RabbitMQ nodes are private (started by the tests on free loopback ports); the system
+# RabbitMQ service is neither needed nor touched.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+./scripts/install-deps.sh
+
+failed=()
+
+echo "test.sh: cargo test --workspace (debug)"
+if ! cargo test --workspace --no-fail-fast -- --test-threads=4; then
+    failed+=("workspace tests")
+fi
+
+if [[ "${DRAWBRIDGE_FAULT_SUITE:-}" == "1" || "${CI:-}" == "true" ]]; then
+    if [[ -f tests/tests/faults.rs ]]; then
+        echo "test.sh: fault suite (release, --ignored, one thread)"
+        if ! cargo test --release -p drawbridge-testkit --test faults -- --ignored --test-threads=1; then
+            failed+=("fault suite")
+        fi
+    else
+        echo "test.sh: tests/tests/faults.rs not present, fault suite skipped"
+    fi
+fi
+
+if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "test.sh: FAILED: ${failed[*]}" >&2
+    exit 1
+fi
+echo "test.sh: all suites passed"

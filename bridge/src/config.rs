@@ -1,0 +1,157 @@
+//! The bridge's configuration (`bridge.toml`, overridable by `DRAWBRIDGE_...` variables).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use drawbridge_certs::TlsPolicy;
+use drawbridge_runtime::{
+    broker::BrokerConfig,
+    config::{ConfigErrors, ConfigReader},
+    logging::LogFormat,
+};
+
+/// Everything the bridge needs to run.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// This instance's id, sent in snapshot requests and link status events.
+    pub id: String,
+    /// PEM chain presented to floats (leaf first).
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM network root(s) float certificates must chain to.
+    pub trust_roots: PathBuf,
+    /// TLS 1.3 only, or 1.2 (ECDHE + AEAD) too.
+    pub tls_policy: TlsPolicy,
+    /// Fanout exchange the node publishes control messages to.
+    pub control_exchange: String,
+    /// Fanout exchange the bridge publishes snapshot requests and link status to.
+    pub notify_exchange: String,
+    /// Queue for undeliverable messages.
+    pub dead_letter_queue: String,
+    /// Links must name queues starting with this.
+    pub queue_prefix: String,
+    /// If set, control messages must carry this broker-validated `user_id`.
+    pub node_user: Option<String>,
+    /// `x-queue-type` of the peer queues (must match the node's declaration).
+    pub peer_queue_type: String,
+    /// Unsettled transfers per link (and the broker prefetch).
+    pub window: u16,
+    /// Bigger messages are dead-lettered.
+    pub max_message_size: usize,
+    /// A transfer not settled by the peer within this recycles the link.
+    pub settle_timeout: Duration,
+    /// Deadline for TCP + TLS + AMQP open to a float.
+    pub connect_timeout: Duration,
+    /// AMQP idle timeout towards floats (a silent peer is detected).
+    pub idle_timeout: Duration,
+    /// First reconnect delay of a peer link.
+    pub reconnect_min: Duration,
+    /// Reconnect delay cap of a peer link.
+    pub reconnect_max: Duration,
+    /// First delay between repeated snapshot requests.
+    pub snapshot_retry_min: Duration,
+    /// Cap of the delay between repeated snapshot requests.
+    pub snapshot_retry_max: Duration,
+    /// SIGTERM / DeleteLink grace period for settling in-flight transfers.
+    pub drain_grace: Duration,
+    /// Broker connection.
+    pub broker: BrokerConfig,
+    /// Admin HTTP port; `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl BridgeConfig {
+    /// Read and validate; every problem is reported.
+    pub fn from_reader(mut r: ConfigReader) -> Result<BridgeConfig, ConfigErrors> {
+        let default_id = format!(
+            "{}-{}",
+            std::fs::read_to_string("/etc/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "bridge".into()),
+            std::process::id()
+        );
+        let window: u32 = r.get("bridge.window", 1000);
+        r.check("bridge.window", (1..=65535).contains(&window), "must be 1..=65535");
+        let peer_queue_type: String = r.get("bridge.peer_queue_type", "classic".to_string());
+        r.check(
+            "bridge.peer_queue_type",
+            peer_queue_type == "classic" || peer_queue_type == "quorum",
+            "must be `classic` or `quorum`",
+        );
+        let max_message_size: usize = r.get("bridge.max_message_size", 10 * 1024 * 1024);
+        r.check("bridge.max_message_size", max_message_size >= 1024, "must be at least 1024");
+        let admin_listen = match r.optional::<String>("admin.listen") {
+            Some(s) => match s.parse() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    r.invalid("admin.listen", format!("`{s}` is not an ip:port address: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        let cfg = BridgeConfig {
+            id: r.get("bridge.id", default_id),
+            tls_cert: r.required("bridge.tls_cert").unwrap_or_default(),
+            tls_key: r.required("bridge.tls_key").unwrap_or_default(),
+            trust_roots: r.required("bridge.trust_roots").unwrap_or_default(),
+            tls_policy: if r.get("bridge.allow_tls12", false) {
+                TlsPolicy::AllowTls12
+            } else {
+                TlsPolicy::Tls13Only
+            },
+            control_exchange: r.get("bridge.control_exchange", "drawbridge.control".to_string()),
+            notify_exchange: r.get("bridge.notify_exchange", "drawbridge.notify".to_string()),
+            dead_letter_queue: r.get("bridge.dead_letter_queue", "drawbridge.dead-letter".to_string()),
+            queue_prefix: r.get("bridge.queue_prefix", "drawbridge.peers.".to_string()),
+            node_user: r.optional("bridge.node_user"),
+            peer_queue_type,
+            window: window.clamp(1, 65535) as u16,
+            max_message_size,
+            settle_timeout: r.duration("bridge.settle_timeout", Duration::from_secs(30)),
+            connect_timeout: r.duration("bridge.connect_timeout", Duration::from_secs(10)),
+            idle_timeout: r.duration("bridge.idle_timeout", Duration::from_secs(30)),
+            reconnect_min: r.duration("bridge.reconnect_min", Duration::from_secs(1)),
+            reconnect_max: r.duration("bridge.reconnect_max", Duration::from_secs(60)),
+            snapshot_retry_min: r.duration("bridge.snapshot_retry_min", Duration::from_secs(1)),
+            snapshot_retry_max: r.duration("bridge.snapshot_retry_max", Duration::from_secs(30)),
+            drain_grace: r.duration("bridge.drain_grace", Duration::from_secs(10)),
+            broker: BrokerConfig::read(&mut r, "broker"),
+            admin_listen,
+            log_format: r.get("log.format", LogFormat::Human),
+        };
+        r.check(
+            "bridge.reconnect_max",
+            cfg.reconnect_max >= cfg.reconnect_min,
+            "must not be smaller than reconnect_min",
+        );
+        r.finish()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_problem() {
+        let r = ConfigReader::from_toml(
+            "[bridge]\nwindow = 0\npeer_queue_type = \"lazy\"\nsettle_timeout = \"soon\"\nwindw = 5\n",
+        )
+        .unwrap();
+        let errs = BridgeConfig::from_reader(r).unwrap_err().0;
+        for key in [
+            "bridge.window",
+            "bridge.peer_queue_type",
+            "bridge.settle_timeout",
+            "bridge.windw",
+            "bridge.tls_cert",
+            "broker.uris",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key} not in {errs:#?}");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! `drawbridge-bridge`: the inside-the-firewall side of Drawbridge.
+//!
+//! Reads the node's control protocol from the broker, runs one outbound mTLS AMQP 1.0
+//! link per peer queue, forwards each queue's messages, and acks the broker only after
+//! the peer accepted. See `link` for the delivery rules.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod control;
+pub mod convert;
+pub mod link;
+pub mod peer;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use drawbridge_certs::TlsIdentity;
+use drawbridge_control_protocol::{LinkState, LinkStatus, Notification, PeerLink};
+use drawbridge_runtime::{
+    admin::{self, AdminState},
+    broker::{BrokerSession, Setup},
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::BridgeConfig;
+
+/// Shared state of a running bridge.
+pub(crate) struct Ctx {
+    cfg: BridgeConfig,
+    identity: TlsIdentity,
+    roots: Arc<rustls::RootCertStore>,
+    broker: BrokerSession,
+    views: Mutex<BTreeMap<String, link::SharedView>>,
+    notify: mpsc::Sender<Notification>,
+}
+
+impl Ctx {
+    fn peer_settings(&self, spec: &PeerLink) -> Result<peer::PeerSettings, String> {
+        link::settings(self, spec)
+    }
+
+    /// Queue arguments of every peer queue; the node must declare them identically.
+    fn peer_queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(ShortString::from("x-single-active-consumer"), AMQPValue::Boolean(true));
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from(self.cfg.peer_queue_type.clone())),
+        );
+        args
+    }
+
+    fn notify_link(&self, spec: &PeerLink, state: LinkState, peer: &str, reason: &str) {
+        let n = Notification::LinkStatus(LinkStatus {
+            bridge_id: self.cfg.id.clone(),
+            queue: spec.queue.clone(),
+            state,
+            peer: peer.to_string(),
+            reason: reason.to_string(),
+            timestamp_ms: unix_ms(),
+        });
+        if self.notify.try_send(n).is_err() {
+            metrics::counter!("drawbridge_bridge_notifications_dropped_total").increment(1);
+        }
+    }
+
+    fn request_snapshot(&self) {
+        let _ = self.notify.try_send(control::snapshot_request(self));
+    }
+}
+
+impl AdminState for Ctx {
+    fn ready(&self) -> bool {
+        self.broker.is_connected()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let links: Vec<link::LinkView> = self
+            .views
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|v| v.lock().expect("poisoned").clone())
+            .collect();
+        serde_json::json!({
+            "role": "bridge",
+            "id": self.cfg.id,
+            "ready": self.ready(),
+            "broker": self.broker.current().map(|l| l.uri.clone()),
+            "links": links,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Errors that stop the bridge from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Certificates, keys or trust roots could not be loaded.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] drawbridge_certs::CertError),
+    /// The admin port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A started bridge.
+#[derive(Debug)]
+pub struct RunningBridge {
+    /// Admin port, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Completes when the bridge has drained after `shutdown`.
+    pub done: JoinHandle<()>,
+}
+
+/// Start the bridge. Runs until `shutdown`, then drains links within `drain_grace`.
+pub async fn start(
+    cfg: BridgeConfig,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<RunningBridge, StartError> {
+    let identity = TlsIdentity::load(&cfg.tls_cert, &cfg.tls_key)?;
+    let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
+    let setup: Setup = Arc::new(|_live| Box::pin(async { Ok(()) }));
+    let broker_shutdown = CancellationToken::new();
+    let broker = BrokerSession::start(
+        cfg.broker.clone(),
+        &format!("drawbridge-bridge {}", cfg.id),
+        setup,
+        broker_shutdown.clone(),
+    );
+    let (tx, rx) = mpsc::channel(1024);
+    let ctx = Arc::new(Ctx {
+        cfg,
+        identity,
+        roots,
+        broker,
+        views: Mutex::new(BTreeMap::new()),
+        notify: tx,
+    });
+    let admin_addr = match ctx.cfg.admin_listen {
+        Some(addr) => Some(
+            admin::serve(addr, ctx.clone(), metrics, shutdown.clone())
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    info!(id = %ctx.cfg.id, admin = ?admin_addr, "bridge starting");
+    let notifier = tokio::spawn(control::notifier(ctx.clone(), rx));
+    let done = tokio::spawn(async move {
+        control::run(ctx.clone(), shutdown).await;
+        notifier.abort();
+        broker_shutdown.cancel();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        info!("bridge stopped");
+    });
+    Ok(RunningBridge { admin_addr, done })
+}

@@ -37,13 +37,34 @@ pub(crate) fn non_empty(field: &'static str, value: &str) -> Result<(), DecodeEr
     Ok(())
 }
 
+/// Splits on commas not escaped by a backslash (`O=Foo\, Inc` is one attribute), as
+/// `drawbridge-certs` does.
+fn split_unescaped_commas(name: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut escaped = false;
+    for (i, c) in name.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            ',' => {
+                parts.push(&name[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&name[start..]);
+    parts
+}
+
 /// Something that looks like an X.500 name: comma-separated `KEY=VALUE` pairs, keys and values
 /// non-empty. Full parsing (known attributes, set comparison) is `drawbridge-certs`' job.
 pub(crate) fn legal_name(field: &'static str, name: &str) -> Result<(), DecodeError> {
     if name.trim().is_empty() {
         return Err(DecodeError::invalid(field, "legal name is empty"));
     }
-    for part in name.split(',') {
+    for part in split_unescaped_commas(name) {
         let Some((key, value)) = part.split_once('=') else {
             return Err(DecodeError::invalid(
                 field,
@@ -102,6 +123,7 @@ mod tests {
         assert!(legal_name("legal_names", "O=Bank A, L=London, C=GB").is_ok());
         assert!(legal_name("legal_names", "CN=x").is_ok());
         assert!(legal_name("legal_names", "2.5.4.10=Bank").is_ok());
+        assert!(legal_name("legal_names", r"O=Foo\, Inc, C=US").is_ok());
         for bad in [
             "",
             "  ",

@@ -18,42 +18,53 @@ pub struct PeerLink {
 /// The node's full desired state; the bridge converges to it.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Snapshot {
+    /// The sending node's identity (its legal name or configured id).
     #[prost(string, tag = "1")]
     pub node_identity: ::prost::alloc::string::String,
+    /// Queues the node consumes its inbound messages from.
     #[prost(string, repeated, tag = "2")]
     pub inbox_queues: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Every link that should run; each queue at most once.
     #[prost(message, repeated, tag = "3")]
     pub links: ::prost::alloc::vec::Vec<PeerLink>,
 }
 /// Start (or update) one link. Idempotent.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateLink {
+    /// The sending node's identity.
     #[prost(string, tag = "1")]
     pub node_identity: ::prost::alloc::string::String,
+    /// The link to run; required.
     #[prost(message, optional, tag = "2")]
     pub link: ::core::option::Option<PeerLink>,
 }
 /// Stop forwarding from one queue. Idempotent; the queue and its messages stay.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteLink {
+    /// The sending node's identity.
     #[prost(string, tag = "1")]
     pub node_identity: ::prost::alloc::string::String,
+    /// Queue of the link to stop.
     #[prost(string, tag = "2")]
     pub queue: ::prost::alloc::string::String,
 }
 /// Sent by a bridge on start, reconnect and promotion until a snapshot arrives.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SnapshotRequest {
+    /// The requesting bridge instance.
     #[prost(string, tag = "1")]
     pub bridge_id: ::prost::alloc::string::String,
 }
 /// A change in one link's state, reported by the bridge.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LinkStatus {
+    /// The reporting bridge instance.
     #[prost(string, tag = "1")]
     pub bridge_id: ::prost::alloc::string::String,
+    /// Queue of the link concerned.
     #[prost(string, tag = "2")]
     pub queue: ::prost::alloc::string::String,
+    /// The new state; never UNSPECIFIED.
     #[prost(enumeration = "LinkState", tag = "3")]
     pub state: i32,
     /// The peer endpoint ("host:port") or legal name concerned, if any.
@@ -69,6 +80,7 @@ pub struct LinkStatus {
 /// Envelope for node -> bridge messages.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
+    /// Protocol version of the sender; 0 (unset) is refused.
     #[prost(uint32, tag = "1")]
     pub version: u32,
     #[prost(oneof = "control_message::Body", tags = "2, 3, 4")]
@@ -89,6 +101,7 @@ pub mod control_message {
 /// Envelope for bridge -> node messages.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NotifyMessage {
+    /// Protocol version of the sender; 0 (unset) is refused.
     #[prost(uint32, tag = "1")]
     pub version: u32,
     #[prost(oneof = "notify_message::Body", tags = "2, 3")]
@@ -104,6 +117,7 @@ pub mod notify_message {
         LinkStatus(super::LinkStatus),
     }
 }
+/// Life-cycle state of one link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum LinkState {

@@ -1,0 +1,278 @@
+//! Running the real `drawbridge-bridge` / `drawbridge-float` binaries as child processes,
+//! so tests can SIGTERM them, `kill -9` them and restart them.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::OnceLock,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    process::{Child, Command},
+};
+
+/// Which daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `drawbridge-bridge`.
+    Bridge,
+    /// `drawbridge-float`.
+    Float,
+}
+
+impl Kind {
+    fn binary(self) -> &'static str {
+        match self {
+            Kind::Bridge => "drawbridge-bridge",
+            Kind::Float => "drawbridge-float",
+        }
+    }
+}
+
+/// Directory holding the workspace binaries (next to the running executable, or its
+/// parent when running from `target/<profile>/deps`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir
+    }
+}
+
+/// Path of a daemon binary, building the binaries once if they are missing (so
+/// `cargo test` alone works).
+pub fn binary(kind: Kind) -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let path = bin_dir().join(kind.binary());
+    if !path.exists() {
+        let built = BUILT.get_or_init(|| {
+            let profile = bin_dir()
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cmd.args(["build", "-p", "drawbridge-bridge", "-p", "drawbridge-float"]);
+            if profile == "release" {
+                cmd.arg("--release");
+            }
+            match cmd.status() {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(format!("cargo build exited with {s}")),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        if let Err(e) = built {
+            bail!("building the daemons failed: {e}");
+        }
+    }
+    if !path.exists() {
+        bail!("{} not found; run `cargo build --bins`", path.display());
+    }
+    Ok(path)
+}
+
+/// A free loopback port (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running daemon process.
+#[derive(Debug)]
+pub struct Daemon {
+    kind: Kind,
+    config: PathBuf,
+    log: PathBuf,
+    admin: SocketAddr,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Write `config_toml` to `dir/<name>.toml` and start the daemon with it. The config
+    /// must set `admin.listen` to `admin`.
+    pub async fn start(
+        kind: Kind,
+        dir: &Path,
+        name: &str,
+        config_toml: &str,
+        admin: SocketAddr,
+    ) -> Result<Daemon> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, config_toml)?;
+        let log = dir.join(format!("{name}.log"));
+        let mut d = Daemon {
+            kind,
+            config,
+            log,
+            admin,
+            child: None,
+            env: Vec::new(),
+        };
+        d.spawn().await?;
+        Ok(d)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(binary(self.kind)?);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("DRAWBRIDGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        // Environment overrides meant for the test process must not leak into daemons.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DRAWBRIDGE_") && k != "DRAWBRIDGE_TEST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().context("spawning daemon")?);
+        self.wait_healthy(Duration::from_secs(20)).await
+    }
+
+    /// Wait until `/healthz` answers.
+    pub async fn wait_healthy(&mut self, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if http_get(self.admin, "/healthz").await.is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    bail!("{} exited with {status}; log:\n{}", self.kind.binary(), self.log_tail(40));
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} not healthy within {within:?}; log:\n{}", self.kind.binary(), self.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait until `/readyz` says ready.
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok((200, _)) = http_get(self.admin, "/readyz").await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} not ready within {within:?}; log:\n{}", self.kind.binary(), self.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        let (_, body) = http_get(self.admin, "/status").await?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The admin address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Process id, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// SIGKILL the process and reap it.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill()?;
+            c.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM the process and wait for it to exit (up to `within`); returns its exit code.
+    pub async fn terminate(&mut self, within: Duration) -> Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(None);
+        };
+        if let Some(pid) = c.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        match tokio::time::timeout(within, c.wait()).await {
+            Ok(s) => Ok(s?.code()),
+            Err(_) => {
+                c.start_kill()?;
+                c.wait().await?;
+                bail!("{} did not exit within {within:?} after SIGTERM", self.kind.binary())
+            }
+        }
+    }
+
+    /// Start again with the same config (after `kill9` or `terminate`).
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.kill9().await?;
+        }
+        self.spawn().await
+    }
+
+    /// Path of the log file (stderr of every run, appended).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Whether the log contains `needle`.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.log)
+            .map(|s| s.contains(needle))
+            .unwrap_or(false)
+    }
+}
+
+/// Minimal HTTP/1.0 GET against the admin port: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("bad HTTP response")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok::<_, anyhow::Error>((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .context("admin request timed out")?
+}

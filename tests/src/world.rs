@@ -1,0 +1,274 @@
+//! A small "world" of organisations, each with its broker (vhost), float and bridge,
+//! used by the integration tests, the demo and the benchmarks.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use drawbridge_certs::devpki::NodeFiles;
+use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target};
+use lapin::{
+    options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    BasicProperties, Channel, ExchangeKind,
+};
+
+use crate::daemon::{free_port, Daemon, Kind};
+
+/// Default names (the daemons' defaults).
+pub const CONTROL_EXCHANGE: &str = "drawbridge.control";
+/// Notify exchange.
+pub const NOTIFY_EXCHANGE: &str = "drawbridge.notify";
+/// Inbox.
+pub const INBOX: &str = "drawbridge.inbox";
+/// Dead-letter queue.
+pub const DEAD_LETTER: &str = "drawbridge.dead-letter";
+
+/// One organisation: a legal name, its PKI files, its broker and its daemons.
+#[derive(Debug)]
+pub struct Org {
+    /// X.500 legal name.
+    pub legal_name: String,
+    /// TLS files from the dev PKI.
+    pub files: NodeFiles,
+    /// Broker URIs (one per cluster node).
+    pub broker_uris: Vec<String>,
+    /// Port the float listens on.
+    pub float_port: u16,
+    /// Admin port of the float.
+    pub float_admin: SocketAddr,
+    /// Admin port of the bridge.
+    pub bridge_admin: SocketAddr,
+    /// The float process, once started.
+    pub float: Option<Daemon>,
+    /// The bridge process, once started.
+    pub bridge: Option<Daemon>,
+    /// Where configs and logs go.
+    pub dir: PathBuf,
+}
+
+impl Org {
+    /// An organisation whose files are in `files`, using `broker_uris`, writing configs and
+    /// logs under `dir`.
+    pub fn new(files: NodeFiles, broker_uris: Vec<String>, dir: &Path) -> Org {
+        let slug = files.legal_name.slug();
+        Org {
+            legal_name: files.legal_name.to_string(),
+            files,
+            broker_uris,
+            float_port: free_port(),
+            float_admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            bridge_admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            float: None,
+            bridge: None,
+            dir: dir.join(slug),
+        }
+    }
+
+    fn uris_toml(&self) -> String {
+        let list: Vec<String> = self.broker_uris.iter().map(|u| format!("{u:?}")).collect();
+        format!("[{}]", list.join(", "))
+    }
+
+    /// The float's config, with `extra` TOML lines appended to the `[float]` table.
+    pub fn float_config(&self, extra: &str) -> String {
+        format!(
+            "[float]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
+            port = self.float_port,
+            cert = self.files.tls_cert.display().to_string(),
+            key = self.files.tls_key.display().to_string(),
+            root = self.files.root_cert.display().to_string(),
+            uris = self.uris_toml(),
+            admin = self.float_admin,
+        )
+    }
+
+    /// The bridge's config, with `extra` TOML lines appended to the `[bridge]` table.
+    pub fn bridge_config(&self, extra: &str) -> String {
+        format!(
+            "[bridge]\nid = \"{id}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
+            id = format!("bridge-{}", self.files.legal_name.slug()),
+            cert = self.files.tls_cert.display().to_string(),
+            key = self.files.tls_key.display().to_string(),
+            root = self.files.root_cert.display().to_string(),
+            uris = self.uris_toml(),
+            admin = self.bridge_admin,
+        )
+    }
+
+    /// Start the float (extra `[float]` lines) and wait until it is ready.
+    pub async fn start_float(&mut self, extra: &str) -> Result<()> {
+        let cfg = self.float_config(extra);
+        let d = Daemon::start(Kind::Float, &self.dir, "float", &cfg, self.float_admin).await?;
+        d.wait_ready(Duration::from_secs(30)).await?;
+        self.float = Some(d);
+        Ok(())
+    }
+
+    /// Start the bridge (extra `[bridge]` lines) and wait until it is ready.
+    pub async fn start_bridge(&mut self, extra: &str) -> Result<()> {
+        let cfg = self.bridge_config(extra);
+        let d = Daemon::start(Kind::Bridge, &self.dir, "bridge", &cfg, self.bridge_admin).await?;
+        d.wait_ready(Duration::from_secs(30)).await?;
+        self.bridge = Some(d);
+        Ok(())
+    }
+
+    /// The peer queue this org uses for messages to `peer`.
+    pub fn queue_to(&self, peer: &Org) -> String {
+        format!("drawbridge.peers.{}", peer.files.legal_name.slug())
+    }
+
+    /// The link spec from this org to `peer`'s float.
+    pub fn link_to(&self, peer: &Org) -> PeerLink {
+        PeerLink {
+            queue: self.queue_to(peer),
+            targets: vec![Target::new("127.0.0.1", peer.float_port)],
+            legal_names: vec![peer.legal_name.clone()],
+            target_address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.to_string(),
+        }
+    }
+
+    /// The first broker URI.
+    pub fn broker_uri(&self) -> &str {
+        &self.broker_uris[0]
+    }
+
+    /// A channel on this org's broker (first URI that answers).
+    pub async fn channel(&self) -> Result<(lapin::Connection, Channel)> {
+        let mut last = None;
+        for uri in &self.broker_uris {
+            match crate::stream::connect(uri).await {
+                Ok(c) => {
+                    let ch = c.create_channel().await?;
+                    return Ok((c, ch));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no broker URI")))
+    }
+
+    /// Publish a control command as this org's node.
+    pub async fn control(&self, cmd: &ControlCommand) -> Result<()> {
+        let (_conn, ch) = self.channel().await?;
+        publish_control(&ch, cmd).await
+    }
+
+    /// Ask the bridge to run a link to `peer` (CreateLink).
+    pub async fn create_link_to(&self, peer: &Org) -> Result<()> {
+        self.control(&ControlCommand::CreateLink(CreateLink {
+            node_identity: self.legal_name.clone(),
+            link: self.link_to(peer),
+        }))
+        .await
+    }
+
+    /// Ask the bridge to stop the link to `peer` (DeleteLink).
+    pub async fn delete_link_to(&self, peer: &Org) -> Result<()> {
+        self.control(&ControlCommand::DeleteLink(DeleteLink {
+            node_identity: self.legal_name.clone(),
+            queue: self.queue_to(peer),
+        }))
+        .await
+    }
+
+    /// Send a snapshot with links to `peers`.
+    pub async fn snapshot(&self, links: Vec<PeerLink>) -> Result<()> {
+        self.control(&ControlCommand::Snapshot(Snapshot {
+            node_identity: self.legal_name.clone(),
+            inbox_queues: vec![INBOX.to_string()],
+            links,
+        }))
+        .await
+    }
+
+    /// Wait until the bridge's `/status` shows the link on `queue` in `state`.
+    pub async fn wait_link_state(&self, queue: &str, state: &str, within: Duration) -> Result<serde_json::Value> {
+        let bridge = self.bridge.as_ref().context("bridge not started")?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(s) = bridge.status().await {
+                if let Some(l) = s["links"].as_array().and_then(|ls| ls.iter().find(|l| l["queue"] == queue)) {
+                    if l["state"] == state {
+                        return Ok(l.clone());
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                let s = bridge.status().await.ok();
+                anyhow::bail!("link {queue} not {state} within {within:?}; status: {s:?}\nlog:\n{}", bridge.log_tail(30));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Declare a peer queue the way the bridge does (durable, single active consumer).
+pub async fn declare_peer_queue(ch: &Channel, queue: &str, queue_type: &str) -> Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-single-active-consumer"), AMQPValue::Boolean(true));
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from(queue_type.to_string())),
+    );
+    ch.queue_declare(
+        ShortString::from(queue),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .with_context(|| format!("declaring {queue}"))?;
+    Ok(())
+}
+
+/// Declare a durable classic queue (inbox, dead-letter) so tests can read it before a
+/// daemon declared it.
+pub async fn declare_queue(ch: &Channel, queue: &str) -> Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("classic")),
+    );
+    ch.queue_declare(
+        ShortString::from(queue),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .with_context(|| format!("declaring {queue}"))?;
+    Ok(())
+}
+
+/// Publish a control command to the control fanout exchange (declaring it).
+pub async fn publish_control(ch: &Channel, cmd: &ControlCommand) -> Result<()> {
+    ch.exchange_declare(
+        ShortString::from(CONTROL_EXCHANGE),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.basic_publish(
+        ShortString::from(CONTROL_EXCHANGE),
+        ShortString::from(""),
+        BasicPublishOptions::default(),
+        &cmd.encode(),
+        BasicProperties::default().with_content_type(ShortString::from("application/x-protobuf")),
+    )
+    .await?
+    .await?;
+    Ok(())
+}

@@ -32,6 +32,13 @@ fi
 echo "install-deps.sh: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -qq
-# policy-rc.d is not touched: if rabbitmq-server gets installed here, Debian may start its
-# system service; the tests never use it (they start private nodes on free ports).
+# Installing rabbitmq-server would normally start the system service; the tests never use it
+# (they start private nodes on free ports), so keep it from being started by the install with a
+# temporary policy-rc.d (only if none exists; removed again on exit).
+policy=/usr/sbin/policy-rc.d
+if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+    "${SUDO[@]}" chmod 755 "$policy"
+    trap '"${SUDO[@]}" rm -f "$policy"' EXIT
+fi
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -12,6 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 failed=()
 
+echo "test.sh: building the daemons and the CLI (debug)"
+cargo build --workspace --bins
+
 echo "test.sh: cargo test --workspace (debug)"
 if ! cargo test --workspace --no-fail-fast -- --test-threads=4; then
     failed+=("workspace tests")

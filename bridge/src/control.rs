@@ -193,7 +193,7 @@ async fn control_session(
             .await?;
         Ok::<_, lapin::Error>((ch, consumer))
     };
-    let (ch, mut consumer) = tokio::time::timeout(op, setup)
+    let (_ch, mut consumer) = tokio::time::timeout(op, setup)
         .await
         .map_err(|_| "control setup timed out".to_string())?
         .map_err(|e| format!("control setup: {e}"))?;
@@ -228,10 +228,9 @@ async fn control_session(
                 next_request = tokio::time::Instant::now() + retry.next_delay();
             }
             _ = live.lost() => return Err("broker connection lost".into()),
-            _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(op, ch.close(200, "bridge stopping".into())).await;
-                return Ok(());
-            }
+            // The control channel goes with the connection; closing it here as well
+            // only races lapin's own close.
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }

@@ -1,0 +1,310 @@
+//! `drawbridge`: the operator CLI — dev PKI, control messages, send/receive as a node
+//! would, daemon status, and the end-to-end demo.
+#![forbid(unsafe_code)]
+
+mod demo;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target};
+use drawbridge_testkit::{
+    stream::{self, PublishSpec, Tally},
+    world,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Drawbridge operator CLI")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Development PKI.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Publish control messages as a node would.
+    Control {
+        /// Broker URI of the node's broker.
+        #[arg(long, env = "DRAWBRIDGE_BROKER")]
+        broker: String,
+        /// The node's legal name.
+        #[arg(long)]
+        node: String,
+        #[command(subcommand)]
+        cmd: ControlCmd,
+    },
+    /// Publish N verifiable messages to a peer queue, as a node would.
+    Send {
+        /// Broker URI.
+        #[arg(long, env = "DRAWBRIDGE_BROKER")]
+        broker: String,
+        /// Peer queue (declared durable with single-active-consumer if missing).
+        #[arg(long)]
+        queue: String,
+        /// How many messages.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Legal name of the destination node.
+        #[arg(long)]
+        destination: String,
+        /// Body size in bytes (at least 48).
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Run id: message ids are `<run>-<seq>`; `receive` needs the same.
+        #[arg(long, default_value = "run")]
+        run: String,
+        /// `x-queue-type` used if the queue must be declared.
+        #[arg(long, default_value = "classic")]
+        queue_type: String,
+    },
+    /// Consume an inbox and verify a run: ids, checksums, lost, duplicates.
+    Receive {
+        /// Broker URI.
+        #[arg(long, env = "DRAWBRIDGE_BROKER")]
+        broker: String,
+        /// Inbox queue.
+        #[arg(long, default_value = "drawbridge.inbox")]
+        queue: String,
+        /// Messages expected.
+        #[arg(long)]
+        expect: u64,
+        /// Run id used by `send`.
+        #[arg(long, default_value = "run")]
+        run: String,
+        /// Expected `drawbridge-sender` (legal name of the sending node).
+        #[arg(long)]
+        sender: Option<String>,
+        /// Give up after this long without a message (e.g. 30s).
+        #[arg(long, default_value = "30s")]
+        idle: String,
+    },
+    /// Show a daemon's status (its admin port's /status).
+    Status {
+        /// Admin address, e.g. 127.0.0.1:9090.
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+    },
+    /// Run the end-to-end demo: two organisations, 10,000 messages each way.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Generate a dev network: root CA, and per node a CA and a TLS certificate.
+    Init {
+        /// Output directory.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Legal names, e.g. "O=Bank A, L=London, C=GB" (repeat).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LinkArgs {
+    /// Peer queue, e.g. drawbridge.peers.bank-b.
+    #[arg(long)]
+    queue: String,
+    /// Float target host:port (repeat for failover).
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    /// Legal name(s) the float's certificate may have (repeat).
+    #[arg(long = "legal-name", required = true)]
+    legal_names: Vec<String>,
+    /// AMQP 1.0 target address.
+    #[arg(long, default_value = drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS)]
+    address: String,
+}
+
+impl LinkArgs {
+    fn to_link(&self) -> Result<PeerLink> {
+        let targets = self
+            .targets
+            .iter()
+            .map(|t| t.parse::<Target>().map_err(|e| anyhow::anyhow!("--target {t}: {e:?}")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PeerLink {
+            queue: self.queue.clone(),
+            targets,
+            legal_names: self.legal_names.clone(),
+            target_address: self.address.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ControlCmd {
+    /// The full desired state: the bridge creates missing links and deletes the rest.
+    Snapshot {
+        /// Inbox queue(s) of the node.
+        #[arg(long = "inbox", default_value = "drawbridge.inbox")]
+        inboxes: Vec<String>,
+        /// TOML file with `[[links]]` tables (queue, targets, legal_names, target_address).
+        #[arg(long)]
+        links: Option<PathBuf>,
+    },
+    /// Create (or update) one link.
+    Create(LinkArgs),
+    /// Delete one link (the queue and its messages stay).
+    Delete {
+        /// Peer queue.
+        #[arg(long)]
+        queue: String,
+    },
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LinksFile {
+    #[serde(default)]
+    links: Vec<LinkEntry>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LinkEntry {
+    queue: String,
+    targets: Vec<String>,
+    legal_names: Vec<String>,
+    target_address: Option<String>,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    drawbridge_certs::install_crypto_provider();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("drawbridge: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Certs { cmd: CertsCmd::Init { dir, names } } => {
+            let names = names
+                .iter()
+                .map(|n| n.parse().with_context(|| format!("--name {n}")))
+                .collect::<Result<Vec<drawbridge_certs::LegalName>>>()?;
+            let net = drawbridge_certs::devpki::generate_network(&dir, &names)?;
+            println!("root CA: {}", net.root_cert.display());
+            for n in &net.nodes {
+                println!("{}: {} / {}", n.legal_name, n.tls_cert.display(), n.tls_key.display());
+            }
+            Ok(0)
+        }
+        Cmd::Control { broker, node, cmd } => {
+            let command = match cmd {
+                ControlCmd::Snapshot { inboxes, links } => {
+                    let links = match links {
+                        None => Vec::new(),
+                        Some(path) => {
+                            let text = std::fs::read_to_string(&path)
+                                .with_context(|| format!("reading {}", path.display()))?;
+                            let file: LinksFile = toml_parse(&text)
+                                .with_context(|| format!("parsing {}", path.display()))?;
+                            file.links
+                                .into_iter()
+                                .map(|l| {
+                                    LinkArgs {
+                                        queue: l.queue,
+                                        targets: l.targets,
+                                        legal_names: l.legal_names,
+                                        address: l.target_address.unwrap_or_else(|| {
+                                            drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into()
+                                        }),
+                                    }
+                                    .to_link()
+                                })
+                                .collect::<Result<Vec<_>>>()?
+                        }
+                    };
+                    ControlCommand::Snapshot(Snapshot {
+                        node_identity: node,
+                        inbox_queues: inboxes,
+                        links,
+                    })
+                }
+                ControlCmd::Create(l) => ControlCommand::CreateLink(CreateLink {
+                    node_identity: node,
+                    link: l.to_link()?,
+                }),
+                ControlCmd::Delete { queue } => ControlCommand::DeleteLink(DeleteLink {
+                    node_identity: node,
+                    queue,
+                }),
+            };
+            // Validate before sending: the bridge would refuse it anyway.
+            ControlCommand::decode(&command.encode()).map_err(|e| anyhow::anyhow!("invalid control message: {e}"))?;
+            let conn = stream::connect(&broker).await?;
+            let ch = conn.create_channel().await?;
+            world::publish_control(&ch, &command).await?;
+            println!("published {}", command.kind());
+            Ok(0)
+        }
+        Cmd::Send { broker, queue, count, destination, size, run, queue_type } => {
+            let conn = stream::connect(&broker).await?;
+            let ch = conn.create_channel().await?;
+            world::declare_peer_queue(&ch, &queue, &queue_type).await?;
+            let bar = bar(count, "sent");
+            let spec = PublishSpec { run, from: 0, to: count, size, destination, headers: vec![] };
+            let started = std::time::Instant::now();
+            stream::publish(&ch, &queue, &spec, |n| bar.set_position(n)).await?;
+            bar.finish();
+            let secs = started.elapsed().as_secs_f64();
+            println!("sent {count} messages to {queue} in {secs:.2}s ({:.0} msg/s)", count as f64 / secs.max(1e-9));
+            Ok(0)
+        }
+        Cmd::Receive { broker, queue, expect, run, sender, idle } => {
+            let idle = drawbridge_runtime::config::parse_duration(&idle).map_err(|e| anyhow::anyhow!("--idle: {e}"))?;
+            let conn = stream::connect(&broker).await?;
+            let ch = conn.create_channel().await?;
+            let mut tally = Tally::new(&run, expect, sender);
+            let bar = bar(expect, "received");
+            stream::consume(&ch, &queue, &mut tally, idle, |n| bar.set_position(n)).await?;
+            bar.finish();
+            let r = tally.report();
+            println!(
+                "received={} lost={} duplicates={} corrupted={} unexpected={} wrong_sender={} rate={:.0} msg/s p50={:?} p99={:?}",
+                r.received, r.lost, r.duplicates, r.corrupted, r.unexpected, r.wrong_sender, r.rate(), r.p50, r.p99
+            );
+            Ok(if r.complete() { 0 } else { 1 })
+        }
+        Cmd::Status { admin } => {
+            let (code, body) = drawbridge_testkit::daemon::http_get(admin, "/status").await?;
+            if code != 200 {
+                bail!("{admin} answered {code}");
+            }
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }
+        Cmd::Demo(args) => demo::run(args).await,
+    }
+}
+
+fn toml_parse(text: &str) -> Result<LinksFile> {
+    Ok(toml::from_str(text)?)
+}
+
+/// A progress bar (hidden when stderr is not a terminal).
+pub(crate) fn bar(len: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template(&format!("{{prefix:>12}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}})"))
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    b.enable_steady_tick(Duration::from_millis(200));
+    b
+}

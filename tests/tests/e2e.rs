@@ -91,3 +91,221 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
     assert_eq!((rb.duplicates, rb.unexpected), (0, 0), "B→A: {rb:?}");
     Ok(())
 }
+
+async fn notify_listener(org: &Org) -> Result<(lapin::Connection, lapin::Channel, String)> {
+    use lapin::{options::*, types::FieldTable, ExchangeKind};
+    let (c, ch) = org.channel().await?;
+    ch.exchange_declare(
+        world::NOTIFY_EXCHANGE.into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await?;
+    let q = ch
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    ch.queue_bind(q.name().clone(), world::NOTIFY_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    Ok((c, ch, q.name().as_str().to_string()))
+}
+
+/// Drain the notify queue, counting snapshot requests.
+async fn count_snapshot_requests(ch: &lapin::Channel, q: &str) -> Result<usize> {
+    use drawbridge_control_protocol::Notification;
+    let mut n = 0;
+    while let Some(m) = ch.basic_get(q.into(), lapin::options::BasicGetOptions { no_ack: true }).await? {
+        if let Ok(Notification::SnapshotRequest(_)) = Notification::decode(&m.delivery.data) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[tokio::test]
+async fn snapshot_request_repeats_until_a_snapshot_arrives() -> Result<()> {
+    let mut p = pair().await?;
+    let (_c, ch, q) = notify_listener(&p.a).await?;
+    p.a.start_bridge("snapshot_retry_min = \"200ms\"\nsnapshot_retry_max = \"400ms\"").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = count_snapshot_requests(&ch, &q).await?;
+    assert!(before >= 3, "expected repeated snapshot requests, saw {before}");
+    p.a.snapshot(vec![]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = count_snapshot_requests(&ch, &q).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = count_snapshot_requests(&ch, &q).await?;
+    assert_eq!(after, 0, "requests must stop once a snapshot arrived");
+    Ok(())
+}
+
+#[tokio::test]
+async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() -> Result<()> {
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    let q = p.a.queue_to(&p.b);
+    p.a.create_link_to(&p.b).await?;
+    p.a.create_link_to(&p.b).await?;
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20)).await?;
+    send(&p.a, &p.b, "c1", 100, vec![]).await?;
+    let r = receive(&p.b, "c1", 100, BANK_A).await?;
+    assert!(r.complete() && r.duplicates == 0, "{r:?}");
+    let status = p.a.wait_link_state(&q, "up", Duration::from_secs(5)).await?;
+    assert_eq!(status["connects"], 1, "a repeated CreateLink must not restart the link: {status}");
+
+    p.a.delete_link_to(&p.b).await?;
+    p.a.delete_link_to(&p.b).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = p.a.bridge.as_ref().unwrap().status().await?;
+        if s["links"].as_array().map(|l| l.is_empty()).unwrap_or(false) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "link not deleted: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    send(&p.a, &p.b, "c2", 50, vec![]).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let node = shared_node().await;
+    let vhost_a = p.a.broker_uri().rsplit('/').next().unwrap().to_string();
+    let vhost_a = vhost_a.replace("%2F", "/");
+    assert_eq!(node.queue_depth(&vhost_a, &q).await?, 50, "deleted link must leave messages in the queue");
+
+    // Re-creating the link delivers what waited.
+    p.a.create_link_to(&p.b).await?;
+    let r = receive(&p.b, "c2", 50, BANK_A).await?;
+    assert!(r.complete() && r.duplicates == 0, "{r:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    let mut link = p.a.link_to(&p.b);
+    link.legal_names = vec!["O=Bank C, L=Berlin, C=DE".into()];
+    p.a.control(&drawbridge_control_protocol::ControlCommand::CreateLink(
+        drawbridge_control_protocol::CreateLink { node_identity: BANK_A.into(), link: link.clone() },
+    ))
+    .await?;
+    send(&p.a, &p.b, "pin", 20, vec![]).await?;
+    let status = p.a.wait_link_state(&link.queue, "down", Duration::from_secs(20)).await?;
+    let reason = status["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("not one of the expected legal names"), "reason: {reason}");
+    assert!(reason.contains("Bank B"), "reason names the subject seen: {reason}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let node = shared_node().await;
+    let vhost_a = p.a.broker_uri().rsplit('/').next().unwrap().replace("%2F", "/");
+    assert_eq!(node.queue_depth(&vhost_a, &link.queue).await?, 20, "nothing may leave the queue");
+    assert!(p.a.bridge.as_ref().unwrap().log_contains("not one of the expected legal names"));
+    Ok(())
+}
+
+/// Connect to the float with `client` TLS config and see whether the float lets us talk.
+async fn float_accepts(port: u16, client: std::sync::Arc<rustls::ClientConfig>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
+    let connector = tokio_rustls::TlsConnector::from(client);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let Ok(Ok(mut tls)) = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await else {
+        return false;
+    };
+    // AMQP SASL header; a float that accepted us answers with its own header.
+    if tls.write_all(b"AMQP\x03\x01\x00\x00").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 8];
+    matches!(tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut buf)).await, Ok(Ok(_)))
+        && &buf[..4] == b"AMQP"
+}
+
+#[tokio::test]
+async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<()> {
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    let roots = drawbridge_certs::load_trust_roots(&p.a.files.root_cert)?;
+    let expected = vec![BANK_B.parse()?];
+    // Control: the real A identity is accepted.
+    let a_id = drawbridge_certs::TlsIdentity::load(&p.a.files.tls_cert, &p.a.files.tls_key)?;
+    let good = drawbridge_certs::client_config(&a_id, roots.clone(), expected.clone(), Default::default())?;
+    assert!(float_accepts(p.b.float_port, good).await, "genuine client must be accepted");
+    // Same legal name, another network's CA.
+    let other = tempfile::tempdir()?;
+    let net = devpki::generate_network(other.path(), &[BANK_A.parse()?])?;
+    let forged = drawbridge_certs::TlsIdentity::load(&net.nodes[0].tls_cert, &net.nodes[0].tls_key)?;
+    let bad = drawbridge_certs::client_config(&forged, roots.clone(), expected.clone(), Default::default())?;
+    assert!(!float_accepts(p.b.float_port, bad).await, "foreign CA must be refused");
+    // No client certificate at all.
+    let mut store = rustls::RootCertStore::empty();
+    for c in roots.roots.iter() {
+        store.roots.push(c.clone());
+    }
+    let none = std::sync::Arc::new(rustls::ClientConfig::builder().with_root_certificates(store).with_no_client_auth());
+    assert!(!float_accepts(p.b.float_port, none).await, "no client certificate must be refused");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let float = p.b.float.as_ref().unwrap();
+    assert!(float.log_contains("TLS handshake refused"), "float log:\n{}", float.log_tail(20));
+    Ok(())
+}
+
+#[tokio::test]
+async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() -> Result<()> {
+    use lapin::{options::*, types::*, BasicProperties};
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("max_message_size = 4096").await?;
+    let q = p.a.queue_to(&p.b);
+    let (_c, ch) = p.a.channel().await?;
+    world::declare_peer_queue(&ch, &q, "classic").await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let publish = |id: Option<String>, body: Vec<u8>, dest: &str| {
+        let mut h = FieldTable::default();
+        h.insert("drawbridge-destination".into(), AMQPValue::LongString(dest.into()));
+        let mut props = BasicProperties::default().with_delivery_mode(2).with_headers(h);
+        if let Some(id) = id {
+            props = props.with_message_id(id.into());
+        }
+        let ch = ch.clone();
+        let q = q.clone();
+        async move {
+            ch.basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), &body, props).await?.await?;
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    // seq 0..10 valid, with three bad ones in between.
+    for seq in 0..10u64 {
+        if seq == 3 {
+            publish(Some("too-big".into()), vec![7u8; 8192], BANK_B).await?;
+        }
+        if seq == 5 {
+            publish(None, stream::make_body(99, 64), BANK_B).await?;
+        }
+        if seq == 7 {
+            publish(Some("elsewhere".into()), stream::make_body(98, 64), "O=Bank Z, L=Oslo, C=NO").await?;
+        }
+        publish(Some(stream::message_id("dl", seq)), stream::make_body(seq, 256), BANK_B).await?;
+    }
+    p.a.create_link_to(&p.b).await?;
+    let r = receive(&p.b, "dl", 10, BANK_A).await?;
+    assert!(r.complete() && r.duplicates == 0 && r.unexpected == 0, "{r:?}");
+
+    let (_c2, ch2) = p.a.channel().await?;
+    let mut reasons = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reasons.len() < 3 && tokio::time::Instant::now() < deadline {
+        match ch2.basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true }).await {
+            Ok(Some(m)) => {
+                let reason = stream::header_string(m.delivery.properties.headers().as_ref(), "drawbridge-reason").unwrap_or_default();
+                reasons.push(reason);
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(reasons.len(), 3, "dead-letter queue: {reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("exceeds the maximum")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("no message_id")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("rejected by peer") && r.contains("not served")), "{reasons:?}");
+    Ok(())
+}

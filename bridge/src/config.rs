@@ -73,7 +73,11 @@ impl BridgeConfig {
             std::process::id()
         );
         let window: u32 = r.get("bridge.window", 1000);
-        r.check("bridge.window", (1..=65535).contains(&window), "must be 1..=65535");
+        r.check(
+            "bridge.window",
+            (1..=65535).contains(&window),
+            "must be 1..=65535",
+        );
         let peer_queue_type: String = r.get("bridge.peer_queue_type", "classic".to_string());
         r.check(
             "bridge.peer_queue_type",
@@ -81,12 +85,19 @@ impl BridgeConfig {
             "must be `classic` or `quorum`",
         );
         let max_message_size: usize = r.get("bridge.max_message_size", 10 * 1024 * 1024);
-        r.check("bridge.max_message_size", max_message_size >= 1024, "must be at least 1024");
+        r.check(
+            "bridge.max_message_size",
+            max_message_size >= 1024,
+            "must be at least 1024",
+        );
         let admin_listen = match r.optional::<String>("admin.listen") {
             Some(s) => match s.parse() {
                 Ok(a) => Some(a),
                 Err(e) => {
-                    r.invalid("admin.listen", format!("`{s}` is not an ip:port address: {e}"));
+                    r.invalid(
+                        "admin.listen",
+                        format!("`{s}` is not an ip:port address: {e}"),
+                    );
                     None
                 }
             },
@@ -104,7 +115,10 @@ impl BridgeConfig {
             },
             control_exchange: r.get("bridge.control_exchange", "drawbridge.control".to_string()),
             notify_exchange: r.get("bridge.notify_exchange", "drawbridge.notify".to_string()),
-            dead_letter_queue: r.get("bridge.dead_letter_queue", "drawbridge.dead-letter".to_string()),
+            dead_letter_queue: r.get(
+                "bridge.dead_letter_queue",
+                "drawbridge.dead-letter".to_string(),
+            ),
             queue_prefix: r.get("bridge.queue_prefix", "drawbridge.peers.".to_string()),
             node_user: r.optional("bridge.node_user"),
             peer_queue_type,
@@ -151,7 +165,10 @@ mod tests {
             "bridge.tls_cert",
             "broker.uris",
         ] {
-            assert!(errs.iter().any(|e| e.starts_with(key)), "{key} not in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(key)),
+                "{key} not in {errs:#?}"
+            );
         }
     }
 }

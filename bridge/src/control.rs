@@ -62,8 +62,14 @@ impl Links {
             .expect("poisoned")
             .insert(spec.queue.clone(), view.clone());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(link::run(spec.clone(), self.ctx.clone(), stop.clone(), view));
-        self.running.insert(spec.queue.clone(), RunningLink { spec, stop, task });
+        let task = tokio::spawn(link::run(
+            spec.clone(),
+            self.ctx.clone(),
+            stop.clone(),
+            view,
+        ));
+        self.running
+            .insert(spec.queue.clone(), RunningLink { spec, stop, task });
     }
 
     /// Stop the link on `queue` (settling what is in flight); no-op if none.
@@ -243,7 +249,11 @@ async fn handle(ctx: &Arc<Ctx>, d: &Delivery, links: &mut Links) -> bool {
         false
     };
     if let Some(user) = &ctx.cfg.node_user {
-        let got = d.properties.user_id().as_ref().map(|s| s.as_str().to_string());
+        let got = d
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string());
         if got.as_deref() != Some(user.as_str()) {
             return refuse(format!(
                 "user_id {:?} is not the configured node user `{user}`",
@@ -260,7 +270,10 @@ async fn handle(ctx: &Arc<Ctx>, d: &Delivery, links: &mut Links) -> bool {
     match cmd {
         ControlCommand::Snapshot(s) => {
             if let Some(l) = s.links.iter().find(|l| outside(&l.queue)) {
-                return refuse(format!("snapshot names queue `{}` outside the prefix `{prefix}`", l.queue));
+                return refuse(format!(
+                    "snapshot names queue `{}` outside the prefix `{prefix}`",
+                    l.queue
+                ));
             }
             info!(node = %s.node_identity, links = s.links.len(), "applying snapshot");
             links.converge(s.links).await;
@@ -268,14 +281,20 @@ async fn handle(ctx: &Arc<Ctx>, d: &Delivery, links: &mut Links) -> bool {
         }
         ControlCommand::CreateLink(c) => {
             if outside(&c.link.queue) {
-                return refuse(format!("queue `{}` is outside the prefix `{prefix}`", c.link.queue));
+                return refuse(format!(
+                    "queue `{}` is outside the prefix `{prefix}`",
+                    c.link.queue
+                ));
             }
             links.create(c.link).await;
             false
         }
         ControlCommand::DeleteLink(dl) => {
             if outside(&dl.queue) {
-                return refuse(format!("queue `{}` is outside the prefix `{prefix}`", dl.queue));
+                return refuse(format!(
+                    "queue `{}` is outside the prefix `{prefix}`",
+                    dl.queue
+                ));
             }
             links.delete(&dl.queue).await;
             false
@@ -285,17 +304,18 @@ async fn handle(ctx: &Arc<Ctx>, d: &Delivery, links: &mut Links) -> bool {
 
 /// Publishes notifications (snapshot requests, link status) to the notify exchange.
 /// Best effort: status events are informational, and snapshot requests are repeated.
-pub(crate) async fn notifier(
-    ctx: Arc<Ctx>,
-    mut rx: tokio::sync::mpsc::Receiver<Notification>,
-) {
+pub(crate) async fn notifier(ctx: Arc<Ctx>, mut rx: tokio::sync::mpsc::Receiver<Notification>) {
     let mut channel: Option<(u64, lapin::Channel)> = None;
     while let Some(n) = rx.recv().await {
         let Some(live) = ctx.broker.current() else {
             continue;
         };
         let op = ctx.broker.config().op_timeout;
-        if channel.as_ref().map(|(g, c)| *g != live.generation || !c.status().connected()).unwrap_or(true) {
+        if channel
+            .as_ref()
+            .map(|(g, c)| *g != live.generation || !c.status().connected())
+            .unwrap_or(true)
+        {
             channel = match tokio::time::timeout(op, live.conn.create_channel()).await {
                 Ok(Ok(c)) => Some((live.generation, c)),
                 _ => None,
@@ -310,7 +330,8 @@ pub(crate) async fn notifier(
                 ShortString::from(""),
                 Default::default(),
                 &body,
-                lapin::BasicProperties::default().with_content_type(ShortString::from("application/x-protobuf")),
+                lapin::BasicProperties::default()
+                    .with_content_type(ShortString::from("application/x-protobuf")),
             ),
         )
         .await;

@@ -57,7 +57,8 @@ pub fn to_amqp(d: &Delivery, max_size: usize) -> Result<Message<Data>, Undeliver
     if let Some(headers) = d.properties.headers() {
         for (k, v) in headers.inner().iter() {
             let key = k.as_str().to_string();
-            let value = amqp_to_simple(v).ok_or_else(|| Undeliverable::UnsupportedHeader(key.clone()))?;
+            let value =
+                amqp_to_simple(v).ok_or_else(|| Undeliverable::UnsupportedHeader(key.clone()))?;
             app.insert(key, value);
         }
     }
@@ -101,7 +102,9 @@ fn amqp_to_simple(v: &AMQPValue) -> Option<SimpleValue> {
             Ok(text) => SimpleValue::String(text.to_string()),
             Err(_) => SimpleValue::Binary(Binary::from(s.as_bytes().to_vec())),
         },
-        AMQPValue::Timestamp(t) => SimpleValue::Timestamp(Timestamp::from_milliseconds((*t as i64).saturating_mul(1000))),
+        AMQPValue::Timestamp(t) => SimpleValue::Timestamp(Timestamp::from_milliseconds(
+            (*t as i64).saturating_mul(1000),
+        )),
         AMQPValue::ByteArray(b) => SimpleValue::Binary(Binary::from(b.as_slice().to_vec())),
         AMQPValue::Void => SimpleValue::Null,
         AMQPValue::DecimalValue(_) | AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => {

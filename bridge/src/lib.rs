@@ -48,7 +48,10 @@ impl Ctx {
     /// Queue arguments of every peer queue; the node must declare them identically.
     fn peer_queue_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
-        args.insert(ShortString::from("x-single-active-consumer"), AMQPValue::Boolean(true));
+        args.insert(
+            ShortString::from("x-single-active-consumer"),
+            AMQPValue::Boolean(true),
+        );
         args.insert(
             ShortString::from("x-queue-type"),
             AMQPValue::LongString(LongString::from(self.cfg.peer_queue_type.clone())),

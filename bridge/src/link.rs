@@ -114,8 +114,15 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
 
         let now = Instant::now();
         let n = spec.targets.len();
-        let mut order: Vec<&Target> = (0..n).map(|i| &spec.targets[(next_target + i) % n]).collect();
-        order.sort_by_key(|t| tls_penalty.get(*t).map(|until| *until > now).unwrap_or(false));
+        let mut order: Vec<&Target> = (0..n)
+            .map(|i| &spec.targets[(next_target + i) % n])
+            .collect();
+        order.sort_by_key(|t| {
+            tls_penalty
+                .get(*t)
+                .map(|until| *until > now)
+                .unwrap_or(false)
+        });
         let mut failures = Vec::new();
         let mut connected = None;
         for target in order {
@@ -131,7 +138,10 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 }
                 Err(f) => {
                     if let ConnectFailure::Tls(_) = f {
-                        tls_penalty.insert(target.clone(), now + cfg.reconnect_max.min(Duration::from_secs(30)));
+                        tls_penalty.insert(
+                            target.clone(),
+                            now + cfg.reconnect_max.min(Duration::from_secs(30)),
+                        );
                     }
                     failures.push(f.reason());
                 }
@@ -154,7 +164,11 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             }
         };
         backoff.reset();
-        next_target = spec.targets.iter().position(|t| *t == pc.target).unwrap_or(0);
+        next_target = spec
+            .targets
+            .iter()
+            .position(|t| *t == pc.target)
+            .unwrap_or(0);
         let target = pc.target.to_string();
         let end = run_connected(pc, &live, &spec, &ctx, &stop, &view, &target).await;
         match end {
@@ -173,7 +187,14 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             }
         }
     }
-    set_state(&ctx, &view, &spec, LinkState::Deleted, "", "link deleted or bridge stopping");
+    set_state(
+        &ctx,
+        &view,
+        &spec,
+        LinkState::Deleted,
+        "",
+        "link deleted or bridge stopping",
+    );
     info!(queue = %spec.queue, "link stopped");
 }
 
@@ -235,7 +256,8 @@ async fn open_consumer(
         FieldTable::default(),
     )
     .await?;
-    ch.basic_qos(ctx.cfg.window, BasicQosOptions::default()).await?;
+    ch.basic_qos(ctx.cfg.window, BasicQosOptions::default())
+        .await?;
     let consumer = ch
         .basic_consume(
             ShortString::from(spec.queue.as_str()),
@@ -280,7 +302,10 @@ async fn forward(
     let op = ctx.broker.config().op_timeout;
     let window = cfg.window as usize;
     let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
-    let mut acks = AckBatch { upto: None, count: 0 };
+    let mut acks = AckBatch {
+        upto: None,
+        count: 0,
+    };
     let mut draining = false;
     let mut drain_deadline = None;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -405,7 +430,12 @@ async fn flush(channel: &Channel, acks: &mut AckBatch, op: Duration) -> Result<(
         return Ok(());
     };
     acks.count = 0;
-    match tokio::time::timeout(op, channel.basic_ack(tag, BasicAckOptions { multiple: true })).await {
+    match tokio::time::timeout(
+        op,
+        channel.basic_ack(tag, BasicAckOptions { multiple: true }),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("ack failed: {e}")),
         Err(_) => Err(format!("ack timed out after {op:?}")),
@@ -431,7 +461,11 @@ async fn dead_letter(
         ShortString::from(headers::ORIGIN_QUEUE),
         AMQPValue::LongString(LongString::from(spec.queue.clone())),
     );
-    let props: BasicProperties = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
+    let props: BasicProperties = d
+        .properties
+        .clone()
+        .with_headers(hdrs)
+        .with_delivery_mode(2);
     let op = ctx.broker.config().op_timeout;
     let confirm = tokio::time::timeout(op, async {
         channel
@@ -457,7 +491,14 @@ async fn dead_letter(
     }
 }
 
-fn set_state(ctx: &Ctx, view: &SharedView, spec: &PeerLink, state: LinkState, target: &str, reason: &str) {
+fn set_state(
+    ctx: &Ctx,
+    view: &SharedView,
+    spec: &PeerLink,
+    state: LinkState,
+    target: &str,
+    reason: &str,
+) {
     {
         let mut v = view.lock().expect("poisoned");
         v.state = state.to_string();
@@ -477,8 +518,13 @@ pub(crate) fn settings(ctx: &Ctx, spec: &PeerLink) -> Result<PeerSettings, Strin
                 .map_err(|e| format!("legal name `{n}`: {e}"))?,
         );
     }
-    let tls = drawbridge_certs::client_config(&ctx.identity, ctx.roots.clone(), names, ctx.cfg.tls_policy)
-        .map_err(|e| format!("TLS config: {e}"))?;
+    let tls = drawbridge_certs::client_config(
+        &ctx.identity,
+        ctx.roots.clone(),
+        names,
+        ctx.cfg.tls_policy,
+    )
+    .map_err(|e| format!("TLS config: {e}"))?;
     Ok(PeerSettings {
         tls,
         connect_timeout: ctx.cfg.connect_timeout,

@@ -75,7 +75,10 @@ pub async fn connect(target: &Target, s: &PeerSettings) -> Result<PeerConnection
     }
 }
 
-async fn connect_inner(target: &Target, s: &PeerSettings) -> Result<PeerConnection, ConnectFailure> {
+async fn connect_inner(
+    target: &Target,
+    s: &PeerSettings,
+) -> Result<PeerConnection, ConnectFailure> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?;
@@ -106,7 +109,10 @@ async fn connect_inner(target: &Target, s: &PeerSettings) -> Result<PeerConnecti
         Err(e) => {
             let _ = session.end().await;
             let _ = conn.close().await;
-            return Err(ConnectFailure::Amqp(format!("{target}: attach to `{}`: {e}", s.address)));
+            return Err(ConnectFailure::Amqp(format!(
+                "{target}: attach to `{}`: {e}",
+                s.address
+            )));
         }
     };
     Ok(PeerConnection {

@@ -37,9 +37,16 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     }
     std::fs::create_dir_all(&dir)?;
     step("starting two private RabbitMQ nodes (organisation A and B)");
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na.context("broker A")?, nb.context("broker B")?);
-    println!("      A: amqp://127.0.0.1:{}   B: amqp://127.0.0.1:{}", na.amqp_port(), nb.amqp_port());
+    println!(
+        "      A: amqp://127.0.0.1:{}   B: amqp://127.0.0.1:{}",
+        na.amqp_port(),
+        nb.amqp_port()
+    );
 
     step("generating the dev PKI (root CA → node CA → TLS certificate per organisation)");
     let net = devpki::generate_network(&dir.join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
@@ -51,17 +58,24 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     b.start_float("").await?;
     a.start_bridge("").await?;
     b.start_bridge("").await?;
-    println!("      float A :{}  float B :{}  (admin: A float {} bridge {}, B float {} bridge {})",
-        a.float_port, b.float_port, a.float_admin, a.bridge_admin, b.float_admin, b.bridge_admin);
+    println!(
+        "      float A :{}  float B :{}  (admin: A float {} bridge {}, B float {} bridge {})",
+        a.float_port, b.float_port, a.float_admin, a.bridge_admin, b.float_admin, b.bridge_admin
+    );
 
     step("nodes answer the bridges' snapshot requests with their links (control protocol)");
     a.snapshot(vec![a.link_to(&b)]).await?;
     b.snapshot(vec![b.link_to(&a)]).await?;
-    a.wait_link_state(&a.queue_to(&b), "up", Duration::from_secs(30)).await?;
-    b.wait_link_state(&b.queue_to(&a), "up", Duration::from_secs(30)).await?;
+    a.wait_link_state(&a.queue_to(&b), "up", Duration::from_secs(30))
+        .await?;
+    b.wait_link_state(&b.queue_to(&a), "up", Duration::from_secs(30))
+        .await?;
     println!("      link A→B up, link B→A up (mTLS, TLS 1.3, peer subjects pinned)");
 
-    step(&format!("sending {} messages A→B and {} B→A ({} bytes each)", args.messages, args.messages, args.size));
+    step(&format!(
+        "sending {} messages A→B and {} B→A ({} bytes each)",
+        args.messages, args.messages, args.size
+    ));
     let mp = MultiProgress::new();
     let started = std::time::Instant::now();
     let (ab, ba) = tokio::join!(
@@ -72,11 +86,21 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     let (ab, ba) = (ab?, ba?);
 
     println!();
-    println!("  {:<8} {:>8} {:>9} {:>6} {:>11} {:>9} {:>10} {:>10}", "link", "sent", "received", "lost", "duplicates", "msg/s", "p50", "p99");
+    println!(
+        "  {:<8} {:>8} {:>9} {:>6} {:>11} {:>9} {:>10} {:>10}",
+        "link", "sent", "received", "lost", "duplicates", "msg/s", "p50", "p99"
+    );
     for (name, r) in [("A → B", &ab), ("B → A", &ba)] {
         println!(
             "  {:<8} {:>8} {:>9} {:>6} {:>11} {:>9.0} {:>10} {:>10}",
-            name, r.expected, r.received, r.lost, r.duplicates, r.rate(), fmt_ms(r.p50), fmt_ms(r.p99)
+            name,
+            r.expected,
+            r.received,
+            r.lost,
+            r.duplicates,
+            r.rate(),
+            fmt_ms(r.p50),
+            fmt_ms(r.p99)
         );
     }
     let total = |f: fn(&Report) -> u64| f(&ab) + f(&ba);
@@ -91,7 +115,15 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     );
 
     step("stopping everything (SIGTERM: daemons drain and exit)");
-    for d in [a.bridge.as_mut(), b.bridge.as_mut(), a.float.as_mut(), b.float.as_mut()].into_iter().flatten() {
+    for d in [
+        a.bridge.as_mut(),
+        b.bridge.as_mut(),
+        a.float.as_mut(),
+        b.float.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
         d.terminate(Duration::from_secs(20)).await?;
     }
     drop((na, nb));
@@ -107,7 +139,14 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     Ok(if ok { 0 } else { 1 })
 }
 
-async fn direction(from: &Org, to: &Org, run: &str, n: u64, size: usize, mp: &MultiProgress) -> Result<Report> {
+async fn direction(
+    from: &Org,
+    to: &Org,
+    run: &str,
+    n: u64,
+    size: usize,
+    mp: &MultiProgress,
+) -> Result<Report> {
     let label = format!("{}→{}", short(&from.legal_name), short(&to.legal_name));
     let sent_bar = mp.add(crate::bar(n, "sent"));
     sent_bar.set_prefix(label.clone());
@@ -129,7 +168,9 @@ async fn direction(from: &Org, to: &Org, run: &str, n: u64, size: usize, mp: &Mu
     let mut tally = Tally::new(run, n, Some(from.legal_name.clone()));
     let (sent, received) = tokio::join!(
         stream::publish(&send_ch, &queue, &spec, |k| sent_bar.set_position(k)),
-        stream::consume(&recv_ch, INBOX, &mut tally, Duration::from_secs(60), |k| recv_bar.set_position(k))
+        stream::consume(&recv_ch, INBOX, &mut tally, Duration::from_secs(60), |k| {
+            recv_bar.set_position(k)
+        })
     );
     sent?;
     received?;
@@ -139,7 +180,11 @@ async fn direction(from: &Org, to: &Org, run: &str, n: u64, size: usize, mp: &Mu
 }
 
 fn short(name: &str) -> String {
-    name.split(',').next().unwrap_or(name).trim_start_matches("O=").to_string()
+    name.split(',')
+        .next()
+        .unwrap_or(name)
+        .trim_start_matches("O=")
+        .to_string()
 }
 
 fn fmt_ms(d: Duration) -> String {

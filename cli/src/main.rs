@@ -8,7 +8,9 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target};
+use drawbridge_control_protocol::{
+    ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target,
+};
 use drawbridge_testkit::{
     stream::{self, PublishSpec, Tally},
     world,
@@ -129,7 +131,10 @@ impl LinkArgs {
         let targets = self
             .targets
             .iter()
-            .map(|t| t.parse::<Target>().map_err(|e| anyhow::anyhow!("--target {t}: {e:?}")))
+            .map(|t| {
+                t.parse::<Target>()
+                    .map_err(|e| anyhow::anyhow!("--target {t}: {e:?}"))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(PeerLink {
             queue: self.queue.clone(),
@@ -191,7 +196,9 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Certs { cmd: CertsCmd::Init { dir, names } } => {
+        Cmd::Certs {
+            cmd: CertsCmd::Init { dir, names },
+        } => {
             let names = names
                 .iter()
                 .map(|n| n.parse().with_context(|| format!("--name {n}")))
@@ -199,7 +206,12 @@ async fn run(cli: Cli) -> Result<i32> {
             let net = drawbridge_certs::devpki::generate_network(&dir, &names)?;
             println!("root CA: {}", net.root_cert.display());
             for n in &net.nodes {
-                println!("{}: {} / {}", n.legal_name, n.tls_cert.display(), n.tls_key.display());
+                println!(
+                    "{}: {} / {}",
+                    n.legal_name,
+                    n.tls_cert.display(),
+                    n.tls_key.display()
+                );
             }
             Ok(0)
         }
@@ -221,7 +233,8 @@ async fn run(cli: Cli) -> Result<i32> {
                                         targets: l.targets,
                                         legal_names: l.legal_names,
                                         address: l.target_address.unwrap_or_else(|| {
-                                            drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into()
+                                            drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS
+                                                .into()
                                         }),
                                     }
                                     .to_link()
@@ -245,28 +258,55 @@ async fn run(cli: Cli) -> Result<i32> {
                 }),
             };
             // Validate before sending: the bridge would refuse it anyway.
-            ControlCommand::decode(&command.encode()).map_err(|e| anyhow::anyhow!("invalid control message: {e}"))?;
+            ControlCommand::decode(&command.encode())
+                .map_err(|e| anyhow::anyhow!("invalid control message: {e}"))?;
             let conn = stream::connect(&broker).await?;
             let ch = conn.create_channel().await?;
             world::publish_control(&ch, &command).await?;
             println!("published {}", command.kind());
             Ok(0)
         }
-        Cmd::Send { broker, queue, count, destination, size, run, queue_type } => {
+        Cmd::Send {
+            broker,
+            queue,
+            count,
+            destination,
+            size,
+            run,
+            queue_type,
+        } => {
             let conn = stream::connect(&broker).await?;
             let ch = conn.create_channel().await?;
             world::declare_peer_queue(&ch, &queue, &queue_type).await?;
             let bar = bar(count, "sent");
-            let spec = PublishSpec { run, from: 0, to: count, size, destination, headers: vec![] };
+            let spec = PublishSpec {
+                run,
+                from: 0,
+                to: count,
+                size,
+                destination,
+                headers: vec![],
+            };
             let started = std::time::Instant::now();
             stream::publish(&ch, &queue, &spec, |n| bar.set_position(n)).await?;
             bar.finish();
             let secs = started.elapsed().as_secs_f64();
-            println!("sent {count} messages to {queue} in {secs:.2}s ({:.0} msg/s)", count as f64 / secs.max(1e-9));
+            println!(
+                "sent {count} messages to {queue} in {secs:.2}s ({:.0} msg/s)",
+                count as f64 / secs.max(1e-9)
+            );
             Ok(0)
         }
-        Cmd::Receive { broker, queue, expect, run, sender, idle } => {
-            let idle = drawbridge_runtime::config::parse_duration(&idle).map_err(|e| anyhow::anyhow!("--idle: {e}"))?;
+        Cmd::Receive {
+            broker,
+            queue,
+            expect,
+            run,
+            sender,
+            idle,
+        } => {
+            let idle = drawbridge_runtime::config::parse_duration(&idle)
+                .map_err(|e| anyhow::anyhow!("--idle: {e}"))?;
             let conn = stream::connect(&broker).await?;
             let ch = conn.create_channel().await?;
             let mut tally = Tally::new(&run, expect, sender);
@@ -301,9 +341,11 @@ fn toml_parse(text: &str) -> Result<LinksFile> {
 pub(crate) fn bar(len: u64, what: &str) -> ProgressBar {
     let b = ProgressBar::new(len);
     b.set_style(
-        ProgressStyle::with_template(&format!("{{prefix:>12}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}})"))
-            .expect("template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{{prefix:>12}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}})"
+        ))
+        .expect("template")
+        .progress_chars("=> "),
     );
     b.enable_steady_tick(Duration::from_millis(200));
     b

@@ -74,15 +74,29 @@ impl FloatConfig {
         let listen = parse_addr(&mut r, "float.listen", true);
         let tls_cert = r.required::<PathBuf>("float.tls_cert").unwrap_or_default();
         let tls_key = r.required::<PathBuf>("float.tls_key").unwrap_or_default();
-        let trust_roots = r.required::<PathBuf>("float.trust_roots").unwrap_or_default();
+        let trust_roots = r
+            .required::<PathBuf>("float.trust_roots")
+            .unwrap_or_default();
         let crls: Vec<PathBuf> = r.get("float.crls", Vec::new());
         let tls12: bool = r.get("float.allow_tls12", false);
         let max_connections: usize = r.get("float.max_connections", 1000);
-        r.check("float.max_connections", max_connections > 0, "must be at least 1");
+        r.check(
+            "float.max_connections",
+            max_connections > 0,
+            "must be at least 1",
+        );
         let max_message_size: usize = r.get("float.max_message_size", 10 * 1024 * 1024);
-        r.check("float.max_message_size", max_message_size >= 1024, "must be at least 1024");
+        r.check(
+            "float.max_message_size",
+            max_message_size >= 1024,
+            "must be at least 1024",
+        );
         let link_credit: u32 = r.get("float.link_credit", 1000);
-        r.check("float.link_credit", (1..=100_000).contains(&link_credit), "must be 1..=100000");
+        r.check(
+            "float.link_credit",
+            (1..=100_000).contains(&link_credit),
+            "must be 1..=100000",
+        );
         let mut identities = Vec::new();
         if r.is_set("float.identities") {
             let raw: Vec<std::collections::HashMap<String, String>> =
@@ -146,7 +160,11 @@ impl FloatConfig {
 }
 
 fn parse_addr(r: &mut ConfigReader, key: &str, required: bool) -> Option<SocketAddr> {
-    let raw: Option<String> = if required { r.required(key) } else { r.optional(key) };
+    let raw: Option<String> = if required {
+        r.required(key)
+    } else {
+        r.optional(key)
+    };
     let raw = raw?;
     match raw.parse() {
         Ok(a) => Some(a),
@@ -185,7 +203,10 @@ uris = ["amqp://127.0.0.1:5672/%2f"]
             "float.tls_key",
             "float.trust_roots",
         ] {
-            assert!(errs.iter().any(|e| e.starts_with(key)), "{key} not in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(key)),
+                "{key} not in {errs:#?}"
+            );
         }
     }
 }

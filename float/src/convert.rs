@@ -84,7 +84,10 @@ pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, 
         Body::Data(sections) => {
             let size: usize = sections.iter().map(|d| d.0.len()).sum();
             if size > max_size {
-                return Err(Invalid::TooLarge { size, max: max_size });
+                return Err(Invalid::TooLarge {
+                    size,
+                    max: max_size,
+                });
             }
             let mut out = Vec::with_capacity(size);
             for d in sections.iter() {
@@ -95,13 +98,20 @@ pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, 
         Body::Value(v) => match v.0 {
             Value::Binary(b) => b.into_vec(),
             Value::String(s) => s.into_bytes(),
-            _ => return Err(Invalid::UnsupportedBody("amqp-value that is not binary or string")),
+            _ => {
+                return Err(Invalid::UnsupportedBody(
+                    "amqp-value that is not binary or string",
+                ))
+            }
         },
         Body::Empty => Vec::new(),
         Body::Sequence(_) => return Err(Invalid::UnsupportedBody("amqp-sequence")),
     };
     if body.len() > max_size {
-        return Err(Invalid::TooLarge { size: body.len(), max: max_size });
+        return Err(Invalid::TooLarge {
+            size: body.len(),
+            max: max_size,
+        });
     }
     let props = msg.properties.unwrap_or_default();
     let message_id = props
@@ -151,7 +161,9 @@ fn simple_to_amqp(v: SimpleValue) -> Option<AMQPValue> {
         SimpleValue::Long(n) => AMQPValue::LongLongInt(n),
         SimpleValue::Float(f) => AMQPValue::Float(f.into_inner()),
         SimpleValue::Double(f) => AMQPValue::Double(f.into_inner()),
-        SimpleValue::Timestamp(t) => AMQPValue::Timestamp(u64::try_from(t.milliseconds() / 1000).ok()?),
+        SimpleValue::Timestamp(t) => {
+            AMQPValue::Timestamp(u64::try_from(t.milliseconds() / 1000).ok()?)
+        }
         SimpleValue::Binary(b) => AMQPValue::ByteArray(b.into_vec().into()),
         SimpleValue::String(s) => AMQPValue::LongString(LongString::from(s)),
         SimpleValue::Symbol(s) => AMQPValue::LongString(LongString::from(s.0)),

@@ -104,7 +104,10 @@ mod tests {
         w.insert("A", "3", t0);
         assert!(!w.contains("A", "1", t0), "evicted by capacity");
         assert!(w.contains("A", "3", t0));
-        assert!(!w.contains("A", "3", t0 + Duration::from_secs(11)), "expired by age");
+        assert!(
+            !w.contains("A", "3", t0 + Duration::from_secs(11)),
+            "expired by age"
+        );
         assert!(w.is_empty());
     }
 

@@ -147,7 +147,10 @@ pub async fn start(
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
     let listen_addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: cfg.listen,
         source,
@@ -163,7 +166,11 @@ pub async fn start(
             if !declare {
                 return Ok(());
             }
-            let ch = live.conn.create_channel().await.map_err(|e| e.to_string())?;
+            let ch = live
+                .conn
+                .create_channel()
+                .await
+                .map_err(|e| e.to_string())?;
             for q in &inboxes {
                 let mut args = FieldTable::default();
                 args.insert(

@@ -21,8 +21,12 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     drawbridge_certs::install_crypto_provider();
-    let cfg = ConfigReader::load(args.config.as_deref(), "DRAWBRIDGE", &["broker.uris", "float.crls"])
-        .and_then(FloatConfig::from_reader);
+    let cfg = ConfigReader::load(
+        args.config.as_deref(),
+        "DRAWBRIDGE",
+        &["broker.uris", "float.crls"],
+    )
+    .and_then(FloatConfig::from_reader);
     let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {

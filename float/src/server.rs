@@ -75,7 +75,10 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: Cancel
         });
     }
     drop(listener);
-    info!(open_connections = conns.len(), "listener closed, draining connections");
+    info!(
+        open_connections = conns.len(),
+        "listener closed, draining connections"
+    );
     let grace = ctx.cfg.drain_grace;
     if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
         .await
@@ -107,7 +110,8 @@ async fn serve_connection(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             warn!(peer_addr = %addr, reason = %e, "TLS handshake refused");
-            metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "tls").increment(1);
+            metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "tls")
+                .increment(1);
             return;
         }
         Err(_) => {
@@ -131,7 +135,8 @@ async fn serve_connection(
         // Taking transfers we cannot publish would only bounce them; refusing makes the
         // bridge back off and lets a load balancer pick another float.
         warn!(peer = %peer, peer_addr = %addr, "connection refused: broker unavailable");
-        metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "broker_down").increment(1);
+        metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "broker_down")
+            .increment(1);
         return;
     }
     let acceptor = ConnectionAcceptor::builder()
@@ -238,7 +243,10 @@ async fn serve_link(
         warn!(peer = %sender, address = %address, expected = %ctx.cfg.address, "link refused: unknown target address");
         let err = AmqpErrorFrame::new(
             AmqpError::NotFound,
-            format!("unknown address `{address}`; this float receives on `{}`", ctx.cfg.address),
+            format!(
+                "unknown address `{address}`; this float receives on `{}`",
+                ctx.cfg.address
+            ),
             None,
         );
         let _ = receiver.close_with_error(err).await;
@@ -319,7 +327,8 @@ async fn handle(
     let inbound = match convert::from_amqp(msg, ctx.cfg.max_message_size) {
         Ok(m) => m,
         Err(e) => {
-            metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label()).increment(1);
+            metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label())
+                .increment(1);
             return Handled::Now(Settle::Reject(e.to_string()));
         }
     };
@@ -329,7 +338,8 @@ async fn handle(
         .or_insert_with(|| ctx.route(&inbound.destination))
         .clone();
     let Some(inbox) = inbox else {
-        metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination").increment(1);
+        metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination")
+            .increment(1);
         return Handled::Now(Settle::Reject(
             convert::Invalid::UnknownDestination(inbound.destination).to_string(),
         ));
@@ -341,7 +351,9 @@ async fn handle(
         .expect("poisoned")
         .contains(sender, &dedup_key, Instant::now())
     {
-        ctx.stats.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
+        ctx.stats
+            .duplicates_suppressed
+            .fetch_add(1, Ordering::Relaxed);
         metrics::counter!("drawbridge_float_duplicates_suppressed_total").increment(1);
         return Handled::Now(Settle::Accept { dedup_key: None });
     }
@@ -397,9 +409,9 @@ async fn handle(
                 Ok(Ok(Confirmation::Ack(None))) => Settle::Accept {
                     dedup_key: Some(format!("{sender}\u{0}{dedup_key}")),
                 },
-                Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                    Settle::Reject(format!("unroutable: no queue `{inbox}` in the receiving broker"))
-                }
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Settle::Reject(format!(
+                    "unroutable: no queue `{inbox}` in the receiving broker"
+                )),
                 Ok(Ok(Confirmation::Nack(_))) => {
                     Settle::Reject("the receiving broker refused the message (nack)".into())
                 }
@@ -460,7 +472,10 @@ async fn settle_one(
         Settle::Accept { dedup_key } => {
             if let Some(key) = dedup_key {
                 let (s, id) = key.split_once('\u{0}').unwrap_or((sender, &key));
-                ctx.dedup.lock().expect("poisoned").insert(s, id, Instant::now());
+                ctx.dedup
+                    .lock()
+                    .expect("poisoned")
+                    .insert(s, id, Instant::now());
                 ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("drawbridge_float_accepted_total").increment(1);
             }

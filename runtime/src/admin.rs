@@ -71,6 +71,9 @@ async fn status(State(s): State<Shared>) -> impl IntoResponse {
 async fn render_metrics(State(s): State<Shared>) -> impl IntoResponse {
     match s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
-        None => (StatusCode::NOT_FOUND, "metrics recorder not installed\n".to_string()),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics recorder not installed\n".to_string(),
+        ),
     }
 }

@@ -43,7 +43,10 @@ impl BrokerConfig {
         let uris: Vec<String> = r.required(&key("uris")).unwrap_or_default();
         for u in &uris {
             if let Err(e) = u.parse::<AMQPUri>() {
-                r.invalid(&key("uris"), format!("`{}` is not an AMQP URI: {e}", redact(u)));
+                r.invalid(
+                    &key("uris"),
+                    format!("`{}` is not an AMQP URI: {e}", redact(u)),
+                );
             }
         }
         if uris.is_empty() {
@@ -183,7 +186,13 @@ impl BrokerSession {
     ) -> BrokerSession {
         let (tx, rx) = watch::channel(None);
         let cfg = Arc::new(cfg);
-        tokio::spawn(supervise(cfg.clone(), name.to_string(), setup, tx, shutdown));
+        tokio::spawn(supervise(
+            cfg.clone(),
+            name.to_string(),
+            setup,
+            tx,
+            shutdown,
+        ));
         BrokerSession { state: rx, cfg }
     }
 
@@ -275,7 +284,10 @@ async fn supervise(
         if let Some(reason) = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
-            Err(_) => Some(format!("topology setup timed out after {:?}", cfg.op_timeout)),
+            Err(_) => Some(format!(
+                "topology setup timed out after {:?}",
+                cfg.op_timeout
+            )),
         } {
             let delay = backoff.next_delay();
             warn!(uri = %live.uri, error = %reason, retry_in = ?delay, "broker setup failed");

@@ -106,7 +106,8 @@ impl ConfigReader {
             Ok(v) => Some(v),
             Err(config::ConfigError::NotFound(_)) => None,
             Err(e) => {
-                self.errors.push(format!("{key}: {}", strip_key(&e.to_string())));
+                self.errors
+                    .push(format!("{key}: {}", strip_key(&e.to_string())));
                 None
             }
         }
@@ -152,7 +153,11 @@ impl ConfigReader {
     /// Finish reading: report unknown keys and every error collected.
     pub fn finish(mut self) -> Result<(), ConfigErrors> {
         let mut leaves = Vec::new();
-        if let Ok(table) = self.cfg.clone().try_deserialize::<config::Map<String, Value>>() {
+        if let Ok(table) = self
+            .cfg
+            .clone()
+            .try_deserialize::<config::Map<String, Value>>()
+        {
             for (k, v) in table {
                 collect_leaves(&k, &v, &mut leaves);
             }
@@ -234,8 +239,17 @@ mod tests {
         let _: Option<String> = r.required("float.listen");
         let errs = r.finish().unwrap_err().0;
         assert_eq!(errs.len(), 5, "{errs:#?}");
-        for key in ["broker.uris", "link.window", "link.timeout", "link.typo_key", "float.listen"] {
-            assert!(errs.iter().any(|e| e.starts_with(key)), "{key} missing in {errs:#?}");
+        for key in [
+            "broker.uris",
+            "link.window",
+            "link.timeout",
+            "link.typo_key",
+            "float.listen",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(key)),
+                "{key} missing in {errs:#?}"
+            );
         }
     }
 

@@ -56,7 +56,9 @@ pub fn binary(kind: Kind) -> Result<PathBuf> {
                 .file_name()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            let mut cmd = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            );
             cmd.args(["build", "-p", "drawbridge-bridge", "-p", "drawbridge-float"]);
             if profile == "release" {
                 cmd.arg("--release");
@@ -160,11 +162,19 @@ impl Daemon {
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    bail!("{} exited with {status}; log:\n{}", self.kind.binary(), self.log_tail(40));
+                    bail!(
+                        "{} exited with {status}; log:\n{}",
+                        self.kind.binary(),
+                        self.log_tail(40)
+                    );
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{} not healthy within {within:?}; log:\n{}", self.kind.binary(), self.log_tail(40));
+                bail!(
+                    "{} not healthy within {within:?}; log:\n{}",
+                    self.kind.binary(),
+                    self.log_tail(40)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -178,7 +188,11 @@ impl Daemon {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{} not ready within {within:?}; log:\n{}", self.kind.binary(), self.log_tail(40));
+                bail!(
+                    "{} not ready within {within:?}; log:\n{}",
+                    self.kind.binary(),
+                    self.log_tail(40)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -215,14 +229,21 @@ impl Daemon {
             return Ok(None);
         };
         if let Some(pid) = c.id() {
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
         }
         match tokio::time::timeout(within, c.wait()).await {
             Ok(s) => Ok(s?.code()),
             Err(_) => {
                 c.start_kill()?;
                 c.wait().await?;
-                bail!("{} did not exit within {within:?} after SIGTERM", self.kind.binary())
+                bail!(
+                    "{} did not exit within {within:?} after SIGTERM",
+                    self.kind.binary()
+                )
             }
         }
     }
@@ -269,7 +290,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .context("bad HTTP response")?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Ok::<_, anyhow::Error>((status, body))
     };
     tokio::time::timeout(Duration::from_secs(5), fut)

@@ -14,7 +14,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions},
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions,
+    },
     types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
 };
@@ -153,7 +156,10 @@ impl Tally {
             return;
         };
         if id != Some(message_id(&self.run, seq).as_str()) {
-            if id.map(|i| i.starts_with(&format!("{}-", self.run))).unwrap_or(false) {
+            if id
+                .map(|i| i.starts_with(&format!("{}-", self.run)))
+                .unwrap_or(false)
+            {
                 self.corrupted += 1;
             } else {
                 self.unexpected += 1;
@@ -262,7 +268,10 @@ pub async fn publish(
             AMQPValue::LongString(LongString::from(spec.destination.clone())),
         );
         for (k, v) in &spec.headers {
-            headers.insert(ShortString::from(k.as_str()), AMQPValue::LongString(LongString::from(v.clone())));
+            headers.insert(
+                ShortString::from(k.as_str()),
+                AMQPValue::LongString(LongString::from(v.clone())),
+            );
         }
         let props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -285,7 +294,7 @@ pub async fn publish(
         while pending.len() >= 512 {
             check_confirm(pending.next().await)?;
             done += 1;
-            if done % 256 == 0 {
+            if done.is_multiple_of(256) {
                 progress(done);
             }
         }
@@ -337,26 +346,42 @@ pub async fn consume(
             Ok(Some(Err(e))) => bail!("consuming {queue}: {e}"),
             Ok(Some(Ok(d))) => d,
         };
-        let id = d.properties.message_id().as_ref().map(|s| s.as_str().to_string());
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string());
         let sender = header_string(d.properties.headers().as_ref(), SENDER);
         tally.record(id.as_deref(), &d.data, sender.as_deref());
         last_tag = d.delivery_tag;
         unacked += 1;
         if unacked >= 100 {
-            channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
+            channel
+                .basic_ack(last_tag, BasicAckOptions { multiple: true })
+                .await?;
             unacked = 0;
             progress(tally.distinct());
         }
     }
     if unacked > 0 {
-        channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
+        channel
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await?;
     }
     // Catch late duplicates: drain briefly after the last expected message.
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
-        let id = d.properties.message_id().as_ref().map(|s| s.as_str().to_string());
+    while let Ok(Some(Ok(d))) =
+        tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+    {
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string());
         let sender = header_string(d.properties.headers().as_ref(), SENDER);
         tally.record(id.as_deref(), &d.data, sender.as_deref());
-        channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+        channel
+            .basic_ack(d.delivery_tag, BasicAckOptions::default())
+            .await?;
     }
     progress(tally.distinct());
     Ok(())
@@ -392,7 +417,16 @@ mod tests {
         t.record(Some("x-00000001"), &make_body(1, 64), Some("S"));
         t.record(Some("r-00000002"), &make_body(2, 64), Some("forged"));
         let r = t.report();
-        assert_eq!((r.received, r.lost, r.duplicates, r.unexpected, r.wrong_sender), (2, 1, 1, 1, 1));
+        assert_eq!(
+            (
+                r.received,
+                r.lost,
+                r.duplicates,
+                r.unexpected,
+                r.wrong_sender
+            ),
+            (2, 1, 1, 1, 1)
+        );
         assert!(!r.complete());
     }
 }

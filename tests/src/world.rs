@@ -9,7 +9,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use drawbridge_certs::devpki::NodeFiles;
-use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target};
+use drawbridge_control_protocol::{
+    ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target,
+};
 use lapin::{
     options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
@@ -89,8 +91,8 @@ impl Org {
     /// The bridge's config, with `extra` TOML lines appended to the `[bridge]` table.
     pub fn bridge_config(&self, extra: &str) -> String {
         format!(
-            "[bridge]\nid = \"{id}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
-            id = format!("bridge-{}", self.files.legal_name.slug()),
+            "[bridge]\nid = \"bridge-{id}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
+            id = self.files.legal_name.slug(),
             cert = self.files.tls_cert.display().to_string(),
             key = self.files.tls_key.display().to_string(),
             root = self.files.root_cert.display().to_string(),
@@ -187,12 +189,20 @@ impl Org {
     }
 
     /// Wait until the bridge's `/status` shows the link on `queue` in `state`.
-    pub async fn wait_link_state(&self, queue: &str, state: &str, within: Duration) -> Result<serde_json::Value> {
+    pub async fn wait_link_state(
+        &self,
+        queue: &str,
+        state: &str,
+        within: Duration,
+    ) -> Result<serde_json::Value> {
         let bridge = self.bridge.as_ref().context("bridge not started")?;
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Ok(s) = bridge.status().await {
-                if let Some(l) = s["links"].as_array().and_then(|ls| ls.iter().find(|l| l["queue"] == queue)) {
+                if let Some(l) = s["links"]
+                    .as_array()
+                    .and_then(|ls| ls.iter().find(|l| l["queue"] == queue))
+                {
                     if l["state"] == state {
                         return Ok(l.clone());
                     }
@@ -200,7 +210,10 @@ impl Org {
             }
             if tokio::time::Instant::now() > deadline {
                 let s = bridge.status().await.ok();
-                anyhow::bail!("link {queue} not {state} within {within:?}; status: {s:?}\nlog:\n{}", bridge.log_tail(30));
+                anyhow::bail!(
+                    "link {queue} not {state} within {within:?}; status: {s:?}\nlog:\n{}",
+                    bridge.log_tail(30)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -210,7 +223,10 @@ impl Org {
 /// Declare a peer queue the way the bridge does (durable, single active consumer).
 pub async fn declare_peer_queue(ch: &Channel, queue: &str, queue_type: &str) -> Result<()> {
     let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-single-active-consumer"), AMQPValue::Boolean(true));
+    args.insert(
+        ShortString::from("x-single-active-consumer"),
+        AMQPValue::Boolean(true),
+    );
     args.insert(
         ShortString::from("x-queue-type"),
         AMQPValue::LongString(LongString::from(queue_type.to_string())),

@@ -33,7 +33,13 @@ async fn pair() -> Result<Pair> {
     Ok(Pair { a, b, _dir: dir })
 }
 
-async fn send(from: &Org, to: &Org, run: &str, n: u64, extra_headers: Vec<(String, String)>) -> Result<()> {
+async fn send(
+    from: &Org,
+    to: &Org,
+    run: &str,
+    n: u64,
+    extra_headers: Vec<(String, String)>,
+) -> Result<()> {
     let (_c, ch) = from.channel().await?;
     let q = from.queue_to(to);
     world::declare_peer_queue(&ch, &q, "classic").await?;
@@ -65,12 +71,17 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
     p.b.start_bridge("").await?;
     p.a.create_link_to(&p.b).await?;
     p.b.create_link_to(&p.a).await?;
-    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20)).await?;
-    p.b.wait_link_state(&p.b.queue_to(&p.a), "up", Duration::from_secs(20)).await?;
+    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
+        .await?;
+    p.b.wait_link_state(&p.b.queue_to(&p.a), "up", Duration::from_secs(20))
+        .await?;
 
     // A forges the sender header; the float must overwrite it with A's certificate subject.
     let forged = vec![
-        ("drawbridge-sender".to_string(), "O=Evil, L=Nowhere, C=XX".to_string()),
+        (
+            "drawbridge-sender".to_string(),
+            "O=Evil, L=Nowhere, C=XX".to_string(),
+        ),
         ("app-header".to_string(), "kept".to_string()),
     ];
     let n = 500;
@@ -98,15 +109,31 @@ async fn notify_listener(org: &Org) -> Result<(lapin::Connection, lapin::Channel
     ch.exchange_declare(
         world::NOTIFY_EXCHANGE.into(),
         ExchangeKind::Fanout,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await?;
     let q = ch
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await?;
-    ch.queue_bind(q.name().clone(), world::NOTIFY_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        world::NOTIFY_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok((c, ch, q.name().as_str().to_string()))
 }
 
@@ -114,7 +141,10 @@ async fn notify_listener(org: &Org) -> Result<(lapin::Connection, lapin::Channel
 async fn count_snapshot_requests(ch: &lapin::Channel, q: &str) -> Result<usize> {
     use drawbridge_control_protocol::Notification;
     let mut n = 0;
-    while let Some(m) = ch.basic_get(q.into(), lapin::options::BasicGetOptions { no_ack: true }).await? {
+    while let Some(m) = ch
+        .basic_get(q.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await?
+    {
         if let Ok(Notification::SnapshotRequest(_)) = Notification::decode(&m.delivery.data) {
             n += 1;
         }
@@ -126,10 +156,14 @@ async fn count_snapshot_requests(ch: &lapin::Channel, q: &str) -> Result<usize> 
 async fn snapshot_request_repeats_until_a_snapshot_arrives() -> Result<()> {
     let mut p = pair().await?;
     let (_c, ch, q) = notify_listener(&p.a).await?;
-    p.a.start_bridge("snapshot_retry_min = \"200ms\"\nsnapshot_retry_max = \"400ms\"").await?;
+    p.a.start_bridge("snapshot_retry_min = \"200ms\"\nsnapshot_retry_max = \"400ms\"")
+        .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = count_snapshot_requests(&ch, &q).await?;
-    assert!(before >= 3, "expected repeated snapshot requests, saw {before}");
+    assert!(
+        before >= 3,
+        "expected repeated snapshot requests, saw {before}"
+    );
     p.a.snapshot(vec![]).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = count_snapshot_requests(&ch, &q).await?;
@@ -147,12 +181,18 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
     let q = p.a.queue_to(&p.b);
     p.a.create_link_to(&p.b).await?;
     p.a.create_link_to(&p.b).await?;
-    p.a.wait_link_state(&q, "up", Duration::from_secs(20)).await?;
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
+        .await?;
     send(&p.a, &p.b, "c1", 100, vec![]).await?;
     let r = receive(&p.b, "c1", 100, BANK_A).await?;
     assert!(r.complete() && r.duplicates == 0, "{r:?}");
-    let status = p.a.wait_link_state(&q, "up", Duration::from_secs(5)).await?;
-    assert_eq!(status["connects"], 1, "a repeated CreateLink must not restart the link: {status}");
+    let status =
+        p.a.wait_link_state(&q, "up", Duration::from_secs(5))
+            .await?;
+    assert_eq!(
+        status["connects"], 1,
+        "a repeated CreateLink must not restart the link: {status}"
+    );
 
     p.a.delete_link_to(&p.b).await?;
     p.a.delete_link_to(&p.b).await?;
@@ -162,7 +202,10 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
         if s["links"].as_array().map(|l| l.is_empty()).unwrap_or(false) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "link not deleted: {s}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "link not deleted: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     send(&p.a, &p.b, "c2", 50, vec![]).await?;
@@ -170,7 +213,11 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
     let node = shared_node().await;
     let vhost_a = p.a.broker_uri().rsplit('/').next().unwrap().to_string();
     let vhost_a = vhost_a.replace("%2F", "/");
-    assert_eq!(node.queue_depth(&vhost_a, &q).await?, 50, "deleted link must leave messages in the queue");
+    assert_eq!(
+        node.queue_depth(&vhost_a, &q).await?,
+        50,
+        "deleted link must leave messages in the queue"
+    );
 
     // Re-creating the link delivers what waited.
     p.a.create_link_to(&p.b).await?;
@@ -187,29 +234,58 @@ async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
     let mut link = p.a.link_to(&p.b);
     link.legal_names = vec!["O=Bank C, L=Berlin, C=DE".into()];
     p.a.control(&drawbridge_control_protocol::ControlCommand::CreateLink(
-        drawbridge_control_protocol::CreateLink { node_identity: BANK_A.into(), link: link.clone() },
+        drawbridge_control_protocol::CreateLink {
+            node_identity: BANK_A.into(),
+            link: link.clone(),
+        },
     ))
     .await?;
     send(&p.a, &p.b, "pin", 20, vec![]).await?;
-    let status = p.a.wait_link_state(&link.queue, "down", Duration::from_secs(20)).await?;
+    let status =
+        p.a.wait_link_state(&link.queue, "down", Duration::from_secs(20))
+            .await?;
     let reason = status["reason"].as_str().unwrap_or_default().to_string();
-    assert!(reason.contains("not one of the expected legal names"), "reason: {reason}");
-    assert!(reason.contains("Bank B"), "reason names the subject seen: {reason}");
+    assert!(
+        reason.contains("not one of the expected legal names"),
+        "reason: {reason}"
+    );
+    assert!(
+        reason.contains("Bank B"),
+        "reason names the subject seen: {reason}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let node = shared_node().await;
-    let vhost_a = p.a.broker_uri().rsplit('/').next().unwrap().replace("%2F", "/");
-    assert_eq!(node.queue_depth(&vhost_a, &link.queue).await?, 20, "nothing may leave the queue");
-    assert!(p.a.bridge.as_ref().unwrap().log_contains("not one of the expected legal names"));
+    let vhost_a =
+        p.a.broker_uri()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .replace("%2F", "/");
+    assert_eq!(
+        node.queue_depth(&vhost_a, &link.queue).await?,
+        20,
+        "nothing may leave the queue"
+    );
+    assert!(p
+        .a
+        .bridge
+        .as_ref()
+        .unwrap()
+        .log_contains("not one of the expected legal names"));
     Ok(())
 }
 
 /// Connect to the float with `client` TLS config and see whether the float lets us talk.
 async fn float_accepts(port: u16, client: std::sync::Arc<rustls::ClientConfig>) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
+    let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
     let connector = tokio_rustls::TlsConnector::from(client);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let Ok(Ok(mut tls)) = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await else {
+    let Ok(Ok(mut tls)) =
+        tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await
+    else {
         return false;
     };
     // AMQP SASL header; a float that accepted us answers with its own header.
@@ -217,8 +293,10 @@ async fn float_accepts(port: u16, client: std::sync::Arc<rustls::ClientConfig>) 
         return false;
     }
     let mut buf = [0u8; 8];
-    matches!(tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut buf)).await, Ok(Ok(_)))
-        && &buf[..4] == b"AMQP"
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut buf)).await,
+        Ok(Ok(_))
+    ) && &buf[..4] == b"AMQP"
 }
 
 #[tokio::test]
@@ -229,24 +307,52 @@ async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<(
     let expected = vec![BANK_B.parse()?];
     // Control: the real A identity is accepted.
     let a_id = drawbridge_certs::TlsIdentity::load(&p.a.files.tls_cert, &p.a.files.tls_key)?;
-    let good = drawbridge_certs::client_config(&a_id, roots.clone(), expected.clone(), Default::default())?;
-    assert!(float_accepts(p.b.float_port, good).await, "genuine client must be accepted");
+    let good = drawbridge_certs::client_config(
+        &a_id,
+        roots.clone(),
+        expected.clone(),
+        Default::default(),
+    )?;
+    assert!(
+        float_accepts(p.b.float_port, good).await,
+        "genuine client must be accepted"
+    );
     // Same legal name, another network's CA.
     let other = tempfile::tempdir()?;
     let net = devpki::generate_network(other.path(), &[BANK_A.parse()?])?;
-    let forged = drawbridge_certs::TlsIdentity::load(&net.nodes[0].tls_cert, &net.nodes[0].tls_key)?;
-    let bad = drawbridge_certs::client_config(&forged, roots.clone(), expected.clone(), Default::default())?;
-    assert!(!float_accepts(p.b.float_port, bad).await, "foreign CA must be refused");
+    let forged =
+        drawbridge_certs::TlsIdentity::load(&net.nodes[0].tls_cert, &net.nodes[0].tls_key)?;
+    let bad = drawbridge_certs::client_config(
+        &forged,
+        roots.clone(),
+        expected.clone(),
+        Default::default(),
+    )?;
+    assert!(
+        !float_accepts(p.b.float_port, bad).await,
+        "foreign CA must be refused"
+    );
     // No client certificate at all.
     let mut store = rustls::RootCertStore::empty();
     for c in roots.roots.iter() {
         store.roots.push(c.clone());
     }
-    let none = std::sync::Arc::new(rustls::ClientConfig::builder().with_root_certificates(store).with_no_client_auth());
-    assert!(!float_accepts(p.b.float_port, none).await, "no client certificate must be refused");
+    let none = std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    );
+    assert!(
+        !float_accepts(p.b.float_port, none).await,
+        "no client certificate must be refused"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let float = p.b.float.as_ref().unwrap();
-    assert!(float.log_contains("TLS handshake refused"), "float log:\n{}", float.log_tail(20));
+    assert!(
+        float.log_contains("TLS handshake refused"),
+        "float log:\n{}",
+        float.log_tail(20)
+    );
     Ok(())
 }
 
@@ -262,15 +368,28 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let publish = |id: Option<String>, body: Vec<u8>, dest: &str| {
         let mut h = FieldTable::default();
-        h.insert("drawbridge-destination".into(), AMQPValue::LongString(dest.into()));
-        let mut props = BasicProperties::default().with_delivery_mode(2).with_headers(h);
+        h.insert(
+            "drawbridge-destination".into(),
+            AMQPValue::LongString(dest.into()),
+        );
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(h);
         if let Some(id) = id {
             props = props.with_message_id(id.into());
         }
         let ch = ch.clone();
         let q = q.clone();
         async move {
-            ch.basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), &body, props).await?.await?;
+            ch.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await?
+            .await?;
             Ok::<_, anyhow::Error>(())
         }
     };
@@ -283,29 +402,60 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
             publish(None, stream::make_body(99, 64), BANK_B).await?;
         }
         if seq == 7 {
-            publish(Some("elsewhere".into()), stream::make_body(98, 64), "O=Bank Z, L=Oslo, C=NO").await?;
+            publish(
+                Some("elsewhere".into()),
+                stream::make_body(98, 64),
+                "O=Bank Z, L=Oslo, C=NO",
+            )
+            .await?;
         }
-        publish(Some(stream::message_id("dl", seq)), stream::make_body(seq, 256), BANK_B).await?;
+        publish(
+            Some(stream::message_id("dl", seq)),
+            stream::make_body(seq, 256),
+            BANK_B,
+        )
+        .await?;
     }
     p.a.create_link_to(&p.b).await?;
     let r = receive(&p.b, "dl", 10, BANK_A).await?;
-    assert!(r.complete() && r.duplicates == 0 && r.unexpected == 0, "{r:?}");
+    assert!(
+        r.complete() && r.duplicates == 0 && r.unexpected == 0,
+        "{r:?}"
+    );
 
     let (_c2, ch2) = p.a.channel().await?;
     let mut reasons = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while reasons.len() < 3 && tokio::time::Instant::now() < deadline {
-        match ch2.basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true }).await {
+        match ch2
+            .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
             Ok(Some(m)) => {
-                let reason = stream::header_string(m.delivery.properties.headers().as_ref(), "drawbridge-reason").unwrap_or_default();
+                let reason = stream::header_string(
+                    m.delivery.properties.headers().as_ref(),
+                    "drawbridge-reason",
+                )
+                .unwrap_or_default();
                 reasons.push(reason);
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
     assert_eq!(reasons.len(), 3, "dead-letter queue: {reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("exceeds the maximum")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("no message_id")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("rejected by peer") && r.contains("not served")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("exceeds the maximum")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("no message_id")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("rejected by peer") && r.contains("not served")),
+        "{reasons:?}"
+    );
     Ok(())
 }

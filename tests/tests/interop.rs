@@ -24,12 +24,24 @@ fn tls(org: &Org) -> TlsFiles {
 
 async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
     drawbridge_certs::install_crypto_provider();
-    assert!(proton::available(), "python3-qpid-proton is missing: run scripts/install-deps.sh");
+    assert!(
+        proton::available(),
+        "python3-qpid-proton is missing: run scripts/install-deps.sh"
+    );
     let node = shared_node().await;
     let dir = tempfile::tempdir()?;
-    let net = devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&node.fresh_vhost().await?)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&node.fresh_vhost().await?)], dir.path());
+    let net =
+        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
+    let a = Org::new(
+        net.nodes[0].clone(),
+        vec![node.amqp_uri(&node.fresh_vhost().await?)],
+        dir.path(),
+    );
+    let b = Org::new(
+        net.nodes[1].clone(),
+        vec![node.amqp_uri(&node.fresh_vhost().await?)],
+        dir.path(),
+    );
     Ok((a, b, dir))
 }
 
@@ -37,7 +49,12 @@ async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
 async fn proton_client_sends_to_the_float_and_its_subject_becomes_the_sender() -> Result<()> {
     let (a, mut b, _dir) = orgs().await?;
     b.start_float("").await?;
-    let mut opts = SendOptions::new(format!("amqps://127.0.0.1:{}", b.float_port), tls(&a), 5, BANK_B);
+    let mut opts = SendOptions::new(
+        format!("amqps://127.0.0.1:{}", b.float_port),
+        tls(&a),
+        5,
+        BANK_B,
+    );
     opts.sender_forge = Some("O=Forged, L=Nowhere, C=XX".into());
     let result = proton::send(&opts).await?;
     assert_eq!(result.accepted, 5, "{result:?}");
@@ -47,7 +64,13 @@ async fn proton_client_sends_to_the_float_and_its_subject_becomes_the_sender() -
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while got.len() < 5 && tokio::time::Instant::now() < deadline {
-        match ch.basic_get(INBOX.into(), lapin::options::BasicGetOptions { no_ack: true }).await? {
+        match ch
+            .basic_get(
+                INBOX.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await?
+        {
             Some(m) => got.push(m.delivery),
             None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -55,8 +78,18 @@ async fn proton_client_sends_to_the_float_and_its_subject_becomes_the_sender() -
     assert_eq!(got.len(), 5);
     for d in &got {
         let sender = stream::header_string(d.properties.headers().as_ref(), "drawbridge-sender");
-        assert_eq!(sender.as_deref(), Some(BANK_A), "sender must come from the certificate");
-        assert!(d.properties.message_id().as_ref().unwrap().as_str().starts_with("proton-"));
+        assert_eq!(
+            sender.as_deref(),
+            Some(BANK_A),
+            "sender must come from the certificate"
+        );
+        assert!(d
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str()
+            .starts_with("proton-"));
     }
     Ok(())
 }
@@ -67,10 +100,16 @@ async fn bridge_delivers_to_a_proton_receiver() -> Result<()> {
     let mut receiver = proton::spawn_receiver(&ReceiverOptions::new(tls(&b), 5)).await?;
     a.start_bridge("").await?;
     let mut link = a.link_to(&b);
-    link.targets = vec![drawbridge_control_protocol::Target::new("127.0.0.1", receiver.addr().port())];
+    link.targets = vec![drawbridge_control_protocol::Target::new(
+        "127.0.0.1",
+        receiver.addr().port(),
+    )];
     link.target_address = "proton.inbox".into();
     a.control(&drawbridge_control_protocol::ControlCommand::CreateLink(
-        drawbridge_control_protocol::CreateLink { node_identity: BANK_A.into(), link: link.clone() },
+        drawbridge_control_protocol::CreateLink {
+            node_identity: BANK_A.into(),
+            link: link.clone(),
+        },
     ))
     .await?;
     let (_c, ch) = a.channel().await?;

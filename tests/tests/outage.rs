@@ -17,10 +17,14 @@ const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 #[tokio::test]
 async fn float_broker_stopped_mid_stream_loses_nothing() -> Result<()> {
     drawbridge_certs::install_crypto_provider();
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let dir = tempfile::tempdir()?;
-    let net = devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
+    let net =
+        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
     let mut a = Org::new(net.nodes[0].clone(), vec![na.amqp_uri("/")], dir.path());
     let mut b = Org::new(net.nodes[1].clone(), vec![nb.amqp_uri("/")], dir.path());
     b.start_float("").await?;
@@ -31,14 +35,24 @@ async fn float_broker_stopped_mid_stream_loses_nothing() -> Result<()> {
     {
         let (_c, ch) = a.channel().await?;
         world::declare_peer_queue(&ch, &q, "classic").await?;
-        let spec = PublishSpec { run: "out".into(), from: 0, to: n, size: 512, destination: BANK_B.into(), headers: vec![] };
+        let spec = PublishSpec {
+            run: "out".into(),
+            from: 0,
+            to: n,
+            size: 512,
+            destination: BANK_B.into(),
+            headers: vec![],
+        };
         stream::publish(&ch, &q, &spec, |_| {}).await?;
     }
     a.create_link_to(&b).await?;
     // Wait until part of the stream is through, then stop B's broker.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while nb.queue_depth("/", INBOX).await.unwrap_or(0) < 300 {
-        assert!(tokio::time::Instant::now() < deadline, "stream did not start");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     nb.stop_app().await?;
@@ -46,10 +60,16 @@ async fn float_broker_stopped_mid_stream_loses_nothing() -> Result<()> {
     let float = b.float.as_ref().unwrap();
     let accepted = |s: serde_json::Value| s["accepted"].as_u64().unwrap_or(0);
     let before = accepted(float.status().await?);
-    assert!(!float.status().await?["ready"].as_bool().unwrap_or(true), "float must report not ready");
+    assert!(
+        !float.status().await?["ready"].as_bool().unwrap_or(true),
+        "float must report not ready"
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = accepted(float.status().await?);
-    assert_eq!(before, after, "nothing may be accepted while the broker is down");
+    assert_eq!(
+        before, after,
+        "nothing may be accepted while the broker is down"
+    );
     nb.start_app().await?;
 
     let (_c, ch) = b.channel().await?;
@@ -58,7 +78,12 @@ async fn float_broker_stopped_mid_stream_loses_nothing() -> Result<()> {
     stream::consume(&ch, INBOX, &mut tally, Duration::from_secs(60), |_| {}).await?;
     let r = tally.report();
     println!("broker outage: {r:?}");
-    assert!(r.complete(), "{r:?}\nbridge log:\n{}\nfloat log:\n{}", a.bridge.as_ref().unwrap().log_tail(30), float.log_tail(30));
+    assert!(
+        r.complete(),
+        "{r:?}\nbridge log:\n{}\nfloat log:\n{}",
+        a.bridge.as_ref().unwrap().log_tail(30),
+        float.log_tail(30)
+    );
     assert_eq!(r.unexpected, 0);
     Ok(())
 }

@@ -172,3 +172,23 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../examples/bridge.toml");
+
+    #[test]
+    fn example_config_is_valid_with_every_documented_key() {
+        for text in [
+            EXAMPLE.to_string(),
+            drawbridge_runtime::config::uncomment_example(EXAMPLE),
+        ] {
+            let r = ConfigReader::from_toml(&text).unwrap();
+            if let Err(e) = BridgeConfig::from_reader(r) {
+                panic!("{e}\n---\n{text}");
+            }
+        }
+    }
+}

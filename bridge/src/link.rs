@@ -410,6 +410,14 @@ async fn forward(
                     }
                 }
             }
+            closed = pc.conn.on_close() => {
+                let _ = flush(channel, &mut acks, op).await;
+                let why = match closed {
+                    Ok(()) => "peer closed the connection".to_string(),
+                    Err(e) => format!("peer connection lost: {e}"),
+                };
+                return End::Broken(why);
+            }
             _ = live.lost() => {
                 // Never ack deliveries of a dead connection.
                 return End::Broken("broker connection lost".into());

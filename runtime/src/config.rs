@@ -183,7 +183,8 @@ impl ConfigReader {
 
 fn collect_leaves(prefix: &str, v: &Value, out: &mut Vec<String>) {
     match &v.kind {
-        ValueKind::Table(t) if !t.is_empty() => {
+        // An empty table (a section with everything commented out) holds no key.
+        ValueKind::Table(t) => {
             for (k, v) in t {
                 collect_leaves(&format!("{prefix}.{k}"), v, out);
             }
@@ -262,4 +263,46 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5 days").is_err());
     }
+}
+
+/// The example config at `path` with every commented-out `# key = value` line (and
+/// commented multi-line arrays) enabled, so tests can check that every documented key is
+/// a real key.
+pub fn uncomment_example(text: &str) -> String {
+    let mut out = String::new();
+    let mut in_array = false;
+    for line in text.lines() {
+        let t = line.trim_start();
+        let rest = t.strip_prefix("# ").unwrap_or("");
+        let is_key = rest
+            .split_once(" = ")
+            .map(|(k, _)| {
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
+            })
+            .unwrap_or(false);
+        if is_key || (in_array && t.starts_with('#')) {
+            let value = if in_array {
+                t.trim_start_matches('#')
+            } else {
+                rest
+            };
+            // Drop trailing comments after values.
+            let value = match value.find("  #") {
+                Some(i) => &value[..i],
+                None => value,
+            };
+            if is_key && value.trim_end().ends_with('[') {
+                in_array = true;
+            } else if in_array && value.trim() == "]" {
+                in_array = false;
+            }
+            out.push_str(value);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }

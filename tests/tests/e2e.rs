@@ -459,3 +459,41 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
+    use drawbridge_testkit::daemon::{binary, Kind};
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[float]\nlisten = \"nowhere\"\nmax_conections = 5\n[broker]\nuris = []\n",
+    )?;
+    let out = tokio::process::Command::new(binary(Kind::Float)?)
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("DRAWBRIDGE_FLOAT__LISTEN")
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "float.listen",
+        "float.max_conections: unknown key",
+        "float.tls_cert",
+        "broker.uris",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+    let out = tokio::process::Command::new(binary(Kind::Bridge)?)
+        .env("DRAWBRIDGE_BRIDGE__WINDOW", "0")
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bridge.window") && err.contains("bridge.tls_cert"),
+        "{err}"
+    );
+    Ok(())
+}

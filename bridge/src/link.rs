@@ -54,6 +54,8 @@ pub struct LinkView {
     pub forwarded: u64,
     /// Messages sent to the dead-letter queue since start.
     pub dead_lettered: u64,
+    /// Deliveries the broker marked as redelivered (resends after a failure).
+    pub redelivered: u64,
     /// Times the link was (re)established.
     pub connects: u64,
     /// Unix ms of the last state change.
@@ -72,6 +74,7 @@ pub fn new_view(queue: &str) -> SharedView {
         reason: String::new(),
         forwarded: 0,
         dead_lettered: 0,
+        redelivered: 0,
         connects: 0,
         since_unix_ms: crate::unix_ms(),
     }))
@@ -371,6 +374,10 @@ async fn forward(
                         return End::Broken("consumer cancelled by the broker".into());
                     }
                 };
+                if delivery.redelivered {
+                    view.lock().expect("poisoned").redelivered += 1;
+                    metrics::counter!("drawbridge_bridge_redelivered_total").increment(1);
+                }
                 match convert::to_amqp(&delivery, cfg.max_message_size) {
                     Err(u) => {
                         metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);

@@ -13,9 +13,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Remembers confirmed `(sender, message-id)` pairs, bounded in size and age.
+/// What the window knows about a `(sender, message-id)` pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not seen (or forgotten): publish it.
+    New,
+    /// A copy is being published right now (not yet confirmed): this one is published too
+    /// (suppressing it could lose the message if the first publish fails), and counted as a
+    /// duplicate that passed.
+    InFlight,
+    /// Confirmed within the window: accept without publishing.
+    Confirmed,
+}
+
+/// Remembers confirmed `(sender, message-id)` pairs, bounded in size and age, and which
+/// pairs are being published right now.
 #[derive(Debug)]
 pub struct DedupWindow {
+    /// Pairs being published, with the number of copies in flight.
+    inflight: HashMap<(String, String), u32>,
     /// Pair → time it was recorded.
     seen: HashMap<(String, String), Instant>,
     /// Insertion order, for eviction by age and capacity.
@@ -30,10 +46,43 @@ impl DedupWindow {
     /// A window of at most `capacity` pairs, each kept at most `max_age`.
     pub fn new(capacity: usize, max_age: Duration) -> Self {
         DedupWindow {
+            inflight: HashMap::new(),
             seen: HashMap::new(),
             order: VecDeque::new(),
             capacity,
             max_age,
+        }
+    }
+
+    /// Classify a pair before publishing it; unless it was `Confirmed`, it is now in flight
+    /// and the caller must call [`DedupWindow::finish`] once its publish is settled.
+    pub fn begin(&mut self, sender: &str, id: &str, now: Instant) -> Seen {
+        if self.contains(sender, id, now) {
+            return Seen::Confirmed;
+        }
+        let n = self
+            .inflight
+            .entry((sender.to_string(), id.to_string()))
+            .or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            Seen::New
+        } else {
+            Seen::InFlight
+        }
+    }
+
+    /// A publish begun with [`DedupWindow::begin`] is settled; record it if confirmed.
+    pub fn finish(&mut self, sender: &str, id: &str, confirmed: bool, now: Instant) {
+        let key = (sender.to_string(), id.to_string());
+        if let Some(n) = self.inflight.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.inflight.remove(&key);
+            }
+        }
+        if confirmed {
+            self.insert(sender, id, now);
         }
     }
 
@@ -109,6 +158,19 @@ mod tests {
             "expired by age"
         );
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn tracks_copies_in_flight() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(10, Duration::from_secs(10));
+        assert_eq!(w.begin("A", "1", t0), Seen::New);
+        assert_eq!(w.begin("A", "1", t0), Seen::InFlight);
+        w.finish("A", "1", false, t0);
+        w.finish("A", "1", false, t0);
+        assert_eq!(w.begin("A", "1", t0), Seen::New, "a failed publish is forgotten");
+        w.finish("A", "1", true, t0);
+        assert_eq!(w.begin("A", "1", t0), Seen::Confirmed);
     }
 
     #[test]

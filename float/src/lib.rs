@@ -51,6 +51,8 @@ pub struct Stats {
     pub released: AtomicU64,
     /// Duplicates accepted without publishing again.
     pub duplicates_suppressed: AtomicU64,
+    /// Duplicates published again because their first copy was not confirmed yet.
+    pub duplicates_passed: AtomicU64,
 }
 
 /// Shared state of a running float.
@@ -94,6 +96,7 @@ impl AdminState for Ctx {
             "rejected": self.stats.rejected.load(Ordering::Relaxed),
             "released": self.stats.released.load(Ordering::Relaxed),
             "duplicates_suppressed": self.stats.duplicates_suppressed.load(Ordering::Relaxed),
+            "duplicates_passed": self.stats.duplicates_passed.load(Ordering::Relaxed),
             "dedup_window": self.dedup.lock().expect("poisoned").len(),
         })
     }

@@ -29,7 +29,7 @@ use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{convert, sasl::TlsIdentitySasl, Ctx};
+use crate::{convert, dedup::Seen, sasl::TlsIdentitySasl, Ctx};
 
 /// Accept connections until `shutdown`, then let the connections drain.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
@@ -218,15 +218,15 @@ async fn serve_session(
 
 /// How one transfer ends.
 enum Settle {
-    /// Published and confirmed (or a confirmed duplicate): accept, remember the id.
-    Accept { dedup_key: Option<String> },
+    /// Published and confirmed (or a confirmed duplicate): accept.
+    Accept,
     /// Cannot ever be delivered: reject with this description.
     Reject(String),
     /// Transient trouble: release, the bridge resends.
     Release(String),
 }
 
-type Pending = BoxFuture<'static, (DeliveryInfo, Settle)>;
+type Pending = BoxFuture<'static, (DeliveryInfo, Settle, Option<String>)>;
 
 async fn serve_link(
     mut receiver: Receiver,
@@ -268,8 +268,8 @@ async fn serve_link(
     let reason = loop {
         tokio::select! {
             biased;
-            Some((info, settle)) = pending.next(), if !pending.is_empty() => {
-                if let Err(e) = settle_one(&receiver, info, settle, &sender, &ctx).await {
+            Some((info, settle, key)) = pending.next(), if !pending.is_empty() => {
+                if let Err(e) = settle_one(&receiver, info, settle, key, &sender, &ctx).await {
                     break format!("disposition failed: {e}");
                 }
             }
@@ -281,12 +281,14 @@ async fn serve_link(
                     Ok(delivery) => {
                         let (info, msg) = delivery.into_parts();
                         match handle(msg, &sender, &ctx, &mut state).await {
-                            Handled::Now(settle) => {
-                                if let Err(e) = settle_one(&receiver, info, settle, &sender, &ctx).await {
+                            (Handled::Now(settle), key) => {
+                                if let Err(e) = settle_one(&receiver, info, settle, key, &sender, &ctx).await {
                                     break format!("disposition failed: {e}");
                                 }
                             }
-                            Handled::Later(fut) => pending.push_back(fut.map(move |s| (info, s)).boxed()),
+                            (Handled::Later(fut), key) => {
+                                pending.push_back(fut.map(move |s| (info, s, key)).boxed())
+                            }
                         }
                     }
                     Err(e) => break format!("{e}"),
@@ -295,9 +297,20 @@ async fn serve_link(
             else => break "drained for shutdown".to_string(),
         }
     };
-    // Whatever is still pending was never settled: the peer resends it.
+    // Whatever is still pending was never settled: the peer resends it. Wait for the
+    // confirms anyway: a confirmed one is safely in the broker, so recording it lets the
+    // dedup window suppress the resend.
     if !pending.is_empty() {
         warn!(peer = %sender, unsettled = pending.len(), "link ended with unsettled transfers; the peer will resend them");
+        while let Some((_, settle, key)) = pending.next().await {
+            if let Some(id) = key {
+                let confirmed = matches!(settle, Settle::Accept);
+                ctx.dedup
+                    .lock()
+                    .expect("poisoned")
+                    .finish(&sender, &id, confirmed, Instant::now());
+            }
+        }
     }
     if draining {
         let _ = tokio::time::timeout(Duration::from_secs(2), receiver.close()).await;
@@ -318,18 +331,20 @@ enum Handled {
     Later(BoxFuture<'static, Settle>),
 }
 
+/// Validate and publish one transfer. Also returns the message id if it was registered
+/// in flight with the dedup window (to be finished when settled).
 async fn handle(
     msg: Message<Body<Value>>,
     sender: &Arc<str>,
     ctx: &Arc<Ctx>,
     state: &mut LinkState,
-) -> Handled {
+) -> (Handled, Option<String>) {
     let inbound = match convert::from_amqp(msg, ctx.cfg.max_message_size) {
         Ok(m) => m,
         Err(e) => {
             metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label())
                 .increment(1);
-            return Handled::Now(Settle::Reject(e.to_string()));
+            return (Handled::Now(Settle::Reject(e.to_string())), None);
         }
     };
     let inbox = state
@@ -340,25 +355,34 @@ async fn handle(
     let Some(inbox) = inbox else {
         metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination")
             .increment(1);
-        return Handled::Now(Settle::Reject(
-            convert::Invalid::UnknownDestination(inbound.destination).to_string(),
-        ));
+        return (
+            Handled::Now(Settle::Reject(
+                convert::Invalid::UnknownDestination(inbound.destination).to_string(),
+            )),
+            None,
+        );
     };
-    let dedup_key = inbound.message_id.clone();
-    if ctx
+    let id = inbound.message_id.clone();
+    let seen = ctx
         .dedup
         .lock()
         .expect("poisoned")
-        .contains(sender, &dedup_key, Instant::now())
-    {
-        ctx.stats
-            .duplicates_suppressed
-            .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("drawbridge_float_duplicates_suppressed_total").increment(1);
-        return Handled::Now(Settle::Accept { dedup_key: None });
+        .begin(sender, &id, Instant::now());
+    match seen {
+        Seen::Confirmed => {
+            ctx.stats.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("drawbridge_float_duplicates_suppressed_total").increment(1);
+            return (Handled::Now(Settle::Accept), None);
+        }
+        Seen::InFlight => {
+            ctx.stats.duplicates_passed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("drawbridge_float_duplicates_passed_total").increment(1);
+        }
+        Seen::New => {}
     }
+    let key = Some(id);
     let Some((live, channel)) = channel(state, ctx).await else {
-        return Handled::Now(Settle::Release("broker unavailable".into()));
+        return (Handled::Now(Settle::Release("broker unavailable".into())), key);
     };
     let mut hdrs = inbound.headers;
     hdrs.insert(
@@ -394,21 +418,19 @@ async fn handle(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             state.channel = None;
-            return Handled::Now(Settle::Release(format!("publish failed: {e}")));
+            return (Handled::Now(Settle::Release(format!("publish failed: {e}"))), key);
         }
         Err(_) => {
             state.channel = None;
             live.report_broken("publish timed out");
-            return Handled::Now(Settle::Release("publish timed out".into()));
+            return (Handled::Now(Settle::Release("publish timed out".into())), key);
         }
     };
-    let sender = sender.clone();
-    Handled::Later(
+    (
+        Handled::Later(
         async move {
             match tokio::time::timeout(op, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Settle::Accept {
-                    dedup_key: Some(format!("{sender}\u{0}{dedup_key}")),
-                },
+                Ok(Ok(Confirmation::Ack(None))) => Settle::Accept,
                 Ok(Ok(Confirmation::Ack(Some(_)))) => Settle::Reject(format!(
                     "unroutable: no queue `{inbox}` in the receiving broker"
                 )),
@@ -426,6 +448,8 @@ async fn handle(
             }
         }
         .boxed(),
+        ),
+        key,
     )
 }
 
@@ -465,17 +489,20 @@ async fn settle_one(
     receiver: &Receiver,
     info: DeliveryInfo,
     settle: Settle,
+    key: Option<String>,
     sender: &str,
     ctx: &Ctx,
 ) -> Result<(), fe2o3_amqp::link::DispositionError> {
+    if let Some(id) = &key {
+        let confirmed = matches!(settle, Settle::Accept);
+        ctx.dedup
+            .lock()
+            .expect("poisoned")
+            .finish(sender, id, confirmed, Instant::now());
+    }
     match settle {
-        Settle::Accept { dedup_key } => {
-            if let Some(key) = dedup_key {
-                let (s, id) = key.split_once('\u{0}').unwrap_or((sender, &key));
-                ctx.dedup
-                    .lock()
-                    .expect("poisoned")
-                    .insert(s, id, Instant::now());
+        Settle::Accept => {
+            if key.is_some() {
                 ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("drawbridge_float_accepted_total").increment(1);
             }

@@ -77,15 +77,29 @@ impl Org {
 
     /// The float's config, with `extra` TOML lines appended to the `[float]` table.
     pub fn float_config(&self, extra: &str) -> String {
+        self.float_config_at(self.float_port, self.float_admin, extra)
+    }
+
+    /// A float config listening on `port` with its admin port on `admin`.
+    pub fn float_config_at(&self, port: u16, admin: SocketAddr, extra: &str) -> String {
         format!(
             "[float]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
-            port = self.float_port,
             cert = self.files.tls_cert.display().to_string(),
             key = self.files.tls_key.display().to_string(),
             root = self.files.root_cert.display().to_string(),
             uris = self.uris_toml(),
-            admin = self.float_admin,
         )
+    }
+
+    /// Start one more float for this organisation (same identity and broker) on a new port;
+    /// returns it and its port. Used for multi-target links.
+    pub async fn start_extra_float(&self, name: &str, extra: &str) -> Result<(Daemon, u16)> {
+        let port = free_port();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let cfg = self.float_config_at(port, admin, extra);
+        let d = Daemon::start(Kind::Float, &self.dir, name, &cfg, admin).await?;
+        d.wait_ready(Duration::from_secs(30)).await?;
+        Ok((d, port))
     }
 
     /// The bridge's config, with `extra` TOML lines appended to the `[bridge]` table.

@@ -302,3 +302,110 @@ pub async fn publish_control(ch: &Channel, cmd: &ControlCommand) -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// A stand-in for the node's control logic: answers every `SnapshotRequest` on the notify
+/// exchange with a `Snapshot` of `links`, reconnecting if the broker goes away. Stops when
+/// dropped.
+#[derive(Debug)]
+pub struct SnapshotResponder {
+    task: tokio::task::JoinHandle<()>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SnapshotResponder {
+    /// How many snapshot requests were answered.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SnapshotResponder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Org {
+    /// Answer the bridge's snapshot requests with `links` (as the node would), and send one
+    /// snapshot right away for a bridge that is already waiting.
+    pub async fn answer_snapshot_requests(&self, links: Vec<PeerLink>) -> Result<SnapshotResponder> {
+        use futures::StreamExt;
+        use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+        let snapshot = ControlCommand::Snapshot(Snapshot {
+            node_identity: self.legal_name.clone(),
+            inbox_queues: vec![INBOX.to_string()],
+            links,
+        });
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let uris = self.broker_uris.clone();
+        let count = answered.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                let session = async {
+                    let mut conn = None;
+                    for uri in &uris {
+                        if let Ok(c) = crate::stream::connect(uri).await {
+                            conn = Some(c);
+                            break;
+                        }
+                    }
+                    let conn = conn.context("no broker")?;
+                    let ch = conn.create_channel().await?;
+                    ch.exchange_declare(
+                        ShortString::from(NOTIFY_EXCHANGE),
+                        ExchangeKind::Fanout,
+                        ExchangeDeclareOptions { durable: true, ..Default::default() },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                    let q = ch
+                        .queue_declare(
+                            ShortString::from(""),
+                            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    ch.queue_bind(
+                        q.name().clone(),
+                        ShortString::from(NOTIFY_EXCHANGE),
+                        ShortString::from(""),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                    let mut consumer = ch
+                        .basic_consume(
+                            q.name().clone(),
+                            ShortString::from("snapshot-responder"),
+                            BasicConsumeOptions { no_ack: true, ..Default::default() },
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    publish_control(&ch, &snapshot).await?;
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    while let Some(d) = consumer.next().await {
+                        let d = d?;
+                        if let Ok(drawbridge_control_protocol::Notification::SnapshotRequest(_)) =
+                            drawbridge_control_protocol::Notification::decode(&d.data)
+                        {
+                            publish_control(&ch, &snapshot).await?;
+                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(())
+                };
+                let _ = session.await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .context("snapshot responder did not start")?
+            .ok();
+        Ok(SnapshotResponder { task, answered })
+    }
+}

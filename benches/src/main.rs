@@ -1,0 +1,775 @@
+//! `drawbridge-bench`: one process, two private RabbitMQ nodes (A with the Shovel plugin,
+//! B plain), and the same N persistent messages moved three ways, side by side:
+//!
+//! 1. **raw broker** — publish to a durable queue on B with confirms, consume on B (the
+//!    ceiling of one broker hop);
+//! 2. **Shovel** — a dynamic shovel on A (`ack-mode: on-confirm`, prefetch 1000) moves
+//!    them from a queue on A to a queue on B;
+//! 3. **Drawbridge** — A's bridge → B's float (real processes, mTLS AMQP 1.0) moves them
+//!    from A's peer queue to B's inbox.
+//!
+//! Publisher and consumer run concurrently, so each figure is the throughput of the path
+//! (first publish → last message consumed), not of a preloaded queue. The order of the
+//! three alternates per run; the machine is shared and noisy, so read the ratios, not the
+//! absolute numbers. CPU time of every process involved is sampled from `/proc` at the
+//! start and at the last message to show where the time goes.
+//!
+//! Exit status: 0 when no message was lost anywhere, 1 otherwise.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use drawbridge_certs::devpki;
+use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink};
+use drawbridge_testkit::{
+    rabbit::{NodeOptions, RabbitNode},
+    stream::{self, PublishSpec, Report, Tally},
+    world::{self, Org, INBOX},
+};
+use futures::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions},
+    types::{FieldTable, ShortString},
+    Channel, Connection, Consumer,
+};
+
+/// Benchmark options.
+#[derive(Debug, Parser)]
+#[command(
+    name = "drawbridge-bench",
+    about = "raw broker vs RabbitMQ Shovel vs Drawbridge, side by side in one run"
+)]
+struct Args {
+    /// Messages per path and run.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Measured runs (the order of the paths alternates per run).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Unmeasured warm-up messages per path before the runs (0: none).
+    #[arg(long, default_value_t = 2_000)]
+    warmup: u64,
+    /// Working directory for PKI, daemon configs and logs (kept afterwards).
+    #[arg(long, default_value = ".drawbridge/bench")]
+    dir: PathBuf,
+}
+
+const ORG_A: &str = "O=Bench A, L=London, C=GB";
+const ORG_B: &str = "O=Bench B, L=Paris, C=FR";
+/// Give up on a run when nothing arrives for this long (the rest counts as lost).
+const IDLE: Duration = Duration::from_secs(60);
+/// Publisher prefetch of the shovel; the bridge's window and the float's credit default
+/// to 1000 as well, and the verifying consumer uses prefetch 1000.
+const PREFETCH: u32 = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Raw,
+    Shovel,
+    Drawbridge,
+}
+
+impl Route {
+    const ALL: [Route; 3] = [Route::Raw, Route::Shovel, Route::Drawbridge];
+
+    fn name(self) -> &'static str {
+        match self {
+            Route::Raw => "raw broker (B→B)",
+            Route::Shovel => "RabbitMQ Shovel (A→B)",
+            Route::Drawbridge => "Drawbridge (A→B)",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Route::Raw => "raw",
+            Route::Shovel => "shovel",
+            Route::Drawbridge => "drawbridge",
+        }
+    }
+}
+
+/// One measured transfer.
+#[derive(Debug, Clone)]
+struct Sample {
+    route: Route,
+    report: Report,
+    /// First publish → last expected message consumed.
+    e2e: Duration,
+    /// CPU seconds per probe over `e2e` (same order as `Probes::names`).
+    cpu: Vec<f64>,
+}
+
+impl Sample {
+    fn rate(&self) -> f64 {
+        self.report.received as f64 / self.e2e.as_secs_f64().max(1e-9)
+    }
+}
+
+/// CPU time of the processes on the path, from `/proc/<pid>/stat`, plus the rest of the
+/// machine (`/proc/stat` busy time minus those processes).
+#[derive(Debug)]
+struct Probes {
+    names: Vec<&'static str>,
+    pids: Vec<Option<u32>>,
+    tick: f64,
+}
+
+impl Probes {
+    /// CPU seconds per probe, then "other" last.
+    fn sample(&self) -> Vec<f64> {
+        let mut v: Vec<f64> = self
+            .pids
+            .iter()
+            .map(|p| proc_ticks(*p).unwrap_or(0) as f64 / self.tick)
+            .collect();
+        let ours: f64 = v.iter().sum();
+        v.push(system_busy_ticks().unwrap_or(0) as f64 / self.tick - ours);
+        v
+    }
+
+    fn all_names(&self) -> Vec<&'static str> {
+        let mut n = self.names.clone();
+        n.push("other");
+        n
+    }
+}
+
+/// utime + stime of a process (`None`: this process).
+fn proc_ticks(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Busy ticks of the whole machine (all fields of the `cpu` line but idle and iowait).
+fn system_busy_ticks() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        return None;
+    }
+    Some(v.iter().sum::<u64>() - v[3] - v[4])
+}
+
+fn clock_tick() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn beam_pid(node: &RabbitNode) -> Option<u32> {
+    std::fs::read_to_string(node.dir().join("beam.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+#[tokio::main]
+async fn main() -> Result<ExitCode> {
+    let args = Args::parse();
+    drawbridge_certs::install_crypto_provider();
+    run(args).await
+}
+
+/// Everything that lives for the whole benchmark.
+struct Bench {
+    na: RabbitNode,
+    nb: RabbitNode,
+    a: Org,
+    b: Org,
+    probes: Probes,
+    args: Args,
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
+    let cmdline: Vec<String> = std::env::args().collect();
+    println!("# drawbridge-bench");
+    println!("command : {}", cmdline.join(" "));
+    println!("date    : {}", sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]));
+    println!(
+        "git     : {}",
+        sh("git", &["describe", "--always", "--dirty", "--abbrev=12"])
+    );
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    println!(
+        "machine : nproc {} ({}), kernel {}, loadavg {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        cpu_model,
+        sh("uname", &["-r"]),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+
+    let dir = std::env::current_dir()?.join(&args.dir);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cleaning {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions {
+            plugins: vec!["rabbitmq_shovel".into()],
+            extra_config: vec![],
+        }),
+        RabbitNode::start(NodeOptions::default())
+    );
+    let (na, nb) = (na.context("broker A")?, nb.context("broker B")?);
+    let version = nb.ctl(&["version"]).await.unwrap_or_default();
+    let otp = nb
+        .ctl(&["eval", "erlang:system_info(otp_release)."])
+        .await
+        .unwrap_or_default();
+    println!(
+        "rabbitmq: {} (Erlang/OTP {}), node A :{} (rabbitmq_shovel), node B :{}",
+        version.trim(),
+        otp.trim().trim_matches('"'),
+        na.amqp_port(),
+        nb.amqp_port()
+    );
+    println!(
+        "workload: {} persistent messages of {} bytes per path and run, {} runs, {} warm-up; \
+         publisher confirms 512 in flight, consumer prefetch {PREFETCH}, acks every 100",
+        args.messages, args.size, args.runs, args.warmup
+    );
+
+    let net = devpki::generate_network(&dir.join("pki"), &[ORG_A.parse()?, ORG_B.parse()?])?;
+    let mut a = Org::new(net.nodes[0].clone(), vec![na.amqp_uri("/")], &dir);
+    let mut b = Org::new(net.nodes[1].clone(), vec![nb.amqp_uri("/")], &dir);
+    b.start_float("").await?;
+    a.start_bridge("").await?;
+    // The bridge asks for a snapshot at start; answer it (links come per run).
+    a.snapshot(vec![]).await?;
+
+    let probes = Probes {
+        names: vec!["beam A", "beam B", "bridge A", "float B", "bench"],
+        pids: vec![
+            beam_pid(&na),
+            beam_pid(&nb),
+            a.bridge.as_ref().and_then(|d| d.pid()),
+            b.float.as_ref().and_then(|d| d.pid()),
+            None,
+        ],
+        tick: clock_tick(),
+    };
+    if probes.pids[..4].iter().any(Option::is_none) {
+        println!("warning: some pids unknown, CPU figures incomplete: {probes:?}");
+    }
+    println!("logs    : {}", dir.display());
+    println!();
+
+    let mut bench = Bench {
+        na,
+        nb,
+        a,
+        b,
+        probes,
+        args,
+    };
+    let result = measure_all(&bench).await;
+
+    for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        let _ = d.terminate(Duration::from_secs(20)).await;
+    }
+    drop((bench.na, bench.nb));
+    let samples = result?;
+    let lost: u64 = samples.iter().map(|s| s.report.lost).sum();
+    let bad: u64 = samples
+        .iter()
+        .map(|s| s.report.corrupted + s.report.unexpected + s.report.wrong_sender)
+        .sum();
+    println!(
+        "RESULT lost={lost} corrupted/unexpected/wrong-sender={bad} duplicates={}",
+        samples.iter().map(|s| s.report.duplicates).sum::<u64>()
+    );
+    Ok(if lost == 0 && bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn measure_all(bench: &Bench) -> Result<Vec<Sample>> {
+    let args = &bench.args;
+    if args.warmup > 0 {
+        print!("warm-up ({} messages each):", args.warmup);
+        for route in Route::ALL {
+            let s = measure(bench, route, "warmup", args.warmup).await?;
+            print!("  {} {:.0} msg/s", route.short(), s.rate());
+        }
+        println!();
+        println!();
+    }
+    println!(
+        "| run | path | msg/s | elapsed | p50 | p99 | lost | dups | CPU s: {} |",
+        bench.probes.all_names().join(" / ")
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---|");
+    let mut samples = Vec::new();
+    for run in 0..args.runs {
+        let mut order = Route::ALL;
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for route in order {
+            let tag = format!("r{}", run + 1);
+            let s = measure(bench, route, &tag, args.messages).await?;
+            println!(
+                "| {} | {} | {:.0} | {:.2} s | {} | {} | {} | {} | {} |",
+                run + 1,
+                route.short(),
+                s.rate(),
+                s.e2e.as_secs_f64(),
+                ms(s.report.p50),
+                ms(s.report.p99),
+                s.report.lost,
+                s.report.duplicates,
+                s.cpu
+                    .iter()
+                    .map(|c| format!("{c:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+            samples.push(s);
+        }
+    }
+    summary(bench, &samples);
+    Ok(samples)
+}
+
+fn summary(bench: &Bench, samples: &[Sample]) {
+    let n = bench.args.messages as f64;
+    let of = |r: Route| samples.iter().filter(move |s| s.route == r);
+    let med_rate = |r: Route| median(of(r).map(Sample::rate).collect());
+    println!();
+    println!(
+        "## median of {} runs ({} × {} B per path and run)",
+        bench.args.runs, bench.args.messages, bench.args.size
+    );
+    println!();
+    println!("| path | msg/s | MB/s | p50 | p99 | lost | dups | runs (msg/s) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for r in Route::ALL {
+        let rate = med_rate(r);
+        println!(
+            "| {} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
+            r.name(),
+            rate,
+            rate * bench.args.size as f64 / 1e6,
+            ms(Duration::from_secs_f64(median(
+                of(r).map(|s| s.report.p50.as_secs_f64()).collect()
+            ))),
+            ms(Duration::from_secs_f64(median(
+                of(r).map(|s| s.report.p99.as_secs_f64()).collect()
+            ))),
+            of(r).map(|s| s.report.lost).sum::<u64>(),
+            of(r).map(|s| s.report.duplicates).sum::<u64>(),
+            of(r)
+                .map(|s| format!("{:.0}", s.rate()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    // Ratios: of the medians, and the median of the per-run ratios (paired within a run,
+    // so less exposed to the machine getting slower or faster between runs).
+    let paired = |x: Route, y: Route| -> f64 {
+        let xs: Vec<f64> = of(x).map(Sample::rate).collect();
+        let ys: Vec<f64> = of(y).map(Sample::rate).collect();
+        median(xs.iter().zip(&ys).map(|(a, b)| a / b).collect())
+    };
+    println!();
+    for (x, y) in [
+        (Route::Drawbridge, Route::Raw),
+        (Route::Drawbridge, Route::Shovel),
+        (Route::Shovel, Route::Raw),
+    ] {
+        println!(
+            "ratio {}/{}: {:.2} (of medians), {:.2} (median of per-run ratios)",
+            x.short(),
+            y.short(),
+            med_rate(x) / med_rate(y),
+            paired(x, y)
+        );
+    }
+    println!();
+    println!("## CPU per message (median over runs, µs of CPU per message delivered)");
+    println!();
+    let names = bench.probes.all_names();
+    println!("| path | {} | total |", names.join(" | "));
+    println!("|---|{}---:|", "---:|".repeat(names.len()));
+    for r in Route::ALL {
+        let per: Vec<f64> = (0..names.len())
+            .map(|i| median(of(r).map(|s| s.cpu[i] / n * 1e6).collect()))
+            .collect();
+        let total = median(of(r).map(|s| s.cpu.iter().sum::<f64>() / n * 1e6).collect());
+        println!(
+            "| {} | {} | {:.0} |",
+            r.short(),
+            per.iter()
+                .map(|v| format!("{v:.0}"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            total
+        );
+    }
+    println!();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Connection + channel on `uri`.
+async fn channel(uri: &str) -> Result<(Connection, Channel)> {
+    let c = stream::connect(uri).await?;
+    let ch = c.create_channel().await?;
+    Ok((c, ch))
+}
+
+fn spec(run: &str, n: u64, size: usize, destination: &str) -> PublishSpec {
+    PublishSpec {
+        run: run.to_string(),
+        from: 0,
+        to: n,
+        size,
+        destination: destination.to_string(),
+        headers: vec![],
+    }
+}
+
+async fn measure(bench: &Bench, route: Route, tag: &str, n: u64) -> Result<Sample> {
+    let run = format!("{}-{tag}", route.short());
+    let size = bench.args.size;
+    let (na, nb, a, b) = (&bench.na, &bench.nb, &bench.a, &bench.b);
+    match route {
+        Route::Raw => {
+            let vhost = format!("bench-{tag}-raw");
+            nb.create_vhost(&vhost).await?;
+            let q = "bench.raw";
+            let (c1, pub_ch) = channel(&nb.amqp_uri(&vhost)).await?;
+            let (c2, recv_ch) = channel(&nb.amqp_uri(&vhost)).await?;
+            world::declare_queue(&pub_ch, q).await?;
+            let tally = Tally::new(&run, n, None);
+            let s = timed(
+                route,
+                &bench.probes,
+                (&pub_ch, q),
+                (&recv_ch, q),
+                &spec(&run, n, size, &b.legal_name),
+                tally,
+            )
+            .await;
+            close(c1, c2).await;
+            nb.ctl(&["delete_vhost", &vhost]).await?;
+            s
+        }
+        Route::Shovel => {
+            let vhost = format!("bench-{tag}-shovel");
+            na.create_vhost(&vhost).await?;
+            nb.create_vhost(&vhost).await?;
+            let (src, dst) = ("bench.src", "bench.dst");
+            let (c1, pub_ch) = channel(&na.amqp_uri(&vhost)).await?;
+            let (c2, recv_ch) = channel(&nb.amqp_uri(&vhost)).await?;
+            // Same arguments as a Drawbridge peer queue.
+            world::declare_peer_queue(&pub_ch, src, "classic").await?;
+            world::declare_queue(&recv_ch, dst).await?;
+            let def = serde_json::json!({
+                "src-protocol": "amqp091",
+                "src-uri": na.amqp_uri(&vhost),
+                "src-queue": src,
+                "src-prefetch-count": PREFETCH,
+                "dest-protocol": "amqp091",
+                "dest-uri": nb.amqp_uri(&vhost),
+                "dest-queue": dst,
+                "ack-mode": "on-confirm",
+                "reconnect-delay": 1,
+            })
+            .to_string();
+            na.ctl(&["set_parameter", "-p", &vhost, "shovel", "bench", &def])
+                .await?;
+            wait_consumers(na, &vhost, src, 1, Duration::from_secs(30)).await?;
+            let tally = Tally::new(&run, n, None);
+            let s = timed(
+                route,
+                &bench.probes,
+                (&pub_ch, src),
+                (&recv_ch, dst),
+                &spec(&run, n, size, &b.legal_name),
+                tally,
+            )
+            .await;
+            na.ctl(&["clear_parameter", "-p", &vhost, "shovel", "bench"])
+                .await?;
+            close(c1, c2).await;
+            na.ctl(&["delete_vhost", &vhost]).await?;
+            nb.ctl(&["delete_vhost", &vhost]).await?;
+            s
+        }
+        Route::Drawbridge => {
+            // A fresh peer queue (and link) per run; B's inbox is shared and must be empty.
+            let queue = format!("{}bench-{tag}", "drawbridge.peers.");
+            let (c1, pub_ch) = channel(a.broker_uri()).await?;
+            let (c2, recv_ch) = channel(b.broker_uri()).await?;
+            world::declare_peer_queue(&pub_ch, &queue, "classic").await?;
+            world::declare_queue(&recv_ch, INBOX).await?;
+            let depth = nb.queue_depth("/", INBOX).await?;
+            if depth != 0 {
+                bail!("{INBOX} on B holds {depth} messages before run {run}");
+            }
+            let mut link = a.link_to(b);
+            link.queue = queue.clone();
+            a.control(&ControlCommand::CreateLink(CreateLink {
+                node_identity: a.legal_name.clone(),
+                link,
+            }))
+            .await?;
+            a.wait_link_state(&queue, "up", Duration::from_secs(30))
+                .await?;
+            let tally = Tally::new(&run, n, Some(a.legal_name.clone()));
+            let s = timed(
+                route,
+                &bench.probes,
+                (&pub_ch, &queue),
+                (&recv_ch, INBOX),
+                &spec(&run, n, size, &b.legal_name),
+                tally,
+            )
+            .await;
+            a.control(&ControlCommand::DeleteLink(DeleteLink {
+                node_identity: a.legal_name.clone(),
+                queue: queue.clone(),
+            }))
+            .await?;
+            wait_link_gone(a, &queue, Duration::from_secs(20)).await?;
+            pub_ch
+                .queue_delete(
+                    ShortString::from(queue.as_str()),
+                    QueueDeleteOptions::default(),
+                )
+                .await?;
+            close(c1, c2).await;
+            s
+        }
+    }
+}
+
+async fn close(c1: Connection, c2: Connection) {
+    let _ = c1.close(200, ShortString::from("bench done")).await;
+    let _ = c2.close(200, ShortString::from("bench done")).await;
+}
+
+/// Publish `spec` to `publish.1` and consume `consume.1` concurrently; time from the
+/// first publish to the last expected message consumed.
+async fn timed(
+    route: Route,
+    probes: &Probes,
+    publish: (&Channel, &str),
+    consume: (&Channel, &str),
+    spec: &PublishSpec,
+    mut tally: Tally,
+) -> Result<Sample> {
+    let n = spec.to - spec.from;
+    let (recv_ch, recv_q) = consume;
+    recv_ch
+        .basic_qos(PREFETCH as u16, BasicQosOptions::default())
+        .await?;
+    let mut consumer = recv_ch
+        .basic_consume(
+            ShortString::from(recv_q),
+            ShortString::from(format!("drawbridge-bench-{}", spec.run)),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("consuming {recv_q}"))?;
+    let cpu0 = probes.sample();
+    let start = Instant::now();
+    let (sent, got) = tokio::join!(
+        stream::publish(publish.0, publish.1, spec, |_| {}),
+        consume_all(recv_ch, &mut consumer, &mut tally, n, probes)
+    );
+    sent.with_context(|| format!("publishing to {}", publish.1))?;
+    let (end, cpu1) = got?;
+    Ok(Sample {
+        route,
+        report: tally.report(),
+        e2e: end.saturating_duration_since(start),
+        cpu: cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).collect(),
+    })
+}
+
+/// Like `stream::consume` (prefetch set by the caller, multiple-ack every 100, a short
+/// drain for late duplicates), but it also returns the instant the last expected message
+/// arrived and the CPU sample taken then, which the end-to-end figures need.
+async fn consume_all(
+    ch: &Channel,
+    consumer: &mut Consumer,
+    tally: &mut Tally,
+    n: u64,
+    probes: &Probes,
+) -> Result<(Instant, Vec<f64>)> {
+    let mut unacked = 0u32;
+    let mut last_tag = 0;
+    let mut last_seen = Instant::now();
+    let mut done = None;
+    while tally.distinct() < n {
+        let d = match tokio::time::timeout(IDLE, consumer.next()).await {
+            Err(_) => break,
+            Ok(None) => bail!("consumer cancelled"),
+            Ok(Some(Err(e))) => bail!("consuming: {e}"),
+            Ok(Some(Ok(d))) => d,
+        };
+        record(tally, &d);
+        last_seen = Instant::now();
+        if tally.distinct() >= n {
+            done = Some((last_seen, probes.sample()));
+        }
+        last_tag = d.delivery_tag;
+        unacked += 1;
+        if unacked >= 100 {
+            ch.basic_ack(last_tag, BasicAckOptions { multiple: true })
+                .await?;
+            unacked = 0;
+        }
+    }
+    if unacked > 0 {
+        ch.basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    while let Ok(Some(Ok(d))) =
+        tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+    {
+        record(tally, &d);
+        ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+            .await?;
+    }
+    Ok(done.unwrap_or_else(|| (last_seen, probes.sample())))
+}
+
+fn record(tally: &mut Tally, d: &lapin::message::Delivery) {
+    let id = d
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string());
+    let sender = stream::header_string(d.properties.headers().as_ref(), stream::SENDER);
+    tally.record(id.as_deref(), &d.data, sender.as_deref());
+}
+
+/// Wait until `queue` in `vhost` has `want` consumers (the shovel attached).
+async fn wait_consumers(
+    node: &RabbitNode,
+    vhost: &str,
+    queue: &str,
+    want: u64,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = node
+            .ctl(&[
+                "list_queues",
+                "-p",
+                vhost,
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "consumers",
+            ])
+            .await?;
+        let got = out
+            .lines()
+            .filter_map(|l| l.rsplit_once('\t'))
+            .find(|(name, _)| *name == queue)
+            .and_then(|(_, c)| c.trim().parse::<u64>().ok());
+        if got == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let status = node.ctl(&["shovel_status"]).await.unwrap_or_default();
+            bail!("{queue} has {got:?} consumers, want {want}; shovel_status:\n{status}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_link_gone(org: &Org, queue: &str, within: Duration) -> Result<()> {
+    let bridge = org.bridge.as_ref().context("bridge not started")?;
+    let deadline = Instant::now() + within;
+    loop {
+        let s = bridge.status().await?;
+        let present = s["links"]
+            .as_array()
+            .is_some_and(|ls| ls.iter().any(|l| l["queue"] == queue));
+        if !present {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("link {queue} not deleted within {within:?}: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

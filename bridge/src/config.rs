@@ -34,6 +34,8 @@ pub struct BridgeConfig {
     pub node_user: Option<String>,
     /// `x-queue-type` of the peer queues (must match the node's declaration).
     pub peer_queue_type: String,
+    /// `x-queue-type` of the dead-letter queue (default: as the peer queues).
+    pub dead_letter_queue_type: String,
     /// Unsettled transfers per link (and the broker prefetch).
     pub window: u16,
     /// Bigger messages are dead-lettered.
@@ -84,6 +86,13 @@ impl BridgeConfig {
             peer_queue_type == "classic" || peer_queue_type == "quorum",
             "must be `classic` or `quorum`",
         );
+        let dead_letter_queue_type: String =
+            r.get("bridge.dead_letter_queue_type", peer_queue_type.clone());
+        r.check(
+            "bridge.dead_letter_queue_type",
+            dead_letter_queue_type == "classic" || dead_letter_queue_type == "quorum",
+            "must be `classic` or `quorum`",
+        );
         let max_message_size: usize = r.get("bridge.max_message_size", 10 * 1024 * 1024);
         r.check(
             "bridge.max_message_size",
@@ -122,6 +131,7 @@ impl BridgeConfig {
             queue_prefix: r.get("bridge.queue_prefix", "drawbridge.peers.".to_string()),
             node_user: r.optional("bridge.node_user"),
             peer_queue_type,
+            dead_letter_queue_type,
             window: window.clamp(1, 65535) as u16,
             max_message_size,
             settle_timeout: r.duration("bridge.settle_timeout", Duration::from_secs(30)),

@@ -142,7 +142,39 @@ pub async fn start(
 ) -> Result<RunningBridge, StartError> {
     let identity = TlsIdentity::load(&cfg.tls_cert, &cfg.tls_key)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
-    let setup: Setup = Arc::new(|_live| Box::pin(async { Ok(()) }));
+    // The dead-letter queue is declared on every connect, but its absence must not stop
+    // forwarding (on a cluster its home node may be the one that is down): failures are
+    // logged, and a dead-letter publish that cannot be routed keeps its message queued.
+    let dlq = cfg.dead_letter_queue.clone();
+    let dlq_type = cfg.dead_letter_queue_type.clone();
+    let setup: Setup = Arc::new(move |live: Arc<drawbridge_runtime::broker::Live>| {
+        let dlq = dlq.clone();
+        let dlq_type = dlq_type.clone();
+        Box::pin(async move {
+            let declared = async {
+                let ch = live.conn.create_channel().await?;
+                let mut args = FieldTable::default();
+                args.insert(
+                    ShortString::from("x-queue-type"),
+                    AMQPValue::LongString(LongString::from(dlq_type)),
+                );
+                ch.queue_declare(
+                    ShortString::from(dlq.as_str()),
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args,
+                )
+                .await?;
+                ch.close(200, "setup done".into()).await
+            };
+            if let Err(e) = declared.await {
+                tracing::warn!(queue = %dlq, error = %e, "cannot declare the dead-letter queue; forwarding continues");
+            }
+            Ok(())
+        })
+    });
     let broker_shutdown = CancellationToken::new();
     let broker = BrokerSession::start(
         cfg.broker.clone(),

@@ -250,15 +250,6 @@ async fn open_consumer(
         ctx.peer_queue_args(),
     )
     .await?;
-    ch.queue_declare(
-        ShortString::from(ctx.cfg.dead_letter_queue.as_str()),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
     ch.basic_qos(ctx.cfg.window, BasicQosOptions::default())
         .await?;
     let consumer = ch

@@ -310,7 +310,16 @@ async fn supervise(
                 _ = shutdown.cancelled() => break None,
                 _ = live.lost.cancelled() => break Some("reported broken by a user".to_string()),
                 ev = events.next() => match ev {
-                    Some(lapin::Event::Error(e)) => break Some(e.to_string()),
+                    // lapin reports channel-level errors (a 404 on one channel) here too;
+                    // those are the channel owner's business, not a reason to drop the
+                    // connection every other user shares.
+                    Some(lapin::Event::Error(e)) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if !live.conn.status().connected() {
+                            break Some(e.to_string());
+                        }
+                        tracing::debug!(error = %e, "channel-level error on a healthy connection");
+                    }
                     Some(_) => {}
                     None => break Some("event stream ended".to_string()),
                 },

@@ -155,6 +155,25 @@ impl InboxProbe {
         }
     }
 
+    /// Wait until the depth has not changed for 500 ms (what was in flight when the fault
+    /// hit has landed), at most 10 s; returns it. Used as the baseline before healing.
+    async fn settled(&mut self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = self.now().await;
+        let mut since = Instant::now();
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let d = self.now().await;
+            if d != last {
+                last = d;
+                since = Instant::now();
+            } else if since.elapsed() >= Duration::from_millis(500) {
+                break;
+            }
+        }
+        last
+    }
+
     /// Current depth, retrying while the broker is unreachable.
     async fn now(&mut self) -> u64 {
         for _ in 0..100 {
@@ -224,7 +243,7 @@ async fn a_bridge_killed_three_times() -> Result<()> {
         probe.wait_for(n * pct / 100, Duration::from_secs(300)).await?;
         let bridge = w.a.bridge.as_mut().unwrap();
         bridge.kill9().await?;
-        let baseline = probe.now().await;
+        let baseline = probe.settled().await;
         // The restarted bridge gets its links from the node's answer to its snapshot request.
         bridge.restart().await?;
         recoveries.push(probe.recovery_after(baseline, Duration::from_secs(60)).await?);
@@ -252,7 +271,7 @@ async fn b_float_killed_and_restarted() -> Result<()> {
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
     let float = w.b.float.as_mut().unwrap();
     float.kill9().await?;
-    let baseline = probe.now().await;
+    let baseline = probe.settled().await;
     float.restart().await?;
     let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.a))?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
@@ -285,13 +304,14 @@ async fn c_one_of_two_floats_killed() -> Result<()> {
     // Kill whichever float the link is using.
     let target = up["target"].as_str().unwrap_or_default().to_string();
     let killed_first = target.ends_with(&format!(":{}", w.b.float_port));
+    let killed_at = Instant::now();
     if killed_first {
         w.b.float.as_mut().unwrap().kill9().await?;
     } else {
         second.kill9().await?;
     }
-    let baseline = probe.now().await;
-    let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.a))?;
+    // Recovery: the link is up again, on the other float.
+    let rec = link_up_elsewhere(&w.a, &link.queue, &target, killed_at).await.with_context(|| logs(&w.a))?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "c", n, BANK_A).await?;
     report("c. kill -9 one of two floats (failover, no restart)", &r, &[rec]);
@@ -315,10 +335,12 @@ async fn d1_receiving_cluster_node_killed() -> Result<()> {
     let mut probe = InboxProbe::new(&w.b);
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
     let status = w.b.float.as_ref().unwrap().status().await?;
-    let victim = node_in_use(&cluster, status["broker"].as_str().unwrap_or_default())?;
+    let old_uri = status["broker"].as_str().unwrap_or_default().to_string();
+    let victim = node_in_use(&cluster, &old_uri)?;
+    let killed_at = Instant::now();
     cluster.nodes[victim].kill().await?;
-    let baseline = probe.now().await;
-    let rec = probe.recovery_after(baseline, Duration::from_secs(90)).await.with_context(|| logs(&w.b))?;
+    // Recovery: the float is ready again on another node.
+    let rec = float_ready_elsewhere(&w.b, &old_uri, killed_at).await.with_context(|| logs(&w.b))?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "d1", n, BANK_A).await?;
     report("d1. kill -9 the float's cluster node (quorum inbox)", &r, &[rec]);
@@ -343,14 +365,71 @@ async fn d2_sending_cluster_node_killed() -> Result<()> {
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
     let status = w.a.bridge.as_ref().unwrap().status().await?;
     let victim = node_in_use(&cluster, status["broker"].as_str().unwrap_or_default())?;
+    let connects = link_connects(&w.a, &w.a.queue_to(&w.b)).await;
+    let killed_at = Instant::now();
     cluster.nodes[victim].kill().await?;
-    let baseline = probe.now().await;
-    let rec = probe.recovery_after(baseline, Duration::from_secs(90)).await.with_context(|| logs(&w.a))?;
+    // Recovery: the link is up again (a new connect) on the surviving nodes.
+    let rec = link_reconnected(&w.a, &w.a.queue_to(&w.b), connects, killed_at).await.with_context(|| logs(&w.a))?;
     probe.wait_for(n, Duration::from_secs(300)).await.with_context(|| logs(&w.a))?;
     let r = verify(&w.b, "d2", n, BANK_A).await?;
     report("d2. kill -9 the bridge's cluster node (quorum peer queue)", &r, &[rec]);
     assert_intact("d2", &r, &logs(&w.a));
     Ok(())
+}
+
+async fn link_view(org: &Org, queue: &str) -> Option<serde_json::Value> {
+    let s = org.bridge.as_ref()?.status().await.ok()?;
+    s["links"].as_array()?.iter().find(|l| l["queue"] == queue).cloned()
+}
+
+async fn link_connects(org: &Org, queue: &str) -> u64 {
+    link_view(org, queue).await.and_then(|l| l["connects"].as_u64()).unwrap_or(0)
+}
+
+/// Time from `since` until the link is up on a target other than `old_target`.
+async fn link_up_elsewhere(org: &Org, queue: &str, old_target: &str, since: Instant) -> Result<Duration> {
+    loop {
+        if let Some(l) = link_view(org, queue).await {
+            if l["state"] == "up" && l["target"] != old_target {
+                return Ok(since.elapsed());
+            }
+        }
+        if since.elapsed() > Duration::from_secs(60) {
+            bail!("link {queue} did not fail over within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Time from `since` until the link has connected again (more than `connects` times).
+async fn link_reconnected(org: &Org, queue: &str, connects: u64, since: Instant) -> Result<Duration> {
+    loop {
+        if let Some(l) = link_view(org, queue).await {
+            if l["state"] == "up" && l["connects"].as_u64().unwrap_or(0) > connects {
+                return Ok(since.elapsed());
+            }
+        }
+        if since.elapsed() > Duration::from_secs(90) {
+            bail!("link {queue} did not come back within 90 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Time from `since` until the float is ready on a broker other than `old_uri`.
+async fn float_ready_elsewhere(org: &Org, old_uri: &str, since: Instant) -> Result<Duration> {
+    let float = org.float.as_ref().context("no float")?;
+    loop {
+        if let Ok(s) = float.status().await {
+            if s["ready"] == true && s["broker"].as_str().map(|u| u != old_uri).unwrap_or(false) {
+                return Ok(since.elapsed());
+            }
+        }
+        if since.elapsed() > Duration::from_secs(90) {
+            bail!("float not ready on another node within 90 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn node_in_use(cluster: &RabbitCluster, uri: &str) -> Result<usize> {
@@ -380,12 +459,13 @@ async fn e_brokers_stopped_for_ten_seconds() -> Result<()> {
     nb.stop_app().await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     nb.start_app().await?;
+    // The inbox lives on this broker: its depth is the baseline once it is back.
     let baseline = probe.now().await;
     recoveries.push(probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.b))?);
     probe.wait_for(n / 2, Duration::from_secs(120)).await?;
     na.stop_app().await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let baseline = probe.now().await;
+    let baseline = probe.settled().await;
     na.start_app().await?;
     recoveries.push(probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.a))?);
     probe.wait_for(n, Duration::from_secs(300)).await?;
@@ -417,7 +497,7 @@ async fn f_path_cut_black_hole_then_reset() -> Result<()> {
         probe.wait_for(n * (i as u64 + 1) / 4, Duration::from_secs(120)).await?;
         proxy.set_mode(mode);
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let baseline = probe.now().await;
+        let baseline = probe.settled().await;
         proxy.set_mode(ProxyMode::Pass);
         let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.a))?;
         println!("path cut ({mode:?}) healed; traffic resumed after {rec:?}");
@@ -478,6 +558,22 @@ async fn g_stalled_peer_does_not_slow_the_other() -> Result<()> {
     probe_c.wait_for(n, Duration::from_secs(300)).await.with_context(|| logs(&w.a))?;
     let rb = verify(&w.b, "gb", n, BANK_A).await?;
     let rc = verify(&c, "gc", n, BANK_A).await?;
+    // The same stream to B again with C healthy and idle, for comparison.
+    w.a.delete_link_to(&w.b).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    preload(&w.a, &w.b, "gb2", n, "classic").await?;
+    let started = Instant::now();
+    w.a.create_link_to(&w.b).await?;
+    probe_b.wait_for(n, Duration::from_secs(300)).await?;
+    let normal = started.elapsed();
+    let rb2 = verify(&w.b, "gb2", n, BANK_A).await?;
+    println!(
+        "FAULT-REPORT | g. B's rate with C stalled / with C healthy: {:.0} / {:.0} msg/s = {:.2} |",
+        n as f64 / b_elapsed.as_secs_f64(),
+        n as f64 / normal.as_secs_f64(),
+        normal.as_secs_f64() / b_elapsed.as_secs_f64()
+    );
+    assert_intact("g/B2", &rb2, &logs(&w.a));
     report("g. stalled peer C; B's link unaffected (B stream)", &rb, &[]);
     report("g. stalled peer C; C's stream after the stall", &rc, &[]);
     assert_intact("g/B", &rb, &logs(&w.a));
@@ -504,7 +600,7 @@ async fn h_bridge_sigterm_drains() -> Result<()> {
     let code = bridge.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, Some(0), "bridge exit code after SIGTERM");
     assert!(bridge.log_contains("link stopped"), "{}", bridge.log_tail(20));
-    let baseline = probe.now().await;
+    let baseline = probe.settled().await;
     bridge.restart().await?;
     let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
@@ -535,7 +631,7 @@ async fn i_float_sigterm_drains() -> Result<()> {
     let float = w.b.float.as_mut().unwrap();
     let code = float.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, Some(0), "float exit code after SIGTERM");
-    let baseline = probe.now().await;
+    let baseline = probe.settled().await;
     float.restart().await?;
     let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await?;
     probe.wait_for(n, Duration::from_secs(300)).await?;

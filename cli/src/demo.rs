@@ -2,7 +2,15 @@
 //! and a bridge as real processes, links created through the control protocol, a
 //! verifiable stream each way, and a summary.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io::IsTerminal,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use drawbridge_certs::devpki;
@@ -78,10 +86,33 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     ));
     let mp = MultiProgress::new();
     let started = std::time::Instant::now();
+    let counters: [Counters; 2] = Default::default();
+    // Progress bars need a terminal; otherwise (CI, logs) print a line every 2 s.
+    let ticker = (!std::io::stderr().is_terminal()).then(|| {
+        let c = counters.clone();
+        let n = args.messages;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                println!(
+                    "      progress: A→B sent {}/{n} received {}/{n} | B→A sent {}/{n} received {}/{n}",
+                    c[0].sent.load(Ordering::Relaxed),
+                    c[0].received.load(Ordering::Relaxed),
+                    c[1].sent.load(Ordering::Relaxed),
+                    c[1].received.load(Ordering::Relaxed)
+                );
+            }
+        })
+    });
     let (ab, ba) = tokio::join!(
-        direction(&a, &b, "a2b", args.messages, args.size, &mp),
-        direction(&b, &a, "b2a", args.messages, args.size, &mp)
+        direction(&a, &b, "a2b", args.messages, args.size, &mp, &counters[0]),
+        direction(&b, &a, "b2a", args.messages, args.size, &mp, &counters[1])
     );
+    if let Some(t) = ticker {
+        t.abort();
+    }
     let elapsed = started.elapsed();
     let (ab, ba) = (ab?, ba?);
 
@@ -139,6 +170,13 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     Ok(if ok { 0 } else { 1 })
 }
 
+/// Live counts of one direction, for the non-terminal progress lines.
+#[derive(Debug, Default, Clone)]
+struct Counters {
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+}
+
 async fn direction(
     from: &Org,
     to: &Org,
@@ -146,6 +184,7 @@ async fn direction(
     n: u64,
     size: usize,
     mp: &MultiProgress,
+    counters: &Counters,
 ) -> Result<Report> {
     let label = format!("{}→{}", short(&from.legal_name), short(&to.legal_name));
     let sent_bar = mp.add(crate::bar(n, "sent"));
@@ -167,9 +206,13 @@ async fn direction(
     };
     let mut tally = Tally::new(run, n, Some(from.legal_name.clone()));
     let (sent, received) = tokio::join!(
-        stream::publish(&send_ch, &queue, &spec, |k| sent_bar.set_position(k)),
+        stream::publish(&send_ch, &queue, &spec, |k| {
+            sent_bar.set_position(k);
+            counters.sent.store(k, Ordering::Relaxed);
+        }),
         stream::consume(&recv_ch, INBOX, &mut tally, Duration::from_secs(60), |k| {
-            recv_bar.set_position(k)
+            recv_bar.set_position(k);
+            counters.received.store(k, Ordering::Relaxed);
         })
     );
     sent?;

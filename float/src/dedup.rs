@@ -168,7 +168,11 @@ mod tests {
         assert_eq!(w.begin("A", "1", t0), Seen::InFlight);
         w.finish("A", "1", false, t0);
         w.finish("A", "1", false, t0);
-        assert_eq!(w.begin("A", "1", t0), Seen::New, "a failed publish is forgotten");
+        assert_eq!(
+            w.begin("A", "1", t0),
+            Seen::New,
+            "a failed publish is forgotten"
+        );
         w.finish("A", "1", true, t0);
         assert_eq!(w.begin("A", "1", t0), Seen::Confirmed);
     }

@@ -370,7 +370,9 @@ async fn handle(
         .begin(sender, &id, Instant::now());
     match seen {
         Seen::Confirmed => {
-            ctx.stats.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
+            ctx.stats
+                .duplicates_suppressed
+                .fetch_add(1, Ordering::Relaxed);
             metrics::counter!("drawbridge_float_duplicates_suppressed_total").increment(1);
             return (Handled::Now(Settle::Accept), None);
         }
@@ -382,7 +384,10 @@ async fn handle(
     }
     let key = Some(id);
     let Some((live, channel)) = channel(state, ctx).await else {
-        return (Handled::Now(Settle::Release("broker unavailable".into())), key);
+        return (
+            Handled::Now(Settle::Release("broker unavailable".into())),
+            key,
+        );
     };
     let mut hdrs = inbound.headers;
     hdrs.insert(
@@ -418,36 +423,42 @@ async fn handle(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             state.channel = None;
-            return (Handled::Now(Settle::Release(format!("publish failed: {e}"))), key);
+            return (
+                Handled::Now(Settle::Release(format!("publish failed: {e}"))),
+                key,
+            );
         }
         Err(_) => {
             state.channel = None;
             live.report_broken("publish timed out");
-            return (Handled::Now(Settle::Release("publish timed out".into())), key);
+            return (
+                Handled::Now(Settle::Release("publish timed out".into())),
+                key,
+            );
         }
     };
     (
         Handled::Later(
-        async move {
-            match tokio::time::timeout(op, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Settle::Accept,
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Settle::Reject(format!(
-                    "unroutable: no queue `{inbox}` in the receiving broker"
-                )),
-                Ok(Ok(Confirmation::Nack(_))) => {
-                    Settle::Reject("the receiving broker refused the message (nack)".into())
-                }
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    Settle::Release("internal error: publisher confirms not enabled".into())
-                }
-                Ok(Err(e)) => Settle::Release(format!("publish not confirmed: {e}")),
-                Err(_) => {
-                    live.report_broken("publisher confirm timed out");
-                    Settle::Release("publisher confirm timed out".into())
+            async move {
+                match tokio::time::timeout(op, confirm).await {
+                    Ok(Ok(Confirmation::Ack(None))) => Settle::Accept,
+                    Ok(Ok(Confirmation::Ack(Some(_)))) => Settle::Reject(format!(
+                        "unroutable: no queue `{inbox}` in the receiving broker"
+                    )),
+                    Ok(Ok(Confirmation::Nack(_))) => {
+                        Settle::Reject("the receiving broker refused the message (nack)".into())
+                    }
+                    Ok(Ok(Confirmation::NotRequested)) => {
+                        Settle::Release("internal error: publisher confirms not enabled".into())
+                    }
+                    Ok(Err(e)) => Settle::Release(format!("publish not confirmed: {e}")),
+                    Err(_) => {
+                        live.report_broken("publisher confirm timed out");
+                        Settle::Release("publisher confirm timed out".into())
+                    }
                 }
             }
-        }
-        .boxed(),
+            .boxed(),
         ),
         key,
     )

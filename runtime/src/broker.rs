@@ -58,7 +58,8 @@ impl BrokerConfig {
             op_timeout: r.duration(&key("op_timeout"), Duration::from_secs(15)),
             heartbeat: r.get(&key("heartbeat_secs"), 5u16),
             reconnect_min: r.duration(&key("reconnect_min"), Duration::from_millis(500)),
-            reconnect_max: r.duration(&key("reconnect_max"), Duration::from_secs(30)),
+            // A local broker is cheap to retry; a short cap bounds recovery after an outage.
+            reconnect_max: r.duration(&key("reconnect_max"), Duration::from_secs(5)),
         };
         r.check(
             &key("reconnect_max"),
@@ -76,7 +77,7 @@ impl BrokerConfig {
             op_timeout: Duration::from_secs(15),
             heartbeat: 5,
             reconnect_min: Duration::from_millis(500),
-            reconnect_max: Duration::from_secs(30),
+            reconnect_max: Duration::from_secs(5),
         }
     }
 }

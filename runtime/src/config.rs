@@ -224,48 +224,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_bad_key_is_reported() {
-        let mut r = ConfigReader::from_toml(
-            "[broker]\nuris = 5\n[link]\nwindow = \"many\"\ntimeout = \"3 parsecs\"\ntypo_key = 1\n",
-        )
-        .unwrap();
-        let _: Vec<String> = r.get("broker.uris", vec![]);
-        let _: u32 = r.get("link.window", 10);
-        let _ = r.duration("link.timeout", Duration::from_secs(1));
-        let _: Option<String> = r.required("float.listen");
-        let errs = r.finish().unwrap_err().0;
-        assert_eq!(errs.len(), 5, "{errs:#?}");
-        for key in [
-            "broker.uris",
-            "link.window",
-            "link.timeout",
-            "link.typo_key",
-            "float.listen",
-        ] {
-            assert!(
-                errs.iter().any(|e| e.starts_with(key)),
-                "{key} missing in {errs:#?}"
-            );
-        }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_duration("5 days").is_err());
-    }
-}
-
-/// The example config at `path` with every commented-out `# key = value` line (and
+/// An example config with every commented-out `# key = value` line (and
 /// commented multi-line arrays) enabled, so tests can check that every documented key is
 /// a real key.
 pub fn uncomment_example(text: &str) -> String {
@@ -305,4 +264,45 @@ pub fn uncomment_example(text: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_key_is_reported() {
+        let mut r = ConfigReader::from_toml(
+            "[broker]\nuris = 5\n[link]\nwindow = \"many\"\ntimeout = \"3 parsecs\"\ntypo_key = 1\n",
+        )
+        .unwrap();
+        let _: Vec<String> = r.get("broker.uris", vec![]);
+        let _: u32 = r.get("link.window", 10);
+        let _ = r.duration("link.timeout", Duration::from_secs(1));
+        let _: Option<String> = r.required("float.listen");
+        let errs = r.finish().unwrap_err().0;
+        assert_eq!(errs.len(), 5, "{errs:#?}");
+        for key in [
+            "broker.uris",
+            "link.window",
+            "link.timeout",
+            "link.typo_key",
+            "float.listen",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(key)),
+                "{key} missing in {errs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 days").is_err());
+    }
 }

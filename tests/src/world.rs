@@ -328,7 +328,10 @@ impl Drop for SnapshotResponder {
 impl Org {
     /// Answer the bridge's snapshot requests with `links` (as the node would), and send one
     /// snapshot right away for a bridge that is already waiting.
-    pub async fn answer_snapshot_requests(&self, links: Vec<PeerLink>) -> Result<SnapshotResponder> {
+    pub async fn answer_snapshot_requests(
+        &self,
+        links: Vec<PeerLink>,
+    ) -> Result<SnapshotResponder> {
         use futures::StreamExt;
         use lapin::options::{BasicConsumeOptions, QueueBindOptions};
         let snapshot = ControlCommand::Snapshot(Snapshot {
@@ -356,14 +359,21 @@ impl Org {
                     ch.exchange_declare(
                         ShortString::from(NOTIFY_EXCHANGE),
                         ExchangeKind::Fanout,
-                        ExchangeDeclareOptions { durable: true, ..Default::default() },
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
                         FieldTable::default(),
                     )
                     .await?;
                     let q = ch
                         .queue_declare(
                             ShortString::from(""),
-                            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                            QueueDeclareOptions {
+                                exclusive: true,
+                                auto_delete: true,
+                                ..Default::default()
+                            },
                             FieldTable::default(),
                         )
                         .await?;
@@ -379,7 +389,10 @@ impl Org {
                         .basic_consume(
                             q.name().clone(),
                             ShortString::from("snapshot-responder"),
-                            BasicConsumeOptions { no_ack: true, ..Default::default() },
+                            BasicConsumeOptions {
+                                no_ack: true,
+                                ..Default::default()
+                            },
                             FieldTable::default(),
                         )
                         .await?;

@@ -8,8 +8,10 @@
 //!
 //! Each scenario preloads A's peer queue, starts the link, injects its faults while the
 //! stream flows, then drains B's inbox through the verifying consumer. "Recovery" is the time
-//! from the fault being healed (process restarted, broker back, path restored — or, for a
-//! failover, from the failure itself) until the next new message lands in B's inbox. One line
+//! from the heal being started (process restart issued, `start_app` issued, path restored)
+//! until the next new message lands in B's inbox; for failovers without a restart it is the
+//! time from the failure until the component reports itself recovered (link up on the
+//! other float, float or link up on another cluster node). One line
 //! per scenario starting with `FAULT-REPORT` is printed for the summary table.
 
 use std::time::{Duration, Instant};
@@ -94,7 +96,12 @@ impl InboxProbe {
     }
 
     async fn depth(&mut self) -> Option<u64> {
-        if self.chan.as_ref().map(|(c, ch)| !c.status().connected() || !ch.status().connected()).unwrap_or(true) {
+        if self
+            .chan
+            .as_ref()
+            .map(|(c, ch)| !c.status().connected() || !ch.status().connected())
+            .unwrap_or(true)
+        {
             self.chan = None;
             for uri in &self.uris {
                 let fut = async {
@@ -111,7 +118,14 @@ impl InboxProbe {
         let (_, ch) = self.chan.as_ref()?;
         let q = tokio::time::timeout(
             Duration::from_secs(2),
-            ch.queue_declare(self.queue.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()),
+            ch.queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
         )
         .await;
         match q {
@@ -133,7 +147,10 @@ impl InboxProbe {
                 }
             }
             if Instant::now() > deadline {
-                bail!("inbox did not reach {n} within {within:?} (now {:?})", self.depth().await);
+                bail!(
+                    "inbox did not reach {n} within {within:?} (now {:?})",
+                    self.depth().await
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -141,7 +158,16 @@ impl InboxProbe {
 
     /// Time from now until the inbox grows past `baseline`.
     async fn recovery_after(&mut self, baseline: u64, within: Duration) -> Result<Duration> {
-        let t0 = Instant::now();
+        self.recovery_since(baseline, Instant::now(), within).await
+    }
+
+    /// Time from `t0` (when the fault was healed) until the inbox grows past `baseline`.
+    async fn recovery_since(
+        &mut self,
+        baseline: u64,
+        t0: Instant,
+        within: Duration,
+    ) -> Result<Duration> {
         loop {
             if let Some(d) = self.depth().await {
                 if d > baseline {
@@ -195,7 +221,10 @@ async fn verify(to: &Org, run: &str, n: u64, sender: &str) -> Result<Report> {
 }
 
 fn report(name: &str, r: &Report, recoveries: &[Duration]) {
-    let rec: Vec<String> = recoveries.iter().map(|d| format!("{:.2}s", d.as_secs_f64())).collect();
+    let rec: Vec<String> = recoveries
+        .iter()
+        .map(|d| format!("{:.2}s", d.as_secs_f64()))
+        .collect();
     println!(
         "FAULT-REPORT | {name} | messages {} | received {} | lost {} | corrupted {} | duplicates {} | recovery {} |",
         r.expected,
@@ -229,26 +258,41 @@ fn logs(org: &Org) -> String {
 #[tokio::test]
 #[ignore = "fault suite: run with --ignored (scripts/test.sh does when CI=true)"]
 async fn a_bridge_killed_three_times() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
     let n = messages(100_000);
     preload(&w.a, &w.b, "a", n, "classic").await?;
     w.b.start_float(FAST_FLOAT).await?;
     w.a.start_bridge(FAST_BRIDGE).await?;
-    let _node = w.a.answer_snapshot_requests(vec![w.a.link_to(&w.b)]).await?;
+    let _node =
+        w.a.answer_snapshot_requests(vec![w.a.link_to(&w.b)])
+            .await?;
     let mut probe = InboxProbe::new(&w.b);
     let mut recoveries = Vec::new();
     for pct in [20, 45, 70] {
-        probe.wait_for(n * pct / 100, Duration::from_secs(300)).await?;
+        probe
+            .wait_for(n * pct / 100, Duration::from_secs(300))
+            .await?;
         let bridge = w.a.bridge.as_mut().unwrap();
         bridge.kill9().await?;
         let baseline = probe.settled().await;
         // The restarted bridge gets its links from the node's answer to its snapshot request.
+        let t0 = Instant::now();
         bridge.restart().await?;
-        recoveries.push(probe.recovery_after(baseline, Duration::from_secs(60)).await?);
+        recoveries.push(
+            probe
+                .recovery_since(baseline, t0, Duration::from_secs(60))
+                .await?,
+        );
     }
-    probe.wait_for(n, Duration::from_secs(300)).await.with_context(|| logs(&w.a))?;
+    probe
+        .wait_for(n, Duration::from_secs(300))
+        .await
+        .with_context(|| logs(&w.a))?;
     let r = verify(&w.b, "a", n, BANK_A).await?;
     report("a. kill -9 bridge x3 (restart)", &r, &recoveries);
     assert_intact("a", &r, &logs(&w.a));
@@ -259,7 +303,10 @@ async fn a_bridge_killed_three_times() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn b_float_killed_and_restarted() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
     let n = messages(30_000);
@@ -272,8 +319,12 @@ async fn b_float_killed_and_restarted() -> Result<()> {
     let float = w.b.float.as_mut().unwrap();
     float.kill9().await?;
     let baseline = probe.settled().await;
+    let t0 = Instant::now();
     float.restart().await?;
-    let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.a))?;
+    let rec = probe
+        .recovery_since(baseline, t0, Duration::from_secs(60))
+        .await
+        .with_context(|| logs(&w.a))?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "b", n, BANK_A).await?;
     report("b. kill -9 float (restart)", &r, &[rec]);
@@ -286,7 +337,10 @@ async fn b_float_killed_and_restarted() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn c_one_of_two_floats_killed() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
     let n = messages(30_000);
@@ -296,9 +350,14 @@ async fn c_one_of_two_floats_killed() -> Result<()> {
     w.a.start_bridge(FAST_BRIDGE).await?;
     let mut link = w.a.link_to(&w.b);
     link.targets.push(Target::new("127.0.0.1", second_port));
-    w.a.control(&ControlCommand::CreateLink(CreateLink { node_identity: BANK_A.into(), link: link.clone() }))
-        .await?;
-    let up = w.a.wait_link_state(&link.queue, "up", Duration::from_secs(20)).await?;
+    w.a.control(&ControlCommand::CreateLink(CreateLink {
+        node_identity: BANK_A.into(),
+        link: link.clone(),
+    }))
+    .await?;
+    let up =
+        w.a.wait_link_state(&link.queue, "up", Duration::from_secs(20))
+            .await?;
     let mut probe = InboxProbe::new(&w.b);
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
     // Kill whichever float the link is using.
@@ -311,10 +370,16 @@ async fn c_one_of_two_floats_killed() -> Result<()> {
         second.kill9().await?;
     }
     // Recovery: the link is up again, on the other float.
-    let rec = link_up_elsewhere(&w.a, &link.queue, &target, killed_at).await.with_context(|| logs(&w.a))?;
+    let rec = link_up_elsewhere(&w.a, &link.queue, &target, killed_at)
+        .await
+        .with_context(|| logs(&w.a))?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "c", n, BANK_A).await?;
-    report("c. kill -9 one of two floats (failover, no restart)", &r, &[rec]);
+    report(
+        "c. kill -9 one of two floats (failover, no restart)",
+        &r,
+        &[rec],
+    );
     assert_intact("c", &r, &logs(&w.a));
     Ok(())
 }
@@ -324,12 +389,16 @@ async fn c_one_of_two_floats_killed() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn d1_receiving_cluster_node_killed() -> Result<()> {
-    let (na, cluster) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitCluster::start(3, NodeOptions::default()));
+    let (na, cluster) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitCluster::start(3, NodeOptions::default())
+    );
     let (na, mut cluster) = (na?, cluster?);
     let mut w = net(vec![na.amqp_uri("/")], cluster.uris("/"), None).await?;
     let n = messages(20_000);
     preload(&w.a, &w.b, "d1", n, "classic").await?;
-    w.b.start_float(&format!("{FAST_FLOAT}\ninbox_queue_type = \"quorum\"")).await?;
+    w.b.start_float(&format!("{FAST_FLOAT}\ninbox_queue_type = \"quorum\""))
+        .await?;
     w.a.start_bridge(FAST_BRIDGE).await?;
     w.a.create_link_to(&w.b).await?;
     let mut probe = InboxProbe::new(&w.b);
@@ -340,10 +409,16 @@ async fn d1_receiving_cluster_node_killed() -> Result<()> {
     let killed_at = Instant::now();
     cluster.nodes[victim].kill().await?;
     // Recovery: the float is ready again on another node.
-    let rec = float_ready_elsewhere(&w.b, &old_uri, killed_at).await.with_context(|| logs(&w.b))?;
+    let rec = float_ready_elsewhere(&w.b, &old_uri, killed_at)
+        .await
+        .with_context(|| logs(&w.b))?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "d1", n, BANK_A).await?;
-    report("d1. kill -9 the float's cluster node (quorum inbox)", &r, &[rec]);
+    report(
+        "d1. kill -9 the float's cluster node (quorum inbox)",
+        &r,
+        &[rec],
+    );
     assert_intact("d1", &r, &logs(&w.b));
     Ok(())
 }
@@ -353,13 +428,17 @@ async fn d1_receiving_cluster_node_killed() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn d2_sending_cluster_node_killed() -> Result<()> {
-    let (cluster, nb) = tokio::join!(RabbitCluster::start(3, NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (cluster, nb) = tokio::join!(
+        RabbitCluster::start(3, NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (mut cluster, nb) = (cluster?, nb?);
     let mut w = net(cluster.uris("/"), vec![nb.amqp_uri("/")], None).await?;
     let n = messages(20_000);
     preload(&w.a, &w.b, "d2", n, "quorum").await?;
     w.b.start_float(FAST_FLOAT).await?;
-    w.a.start_bridge(&format!("{FAST_BRIDGE}\npeer_queue_type = \"quorum\"")).await?;
+    w.a.start_bridge(&format!("{FAST_BRIDGE}\npeer_queue_type = \"quorum\""))
+        .await?;
     w.a.create_link_to(&w.b).await?;
     let mut probe = InboxProbe::new(&w.b);
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
@@ -369,25 +448,46 @@ async fn d2_sending_cluster_node_killed() -> Result<()> {
     let killed_at = Instant::now();
     cluster.nodes[victim].kill().await?;
     // Recovery: the link is up again (a new connect) on the surviving nodes.
-    let rec = link_reconnected(&w.a, &w.a.queue_to(&w.b), connects, killed_at).await.with_context(|| logs(&w.a))?;
-    probe.wait_for(n, Duration::from_secs(300)).await.with_context(|| logs(&w.a))?;
+    let rec = link_reconnected(&w.a, &w.a.queue_to(&w.b), connects, killed_at)
+        .await
+        .with_context(|| logs(&w.a))?;
+    probe
+        .wait_for(n, Duration::from_secs(300))
+        .await
+        .with_context(|| logs(&w.a))?;
     let r = verify(&w.b, "d2", n, BANK_A).await?;
-    report("d2. kill -9 the bridge's cluster node (quorum peer queue)", &r, &[rec]);
+    report(
+        "d2. kill -9 the bridge's cluster node (quorum peer queue)",
+        &r,
+        &[rec],
+    );
     assert_intact("d2", &r, &logs(&w.a));
     Ok(())
 }
 
 async fn link_view(org: &Org, queue: &str) -> Option<serde_json::Value> {
     let s = org.bridge.as_ref()?.status().await.ok()?;
-    s["links"].as_array()?.iter().find(|l| l["queue"] == queue).cloned()
+    s["links"]
+        .as_array()?
+        .iter()
+        .find(|l| l["queue"] == queue)
+        .cloned()
 }
 
 async fn link_connects(org: &Org, queue: &str) -> u64 {
-    link_view(org, queue).await.and_then(|l| l["connects"].as_u64()).unwrap_or(0)
+    link_view(org, queue)
+        .await
+        .and_then(|l| l["connects"].as_u64())
+        .unwrap_or(0)
 }
 
 /// Time from `since` until the link is up on a target other than `old_target`.
-async fn link_up_elsewhere(org: &Org, queue: &str, old_target: &str, since: Instant) -> Result<Duration> {
+async fn link_up_elsewhere(
+    org: &Org,
+    queue: &str,
+    old_target: &str,
+    since: Instant,
+) -> Result<Duration> {
     loop {
         if let Some(l) = link_view(org, queue).await {
             if l["state"] == "up" && l["target"] != old_target {
@@ -402,7 +502,12 @@ async fn link_up_elsewhere(org: &Org, queue: &str, old_target: &str, since: Inst
 }
 
 /// Time from `since` until the link has connected again (more than `connects` times).
-async fn link_reconnected(org: &Org, queue: &str, connects: u64, since: Instant) -> Result<Duration> {
+async fn link_reconnected(
+    org: &Org,
+    queue: &str,
+    connects: u64,
+    since: Instant,
+) -> Result<Duration> {
     loop {
         if let Some(l) = link_view(org, queue).await {
             if l["state"] == "up" && l["connects"].as_u64().unwrap_or(0) > connects {
@@ -445,7 +550,10 @@ fn node_in_use(cluster: &RabbitCluster, uri: &str) -> Result<usize> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn e_brokers_stopped_for_ten_seconds() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
     let n = messages(30_000);
@@ -458,19 +566,44 @@ async fn e_brokers_stopped_for_ten_seconds() -> Result<()> {
     probe.wait_for(n / 4, Duration::from_secs(120)).await?;
     nb.stop_app().await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
+    let t0 = Instant::now();
     nb.start_app().await?;
-    // The inbox lives on this broker: its depth is the baseline once it is back.
+    let boot_b = t0.elapsed();
+    // The inbox lives on this broker: its depth is the baseline once it is back (nothing
+    // can have been added while it was down).
     let baseline = probe.now().await;
-    recoveries.push(probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.b))?);
+    recoveries.push(
+        boot_b
+            + probe
+                .recovery_after(baseline, Duration::from_secs(60))
+                .await
+                .with_context(|| logs(&w.b))?,
+    );
     probe.wait_for(n / 2, Duration::from_secs(120)).await?;
     na.stop_app().await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let baseline = probe.settled().await;
+    let t0 = Instant::now();
     na.start_app().await?;
-    recoveries.push(probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.a))?);
+    let boot_a = t0.elapsed();
+    recoveries.push(
+        probe
+            .recovery_since(baseline, t0, Duration::from_secs(60))
+            .await
+            .with_context(|| logs(&w.a))?,
+    );
+    println!(
+        "broker start_app took {:.2}s (B) and {:.2}s (A); recovery times below include it",
+        boot_b.as_secs_f64(),
+        boot_a.as_secs_f64()
+    );
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "e", n, BANK_A).await?;
-    report("e. stop_app float's broker 10 s, then bridge's broker 10 s", &r, &recoveries);
+    report(
+        "e. stop_app float's broker 10 s, then bridge's broker 10 s",
+        &r,
+        &recoveries,
+    );
     assert_intact("e", &r, &format!("{}{}", logs(&w.a), logs(&w.b)));
     Ok(())
 }
@@ -479,7 +612,10 @@ async fn e_brokers_stopped_for_ten_seconds() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn f_path_cut_black_hole_then_reset() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
     let n = messages(30_000);
@@ -489,17 +625,28 @@ async fn f_path_cut_black_hole_then_reset() -> Result<()> {
     w.a.start_bridge(FAST_BRIDGE).await?;
     let mut link = w.a.link_to(&w.b);
     link.targets = vec![Target::new("127.0.0.1", proxy.addr().port())];
-    w.a.control(&ControlCommand::CreateLink(CreateLink { node_identity: BANK_A.into(), link }))
-        .await?;
+    w.a.control(&ControlCommand::CreateLink(CreateLink {
+        node_identity: BANK_A.into(),
+        link,
+    }))
+    .await?;
     let mut probe = InboxProbe::new(&w.b);
     let mut recoveries = Vec::new();
-    for (i, mode) in [ProxyMode::BlackHole, ProxyMode::Reset].into_iter().enumerate() {
-        probe.wait_for(n * (i as u64 + 1) / 4, Duration::from_secs(120)).await?;
+    for (i, mode) in [ProxyMode::BlackHole, ProxyMode::Reset]
+        .into_iter()
+        .enumerate()
+    {
+        probe
+            .wait_for(n * (i as u64 + 1) / 4, Duration::from_secs(120))
+            .await?;
         proxy.set_mode(mode);
         tokio::time::sleep(Duration::from_secs(30)).await;
         let baseline = probe.settled().await;
         proxy.set_mode(ProxyMode::Pass);
-        let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await.with_context(|| logs(&w.a))?;
+        let rec = probe
+            .recovery_after(baseline, Duration::from_secs(60))
+            .await
+            .with_context(|| logs(&w.a))?;
         println!("path cut ({mode:?}) healed; traffic resumed after {rec:?}");
         recoveries.push(rec);
     }
@@ -509,7 +656,10 @@ async fn f_path_cut_black_hole_then_reset() -> Result<()> {
     assert_intact("f", &r, &logs(&w.a));
     for rec in &recoveries {
         // The requirement is 5 s; the bound leaves room for a loaded 2-core CI machine.
-        assert!(*rec < Duration::from_secs(10), "traffic resumed only after {rec:?}");
+        assert!(
+            *rec < Duration::from_secs(10),
+            "traffic resumed only after {rec:?}"
+        );
     }
     Ok(())
 }
@@ -519,10 +669,18 @@ async fn f_path_cut_black_hole_then_reset() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn g_stalled_peer_does_not_slow_the_other() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let nc = RabbitNode::start(NodeOptions::default()).await?;
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], Some(vec![nc.amqp_uri("/")])).await?;
+    let mut w = net(
+        vec![na.amqp_uri("/")],
+        vec![nb.amqp_uri("/")],
+        Some(vec![nc.amqp_uri("/")]),
+    )
+    .await?;
     let mut c = w.c.take().unwrap();
     let n = messages(20_000);
     preload(&w.a, &w.b, "gb", n, "classic").await?;
@@ -531,11 +689,15 @@ async fn g_stalled_peer_does_not_slow_the_other() -> Result<()> {
     c.start_float(FAST_FLOAT).await?;
     let proxy = FaultProxy::start(([127, 0, 0, 1], c.float_port).into()).await?;
     // Generous settle timeout: the stalled link must stay stalled, not recycle constantly.
-    w.a.start_bridge("settle_timeout = \"60s\"\nidle_timeout = \"60s\"").await?;
+    w.a.start_bridge("settle_timeout = \"60s\"\nidle_timeout = \"60s\"")
+        .await?;
     let mut to_c = w.a.link_to(&c);
     to_c.targets = vec![Target::new("127.0.0.1", proxy.addr().port())];
-    w.a.control(&ControlCommand::CreateLink(CreateLink { node_identity: BANK_A.into(), link: to_c }))
-        .await?;
+    w.a.control(&ControlCommand::CreateLink(CreateLink {
+        node_identity: BANK_A.into(),
+        link: to_c,
+    }))
+    .await?;
     let mut probe_c = InboxProbe::new(&c);
     probe_c.wait_for(n / 10, Duration::from_secs(120)).await?;
     proxy.set_mode(ProxyMode::BlackHole);
@@ -545,17 +707,26 @@ async fn g_stalled_peer_does_not_slow_the_other() -> Result<()> {
     let started = Instant::now();
     w.a.create_link_to(&w.b).await?;
     let mut probe_b = InboxProbe::new(&w.b);
-    probe_b.wait_for(n, Duration::from_secs(300)).await.with_context(|| logs(&w.a))?;
+    probe_b
+        .wait_for(n, Duration::from_secs(300))
+        .await
+        .with_context(|| logs(&w.a))?;
     let b_elapsed = started.elapsed();
     let c_during = probe_c.now().await;
-    assert!(c_during <= c_at_stall + 1000, "C's link was supposed to be stalled: {c_at_stall} → {c_during}");
+    assert!(
+        c_during <= c_at_stall + 1000,
+        "C's link was supposed to be stalled: {c_at_stall} → {c_during}"
+    );
     println!(
         "stall: B's {n} messages took {:.2}s ({:.0} msg/s) while C was stalled at {c_during}",
         b_elapsed.as_secs_f64(),
         n as f64 / b_elapsed.as_secs_f64()
     );
     proxy.set_mode(ProxyMode::Pass);
-    probe_c.wait_for(n, Duration::from_secs(300)).await.with_context(|| logs(&w.a))?;
+    probe_c
+        .wait_for(n, Duration::from_secs(300))
+        .await
+        .with_context(|| logs(&w.a))?;
     let rb = verify(&w.b, "gb", n, BANK_A).await?;
     let rc = verify(&c, "gc", n, BANK_A).await?;
     // The same stream to B again with C healthy and idle, for comparison.
@@ -574,7 +745,11 @@ async fn g_stalled_peer_does_not_slow_the_other() -> Result<()> {
         normal.as_secs_f64() / b_elapsed.as_secs_f64()
     );
     assert_intact("g/B2", &rb2, &logs(&w.a));
-    report("g. stalled peer C; B's link unaffected (B stream)", &rb, &[]);
+    report(
+        "g. stalled peer C; B's link unaffected (B stream)",
+        &rb,
+        &[],
+    );
     report("g. stalled peer C; C's stream after the stall", &rc, &[]);
     assert_intact("g/B", &rb, &logs(&w.a));
     assert_intact("g/C", &rc, &logs(&w.a));
@@ -586,30 +761,48 @@ async fn g_stalled_peer_does_not_slow_the_other() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn h_bridge_sigterm_drains() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
     let n = messages(30_000);
     preload(&w.a, &w.b, "h", n, "classic").await?;
     w.b.start_float(FAST_FLOAT).await?;
     w.a.start_bridge(FAST_BRIDGE).await?;
-    let _node = w.a.answer_snapshot_requests(vec![w.a.link_to(&w.b)]).await?;
+    let _node =
+        w.a.answer_snapshot_requests(vec![w.a.link_to(&w.b)])
+            .await?;
     let mut probe = InboxProbe::new(&w.b);
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
     let bridge = w.a.bridge.as_mut().unwrap();
     let code = bridge.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, Some(0), "bridge exit code after SIGTERM");
-    assert!(bridge.log_contains("link stopped"), "{}", bridge.log_tail(20));
+    assert!(
+        bridge.log_contains("link stopped"),
+        "{}",
+        bridge.log_tail(20)
+    );
     let baseline = probe.settled().await;
+    let t0 = Instant::now();
     bridge.restart().await?;
-    let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await?;
+    let rec = probe
+        .recovery_since(baseline, t0, Duration::from_secs(60))
+        .await?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "h", n, BANK_A).await?;
     let float = w.b.float.as_ref().unwrap().status().await?;
     report("h. SIGTERM bridge (drain), restart", &r, &[rec]);
     assert_intact("h", &r, &logs(&w.a));
-    assert_eq!(r.duplicates, 0, "a drained bridge must not resend accepted messages");
-    assert_eq!(float["duplicates_suppressed"], 0, "nothing accepted may be resent: {float}");
+    assert_eq!(
+        r.duplicates, 0,
+        "a drained bridge must not resend accepted messages"
+    );
+    assert_eq!(
+        float["duplicates_suppressed"], 0,
+        "nothing accepted may be resent: {float}"
+    );
     Ok(())
 }
 
@@ -618,7 +811,10 @@ async fn h_bridge_sigterm_drains() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn i_float_sigterm_drains() -> Result<()> {
-    let (na, nb) = tokio::join!(RabbitNode::start(NodeOptions::default()), RabbitNode::start(NodeOptions::default()));
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
     let (na, nb) = (na?, nb?);
     let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
     let n = messages(30_000);
@@ -632,12 +828,18 @@ async fn i_float_sigterm_drains() -> Result<()> {
     let code = float.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, Some(0), "float exit code after SIGTERM");
     let baseline = probe.settled().await;
+    let t0 = Instant::now();
     float.restart().await?;
-    let rec = probe.recovery_after(baseline, Duration::from_secs(60)).await?;
+    let rec = probe
+        .recovery_since(baseline, t0, Duration::from_secs(60))
+        .await?;
     probe.wait_for(n, Duration::from_secs(300)).await?;
     let r = verify(&w.b, "i", n, BANK_A).await?;
     report("i. SIGTERM float (drain), restart", &r, &[rec]);
     assert_intact("i", &r, &logs(&w.a));
-    assert_eq!(r.duplicates, 0, "a drained float must not cause resends of accepted messages");
+    assert_eq!(
+        r.duplicates, 0,
+        "a drained float must not cause resends of accepted messages"
+    );
     Ok(())
 }

@@ -72,8 +72,9 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     );
 
     step("nodes answer the bridges' snapshot requests with their links (control protocol)");
-    a.snapshot(vec![a.link_to(&b)]).await?;
-    b.snapshot(vec![b.link_to(&a)]).await?;
+    // Each node answers its bridge's snapshot requests with the link to the other side.
+    let _node_a = a.answer_snapshot_requests(vec![a.link_to(&b)]).await?;
+    let _node_b = b.answer_snapshot_requests(vec![b.link_to(&a)]).await?;
     a.wait_link_state(&a.queue_to(&b), "up", Duration::from_secs(30))
         .await?;
     b.wait_link_state(&b.queue_to(&a), "up", Duration::from_secs(30))

@@ -191,14 +191,6 @@ mod example_tests {
 
     #[test]
     fn example_config_is_valid_with_every_documented_key() {
-        for text in [
-            EXAMPLE.to_string(),
-            drawbridge_runtime::config::uncomment_example(EXAMPLE),
-        ] {
-            let r = ConfigReader::from_toml(&text).unwrap();
-            if let Err(e) = BridgeConfig::from_reader(r) {
-                panic!("{e}\n---\n{text}");
-            }
-        }
+        drawbridge_runtime::config::assert_example_valid(EXAMPLE, BridgeConfig::from_reader);
     }
 }

@@ -66,7 +66,7 @@ impl Ctx {
             state,
             peer: peer.to_string(),
             reason: reason.to_string(),
-            timestamp_ms: unix_ms(),
+            timestamp_ms: drawbridge_runtime::daemon::unix_ms(),
         });
         if self.notify.try_send(n).is_err() {
             metrics::counter!("drawbridge_bridge_notifications_dropped_total").increment(1);
@@ -101,29 +101,7 @@ impl AdminState for Ctx {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Errors that stop the bridge from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Certificates, keys or trust roots could not be loaded.
-    #[error("TLS setup: {0}")]
-    Tls(#[from] drawbridge_certs::CertError),
-    /// The admin port could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// Address.
-        addr: SocketAddr,
-        /// Cause.
-        source: std::io::Error,
-    },
-}
+pub use drawbridge_runtime::daemon::StartError;
 
 /// A started bridge.
 #[derive(Debug)]

@@ -76,7 +76,7 @@ pub fn new_view(queue: &str) -> SharedView {
         dead_lettered: 0,
         redelivered: 0,
         connects: 0,
-        since_unix_ms: crate::unix_ms(),
+        since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
     }))
 }
 
@@ -510,7 +510,7 @@ fn set_state(
         v.state = state.to_string();
         v.target = target.to_string();
         v.reason = reason.to_string();
-        v.since_unix_ms = crate::unix_ms();
+        v.since_unix_ms = drawbridge_runtime::daemon::unix_ms();
     }
     ctx.notify_link(spec, state, target, reason);
 }

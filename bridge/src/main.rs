@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use drawbridge_bridge::BridgeConfig;
-use drawbridge_runtime::{admin, config::ConfigReader, logging, shutdown, EXIT_CONFIG};
+use drawbridge_runtime::{admin, daemon, logging, shutdown};
 
 /// The Drawbridge bridge: forwards peer queues to peers' floats over mTLS AMQP 1.0,
 /// acking the broker only after the peer accepted.
@@ -21,23 +21,18 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     drawbridge_certs::install_crypto_provider();
-    let cfg = ConfigReader::load(args.config.as_deref(), "DRAWBRIDGE", &["broker.uris"])
-        .and_then(BridgeConfig::from_reader);
-    let cfg = match cfg {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("drawbridge-bridge: {e}");
-            std::process::exit(EXIT_CONFIG);
-        }
-    };
+    let cfg = daemon::load_config_or_exit(
+        "drawbridge-bridge",
+        args.config.as_deref(),
+        &["broker.uris"],
+        BridgeConfig::from_reader,
+    );
     logging::init(cfg.log_format, "info");
     let shutdown = shutdown::on_signal();
-    let running = match drawbridge_bridge::start(cfg, admin::install_metrics(), shutdown).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "bridge failed to start");
-            std::process::exit(1);
+    match drawbridge_bridge::start(cfg, admin::install_metrics(), shutdown).await {
+        Ok(running) => {
+            let _ = running.done.await;
         }
-    };
-    let _ = running.done.await;
+        Err(e) => daemon::exit_start_failure("bridge", &e),
+    }
 }

@@ -102,21 +102,7 @@ impl AdminState for Ctx {
     }
 }
 
-/// Errors that stop the float from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Certificates, keys or trust roots could not be loaded.
-    #[error("TLS setup: {0}")]
-    Tls(#[from] drawbridge_certs::CertError),
-    /// The listener or admin port could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// Address.
-        addr: SocketAddr,
-        /// Cause.
-        source: std::io::Error,
-    },
-}
+pub use drawbridge_runtime::daemon::StartError;
 
 /// A started float.
 #[derive(Debug)]

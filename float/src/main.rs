@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use drawbridge_float::FloatConfig;
-use drawbridge_runtime::{admin, config::ConfigReader, logging, shutdown, EXIT_CONFIG};
+use drawbridge_runtime::{admin, daemon, logging, shutdown};
 
 /// The Drawbridge float: receives peers' AMQP 1.0 transfers over mTLS and publishes them
 /// into the broker, accepting only after the broker confirmed.
@@ -21,27 +21,18 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     drawbridge_certs::install_crypto_provider();
-    let cfg = ConfigReader::load(
+    let cfg = daemon::load_config_or_exit(
+        "drawbridge-float",
         args.config.as_deref(),
-        "DRAWBRIDGE",
         &["broker.uris", "float.crls"],
-    )
-    .and_then(FloatConfig::from_reader);
-    let cfg = match cfg {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("drawbridge-float: {e}");
-            std::process::exit(EXIT_CONFIG);
-        }
-    };
+        FloatConfig::from_reader,
+    );
     logging::init(cfg.log_format, "info");
     let shutdown = shutdown::on_signal();
-    let running = match drawbridge_float::start(cfg, admin::install_metrics(), shutdown).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "float failed to start");
-            std::process::exit(1);
+    match drawbridge_float::start(cfg, admin::install_metrics(), shutdown).await {
+        Ok(running) => {
+            let _ = running.done.await;
         }
-    };
-    let _ = running.done.await;
+        Err(e) => daemon::exit_start_failure("float", &e),
+    }
 }

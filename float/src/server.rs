@@ -163,7 +163,7 @@ async fn serve_connection(
         ConnectionInfo {
             peer: sender.to_string(),
             addr: addr.to_string(),
-            since_unix_ms: unix_ms(),
+            since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
         },
     );
     metrics::gauge!("drawbridge_float_connections").increment(1.0);
@@ -532,14 +532,6 @@ async fn settle_one(
             receiver.release(info).await
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Resolve a destination legal name to an inbox.

@@ -302,7 +302,7 @@ async fn supervise(
         info!(uri = %live.uri, generation, "broker connected");
         last_error.clear();
         backoff.reset();
-        let _ = tx.send(Some(live.clone()));
+        tx.send_replace(Some(live.clone()));
 
         // Watch for the end of this connection.
         let mut poll = tokio::time::interval(Duration::from_millis(500));
@@ -332,7 +332,7 @@ async fn supervise(
             }
         };
         live.lost.cancel();
-        let _ = tx.send(None);
+        tx.send_replace(None);
         close(&live, &cfg).await;
         match reason {
             None => break,
@@ -348,7 +348,7 @@ async fn supervise(
             }
         }
     }
-    let _ = tx.send(None);
+    tx.send_replace(None);
 }
 
 async fn close(live: &Live, cfg: &BrokerConfig) {

@@ -224,6 +224,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Check that `example` (a commented example config) builds with `build` as written and
+/// with every documented key enabled; panics with the problems otherwise. For tests.
+pub fn assert_example_valid<T>(
+    example: &str,
+    build: impl Fn(ConfigReader) -> Result<T, ConfigErrors>,
+) {
+    for text in [example.to_string(), uncomment_example(example)] {
+        let r = ConfigReader::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+        if let Err(e) = build(r) {
+            panic!("{e}\n---\n{text}");
+        }
+    }
+}
+
 /// An example config with every commented-out `# key = value` line (and
 /// commented multi-line arrays) enabled, so tests can check that every documented key is
 /// a real key.

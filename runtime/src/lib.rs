@@ -9,6 +9,7 @@ pub mod admin;
 pub mod backoff;
 pub mod broker;
 pub mod config;
+pub mod daemon;
 pub mod headers;
 pub mod logging;
 pub mod shutdown;

@@ -63,6 +63,27 @@ async fn net(a_uris: Vec<String>, b_uris: Vec<String>, c_uris: Option<Vec<String
     Ok(Net { a, b, c, _dir: dir })
 }
 
+/// Two single-node brokers (A, B) and the organisations on them.
+async fn two_brokers() -> Result<(RabbitNode, RabbitNode, Net)> {
+    let (na, nb) = tokio::join!(
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions::default())
+    );
+    let (na, nb) = (na?, nb?);
+    let w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    Ok((na, nb, w))
+}
+
+/// Preload `n` messages of `run` on A's queue to B, start B's float and A's bridge with the
+/// fast settings, create the link, and return a probe on B's inbox.
+async fn flowing(w: &mut Net, run: &str, n: u64) -> Result<InboxProbe> {
+    preload(&w.a, &w.b, run, n, "classic").await?;
+    w.b.start_float(FAST_FLOAT).await?;
+    w.a.start_bridge(FAST_BRIDGE).await?;
+    w.a.create_link_to(&w.b).await?;
+    Ok(InboxProbe::new(&w.b))
+}
+
 /// Publish `n` verifiable messages from `from` to its peer queue for `to`.
 async fn preload(from: &Org, to: &Org, run: &str, n: u64, queue_type: &str) -> Result<()> {
     let (_c, ch) = from.channel().await?;
@@ -258,12 +279,7 @@ fn logs(org: &Org) -> String {
 #[tokio::test]
 #[ignore = "fault suite: run with --ignored (scripts/test.sh does when CI=true)"]
 async fn a_bridge_killed_three_times() -> Result<()> {
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions::default()),
-        RabbitNode::start(NodeOptions::default())
-    );
-    let (na, nb) = (na?, nb?);
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    let (_na, _nb, mut w) = two_brokers().await?;
     let n = messages(100_000);
     preload(&w.a, &w.b, "a", n, "classic").await?;
     w.b.start_float(FAST_FLOAT).await?;
@@ -303,18 +319,9 @@ async fn a_bridge_killed_three_times() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn b_float_killed_and_restarted() -> Result<()> {
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions::default()),
-        RabbitNode::start(NodeOptions::default())
-    );
-    let (na, nb) = (na?, nb?);
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    let (_na, _nb, mut w) = two_brokers().await?;
     let n = messages(30_000);
-    preload(&w.a, &w.b, "b", n, "classic").await?;
-    w.b.start_float(FAST_FLOAT).await?;
-    w.a.start_bridge(FAST_BRIDGE).await?;
-    w.a.create_link_to(&w.b).await?;
-    let mut probe = InboxProbe::new(&w.b);
+    let mut probe = flowing(&mut w, "b", n).await?;
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
     let float = w.b.float.as_mut().unwrap();
     float.kill9().await?;
@@ -337,12 +344,7 @@ async fn b_float_killed_and_restarted() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn c_one_of_two_floats_killed() -> Result<()> {
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions::default()),
-        RabbitNode::start(NodeOptions::default())
-    );
-    let (na, nb) = (na?, nb?);
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    let (_na, _nb, mut w) = two_brokers().await?;
     let n = messages(30_000);
     preload(&w.a, &w.b, "c", n, "classic").await?;
     w.b.start_float(FAST_FLOAT).await?;
@@ -550,18 +552,9 @@ fn node_in_use(cluster: &RabbitCluster, uri: &str) -> Result<usize> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn e_brokers_stopped_for_ten_seconds() -> Result<()> {
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions::default()),
-        RabbitNode::start(NodeOptions::default())
-    );
-    let (na, nb) = (na?, nb?);
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    let (na, nb, mut w) = two_brokers().await?;
     let n = messages(30_000);
-    preload(&w.a, &w.b, "e", n, "classic").await?;
-    w.b.start_float(FAST_FLOAT).await?;
-    w.a.start_bridge(FAST_BRIDGE).await?;
-    w.a.create_link_to(&w.b).await?;
-    let mut probe = InboxProbe::new(&w.b);
+    let mut probe = flowing(&mut w, "e", n).await?;
     let mut recoveries = Vec::new();
     probe.wait_for(n / 4, Duration::from_secs(120)).await?;
     nb.stop_app().await?;
@@ -612,12 +605,7 @@ async fn e_brokers_stopped_for_ten_seconds() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn f_path_cut_black_hole_then_reset() -> Result<()> {
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions::default()),
-        RabbitNode::start(NodeOptions::default())
-    );
-    let (na, nb) = (na?, nb?);
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    let (_na, _nb, mut w) = two_brokers().await?;
     let n = messages(30_000);
     preload(&w.a, &w.b, "f", n, "classic").await?;
     w.b.start_float(FAST_FLOAT).await?;
@@ -761,12 +749,7 @@ async fn g_stalled_peer_does_not_slow_the_other() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn h_bridge_sigterm_drains() -> Result<()> {
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions::default()),
-        RabbitNode::start(NodeOptions::default())
-    );
-    let (na, nb) = (na?, nb?);
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    let (_na, _nb, mut w) = two_brokers().await?;
     let n = messages(30_000);
     preload(&w.a, &w.b, "h", n, "classic").await?;
     w.b.start_float(FAST_FLOAT).await?;
@@ -811,18 +794,9 @@ async fn h_bridge_sigterm_drains() -> Result<()> {
 #[tokio::test]
 #[ignore = "fault suite"]
 async fn i_float_sigterm_drains() -> Result<()> {
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions::default()),
-        RabbitNode::start(NodeOptions::default())
-    );
-    let (na, nb) = (na?, nb?);
-    let mut w = net(vec![na.amqp_uri("/")], vec![nb.amqp_uri("/")], None).await?;
+    let (_na, _nb, mut w) = two_brokers().await?;
     let n = messages(30_000);
-    preload(&w.a, &w.b, "i", n, "classic").await?;
-    w.b.start_float(FAST_FLOAT).await?;
-    w.a.start_bridge(FAST_BRIDGE).await?;
-    w.a.create_link_to(&w.b).await?;
-    let mut probe = InboxProbe::new(&w.b);
+    let mut probe = flowing(&mut w, "i", n).await?;
     probe.wait_for(n / 3, Duration::from_secs(120)).await?;
     let float = w.b.float.as_mut().unwrap();
     let code = float.terminate(Duration::from_secs(20)).await?;

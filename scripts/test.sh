@@ -23,7 +23,7 @@ fi
 if [[ "${DRAWBRIDGE_FAULT_SUITE:-}" == "1" || "${CI:-}" == "true" ]]; then
     if [[ -f tests/tests/faults.rs ]]; then
         echo "test.sh: fault suite (release, --ignored, one thread)"
-        if ! cargo test --release -p drawbridge-testkit --test faults -- --ignored --test-threads=1; then
+        if ! cargo test --release -p drawbridge-testkit --test faults -- --ignored --test-threads=1 --nocapture; then
             failed+=("fault suite")
         fi
     else

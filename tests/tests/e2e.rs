@@ -497,3 +497,45 @@ async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn link_state_changes_are_published_as_link_status_events() -> Result<()> {
+    use drawbridge_control_protocol::{LinkState, Notification};
+    let mut p = pair().await?;
+    let (_c, ch, q) = notify_listener(&p.a).await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let queue = p.a.queue_to(&p.b);
+    p.a.wait_link_state(&queue, "up", Duration::from_secs(20))
+        .await?;
+    p.a.delete_link_to(&p.b).await?;
+    let mut states = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !states.contains(&LinkState::Deleted) && tokio::time::Instant::now() < deadline {
+        match ch
+            .basic_get(
+                q.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await?
+        {
+            Some(m) => {
+                if let Ok(Notification::LinkStatus(s)) = Notification::decode(&m.delivery.data) {
+                    assert_eq!(s.queue, queue);
+                    assert_eq!(s.bridge_id, "bridge-bank-a-london-gb");
+                    if s.state == LinkState::Up {
+                        assert_eq!(s.peer, format!("127.0.0.1:{}", p.b.float_port), "{s:?}");
+                    }
+                    states.push(s.state);
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(
+        states,
+        vec![LinkState::Connecting, LinkState::Up, LinkState::Deleted]
+    );
+    Ok(())
+}

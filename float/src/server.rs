@@ -268,8 +268,17 @@ async fn serve_link(
     let reason = loop {
         tokio::select! {
             biased;
-            Some((info, settle, key)) = pending.next(), if !pending.is_empty() => {
-                if let Err(e) = settle_one(&receiver, info, settle, key, &sender, &ctx).await {
+            Some(first) = pending.next(), if !pending.is_empty() => {
+                // Settle whatever else is already done in the same go: consecutive accepts
+                // become one disposition frame instead of one frame (and await) each.
+                let mut batch = vec![first];
+                while batch.len() < 256 {
+                    match pending.next().now_or_never() {
+                        Some(Some(item)) => batch.push(item),
+                        _ => break,
+                    }
+                }
+                if let Err(e) = settle_batch(&receiver, batch, &sender, &ctx).await {
                     break format!("disposition failed: {e}");
                 }
             }
@@ -496,6 +505,46 @@ async fn channel(state: &mut LinkState, ctx: &Arc<Ctx>) -> Option<(Arc<Live>, Ch
     }
 }
 
+/// Settle `batch` in order: runs of accepts with one `accept_all`, the rest one by one.
+async fn settle_batch(
+    receiver: &Receiver,
+    batch: Vec<(DeliveryInfo, Settle, Option<String>)>,
+    sender: &str,
+    ctx: &Ctx,
+) -> Result<(), fe2o3_amqp::link::DispositionError> {
+    let mut accepts = Vec::new();
+    for (info, settle, key) in batch {
+        match settle {
+            Settle::Accept => {
+                record_accept(key.as_deref(), sender, ctx);
+                accepts.push(info);
+            }
+            other => {
+                if !accepts.is_empty() {
+                    receiver.accept_all(std::mem::take(&mut accepts)).await?;
+                }
+                settle_one(receiver, info, other, key, sender, ctx).await?;
+            }
+        }
+    }
+    if !accepts.is_empty() {
+        receiver.accept_all(accepts).await?;
+    }
+    Ok(())
+}
+
+/// Book-keeping for an accepted transfer: the dedup window and counters.
+fn record_accept(key: Option<&str>, sender: &str, ctx: &Ctx) {
+    if let Some(id) = key {
+        ctx.dedup
+            .lock()
+            .expect("poisoned")
+            .finish(sender, id, true, Instant::now());
+        ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("drawbridge_float_accepted_total").increment(1);
+    }
+}
+
 async fn settle_one(
     receiver: &Receiver,
     info: DeliveryInfo,
@@ -504,19 +553,15 @@ async fn settle_one(
     sender: &str,
     ctx: &Ctx,
 ) -> Result<(), fe2o3_amqp::link::DispositionError> {
-    if let Some(id) = &key {
-        let confirmed = matches!(settle, Settle::Accept);
+    if let (Some(id), false) = (&key, matches!(settle, Settle::Accept)) {
         ctx.dedup
             .lock()
             .expect("poisoned")
-            .finish(sender, id, confirmed, Instant::now());
+            .finish(sender, id, false, Instant::now());
     }
     match settle {
         Settle::Accept => {
-            if key.is_some() {
-                ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("drawbridge_float_accepted_total").increment(1);
-            }
+            record_accept(key.as_deref(), sender, ctx);
             receiver.accept(info).await
         }
         Settle::Reject(why) => {

@@ -126,6 +126,8 @@ impl Links {
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut links = Links::new(ctx.clone());
     let mut generation = 0;
+    // Retries of the control channel on a healthy connection (a channel-level error).
+    let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     while !shutdown.is_cancelled() {
         let live = tokio::select! {
             l = ctx.broker.connected(generation, Duration::from_secs(3600)) => l,
@@ -133,12 +135,25 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         };
         let Some(live) = live else { continue };
         generation = live.generation;
-        if let Err(e) = control_session(&ctx, &live, &mut links, &shutdown).await {
-            warn!(reason = %e, "control channel lost; re-establishing it");
-            // A channel-level failure on a healthy connection: retry on it after a pause.
-            if !live.is_lost() {
+        let started = tokio::time::Instant::now();
+        match control_session(&ctx, &live, &mut links, &shutdown).await {
+            Ok(()) => {}
+            // The supervisor has logged the lost connection; the next one gets a new session.
+            Err(e) if live.is_lost() => {
+                tracing::debug!(reason = %e, "control session ended with its broker connection")
+            }
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    retry.reset();
+                }
+                let delay = retry.next_delay();
+                warn!(reason = %e, retry_in = ?delay, "control channel lost; re-establishing it");
+                // Same connection again: ask for any connection from this generation on.
                 generation = generation.saturating_sub(1);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
             }
         }
     }

@@ -10,6 +10,7 @@ mod control;
 pub mod convert;
 pub mod link;
 pub mod peer;
+pub mod settle;
 
 use std::{
     collections::BTreeMap,

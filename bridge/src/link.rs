@@ -19,7 +19,6 @@ use std::{
 
 use drawbridge_control_protocol::{LinkState, PeerLink, Target};
 use drawbridge_runtime::{backoff::Backoff, broker::Live, headers};
-use fe2o3_amqp::types::messaging::Outcome;
 use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
@@ -36,6 +35,7 @@ use tracing::{info, warn};
 use crate::{
     convert,
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
+    settle::{classify, AckBatch, Settled},
     Ctx,
 };
 
@@ -263,23 +263,7 @@ async fn open_consumer(
     Ok((ch, consumer))
 }
 
-/// What a settled in-flight transfer resolves to.
-enum Settled {
-    /// Peer accepted.
-    Accepted,
-    /// Peer rejected, or we could not even send it: dead-letter with this reason.
-    DeadLetter(String),
-    /// Peer released/modified, or the transfer failed: recycle the link.
-    Retry(String),
-}
-
 type InFlight = BoxFuture<'static, (Delivery, Settled)>;
-
-/// Pending `multiple=true` ack.
-struct AckBatch {
-    upto: Option<u64>,
-    count: u32,
-}
 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
@@ -296,10 +280,7 @@ async fn forward(
     let op = ctx.broker.config().op_timeout;
     let window = cfg.window as usize;
     let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
-    let mut acks = AckBatch {
-        upto: None,
-        count: 0,
-    };
+    let mut acks = AckBatch::new(64);
     let mut draining = false;
     let mut drain_deadline = None;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -334,9 +315,7 @@ async fn forward(
                         return End::Broken(reason);
                     }
                 }
-                acks.upto = Some(tag);
-                acks.count += 1;
-                if acks.count >= 64 || inflight.is_empty() {
+                if acks.settled(tag, inflight.is_empty()) {
                     if let Err(e) = flush(channel, &mut acks, op).await {
                         return End::Broken(e);
                     }
@@ -390,19 +369,7 @@ async fn forward(
                         };
                         let timeout = cfg.settle_timeout;
                         inflight.push_back(async move {
-                            let settled = match tokio::time::timeout(timeout, fut).await {
-                                Ok(Ok(Outcome::Accepted(_))) => Settled::Accepted,
-                                Ok(Ok(Outcome::Rejected(r))) => Settled::DeadLetter(format!(
-                                    "rejected by peer: {}",
-                                    r.error.and_then(|e| e.description).unwrap_or_else(|| "no reason given".into())
-                                )),
-                                Ok(Ok(Outcome::Released(_))) => Settled::Retry("peer released a transfer".into()),
-                                Ok(Ok(Outcome::Modified(_))) => Settled::Retry("peer modified a transfer".into()),
-                                #[allow(unreachable_patterns)]
-                                Ok(Ok(other)) => Settled::Retry(format!("unexpected outcome {other:?}")),
-                                Ok(Err(e)) => Settled::Retry(format!("transfer failed: {e}")),
-                                Err(_) => Settled::Retry(format!("peer did not settle within {timeout:?}")),
-                            };
+                            let settled = classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
                             (delivery, settled)
                         }.boxed());
                     }
@@ -421,7 +388,7 @@ async fn forward(
                 return End::Broken("broker connection lost".into());
             }
             _ = tick.tick() => {
-                if acks.count > 0 {
+                if acks.is_pending() {
                     if let Err(e) = flush(channel, &mut acks, op).await {
                         return End::Broken(e);
                     }
@@ -432,10 +399,9 @@ async fn forward(
 }
 
 async fn flush(channel: &Channel, acks: &mut AckBatch, op: Duration) -> Result<(), String> {
-    let Some(tag) = acks.upto.take() else {
+    let Some(tag) = acks.take() else {
         return Ok(());
     };
-    acks.count = 0;
     match tokio::time::timeout(
         op,
         channel.basic_ack(tag, BasicAckOptions { multiple: true }),

@@ -170,14 +170,9 @@ pub async fn start(
         views: Mutex::new(BTreeMap::new()),
         notify: tx,
     });
-    let admin_addr = match ctx.cfg.admin_listen {
-        Some(addr) => Some(
-            admin::serve(addr, ctx.clone(), metrics, shutdown.clone())
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
-        None => None,
-    };
+    let admin_addr =
+        admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())
+            .await?;
     info!(id = %ctx.cfg.id, admin = ?admin_addr, "bridge starting");
     let notifier = tokio::spawn(control::notifier(ctx.clone(), rx));
     let done = tokio::spawn(async move {

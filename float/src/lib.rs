@@ -197,14 +197,9 @@ pub async fn start(
         connections: Mutex::new(HashMap::new()),
         cfg,
     });
-    let admin_addr = match ctx.cfg.admin_listen {
-        Some(addr) => Some(
-            admin::serve(addr, ctx.clone(), metrics, shutdown.clone())
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
-        None => None,
-    };
+    let admin_addr =
+        admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())
+            .await?;
     info!(listen = %listen_addr, admin = ?admin_addr, identities = ?ctx.identities.iter().map(|(n, q)| format!("{n} -> {q}")).collect::<Vec<_>>(), "float listening");
     let done = tokio::spawn(async move {
         server::serve(listener, ctx.clone(), shutdown).await;

@@ -56,6 +56,22 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// Serve the admin port if `addr` is configured; `None` when it is disabled.
+pub async fn serve_if_configured(
+    addr: Option<SocketAddr>,
+    state: Arc<dyn AdminState>,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<Option<SocketAddr>, crate::daemon::StartError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    serve(addr, state, metrics, shutdown)
+        .await
+        .map(Some)
+        .map_err(|source| crate::daemon::StartError::Bind { addr, source })
+}
+
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     if s.state.ready() {
         (StatusCode::OK, "ready\n")

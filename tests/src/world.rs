@@ -236,11 +236,28 @@ impl Org {
 
 /// Declare a peer queue the way the bridge does (durable, single active consumer).
 pub async fn declare_peer_queue(ch: &Channel, queue: &str, queue_type: &str) -> Result<()> {
+    declare_durable(ch, queue, queue_type, true).await
+}
+
+/// Declare a durable classic queue (inbox, dead-letter) so tests can read it before a
+/// daemon declared it.
+pub async fn declare_queue(ch: &Channel, queue: &str) -> Result<()> {
+    declare_durable(ch, queue, "classic", false).await
+}
+
+async fn declare_durable(
+    ch: &Channel,
+    queue: &str,
+    queue_type: &str,
+    single_active: bool,
+) -> Result<()> {
     let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-single-active-consumer"),
-        AMQPValue::Boolean(true),
-    );
+    if single_active {
+        args.insert(
+            ShortString::from("x-single-active-consumer"),
+            AMQPValue::Boolean(true),
+        );
+    }
     args.insert(
         ShortString::from("x-queue-type"),
         AMQPValue::LongString(LongString::from(queue_type.to_string())),
@@ -258,25 +275,40 @@ pub async fn declare_peer_queue(ch: &Channel, queue: &str, queue_type: &str) -> 
     Ok(())
 }
 
-/// Declare a durable classic queue (inbox, dead-letter) so tests can read it before a
-/// daemon declared it.
-pub async fn declare_queue(ch: &Channel, queue: &str) -> Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("classic")),
-    );
-    ch.queue_declare(
-        ShortString::from(queue),
-        QueueDeclareOptions {
+/// Declare the notify fanout exchange and bind a new exclusive queue to it (what a node
+/// does to hear snapshot requests and link status events); returns the queue name.
+pub async fn bind_notify_queue(ch: &Channel) -> Result<ShortString> {
+    use lapin::options::QueueBindOptions;
+    ch.exchange_declare(
+        ShortString::from(NOTIFY_EXCHANGE),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        args,
+        FieldTable::default(),
     )
-    .await
-    .with_context(|| format!("declaring {queue}"))?;
-    Ok(())
+    .await?;
+    let q = ch
+        .queue_declare(
+            ShortString::from(""),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        ShortString::from(NOTIFY_EXCHANGE),
+        ShortString::from(""),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(q.name().clone())
 }
 
 /// Publish a control command to the control fanout exchange (declaring it).
@@ -333,7 +365,7 @@ impl Org {
         links: Vec<PeerLink>,
     ) -> Result<SnapshotResponder> {
         use futures::StreamExt;
-        use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+        use lapin::options::BasicConsumeOptions;
         let snapshot = ControlCommand::Snapshot(Snapshot {
             node_identity: self.legal_name.clone(),
             inbox_queues: vec![INBOX.to_string()],
@@ -356,38 +388,10 @@ impl Org {
                     }
                     let conn = conn.context("no broker")?;
                     let ch = conn.create_channel().await?;
-                    ch.exchange_declare(
-                        ShortString::from(NOTIFY_EXCHANGE),
-                        ExchangeKind::Fanout,
-                        ExchangeDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                    let q = ch
-                        .queue_declare(
-                            ShortString::from(""),
-                            QueueDeclareOptions {
-                                exclusive: true,
-                                auto_delete: true,
-                                ..Default::default()
-                            },
-                            FieldTable::default(),
-                        )
-                        .await?;
-                    ch.queue_bind(
-                        q.name().clone(),
-                        ShortString::from(NOTIFY_EXCHANGE),
-                        ShortString::from(""),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
+                    let q = bind_notify_queue(&ch).await?;
                     let mut consumer = ch
                         .basic_consume(
-                            q.name().clone(),
+                            q,
                             ShortString::from("snapshot-responder"),
                             BasicConsumeOptions {
                                 no_ack: true,

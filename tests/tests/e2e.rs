@@ -104,37 +104,9 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
 }
 
 async fn notify_listener(org: &Org) -> Result<(lapin::Connection, lapin::Channel, String)> {
-    use lapin::{options::*, types::FieldTable, ExchangeKind};
     let (c, ch) = org.channel().await?;
-    ch.exchange_declare(
-        world::NOTIFY_EXCHANGE.into(),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    ch.queue_bind(
-        q.name().clone(),
-        world::NOTIFY_EXCHANGE.into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok((c, ch, q.name().as_str().to_string()))
+    let q = world::bind_notify_queue(&ch).await?;
+    Ok((c, ch, q.as_str().to_string()))
 }
 
 /// Drain the notify queue, counting snapshot requests.

@@ -7,6 +7,7 @@ use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
+    topology::QueueType,
 };
 
 /// Everything the bridge needs to run.
@@ -33,9 +34,9 @@ pub struct BridgeConfig {
     /// If set, control messages must carry this broker-validated `user_id`.
     pub node_user: Option<String>,
     /// `x-queue-type` of the peer queues (must match the node's declaration).
-    pub peer_queue_type: String,
+    pub peer_queue_type: QueueType,
     /// `x-queue-type` of the dead-letter queue (default: as the peer queues).
-    pub dead_letter_queue_type: String,
+    pub dead_letter_queue_type: QueueType,
     /// Unsettled transfers per link (and the broker prefetch).
     pub window: u16,
     /// Bigger messages are dead-lettered.
@@ -80,19 +81,10 @@ impl BridgeConfig {
             (1..=65535).contains(&window),
             "must be 1..=65535",
         );
-        let peer_queue_type: String = r.get("bridge.peer_queue_type", "classic".to_string());
-        r.check(
-            "bridge.peer_queue_type",
-            peer_queue_type == "classic" || peer_queue_type == "quorum",
-            "must be `classic` or `quorum`",
-        );
-        let dead_letter_queue_type: String =
-            r.get("bridge.dead_letter_queue_type", peer_queue_type.clone());
-        r.check(
-            "bridge.dead_letter_queue_type",
-            dead_letter_queue_type == "classic" || dead_letter_queue_type == "quorum",
-            "must be `classic` or `quorum`",
-        );
+        // Parsed as a `QueueType`: anything but `classic` / `quorum` is reported by key.
+        let peer_queue_type: QueueType = r.get("bridge.peer_queue_type", QueueType::Classic);
+        let dead_letter_queue_type: QueueType =
+            r.get("bridge.dead_letter_queue_type", peer_queue_type);
         let max_message_size: usize = r.get("bridge.max_message_size", 10 * 1024 * 1024);
         r.check(
             "bridge.max_message_size",

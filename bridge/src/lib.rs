@@ -8,6 +8,7 @@
 pub mod config;
 mod control;
 pub mod convert;
+pub mod dead_letter;
 pub mod link;
 pub mod peer;
 pub mod settle;
@@ -23,8 +24,9 @@ use drawbridge_control_protocol::{LinkState, LinkStatus, Notification, PeerLink}
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Setup},
+    topology,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::FieldTable;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -48,16 +50,7 @@ impl Ctx {
 
     /// Queue arguments of every peer queue; the node must declare them identically.
     fn peer_queue_args(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-single-active-consumer"),
-            AMQPValue::Boolean(true),
-        );
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from(self.cfg.peer_queue_type.clone())),
-        );
-        args
+        topology::peer_queue_args(self.cfg.peer_queue_type, &self.cfg.dead_letter_queue)
     }
 
     fn notify_link(&self, spec: &PeerLink, state: LinkState, peer: &str, reason: &str) {
@@ -121,39 +114,9 @@ pub async fn start(
 ) -> Result<RunningBridge, StartError> {
     let identity = TlsIdentity::load(&cfg.tls_cert, &cfg.tls_key)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
-    // The dead-letter queue is declared on every connect, but its absence must not stop
-    // forwarding (on a cluster its home node may be the one that is down): failures are
-    // logged, and a dead-letter publish that cannot be routed keeps its message queued.
-    let dlq = cfg.dead_letter_queue.clone();
-    let dlq_type = cfg.dead_letter_queue_type.clone();
-    let setup: Setup = Arc::new(move |live: Arc<drawbridge_runtime::broker::Live>| {
-        let dlq = dlq.clone();
-        let dlq_type = dlq_type.clone();
-        Box::pin(async move {
-            let declared = async {
-                let ch = live.conn.create_channel().await?;
-                let mut args = FieldTable::default();
-                args.insert(
-                    ShortString::from("x-queue-type"),
-                    AMQPValue::LongString(LongString::from(dlq_type)),
-                );
-                ch.queue_declare(
-                    ShortString::from(dlq.as_str()),
-                    lapin::options::QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    args,
-                )
-                .await?;
-                ch.close(200, "setup done".into()).await
-            };
-            if let Err(e) = declared.await {
-                tracing::warn!(queue = %dlq, error = %e, "cannot declare the dead-letter queue; forwarding continues");
-            }
-            Ok(())
-        })
-    });
+    // Each link declares the dead-letter queue itself before it consumes (see
+    // `dead_letter`), so the connection setup has nothing to declare.
+    let setup: Setup = Arc::new(|_live| Box::pin(async { Ok(()) }));
     let broker_shutdown = CancellationToken::new();
     let broker = BrokerSession::start(
         cfg.broker.clone(),

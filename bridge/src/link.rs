@@ -9,7 +9,11 @@
 //! - at the first `released` / `modified` / error / settlement timeout the link is
 //!   recycled: nothing after that point is acked, the channel is closed, and the broker
 //!   requeues every unacked delivery in order;
-//! - deliveries of a lost broker connection are never acked afterwards.
+//! - deliveries of a lost broker connection are never acked afterwards;
+//! - the reconnect backoff starts again only after the peer accepted something, so a peer
+//!   that takes the connection but not the messages is retried less and less often (each
+//!   recycle returns the window to the queue, which counts against a quorum queue's
+//!   delivery limit).
 
 use std::{
     collections::HashMap,
@@ -18,24 +22,25 @@ use std::{
 };
 
 use drawbridge_control_protocol::{LinkState, PeerLink, Target};
-use drawbridge_runtime::{backoff::Backoff, broker::Live, headers};
+use drawbridge_runtime::{backoff::Backoff, broker::Live};
 use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-        BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        QueueDeclareOptions,
     },
-    types::{AMQPValue, FieldTable, LongString, ShortString},
-    BasicProperties, Channel, Confirmation, Consumer,
+    types::{FieldTable, ShortString},
+    Channel, Consumer,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
     convert,
+    dead_letter::{copy_properties, DeadLetterer, Interrupted},
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
-    settle::{classify, AckBatch, Settled},
+    settle::{classify, AckBatch, HeadEvent, HeadWatch, Settled, Step},
     Ctx,
 };
 
@@ -58,6 +63,11 @@ pub struct LinkView {
     pub redelivered: u64,
     /// Times the link was (re)established.
     pub connects: u64,
+    /// Sessions in a row that started with the same redelivered message and accepted
+    /// nothing (a peer that takes the connection but not the messages).
+    pub head_returns: u32,
+    /// That message's id, once reported as stuck.
+    pub stuck_message_id: Option<String>,
     /// Unix ms of the last state change.
     pub since_unix_ms: u64,
 }
@@ -76,6 +86,8 @@ pub fn new_view(queue: &str) -> SharedView {
         dead_lettered: 0,
         redelivered: 0,
         connects: 0,
+        head_returns: 0,
+        stuck_message_id: None,
         since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
     }))
 }
@@ -88,10 +100,30 @@ enum End {
     Broken(String),
 }
 
+/// What one forwarding session achieved; decides the next backoff and feeds the head watch.
+#[derive(Debug, Default)]
+struct SessionStats {
+    /// Transfers the peer accepted in this session.
+    accepted: u64,
+    /// A transfer was released, modified, failed or not settled in time (the peer takes
+    /// the connection but not the messages: the case that must not recycle quickly).
+    transfer_failed: bool,
+    /// Message id of the session's first delivery, if the broker marked it redelivered.
+    first_redelivered: Option<String>,
+    /// Whether the session has seen a delivery yet.
+    seen_delivery: bool,
+}
+
 /// Run the link until `stop` is cancelled.
 pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, view: SharedView) {
     let cfg = &ctx.cfg;
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    let mut head = HeadWatch::new(HEAD_RETURNS_REPORTED);
+    let mut dead_letters = DeadLetterer::new(
+        &cfg.dead_letter_queue,
+        cfg.dead_letter_queue_type,
+        ctx.broker.config().op_timeout,
+    );
     // Targets that failed TLS verification are retried later than ones that refused.
     let mut tls_penalty: HashMap<Target, Instant> = HashMap::new();
     let mut next_target = 0usize;
@@ -166,17 +198,52 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 _ = stop.cancelled() => break,
             }
         };
-        backoff.reset();
         next_target = spec
             .targets
             .iter()
             .position(|t| *t == pc.target)
             .unwrap_or(0);
         let target = pc.target.to_string();
-        let end = run_connected(pc, &live, &spec, &ctx, &stop, &view, &target).await;
+        let mut stats = SessionStats::default();
+        let up_since = Instant::now();
+        let session = LinkSession {
+            live: &live,
+            spec: &spec,
+            ctx: &ctx,
+            stop: &stop,
+            view: &view,
+            target: &target,
+        };
+        let end = session.run(pc, &mut dead_letters, &mut stats).await;
         match end {
             End::Stopped => break,
             End::Broken(reason) => {
+                // The backoff starts again only after the peer accepted something (or the
+                // link stayed up a while with no transfer failing, e.g. an idle link whose
+                // peer restarted): a float that takes the connection but not the messages
+                // must not make the link recycle — and return its window to the queue —
+                // every second.
+                let healthy = stats.accepted > 0
+                    || (!stats.transfer_failed && up_since.elapsed() >= cfg.reconnect_max);
+                if healthy {
+                    backoff.reset();
+                }
+                match head.session_ended(stats.first_redelivered.as_deref(), stats.accepted > 0) {
+                    Some(HeadEvent::Stuck { id, returns }) => {
+                        warn!(queue = %spec.queue, message_id = %id, returns, "the message at the head of the queue keeps coming back unsettled; a delivery limit on the queue will dead-letter it");
+                    }
+                    Some(HeadEvent::Cleared { id }) => {
+                        info!(queue = %spec.queue, message_id = %id, "the head of the queue moves again");
+                    }
+                    None => {}
+                }
+                {
+                    let mut v = view.lock().expect("poisoned");
+                    v.head_returns = head.returns();
+                    v.stuck_message_id = head.stuck_id().map(str::to_string);
+                }
+                metrics::gauge!("drawbridge_bridge_link_head_returns", "queue" => spec.queue.clone())
+                    .set(f64::from(head.returns()));
                 let delay = backoff.next_delay();
                 warn!(queue = %spec.queue, target = %target, reason = %reason, retry_in = ?delay, "link down");
                 set_state(&ctx, &view, &spec, LinkState::Down, &target, &reason);
@@ -201,37 +268,253 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     info!(queue = %spec.queue, "link stopped");
 }
 
-async fn run_connected(
-    mut pc: PeerConnection,
-    live: &Arc<Live>,
-    spec: &PeerLink,
-    ctx: &Arc<Ctx>,
-    stop: &CancellationToken,
+/// Sessions in a row that start with the same redelivered head and accept nothing before
+/// the link reports it.
+const HEAD_RETURNS_REPORTED: u32 = 3;
+
+/// How long a broken session waits for settlements already on their way before it acks the
+/// settled prefix and gives up the rest (they are requeued and resent).
+const SALVAGE_WAIT: Duration = Duration::from_millis(500);
+
+/// One forwarding session: a peer connection fed from one broker connection.
+struct LinkSession<'a> {
+    live: &'a Arc<Live>,
+    spec: &'a PeerLink,
+    ctx: &'a Arc<Ctx>,
+    stop: &'a CancellationToken,
+    view: &'a SharedView,
+    target: &'a str,
+}
+
+impl LinkSession<'_> {
+    async fn run(
+        &self,
+        mut pc: PeerConnection,
+        dead_letters: &mut DeadLetterer,
+        stats: &mut SessionStats,
+    ) -> End {
+        let op = self.ctx.broker.config().op_timeout;
+        // Nothing is taken from the peer queue while there is nowhere to put what cannot be
+        // delivered.
+        if let Err(e) = dead_letters.prepare(self.live).await {
+            pc.close().await;
+            return End::Broken(e.to_string());
+        }
+        let opened = tokio::time::timeout(op, open_consumer(self.live, self.spec, self.ctx)).await;
+        let (channel, consumer) = match opened {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                pc.close().await;
+                return End::Broken(format!("cannot consume `{}`: {e}", self.spec.queue));
+            }
+            Err(_) => {
+                pc.close().await;
+                self.live.report_broken("opening a consumer timed out");
+                return End::Broken("opening the consumer timed out".into());
+            }
+        };
+        self.view.lock().expect("poisoned").connects += 1;
+        set_state(self.ctx, self.view, self.spec, LinkState::Up, self.target, "connected");
+        info!(queue = %self.spec.queue, target = %self.target, "link up");
+        let end = self
+            .forward(&mut pc, &channel, consumer, dead_letters, stats)
+            .await;
+        // Closing the channel returns every unacked delivery to the queue, in order. A close
+        // that does not complete leaves them held by a channel nobody reads: only closing
+        // the whole connection frees them, so report it broken.
+        match tokio::time::timeout(op, channel.close(200, "link recycled".into())).await {
+            Ok(_) => {}
+            Err(_) => self
+                .live
+                .report_broken("closing a peer queue's consumer channel timed out"),
+        }
+        pc.close().await;
+        end
+    }
+
+    async fn forward(
+        &self,
+        pc: &mut PeerConnection,
+        channel: &Channel,
+        mut consumer: Consumer,
+        dead_letters: &mut DeadLetterer,
+        stats: &mut SessionStats,
+    ) -> End {
+        let (spec, ctx, view, live, stop) = (self.spec, self.ctx, self.view, self.live, self.stop);
+        let cfg = &ctx.cfg;
+        let op = ctx.broker.config().op_timeout;
+        let window = cfg.window as usize;
+        let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+        let mut acks = AckBatch::new(64);
+        let mut draining = false;
+        let mut drain_deadline = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        // Every way out of the loop below except a lost broker connection goes through
+        // `broken`: first ack what the peer has already accepted (its settlements may be
+        // ready but not yet taken, e.g. while a send waited for credit), then give up the
+        // rest. Without it, a peer that settles and then closes makes the link resend
+        // messages the peer already has.
+        macro_rules! broken {
+            ($reason:expr) => {{
+                let reason: String = $reason;
+                salvage(&mut inflight, &mut acks, stats, view, SALVAGE_WAIT).await;
+                return match flush(channel, &mut acks, op).await {
+                    Ok(()) => End::Broken(reason),
+                    Err(e) => End::Broken(format!("{reason}; then {e}")),
+                };
+            }};
+        }
+        loop {
+            if draining && inflight.is_empty() {
+                return match flush(channel, &mut acks, op).await {
+                    Ok(()) => End::Stopped,
+                    Err(e) => End::Broken(e),
+                };
+            }
+            tokio::select! {
+                biased;
+                Some((delivery, settled)) = inflight.next(), if !inflight.is_empty() => {
+                    let tag = delivery.delivery_tag;
+                    match acks.outcome(tag, &settled, inflight.is_empty()) {
+                        Step::Ack { flush_now } => {
+                            stats.accepted += 1;
+                            count_forwarded(view);
+                            if flush_now {
+                                if let Err(e) = flush(channel, &mut acks, op).await {
+                                    return End::Broken(e);
+                                }
+                            }
+                        }
+                        Step::DeadLetter(reason) => {
+                            warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %reason, "message dead-lettered");
+                            let props = copy_properties(&delivery.properties, &reason, &spec.queue);
+                            match dead_letters.publish(live, &delivery.data, props, &spec.queue, stop).await {
+                                Ok(()) => {
+                                    metrics::counter!("drawbridge_bridge_dead_lettered_total").increment(1);
+                                    view.lock().expect("poisoned").dead_lettered += 1;
+                                    if acks.settled(tag, inflight.is_empty()) {
+                                        if let Err(e) = flush(channel, &mut acks, op).await {
+                                            return End::Broken(e);
+                                        }
+                                    }
+                                }
+                                Err(Interrupted::Stopped) => {
+                                    let _ = flush(channel, &mut acks, op).await;
+                                    return End::Stopped;
+                                }
+                                Err(Interrupted::BrokerLost) => {
+                                    return End::Broken("broker connection lost while dead-lettering".into());
+                                }
+                            }
+                        }
+                        Step::Recycle(reason) => {
+                            stats.transfer_failed = true;
+                            // Ack the settled prefix, nothing after it.
+                            if let Err(e) = flush(channel, &mut acks, op).await {
+                                return End::Broken(e);
+                            }
+                            return End::Broken(reason);
+                        }
+                    }
+                }
+                _ = stop.cancelled(), if !draining => {
+                    draining = true;
+                    drain_deadline = Some(tokio::time::Instant::now() + cfg.drain_grace);
+                    // Stop new deliveries; those already prefetched but not sent are requeued
+                    // when the channel closes.
+                    let _ = tokio::time::timeout(op, channel.basic_cancel(consumer.tag(), BasicCancelOptions::default())).await;
+                }
+                _ = async { tokio::time::sleep_until(drain_deadline.expect("set")).await }, if drain_deadline.is_some() => {
+                    broken!("drain grace period over; unsettled transfers will be resent".into());
+                }
+                d = consumer.next(), if !draining && inflight.len() < window => {
+                    let delivery = match d {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => broken!(format!("consumer failed: {e}")),
+                        None => broken!("consumer cancelled by the broker".into()),
+                    };
+                    if !stats.seen_delivery {
+                        stats.seen_delivery = true;
+                        if delivery.redelivered {
+                            stats.first_redelivered = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+                        }
+                    }
+                    if delivery.redelivered {
+                        view.lock().expect("poisoned").redelivered += 1;
+                        metrics::counter!("drawbridge_bridge_redelivered_total").increment(1);
+                    }
+                    match convert::to_amqp(&delivery, cfg.max_message_size) {
+                        Err(u) => {
+                            metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
+                            let reason = u.to_string();
+                            inflight.push_back(async move { (delivery, Settled::DeadLetter(reason)) }.boxed());
+                        }
+                        Ok(msg) => {
+                            let sent = tokio::time::timeout(cfg.settle_timeout, pc.sender.send_batchable(msg)).await;
+                            let fut = match sent {
+                                Ok(Ok(fut)) => fut,
+                                Ok(Err(e)) => broken!(format!("send failed: {e}")),
+                                Err(_) => {
+                                    stats.transfer_failed = true;
+                                    broken!(format!("peer granted no credit for {:?}", cfg.settle_timeout))
+                                }
+                            };
+                            let timeout = cfg.settle_timeout;
+                            inflight.push_back(async move {
+                                let settled = classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
+                                (delivery, settled)
+                            }.boxed());
+                        }
+                    }
+                }
+                closed = pc.conn.on_close() => {
+                    let why = match closed {
+                        Ok(()) => "peer closed the connection".to_string(),
+                        Err(e) => format!("peer connection lost: {e}"),
+                    };
+                    broken!(why);
+                }
+                _ = live.lost() => {
+                    // Never ack deliveries of a dead connection.
+                    return End::Broken("broker connection lost".into());
+                }
+                _ = tick.tick() => {
+                    if acks.is_pending() {
+                        if let Err(e) = flush(channel, &mut acks, op).await {
+                            return End::Broken(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn count_forwarded(view: &SharedView) {
+    view.lock().expect("poisoned").forwarded += 1;
+    metrics::counter!("drawbridge_bridge_forwarded_total").increment(1);
+}
+
+/// Take, in queue order, the acceptances that are ready within `wait`; stop at the first
+/// transfer that is not (yet) accepted. What is taken is recorded in `acks`.
+async fn salvage(
+    inflight: &mut FuturesOrdered<InFlight>,
+    acks: &mut AckBatch,
+    stats: &mut SessionStats,
     view: &SharedView,
-    target: &str,
-) -> End {
-    let op = ctx.broker.config().op_timeout;
-    let opened = tokio::time::timeout(op, open_consumer(live, spec, ctx)).await;
-    let (channel, consumer) = match opened {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            pc.close().await;
-            return End::Broken(format!("cannot consume `{}`: {e}", spec.queue));
+    wait: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !inflight.is_empty() {
+        match tokio::time::timeout_at(deadline, inflight.next()).await {
+            Ok(Some((delivery, Settled::Accepted))) => {
+                acks.settled(delivery.delivery_tag, false);
+                stats.accepted += 1;
+                count_forwarded(view);
+            }
+            _ => break,
         }
-        Err(_) => {
-            pc.close().await;
-            live.report_broken("opening a consumer timed out");
-            return End::Broken("opening the consumer timed out".into());
-        }
-    };
-    view.lock().expect("poisoned").connects += 1;
-    set_state(ctx, view, spec, LinkState::Up, target, "connected");
-    info!(queue = %spec.queue, target = %target, "link up");
-    let end = forward(&mut pc, &channel, consumer, live, spec, ctx, stop, view).await;
-    // Closing the channel returns every unacked delivery to the queue, in order.
-    let _ = tokio::time::timeout(op, channel.close(200, "link recycled".into())).await;
-    pc.close().await;
-    end
+    }
 }
 
 async fn open_consumer(
@@ -240,7 +523,6 @@ async fn open_consumer(
     ctx: &Arc<Ctx>,
 ) -> Result<(Channel, Consumer), lapin::Error> {
     let ch = live.conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     ch.queue_declare(
         ShortString::from(spec.queue.as_str()),
         QueueDeclareOptions {
@@ -265,139 +547,6 @@ async fn open_consumer(
 
 type InFlight = BoxFuture<'static, (Delivery, Settled)>;
 
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    pc: &mut PeerConnection,
-    channel: &Channel,
-    mut consumer: Consumer,
-    live: &Arc<Live>,
-    spec: &PeerLink,
-    ctx: &Arc<Ctx>,
-    stop: &CancellationToken,
-    view: &SharedView,
-) -> End {
-    let cfg = &ctx.cfg;
-    let op = ctx.broker.config().op_timeout;
-    let window = cfg.window as usize;
-    let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
-    let mut acks = AckBatch::new(64);
-    let mut draining = false;
-    let mut drain_deadline = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        if draining && inflight.is_empty() {
-            return match flush(channel, &mut acks, op).await {
-                Ok(()) => End::Stopped,
-                Err(e) => End::Broken(e),
-            };
-        }
-        tokio::select! {
-            biased;
-            Some((delivery, settled)) = inflight.next(), if !inflight.is_empty() => {
-                let tag = delivery.delivery_tag;
-                match settled {
-                    Settled::Accepted => {
-                        view.lock().expect("poisoned").forwarded += 1;
-                        metrics::counter!("drawbridge_bridge_forwarded_total").increment(1);
-                    }
-                    Settled::DeadLetter(reason) => {
-                        if let Err(e) = dead_letter(channel, &delivery, &reason, spec, ctx).await {
-                            let _ = flush(channel, &mut acks, op).await;
-                            return End::Broken(format!("dead-lettering failed: {e}"));
-                        }
-                        view.lock().expect("poisoned").dead_lettered += 1;
-                    }
-                    Settled::Retry(reason) => {
-                        // Ack the settled prefix, nothing after it.
-                        if let Err(e) = flush(channel, &mut acks, op).await {
-                            return End::Broken(e);
-                        }
-                        return End::Broken(reason);
-                    }
-                }
-                if acks.settled(tag, inflight.is_empty()) {
-                    if let Err(e) = flush(channel, &mut acks, op).await {
-                        return End::Broken(e);
-                    }
-                }
-            }
-            _ = stop.cancelled(), if !draining => {
-                draining = true;
-                drain_deadline = Some(tokio::time::Instant::now() + cfg.drain_grace);
-                // Stop new deliveries; those already prefetched but not sent are requeued
-                // when the channel closes.
-                let _ = tokio::time::timeout(op, channel.basic_cancel(consumer.tag(), BasicCancelOptions::default())).await;
-            }
-            _ = async { tokio::time::sleep_until(drain_deadline.expect("set")).await }, if drain_deadline.is_some() => {
-                let _ = flush(channel, &mut acks, op).await;
-                return End::Broken("drain grace period over; unsettled transfers will be resent".into());
-            }
-            d = consumer.next(), if !draining && inflight.len() < window => {
-                let delivery = match d {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => {
-                        let _ = flush(channel, &mut acks, op).await;
-                        return End::Broken(format!("consumer failed: {e}"));
-                    }
-                    None => {
-                        let _ = flush(channel, &mut acks, op).await;
-                        return End::Broken("consumer cancelled by the broker".into());
-                    }
-                };
-                if delivery.redelivered {
-                    view.lock().expect("poisoned").redelivered += 1;
-                    metrics::counter!("drawbridge_bridge_redelivered_total").increment(1);
-                }
-                match convert::to_amqp(&delivery, cfg.max_message_size) {
-                    Err(u) => {
-                        metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
-                        let reason = u.to_string();
-                        inflight.push_back(async move { (delivery, Settled::DeadLetter(reason)) }.boxed());
-                    }
-                    Ok(msg) => {
-                        let sent = tokio::time::timeout(cfg.settle_timeout, pc.sender.send_batchable(msg)).await;
-                        let fut = match sent {
-                            Ok(Ok(fut)) => fut,
-                            Ok(Err(e)) => {
-                                let _ = flush(channel, &mut acks, op).await;
-                                return End::Broken(format!("send failed: {e}"));
-                            }
-                            Err(_) => {
-                                let _ = flush(channel, &mut acks, op).await;
-                                return End::Broken(format!("peer granted no credit for {:?}", cfg.settle_timeout));
-                            }
-                        };
-                        let timeout = cfg.settle_timeout;
-                        inflight.push_back(async move {
-                            let settled = classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
-                            (delivery, settled)
-                        }.boxed());
-                    }
-                }
-            }
-            closed = pc.conn.on_close() => {
-                let _ = flush(channel, &mut acks, op).await;
-                let why = match closed {
-                    Ok(()) => "peer closed the connection".to_string(),
-                    Err(e) => format!("peer connection lost: {e}"),
-                };
-                return End::Broken(why);
-            }
-            _ = live.lost() => {
-                // Never ack deliveries of a dead connection.
-                return End::Broken("broker connection lost".into());
-            }
-            _ = tick.tick() => {
-                if acks.is_pending() {
-                    if let Err(e) = flush(channel, &mut acks, op).await {
-                        return End::Broken(e);
-                    }
-                }
-            }
-        }
-    }
-}
-
 async fn flush(channel: &Channel, acks: &mut AckBatch, op: Duration) -> Result<(), String> {
     let Some(tag) = acks.take() else {
         return Ok(());
@@ -411,55 +560,6 @@ async fn flush(channel: &Channel, acks: &mut AckBatch, op: Duration) -> Result<(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("ack failed: {e}")),
         Err(_) => Err(format!("ack timed out after {op:?}")),
-    }
-}
-
-/// Publish `d` to the dead-letter queue with `reason`, waiting for the confirm.
-async fn dead_letter(
-    channel: &Channel,
-    d: &Delivery,
-    reason: &str,
-    spec: &PeerLink,
-    ctx: &Ctx,
-) -> Result<(), String> {
-    warn!(queue = %spec.queue, message_id = ?d.properties.message_id().as_ref().map(|s| s.as_str()), reason = %reason, "message dead-lettered");
-    metrics::counter!("drawbridge_bridge_dead_lettered_total").increment(1);
-    let mut hdrs = d.properties.headers().clone().unwrap_or_default();
-    hdrs.insert(
-        ShortString::from(headers::REASON),
-        AMQPValue::LongString(LongString::from(reason.to_string())),
-    );
-    hdrs.insert(
-        ShortString::from(headers::ORIGIN_QUEUE),
-        AMQPValue::LongString(LongString::from(spec.queue.clone())),
-    );
-    let props: BasicProperties = d
-        .properties
-        .clone()
-        .with_headers(hdrs)
-        .with_delivery_mode(2);
-    let op = ctx.broker.config().op_timeout;
-    let confirm = tokio::time::timeout(op, async {
-        channel
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(ctx.cfg.dead_letter_queue.as_str()),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &d.data,
-                props,
-            )
-            .await?
-            .await
-    })
-    .await;
-    match confirm {
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(other)) => Err(format!("dead-letter queue refused the message: {other:?}")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("dead-letter publish not confirmed within {op:?}")),
     }
 }
 

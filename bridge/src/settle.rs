@@ -36,6 +36,20 @@ pub fn classify(outcome: Option<Result<Outcome, SendError>>, timeout: Duration) 
     }
 }
 
+/// What the link does after an outcome was fed to [`AckBatch::outcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Recorded for the next ack; send the ack now if `flush_now`.
+    Ack {
+        /// The batch is full or nothing else is in flight.
+        flush_now: bool,
+    },
+    /// Dead-letter with this reason, then call [`AckBatch::settled`].
+    DeadLetter(String),
+    /// Ack the settled prefix and recycle the link for this reason.
+    Recycle(String),
+}
+
 /// The pending `multiple=true` ack of a link session.
 ///
 /// Deliveries are settled strictly in queue order, so "everything up to tag N is done" is
@@ -70,6 +84,20 @@ impl AckBatch {
         self.count >= self.batch || nothing_else_in_flight
     }
 
+    /// Feed the outcome of delivery `tag` (the next in queue order): an acceptance is
+    /// recorded; a dead-letter is recorded by the caller once the copy is confirmed
+    /// ([`AckBatch::settled`]); a retry records nothing, so neither it nor anything after
+    /// it is ever acked.
+    pub fn outcome(&mut self, tag: u64, settled: &Settled, nothing_else_in_flight: bool) -> Step {
+        match settled {
+            Settled::Accepted => Step::Ack {
+                flush_now: self.settled(tag, nothing_else_in_flight),
+            },
+            Settled::DeadLetter(reason) => Step::DeadLetter(reason.clone()),
+            Settled::Retry(reason) => Step::Recycle(reason.clone()),
+        }
+    }
+
     /// Whether an ack is pending.
     pub fn is_pending(&self) -> bool {
         self.upto.is_some()
@@ -79,6 +107,93 @@ impl AckBatch {
     pub fn take(&mut self) -> Option<u64> {
         self.count = 0;
         self.upto.take()
+    }
+}
+
+/// Watches the head of a peer queue across link sessions: a message that keeps coming
+/// back (every session starts with it, redelivered, and ends without anything accepted) is
+/// reported once, so an operator sees a stuck link before a quorum queue's delivery limit
+/// dead-letters it.
+#[derive(Debug)]
+pub struct HeadWatch {
+    /// Message id of the head that keeps coming back, if any.
+    id: Option<String>,
+    /// Sessions in a row that started with `id` and accepted nothing.
+    returns: u32,
+    /// Report once `returns` reaches this.
+    threshold: u32,
+    /// Whether the current episode was reported.
+    reported: bool,
+}
+
+/// A change worth one log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadEvent {
+    /// The head message came back `returns` times without progress.
+    Stuck {
+        /// Its message id.
+        id: String,
+        /// Sessions in a row.
+        returns: u32,
+    },
+    /// A stuck head moved on.
+    Cleared {
+        /// Its message id.
+        id: String,
+    },
+}
+
+impl HeadWatch {
+    /// Report after `threshold` returns in a row.
+    pub fn new(threshold: u32) -> Self {
+        HeadWatch {
+            id: None,
+            returns: 0,
+            threshold: threshold.max(1),
+            reported: false,
+        }
+    }
+
+    /// Times in a row the current head came back.
+    pub fn returns(&self) -> u32 {
+        self.returns
+    }
+
+    /// The head that keeps coming back, once reported.
+    pub fn stuck_id(&self) -> Option<&str> {
+        self.id.as_deref().filter(|_| self.reported)
+    }
+
+    /// A session ended. `first_redelivered` is the message id of its first delivery if the
+    /// broker marked it redelivered; `progressed` whether the peer accepted anything.
+    pub fn session_ended(
+        &mut self,
+        first_redelivered: Option<&str>,
+        progressed: bool,
+    ) -> Option<HeadEvent> {
+        if progressed {
+            let cleared = self.reported.then(|| HeadEvent::Cleared {
+                id: self.id.clone().unwrap_or_default(),
+            });
+            *self = HeadWatch::new(self.threshold);
+            return cleared;
+        }
+        let first = first_redelivered?;
+        if self.id.as_deref() == Some(first) {
+            self.returns += 1;
+        } else {
+            self.id = Some(first.to_string());
+            self.returns = 1;
+            self.reported = false;
+        }
+        if self.returns >= self.threshold && !self.reported {
+            self.reported = true;
+            return Some(HeadEvent::Stuck {
+                id: first.to_string(),
+                returns: self.returns,
+            });
+        }
+        None
     }
 }
 
@@ -152,12 +267,62 @@ mod tests {
 
     #[test]
     fn a_retry_acks_only_the_settled_prefix() {
-        // 5 and 6 accepted, 7 released: the link acks up to 6 and nothing after.
+        // 5 and 6 accepted, 7 released, 8 accepted after it: the link acks up to 6 only.
         let mut a = AckBatch::new(64);
-        a.settled(5, false);
-        a.settled(6, false);
-        let outcome = classify(Some(Ok(Outcome::Released(Released {}))), T);
-        assert!(matches!(outcome, Settled::Retry(_)));
-        assert_eq!(a.take(), Some(6));
+        let accepted = Settled::Accepted;
+        let released = classify(Some(Ok(Outcome::Released(Released {}))), T);
+        assert_eq!(a.outcome(5, &accepted, false), Step::Ack { flush_now: false });
+        assert_eq!(a.outcome(6, &accepted, false), Step::Ack { flush_now: false });
+        assert!(matches!(a.outcome(7, &released, false), Step::Recycle(_)));
+        assert_eq!(a.take(), Some(6), "the retried delivery is not acked");
+        assert_eq!(a.take(), None);
+    }
+
+    #[test]
+    fn a_dead_letter_is_acked_only_after_the_caller_settles_it() {
+        let mut a = AckBatch::new(64);
+        let dl = Settled::DeadLetter("rejected by peer: x".into());
+        assert_eq!(
+            a.outcome(1, &dl, true),
+            Step::DeadLetter("rejected by peer: x".into())
+        );
+        assert!(!a.is_pending(), "not acked before the copy is confirmed");
+        assert!(a.settled(1, true));
+        assert_eq!(a.take(), Some(1));
+    }
+
+    #[test]
+    fn a_head_that_keeps_coming_back_is_reported_once_and_cleared_by_progress() {
+        let mut h = HeadWatch::new(3);
+        assert_eq!(h.session_ended(Some("m1"), false), None);
+        assert_eq!(h.session_ended(Some("m1"), false), None);
+        assert_eq!(
+            h.session_ended(Some("m1"), false),
+            Some(HeadEvent::Stuck {
+                id: "m1".into(),
+                returns: 3
+            })
+        );
+        assert_eq!(h.stuck_id(), Some("m1"));
+        assert_eq!(h.session_ended(Some("m1"), false), None, "reported once");
+        assert_eq!(h.returns(), 4);
+        assert_eq!(
+            h.session_ended(Some("m1"), true),
+            Some(HeadEvent::Cleared { id: "m1".into() })
+        );
+        assert_eq!(h.returns(), 0);
+        assert_eq!(h.stuck_id(), None);
+    }
+
+    #[test]
+    fn a_different_head_or_an_empty_session_starts_or_keeps_the_count() {
+        let mut h = HeadWatch::new(2);
+        h.session_ended(Some("m1"), false);
+        h.session_ended(Some("m2"), false);
+        assert_eq!(h.returns(), 1, "a new head starts again");
+        assert_eq!(h.session_ended(None, false), None, "no delivery: no change");
+        assert_eq!(h.returns(), 1);
+        assert_eq!(h.session_ended(None, true), None, "progress without report");
+        assert_eq!(h.returns(), 0);
     }
 }

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod headers;
 pub mod logging;
 pub mod shutdown;
+pub mod topology;
 
 /// Exit code for invalid configuration or command line (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;

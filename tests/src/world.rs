@@ -18,6 +18,8 @@ use lapin::{
     BasicProperties, Channel, ExchangeKind,
 };
 
+use drawbridge_runtime::topology::{self, QueueType};
+
 use crate::daemon::{free_port, Daemon, Kind};
 
 /// Default names (the daemons' defaults).
@@ -234,34 +236,26 @@ impl Org {
     }
 }
 
-/// Declare a peer queue the way the bridge does (durable, single active consumer).
+/// Declare a peer queue the way the bridge does (durable, single active consumer,
+/// dead-lettering to the default dead-letter queue); arguments from
+/// [`drawbridge_runtime::topology`].
 pub async fn declare_peer_queue(ch: &Channel, queue: &str, queue_type: &str) -> Result<()> {
-    declare_durable(ch, queue, queue_type, true).await
+    let queue_type: QueueType = queue_type.parse().map_err(anyhow::Error::msg)?;
+    declare_durable(
+        ch,
+        queue,
+        topology::peer_queue_args(queue_type, topology::DEAD_LETTER_QUEUE),
+    )
+    .await
 }
 
 /// Declare a durable classic queue (inbox, dead-letter) so tests can read it before a
 /// daemon declared it.
 pub async fn declare_queue(ch: &Channel, queue: &str) -> Result<()> {
-    declare_durable(ch, queue, "classic", false).await
+    declare_durable(ch, queue, topology::plain_queue_args(QueueType::Classic)).await
 }
 
-async fn declare_durable(
-    ch: &Channel,
-    queue: &str,
-    queue_type: &str,
-    single_active: bool,
-) -> Result<()> {
-    let mut args = FieldTable::default();
-    if single_active {
-        args.insert(
-            ShortString::from("x-single-active-consumer"),
-            AMQPValue::Boolean(true),
-        );
-    }
-    args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from(queue_type.to_string())),
-    );
+async fn declare_durable(ch: &Channel, queue: &str, args: FieldTable) -> Result<()> {
     ch.queue_declare(
         ShortString::from(queue),
         QueueDeclareOptions {

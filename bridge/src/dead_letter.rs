@@ -1,0 +1,348 @@
+//! Dead-lettering: what a link does with a message that can never be delivered.
+//!
+//! The copy goes to the dead-letter queue with a `drawbridge-reason` header, and the peer
+//! delivery is acked only after the broker confirmed the copy. Two rules keep that from
+//! turning into a loop or a loss:
+//!
+//! - the copy drops what would make the broker refuse or drop it: `user_id` (RabbitMQ
+//!   refuses a `user_id` other than the publisher's login with `PRECONDITION_FAILED`, and
+//!   the bridge's login is rarely the node's) and `expiration` (the copy would vanish from
+//!   the dead-letter queue). Both are kept as `drawbridge-original-*` headers;
+//! - the copy is published on a channel of its own, so a refused publish closes that
+//!   channel only, never the consumer's (which would requeue the peer message and
+//!   dead-letter it again, forever). A failed publish is retried with backoff, the dead-letter
+//!   queue declared again first, while the link holds the message: the link pauses, in
+//!   order, instead of looping.
+
+use std::time::Duration;
+
+use drawbridge_runtime::{
+    backoff::Backoff,
+    broker::Live,
+    headers,
+    topology::{self, QueueType},
+};
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+    types::{AMQPValue, LongString, ShortString},
+    BasicProperties, Channel, Confirmation,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Header keeping a dead-lettered message's original `user_id`.
+pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
+/// Header keeping a dead-lettered message's original `expiration`.
+pub const ORIGINAL_EXPIRATION: &str = "drawbridge-original-expiration";
+
+/// Why one attempt to dead-letter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// Opening the channel or declaring the queue failed.
+    #[error("dead-letter queue `{queue}` unavailable: {source}")]
+    Queue {
+        /// The dead-letter queue.
+        queue: String,
+        /// Cause.
+        source: lapin::Error,
+    },
+    /// The publish failed or the broker nacked or returned it.
+    #[error("dead-letter publish refused: {0}")]
+    Refused(String),
+    /// No answer within the broker operation timeout.
+    #[error("dead-letter {what} timed out after {after:?}")]
+    TimedOut {
+        /// What was waited for.
+        what: &'static str,
+        /// The deadline.
+        after: Duration,
+    },
+}
+
+/// Why [`DeadLetterer::publish`] gave up without publishing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    /// The link is stopping.
+    Stopped,
+    /// The broker connection is gone (its deliveries can no longer be acked anyway).
+    BrokerLost,
+}
+
+/// The properties of the dead-letter copy of a message with properties `p`.
+pub fn copy_properties(p: &BasicProperties, reason: &str, origin_queue: &str) -> BasicProperties {
+    let mut hdrs = p.headers().clone().unwrap_or_default();
+    hdrs.insert(
+        ShortString::from(headers::REASON),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    hdrs.insert(
+        ShortString::from(headers::ORIGIN_QUEUE),
+        AMQPValue::LongString(LongString::from(origin_queue)),
+    );
+    if let Some(u) = p.user_id() {
+        hdrs.insert(
+            ShortString::from(ORIGINAL_USER_ID),
+            AMQPValue::LongString(LongString::from(u.as_str())),
+        );
+    }
+    if let Some(e) = p.expiration() {
+        hdrs.insert(
+            ShortString::from(ORIGINAL_EXPIRATION),
+            AMQPValue::LongString(LongString::from(e.as_str())),
+        );
+    }
+    // Rebuilt field by field: lapin has no way to unset a property.
+    let mut out = BasicProperties::default()
+        .with_headers(hdrs)
+        .with_delivery_mode(2);
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+/// A link's publisher into the dead-letter queue.
+#[derive(Debug)]
+pub struct DeadLetterer {
+    /// Dead-letter queue name.
+    queue: String,
+    /// Its `x-queue-type`.
+    queue_type: QueueType,
+    /// Confirm-mode channel of its own (see the module docs), opened lazily.
+    channel: Option<Channel>,
+    /// Broker operation timeout.
+    op: Duration,
+    /// Delay between failed attempts.
+    backoff: Backoff,
+}
+
+impl DeadLetterer {
+    /// A dead-letterer into `queue`.
+    pub fn new(queue: &str, queue_type: QueueType, op: Duration) -> Self {
+        DeadLetterer {
+            queue: queue.to_string(),
+            queue_type,
+            channel: None,
+            op,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+        }
+    }
+
+    /// Open the channel and declare the dead-letter queue; a link calls this before it
+    /// consumes, so nothing is taken from a peer queue while there is nowhere to put what
+    /// cannot be delivered.
+    pub async fn prepare(&mut self, live: &Live) -> Result<(), DeadLetterError> {
+        self.channel = None;
+        let queue = self.queue.clone();
+        let args = topology::plain_queue_args(self.queue_type);
+        let opened = tokio::time::timeout(self.op, async {
+            let ch = live.conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            ch.queue_declare(
+                ShortString::from(queue.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+            Ok::<_, lapin::Error>(ch)
+        })
+        .await;
+        match opened {
+            Ok(Ok(ch)) => {
+                self.channel = Some(ch);
+                Ok(())
+            }
+            Ok(Err(source)) => Err(DeadLetterError::Queue { queue, source }),
+            Err(_) => Err(DeadLetterError::TimedOut {
+                what: "queue declare",
+                after: self.op,
+            }),
+        }
+    }
+
+    /// One publish of `body` with `props`, awaiting the confirm.
+    async fn publish_once(
+        &mut self,
+        live: &Live,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), DeadLetterError> {
+        let ch = match &self.channel {
+            Some(ch) if ch.status().connected() => ch.clone(),
+            _ => {
+                self.prepare(live).await?;
+                self.channel.clone().expect("prepared")
+            }
+        };
+        let op = self.op;
+        let confirm = tokio::time::timeout(op, async {
+            ch.basic_publish(
+                ShortString::from(""),
+                ShortString::from(self.queue.as_str()),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await?
+            .await
+        })
+        .await;
+        let result = match confirm {
+            Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(DeadLetterError::Refused(format!(
+                "unroutable: no queue `{}`",
+                self.queue
+            ))),
+            Ok(Ok(other)) => Err(DeadLetterError::Refused(format!("{other:?}"))),
+            Ok(Err(e)) => Err(DeadLetterError::Refused(e.to_string())),
+            Err(_) => Err(DeadLetterError::TimedOut {
+                what: "publish confirm",
+                after: op,
+            }),
+        };
+        // Start from a fresh channel (and a fresh declare) next time.
+        self.channel = None;
+        result
+    }
+
+    /// Dead-letter a message: publish its copy, retrying with backoff until the broker
+    /// confirmed it. Returns early only when the link stops or the broker connection is
+    /// lost; the peer message is then left unacked (it is redelivered later, never lost).
+    pub async fn publish(
+        &mut self,
+        live: &Live,
+        body: &[u8],
+        props: BasicProperties,
+        link: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), Interrupted> {
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        loop {
+            match self.publish_once(live, body, props.clone()).await {
+                Ok(()) => {
+                    if let Some(t) = failing_since {
+                        info!(queue = %link, dead_letter_queue = %self.queue, failing_for = ?t.elapsed(), "dead-lettering works again");
+                    }
+                    self.backoff.reset();
+                    return Ok(());
+                }
+                Err(e) => {
+                    metrics::counter!("drawbridge_bridge_dead_letter_failures_total")
+                        .increment(1);
+                    let delay = self.backoff.next_delay();
+                    if failing_since.is_none() {
+                        // One line per episode, not per attempt.
+                        warn!(queue = %link, dead_letter_queue = %self.queue, reason = %e, retry_in = ?delay, "dead-lettering failed; the link holds the message and retries");
+                        failing_since = Some(tokio::time::Instant::now());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return Err(Interrupted::Stopped),
+                        _ = live.lost() => return Err(Interrupted::BrokerLost),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(p: &BasicProperties, k: &str) -> Option<AMQPValue> {
+        p.headers().as_ref().and_then(|h| h.inner().get(k).cloned())
+    }
+
+    #[test]
+    fn the_copy_keeps_the_message_but_not_what_the_broker_would_refuse_or_expire() {
+        let mut h = lapin::types::FieldTable::default();
+        h.insert("app".into(), AMQPValue::LongInt(7));
+        let p = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_user_id("node-a".into())
+            .with_expiration("3000".into())
+            .with_content_type("application/json".into())
+            .with_content_encoding("gzip".into())
+            .with_priority(4)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_timestamp(1_700_000_000)
+            .with_type("t".into())
+            .with_app_id("a".into())
+            .with_cluster_id("cl".into())
+            .with_delivery_mode(1)
+            .with_headers(h);
+        let c = copy_properties(&p, "too big", "drawbridge.peers.b");
+        assert_eq!(c.user_id(), &None, "a user_id the bridge may not assert");
+        assert_eq!(c.expiration(), &None, "the copy must not expire");
+        assert_eq!(
+            header(&c, ORIGINAL_USER_ID),
+            Some(AMQPValue::LongString("node-a".into()))
+        );
+        assert_eq!(
+            header(&c, ORIGINAL_EXPIRATION),
+            Some(AMQPValue::LongString("3000".into()))
+        );
+        assert_eq!(
+            header(&c, headers::REASON),
+            Some(AMQPValue::LongString("too big".into()))
+        );
+        assert_eq!(
+            header(&c, headers::ORIGIN_QUEUE),
+            Some(AMQPValue::LongString("drawbridge.peers.b".into()))
+        );
+        assert_eq!(header(&c, "app"), Some(AMQPValue::LongInt(7)));
+        assert_eq!(c.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(c.message_id(), p.message_id());
+        assert_eq!(c.content_type(), p.content_type());
+        assert_eq!(c.content_encoding(), p.content_encoding());
+        assert_eq!(c.priority(), p.priority());
+        assert_eq!(c.correlation_id(), p.correlation_id());
+        assert_eq!(c.reply_to(), p.reply_to());
+        assert_eq!(c.timestamp(), p.timestamp());
+        assert_eq!(c.kind(), p.kind());
+        assert_eq!(c.app_id(), p.app_id());
+        assert_eq!(c.cluster_id(), p.cluster_id());
+    }
+
+    #[test]
+    fn a_message_without_user_id_or_expiration_gets_no_original_headers() {
+        let c = copy_properties(&BasicProperties::default(), "r", "q");
+        assert_eq!(header(&c, ORIGINAL_USER_ID), None);
+        assert_eq!(header(&c, ORIGINAL_EXPIRATION), None);
+    }
+}

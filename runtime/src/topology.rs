@@ -1,0 +1,128 @@
+//! The broker resources Drawbridge uses and the arguments they are declared with.
+//!
+//! RabbitMQ refuses a redeclare whose arguments differ (`406 PRECONDITION_FAILED`), and
+//! the node and the bridge both declare the peer queues ("whichever comes first"), so the
+//! arguments live here, in one place, used by the bridge, the node library and the tests.
+
+use std::{fmt, str::FromStr};
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// Default name of the dead-letter queue.
+pub const DEAD_LETTER_QUEUE: &str = "drawbridge.dead-letter";
+/// Default prefix of peer queues.
+pub const PEER_QUEUE_PREFIX: &str = "drawbridge.peers.";
+/// Default inbox of a float identity.
+pub const INBOX: &str = "drawbridge.inbox";
+
+/// `x-queue-type` of a queue Drawbridge declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Classic queue (single broker node).
+    #[default]
+    Classic,
+    /// Quorum queue (replicated on a cluster).
+    Quorum,
+}
+
+impl QueueType {
+    /// The `x-queue-type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(format!("`{other}` is not `classic` or `quorum`")),
+        }
+    }
+}
+
+/// Arguments of every peer queue (`drawbridge.peers.<peer>`).
+///
+/// - `x-single-active-consumer`: the fence that keeps a zombie bridge from receiving
+///   alongside the active one.
+/// - `x-dead-letter-exchange` (the default exchange) + `x-dead-letter-routing-key` (the
+///   dead-letter queue): whatever the broker itself drops from the queue — a quorum queue's
+///   `x-delivery-limit` (20 by default on RabbitMQ 4.x), a TTL or length limit set by policy
+///   — becomes a dead-letter with the broker's `x-death` reason instead of a silent loss.
+pub fn peer_queue_args(queue_type: QueueType, dead_letter_queue: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-single-active-consumer"),
+        AMQPValue::Boolean(true),
+    );
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from(queue_type.as_str())),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-routing-key"),
+        AMQPValue::LongString(LongString::from(dead_letter_queue)),
+    );
+    args
+}
+
+/// Arguments of the dead-letter queue and of inboxes: only the queue type.
+pub fn plain_queue_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from(queue_type.as_str())),
+    );
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_queues_are_fenced_and_dead_letter_what_the_broker_drops() {
+        let args = peer_queue_args(QueueType::Quorum, "dlq");
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(
+            get("x-single-active-consumer"),
+            Some(AMQPValue::Boolean(true))
+        );
+        assert_eq!(
+            get("x-queue-type"),
+            Some(AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            get("x-dead-letter-exchange"),
+            Some(AMQPValue::LongString("".into()))
+        );
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(AMQPValue::LongString("dlq".into()))
+        );
+    }
+
+    #[test]
+    fn queue_types_parse_and_print() {
+        assert_eq!("quorum".parse::<QueueType>(), Ok(QueueType::Quorum));
+        assert_eq!(QueueType::Classic.to_string(), "classic");
+        assert!("lazy".parse::<QueueType>().is_err());
+    }
+}

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod dedup;
 mod sasl;
 mod server;
+pub mod settle;
 
 use std::{
     collections::HashMap,

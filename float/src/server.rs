@@ -23,13 +23,19 @@ use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, LongString, ShortString},
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel,
 };
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{convert, dedup::Seen, sasl::TlsIdentitySasl, Ctx};
+use crate::{
+    convert,
+    dedup::Seen,
+    sasl::TlsIdentitySasl,
+    settle::{self, BrokerAnswer, Pause, PauseEvent, Settle, Transient},
+    Ctx,
+};
 
 /// Accept connections until `shutdown`, then let the connections drain.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
@@ -216,16 +222,6 @@ async fn serve_session(
     let _ = tokio::time::timeout(Duration::from_secs(2), session.end()).await;
 }
 
-/// How one transfer ends.
-enum Settle {
-    /// Published and confirmed (or a confirmed duplicate): accept.
-    Accept,
-    /// Cannot ever be delivered: reject with this description.
-    Reject(String),
-    /// Transient trouble: release, the bridge resends.
-    Release(String),
-}
-
 type Pending = BoxFuture<'static, (DeliveryInfo, Settle, Option<String>)>;
 
 async fn serve_link(
@@ -265,7 +261,9 @@ async fn serve_link(
     };
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut draining = false;
+    let mut pause = Pause::new(Duration::from_millis(100), Duration::from_secs(5));
     let reason = loop {
+        let paused = pause.until(tokio::time::Instant::now());
         tokio::select! {
             biased;
             Some(first) = pending.next(), if !pending.is_empty() => {
@@ -278,19 +276,24 @@ async fn serve_link(
                         _ => break,
                     }
                 }
+                for (_, settle, _) in &batch {
+                    observe(&mut pause, settle, &sender);
+                }
                 if let Err(e) = settle_batch(&receiver, batch, &sender, &ctx).await {
                     break format!("disposition failed: {e}");
                 }
             }
+            _ = async { tokio::time::sleep_until(paused.expect("paused")).await }, if paused.is_some() && !draining => {}
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
             }
-            d = receiver.recv::<Body<Value>>(), if !draining && pending.len() < credit as usize => {
+            d = receiver.recv::<Body<Value>>(), if !draining && paused.is_none() && pending.len() < credit as usize => {
                 match d {
                     Ok(delivery) => {
                         let (info, msg) = delivery.into_parts();
                         match handle(msg, &sender, &ctx, &mut state).await {
                             (Handled::Now(settle), key) => {
+                                observe(&mut pause, &settle, &sender);
                                 if let Err(e) = settle_one(&receiver, info, settle, key, &sender, &ctx).await {
                                     break format!("disposition failed: {e}");
                                 }
@@ -325,6 +328,17 @@ async fn serve_link(
         let _ = tokio::time::timeout(Duration::from_secs(2), receiver.close()).await;
     }
     info!(peer = %sender, reason = %reason, "inbound link closed");
+}
+
+/// Feed a settlement to the link's pause; one log line per refusal episode.
+fn observe(pause: &mut Pause, settle: &Settle, sender: &str) {
+    match pause.observe(settle, tokio::time::Instant::now()) {
+        Some(PauseEvent::Paused(reason)) => {
+            warn!(peer = %sender, reason = %reason, "inbound link paused: the broker refuses publishes; transfers are released and resent")
+        }
+        Some(PauseEvent::Resumed) => info!(peer = %sender, "inbound link resumed: the broker accepts publishes again"),
+        None => {}
+    }
 }
 
 /// Per-link state: its own broker channel and a cache of destination → inbox.
@@ -394,7 +408,7 @@ async fn handle(
     let key = Some(id);
     let Some((live, channel)) = channel(state, ctx).await else {
         return (
-            Handled::Now(Settle::Release("broker unavailable".into())),
+            Handled::Now(Settle::Release(Transient::BrokerUnavailable)),
             key,
         );
     };
@@ -433,7 +447,7 @@ async fn handle(
         Ok(Err(e)) => {
             state.channel = None;
             return (
-                Handled::Now(Settle::Release(format!("publish failed: {e}"))),
+                Handled::Now(Settle::Release(Transient::PublishFailed(e.to_string()))),
                 key,
             );
         }
@@ -441,7 +455,7 @@ async fn handle(
             state.channel = None;
             live.report_broken("publish timed out");
             return (
-                Handled::Now(Settle::Release("publish timed out".into())),
+                Handled::Now(Settle::Release(Transient::ConfirmTimedOut(op))),
                 key,
             );
         }
@@ -449,23 +463,11 @@ async fn handle(
     (
         Handled::Later(
             async move {
-                match tokio::time::timeout(op, confirm).await {
-                    Ok(Ok(Confirmation::Ack(None))) => Settle::Accept,
-                    Ok(Ok(Confirmation::Ack(Some(_)))) => Settle::Reject(format!(
-                        "unroutable: no queue `{inbox}` in the receiving broker"
-                    )),
-                    Ok(Ok(Confirmation::Nack(_))) => {
-                        Settle::Reject("the receiving broker refused the message (nack)".into())
-                    }
-                    Ok(Ok(Confirmation::NotRequested)) => {
-                        Settle::Release("internal error: publisher confirms not enabled".into())
-                    }
-                    Ok(Err(e)) => Settle::Release(format!("publish not confirmed: {e}")),
-                    Err(_) => {
-                        live.report_broken("publisher confirm timed out");
-                        Settle::Release("publisher confirm timed out".into())
-                    }
+                let answer = tokio::time::timeout(op, confirm).await.ok();
+                if answer.is_none() {
+                    live.report_broken("publisher confirm timed out");
                 }
+                settle::confirmed(BrokerAnswer::from_confirm(answer), &inbox, op)
             }
             .boxed(),
         ),
@@ -573,7 +575,8 @@ async fn settle_one(
         Settle::Release(why) => {
             debug!(peer = %sender, reason = %why, "transfer released");
             ctx.stats.released.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("drawbridge_float_released_total").increment(1);
+            metrics::counter!("drawbridge_float_released_total", "reason" => why.label())
+                .increment(1);
             receiver.release(info).await
         }
     }

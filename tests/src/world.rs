@@ -14,7 +14,7 @@ use drawbridge_control_protocol::{
 };
 use lapin::{
     options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{FieldTable, ShortString},
     BasicProperties, Channel, ExchangeKind,
 };
 

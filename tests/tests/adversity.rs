@@ -1,0 +1,280 @@
+//! The message path under adversity: brokers that refuse, queues that vanish, properties the
+//! bridge's broker user may not assert. Each test feeds the failure into the real daemons
+//! (real RabbitMQ, real TLS) and checks that every message ends delivered or dead-lettered
+//! with a reason — never dropped, never looping.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use drawbridge_certs::devpki;
+use drawbridge_testkit::{
+    rabbit::{shared_node, RabbitNode},
+    stream::{self, PublishSpec, Tally},
+    world::{self, Org, DEAD_LETTER, INBOX},
+};
+use lapin::{
+    message::BasicGetMessage,
+    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions},
+    types::AMQPValue,
+    BasicProperties, Channel,
+};
+
+const BANK_A: &str = "O=Bank A, L=London, C=GB";
+const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
+
+struct Pair {
+    node: &'static RabbitNode,
+    vhost_a: String,
+    vhost_b: String,
+    a: Org,
+    b: Org,
+    _dir: tempfile::TempDir,
+}
+
+async fn pair() -> Result<Pair> {
+    drawbridge_certs::install_crypto_provider();
+    let node = shared_node().await;
+    let dir = tempfile::tempdir()?;
+    let names = [BANK_A.parse()?, BANK_B.parse()?];
+    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
+    let vhost_a = node.fresh_vhost().await?;
+    let vhost_b = node.fresh_vhost().await?;
+    let a = Org::new(
+        net.nodes[0].clone(),
+        vec![node.amqp_uri(&vhost_a)],
+        dir.path(),
+    );
+    let b = Org::new(
+        net.nodes[1].clone(),
+        vec![node.amqp_uri(&vhost_b)],
+        dir.path(),
+    );
+    Ok(Pair {
+        node,
+        vhost_a,
+        vhost_b,
+        a,
+        b,
+        _dir: dir,
+    })
+}
+
+/// Publish one message to `queue` with `props` (destination header added), confirmed.
+async fn publish_one(
+    ch: &Channel,
+    queue: &str,
+    props: BasicProperties,
+    destination: &str,
+    body: &[u8],
+) -> Result<()> {
+    let mut h = props.headers().clone().unwrap_or_default();
+    h.insert(
+        "drawbridge-destination".into(),
+        AMQPValue::LongString(destination.into()),
+    );
+    let props = props.with_headers(h).with_delivery_mode(2);
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+/// Take up to `n` messages from `queue` within `within`.
+async fn take(ch: &Channel, queue: &str, n: usize, within: Duration) -> Vec<BasicGetMessage> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while got.len() < n && tokio::time::Instant::now() < deadline {
+        match ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            Ok(Some(m)) => got.push(m),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    got
+}
+
+fn header(m: &BasicGetMessage, key: &str) -> Option<String> {
+    stream::header_string(m.delivery.properties.headers().as_ref(), key)
+}
+
+/// The node publishes as its own broker user, with `user_id` set (RabbitMQ checks it), and
+/// an `expiration`; the message cannot be forwarded (no message id). The bridge, logged in
+/// as another user, must dead-letter it without looping (a copied `user_id` is refused by
+/// the broker) and without the copy expiring; the next message must still flow.
+#[tokio::test]
+async fn a_dead_letter_copy_never_asserts_the_node_user_nor_expires() -> Result<()> {
+    let mut p = pair().await?;
+    let user = format!("node-{}", uuid::Uuid::new_v4().simple());
+    p.node.ctl(&["add_user", &user, "secret"]).await?;
+    p.node
+        .ctl(&["set_permissions", "-p", &p.vhost_a, &user, ".*", ".*", ".*"])
+        .await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let q = p.a.queue_to(&p.b);
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
+        .await?;
+
+    let uri = p.a.broker_uri().replacen("guest:guest", &format!("{user}:secret"), 1);
+    let node_conn = stream::connect(&uri).await?;
+    let node_ch = node_conn.create_channel().await?;
+    let bad = BasicProperties::default()
+        .with_user_id(user.as_str().into())
+        .with_expiration("3000".into());
+    publish_one(&node_ch, &q, bad, BANK_B, b"no id").await?;
+    let good = BasicProperties::default()
+        .with_user_id(user.as_str().into())
+        .with_message_id(stream::message_id("ua", 0).into());
+    publish_one(&node_ch, &q, good, BANK_B, &stream::make_body(0, 64)).await?;
+
+    // The good message is not stuck behind the bad one.
+    let (_cb, chb) = p.b.channel().await?;
+    world::declare_queue(&chb, INBOX).await?;
+    let mut tally = Tally::new("ua", 1, Some(BANK_A.to_string()));
+    stream::consume(&chb, INBOX, &mut tally, Duration::from_secs(20), |_| {}).await?;
+    assert!(tally.report().complete(), "{:?}", tally.report());
+
+    // The copy outlives the original's expiration.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_ca, cha) = p.a.channel().await?;
+    let got = take(&cha, DEAD_LETTER, 1, Duration::from_secs(5)).await;
+    let bridge_log = p.a.bridge.as_ref().map(|b| b.log_tail(20)).unwrap_or_default();
+    let [m] = got.as_slice() else {
+        bail!("dead-letter queue holds {} messages; bridge log:\n{bridge_log}", got.len());
+    };
+    let props = &m.delivery.properties;
+    assert_eq!(props.user_id(), &None);
+    assert_eq!(props.expiration(), &None);
+    assert_eq!(header(m, "drawbridge-original-user-id"), Some(user.clone()));
+    assert_eq!(
+        header(m, "drawbridge-original-expiration"),
+        Some("3000".into())
+    );
+    assert_eq!(
+        header(m, "drawbridge-reason"),
+        Some("message has no message_id".into())
+    );
+    assert_eq!(m.delivery.data, b"no id");
+    let status = p.a.bridge.as_ref().unwrap().status().await?;
+    assert_eq!(status["links"][0]["dead_lettered"], 1, "{status}");
+    Ok(())
+}
+
+/// An operator deletes the dead-letter queue while the bridge runs; the next undeliverable
+/// message must land in a declared-again dead-letter queue, not loop on redelivery.
+#[tokio::test]
+async fn a_deleted_dead_letter_queue_is_declared_again() -> Result<()> {
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let q = p.a.queue_to(&p.b);
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
+        .await?;
+    let (_ca, cha) = p.a.channel().await?;
+    cha.queue_delete(DEAD_LETTER.into(), QueueDeleteOptions::default())
+        .await?;
+    publish_one(&cha, &q, BasicProperties::default(), BANK_B, b"no id").await?;
+    let good = BasicProperties::default().with_message_id(stream::message_id("dd", 0).into());
+    publish_one(&cha, &q, good, BANK_B, &stream::make_body(0, 64)).await?;
+
+    let (_cb, chb) = p.b.channel().await?;
+    world::declare_queue(&chb, INBOX).await?;
+    let mut tally = Tally::new("dd", 1, Some(BANK_A.to_string()));
+    stream::consume(&chb, INBOX, &mut tally, Duration::from_secs(20), |_| {}).await?;
+    assert!(tally.report().complete(), "{:?}", tally.report());
+    let got = take(&cha, DEAD_LETTER, 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "the dead-letter copy");
+    assert_eq!(
+        header(&got[0], "drawbridge-reason"),
+        Some("message has no message_id".into())
+    );
+    let status = p.a.bridge.as_ref().unwrap().status().await?;
+    assert_eq!(status["links"][0]["redelivered"], 0, "no redelivery loop: {status}");
+    Ok(())
+}
+
+/// B's inbox is full (`max-length` with `overflow = reject-publish`, set by policy): the
+/// float's publishes are nacked. That is a passing condition: the messages must wait and
+/// arrive once the node drains its inbox — none dead-lettered.
+#[tokio::test]
+async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
+    let mut p = pair().await?;
+    p.node
+        .ctl(&[
+            "set_policy",
+            "-p",
+            &p.vhost_b,
+            "inbox-full",
+            "^drawbridge\\.inbox$",
+            r#"{"max-length": 40, "overflow": "reject-publish"}"#,
+            "--apply-to",
+            "queues",
+        ])
+        .await?;
+    let n = 200;
+    let (_ca, cha) = p.a.channel().await?;
+    let q = p.a.queue_to(&p.b);
+    world::declare_peer_queue(&cha, &q, "classic").await?;
+    let spec = PublishSpec {
+        run: "full".into(),
+        from: 0,
+        to: n,
+        size: 256,
+        destination: BANK_B.into(),
+        headers: vec![],
+    };
+    stream::publish(&cha, &q, &spec, |_| {}).await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("reconnect_max = \"2s\"").await?;
+    p.a.create_link_to(&p.b).await?;
+
+    // Let the inbox fill and the refusals happen.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let depth = p.node.queue_depth(&p.vhost_b, INBOX).await.unwrap_or(0);
+        if depth >= 40 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("inbox never filled: depth {depth}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let float = p.b.float.as_ref().unwrap().status().await?;
+    assert!(
+        float["released"].as_u64().unwrap_or(0) > 0,
+        "the float must have been refused: {float}"
+    );
+    assert_eq!(
+        p.node.queue_depth(&p.vhost_a, DEAD_LETTER).await.unwrap_or(0),
+        0,
+        "nothing dead-lettered while the inbox is full"
+    );
+
+    // The node drains its inbox: everything arrives.
+    let (_cb, chb) = p.b.channel().await?;
+    let mut tally = Tally::new("full", n, Some(BANK_A.to_string()));
+    stream::consume(&chb, INBOX, &mut tally, Duration::from_secs(30), |_| {}).await?;
+    let r = tally.report();
+    assert!(r.complete() && r.unexpected == 0, "{r:?}");
+    assert_eq!(
+        p.node.queue_depth(&p.vhost_a, DEAD_LETTER).await.unwrap_or(0),
+        0,
+        "nothing dead-lettered"
+    );
+    let status = p.a.bridge.as_ref().unwrap().status().await?;
+    assert_eq!(status["links"][0]["dead_lettered"], 0, "{status}");
+    Ok(())
+}

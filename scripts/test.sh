@@ -23,6 +23,9 @@ fi
 if [[ "${DRAWBRIDGE_FAULT_SUITE:-}" == "1" || "${CI:-}" == "true" ]]; then
     if [[ -f tests/tests/faults.rs ]]; then
         echo "test.sh: fault suite (release, --ignored, one thread)"
+        # The suite runs the daemons' release binaries: build them from this tree first
+        # (a stale binary from an earlier build would be tested otherwise).
+        cargo build --release -p drawbridge-bridge -p drawbridge-float
         if ! cargo test --release -p drawbridge-testkit --test faults -- --ignored --test-threads=1 --nocapture; then
             failed+=("fault suite")
         fi

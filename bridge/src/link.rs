@@ -98,6 +98,8 @@ enum End {
     Stopped,
     /// Something failed; reconnect.
     Broken(String),
+    /// A probing session settled its one message: consume with the full window again.
+    Widen,
 }
 
 /// What one forwarding session achieved; decides the next backoff and feeds the head watch.
@@ -105,6 +107,8 @@ enum End {
 struct SessionStats {
     /// Transfers the peer accepted in this session.
     accepted: u64,
+    /// Deliveries acked in this session (accepted or dead-lettered): the queue moved.
+    acked: u64,
     /// A transfer was released, modified, failed or not settled in time (the peer takes
     /// the connection but not the messages: the case that must not recycle quickly).
     transfer_failed: bool,
@@ -128,6 +132,11 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     let mut tls_penalty: HashMap<Target, Instant> = HashMap::new();
     let mut next_target = 0usize;
     let mut last_reason = String::new();
+    // After a session in which the peer took the connection but not the messages, the next
+    // one probes with a prefetch of 1: only the head message goes back to the queue if it
+    // fails again, instead of the whole window (each return counts against a quorum
+    // queue's delivery limit).
+    let mut probe = false;
     let settings = match ctx.peer_settings(&spec) {
         Ok(s) => s,
         Err(reason) => {
@@ -214,9 +223,14 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             view: &view,
             target: &target,
         };
-        let end = session.run(pc, &mut dead_letters, &mut stats).await;
+        let end = session
+            .run(pc, &mut dead_letters, &mut stats, probe)
+            .await;
+        if stats.acked > 0 {
+            probe = false;
+        }
         match end {
-            End::Stopped => break,
+            End::Stopped | End::Widen => break,
             End::Broken(reason) => {
                 // The backoff starts again only after the peer accepted something (or the
                 // link stayed up a while with no transfer failing, e.g. an idle link whose
@@ -228,7 +242,10 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 if healthy {
                     backoff.reset();
                 }
-                match head.session_ended(stats.first_redelivered.as_deref(), stats.accepted > 0) {
+                if stats.transfer_failed && stats.acked == 0 {
+                    probe = true;
+                }
+                match head.session_ended(stats.first_redelivered.as_deref(), stats.acked > 0) {
                     Some(HeadEvent::Stuck { id, returns }) => {
                         warn!(queue = %spec.queue, message_id = %id, returns, "the message at the head of the queue keeps coming back unsettled; a delivery limit on the queue will dead-letter it");
                     }
@@ -292,6 +309,7 @@ impl LinkSession<'_> {
         mut pc: PeerConnection,
         dead_letters: &mut DeadLetterer,
         stats: &mut SessionStats,
+        mut probe: bool,
     ) -> End {
         let op = self.ctx.broker.config().op_timeout;
         // Nothing is taken from the peer queue while there is nowhere to put what cannot be
@@ -300,8 +318,13 @@ impl LinkSession<'_> {
             pc.close().await;
             return End::Broken(e.to_string());
         }
-        let opened = tokio::time::timeout(op, open_consumer(self.live, self.spec, self.ctx)).await;
-        let (channel, consumer) = match opened {
+        let prefetch = if probe { 1 } else { self.ctx.cfg.window };
+        let opened = tokio::time::timeout(
+            op,
+            open_consumer(self.live, self.spec, self.ctx, prefetch),
+        )
+        .await;
+        let (channel, mut consumer) = match opened {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 pc.close().await;
@@ -315,10 +338,35 @@ impl LinkSession<'_> {
         };
         self.view.lock().expect("poisoned").connects += 1;
         set_state(self.ctx, self.view, self.spec, LinkState::Up, self.target, "connected");
-        info!(queue = %self.spec.queue, target = %self.target, "link up");
-        let end = self
-            .forward(&mut pc, &channel, consumer, dead_letters, stats)
+        if probe {
+            info!(queue = %self.spec.queue, target = %self.target, "link up, probing with one message after transfers failed");
+        } else {
+            info!(queue = %self.spec.queue, target = %self.target, "link up");
+        }
+        let end = loop {
+            let end = self
+                .forward(&mut pc, &channel, consumer, dead_letters, stats, probe)
+                .await;
+            if !matches!(end, End::Widen) {
+                break end;
+            }
+            // The probe went through: consume with the full window (a prefetch applies to
+            // consumers started after it is set, so the consumer is started again).
+            probe = false;
+            let widened = tokio::time::timeout(op, async {
+                channel
+                    .basic_cancel(consumer_tag(self.ctx).into(), BasicCancelOptions::default())
+                    .await?;
+                start_consumer(&channel, self.spec, self.ctx, self.ctx.cfg.window).await
+            })
             .await;
+            consumer = match widened {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => break End::Broken(format!("cannot consume `{}`: {e}", self.spec.queue)),
+                Err(_) => break End::Broken("restarting the consumer timed out".into()),
+            };
+            info!(queue = %self.spec.queue, target = %self.target, "probe accepted; forwarding with the full window");
+        };
         // Closing the channel returns every unacked delivery to the queue, in order. A close
         // that does not complete leaves them held by a channel nobody reads: only closing
         // the whole connection frees them, so report it broken.
@@ -339,6 +387,7 @@ impl LinkSession<'_> {
         mut consumer: Consumer,
         dead_letters: &mut DeadLetterer,
         stats: &mut SessionStats,
+        probe: bool,
     ) -> End {
         let (spec, ctx, view, live, stop) = (self.spec, self.ctx, self.view, self.live, self.stop);
         let cfg = &ctx.cfg;
@@ -378,11 +427,15 @@ impl LinkSession<'_> {
                     match acks.outcome(tag, &settled, inflight.is_empty()) {
                         Step::Ack { flush_now } => {
                             stats.accepted += 1;
+                            stats.acked += 1;
                             count_forwarded(view);
-                            if flush_now {
+                            if flush_now || probe {
                                 if let Err(e) = flush(channel, &mut acks, op).await {
                                     return End::Broken(e);
                                 }
+                            }
+                            if probe {
+                                return End::Widen;
                             }
                         }
                         Step::DeadLetter(reason) => {
@@ -392,10 +445,14 @@ impl LinkSession<'_> {
                                 Ok(()) => {
                                     metrics::counter!("drawbridge_bridge_dead_lettered_total").increment(1);
                                     view.lock().expect("poisoned").dead_lettered += 1;
-                                    if acks.settled(tag, inflight.is_empty()) {
+                                    stats.acked += 1;
+                                    if acks.settled(tag, inflight.is_empty()) || probe {
                                         if let Err(e) = flush(channel, &mut acks, op).await {
                                             return End::Broken(e);
                                         }
+                                    }
+                                    if probe {
+                                        return End::Widen;
                                     }
                                 }
                                 Err(Interrupted::Stopped) => {
@@ -510,6 +567,7 @@ async fn salvage(
             Ok(Some((delivery, Settled::Accepted))) => {
                 acks.settled(delivery.delivery_tag, false);
                 stats.accepted += 1;
+                stats.acked += 1;
                 count_forwarded(view);
             }
             _ => break,
@@ -521,6 +579,7 @@ async fn open_consumer(
     live: &Arc<Live>,
     spec: &PeerLink,
     ctx: &Arc<Ctx>,
+    prefetch: u16,
 ) -> Result<(Channel, Consumer), lapin::Error> {
     let ch = live.conn.create_channel().await?;
     ch.queue_declare(
@@ -532,17 +591,29 @@ async fn open_consumer(
         ctx.peer_queue_args(),
     )
     .await?;
-    ch.basic_qos(ctx.cfg.window, BasicQosOptions::default())
-        .await?;
-    let consumer = ch
-        .basic_consume(
-            ShortString::from(spec.queue.as_str()),
-            ShortString::from(format!("drawbridge-{}", ctx.cfg.id)),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let consumer = start_consumer(&ch, spec, ctx, prefetch).await?;
     Ok((ch, consumer))
+}
+
+/// Set the prefetch (`window`, or 1 while probing) and consume the peer queue.
+async fn start_consumer(
+    ch: &Channel,
+    spec: &PeerLink,
+    ctx: &Ctx,
+    prefetch: u16,
+) -> Result<Consumer, lapin::Error> {
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    ch.basic_consume(
+        ShortString::from(spec.queue.as_str()),
+        ShortString::from(consumer_tag(ctx)),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+fn consumer_tag(ctx: &Ctx) -> String {
+    format!("drawbridge-{}", ctx.cfg.id)
 }
 
 type InFlight = BoxFuture<'static, (Delivery, Settled)>;

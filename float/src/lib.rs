@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use config::FloatConfig;
-use dedup::DedupWindow;
+use dedup::Dedup;
 
 /// Counters shown in `/status`.
 #[derive(Debug, Default)]
@@ -61,7 +61,7 @@ pub(crate) struct Ctx {
     cfg: FloatConfig,
     tls: tokio_rustls::TlsAcceptor,
     broker: BrokerSession,
-    dedup: Mutex<DedupWindow>,
+    dedup: Dedup,
     stats: Stats,
     identities: Vec<(LegalName, String)>,
     connections: Mutex<HashMap<u64, server::ConnectionInfo>>,
@@ -98,7 +98,8 @@ impl AdminState for Ctx {
             "released": self.stats.released.load(Ordering::Relaxed),
             "duplicates_suppressed": self.stats.duplicates_suppressed.load(Ordering::Relaxed),
             "duplicates_passed": self.stats.duplicates_passed.load(Ordering::Relaxed),
-            "dedup_window": self.dedup.lock().expect("poisoned").len(),
+            "dedup_window": self.dedup.len(),
+            "dedup_in_flight": self.dedup.in_flight(),
         })
     }
 }
@@ -190,7 +191,7 @@ pub async fn start(
         broker_shutdown.clone(),
     );
     let ctx = Arc::new(Ctx {
-        dedup: Mutex::new(DedupWindow::new(cfg.dedup_capacity, cfg.dedup_max_age)),
+        dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_max_age),
         tls: tokio_rustls::TlsAcceptor::from(tls),
         broker,
         stats: Stats::default(),

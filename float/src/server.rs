@@ -222,7 +222,9 @@ async fn serve_session(
     let _ = tokio::time::timeout(Duration::from_secs(2), session.end()).await;
 }
 
-type Pending = BoxFuture<'static, (DeliveryInfo, Settle, Option<String>)>;
+/// A published transfer waiting for its confirm: its delivery, how it settles, and
+/// whether it was published (see `handle`).
+type Pending = BoxFuture<'static, (DeliveryInfo, Settle, bool)>;
 
 async fn serve_link(
     mut receiver: Receiver,
@@ -310,19 +312,11 @@ async fn serve_link(
         }
     };
     // Whatever is still pending was never settled: the peer resends it. Wait for the
-    // confirms anyway: a confirmed one is safely in the broker, so recording it lets the
-    // dedup window suppress the resend.
+    // confirms anyway: a confirmed one is safely in the broker, and its dedup ticket (finished
+    // in the confirm future) lets the window suppress the resend.
     if !pending.is_empty() {
         warn!(peer = %sender, unsettled = pending.len(), "link ended with unsettled transfers; the peer will resend them");
-        while let Some((_, settle, key)) = pending.next().await {
-            if let Some(id) = key {
-                let confirmed = matches!(settle, Settle::Accept);
-                ctx.dedup
-                    .lock()
-                    .expect("poisoned")
-                    .finish(&sender, &id, confirmed, Instant::now());
-            }
-        }
+        while pending.next().await.is_some() {}
     }
     if draining {
         let _ = tokio::time::timeout(Duration::from_secs(2), receiver.close()).await;
@@ -354,20 +348,23 @@ enum Handled {
     Later(BoxFuture<'static, Settle>),
 }
 
-/// Validate and publish one transfer. Also returns the message id if it was registered
-/// in flight with the dedup window (to be finished when settled).
+/// Validate and publish one transfer. Also returns whether it was published (not rejected
+/// before publishing, nor a confirmed duplicate): only those count as accepted.
+///
+/// The dedup ticket of a published copy lives in the confirm future: recorded as
+/// confirmed the moment the broker confirms, dropped (forgotten) on any other outcome.
 async fn handle(
     msg: Message<Body<Value>>,
     sender: &Arc<str>,
     ctx: &Arc<Ctx>,
     state: &mut LinkState,
-) -> (Handled, Option<String>) {
+) -> (Handled, bool) {
     let inbound = match convert::from_amqp(msg, ctx.cfg.max_message_size) {
         Ok(m) => m,
         Err(e) => {
             metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label())
                 .increment(1);
-            return (Handled::Now(Settle::Reject(e.to_string())), None);
+            return (Handled::Now(Settle::Reject(e.to_string())), false);
         }
     };
     let inbox = state
@@ -382,30 +379,26 @@ async fn handle(
             Handled::Now(Settle::Reject(
                 convert::Invalid::UnknownDestination(inbound.destination).to_string(),
             )),
-            None,
+            false,
         );
     };
     let id = inbound.message_id.clone();
-    let seen = ctx
-        .dedup
-        .lock()
-        .expect("poisoned")
-        .begin(sender, &id, Instant::now());
-    match seen {
+    let ticket = match ctx.dedup.begin(sender, &id, Instant::now()) {
         Seen::Confirmed => {
             ctx.stats
                 .duplicates_suppressed
                 .fetch_add(1, Ordering::Relaxed);
             metrics::counter!("drawbridge_float_duplicates_suppressed_total").increment(1);
-            return (Handled::Now(Settle::Accept), None);
+            return (Handled::Now(Settle::Accept), false);
         }
-        Seen::InFlight => {
+        Seen::InFlight(ticket) => {
             ctx.stats.duplicates_passed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("drawbridge_float_duplicates_passed_total").increment(1);
+            ticket
         }
-        Seen::New => {}
-    }
-    let key = Some(id);
+        Seen::New(ticket) => ticket,
+    };
+    let key = true;
     let Some((live, channel)) = channel(state, ctx).await else {
         return (
             Handled::Now(Settle::Release(Transient::BrokerUnavailable)),
@@ -467,7 +460,11 @@ async fn handle(
                 if answer.is_none() {
                     live.report_broken("publisher confirm timed out");
                 }
-                settle::confirmed(BrokerAnswer::from_confirm(answer), &inbox, op)
+                let settle = settle::confirmed(BrokerAnswer::from_confirm(answer), &inbox, op);
+                if settle == Settle::Accept {
+                    ticket.confirmed(Instant::now());
+                }
+                settle
             }
             .boxed(),
         ),
@@ -510,7 +507,7 @@ async fn channel(state: &mut LinkState, ctx: &Arc<Ctx>) -> Option<(Arc<Live>, Ch
 /// Settle `batch` in order: runs of accepts with one `accept_all`, the rest one by one.
 async fn settle_batch(
     receiver: &Receiver,
-    batch: Vec<(DeliveryInfo, Settle, Option<String>)>,
+    batch: Vec<(DeliveryInfo, Settle, bool)>,
     sender: &str,
     ctx: &Ctx,
 ) -> Result<(), fe2o3_amqp::link::DispositionError> {
@@ -518,7 +515,7 @@ async fn settle_batch(
     for (info, settle, key) in batch {
         match settle {
             Settle::Accept => {
-                record_accept(key.as_deref(), sender, ctx);
+                record_accept(key, ctx);
                 accepts.push(info);
             }
             other => {
@@ -535,13 +532,9 @@ async fn settle_batch(
     Ok(())
 }
 
-/// Book-keeping for an accepted transfer: the dedup window and counters.
-fn record_accept(key: Option<&str>, sender: &str, ctx: &Ctx) {
-    if let Some(id) = key {
-        ctx.dedup
-            .lock()
-            .expect("poisoned")
-            .finish(sender, id, true, Instant::now());
+/// Counters for an accepted transfer that was published (not a suppressed duplicate).
+fn record_accept(published: bool, ctx: &Ctx) {
+    if published {
         ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("drawbridge_float_accepted_total").increment(1);
     }
@@ -551,19 +544,13 @@ async fn settle_one(
     receiver: &Receiver,
     info: DeliveryInfo,
     settle: Settle,
-    key: Option<String>,
+    published: bool,
     sender: &str,
     ctx: &Ctx,
 ) -> Result<(), fe2o3_amqp::link::DispositionError> {
-    if let (Some(id), false) = (&key, matches!(settle, Settle::Accept)) {
-        ctx.dedup
-            .lock()
-            .expect("poisoned")
-            .finish(sender, id, false, Instant::now());
-    }
     match settle {
         Settle::Accept => {
-            record_accept(key.as_deref(), sender, ctx);
+            record_accept(published, ctx);
             receiver.accept(info).await
         }
         Settle::Reject(why) => {

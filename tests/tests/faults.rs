@@ -817,3 +817,105 @@ async fn i_float_sigterm_drains() -> Result<()> {
     );
     Ok(())
 }
+
+/// j. Recycle storm: B's float takes the connection but its broker refuses every publish
+/// (write permission removed) for 60 s, on a quorum peer queue with a delivery limit of 5.
+/// Each recycle returns what the link had in flight, and the queue drops a message returned
+/// more often than the limit. Nothing may be lost: every message ends in B's inbox or in A's
+/// dead-letter queue with a reason; the link backs off instead of recycling every second.
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn j_float_refuses_publishes_for_a_minute() -> Result<()> {
+    let (na, nb, mut w) = two_brokers().await?;
+    let n = messages(500).min(5_000);
+    na.ctl(&[
+        "set_policy",
+        "-p",
+        "/",
+        "delivery-limit",
+        "^drawbridge\\.peers\\.",
+        r#"{"delivery-limit": 5}"#,
+        "--apply-to",
+        "queues",
+    ])
+    .await?;
+    preload(&w.a, &w.b, "j", n, "quorum").await?;
+    nb.ctl(&["set_permissions", "-p", "/", "guest", ".*", "^$", ".*"])
+        .await?;
+    w.b.start_float(FAST_FLOAT).await?;
+    w.a.start_bridge(
+        "reconnect_max = \"20s\"\nidle_timeout = \"5s\"\nsettle_timeout = \"10s\"\nconnect_timeout = \"3s\"\npeer_queue_type = \"quorum\"",
+    )
+    .await?;
+    w.a.create_link_to(&w.b).await?;
+    let queue = w.a.queue_to(&w.b);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let connects = link_connects(&w.a, &queue).await;
+    let view = link_view(&w.a, &queue).await;
+    nb.ctl(&["set_permissions", "-p", "/", "guest", ".*", ".*", ".*"])
+        .await?;
+    let healed = Instant::now();
+
+    // Everything lands in B's inbox or A's dead-letter queue.
+    let mut probe = InboxProbe::new(&w.b);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (inbox, dead) = loop {
+        let inbox = probe.now().await;
+        let dead = na.queue_depth("/", world::DEAD_LETTER).await.unwrap_or(0);
+        if inbox + dead >= n {
+            break (inbox, dead);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after the heal only {inbox} in the inbox and {dead} dead-lettered of {n}\n{}",
+                logs(&w.a)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let rec = healed.elapsed();
+    let (_cb, chb) = w.b.channel().await?;
+    let mut tally = Tally::new("j", n, Some(BANK_A.to_string()));
+    stream::consume(&chb, INBOX, &mut tally, Duration::from_secs(5), |_| {}).await?;
+    let delivered = tally.distinct();
+    let (_ca, cha) = w.a.channel().await?;
+    let mut reasons = std::collections::BTreeMap::<String, u64>::new();
+    while let Some(m) = cha
+        .basic_get(
+            world::DEAD_LETTER.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await?
+    {
+        let props = &m.delivery.properties;
+        let h = props.headers().as_ref();
+        let reason = stream::header_string(h, "drawbridge-reason")
+            .or_else(|| stream::header_string(h, "x-first-death-reason"))
+            .unwrap_or_else(|| "NO REASON".into());
+        *reasons.entry(reason).or_default() += 1;
+        let id = props.message_id().as_ref().map(|s| s.to_string());
+        tally.record(id.as_deref(), &m.delivery.data, Some(BANK_A));
+    }
+    let r = tally.report();
+    report(
+        "j. float's broker refuses publishes 60 s (quorum, delivery-limit 5)",
+        &r,
+        &[rec],
+    );
+    println!(
+        "j: link connects during the 60 s outage {connects}; delivered {delivered}; dead-lettered {dead} {reasons:?}; inbox depth at heal+{:.1}s {inbox}; link {}",
+        rec.as_secs_f64(),
+        view.unwrap_or_default()
+    );
+    assert_intact("j", &r, &logs(&w.a));
+    assert!(
+        !reasons.contains_key("NO REASON"),
+        "every dead-letter has a reason: {reasons:?}"
+    );
+    assert!(
+        connects <= 10,
+        "the link must back off while the peer refuses: {connects} connects in 60 s\n{}",
+        logs(&w.a)
+    );
+    Ok(())
+}

@@ -110,15 +110,14 @@ impl AckBatch {
     }
 }
 
-/// Watches the head of a peer queue across link sessions: a message that keeps coming
-/// back (every session starts with it, redelivered, and ends without anything accepted) is
-/// reported once, so an operator sees a stuck link before a quorum queue's delivery limit
+/// Watches the head of a peer queue across link sessions: when sessions keep starting with
+/// a redelivered message and ending without anything acked, the link is reported once, so an operator sees a stuck link before a quorum queue's delivery limit
 /// dead-letters it.
 #[derive(Debug)]
 pub struct HeadWatch {
-    /// Message id of the head that keeps coming back, if any.
+    /// Message id of the latest head that came back, if any.
     id: Option<String>,
-    /// Sessions in a row that started with `id` and accepted nothing.
+    /// Sessions in a row that started with a redelivered message and acked nothing.
     returns: u32,
     /// Report once `returns` reaches this.
     threshold: u32,
@@ -178,14 +177,12 @@ impl HeadWatch {
             *self = HeadWatch::new(self.threshold);
             return cleared;
         }
+        // Counted whatever the id: a quorum queue redelivers returned messages in the order
+        // they were returned, so the head seen by each session can differ while the link
+        // is just as stuck.
         let first = first_redelivered?;
-        if self.id.as_deref() == Some(first) {
-            self.returns += 1;
-        } else {
-            self.id = Some(first.to_string());
-            self.returns = 1;
-            self.reported = false;
-        }
+        self.id = Some(first.to_string());
+        self.returns += 1;
         if self.returns >= self.threshold && !self.reported {
             self.reported = true;
             return Some(HeadEvent::Stuck {
@@ -315,11 +312,19 @@ mod tests {
     }
 
     #[test]
-    fn a_different_head_or_an_empty_session_starts_or_keeps_the_count() {
-        let mut h = HeadWatch::new(2);
+    fn a_different_head_or_an_empty_session_keeps_the_count() {
+        let mut h = HeadWatch::new(3);
         h.session_ended(Some("m1"), false);
-        h.session_ended(Some("m2"), false);
-        assert_eq!(h.returns(), 1, "a new head starts again");
+        assert_eq!(
+            h.session_ended(Some("m2"), false),
+            None,
+            "a quorum queue may redeliver returns in another order"
+        );
+        assert_eq!(h.returns(), 2);
+        h.session_ended(Some("m3"), true);
+        assert_eq!(h.returns(), 0);
+        h.session_ended(Some("m1"), false);
+        assert_eq!(h.returns(), 1);
         assert_eq!(h.session_ended(None, false), None, "no delivery: no change");
         assert_eq!(h.returns(), 1);
         assert_eq!(h.session_ended(None, true), None, "progress without report");

@@ -45,6 +45,21 @@ impl ConfigReader {
         env_prefix: &str,
         list_keys: &[&str],
     ) -> Result<Self, ConfigErrors> {
+        Self::load_with_env(file, env_prefix, list_keys, std::env::vars())
+    }
+
+    /// [`ConfigReader::load`] with the environment given as `vars` (tests pass a map).
+    ///
+    /// Only `{env_prefix}_{SECTION}__{KEY}` variables are configuration: every key has a
+    /// section, so the separator is always there. Other variables with the prefix belong to
+    /// the command line (`DRAWBRIDGE_BRIDGE_CONFIG`, the path of this very file, or the
+    /// CLI's `DRAWBRIDGE_ADMIN`) and are left alone instead of being reported as unknown keys.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env_prefix: &str,
+        list_keys: &[&str],
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
         let mut builder = Config::builder();
         if let Some(path) = file {
             if !path.exists() {
@@ -55,11 +70,20 @@ impl ConfigReader {
             }
             builder = builder.add_source(File::from(path).format(FileFormat::Toml));
         }
+        let prefix = format!("{env_prefix}_");
+        let vars: config::Map<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(&prefix)
+                    .is_some_and(|rest| rest.contains("__"))
+            })
+            .collect();
         let mut env = Environment::with_prefix(env_prefix)
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
-            .list_separator(",");
+            .list_separator(",")
+            .source(Some(vars));
         for key in list_keys {
             env = env.with_list_parse_key(key);
         }
@@ -283,6 +307,26 @@ pub fn uncomment_example(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_section_key_variables_are_configuration() {
+        let vars = [
+            ("DRAWBRIDGE_BRIDGE_CONFIG", "/etc/drawbridge/bridge.toml"),
+            ("DRAWBRIDGE_ADMIN", "127.0.0.1:9101"),
+            ("DRAWBRIDGE_BRIDGE__WINDOW", "5"),
+            ("DRAWBRIDGE_BROKER__URIS", "amqp://a/%2f,amqp://b/%2f"),
+            ("OTHER__THING", "x"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut r = ConfigReader::load_with_env(None, "DRAWBRIDGE", &["broker.uris"], vars)
+            .expect("loads");
+        assert_eq!(r.get::<u32>("bridge.window", 0), 5);
+        assert_eq!(
+            r.get::<Vec<String>>("broker.uris", vec![]),
+            vec!["amqp://a/%2f".to_string(), "amqp://b/%2f".to_string()]
+        );
+        assert_eq!(r.finish(), Ok(()), "no unknown key from command-line variables");
+    }
 
     #[test]
     fn every_bad_key_is_reported() {

@@ -905,12 +905,17 @@ async fn j_float_refuses_publishes_for_a_minute() -> Result<()> {
     println!(
         "j: link connects during the 60 s outage {connects}; delivered {delivered}; dead-lettered {dead} {reasons:?}; inbox depth at heal+{:.1}s {inbox}; link {}",
         rec.as_secs_f64(),
-        view.unwrap_or_default()
+        view.clone().unwrap_or_default()
     );
     assert_intact("j", &r, &logs(&w.a));
     assert!(
         !reasons.contains_key("NO REASON"),
         "every dead-letter has a reason: {reasons:?}"
+    );
+    let view = view.unwrap_or_default();
+    assert!(
+        view["head_returns"].as_u64().unwrap_or(0) >= 3 && view["stuck_message_id"].is_string(),
+        "the stuck link is reported in its status: {view}"
     );
     assert!(
         connects <= 10,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod headers;
 pub mod logging;
+pub mod mapping;
 pub mod shutdown;
 
 /// Exit code for invalid configuration or command line (`EX_USAGE` from sysexits.h).

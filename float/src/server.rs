@@ -23,7 +23,7 @@ use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, LongString, ShortString},
-    BasicProperties, Channel, Confirmation,
+    Channel, Confirmation,
 };
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -371,7 +371,7 @@ async fn handle(
             None,
         );
     };
-    let id = inbound.message_id.clone();
+    let id = inbound.dedup_key();
     let seen = ctx
         .dedup
         .lock()
@@ -398,21 +398,12 @@ async fn handle(
             key,
         );
     };
-    let mut hdrs = inbound.headers;
+    let mut hdrs = inbound.properties.headers().clone().unwrap_or_default();
     hdrs.insert(
         ShortString::from(headers::SENDER),
         AMQPValue::LongString(LongString::from(sender.to_string())),
     );
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_message_id(ShortString::from(inbound.message_id))
-        .with_headers(hdrs);
-    if let Some(ct) = inbound.content_type {
-        props = props.with_content_type(ShortString::from(ct));
-    }
-    if let Some(c) = inbound.correlation_id {
-        props = props.with_correlation_id(ShortString::from(c));
-    }
+    let props = inbound.properties.with_headers(hdrs);
     let op = ctx.broker.config().op_timeout;
     let publish = tokio::time::timeout(
         op,

@@ -584,3 +584,44 @@ async fn every_property_and_header_type_arrives_end_to_end() -> Result<()> {
     );
     Ok(())
 }
+
+/// Evidence for the one field type that is not carried: lapin writes a short-string field
+/// value with type tag `_`, which is neither 0.9.1 nor RabbitMQ, and RabbitMQ closes the
+/// connection (541 INTERNAL_ERROR) instead of taking the message. So no 0.9.1 message can hold one and the bridge is right to refuse it.
+#[tokio::test]
+async fn rabbitmq_refuses_a_lapin_short_string_header() -> Result<()> {
+    let node = shared_node().await;
+    let vhost = node.fresh_vhost().await?;
+    let conn = drawbridge_testkit::stream::connect(&node.amqp_uri(&vhost)).await?;
+    let ch = conn.create_channel().await?;
+    world::declare_queue(&ch, "shortstr").await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut t = FieldTable::default();
+    t.insert("k".into(), AMQPValue::ShortString("v".into()));
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        ch.basic_publish(
+            "".into(),
+            "shortstr".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default().with_headers(t),
+        )
+        .await?
+        .await
+    })
+    .await;
+    // RabbitMQ 3.10.8: the connection is closed with 541 INTERNAL_ERROR.
+    assert!(
+        !matches!(outcome, Ok(Ok(lapin::Confirmation::Ack(None)))),
+        "RabbitMQ confirmed a short-string header value: {outcome:?}"
+    );
+    let ch2 = drawbridge_testkit::stream::connect(&node.amqp_uri(&vhost))
+        .await?
+        .create_channel()
+        .await?;
+    let got = ch2
+        .basic_get("shortstr".into(), BasicGetOptions { no_ack: true })
+        .await?;
+    assert!(got.is_none(), "the message was queued after all");
+    Ok(())
+}

@@ -260,8 +260,7 @@ impl DeadLetterer {
                     return Ok(());
                 }
                 Err(e) => {
-                    metrics::counter!("drawbridge_bridge_dead_letter_failures_total")
-                        .increment(1);
+                    metrics::counter!("drawbridge_bridge_dead_letter_failures_total").increment(1);
                     let delay = self.backoff.next_delay();
                     if failing_since.is_none() {
                         // One line per episode, not per attempt.

@@ -223,9 +223,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             view: &view,
             target: &target,
         };
-        let end = session
-            .run(pc, &mut dead_letters, &mut stats, probe)
-            .await;
+        let end = session.run(pc, &mut dead_letters, &mut stats, probe).await;
         if stats.acked > 0 {
             probe = false;
         }
@@ -319,11 +317,8 @@ impl LinkSession<'_> {
             return End::Broken(e.to_string());
         }
         let prefetch = if probe { 1 } else { self.ctx.cfg.window };
-        let opened = tokio::time::timeout(
-            op,
-            open_consumer(self.live, self.spec, self.ctx, prefetch),
-        )
-        .await;
+        let opened =
+            tokio::time::timeout(op, open_consumer(self.live, self.spec, self.ctx, prefetch)).await;
         let (channel, mut consumer) = match opened {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -337,7 +332,14 @@ impl LinkSession<'_> {
             }
         };
         self.view.lock().expect("poisoned").connects += 1;
-        set_state(self.ctx, self.view, self.spec, LinkState::Up, self.target, "connected");
+        set_state(
+            self.ctx,
+            self.view,
+            self.spec,
+            LinkState::Up,
+            self.target,
+            "connected",
+        );
         if probe {
             info!(queue = %self.spec.queue, target = %self.target, "link up, probing with one message after transfers failed");
         } else {
@@ -362,7 +364,9 @@ impl LinkSession<'_> {
             .await;
             consumer = match widened {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => break End::Broken(format!("cannot consume `{}`: {e}", self.spec.queue)),
+                Ok(Err(e)) => {
+                    break End::Broken(format!("cannot consume `{}`: {e}", self.spec.queue))
+                }
                 Err(_) => break End::Broken("restarting the consumer timed out".into()),
             };
             info!(queue = %self.spec.queue, target = %self.target, "probe accepted; forwarding with the full window");

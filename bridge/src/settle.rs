@@ -268,8 +268,14 @@ mod tests {
         let mut a = AckBatch::new(64);
         let accepted = Settled::Accepted;
         let released = classify(Some(Ok(Outcome::Released(Released {}))), T);
-        assert_eq!(a.outcome(5, &accepted, false), Step::Ack { flush_now: false });
-        assert_eq!(a.outcome(6, &accepted, false), Step::Ack { flush_now: false });
+        assert_eq!(
+            a.outcome(5, &accepted, false),
+            Step::Ack { flush_now: false }
+        );
+        assert_eq!(
+            a.outcome(6, &accepted, false),
+            Step::Ack { flush_now: false }
+        );
         assert!(matches!(a.outcome(7, &released, false), Step::Recycle(_)));
         assert_eq!(a.take(), Some(6), "the retried delivery is not acked");
         assert_eq!(a.take(), None);

@@ -252,7 +252,10 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(matches!(d.begin(&sender, "1", t0), Seen::New(_)), "evicted by capacity");
+        assert!(
+            matches!(d.begin(&sender, "1", t0), Seen::New(_)),
+            "evicted by capacity"
+        );
         assert!(matches!(d.begin(&sender, "3", t0), Seen::Confirmed));
         assert!(
             matches!(d.begin(&Arc::from("B"), "3", t0), Seen::New(_)),
@@ -294,8 +297,7 @@ mod tests {
         let t0 = Instant::now();
         let d = Dedup::new(10, Duration::from_secs(10));
         let s = a();
-        let (Seen::New(x), Seen::InFlight(y)) = (d.begin(&s, "1", t0), d.begin(&s, "1", t0))
-        else {
+        let (Seen::New(x), Seen::InFlight(y)) = (d.begin(&s, "1", t0), d.begin(&s, "1", t0)) else {
             panic!()
         };
         x.confirmed(t0);

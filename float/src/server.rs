@@ -23,7 +23,7 @@ use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, LongString, ShortString},
-    BasicProperties, Channel,
+    Channel,
 };
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -330,7 +330,9 @@ fn observe(pause: &mut Pause, settle: &Settle, sender: &str) {
         Some(PauseEvent::Paused(reason)) => {
             warn!(peer = %sender, reason = %reason, "inbound link paused: the broker refuses publishes; transfers are released and resent")
         }
-        Some(PauseEvent::Resumed) => info!(peer = %sender, "inbound link resumed: the broker accepts publishes again"),
+        Some(PauseEvent::Resumed) => {
+            info!(peer = %sender, "inbound link resumed: the broker accepts publishes again")
+        }
         None => {}
     }
 }
@@ -382,7 +384,7 @@ async fn handle(
             false,
         );
     };
-    let id = inbound.message_id.clone();
+    let id = inbound.dedup_key();
     let ticket = match ctx.dedup.begin(sender, &id, Instant::now()) {
         Seen::Confirmed => {
             ctx.stats
@@ -405,21 +407,12 @@ async fn handle(
             key,
         );
     };
-    let mut hdrs = inbound.headers;
+    let mut hdrs = inbound.properties.headers().clone().unwrap_or_default();
     hdrs.insert(
         ShortString::from(headers::SENDER),
         AMQPValue::LongString(LongString::from(sender.to_string())),
     );
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_message_id(ShortString::from(inbound.message_id))
-        .with_headers(hdrs);
-    if let Some(ct) = inbound.content_type {
-        props = props.with_content_type(ShortString::from(ct));
-    }
-    if let Some(c) = inbound.correlation_id {
-        props = props.with_correlation_id(ShortString::from(c));
-    }
+    let props = inbound.properties.with_headers(hdrs);
     let op = ctx.broker.config().op_timeout;
     let publish = tokio::time::timeout(
         op,

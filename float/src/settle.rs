@@ -230,7 +230,11 @@ mod tests {
         assert_eq!(p.observe(&nack, t0), None, "one event per episode");
         assert_eq!(p.observe(&nack, t0), None);
         let third = p.until(t0).expect("paused");
-        assert!(third - t0 >= Duration::from_millis(200), "grows: {:?}", third - t0);
+        assert!(
+            third - t0 >= Duration::from_millis(200),
+            "grows: {:?}",
+            third - t0
+        );
         assert!(third - t0 <= Duration::from_secs(5), "capped");
         assert_eq!(p.until(third + Duration::from_millis(1)), None, "over");
         assert_eq!(p.observe(&Settle::Accept, t0), Some(PauseEvent::Resumed));

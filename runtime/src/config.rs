@@ -318,14 +318,18 @@ mod tests {
             ("OTHER__THING", "x"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let mut r = ConfigReader::load_with_env(None, "DRAWBRIDGE", &["broker.uris"], vars)
-            .expect("loads");
+        let mut r =
+            ConfigReader::load_with_env(None, "DRAWBRIDGE", &["broker.uris"], vars).expect("loads");
         assert_eq!(r.get::<u32>("bridge.window", 0), 5);
         assert_eq!(
             r.get::<Vec<String>>("broker.uris", vec![]),
             vec!["amqp://a/%2f".to_string(), "amqp://b/%2f".to_string()]
         );
-        assert_eq!(r.finish(), Ok(()), "no unknown key from command-line variables");
+        assert_eq!(
+            r.finish(),
+            Ok(()),
+            "no unknown key from command-line variables"
+        );
     }
 
     #[test]

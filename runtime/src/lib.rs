@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod headers;
 pub mod logging;
+pub mod mapping;
 pub mod shutdown;
 pub mod topology;
 

@@ -125,7 +125,9 @@ async fn a_dead_letter_copy_never_asserts_the_node_user_nor_expires() -> Result<
     p.a.wait_link_state(&q, "up", Duration::from_secs(20))
         .await?;
 
-    let uri = p.a.broker_uri().replacen("guest:guest", &format!("{user}:secret"), 1);
+    let uri =
+        p.a.broker_uri()
+            .replacen("guest:guest", &format!("{user}:secret"), 1);
     let node_conn = stream::connect(&uri).await?;
     let node_ch = node_conn.create_channel().await?;
     let bad = BasicProperties::default()
@@ -148,9 +150,16 @@ async fn a_dead_letter_copy_never_asserts_the_node_user_nor_expires() -> Result<
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (_ca, cha) = p.a.channel().await?;
     let got = take(&cha, DEAD_LETTER, 1, Duration::from_secs(5)).await;
-    let bridge_log = p.a.bridge.as_ref().map(|b| b.log_tail(20)).unwrap_or_default();
+    let bridge_log =
+        p.a.bridge
+            .as_ref()
+            .map(|b| b.log_tail(20))
+            .unwrap_or_default();
     let [m] = got.as_slice() else {
-        bail!("dead-letter queue holds {} messages; bridge log:\n{bridge_log}", got.len());
+        bail!(
+            "dead-letter queue holds {} messages; bridge log:\n{bridge_log}",
+            got.len()
+        );
     };
     let props = &m.delivery.properties;
     assert_eq!(props.user_id(), &None);
@@ -200,7 +209,10 @@ async fn a_deleted_dead_letter_queue_is_declared_again() -> Result<()> {
         Some("message has no message_id".into())
     );
     let status = p.a.bridge.as_ref().unwrap().status().await?;
-    assert_eq!(status["links"][0]["redelivered"], 0, "no redelivery loop: {status}");
+    assert_eq!(
+        status["links"][0]["redelivered"], 0,
+        "no redelivery loop: {status}"
+    );
     Ok(())
 }
 
@@ -258,7 +270,10 @@ async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
         "the float must have been refused: {float}"
     );
     assert_eq!(
-        p.node.queue_depth(&p.vhost_a, DEAD_LETTER).await.unwrap_or(0),
+        p.node
+            .queue_depth(&p.vhost_a, DEAD_LETTER)
+            .await
+            .unwrap_or(0),
         0,
         "nothing dead-lettered while the inbox is full"
     );
@@ -270,7 +285,10 @@ async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
     let r = tally.report();
     assert!(r.complete() && r.unexpected == 0, "{r:?}");
     assert_eq!(
-        p.node.queue_depth(&p.vhost_a, DEAD_LETTER).await.unwrap_or(0),
+        p.node
+            .queue_depth(&p.vhost_a, DEAD_LETTER)
+            .await
+            .unwrap_or(0),
         0,
         "nothing dead-lettered"
     );

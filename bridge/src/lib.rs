@@ -46,18 +46,10 @@ impl Ctx {
         link::settings(self, spec)
     }
 
-    /// Queue arguments of every peer queue; the node must declare them identically.
+    /// Queue arguments of every peer queue; the node declares them identically (both sides
+    /// take them from `drawbridge-node`).
     fn peer_queue_args(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-single-active-consumer"),
-            AMQPValue::Boolean(true),
-        );
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from(self.cfg.peer_queue_type.clone())),
-        );
-        args
+        drawbridge_node::peer_queue_args(&self.cfg.peer_queue_type)
     }
 
     fn notify_link(&self, spec: &PeerLink, state: LinkState, peer: &str, reason: &str) {

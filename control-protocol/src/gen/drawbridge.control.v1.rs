@@ -91,9 +91,10 @@ pub struct ControlMessage {
     /// A snapshot with a higher sequence replaces the whole link set. Unsequenced messages (older
     /// senders) are applied as they arrive, with a logged warning, and do not move the mark.
     ///
-    /// A node takes the sequence at the moment it reads the state a message describes (for a
-    /// snapshot: when it lists its links), from one source per node identity that never goes
-    /// backwards, also across restarts (e.g. max(last + 1, wall clock in milliseconds)).
+    /// A node takes a snapshot's sequence just before it reads the link set the snapshot lists,
+    /// and a create's or delete's sequence after it changed its link set, from one source per
+    /// node identity that never goes backwards, also across restarts (e.g. max(last + 1, wall
+    /// clock in milliseconds)). Then whichever message arrives last, the newer state wins.
     #[prost(uint64, tag = "5")]
     pub sequence: u64,
     #[prost(oneof = "control_message::Body", tags = "2, 3, 4")]

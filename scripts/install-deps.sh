@@ -2,11 +2,12 @@
 # Install the Debian packages Drawbridge's tests need (idempotent, quiet when all present).
 #   rabbitmq-server      private broker nodes for the tests (the system service is NOT started/stopped)
 #   python3-qpid-proton  Qpid Proton peers (tests/proton/*.py), run with /usr/bin/python3
+#   python3-pika, python3-protobuf  the Python node example (examples/node-python/), run with /usr/bin/python3
 #   openssl              test certificates for the Proton self-test
 #   iproute2             `ss` for diagnostics
 set -euo pipefail
 
-PACKAGES=(rabbitmq-server python3-qpid-proton openssl iproute2)
+PACKAGES=(rabbitmq-server python3-qpid-proton python3-pika python3-protobuf openssl iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

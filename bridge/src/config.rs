@@ -3,11 +3,11 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use drawbridge_certs::TlsPolicy;
+use drawbridge_node::topology::QueueType;
 use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
-    topology::QueueType,
 };
 
 /// Everything the bridge needs to run.
@@ -33,6 +33,8 @@ pub struct BridgeConfig {
     pub queue_prefix: String,
     /// If set, control messages must carry this broker-validated `user_id`.
     pub node_user: Option<String>,
+    /// If set, control messages must name this node identity (the node's legal name).
+    pub node_identity: Option<String>,
     /// `x-queue-type` of the peer queues (must match the node's declaration).
     pub peer_queue_type: QueueType,
     /// `x-queue-type` of the dead-letter queue (default: as the peer queues).
@@ -122,6 +124,7 @@ impl BridgeConfig {
             ),
             queue_prefix: r.get("bridge.queue_prefix", "drawbridge.peers.".to_string()),
             node_user: r.optional("bridge.node_user"),
+            node_identity: r.optional("bridge.node_identity"),
             peer_queue_type,
             dead_letter_queue_type,
             window: window.clamp(1, 65535) as u16,

@@ -16,12 +16,8 @@
 
 use std::time::Duration;
 
-use drawbridge_runtime::{
-    backoff::Backoff,
-    broker::Live,
-    headers,
-    topology::{self, QueueType},
-};
+use drawbridge_node::topology::{self, QueueType};
+use drawbridge_runtime::{backoff::Backoff, broker::Live, headers};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::{AMQPValue, LongString, ShortString},

@@ -21,10 +21,10 @@ use std::{
 
 use drawbridge_certs::TlsIdentity;
 use drawbridge_control_protocol::{LinkState, LinkStatus, Notification, PeerLink};
+use drawbridge_node::topology;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Setup},
-    topology,
 };
 use lapin::types::FieldTable;
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -48,7 +48,8 @@ impl Ctx {
         link::settings(self, spec)
     }
 
-    /// Queue arguments of every peer queue; the node must declare them identically.
+    /// Queue arguments of every peer queue; the node declares them identically (both sides
+    /// take them from `drawbridge-node`).
     fn peer_queue_args(&self) -> FieldTable {
         topology::peer_queue_args(self.cfg.peer_queue_type, &self.cfg.dead_letter_queue)
     }

@@ -2,20 +2,14 @@
 //! would, daemon status, and the end-to-end demo.
 #![forbid(unsafe_code)]
 
-mod demo;
-
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use drawbridge_control_protocol::{
     ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target,
 };
-use drawbridge_testkit::{
-    stream::{self, PublishSpec, Tally},
-    world,
-};
-use indicatif::{ProgressBar, ProgressStyle};
+use drawbridge_stream::{self as stream, progress_bar, PublishSpec, Tally};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Drawbridge operator CLI")]
@@ -33,12 +27,16 @@ enum Cmd {
     },
     /// Publish control messages as a node would.
     Control {
-        /// Broker URI of the node's broker.
+        /// Broker URI of the node's broker; its login is sent as the messages' `user_id`.
         #[arg(long, env = "DRAWBRIDGE_BROKER")]
         broker: String,
         /// The node's legal name.
         #[arg(long)]
         node: String,
+        /// Sequence number to send (default: from the wall clock in milliseconds, which
+        /// keeps a node's messages in order across runs).
+        #[arg(long)]
+        sequence: Option<u64>,
         #[command(subcommand)]
         cmd: ControlCmd,
     },
@@ -93,8 +91,14 @@ enum Cmd {
         #[arg(long)]
         admin: std::net::SocketAddr,
     },
-    /// Run the end-to-end demo: two organisations, 10,000 messages each way.
-    Demo(demo::DemoArgs),
+    /// Run the end-to-end demo: two organisations, 10,000 messages each way (runs the
+    /// `drawbridge-demo` binary next to this one; `drawbridge demo --help` for its options).
+    #[command(disable_help_flag = true)]
+    Demo {
+        /// Options for `drawbridge-demo`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,7 +219,13 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Control { broker, node, cmd } => {
+        Cmd::Control {
+            broker,
+            node,
+            sequence,
+            cmd,
+        } => {
+            let publisher = drawbridge_node::Node::for_uri(node.clone(), &broker)?;
             let command = match cmd {
                 ControlCmd::Snapshot { inboxes, links } => {
                     let links = match links {
@@ -262,8 +272,19 @@ async fn run(cli: Cli) -> Result<i32> {
                 .map_err(|e| anyhow::anyhow!("invalid control message: {e}"))?;
             let conn = stream::connect(&broker).await?;
             let ch = conn.create_channel().await?;
-            world::publish_control(&ch, &command).await?;
-            println!("published {}", command.kind());
+            let kind = command.kind();
+            let sequence = match sequence {
+                Some(sequence) => {
+                    let msg = drawbridge_control_protocol::SequencedCommand { sequence, command };
+                    publisher.publish_sequenced(&ch, &msg).await?;
+                    sequence
+                }
+                None => publisher.publish(&ch, command).await?,
+            };
+            println!(
+                "published {kind} (sequence {sequence}, user_id {})",
+                publisher.user
+            );
             Ok(0)
         }
         Cmd::Send {
@@ -277,8 +298,8 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let conn = stream::connect(&broker).await?;
             let ch = conn.create_channel().await?;
-            world::declare_peer_queue(&ch, &queue, &queue_type).await?;
-            let bar = bar(count, "sent");
+            drawbridge_node::declare_peer_queue(&ch, &queue, &queue_type).await?;
+            let bar = progress_bar(count, "sent");
             let spec = PublishSpec {
                 run,
                 from: 0,
@@ -310,7 +331,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let conn = stream::connect(&broker).await?;
             let ch = conn.create_channel().await?;
             let mut tally = Tally::new(&run, expect, sender);
-            let bar = bar(expect, "received");
+            let bar = progress_bar(expect, "received");
             stream::consume(&ch, &queue, &mut tally, idle, |n| bar.set_position(n)).await?;
             bar.finish();
             let r = tally.report();
@@ -321,7 +342,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(if r.complete() { 0 } else { 1 })
         }
         Cmd::Status { admin } => {
-            let (code, body) = drawbridge_testkit::daemon::http_get(admin, "/status").await?;
+            let (code, body) = drawbridge_runtime::admin::fetch(admin, "/status").await?;
             if code != 200 {
                 bail!("{admin} answered {code}");
             }
@@ -329,7 +350,7 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(0)
         }
-        Cmd::Demo(args) => demo::run(args).await,
+        Cmd::Demo { args } => run_demo(&args),
     }
 }
 
@@ -337,16 +358,19 @@ fn toml_parse(text: &str) -> Result<LinksFile> {
     Ok(toml::from_str(text)?)
 }
 
-/// A progress bar (hidden when stderr is not a terminal).
-pub(crate) fn bar(len: u64, what: &str) -> ProgressBar {
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{prefix:>12}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}})"
-        ))
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    b.enable_steady_tick(Duration::from_millis(200));
-    b
+/// `drawbridge demo`: run `drawbridge-demo` from the same directory, passing `args` on.
+fn run_demo(args: &[String]) -> Result<i32> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let demo = exe.with_file_name("drawbridge-demo");
+    if !demo.exists() {
+        bail!(
+            "{} not found; build it with `cargo build --release --bins` (or run ./scripts/demo.sh)",
+            demo.display()
+        );
+    }
+    let status = std::process::Command::new(&demo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", demo.display()))?;
+    Ok(status.code().unwrap_or(1))
 }

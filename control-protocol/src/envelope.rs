@@ -18,6 +18,44 @@ pub enum ControlCommand {
     DeleteLink(DeleteLink),
 }
 
+/// A control command with the sender's sequence number: what a `ControlMessage` envelope carries.
+///
+/// The sequence orders a node's control messages: for each node identity a bridge applies only
+/// messages whose sequence is higher than the highest it has applied, so an older snapshot
+/// never undoes a newer create or delete. `0` means unsequenced (a sender that predates the
+/// field); bridges apply those as they arrive, with a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequencedCommand {
+    /// Per-node monotonic sequence number; `0` = unsequenced.
+    pub sequence: u64,
+    /// The command.
+    pub command: ControlCommand,
+}
+
+impl SequencedCommand {
+    /// Serialises into a `ControlMessage` carrying [`PROTOCOL_VERSION`] and the sequence.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = proto::ControlMessage::from(self.command.clone());
+        p.sequence = self.sequence;
+        p.encode_to_vec()
+    }
+
+    /// Parses and validates a message body received from the broker, keeping its sequence.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let p = proto::ControlMessage::decode(bytes)?;
+        let sequence = p.sequence;
+        Ok(Self {
+            sequence,
+            command: p.try_into()?,
+        })
+    }
+
+    /// Whether the sender numbered this message (`sequence != 0`).
+    pub fn is_sequenced(&self) -> bool {
+        self.sequence != 0
+    }
+}
+
 /// A bridge → node message (body of a `NotifyMessage` envelope on `drawbridge.notify`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
@@ -40,12 +78,15 @@ fn check_version(version: u32) -> Result<(), DecodeError> {
 }
 
 impl ControlCommand {
-    /// Serialises into a `ControlMessage` carrying [`PROTOCOL_VERSION`], ready to publish.
+    /// Serialises into an unsequenced `ControlMessage` carrying [`PROTOCOL_VERSION`].
+    ///
+    /// Nodes should publish a [`SequencedCommand`] instead, so that bridges can order them.
     pub fn encode(&self) -> Vec<u8> {
         proto::ControlMessage::from(self.clone()).encode_to_vec()
     }
 
-    /// Parses and validates a message body received from the broker.
+    /// Parses and validates a message body received from the broker (dropping the sequence;
+    /// see [`SequencedCommand::decode`]).
     ///
     /// Fails on malformed protobuf, a missing or newer version, a missing body, or any field
     /// that does not pass validation; the error says which and why.
@@ -116,6 +157,7 @@ impl From<ControlCommand> for proto::ControlMessage {
         Self {
             version: PROTOCOL_VERSION,
             body: Some(body),
+            sequence: 0,
         }
     }
 }
@@ -175,6 +217,7 @@ mod tests {
         proto::ControlMessage {
             version: PROTOCOL_VERSION,
             body: Some(body),
+            sequence: 0,
         }
         .encode_to_vec()
     }
@@ -229,6 +272,28 @@ mod tests {
             assert_eq!(raw.version, PROTOCOL_VERSION);
             assert_eq!(ControlCommand::decode(&bytes).unwrap(), cmd);
         }
+    }
+
+    #[test]
+    fn sequence_round_trips_and_is_optional_on_the_wire() {
+        let command = ControlCommand::DeleteLink(DeleteLink {
+            node_identity: BANK_A.into(),
+            queue: "drawbridge.peers.b".into(),
+        });
+        let sequenced = SequencedCommand {
+            sequence: 1_700_000_000_123,
+            command: command.clone(),
+        };
+        let bytes = sequenced.encode();
+        assert_eq!(SequencedCommand::decode(&bytes).unwrap(), sequenced);
+        assert!(sequenced.is_sequenced());
+        // An older receiver that only knows the command still reads it.
+        assert_eq!(ControlCommand::decode(&bytes).unwrap(), command);
+        // A message from a sender without the field decodes as unsequenced.
+        let legacy = SequencedCommand::decode(&command.encode()).unwrap();
+        assert_eq!(legacy.sequence, 0);
+        assert!(!legacy.is_sequenced());
+        assert_eq!(legacy.command, command);
     }
 
     #[test]
@@ -298,6 +363,7 @@ mod tests {
             proto::ControlMessage {
                 version,
                 body: body.clone(),
+                sequence: 0,
             }
             .encode_to_vec()
         };
@@ -346,6 +412,7 @@ mod tests {
         let empty_body = proto::ControlMessage {
             version: 1,
             body: None,
+            sequence: 0,
         }
         .encode_to_vec();
         assert_eq!(decode_err(&empty_body), DecodeError::Missing("body"));

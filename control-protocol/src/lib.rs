@@ -29,7 +29,7 @@ mod target;
 mod types;
 mod validate;
 
-pub use envelope::{ControlCommand, Notification};
+pub use envelope::{ControlCommand, Notification, SequencedCommand};
 pub use error::DecodeError;
 pub use target::{Target, TargetParseError};
 pub use types::{

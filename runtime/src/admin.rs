@@ -93,3 +93,53 @@ async fn render_metrics(State(s): State<Shared>) -> impl IntoResponse {
         ),
     }
 }
+
+/// Why [`fetch`] got no answer from an admin port.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Connecting, writing or reading failed.
+    #[error("admin request to {addr}: {source}")]
+    Io {
+        /// The admin address.
+        addr: SocketAddr,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No complete answer within the deadline.
+    #[error("admin request to {0} timed out")]
+    Timeout(SocketAddr),
+    /// The answer is not an HTTP response.
+    #[error("admin port {0} sent something that is not an HTTP response")]
+    BadResponse(SocketAddr),
+}
+
+/// A minimal HTTP/1.0 GET of `path` on an admin port (the CLI's `status`, test harnesses):
+/// returns (status code, body) within 5 s.
+pub async fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), FetchError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let io = |source| FetchError::Io { addr, source };
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(io)?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(io)?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or(FetchError::BadResponse(addr))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| FetchError::Timeout(addr))?
+}

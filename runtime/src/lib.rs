@@ -14,7 +14,6 @@ pub mod headers;
 pub mod logging;
 pub mod mapping;
 pub mod shutdown;
-pub mod topology;
 
 /// Exit code for invalid configuration or command line (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;

@@ -10,10 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    process::{Child, Command},
-};
+use tokio::process::{Child, Command};
 
 /// Which daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,25 +275,5 @@ impl Daemon {
 
 /// Minimal HTTP/1.0 GET against the admin port: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("bad HTTP response")?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok::<_, anyhow::Error>((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .context("admin request timed out")?
+    Ok(drawbridge_runtime::admin::fetch(addr, path).await?)
 }

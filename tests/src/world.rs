@@ -12,20 +12,22 @@ use drawbridge_certs::devpki::NodeFiles;
 use drawbridge_control_protocol::{
     ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target,
 };
+use drawbridge_node::Node;
+pub use drawbridge_node::{declare_peer_queue, SnapshotResponder};
 use lapin::{
-    options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions},
+    options::QueueDeclareOptions,
     types::{FieldTable, ShortString},
-    BasicProperties, Channel, ExchangeKind,
+    Channel,
 };
 
-use drawbridge_runtime::topology::{self, QueueType};
+use drawbridge_node::topology::{self, QueueType};
 
 use crate::daemon::{free_port, Daemon, Kind};
 
 /// Default names (the daemons' defaults).
-pub const CONTROL_EXCHANGE: &str = "drawbridge.control";
+pub const CONTROL_EXCHANGE: &str = drawbridge_node::CONTROL_EXCHANGE;
 /// Notify exchange.
-pub const NOTIFY_EXCHANGE: &str = "drawbridge.notify";
+pub const NOTIFY_EXCHANGE: &str = drawbridge_node::NOTIFY_EXCHANGE;
 /// Inbox.
 pub const INBOX: &str = "drawbridge.inbox";
 /// Dead-letter queue.
@@ -52,6 +54,8 @@ pub struct Org {
     pub bridge: Option<Daemon>,
     /// Where configs and logs go.
     pub dir: PathBuf,
+    /// The node's side of the control protocol (identity, broker login, sequence source).
+    pub node: Node,
 }
 
 impl Org {
@@ -59,7 +63,12 @@ impl Org {
     /// logs under `dir`.
     pub fn new(files: NodeFiles, broker_uris: Vec<String>, dir: &Path) -> Org {
         let slug = files.legal_name.slug();
+        let login = broker_uris
+            .first()
+            .and_then(|u| drawbridge_node::broker_login(u).ok())
+            .unwrap_or_else(|| "guest".into());
         Org {
+            node: Node::new(files.legal_name.to_string(), login),
             legal_name: files.legal_name.to_string(),
             files,
             broker_uris,
@@ -157,23 +166,25 @@ impl Org {
 
     /// A channel on this org's broker (first URI that answers).
     pub async fn channel(&self) -> Result<(lapin::Connection, Channel)> {
-        let mut last = None;
-        for uri in &self.broker_uris {
-            match crate::stream::connect(uri).await {
-                Ok(c) => {
-                    let ch = c.create_channel().await?;
-                    return Ok((c, ch));
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("no broker URI")))
+        let conn = drawbridge_node::connect_any(&self.broker_uris).await?;
+        let ch = conn.create_channel().await?;
+        Ok((conn, ch))
     }
 
-    /// Publish a control command as this org's node.
-    pub async fn control(&self, cmd: &ControlCommand) -> Result<()> {
+    /// Publish a control command as this org's node (next sequence number, `user_id` set);
+    /// returns its sequence number.
+    pub async fn control(&self, cmd: &ControlCommand) -> Result<u64> {
         let (_conn, ch) = self.channel().await?;
-        publish_control(&ch, cmd).await
+        Ok(self.node.publish(&ch, cmd.clone()).await?)
+    }
+
+    /// Publish a control message exactly as given (its own sequence; 0 = unsequenced).
+    pub async fn control_sequenced(
+        &self,
+        msg: &drawbridge_control_protocol::SequencedCommand,
+    ) -> Result<()> {
+        let (_conn, ch) = self.channel().await?;
+        Ok(self.node.publish_sequenced(&ch, msg).await?)
     }
 
     /// Ask the bridge to run a link to `peer` (CreateLink).
@@ -183,6 +194,7 @@ impl Org {
             link: self.link_to(peer),
         }))
         .await
+        .map(drop)
     }
 
     /// Ask the bridge to stop the link to `peer` (DeleteLink).
@@ -192,6 +204,7 @@ impl Org {
             queue: self.queue_to(peer),
         }))
         .await
+        .map(drop)
     }
 
     /// Send a snapshot with links to `peers`.
@@ -202,6 +215,7 @@ impl Org {
             links,
         }))
         .await
+        .map(drop)
     }
 
     /// Wait until the bridge's `/status` shows the link on `queue` in `state`.
@@ -236,19 +250,6 @@ impl Org {
     }
 }
 
-/// Declare a peer queue the way the bridge does (durable, single active consumer,
-/// dead-lettering to the default dead-letter queue); arguments from
-/// [`drawbridge_runtime::topology`].
-pub async fn declare_peer_queue(ch: &Channel, queue: &str, queue_type: &str) -> Result<()> {
-    let queue_type: QueueType = queue_type.parse().map_err(anyhow::Error::msg)?;
-    declare_durable(
-        ch,
-        queue,
-        topology::peer_queue_args(queue_type, topology::DEAD_LETTER_QUEUE),
-    )
-    .await
-}
-
 /// Declare a durable classic queue (inbox, dead-letter) so tests can read it before a
 /// daemon declared it.
 pub async fn declare_queue(ch: &Channel, queue: &str) -> Result<()> {
@@ -272,83 +273,7 @@ async fn declare_durable(ch: &Channel, queue: &str, args: FieldTable) -> Result<
 /// Declare the notify fanout exchange and bind a new exclusive queue to it (what a node
 /// does to hear snapshot requests and link status events); returns the queue name.
 pub async fn bind_notify_queue(ch: &Channel) -> Result<ShortString> {
-    use lapin::options::QueueBindOptions;
-    ch.exchange_declare(
-        ShortString::from(NOTIFY_EXCHANGE),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    let q = ch
-        .queue_declare(
-            ShortString::from(""),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    ch.queue_bind(
-        q.name().clone(),
-        ShortString::from(NOTIFY_EXCHANGE),
-        ShortString::from(""),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(q.name().clone())
-}
-
-/// Publish a control command to the control fanout exchange (declaring it).
-pub async fn publish_control(ch: &Channel, cmd: &ControlCommand) -> Result<()> {
-    ch.exchange_declare(
-        ShortString::from(CONTROL_EXCHANGE),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.basic_publish(
-        ShortString::from(CONTROL_EXCHANGE),
-        ShortString::from(""),
-        BasicPublishOptions::default(),
-        &cmd.encode(),
-        BasicProperties::default().with_content_type(ShortString::from("application/x-protobuf")),
-    )
-    .await?
-    .await?;
-    Ok(())
-}
-
-/// A stand-in for the node's control logic: answers every `SnapshotRequest` on the notify
-/// exchange with a `Snapshot` of `links`, reconnecting if the broker goes away. Stops when
-/// dropped.
-#[derive(Debug)]
-pub struct SnapshotResponder {
-    task: tokio::task::JoinHandle<()>,
-    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl SnapshotResponder {
-    /// How many snapshot requests were answered.
-    pub fn answered(&self) -> u64 {
-        self.answered.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl Drop for SnapshotResponder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    Ok(drawbridge_node::bind_notify_queue(ch, NOTIFY_EXCHANGE).await?)
 }
 
 impl Org {
@@ -358,65 +283,14 @@ impl Org {
         &self,
         links: Vec<PeerLink>,
     ) -> Result<SnapshotResponder> {
-        use futures::StreamExt;
-        use lapin::options::BasicConsumeOptions;
-        let snapshot = ControlCommand::Snapshot(Snapshot {
-            node_identity: self.legal_name.clone(),
-            inbox_queues: vec![INBOX.to_string()],
-            links,
-        });
-        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let uris = self.broker_uris.clone();
-        let count = answered.clone();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let mut ready_tx = Some(ready_tx);
-        let task = tokio::spawn(async move {
-            loop {
-                let session = async {
-                    let mut conn = None;
-                    for uri in &uris {
-                        if let Ok(c) = crate::stream::connect(uri).await {
-                            conn = Some(c);
-                            break;
-                        }
-                    }
-                    let conn = conn.context("no broker")?;
-                    let ch = conn.create_channel().await?;
-                    let q = bind_notify_queue(&ch).await?;
-                    let mut consumer = ch
-                        .basic_consume(
-                            q,
-                            ShortString::from("snapshot-responder"),
-                            BasicConsumeOptions {
-                                no_ack: true,
-                                ..Default::default()
-                            },
-                            FieldTable::default(),
-                        )
-                        .await?;
-                    publish_control(&ch, &snapshot).await?;
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(());
-                    }
-                    while let Some(d) = consumer.next().await {
-                        let d = d?;
-                        if let Ok(drawbridge_control_protocol::Notification::SnapshotRequest(_)) =
-                            drawbridge_control_protocol::Notification::decode(&d.data)
-                        {
-                            publish_control(&ch, &snapshot).await?;
-                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    Ok::<_, anyhow::Error>(())
-                };
-                let _ = session.await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(30), ready_rx)
-            .await
-            .context("snapshot responder did not start")?
-            .ok();
-        Ok(SnapshotResponder { task, answered })
+        let identity = self.legal_name.clone();
+        Ok(self
+            .node
+            .answer_snapshot_requests(self.broker_uris.clone(), move || Snapshot {
+                node_identity: identity.clone(),
+                inbox_queues: vec![INBOX.to_string()],
+                links: links.clone(),
+            })
+            .await?)
     }
 }

@@ -145,6 +145,75 @@ async fn snapshot_request_repeats_until_a_snapshot_arrives() -> Result<()> {
     Ok(())
 }
 
+/// Control ordering: a snapshot built before a CreateLink but delivered after it (lower
+/// sequence) must not delete the link; a newer snapshot does replace the state.
+#[tokio::test]
+async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
+    use drawbridge_control_protocol::{ControlCommand, CreateLink, SequencedCommand, Snapshot};
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    // The node library sets user_id to the broker login (guest here) and the bridge checks
+    // both it and the node identity.
+    p.a.start_bridge(&format!(
+        "node_user = \"guest\"\nnode_identity = {BANK_A:?}"
+    ))
+    .await?;
+    let q = p.a.queue_to(&p.b);
+    let snapshot = |sequence, links| SequencedCommand {
+        sequence,
+        command: ControlCommand::Snapshot(Snapshot {
+            node_identity: BANK_A.into(),
+            inbox_queues: vec![INBOX.into()],
+            links,
+        }),
+    };
+    p.a.control_sequenced(&SequencedCommand {
+        sequence: 2,
+        command: ControlCommand::CreateLink(CreateLink {
+            node_identity: BANK_A.into(),
+            link: p.a.link_to(&p.b),
+        }),
+    })
+    .await?;
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
+        .await?;
+
+    p.a.control_sequenced(&snapshot(1, vec![])).await?;
+    let bridge = p.a.bridge.as_ref().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !bridge.log_contains("stale control message ignored") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stale snapshot not reported:\n{}",
+            bridge.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status =
+        p.a.wait_link_state(&q, "up", Duration::from_secs(5))
+            .await?;
+    assert_eq!(status["connects"], 1, "the link must not restart: {status}");
+    send(&p.a, &p.b, "stale", 20, vec![]).await?;
+    let r = receive(&p.b, "stale", 20, BANK_A).await?;
+    assert!(r.complete() && r.duplicates == 0, "{r:?}");
+
+    // A newer snapshot without the link replaces the state: the link goes.
+    p.a.control_sequenced(&snapshot(3, vec![])).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = bridge.status().await?;
+        if s["links"].as_array().map(|l| l.is_empty()).unwrap_or(false) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "link not deleted: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() -> Result<()> {
     let mut p = pair().await?;

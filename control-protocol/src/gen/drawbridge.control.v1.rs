@@ -83,6 +83,20 @@ pub struct ControlMessage {
     /// Protocol version of the sender; 0 (unset) is refused.
     #[prost(uint32, tag = "1")]
     pub version: u32,
+    /// Per-node monotonic sequence number of this message; 0 (unset) means "unsequenced".
+    ///
+    /// Ordering rule: for each node identity the bridge remembers the highest sequence it has
+    /// applied and ignores (logs and counts) any message whose sequence is not higher, so a
+    /// snapshot built before a create/delete but delivered after it never undoes that command.
+    /// A snapshot with a higher sequence replaces the whole link set. Unsequenced messages (older
+    /// senders) are applied as they arrive, with a logged warning, and do not move the mark.
+    ///
+    /// A node takes a snapshot's sequence just before it reads the link set the snapshot lists,
+    /// and a create's or delete's sequence after it changed its link set, from one source per
+    /// node identity that never goes backwards, also across restarts (e.g. max(last + 1, wall
+    /// clock in milliseconds)). Then whichever message arrives last, the newer state wins.
+    #[prost(uint64, tag = "5")]
+    pub sequence: u64,
     #[prost(oneof = "control_message::Body", tags = "2, 3, 4")]
     pub body: ::core::option::Option<control_message::Body>,
 }

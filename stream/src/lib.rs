@@ -5,6 +5,9 @@
 //! number. The message id is `{run}-{seq:08}`. A receiver can therefore tell, without
 //! any shared state but the run id and the expected count, which messages were lost,
 //! duplicated, corrupted or unexpected, and how long each took end to end.
+//!
+//! Used by the operator CLI (`drawbridge send` / `receive`), the demo and the test kit.
+#![forbid(unsafe_code)]
 
 use std::{
     collections::HashMap,
@@ -19,7 +22,7 @@ use lapin::{
         ConfirmSelectOptions,
     },
     types::{AMQPValue, FieldTable, LongString, ShortString},
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    BasicProperties, Channel, Confirmation, Connection,
 };
 use sha2::{Digest, Sha256};
 
@@ -220,13 +223,9 @@ impl Tally {
 
 /// Connect to a broker (tests and tools; the daemons use their supervised session).
 pub async fn connect(uri: &str) -> Result<Connection> {
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        Connection::connect(uri, ConnectionProperties::default()),
-    )
-    .await
-    .context("broker connect timed out")?
-    .with_context(|| format!("connecting to {uri}"))
+    drawbridge_node::connect(uri)
+        .await
+        .with_context(|| format!("connecting to {uri}"))
 }
 
 /// What to publish.
@@ -385,6 +384,20 @@ pub async fn consume(
     }
     progress(tally.distinct());
     Ok(())
+}
+
+/// A progress bar for `len` items labelled `what` (draws only when stderr is a terminal).
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{prefix:>12}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}})"
+        ))
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    b.enable_steady_tick(Duration::from_millis(200));
+    b
 }
 
 /// A string header's value.

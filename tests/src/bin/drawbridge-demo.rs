@@ -1,6 +1,10 @@
-//! `drawbridge demo`: two organisations on two private RabbitMQ nodes, each with a float
-//! and a bridge as real processes, links created through the control protocol, a
-//! verifiable stream each way, and a summary.
+//! `drawbridge-demo` (run as `drawbridge demo`): two organisations on two private RabbitMQ
+//! nodes, each with a float and a bridge as real processes, links created through the control
+//! protocol, a verifiable stream each way, and a summary.
+//!
+//! It lives in the test kit because it starts brokers and daemons the way the tests do; the
+//! operator CLI forwards `drawbridge demo` to this binary.
+#![forbid(unsafe_code)]
 
 use std::{
     io::IsTerminal,
@@ -13,17 +17,23 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use clap::Parser;
 use drawbridge_certs::devpki;
 use drawbridge_testkit::{
     rabbit::{NodeOptions, RabbitNode},
-    stream::{self, PublishSpec, Report, Tally},
+    stream::{self, progress_bar, PublishSpec, Report, Tally},
     world::{self, Org, INBOX},
 };
 use indicatif::MultiProgress;
 
 /// Demo options.
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {
+#[derive(Debug, Parser)]
+#[command(
+    name = "drawbridge demo",
+    version,
+    about = "End-to-end demo: two organisations, messages both ways over mTLS AMQP 1.0"
+)]
+struct DemoArgs {
     /// Messages each way.
     #[arg(long, default_value_t = 10_000)]
     messages: u64,
@@ -38,7 +48,21 @@ pub struct DemoArgs {
 const BANK_A: &str = "O=Bank A, L=London, C=GB";
 const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
-pub async fn run(args: DemoArgs) -> Result<i32> {
+#[tokio::main]
+async fn main() {
+    let args = DemoArgs::parse();
+    drawbridge_certs::install_crypto_provider();
+    let code = match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("drawbridge demo: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(args: DemoArgs) -> Result<i32> {
     let dir = std::fs::canonicalize(".")?.join(&args.dir);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cleaning {}", dir.display()))?;
@@ -188,9 +212,9 @@ async fn direction(
     counters: &Counters,
 ) -> Result<Report> {
     let label = format!("{}→{}", short(&from.legal_name), short(&to.legal_name));
-    let sent_bar = mp.add(crate::bar(n, "sent"));
+    let sent_bar = mp.add(progress_bar(n, "sent"));
     sent_bar.set_prefix(label.clone());
-    let recv_bar = mp.add(crate::bar(n, "received"));
+    let recv_bar = mp.add(progress_bar(n, "received"));
     recv_bar.set_prefix(label);
     let (_c1, send_ch) = from.channel().await?;
     let (_c2, recv_ch) = to.channel().await?;

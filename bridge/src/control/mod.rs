@@ -1,0 +1,546 @@
+//! The control plane: consume the node's control messages, converge the set of running
+//! links, and ask for a snapshot until one arrives.
+//!
+//! The decisions are pure and tested without a broker: [`authorize`] says whether a message
+//! may be applied (node user, node identity, queue prefix, sequence order) and [`plan`] says
+//! which links to start and stop. This module only executes them.
+
+mod authorize;
+mod plan;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use drawbridge_control_protocol::{
+    ControlCommand, Notification, PeerLink, SequencedCommand, SnapshotRequest,
+};
+use drawbridge_runtime::{backoff::Backoff, broker::Live};
+use futures::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::{FieldTable, ShortString},
+    ExchangeKind,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub(crate) use authorize::{authorize, Policy, Refusal, Sequences};
+pub(crate) use plan::{plan, Action};
+
+use crate::{
+    link::{self, SharedView},
+    Ctx,
+};
+
+/// How much longer than `drain_grace` a stopping link may take before it is aborted.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
+
+/// A running link.
+struct RunningLink {
+    /// What it was started with (a changed spec means a restart).
+    spec: PeerLink,
+    /// Asks the link task to drain and stop.
+    stop: CancellationToken,
+    /// The link task; aborted if it does not stop within its deadline.
+    task: JoinHandle<()>,
+}
+
+/// The set of running links, owned by the control task.
+pub(crate) struct Links {
+    running: BTreeMap<String, RunningLink>,
+    ctx: Arc<Ctx>,
+}
+
+impl Links {
+    pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
+        Links {
+            running: BTreeMap::new(),
+            ctx,
+        }
+    }
+
+    /// Queue → spec of every running link (the input of [`plan`]).
+    fn specs(&self) -> BTreeMap<String, PeerLink> {
+        self.running
+            .iter()
+            .map(|(q, r)| (q.clone(), r.spec.clone()))
+            .collect()
+    }
+
+    /// Converge to what `command` asks for.
+    pub(crate) async fn apply(&mut self, command: &ControlCommand) {
+        let running = self.specs();
+        let actions = plan(&running, &plan::wanted(command, &running));
+        self.execute(actions).await;
+    }
+
+    /// Carry out `actions`: every link that has to stop stops in parallel (each within its
+    /// deadline, aborted after it), then the new ones start.
+    async fn execute(&mut self, actions: Vec<Action>) {
+        let stopping: Vec<(String, RunningLink)> = actions
+            .iter()
+            .filter(|a| a.stops())
+            .filter_map(|a| self.running.remove_entry(a.queue()))
+            .collect();
+        let deadline = self.ctx.cfg.drain_grace + STOP_MARGIN;
+        futures::future::join_all(
+            stopping
+                .into_iter()
+                .map(|(queue, link)| stop_link(queue, link, deadline)),
+        )
+        .await;
+        for action in actions {
+            match action {
+                Action::Delete(queue) => {
+                    self.ctx.views.lock().expect("poisoned").remove(&queue);
+                    info!(queue = %queue, "link deleted");
+                }
+                Action::Replace(spec) => {
+                    info!(queue = %spec.queue, "link changed; restarted it");
+                    self.start(spec);
+                }
+                Action::Create(spec) => self.start(spec),
+            }
+        }
+    }
+
+    fn start(&mut self, spec: PeerLink) {
+        info!(queue = %spec.queue, targets = ?spec.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(), legal_names = ?spec.legal_names, "link created");
+        let view: SharedView = link::new_view(&spec.queue);
+        self.ctx
+            .views
+            .lock()
+            .expect("poisoned")
+            .insert(spec.queue.clone(), view.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(link::run(
+            spec.clone(),
+            self.ctx.clone(),
+            stop.clone(),
+            view,
+        ));
+        self.running
+            .insert(spec.queue.clone(), RunningLink { spec, stop, task });
+    }
+
+    /// Stop every link concurrently (shutdown).
+    pub(crate) async fn stop_all(&mut self) {
+        let deadline = self.ctx.cfg.drain_grace + STOP_MARGIN;
+        futures::future::join_all(
+            std::mem::take(&mut self.running)
+                .into_iter()
+                .map(|(queue, link)| stop_link(queue, link, deadline)),
+        )
+        .await;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.running.len()
+    }
+}
+
+/// Ask one link to drain and stop; abort its task if it has not stopped within `deadline`
+/// (its unacked messages go back to the queue when its channel closes).
+async fn stop_link(queue: String, mut link: RunningLink, deadline: Duration) {
+    link.stop.cancel();
+    if tokio::time::timeout(deadline, &mut link.task)
+        .await
+        .is_err()
+    {
+        warn!(queue = %queue, ?deadline, "link did not stop within its deadline; aborting it");
+        metrics::counter!("drawbridge_bridge_link_stop_aborted_total").increment(1);
+        link.task.abort();
+        let _ = link.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use drawbridge_control_protocol::{
+        CreateLink, PeerLink, Snapshot, Target, DEFAULT_TARGET_ADDRESS,
+    };
+
+    use super::*;
+
+    const NODE: &str = "O=Bank A, L=London, C=GB";
+
+    /// The control loop without I/O: authorize, then plan against the running set.
+    fn run(messages: &[SequencedCommand]) -> BTreeMap<String, PeerLink> {
+        let policy = Policy {
+            queue_prefix: "drawbridge.peers.".into(),
+            node_user: None,
+            node_identity: Some(NODE.into()),
+        };
+        let mut applied = Sequences::default();
+        let mut running = BTreeMap::new();
+        for msg in messages {
+            if authorize(msg, None, &policy, &applied).is_err() {
+                continue;
+            }
+            applied.record(msg);
+            for action in plan(&running, &plan::wanted(&msg.command, &running)) {
+                match action {
+                    Action::Delete(q) => {
+                        running.remove(&q);
+                    }
+                    Action::Create(l) | Action::Replace(l) => {
+                        running.insert(l.queue.clone(), l);
+                    }
+                }
+            }
+        }
+        running
+    }
+
+    fn link(queue: &str) -> PeerLink {
+        PeerLink {
+            queue: queue.into(),
+            targets: vec![Target::new("127.0.0.1", 5671)],
+            legal_names: vec!["O=Bank B, L=Paris, C=FR".into()],
+            target_address: DEFAULT_TARGET_ADDRESS.into(),
+        }
+    }
+
+    fn snapshot(sequence: u64, queues: &[&str]) -> SequencedCommand {
+        SequencedCommand {
+            sequence,
+            command: ControlCommand::Snapshot(Snapshot {
+                node_identity: NODE.into(),
+                inbox_queues: vec![],
+                links: queues.iter().map(|q| link(q)).collect(),
+            }),
+        }
+    }
+
+    fn create(sequence: u64, queue: &str) -> SequencedCommand {
+        SequencedCommand {
+            sequence,
+            command: ControlCommand::CreateLink(CreateLink {
+                node_identity: NODE.into(),
+                link: link(queue),
+            }),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_that_does_not_stop_is_aborted_at_its_deadline() {
+        let (alive, dropped) = tokio::sync::oneshot::channel::<()>();
+        let stuck = RunningLink {
+            spec: link("drawbridge.peers.b"),
+            stop: CancellationToken::new(),
+            // Ignores its stop token, as a link wedged in a broker call would.
+            task: tokio::spawn(async move {
+                let _alive = alive;
+                std::future::pending::<()>().await
+            }),
+        };
+        let polite = RunningLink {
+            spec: link("drawbridge.peers.c"),
+            stop: CancellationToken::new(),
+            task: tokio::spawn(std::future::ready(())),
+        };
+        let started = tokio::time::Instant::now();
+        let deadline = Duration::from_secs(15);
+        futures::future::join(
+            stop_link("drawbridge.peers.b".into(), stuck, deadline),
+            stop_link("drawbridge.peers.c".into(), polite, deadline),
+        )
+        .await;
+        assert_eq!(started.elapsed(), deadline, "stops run in parallel");
+        assert!(dropped.await.is_err(), "the stuck task was aborted");
+    }
+
+    #[test]
+    fn a_stale_snapshot_after_a_create_keeps_the_link() {
+        let running = run(&[create(2, "drawbridge.peers.b"), snapshot(1, &[])]);
+        assert_eq!(running.keys().collect::<Vec<_>>(), ["drawbridge.peers.b"]);
+    }
+
+    #[test]
+    fn a_newer_snapshot_replaces_the_state() {
+        let running = run(&[
+            create(2, "drawbridge.peers.b"),
+            snapshot(3, &["drawbridge.peers.c"]),
+        ]);
+        assert_eq!(running.keys().collect::<Vec<_>>(), ["drawbridge.peers.c"]);
+    }
+
+    #[test]
+    fn unsequenced_messages_apply_in_arrival_order() {
+        let running = run(&[create(0, "drawbridge.peers.b"), snapshot(0, &[])]);
+        assert!(running.is_empty());
+        // ... and after sequenced ones too, without moving the mark.
+        let running = run(&[
+            create(5, "drawbridge.peers.b"),
+            create(0, "drawbridge.peers.c"),
+            snapshot(4, &[]),
+        ]);
+        assert_eq!(
+            running.keys().collect::<Vec<_>>(),
+            ["drawbridge.peers.b", "drawbridge.peers.c"]
+        );
+    }
+}
+
+/// Why a control session ended (the caller decides whether to reconnect or retry).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    /// Declaring, binding or consuming did not finish within the broker's op timeout.
+    #[error("control setup timed out")]
+    SetupTimeout,
+    /// The broker refused or failed a setup step.
+    #[error("control setup: {0}")]
+    Setup(#[source] lapin::Error),
+    /// Acking a control message did not finish within the broker's op timeout.
+    #[error("control ack timed out")]
+    AckTimeout,
+    /// The broker failed the ack.
+    #[error("control ack: {0}")]
+    Ack(#[source] lapin::Error),
+    /// The consumer failed.
+    #[error("control consumer: {0}")]
+    Consumer(#[source] lapin::Error),
+    /// The broker cancelled the consumer (e.g. the queue was deleted).
+    #[error("control consumer cancelled")]
+    Cancelled,
+    /// The broker connection went away.
+    #[error("broker connection lost")]
+    ConnectionLost,
+}
+
+/// State of the control plane that outlives broker sessions.
+struct ControlState {
+    links: Links,
+    policy: Policy,
+    /// Highest sequence applied per node identity.
+    applied: Sequences,
+}
+
+/// Run the control plane until `shutdown`, then stop all links.
+pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut state = ControlState {
+        links: Links::new(ctx.clone()),
+        policy: Policy::from(&ctx.cfg),
+        applied: Sequences::default(),
+    };
+    let mut generation = 0;
+    // Retries of the control channel on a healthy connection (a channel-level error).
+    let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    while !shutdown.is_cancelled() {
+        let live = tokio::select! {
+            l = ctx.broker.connected(generation, Duration::from_secs(3600)) => l,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(live) = live else { continue };
+        generation = live.generation;
+        let started = tokio::time::Instant::now();
+        match control_session(&ctx, &live, &mut state, &shutdown).await {
+            Ok(()) => {}
+            // The supervisor has logged the lost connection; the next one gets a new session.
+            Err(e) if live.is_lost() => {
+                tracing::debug!(reason = %e, "control session ended with its broker connection")
+            }
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    retry.reset();
+                }
+                let delay = retry.next_delay();
+                warn!(reason = %e, retry_in = ?delay, "control channel lost; re-establishing it");
+                // Same connection again: ask for any connection from this generation on.
+                generation = generation.saturating_sub(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    info!(links = state.links.len(), "stopping links");
+    state.links.stop_all().await;
+}
+
+async fn control_session(
+    ctx: &Arc<Ctx>,
+    live: &Arc<Live>,
+    state: &mut ControlState,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let op = ctx.broker.config().op_timeout;
+    let cfg = &ctx.cfg;
+    let setup = async {
+        let ch = live.conn.create_channel().await?;
+        for ex in [&cfg.control_exchange, &cfg.notify_exchange] {
+            ch.exchange_declare(
+                ShortString::from(ex.as_str()),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        // One exclusive queue per bridge instance: every instance (standbys too) sees
+        // every control message.
+        let q = ch
+            .queue_declare(
+                ShortString::from(""),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        ch.queue_bind(
+            q.name().clone(),
+            ShortString::from(cfg.control_exchange.as_str()),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                ShortString::from(format!("drawbridge-control-{}", cfg.id)),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, lapin::Error>((ch, consumer))
+    };
+    let (_ch, mut consumer) = tokio::time::timeout(op, setup)
+        .await
+        .map_err(|_| SessionError::SetupTimeout)?
+        .map_err(SessionError::Setup)?;
+
+    let mut have_snapshot = false;
+    let mut retry = Backoff::new(cfg.snapshot_retry_min, cfg.snapshot_retry_max);
+    ctx.request_snapshot();
+    let mut next_request = tokio::time::Instant::now() + retry.next_delay();
+    loop {
+        tokio::select! {
+            d = consumer.next() => match d {
+                Some(Ok(delivery)) => {
+                    if handle(&delivery, state).await {
+                        if !have_snapshot {
+                            info!("snapshot received");
+                        }
+                        have_snapshot = true;
+                    }
+                    // Every control message is acked, valid or not: a bad one must not
+                    // loop forever.
+                    tokio::time::timeout(op, delivery.acker.ack(BasicAckOptions::default()))
+                        .await
+                        .map_err(|_| SessionError::AckTimeout)?
+                        .map_err(SessionError::Ack)?;
+                }
+                Some(Err(e)) => return Err(SessionError::Consumer(e)),
+                None => return Err(SessionError::Cancelled),
+            },
+            _ = tokio::time::sleep_until(next_request), if !have_snapshot => {
+                info!("no snapshot yet; asking again");
+                ctx.request_snapshot();
+                next_request = tokio::time::Instant::now() + retry.next_delay();
+            }
+            _ = live.lost() => return Err(SessionError::ConnectionLost),
+            // The control channel goes with the connection; closing it here as well
+            // only races lapin's own close.
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Apply one control message if [`authorize`] lets it through. Returns true if it was a
+/// snapshot that was applied.
+async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
+    let user_id = d.properties.user_id().as_ref().map(|s| s.as_str());
+    let verdict = SequencedCommand::decode(&d.data)
+        .map_err(Refusal::from)
+        .and_then(|msg| authorize(&msg, user_id, &state.policy, &state.applied).map(|()| msg));
+    let msg = match verdict {
+        Ok(msg) => msg,
+        Err(refusal) if refusal.is_stale() => {
+            warn!(reason = %refusal, "stale control message ignored");
+            metrics::counter!("drawbridge_bridge_control_stale_total").increment(1);
+            return false;
+        }
+        Err(refusal) => {
+            warn!(reason = %refusal, "control message refused");
+            metrics::counter!("drawbridge_bridge_control_refused_total").increment(1);
+            return false;
+        }
+    };
+    if !msg.is_sequenced() {
+        warn!(
+            node = %msg.command.node_identity(),
+            kind = msg.command.kind(),
+            "unsequenced control message (sender predates sequence numbers); applying it in arrival order"
+        );
+        metrics::counter!("drawbridge_bridge_control_unsequenced_total").increment(1);
+    }
+    state.applied.record(&msg);
+    let is_snapshot = matches!(msg.command, ControlCommand::Snapshot(_));
+    info!(
+        node = %msg.command.node_identity(),
+        kind = msg.command.kind(),
+        sequence = msg.sequence,
+        "applying control message"
+    );
+    state.links.apply(&msg.command).await;
+    is_snapshot
+}
+
+/// Publishes notifications (snapshot requests, link status) to the notify exchange.
+/// Best effort: status events are informational, and snapshot requests are repeated.
+pub(crate) async fn notifier(ctx: Arc<Ctx>, mut rx: tokio::sync::mpsc::Receiver<Notification>) {
+    let mut channel: Option<(u64, lapin::Channel)> = None;
+    while let Some(n) = rx.recv().await {
+        let Some(live) = ctx.broker.current() else {
+            continue;
+        };
+        let op = ctx.broker.config().op_timeout;
+        if channel
+            .as_ref()
+            .map(|(g, c)| *g != live.generation || !c.status().connected())
+            .unwrap_or(true)
+        {
+            channel = match tokio::time::timeout(op, live.conn.create_channel()).await {
+                Ok(Ok(c)) => Some((live.generation, c)),
+                _ => None,
+            };
+        }
+        let Some((_, ch)) = &channel else { continue };
+        let body = n.encode();
+        let r = tokio::time::timeout(
+            op,
+            ch.basic_publish(
+                ShortString::from(ctx.cfg.notify_exchange.as_str()),
+                ShortString::from(""),
+                Default::default(),
+                &body,
+                lapin::BasicProperties::default()
+                    .with_content_type(ShortString::from("application/x-protobuf")),
+            ),
+        )
+        .await;
+        if !matches!(r, Ok(Ok(_))) {
+            tracing::debug!("notification not published");
+            channel = None;
+        }
+    }
+}
+
+/// A snapshot request for this bridge.
+pub(crate) fn snapshot_request(ctx: &Ctx) -> Notification {
+    Notification::SnapshotRequest(SnapshotRequest {
+        bridge_id: ctx.cfg.id.clone(),
+    })
+}

@@ -1,0 +1,15 @@
+# -*- coding: utf-8 -*-
+# Generated from control-protocol/proto/drawbridge/control/v1/control.proto by
+# control-protocol/tests/bootstrap.rs (protox, no protoc).  DO NOT EDIT!
+# Regenerate: UPDATE_GENERATED=1 cargo test -p drawbridge-control-protocol --test bootstrap
+"""Generated protocol buffer code."""
+from google.protobuf import descriptor_pool as _descriptor_pool
+from google.protobuf import symbol_database as _symbol_database
+from google.protobuf.internal import builder as _builder
+
+_sym_db = _symbol_database.Default()
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\x0a#drawbridge/control/v1/control.proto\x12\x15drawbridge.control.v1"\x9a\x01\x0a\x08PeerLink\x12\x14\x0a\x05queue\x18\x01 \x01(\x09R\x05queue\x12\x18\x0a\x07targets\x18\x02 \x03(\x09R\x07targets\x12\x1f\x0a\x0blegal_names\x18\x03 \x03(\x09R\x0alegalNames\x12*\x0a\x0etarget_address\x18\x04 \x01(\x09H\x00R\x0dtargetAddress\x88\x01\x01B\x11\x0a\x0f_target_address"\x89\x01\x0a\x08Snapshot\x12#\x0a\x0dnode_identity\x18\x01 \x01(\x09R\x0cnodeIdentity\x12!\x0a\x0cinbox_queues\x18\x02 \x03(\x09R\x0binboxQueues\x125\x0a\x05links\x18\x03 \x03(\x0b2\x1f.drawbridge.control.v1.PeerLinkR\x05links"f\x0a\x0aCreateLink\x12#\x0a\x0dnode_identity\x18\x01 \x01(\x09R\x0cnodeIdentity\x123\x0a\x04link\x18\x02 \x01(\x0b2\x1f.drawbridge.control.v1.PeerLinkR\x04link"G\x0a\x0aDeleteLink\x12#\x0a\x0dnode_identity\x18\x01 \x01(\x09R\x0cnodeIdentity\x12\x14\x0a\x05queue\x18\x02 \x01(\x09R\x05queue".\x0a\x0fSnapshotRequest\x12\x1b\x0a\x09bridge_id\x18\x01 \x01(\x09R\x08bridgeId"\xc6\x01\x0a\x0aLinkStatus\x12\x1b\x0a\x09bridge_id\x18\x01 \x01(\x09R\x08bridgeId\x12\x14\x0a\x05queue\x18\x02 \x01(\x09R\x05queue\x126\x0a\x05state\x18\x03 \x01(\x0e2 .drawbridge.control.v1.LinkStateR\x05state\x12\x12\x0a\x04peer\x18\x04 \x01(\x09R\x04peer\x12\x16\x0a\x06reason\x18\x05 \x01(\x09R\x06reason\x12!\x0a\x0ctimestamp_ms\x18\x06 \x01(\x04R\x0btimestampMs"\x99\x02\x0a\x0eControlMessage\x12\x18\x0a\x07version\x18\x01 \x01(\x0dR\x07version\x12=\x0a\x08snapshot\x18\x02 \x01(\x0b2\x1f.drawbridge.control.v1.SnapshotH\x00R\x08snapshot\x12D\x0a\x0bcreate_link\x18\x03 \x01(\x0b2!.drawbridge.control.v1.CreateLinkH\x00R\x0acreateLink\x12D\x0a\x0bdelete_link\x18\x04 \x01(\x0b2!.drawbridge.control.v1.DeleteLinkH\x00R\x0adeleteLink\x12\x1a\x0a\x08sequence\x18\x05 \x01(\x04R\x08sequenceB\x06\x0a\x04body"\xcc\x01\x0a\x0dNotifyMessage\x12\x18\x0a\x07version\x18\x01 \x01(\x0dR\x07version\x12S\x0a\x10snapshot_request\x18\x02 \x01(\x0b2&.drawbridge.control.v1.SnapshotRequestH\x00R\x0fsnapshotRequest\x12D\x0a\x0blink_status\x18\x03 \x01(\x0b2!.drawbridge.control.v1.LinkStatusH\x00R\x0alinkStatusB\x06\x0a\x04body*\x82\x01\x0a\x09LinkState\x12\x1a\x0a\x16LINK_STATE_UNSPECIFIED\x10\x00\x12\x19\x0a\x15LINK_STATE_CONNECTING\x10\x01\x12\x11\x0a\x0dLINK_STATE_UP\x10\x02\x12\x13\x0a\x0fLINK_STATE_DOWN\x10\x03\x12\x16\x0a\x12LINK_STATE_DELETED\x10\x04b\x06proto3')
+
+_builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'control_pb2', globals())

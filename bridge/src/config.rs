@@ -43,6 +43,11 @@ pub struct BridgeConfig {
     pub window: u16,
     /// Bigger messages are dead-lettered.
     pub max_message_size: usize,
+    /// Bytes of message bodies one link may hold (prefetched + unsettled); its prefetch
+    /// follows the sizes it sees to stay within it.
+    pub max_link_bytes: u64,
+    /// Bytes of message bodies sent and not yet settled across all links.
+    pub max_bytes_in_flight: u64,
     /// A transfer not settled by the peer within this recycles the link.
     pub settle_timeout: Duration,
     /// Deadline for TCP + TLS + AMQP open to a float.
@@ -93,6 +98,18 @@ impl BridgeConfig {
             max_message_size >= 1024,
             "must be at least 1024",
         );
+        let max_link_bytes: u64 = r.get("bridge.max_link_bytes", 64 * 1024 * 1024);
+        r.check(
+            "bridge.max_link_bytes",
+            max_link_bytes >= 1024 * 1024,
+            "must be at least 1 MiB (1048576)",
+        );
+        let max_bytes_in_flight: u64 = r.get("bridge.max_bytes_in_flight", 1024 * 1024 * 1024);
+        r.check(
+            "bridge.max_bytes_in_flight",
+            (1024 * 1024..=4 * 1024 * 1024 * 1024 * 1024).contains(&max_bytes_in_flight),
+            "must be between 1 MiB and 4 TiB",
+        );
         let admin_listen = match r.optional::<String>("admin.listen") {
             Some(s) => match s.parse() {
                 Ok(a) => Some(a),
@@ -129,6 +146,8 @@ impl BridgeConfig {
             dead_letter_queue_type,
             window: window.clamp(1, 65535) as u16,
             max_message_size,
+            max_link_bytes,
+            max_bytes_in_flight,
             settle_timeout: r.duration("bridge.settle_timeout", Duration::from_secs(30)),
             connect_timeout: r.duration("bridge.connect_timeout", Duration::from_secs(10)),
             idle_timeout: r.duration("bridge.idle_timeout", Duration::from_secs(30)),

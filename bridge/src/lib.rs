@@ -5,6 +5,7 @@
 //! the peer accepted. See `link` for the delivery rules.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod config;
 mod control;
 pub mod convert;
@@ -41,6 +42,10 @@ pub(crate) struct Ctx {
     broker: BrokerSession,
     views: Mutex<BTreeMap<String, link::SharedView>>,
     notify: mpsc::Sender<Notification>,
+    /// Process-wide budget of bytes sent and not yet settled, in KiB permits (see `budget`).
+    bytes_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Its size in KiB.
+    bytes_total_kib: u32,
 }
 
 impl Ctx {
@@ -126,7 +131,10 @@ pub async fn start(
         broker_shutdown.clone(),
     );
     let (tx, rx) = mpsc::channel(1024);
+    let bytes_total_kib = u32::try_from(cfg.max_bytes_in_flight / 1024).unwrap_or(u32::MAX);
     let ctx = Arc::new(Ctx {
+        bytes_in_flight: Arc::new(tokio::sync::Semaphore::new(bytes_total_kib as usize)),
+        bytes_total_kib,
         cfg,
         identity,
         roots,

@@ -22,7 +22,9 @@ use std::{
 };
 
 use drawbridge_control_protocol::{LinkState, PeerLink, Target};
+use drawbridge_node::topology;
 use drawbridge_runtime::{backoff::Backoff, broker::Live};
+use fe2o3_amqp::types::messaging::{Data, Message};
 use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
@@ -33,10 +35,12 @@ use lapin::{
     types::{FieldTable, ShortString},
     Channel, Consumer,
 };
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
+    budget::{kib, Prefetch},
     convert,
     dead_letter::{copy_properties, DeadLetterer, Interrupted},
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
@@ -68,6 +72,15 @@ pub struct LinkView {
     pub head_returns: u32,
     /// That message's id, once reported as stuck.
     pub stuck_message_id: Option<String>,
+    /// The peer queue exists without the dead-letter arguments (declared by an older
+    /// node): consumed as it is, but broker-side drops are not dead-lettered.
+    pub legacy_queue_args: bool,
+    /// Broker prefetch of the current consumer (follows message sizes, see `budget`).
+    pub prefetch: u16,
+    /// Times the link decided to lower its prefetch for bigger messages.
+    pub prefetch_narrowed: u64,
+    /// Times it decided to raise it again for smaller ones.
+    pub prefetch_widened: u64,
     /// Unix ms of the last state change.
     pub since_unix_ms: u64,
 }
@@ -88,6 +101,10 @@ pub fn new_view(queue: &str) -> SharedView {
         connects: 0,
         head_returns: 0,
         stuck_message_id: None,
+        legacy_queue_args: false,
+        prefetch: 0,
+        prefetch_narrowed: 0,
+        prefetch_widened: 0,
         since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
     }))
 }
@@ -98,8 +115,6 @@ enum End {
     Stopped,
     /// Something failed; reconnect.
     Broken(String),
-    /// A probing session settled its one message: consume with the full window again.
-    Widen,
 }
 
 /// What one forwarding session achieved; decides the next backoff and feeds the head watch.
@@ -137,6 +152,9 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     // fails again, instead of the whole window (each return counts against a quorum
     // queue's delivery limit).
     let mut probe = false;
+    // The consumer prefetch follows the message sizes (see `budget`); what it learned
+    // carries over from one session to the next.
+    let mut prefetch = Prefetch::new(cfg.window, cfg.max_link_bytes, cfg.max_message_size as u64);
     let settings = match ctx.peer_settings(&spec) {
         Ok(s) => s,
         Err(reason) => {
@@ -223,12 +241,14 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             view: &view,
             target: &target,
         };
-        let end = session.run(pc, &mut dead_letters, &mut stats, probe).await;
+        let end = session
+            .run(pc, &mut dead_letters, &mut stats, &mut prefetch, probe)
+            .await;
         if stats.acked > 0 {
             probe = false;
         }
         match end {
-            End::Stopped | End::Widen => break,
+            End::Stopped => break,
             End::Broken(reason) => {
                 // The backoff starts again only after the peer accepted something (or the
                 // link stayed up a while with no transfer failing, e.g. an idle link whose
@@ -291,6 +311,15 @@ const HEAD_RETURNS_REPORTED: u32 = 3;
 /// settled prefix and gives up the rest (they are requeued and resent).
 const SALVAGE_WAIT: Duration = Duration::from_millis(500);
 
+/// The consumer of a session and the prefetch it was started with.
+struct Consuming {
+    consumer: Consumer,
+    /// Prefetch the consumer was started with.
+    prefetch: u16,
+    /// Cancelled, its last deliveries still arriving; a new consumer follows.
+    switching: bool,
+}
+
 /// One forwarding session: a peer connection fed from one broker connection.
 struct LinkSession<'a> {
     live: &'a Arc<Live>,
@@ -307,7 +336,8 @@ impl LinkSession<'_> {
         mut pc: PeerConnection,
         dead_letters: &mut DeadLetterer,
         stats: &mut SessionStats,
-        mut probe: bool,
+        prefetch: &mut Prefetch,
+        probe: bool,
     ) -> End {
         let op = self.ctx.broker.config().op_timeout;
         // Nothing is taken from the peer queue while there is nowhere to put what cannot be
@@ -316,10 +346,13 @@ impl LinkSession<'_> {
             pc.close().await;
             return End::Broken(e.to_string());
         }
-        let prefetch = if probe { 1 } else { self.ctx.cfg.window };
-        let opened =
-            tokio::time::timeout(op, open_consumer(self.live, self.spec, self.ctx, prefetch)).await;
-        let (channel, mut consumer) = match opened {
+        let first_prefetch = if probe { 1 } else { prefetch.current() };
+        let opened = tokio::time::timeout(
+            op,
+            open_consumer(self.live, self.spec, self.ctx, self.view, first_prefetch),
+        )
+        .await;
+        let (channel, consumer) = match opened {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 pc.close().await;
@@ -331,7 +364,11 @@ impl LinkSession<'_> {
                 return End::Broken("opening the consumer timed out".into());
             }
         };
-        self.view.lock().expect("poisoned").connects += 1;
+        {
+            let mut v = self.view.lock().expect("poisoned");
+            v.connects += 1;
+            v.prefetch = first_prefetch;
+        }
         set_state(
             self.ctx,
             self.view,
@@ -343,34 +380,24 @@ impl LinkSession<'_> {
         if probe {
             info!(queue = %self.spec.queue, target = %self.target, "link up, probing with one message after transfers failed");
         } else {
-            info!(queue = %self.spec.queue, target = %self.target, "link up");
+            info!(queue = %self.spec.queue, target = %self.target, prefetch = first_prefetch, "link up");
         }
-        let end = loop {
-            let end = self
-                .forward(&mut pc, &channel, consumer, dead_letters, stats, probe)
-                .await;
-            if !matches!(end, End::Widen) {
-                break end;
-            }
-            // The probe went through: consume with the full window (a prefetch applies to
-            // consumers started after it is set, so the consumer is started again).
-            probe = false;
-            let widened = tokio::time::timeout(op, async {
-                channel
-                    .basic_cancel(consumer_tag(self.ctx).into(), BasicCancelOptions::default())
-                    .await?;
-                start_consumer(&channel, self.spec, self.ctx, self.ctx.cfg.window).await
-            })
-            .await;
-            consumer = match widened {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    break End::Broken(format!("cannot consume `{}`: {e}", self.spec.queue))
-                }
-                Err(_) => break End::Broken("restarting the consumer timed out".into()),
-            };
-            info!(queue = %self.spec.queue, target = %self.target, "probe accepted; forwarding with the full window");
+        let consuming = Consuming {
+            consumer,
+            prefetch: first_prefetch,
+            switching: false,
         };
+        let end = self
+            .forward(
+                &mut pc,
+                &channel,
+                consuming,
+                dead_letters,
+                stats,
+                prefetch,
+                probe,
+            )
+            .await;
         // Closing the channel returns every unacked delivery to the queue, in order. A close
         // that does not complete leaves them held by a channel nobody reads: only closing
         // the whole connection frees them, so report it broken.
@@ -384,14 +411,16 @@ impl LinkSession<'_> {
         end
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         pc: &mut PeerConnection,
         channel: &Channel,
-        mut consumer: Consumer,
+        mut consuming: Consuming,
         dead_letters: &mut DeadLetterer,
         stats: &mut SessionStats,
-        probe: bool,
+        prefetch: &mut Prefetch,
+        mut probe: bool,
     ) -> End {
         let (spec, ctx, view, live, stop) = (self.spec, self.ctx, self.view, self.live, self.stop);
         let cfg = &ctx.cfg;
@@ -402,6 +431,9 @@ impl LinkSession<'_> {
         let mut draining = false;
         let mut drain_deadline = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        // A converted delivery waiting for room in the process-wide byte budget.
+        let mut waiting: Option<(Delivery, Message<Data>)> = None;
+        let budget_kib = ctx.bytes_total_kib;
         // Every way out of the loop below except a lost broker connection goes through
         // `broken`: first ack what the peer has already accepted (its settlements may be
         // ready but not yet taken, e.g. while a send waited for credit), then give up the
@@ -417,7 +449,62 @@ impl LinkSession<'_> {
                 };
             }};
         }
+        // Start moving to the prefetch `prefetch.current()` (or out of a probe): cancel the
+        // consumer; what it already received still arrives and is forwarded, and when its
+        // stream ends a new consumer starts (see the `None` arm below).
+        macro_rules! resize {
+            () => {{
+                if !consuming.switching && consuming.prefetch != prefetch.current() {
+                    let cancel = tokio::time::timeout(
+                        op,
+                        channel
+                            .basic_cancel(consuming.consumer.tag(), BasicCancelOptions::default()),
+                    )
+                    .await;
+                    match cancel {
+                        Ok(Ok(())) => consuming.switching = true,
+                        Ok(Err(e)) => broken!(format!("cannot restart the consumer: {e}")),
+                        Err(_) => broken!("restarting the consumer timed out".into()),
+                    }
+                }
+            }};
+        }
+        // Send one converted delivery holding its share of the process budget; the share is
+        // released when the peer settles it.
+        macro_rules! send {
+            ($delivery:expr, $msg:expr, $permit:expr) => {{
+                let (delivery, msg, permit): (Delivery, Message<Data>, OwnedSemaphorePermit) =
+                    ($delivery, $msg, $permit);
+                let sent =
+                    tokio::time::timeout(cfg.settle_timeout, pc.sender.send_batchable(msg)).await;
+                let fut = match sent {
+                    Ok(Ok(fut)) => fut,
+                    Ok(Err(e)) => broken!(format!("send failed: {e}")),
+                    Err(_) => {
+                        stats.transfer_failed = true;
+                        broken!(format!(
+                            "peer granted no credit for {:?}",
+                            cfg.settle_timeout
+                        ))
+                    }
+                };
+                let timeout = cfg.settle_timeout;
+                inflight.push_back(
+                    async move {
+                        let settled =
+                            classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
+                        drop(permit);
+                        (delivery, settled)
+                    }
+                    .boxed(),
+                );
+            }};
+        }
         loop {
+            let need_kib = waiting
+                .as_ref()
+                .map(|(d, _)| kib(d.data.len(), budget_kib))
+                .unwrap_or(0);
             if draining && inflight.is_empty() {
                 return match flush(channel, &mut acks, op).await {
                     Ok(()) => End::Stopped,
@@ -433,13 +520,14 @@ impl LinkSession<'_> {
                             stats.accepted += 1;
                             stats.acked += 1;
                             count_forwarded(view);
-                            if flush_now || probe {
+                            if flush_now {
                                 if let Err(e) = flush(channel, &mut acks, op).await {
                                     return End::Broken(e);
                                 }
                             }
-                            if probe {
-                                return End::Widen;
+                            if std::mem::take(&mut probe) {
+                                info!(queue = %spec.queue, prefetch = prefetch.current(), "probe accepted; forwarding with the full window");
+                                resize!();
                             }
                         }
                         Step::DeadLetter(reason) => {
@@ -450,13 +538,13 @@ impl LinkSession<'_> {
                                     metrics::counter!("drawbridge_bridge_dead_lettered_total").increment(1);
                                     view.lock().expect("poisoned").dead_lettered += 1;
                                     stats.acked += 1;
-                                    if acks.settled(tag, inflight.is_empty()) || probe {
+                                    if acks.settled(tag, inflight.is_empty()) {
                                         if let Err(e) = flush(channel, &mut acks, op).await {
                                             return End::Broken(e);
                                         }
                                     }
-                                    if probe {
-                                        return End::Widen;
+                                    if std::mem::take(&mut probe) {
+                                        resize!();
                                     }
                                 }
                                 Err(Interrupted::Stopped) => {
@@ -483,15 +571,37 @@ impl LinkSession<'_> {
                     drain_deadline = Some(tokio::time::Instant::now() + cfg.drain_grace);
                     // Stop new deliveries; those already prefetched but not sent are requeued
                     // when the channel closes.
-                    let _ = tokio::time::timeout(op, channel.basic_cancel(consumer.tag(), BasicCancelOptions::default())).await;
+                    if !consuming.switching {
+                        let _ = tokio::time::timeout(op, channel.basic_cancel(consuming.consumer.tag(), BasicCancelOptions::default())).await;
+                    }
                 }
                 _ = async { tokio::time::sleep_until(drain_deadline.expect("set")).await }, if drain_deadline.is_some() => {
                     broken!("drain grace period over; unsettled transfers will be resent".into());
                 }
-                d = consumer.next(), if !draining && inflight.len() < window => {
+                permit = async { ctx.bytes_in_flight.clone().acquire_many_owned(need_kib).await }, if waiting.is_some() => {
+                    let Ok(permit) = permit else {
+                        broken!("the byte budget was closed".into());
+                    };
+                    let (delivery, msg) = waiting.take().expect("waiting");
+                    send!(delivery, msg, permit);
+                }
+                d = consuming.consumer.next(), if !draining && waiting.is_none() && inflight.len() < window => {
                     let delivery = match d {
                         Some(Ok(d)) => d,
                         Some(Err(e)) => broken!(format!("consumer failed: {e}")),
+                        None if consuming.switching => {
+                            // The old consumer delivered all it had: start the new one.
+                            let want = if probe { 1 } else { prefetch.current() };
+                            let started = tokio::time::timeout(op, start_consumer(channel, spec, ctx, want)).await;
+                            consuming = match started {
+                                Ok(Ok(consumer)) => Consuming { consumer, prefetch: want, switching: false },
+                                Ok(Err(e)) => broken!(format!("cannot consume `{}`: {e}", spec.queue)),
+                                Err(_) => broken!("restarting the consumer timed out".into()),
+                            };
+                            view.lock().expect("poisoned").prefetch = want;
+                            debug!(queue = %spec.queue, prefetch = want, "consumer restarted with a new prefetch");
+                            continue;
+                        }
                         None => broken!("consumer cancelled by the broker".into()),
                     };
                     if !stats.seen_delivery {
@@ -504,6 +614,18 @@ impl LinkSession<'_> {
                         view.lock().expect("poisoned").redelivered += 1;
                         metrics::counter!("drawbridge_bridge_redelivered_total").increment(1);
                     }
+                    let before = prefetch.current();
+                    if let (false, Some(after)) = (probe, prefetch.observe(delivery.data.len() as u64)) {
+                        {
+                            let mut v = view.lock().expect("poisoned");
+                            if after < before {
+                                v.prefetch_narrowed += 1;
+                            } else {
+                                v.prefetch_widened += 1;
+                            }
+                        }
+                        resize!();
+                    }
                     match convert::to_amqp(&delivery, cfg.max_message_size) {
                         Err(u) => {
                             metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
@@ -511,20 +633,11 @@ impl LinkSession<'_> {
                             inflight.push_back(async move { (delivery, Settled::DeadLetter(reason)) }.boxed());
                         }
                         Ok(msg) => {
-                            let sent = tokio::time::timeout(cfg.settle_timeout, pc.sender.send_batchable(msg)).await;
-                            let fut = match sent {
-                                Ok(Ok(fut)) => fut,
-                                Ok(Err(e)) => broken!(format!("send failed: {e}")),
-                                Err(_) => {
-                                    stats.transfer_failed = true;
-                                    broken!(format!("peer granted no credit for {:?}", cfg.settle_timeout))
-                                }
-                            };
-                            let timeout = cfg.settle_timeout;
-                            inflight.push_back(async move {
-                                let settled = classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
-                                (delivery, settled)
-                            }.boxed());
+                            let need = kib(delivery.data.len(), budget_kib);
+                            match ctx.bytes_in_flight.clone().try_acquire_many_owned(need) {
+                                Ok(permit) => send!(delivery, msg, permit),
+                                Err(_) => waiting = Some((delivery, msg)),
+                            }
                         }
                     }
                 }
@@ -583,20 +696,55 @@ async fn open_consumer(
     live: &Arc<Live>,
     spec: &PeerLink,
     ctx: &Arc<Ctx>,
+    view: &SharedView,
     prefetch: u16,
 ) -> Result<(Channel, Consumer), lapin::Error> {
-    let ch = live.conn.create_channel().await?;
-    ch.queue_declare(
-        ShortString::from(spec.queue.as_str()),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        ctx.peer_queue_args(),
-    )
-    .await?;
+    let mut ch = live.conn.create_channel().await?;
+    let declared = ch
+        .queue_declare(
+            ShortString::from(spec.queue.as_str()),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            ctx.peer_queue_args(),
+        )
+        .await;
+    match declared {
+        Ok(_) => {}
+        Err(e) if lacks_dead_letter_args(&e) => {
+            // Declared earlier (by an older node or bridge) without the dead-letter pair: the
+            // 406 closed the channel. Consume the queue as it is rather than stop forwarding,
+            // and say once what that leaves open.
+            let first =
+                !std::mem::replace(&mut view.lock().expect("poisoned").legacy_queue_args, true);
+            if first {
+                warn!(queue = %spec.queue, dead_letter_queue = %ctx.cfg.dead_letter_queue, "peer queue was declared without dead-letter arguments: what the broker drops from it (a quorum delivery limit, a TTL or length policy) is lost, not dead-lettered; add a policy with dead-letter-exchange \"\" and dead-letter-routing-key, or redeclare the queue");
+            }
+            // Declaring it with the older arguments checks that the fence (single active
+            // consumer) and the queue type are there all the same.
+            ch = live.conn.create_channel().await?;
+            ch.queue_declare(
+                ShortString::from(spec.queue.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                topology::fenced_queue_args(ctx.cfg.peer_queue_type),
+            )
+            .await?;
+        }
+        Err(e) => return Err(e),
+    }
     let consumer = start_consumer(&ch, spec, ctx, prefetch).await?;
     Ok((ch, consumer))
+}
+
+/// Whether a declare failed on the dead-letter arguments (RabbitMQ names the first
+/// inequivalent argument it checks, and it checks them before the others).
+fn lacks_dead_letter_args(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("PRECONDITION_FAILED") && text.contains("inequivalent arg 'x-dead-letter-")
 }
 
 /// Set the prefetch (`window`, or 1 while probing) and consume the peer queue.

@@ -4,7 +4,7 @@ classes generated from the same control.proto (control_pb2.py next to this file)
 
 It connects to the node's RabbitMQ broker and
   1. declares the peer queue with the arguments the bridge expects
-     (x-single-active-consumer, x-queue-type),
+     (x-single-active-consumer, x-queue-type, and dead-lettering into drawbridge.dead-letter),
   2. listens on the drawbridge.notify fanout exchange for the bridge's SnapshotRequests,
   3. publishes a CreateLink for the link, sequenced and with user_id = its broker login
      (RabbitMQ rejects a user_id that is not the connection's login, so the bridge can trust it),
@@ -107,7 +107,15 @@ def declare_peer_queue(channel, queue, queue_type):
     channel.queue_declare(
         queue=queue,
         durable=True,
-        arguments={"x-single-active-consumer": True, "x-queue-type": queue_type},
+        # The same arguments as the bridge's (a redeclare with other arguments is refused).
+        # The dead-letter pair turns whatever the broker drops from the queue (a quorum
+        # queue's delivery limit, a TTL or length policy) into a dead-letter, not a loss.
+        arguments={
+            "x-single-active-consumer": True,
+            "x-queue-type": queue_type,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": "drawbridge.dead-letter",
+        },
     )
 
 

@@ -83,6 +83,18 @@ pub fn peer_queue_args(queue_type: QueueType, dead_letter_queue: &str) -> FieldT
     args
 }
 
+/// The peer queue arguments before dead-lettering was added (fence and type only): a queue
+/// declared with these by an older node is still consumed, with a warning.
+pub fn fenced_queue_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    for (k, v) in peer_queue_args(queue_type, "").inner() {
+        if !k.as_str().starts_with("x-dead-letter-") {
+            args.insert(k.clone(), v.clone());
+        }
+    }
+    args
+}
+
 /// Arguments of the dead-letter queue and of inboxes: only the queue type.
 pub fn plain_queue_args(queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
@@ -117,6 +129,17 @@ mod tests {
             get("x-dead-letter-routing-key"),
             Some(AMQPValue::LongString("dlq".into()))
         );
+    }
+
+    #[test]
+    fn the_older_arguments_keep_the_fence_without_dead_lettering() {
+        let args = fenced_queue_args(QueueType::Classic);
+        assert_eq!(
+            args.inner().get("x-single-active-consumer"),
+            Some(&AMQPValue::Boolean(true))
+        );
+        assert!(args.inner().get("x-queue-type").is_some());
+        assert_eq!(args.inner().len(), 2);
     }
 
     #[test]

@@ -296,3 +296,137 @@ async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
     assert_eq!(status["links"][0]["dead_lettered"], 0, "{status}");
     Ok(())
 }
+
+/// A peer queue an older node declared with the fence but without the dead-letter pair is
+/// still consumed (with a warning and a status flag); one without the single-active-consumer
+/// fence is refused with a reason that names it.
+#[tokio::test]
+async fn older_peer_queue_arguments_keep_the_fence_strict() -> Result<()> {
+    use drawbridge_node::topology::{fenced_queue_args, plain_queue_args, QueueType};
+    use lapin::options::QueueDeclareOptions;
+    let mut p = pair().await?;
+    let (_ca, cha) = p.a.channel().await?;
+    let q = p.a.queue_to(&p.b);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    cha.queue_declare(
+        q.as_str().into(),
+        durable,
+        fenced_queue_args(QueueType::Classic),
+    )
+    .await?;
+    let spec = PublishSpec {
+        run: "legacy".into(),
+        from: 0,
+        to: 20,
+        size: 128,
+        destination: BANK_B.into(),
+        headers: vec![],
+    };
+    stream::publish(&cha, &q, &spec, |_| {}).await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let (_cb, chb) = p.b.channel().await?;
+    world::declare_queue(&chb, INBOX).await?;
+    let mut tally = Tally::new("legacy", 20, Some(BANK_A.to_string()));
+    stream::consume(&chb, INBOX, &mut tally, Duration::from_secs(20), |_| {}).await?;
+    assert!(tally.report().complete(), "{:?}", tally.report());
+    let bridge = p.a.bridge.as_ref().unwrap();
+    let status = bridge.status().await?;
+    assert_eq!(status["links"][0]["legacy_queue_args"], true, "{status}");
+    assert!(bridge.log_contains("declared without dead-letter arguments"));
+
+    // No fence: refused, and the reason says why.
+    let unfenced = format!("{q}-unfenced");
+    cha.queue_declare(
+        unfenced.as_str().into(),
+        durable,
+        plain_queue_args(QueueType::Classic),
+    )
+    .await?;
+    let mut link = p.a.link_to(&p.b);
+    link.queue = unfenced.clone();
+    p.a.control(&drawbridge_control_protocol::ControlCommand::CreateLink(
+        drawbridge_control_protocol::CreateLink {
+            node_identity: p.a.legal_name.clone(),
+            link,
+        },
+    ))
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = bridge.status().await?;
+        let reason = status["links"]
+            .as_array()
+            .and_then(|l| l.iter().find(|v| v["queue"] == unfenced.as_str()))
+            .map(|v| v["reason"].to_string())
+            .unwrap_or_default();
+        if reason.contains("x-single-active-consumer") {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the unfenced queue was not refused with a reason naming the fence: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Big messages narrow a link's prefetch to its byte budget, small ones widen it again, and
+/// everything arrives. (What the link holds is bounded by `max_link_bytes`, not by
+/// `window` × message size.)
+#[tokio::test]
+async fn the_prefetch_follows_message_sizes_within_the_link_budget() -> Result<()> {
+    let mut p = pair().await?;
+    let (_ca, cha) = p.a.channel().await?;
+    let q = p.a.queue_to(&p.b);
+    world::declare_peer_queue(&cha, &q, "classic").await?;
+    let small = PublishSpec {
+        run: "sizes".into(),
+        from: 0,
+        to: 100,
+        size: 512,
+        destination: BANK_B.into(),
+        headers: vec![],
+    };
+    stream::publish(&cha, &q, &small, |_| {}).await?;
+    let big = PublishSpec {
+        from: 100,
+        to: 140,
+        size: 1024 * 1024,
+        ..small.clone()
+    };
+    stream::publish(&cha, &q, &big, |_| {}).await?;
+    let small_again = PublishSpec {
+        from: 140,
+        to: 240,
+        ..small.clone()
+    };
+    stream::publish(&cha, &q, &small_again, |_| {}).await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("max_link_bytes = 4194304").await?;
+    p.a.create_link_to(&p.b).await?;
+    let (_cb, chb) = p.b.channel().await?;
+    world::declare_queue(&chb, INBOX).await?;
+    let mut tally = Tally::new("sizes", 240, Some(BANK_A.to_string()));
+    stream::consume(&chb, INBOX, &mut tally, Duration::from_secs(20), |_| {}).await?;
+    let r = tally.report();
+    assert!(
+        r.complete() && r.duplicates == 0 && r.corrupted == 0,
+        "{r:?}"
+    );
+    let status = p.a.bridge.as_ref().unwrap().status().await?;
+    let link = &status["links"][0];
+    // Starts at 1 (as if every message were 10 MiB), widens for the small ones, narrows to
+    // 4 for the 1 MiB ones, widens again.
+    assert!(
+        link["prefetch_widened"].as_u64() >= Some(2)
+            && link["prefetch_narrowed"].as_u64() >= Some(1),
+        "{status}"
+    );
+    assert_eq!(link["prefetch"], 1000, "{status}");
+    Ok(())
+}

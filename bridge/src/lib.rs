@@ -12,6 +12,7 @@ pub mod convert;
 pub mod dead_letter;
 pub mod link;
 pub mod peer;
+pub mod rotation;
 pub mod settle;
 
 use std::{

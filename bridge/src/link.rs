@@ -16,14 +16,13 @@
 //!   delivery limit).
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use drawbridge_control_protocol::{LinkState, PeerLink, Target};
+use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
-use drawbridge_runtime::{backoff::Backoff, broker::Live};
+use drawbridge_runtime::broker::Live;
 use fe2o3_amqp::types::messaging::{Data, Message};
 use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
@@ -44,6 +43,7 @@ use crate::{
     convert,
     dead_letter::{copy_properties, DeadLetterer, Interrupted},
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
+    rotation::TargetRotation,
     settle::{classify, AckBatch, HeadEvent, HeadWatch, Settled, Step},
     Ctx,
 };
@@ -136,16 +136,14 @@ struct SessionStats {
 /// Run the link until `stop` is cancelled.
 pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, view: SharedView) {
     let cfg = &ctx.cfg;
-    let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    let mut rotation =
+        TargetRotation::new(spec.targets.clone(), cfg.reconnect_min, cfg.reconnect_max);
     let mut head = HeadWatch::new(HEAD_RETURNS_REPORTED);
     let mut dead_letters = DeadLetterer::new(
         &cfg.dead_letter_queue,
         cfg.dead_letter_queue_type,
         ctx.broker.config().op_timeout,
     );
-    // Targets that failed TLS verification are retried later than ones that refused.
-    let mut tls_penalty: HashMap<Target, Instant> = HashMap::new();
-    let mut next_target = 0usize;
     let mut last_reason = String::new();
     // After a session in which the peer took the connection but not the messages, the next
     // one probes with a prefetch of 1: only the head message goes back to the queue if it
@@ -174,37 +172,20 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
         };
         let Some(live) = live else { continue };
 
-        let now = Instant::now();
-        let n = spec.targets.len();
-        let mut order: Vec<&Target> = (0..n)
-            .map(|i| &spec.targets[(next_target + i) % n])
-            .collect();
-        order.sort_by_key(|t| {
-            tls_penalty
-                .get(*t)
-                .map(|until| *until > now)
-                .unwrap_or(false)
-        });
         let mut failures = Vec::new();
         let mut connected = None;
-        for target in order {
+        for target in rotation.order(Instant::now()) {
             let attempt = tokio::select! {
-                r = peer::connect(target, &settings) => r,
+                r = peer::connect(&target, &settings) => r,
                 _ = stop.cancelled() => break,
             };
             match attempt {
                 Ok(pc) => {
-                    tls_penalty.remove(target);
                     connected = Some(pc);
                     break;
                 }
                 Err(f) => {
-                    if let ConnectFailure::Tls(_) = f {
-                        tls_penalty.insert(
-                            target.clone(),
-                            now + cfg.reconnect_max.min(Duration::from_secs(30)),
-                        );
-                    }
+                    rotation.failed(&target, matches!(f, ConnectFailure::Tls(_)), Instant::now());
                     failures.push(f.reason());
                 }
             }
@@ -214,7 +195,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 break;
             }
             let reason = failures.join("; ");
-            let delay = backoff.next_delay();
+            let delay = rotation.next_delay();
             if reason != last_reason {
                 warn!(queue = %spec.queue, reason = %reason, retry_in = ?delay, "link down: cannot connect");
                 set_state(&ctx, &view, &spec, LinkState::Down, "", &reason);
@@ -225,11 +206,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 _ = stop.cancelled() => break,
             }
         };
-        next_target = spec
-            .targets
-            .iter()
-            .position(|t| *t == pc.target)
-            .unwrap_or(0);
+        rotation.connected(&pc.target);
         let target = pc.target.to_string();
         let mut stats = SessionStats::default();
         let up_since = Instant::now();
@@ -258,7 +235,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 let healthy = stats.accepted > 0
                     || (!stats.transfer_failed && up_since.elapsed() >= cfg.reconnect_max);
                 if healthy {
-                    backoff.reset();
+                    rotation.reset_backoff();
                 }
                 if stats.transfer_failed && stats.acked == 0 {
                     probe = true;
@@ -279,12 +256,12 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 }
                 metrics::gauge!("drawbridge_bridge_link_head_returns", "queue" => spec.queue.clone())
                     .set(f64::from(head.returns()));
-                let delay = backoff.next_delay();
+                let delay = rotation.next_delay();
                 warn!(queue = %spec.queue, target = %target, reason = %reason, retry_in = ?delay, "link down");
                 set_state(&ctx, &view, &spec, LinkState::Down, &target, &reason);
                 last_reason = reason;
                 // The next attempt prefers the next target (failover).
-                next_target = (next_target + 1) % n.max(1);
+                rotation.broke();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => break,

@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 use crate::{
     budget::{kib, Prefetch},
     convert,
-    dead_letter::{copy_properties, DeadLetterer, Interrupted},
+    dead_letter::{copy_properties, DeadLetterError, DeadLetterer, Interrupted},
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
     rotation::TargetRotation,
     settle::{classify, AckBatch, HeadEvent, HeadWatch, Settled, Step},
@@ -114,7 +114,72 @@ enum End {
     /// Stopped on request (DeleteLink / shutdown) after settling what was in flight.
     Stopped,
     /// Something failed; reconnect.
-    Broken(String),
+    Broken(Broken),
+}
+
+/// Why a forwarding session broke. The text is what the log, `/status` and the
+/// `LinkStatus` event show, so each says what an operator should look at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Broken {
+    /// The peer released, modified or failed a transfer, or did not settle it in time.
+    #[error("{0}")]
+    Transfer(String),
+    /// The dead-letter queue could not be prepared, so nothing is consumed.
+    #[error(transparent)]
+    DeadLetterQueue(#[from] DeadLetterError),
+    /// Declaring or consuming the peer queue failed (e.g. other queue arguments).
+    #[error("cannot consume `{queue}`: {source}")]
+    Consume {
+        /// Peer queue.
+        queue: String,
+        /// Broker error.
+        source: lapin::Error,
+    },
+    /// A consumer operation did not finish within the broker operation timeout.
+    #[error("{0} timed out")]
+    ConsumerTimeout(&'static str),
+    /// Restarting the consumer with a new prefetch failed.
+    #[error("cannot restart the consumer: {0}")]
+    Restart(lapin::Error),
+    /// The broker ended the consumer (queue deleted, node down).
+    #[error("consumer cancelled by the broker")]
+    ConsumerCancelled,
+    /// The consumer reported an error.
+    #[error("consumer failed: {0}")]
+    Consumer(lapin::Error),
+    /// An ack failed or timed out; the session cannot go on.
+    #[error("{0}")]
+    Ack(String),
+    /// Sending a transfer failed.
+    #[error("send failed: {0}")]
+    Send(String),
+    /// The peer gave no credit for the settle timeout.
+    #[error("peer granted no credit for {0:?}")]
+    NoCredit(Duration),
+    /// The peer closed the connection cleanly.
+    #[error("peer closed the connection")]
+    PeerClosed,
+    /// The peer connection failed.
+    #[error("peer connection lost: {0}")]
+    PeerLost(String),
+    /// Our broker connection is gone.
+    #[error("broker connection lost{0}")]
+    BrokerLost(&'static str),
+    /// SIGTERM / DeleteLink drain took longer than `drain_grace`.
+    #[error("drain grace period over; unsettled transfers will be resent")]
+    DrainGrace,
+    /// The process byte budget was closed (shutting down).
+    #[error("the byte budget was closed")]
+    BudgetClosed,
+    /// A failure, then acking the settled prefix failed too.
+    #[error("{first}; then {then}")]
+    Then {
+        /// What broke the session.
+        first: Box<Broken>,
+        /// Why the final ack failed as well.
+        then: String,
+    },
 }
 
 /// What one forwarding session achieved; decides the next backoff and feeds the head watch.
@@ -227,6 +292,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
         match end {
             End::Stopped => break,
             End::Broken(reason) => {
+                let reason = reason.to_string();
                 // The backoff starts again only after the peer accepted something (or the
                 // link stayed up a while with no transfer failing, e.g. an idle link whose
                 // peer restarted): a float that takes the connection but not the messages
@@ -321,7 +387,7 @@ impl LinkSession<'_> {
         // delivered.
         if let Err(e) = dead_letters.prepare(self.live).await {
             pc.close().await;
-            return End::Broken(e.to_string());
+            return End::Broken(e.into());
         }
         let first_prefetch = if probe { 1 } else { prefetch.current() };
         let opened = tokio::time::timeout(
@@ -333,12 +399,15 @@ impl LinkSession<'_> {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 pc.close().await;
-                return End::Broken(format!("cannot consume `{}`: {e}", self.spec.queue));
+                return End::Broken(Broken::Consume {
+                    queue: self.spec.queue.clone(),
+                    source: e,
+                });
             }
             Err(_) => {
                 pc.close().await;
                 self.live.report_broken("opening a consumer timed out");
-                return End::Broken("opening the consumer timed out".into());
+                return End::Broken(Broken::ConsumerTimeout("opening the consumer"));
             }
         };
         {
@@ -418,11 +487,14 @@ impl LinkSession<'_> {
         // messages the peer already has.
         macro_rules! broken {
             ($reason:expr) => {{
-                let reason: String = $reason;
+                let reason: Broken = $reason;
                 salvage(&mut inflight, &mut acks, stats, view, SALVAGE_WAIT).await;
                 return match flush(channel, &mut acks, op).await {
                     Ok(()) => End::Broken(reason),
-                    Err(e) => End::Broken(format!("{reason}; then {e}")),
+                    Err(e) => End::Broken(Broken::Then {
+                        first: Box::new(reason),
+                        then: e,
+                    }),
                 };
             }};
         }
@@ -440,8 +512,8 @@ impl LinkSession<'_> {
                     .await;
                     match cancel {
                         Ok(Ok(())) => consuming.switching = true,
-                        Ok(Err(e)) => broken!(format!("cannot restart the consumer: {e}")),
-                        Err(_) => broken!("restarting the consumer timed out".into()),
+                        Ok(Err(e)) => broken!(Broken::Restart(e)),
+                        Err(_) => broken!(Broken::ConsumerTimeout("cancelling the consumer")),
                     }
                 }
             }};
@@ -456,13 +528,10 @@ impl LinkSession<'_> {
                     tokio::time::timeout(cfg.settle_timeout, pc.sender.send_batchable(msg)).await;
                 let fut = match sent {
                     Ok(Ok(fut)) => fut,
-                    Ok(Err(e)) => broken!(format!("send failed: {e}")),
+                    Ok(Err(e)) => broken!(Broken::Send(e.to_string())),
                     Err(_) => {
                         stats.transfer_failed = true;
-                        broken!(format!(
-                            "peer granted no credit for {:?}",
-                            cfg.settle_timeout
-                        ))
+                        broken!(Broken::NoCredit(cfg.settle_timeout))
                     }
                 };
                 let timeout = cfg.settle_timeout;
@@ -485,7 +554,7 @@ impl LinkSession<'_> {
             if draining && inflight.is_empty() {
                 return match flush(channel, &mut acks, op).await {
                     Ok(()) => End::Stopped,
-                    Err(e) => End::Broken(e),
+                    Err(e) => End::Broken(Broken::Ack(e)),
                 };
             }
             tokio::select! {
@@ -499,7 +568,7 @@ impl LinkSession<'_> {
                             count_forwarded(view);
                             if flush_now {
                                 if let Err(e) = flush(channel, &mut acks, op).await {
-                                    return End::Broken(e);
+                                    return End::Broken(Broken::Ack(e));
                                 }
                             }
                             if std::mem::take(&mut probe) {
@@ -517,7 +586,7 @@ impl LinkSession<'_> {
                                     stats.acked += 1;
                                     if acks.settled(tag, inflight.is_empty()) {
                                         if let Err(e) = flush(channel, &mut acks, op).await {
-                                            return End::Broken(e);
+                                            return End::Broken(Broken::Ack(e));
                                         }
                                     }
                                     if std::mem::take(&mut probe) {
@@ -529,7 +598,7 @@ impl LinkSession<'_> {
                                     return End::Stopped;
                                 }
                                 Err(Interrupted::BrokerLost) => {
-                                    return End::Broken("broker connection lost while dead-lettering".into());
+                                    return End::Broken(Broken::BrokerLost(" while dead-lettering"));
                                 }
                             }
                         }
@@ -537,9 +606,9 @@ impl LinkSession<'_> {
                             stats.transfer_failed = true;
                             // Ack the settled prefix, nothing after it.
                             if let Err(e) = flush(channel, &mut acks, op).await {
-                                return End::Broken(e);
+                                return End::Broken(Broken::Ack(e));
                             }
-                            return End::Broken(reason);
+                            return End::Broken(Broken::Transfer(reason));
                         }
                     }
                 }
@@ -553,11 +622,11 @@ impl LinkSession<'_> {
                     }
                 }
                 _ = async { tokio::time::sleep_until(drain_deadline.expect("set")).await }, if drain_deadline.is_some() => {
-                    broken!("drain grace period over; unsettled transfers will be resent".into());
+                    broken!(Broken::DrainGrace);
                 }
                 permit = async { ctx.bytes_in_flight.clone().acquire_many_owned(need_kib).await }, if waiting.is_some() => {
                     let Ok(permit) = permit else {
-                        broken!("the byte budget was closed".into());
+                        broken!(Broken::BudgetClosed);
                     };
                     let (delivery, msg) = waiting.take().expect("waiting");
                     send!(delivery, msg, permit);
@@ -565,21 +634,21 @@ impl LinkSession<'_> {
                 d = consuming.consumer.next(), if !draining && waiting.is_none() && inflight.len() < window => {
                     let delivery = match d {
                         Some(Ok(d)) => d,
-                        Some(Err(e)) => broken!(format!("consumer failed: {e}")),
+                        Some(Err(e)) => broken!(Broken::Consumer(e)),
                         None if consuming.switching => {
                             // The old consumer delivered all it had: start the new one.
                             let want = if probe { 1 } else { prefetch.current() };
                             let started = tokio::time::timeout(op, start_consumer(channel, spec, ctx, want)).await;
                             consuming = match started {
                                 Ok(Ok(consumer)) => Consuming { consumer, prefetch: want, switching: false },
-                                Ok(Err(e)) => broken!(format!("cannot consume `{}`: {e}", spec.queue)),
-                                Err(_) => broken!("restarting the consumer timed out".into()),
+                                Ok(Err(e)) => broken!(Broken::Restart(e)),
+                                Err(_) => broken!(Broken::ConsumerTimeout("restarting the consumer")),
                             };
                             view.lock().expect("poisoned").prefetch = want;
                             debug!(queue = %spec.queue, prefetch = want, "consumer restarted with a new prefetch");
                             continue;
                         }
-                        None => broken!("consumer cancelled by the broker".into()),
+                        None => broken!(Broken::ConsumerCancelled),
                     };
                     if !stats.seen_delivery {
                         stats.seen_delivery = true;
@@ -620,19 +689,19 @@ impl LinkSession<'_> {
                 }
                 closed = pc.conn.on_close() => {
                     let why = match closed {
-                        Ok(()) => "peer closed the connection".to_string(),
-                        Err(e) => format!("peer connection lost: {e}"),
+                        Ok(()) => Broken::PeerClosed,
+                        Err(e) => Broken::PeerLost(e.to_string()),
                     };
                     broken!(why);
                 }
                 _ = live.lost() => {
                     // Never ack deliveries of a dead connection.
-                    return End::Broken("broker connection lost".into());
+                    return End::Broken(Broken::BrokerLost(""));
                 }
                 _ = tick.tick() => {
                     if acks.is_pending() {
                         if let Err(e) = flush(channel, &mut acks, op).await {
-                            return End::Broken(e);
+                            return End::Broken(Broken::Ack(e));
                         }
                     }
                 }

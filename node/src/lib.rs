@@ -25,13 +25,10 @@ pub mod topology;
 use drawbridge_control_protocol::{ControlCommand, Notification, SequencedCommand, Snapshot};
 use futures::StreamExt;
 use lapin::{
-    options::{
-        BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions},
     types::{FieldTable, ShortString},
     uri::AMQPUri,
-    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Connection, ConnectionProperties,
 };
 use topology::QueueType;
 
@@ -232,7 +229,7 @@ impl Node {
         ch: &Channel,
         msg: &SequencedCommand,
     ) -> Result<(), NodeError> {
-        declare_fanout(ch, &self.control_exchange).await?;
+        topology::declare_fanout(ch, &self.control_exchange).await?;
         let confirmation = ch
             .basic_publish(
                 ShortString::from(self.control_exchange.as_str()),
@@ -367,41 +364,7 @@ pub async fn declare_peer_queue(
 /// Declare the notify fanout exchange and bind a new exclusive queue to it (how a node hears
 /// snapshot requests and link status events); returns the queue's name.
 pub async fn bind_notify_queue(ch: &Channel, exchange: &str) -> Result<ShortString, NodeError> {
-    declare_fanout(ch, exchange).await?;
-    let q = ch
-        .queue_declare(
-            ShortString::from(""),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    ch.queue_bind(
-        q.name().clone(),
-        ShortString::from(exchange),
-        ShortString::from(""),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(q.name().clone())
-}
-
-async fn declare_fanout(ch: &Channel, exchange: &str) -> Result<(), NodeError> {
-    ch.exchange_declare(
-        ShortString::from(exchange),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
+    Ok(topology::bind_exclusive_queue(ch, exchange).await?)
 }
 
 #[cfg(test)]

@@ -6,7 +6,11 @@
 
 use std::{fmt, str::FromStr};
 
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    Channel, ExchangeKind,
+};
 
 /// Default name of the dead-letter queue.
 pub const DEAD_LETTER_QUEUE: &str = "drawbridge.dead-letter";
@@ -103,6 +107,50 @@ pub fn plain_queue_args(queue_type: QueueType) -> FieldTable {
         AMQPValue::LongString(LongString::from(queue_type.as_str())),
     );
     args
+}
+
+/// Declare a durable fanout exchange (`drawbridge.control`, `drawbridge.notify`).
+pub async fn declare_fanout(ch: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    ch.exchange_declare(
+        ShortString::from(exchange),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declare the fanout `exchange` and bind a new exclusive, server-named queue to it: how each
+/// bridge instance hears every control message, and a node every notification. Returns the
+/// queue's name.
+pub async fn bind_exclusive_queue(
+    ch: &Channel,
+    exchange: &str,
+) -> Result<ShortString, lapin::Error> {
+    declare_fanout(ch, exchange).await?;
+    let q = ch
+        .queue_declare(
+            ShortString::from(""),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        ShortString::from(exchange),
+        ShortString::from(""),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(q.name().clone())
 }
 
 #[cfg(test)]

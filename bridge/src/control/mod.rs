@@ -13,16 +13,13 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use drawbridge_control_protocol::{
     ControlCommand, Notification, PeerLink, SequencedCommand, SnapshotRequest,
 };
+use drawbridge_node::topology;
 use drawbridge_runtime::{backoff::Backoff, broker::Live};
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, BasicConsumeOptions},
     types::{FieldTable, ShortString},
-    ExchangeKind,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -373,42 +370,13 @@ async fn control_session(
     let cfg = &ctx.cfg;
     let setup = async {
         let ch = live.conn.create_channel().await?;
-        for ex in [&cfg.control_exchange, &cfg.notify_exchange] {
-            ch.exchange_declare(
-                ShortString::from(ex.as_str()),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        }
+        topology::declare_fanout(&ch, &cfg.notify_exchange).await?;
         // One exclusive queue per bridge instance: every instance (standbys too) sees
         // every control message.
-        let q = ch
-            .queue_declare(
-                ShortString::from(""),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        ch.queue_bind(
-            q.name().clone(),
-            ShortString::from(cfg.control_exchange.as_str()),
-            ShortString::from(""),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        let q = topology::bind_exclusive_queue(&ch, &cfg.control_exchange).await?;
         let consumer = ch
             .basic_consume(
-                q.name().clone(),
+                q,
                 ShortString::from(format!("drawbridge-control-{}", cfg.id)),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),

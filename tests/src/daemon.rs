@@ -273,7 +273,7 @@ impl Daemon {
     }
 }
 
-/// Minimal HTTP/1.0 GET against the admin port: (status, body).
+/// GET `path` on the admin port: (status, body) (see [`drawbridge_runtime::admin::fetch`]).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok(drawbridge_runtime::admin::fetch(addr, path).await?)
 }

@@ -1,8 +1,10 @@
 //! The local admin HTTP port: `/healthz`, `/readyz`, `/metrics`, `/status`.
 //!
-//! Liveness means the process runs its event loop; readiness means it can do its job
-//! (the float: broker reachable; the bridge: broker reachable and links converged), so a
-//! load balancer or watchdog routes away from an instance that cannot work.
+//! Liveness means the process runs its event loop. Readiness is each daemon's
+//! [`AdminState::ready`]: for both the float and the bridge it is "connected to its broker"
+//! (the float refuses peers without one, so a load balancer routes away). The bridge's
+//! readiness says nothing about its links — it is ready before the node's first snapshot
+//! arrives and while peers are unreachable; `/status` shows each link's state.
 
 use std::{net::SocketAddr, sync::Arc};
 

@@ -1,7 +1,7 @@
 //! The supervised RabbitMQ session both daemons use.
 //!
 //! lapin's own recovery is not used: it was measured to hang with confirms in flight when the
-//! broker restarts (see NOTES-deps). Instead one supervisor task per daemon owns the
+//! broker restarts (see `docs/architecture.md`). Instead one supervisor task per daemon owns the
 //! connection: it walks the URI list with backoff + jitter, runs the daemon's topology setup,
 //! publishes the live connection through a `watch`, and tears it down when lapin reports an
 //! error, the connection stops being connected, or any user reports it broken (for example

@@ -11,8 +11,9 @@
 //! Publisher and consumer run concurrently, so each figure is the throughput of the path
 //! (first publish → last message consumed), not of a preloaded queue. The order of the
 //! three alternates per run; the machine is shared and noisy, so read the ratios, not the
-//! absolute numbers. CPU time of every process involved is sampled from `/proc` at the
-//! start and at the last message to show where the time goes.
+//! absolute numbers. CPU time of every process involved is sampled from `/proc` (with
+//! `procfs`) at the start and at the last message to show where the time goes. Tables are
+//! printed as Markdown (with `comfy-table`), ready to paste into `docs/benchmarks.md`.
 //!
 //! Exit status: 0 when no message was lost anywhere, 1 otherwise.
 
@@ -26,6 +27,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use comfy_table::{presets::ASCII_MARKDOWN, CellAlignment, Table};
 use drawbridge_certs::devpki;
 use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink};
 use drawbridge_testkit::{
@@ -39,6 +41,7 @@ use lapin::{
     types::{FieldTable, ShortString},
     Channel, Connection, Consumer,
 };
+use procfs::{process::Process, CpuInfo, Current as _, CurrentSI as _, KernelStats, LoadAverage};
 
 /// Benchmark options.
 #[derive(Debug, Parser)]
@@ -145,41 +148,27 @@ impl Probes {
     }
 }
 
-/// utime + stime of a process (`None`: this process).
+/// utime + stime of a process (`None`: this process), in clock ticks.
 fn proc_ticks(pid: Option<u32>) -> Option<u64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_string(),
+    let process = match pid {
+        Some(p) => Process::new(i32::try_from(p).ok()?),
+        None => Process::myself(),
     };
-    let s = std::fs::read_to_string(path).ok()?;
-    let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    let stat = process.ok()?.stat().ok()?;
+    Some(stat.utime + stat.stime)
 }
 
-/// Busy ticks of the whole machine (all fields of the `cpu` line but idle and iowait).
+/// Busy ticks of the whole machine (every state of the `cpu` line but idle and iowait).
 fn system_busy_ticks() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = s.lines().next()?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    if v.len() < 5 {
-        return None;
-    }
-    Some(v.iter().sum::<u64>() - v[3] - v[4])
-}
-
-fn clock_tick() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    let t = KernelStats::current().ok()?.total;
+    Some(
+        t.user
+            + t.nice
+            + t.system
+            + t.irq.unwrap_or(0)
+            + t.softirq.unwrap_or(0)
+            + t.steal.unwrap_or(0),
+    )
 }
 
 fn beam_pid(node: &RabbitNode) -> Option<u32> {
@@ -224,15 +213,13 @@ async fn run(args: Args) -> Result<ExitCode> {
         "git     : {}",
         sh("git", &["describe", "--always", "--dirty", "--abbrev=12"])
     );
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+    let cpu_model = CpuInfo::current()
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
+        .and_then(|c| c.model_name(0).map(str::to_string))
         .unwrap_or_else(|| "?".into());
+    let load = LoadAverage::current()
+        .map(|l| format!("{:.2} {:.2} {:.2}", l.one, l.five, l.fifteen))
+        .unwrap_or_else(|_| "?".into());
     println!(
         "machine : nproc {} ({}), kernel {}, loadavg {}",
         std::thread::available_parallelism()
@@ -240,12 +227,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             .unwrap_or(0),
         cpu_model,
         sh("uname", &["-r"]),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load
     );
 
     let dir = std::env::current_dir()?.join(&args.dir);
@@ -297,7 +279,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             b.float.as_ref().and_then(|d| d.pid()),
             None,
         ],
-        tick: clock_tick(),
+        tick: procfs::ticks_per_second() as f64,
     };
     if probes.pids[..4].iter().any(Option::is_none) {
         println!("warning: some pids unknown, CPU figures incomplete: {probes:?}");
@@ -350,11 +332,20 @@ async fn measure_all(bench: &Bench) -> Result<Vec<Sample>> {
         println!();
         println!();
     }
-    println!(
-        "| run | path | msg/s | elapsed | p50 | p99 | lost | dups | CPU s: {} |",
-        bench.probes.all_names().join(" / ")
+    let mut table = markdown_table(
+        [
+            "run".to_string(),
+            "path".into(),
+            "msg/s".into(),
+            "elapsed".into(),
+            "p50".into(),
+            "p99".into(),
+            "lost".into(),
+            "dups".into(),
+            format!("CPU s: {}", bench.probes.all_names().join(" / ")),
+        ],
+        2..8,
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---|");
     let mut samples = Vec::new();
     for run in 0..args.runs {
         let mut order = Route::ALL;
@@ -364,25 +355,34 @@ async fn measure_all(bench: &Bench) -> Result<Vec<Sample>> {
         for route in order {
             let tag = format!("r{}", run + 1);
             let s = measure(bench, route, &tag, args.messages).await?;
+            // Progress while the runs go on; the table follows when all are done.
             println!(
-                "| {} | {} | {:.0} | {:.2} s | {} | {} | {} | {} | {} |",
+                "run {}/{} {}: {:.0} msg/s",
                 run + 1,
+                args.runs,
                 route.short(),
-                s.rate(),
-                s.e2e.as_secs_f64(),
+                s.rate()
+            );
+            table.add_row(vec![
+                (run + 1).to_string(),
+                route.short().to_string(),
+                format!("{:.0}", s.rate()),
+                format!("{:.2} s", s.e2e.as_secs_f64()),
                 ms(s.report.p50),
                 ms(s.report.p99),
-                s.report.lost,
-                s.report.duplicates,
+                s.report.lost.to_string(),
+                s.report.duplicates.to_string(),
                 s.cpu
                     .iter()
                     .map(|c| format!("{c:.1}"))
                     .collect::<Vec<_>>()
-                    .join(" / ")
-            );
+                    .join(" / "),
+            ]);
             samples.push(s);
         }
     }
+    println!();
+    println!("{table}");
     summary(bench, &samples);
     Ok(samples)
 }
@@ -397,29 +397,41 @@ fn summary(bench: &Bench, samples: &[Sample]) {
         bench.args.runs, bench.args.messages, bench.args.size
     );
     println!();
-    println!("| path | msg/s | MB/s | p50 | p99 | lost | dups | runs (msg/s) |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    let mut table = markdown_table(
+        [
+            "path",
+            "msg/s",
+            "MB/s",
+            "p50",
+            "p99",
+            "lost",
+            "dups",
+            "runs (msg/s)",
+        ]
+        .map(String::from),
+        1..7,
+    );
     for r in Route::ALL {
         let rate = med_rate(r);
-        println!(
-            "| {} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
-            r.name(),
-            rate,
-            rate * bench.args.size as f64 / 1e6,
+        table.add_row(vec![
+            r.name().to_string(),
+            format!("{rate:.0}"),
+            format!("{:.1}", rate * bench.args.size as f64 / 1e6),
             ms(Duration::from_secs_f64(median(
-                of(r).map(|s| s.report.p50.as_secs_f64()).collect()
+                of(r).map(|s| s.report.p50.as_secs_f64()).collect(),
             ))),
             ms(Duration::from_secs_f64(median(
-                of(r).map(|s| s.report.p99.as_secs_f64()).collect()
+                of(r).map(|s| s.report.p99.as_secs_f64()).collect(),
             ))),
-            of(r).map(|s| s.report.lost).sum::<u64>(),
-            of(r).map(|s| s.report.duplicates).sum::<u64>(),
+            of(r).map(|s| s.report.lost).sum::<u64>().to_string(),
+            of(r).map(|s| s.report.duplicates).sum::<u64>().to_string(),
             of(r)
                 .map(|s| format!("{:.0}", s.rate()))
                 .collect::<Vec<_>>()
-                .join(", ")
-        );
+                .join(", "),
+        ]);
     }
+    println!("{table}");
     // Ratios: of the medians, and the median of the per-run ratios (paired within a run,
     // so less exposed to the machine getting slower or faster between runs).
     let paired = |x: Route, y: Route| -> f64 {
@@ -445,24 +457,41 @@ fn summary(bench: &Bench, samples: &[Sample]) {
     println!("## CPU per message (median over runs, µs of CPU per message delivered)");
     println!();
     let names = bench.probes.all_names();
-    println!("| path | {} | total |", names.join(" | "));
-    println!("|---|{}---:|", "---:|".repeat(names.len()));
+    let mut table = markdown_table(
+        std::iter::once("path".to_string())
+            .chain(names.iter().map(|n| n.to_string()))
+            .chain(std::iter::once("total".to_string())),
+        1..names.len() + 2,
+    );
     for r in Route::ALL {
-        let per: Vec<f64> = (0..names.len())
+        let per = (0..names.len())
             .map(|i| median(of(r).map(|s| s.cpu[i] / n * 1e6).collect()))
-            .collect();
+            .map(|v| format!("{v:.0}"));
         let total = median(of(r).map(|s| s.cpu.iter().sum::<f64>() / n * 1e6).collect());
-        println!(
-            "| {} | {} | {:.0} |",
-            r.short(),
-            per.iter()
-                .map(|v| format!("{v:.0}"))
-                .collect::<Vec<_>>()
-                .join(" | "),
-            total
+        table.add_row(
+            std::iter::once(r.short().to_string())
+                .chain(per)
+                .chain(std::iter::once(format!("{total:.0}")))
+                .collect::<Vec<_>>(),
         );
     }
+    println!("{table}");
     println!();
+}
+
+/// A Markdown table with `header`; the columns in `numeric` are right-aligned.
+fn markdown_table(
+    header: impl IntoIterator<Item = String>,
+    numeric: std::ops::Range<usize>,
+) -> Table {
+    let mut table = Table::new();
+    table.load_style(ASCII_MARKDOWN).set_header(header);
+    for i in numeric {
+        if let Some(c) = table.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -771,5 +800,32 @@ async fn wait_link_gone(org: &Org, queue: &str, within: Duration) -> Result<()> 
             bail!("link {queue} not deleted within {within:?}: {s}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_markdown() {
+        let mut t = markdown_table(["path", "msg/s"].map(String::from), 1..2);
+        t.add_row(vec!["raw".to_string(), "12345".to_string()]);
+        let text = t.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("| path"), "{text}");
+        assert!(lines[1].starts_with("|-"), "{text}");
+        assert!(lines[2].starts_with("| raw"), "{text}");
+        assert!(lines[2].ends_with("12345 |"), "right-aligned: {text}");
+    }
+
+    #[test]
+    fn cpu_time_is_sampled() {
+        let mine = proc_ticks(None).expect("this process");
+        let by_pid = proc_ticks(Some(std::process::id())).expect("this process by pid");
+        assert!(by_pid >= mine);
+        assert!(system_busy_ticks().expect("/proc/stat") >= mine);
+        assert!(procfs::ticks_per_second() > 0);
     }
 }

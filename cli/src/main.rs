@@ -81,9 +81,9 @@ enum Cmd {
         /// Expected `drawbridge-sender` (legal name of the sending node).
         #[arg(long)]
         sender: Option<String>,
-        /// Give up after this long without a message (e.g. 30s).
-        #[arg(long, default_value = "30s")]
-        idle: String,
+        /// Give up after this long without a message (e.g. 30s, 2m).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        idle: std::time::Duration,
     },
     /// Show a daemon's status (its admin port's /status).
     Status {
@@ -326,8 +326,6 @@ async fn run(cli: Cli) -> Result<i32> {
             sender,
             idle,
         } => {
-            let idle = drawbridge_runtime::config::parse_duration(&idle)
-                .map_err(|e| anyhow::anyhow!("--idle: {e}"))?;
             let conn = stream::connect(&broker).await?;
             let ch = conn.create_channel().await?;
             let mut tally = Tally::new(&run, expect, sender);

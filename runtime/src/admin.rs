@@ -1,8 +1,10 @@
 //! The local admin HTTP port: `/healthz`, `/readyz`, `/metrics`, `/status`.
 //!
-//! Liveness means the process runs its event loop; readiness means it can do its job
-//! (the float: broker reachable; the bridge: broker reachable and links converged), so a
-//! load balancer or watchdog routes away from an instance that cannot work.
+//! Liveness means the process runs its event loop. Readiness is each daemon's
+//! [`AdminState::ready`]: for both the float and the bridge it is "connected to its broker"
+//! (the float refuses peers without one, so a load balancer routes away). The bridge's
+//! readiness says nothing about its links — it is ready before the node's first snapshot
+//! arrives and while peers are unreachable; `/status` shows each link's state.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -98,48 +100,102 @@ async fn render_metrics(State(s): State<Shared>) -> impl IntoResponse {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    /// Connecting, writing or reading failed.
+    /// Connecting, sending or reading the answer failed, or the answer is not HTTP.
     #[error("admin request to {addr}: {source}")]
-    Io {
+    Request {
         /// The admin address.
         addr: SocketAddr,
         /// What failed.
         #[source]
-        source: std::io::Error,
+        source: Box<ureq::Error>,
     },
     /// No complete answer within the deadline.
     #[error("admin request to {0} timed out")]
     Timeout(SocketAddr),
-    /// The answer is not an HTTP response.
-    #[error("admin port {0} sent something that is not an HTTP response")]
-    BadResponse(SocketAddr),
+    /// The blocking request task could not be run to its end.
+    #[error("admin request to {0} was cancelled")]
+    Cancelled(SocketAddr),
 }
 
-/// A minimal HTTP/1.0 GET of `path` on an admin port (the CLI's `status`, test harnesses):
-/// returns (status code, body) within 5 s.
+/// How long [`fetch`] waits for a complete answer.
+pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A plain-HTTP GET of `path` on an admin port (the CLI's `status`, test harnesses):
+/// returns (status code, body) within [`FETCH_TIMEOUT`]. Any status is an answer, not an
+/// error. The request runs on tokio's blocking pool (`ureq` is a blocking client); it never
+/// goes through an `HTTP_PROXY` from the environment.
 pub async fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), FetchError> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let io = |source| FetchError::Io { addr, source };
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .map_err(io)?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(io)?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or(FetchError::BadResponse(addr))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+    let url = format!("http://{addr}{path}");
+    let answer = tokio::task::spawn_blocking(move || get_blocking(&url))
         .await
-        .map_err(|_| FetchError::Timeout(addr))?
+        .map_err(|_| FetchError::Cancelled(addr))?;
+    answer.map_err(|e| match e {
+        ureq::Error::Timeout(_) => FetchError::Timeout(addr),
+        other => FetchError::Request {
+            addr,
+            source: Box::new(other),
+        },
+    })
+}
+
+fn get_blocking(url: &str) -> Result<(u16, String), ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(FETCH_TIMEOUT))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into();
+    let mut response = agent.get(url).call()?;
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_to_string()?;
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(bool);
+
+    impl AdminState for Fixed {
+        fn ready(&self) -> bool {
+            self.0
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({ "ready": self.0 })
+        }
+    }
+
+    #[tokio::test]
+    async fn fetch_reads_status_and_body() {
+        let stop = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Fixed(false)),
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(fetch(addr, "/healthz").await.unwrap(), (200, "ok\n".into()));
+        assert_eq!(fetch(addr, "/readyz").await.unwrap().0, 503);
+        let (code, body) = fetch(addr, "/status").await.unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({ "ready": false })
+        );
+        assert_eq!(fetch(addr, "/metrics").await.unwrap().0, 404);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn fetch_from_a_closed_port_is_an_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = fetch(port, "/healthz").await.unwrap_err();
+        assert!(matches!(err, FetchError::Request { .. }), "{err:?}");
+    }
 }

@@ -1,7 +1,7 @@
 //! The supervised RabbitMQ session both daemons use.
 //!
 //! lapin's own recovery is not used: it was measured to hang with confirms in flight when the
-//! broker restarts (see NOTES-deps). Instead one supervisor task per daemon owns the
+//! broker restarts (see `docs/architecture.md`). Instead one supervisor task per daemon owns the
 //! connection: it walks the URI list with backoff + jitter, runs the daemon's topology setup,
 //! publishes the live connection through a `watch`, and tears it down when lapin reports an
 //! error, the connection stops being connected, or any user reports it broken (for example
@@ -82,14 +82,23 @@ impl BrokerConfig {
     }
 }
 
-/// A URI with its password hidden, for logs.
+/// A URI with its password hidden, for logs and configuration errors.
+///
+/// The URI is parsed (as lapin parses it, with the `url` crate), so a password holding `@`
+/// or `:` is hidden whole. A string without an authority part that might hold credentials
+/// (it has an `@`) is not shown at all.
 pub fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &uri[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &uri[..s + 3], user, &uri[at..])
+    const HIDDEN: &str = "(URI not shown: it may hold a password)";
+    match url::Url::parse(uri) {
+        Ok(mut u) if u.has_host() => {
+            if u.password().is_some() && u.set_password(Some("***")).is_err() {
+                return HIDDEN.into();
+            }
+            u.to_string()
         }
+        // No authority (`amqp:user:pw@host`) or not a URI at all: show it only if it cannot
+        // hold credentials.
+        _ if uri.contains('@') => HIDDEN.into(),
         _ => uri.to_string(),
     }
 }
@@ -372,5 +381,50 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+    }
+
+    #[test]
+    fn redacts_passwords_with_at_and_colon() {
+        // An unescaped `@` in the password: the last `@` ends the userinfo.
+        let r = redact("amqp://user:p@ss@broker:5672/%2f");
+        assert_eq!(r, "amqp://user:***@broker:5672/%2f");
+        // `:` in the password: the first `:` ends the user name.
+        let r = redact("amqp://user:pa:ss:word@broker/vh");
+        assert_eq!(r, "amqp://user:***@broker/vh");
+        // Percent-encoded specials stay hidden too.
+        let r = redact("amqp://user:p%40ss%3Aw@broker/vh");
+        assert_eq!(r, "amqp://user:***@broker/vh");
+        for r in [
+            redact("amqp://user:p@ss@broker:5672/%2f"),
+            redact("amqp://user:pa:ss:word@broker/vh"),
+        ] {
+            assert!(!r.contains("ss"), "{r}");
+        }
+    }
+
+    #[test]
+    fn keeps_uris_without_password() {
+        assert_eq!(redact("amqp://guest@broker/%2f"), "amqp://guest@broker/%2f");
+        assert_eq!(
+            redact("amqps://broker.example:5671/%2f?heartbeat=5"),
+            "amqps://broker.example:5671/%2f?heartbeat=5"
+        );
+    }
+
+    #[test]
+    fn redacts_amqps() {
+        assert_eq!(
+            redact("amqps://node:s3cr%23t@broker.example:5671/prod?heartbeat=10"),
+            "amqps://node:***@broker.example:5671/prod?heartbeat=10"
+        );
+    }
+
+    #[test]
+    fn never_shows_an_unparseable_uri_with_credentials() {
+        for bad in ["amqp://user:secret@[broken", "amqp:user:secret@host"] {
+            let r = redact(bad);
+            assert!(!r.contains("secret"), "{r}");
+        }
+        assert_eq!(redact("not a uri"), "not a uri");
     }
 }

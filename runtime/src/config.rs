@@ -82,10 +82,13 @@ impl ConfigReader {
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
-            .list_separator(",")
             .source(Some(vars));
-        for key in list_keys {
-            env = env.with_list_parse_key(key);
+        // With a list separator but no list keys, `config` would split *every* value.
+        if !list_keys.is_empty() {
+            env = env.list_separator(",");
+            for key in list_keys {
+                env = env.with_list_parse_key(key);
+            }
         }
         builder = builder.add_source(env);
         let cfg = builder
@@ -147,18 +150,20 @@ impl ConfigReader {
         self.optional(key)
     }
 
-    /// A duration such as `"500ms"`, `"5s"`, `"2m"` (or a bare number of seconds).
+    /// A duration written for humans, such as `"500ms"`, `"30s"`, `"2m"` or `"1h 30m"`
+    /// (parsed by `humantime`; a unit is required).
     pub fn duration(&mut self, key: &str, default: Duration) -> Duration {
         self.known.insert(key.to_string());
-        match self.cfg.get::<Value>(key) {
-            Err(_) => default,
-            Ok(v) => match parse_duration(&v.to_string()) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.errors.push(format!("{key}: {e}"));
-                    default
-                }
-            },
+        match self.cfg.get::<humantime_serde::Serde<Duration>>(key) {
+            Ok(d) => d.into_inner(),
+            Err(config::ConfigError::NotFound(_)) => default,
+            Err(e) => {
+                self.errors.push(format!(
+                    "{key}: {} (write a duration such as 500ms, 30s or 2m)",
+                    strip_key(&e.to_string())
+                ));
+                default
+            }
         }
     }
 
@@ -223,29 +228,6 @@ fn strip_key(msg: &str) -> String {
         Some(i) => msg[..i].to_string(),
         None => msg.to_string(),
     }
-}
-
-/// Parse `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => (&s[..i], s[i..].trim()),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (use e.g. 500ms, 5s, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("`{s}` is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Check that `example` (a commented example config) builds with `build` as written and
@@ -360,11 +342,37 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_duration("5 days").is_err());
+        let mut r = ConfigReader::from_toml(
+            "[t]\na = \"250ms\"\nb = \"5s\"\nc = \"2m\"\nd = \"1h 30m\"\n\
+             e = \"abc\"\nf = \"5 parsecs\"\ng = 7\n",
+        )
+        .unwrap();
+        let d = Duration::from_secs(99);
+        assert_eq!(r.duration("t.a", d), Duration::from_millis(250));
+        assert_eq!(r.duration("t.b", d), Duration::from_secs(5));
+        assert_eq!(r.duration("t.c", d), Duration::from_secs(120));
+        assert_eq!(r.duration("t.d", d), Duration::from_secs(5400));
+        assert_eq!(r.duration("t.missing", d), d);
+        // Bad values fall back to the default so reading goes on, and are all reported.
+        assert_eq!(r.duration("t.e", d), d);
+        assert_eq!(r.duration("t.f", d), d);
+        assert_eq!(r.duration("t.g", d), d);
+        let errs = r.finish().unwrap_err().0;
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        for key in ["t.e", "t.f", "t.g"] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn durations_from_the_environment() {
+        let vars = [("DRAWBRIDGE_BRIDGE__DRAIN_GRACE", "500ms")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut r = ConfigReader::load_with_env(None, "DRAWBRIDGE", &[], vars).unwrap();
+        assert_eq!(
+            r.duration("bridge.drain_grace", Duration::ZERO),
+            Duration::from_millis(500)
+        );
+        assert_eq!(r.finish(), Ok(()));
     }
 }

@@ -20,8 +20,10 @@ pub const EXIT_CONFIG: i32 = 64;
 
 /// Run `fut` with a deadline; on expiry return an error that names `what`.
 ///
-/// Every broker and network future in the daemons goes through this, so a peer or broker
-/// that stops answering turns into an error the caller can act on instead of a hang.
+/// A convenience for callers that want the expiry as a typed error. The daemons do not use
+/// it today: they put their deadlines (`broker.op_timeout`, `settle_timeout`, the connect and
+/// handshake timeouts) on each broker and network future with `tokio::time::timeout`
+/// directly, so a peer or broker that stops answering becomes an error instead of a hang.
 pub async fn timeout<T, E>(
     dur: std::time::Duration,
     what: &str,

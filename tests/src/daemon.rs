@@ -10,6 +10,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
 use tokio::process::{Child, Command};
 
 /// Which daemon.
@@ -225,12 +229,9 @@ impl Daemon {
         let Some(mut c) = self.child.take() else {
             return Ok(None);
         };
-        if let Some(pid) = c.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
+        if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+            // The child is ours and not yet reaped, so the pid cannot have been reused.
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
         match tokio::time::timeout(within, c.wait()).await {
             Ok(s) => Ok(s?.code()),
@@ -273,7 +274,7 @@ impl Daemon {
     }
 }
 
-/// Minimal HTTP/1.0 GET against the admin port: (status, body).
+/// GET `path` on the admin port: (status, body) (see [`drawbridge_runtime::admin::fetch`]).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok(drawbridge_runtime::admin::fetch(addr, path).await?)
 }

@@ -20,6 +20,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
 use rand::Rng as _;
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
@@ -420,11 +424,8 @@ impl RabbitNode {
 
     /// SIGKILLs this node's `beam.smp` (a crash), then its whole process group, and waits.
     pub async fn kill(&mut self) -> Result<()> {
-        if let Some(pid) = self.beam_pid() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
+        if let Some(pid) = self.beam_pid().and_then(|p| i32::try_from(p).ok()) {
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let Some(mut child) = self.child.take() else {
             return Ok(());
@@ -491,11 +492,11 @@ impl RabbitNode {
     }
 }
 
+/// SIGKILL every process in the group led by the watchdog `pgid`.
 fn kill_group(pgid: u32) {
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
-        .stderr(Stdio::null())
-        .status();
+    if let Ok(pgid) = i32::try_from(pgid) {
+        let _ = signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
 }
 
 impl Drop for RabbitNode {

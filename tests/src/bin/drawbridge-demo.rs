@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, Table};
 use drawbridge_certs::devpki;
 use drawbridge_testkit::{
     rabbit::{NodeOptions, RabbitNode},
@@ -142,23 +143,35 @@ async fn run(args: DemoArgs) -> Result<i32> {
     let (ab, ba) = (ab?, ba?);
 
     println!();
-    println!(
-        "  {:<8} {:>8} {:>9} {:>6} {:>11} {:>9} {:>10} {:>10}",
-        "link", "sent", "received", "lost", "duplicates", "msg/s", "p50", "p99"
-    );
+    let mut table = Table::new();
+    table.load_style(UTF8_FULL_CONDENSED).set_header(vec![
+        "link",
+        "sent",
+        "received",
+        "lost",
+        "duplicates",
+        "msg/s",
+        "p50",
+        "p99",
+    ]);
     for (name, r) in [("A → B", &ab), ("B → A", &ba)] {
-        println!(
-            "  {:<8} {:>8} {:>9} {:>6} {:>11} {:>9.0} {:>10} {:>10}",
-            name,
-            r.expected,
-            r.received,
-            r.lost,
-            r.duplicates,
-            r.rate(),
+        table.add_row(vec![
+            name.to_string(),
+            r.expected.to_string(),
+            r.received.to_string(),
+            r.lost.to_string(),
+            r.duplicates.to_string(),
+            format!("{:.0}", r.rate()),
             fmt_ms(r.p50),
-            fmt_ms(r.p99)
-        );
+            fmt_ms(r.p99),
+        ]);
     }
+    for i in 1..8 {
+        if let Some(c) = table.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    println!("{table}");
     let total = |f: fn(&Report) -> u64| f(&ab) + f(&ba);
     println!(
         "  both ways: {} messages in {:.2}s = {:.0} msg/s; corrupted {}, unexpected {}, wrong sender {}",

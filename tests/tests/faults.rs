@@ -615,11 +615,8 @@ async fn run(s: &Scenario) -> Result<()> {
     if s.verify == Verify::Inbox {
         for stream in s.streams {
             let n = rig.n;
-            let logs = rig.logs();
-            rig.probe(stream.to)?
-                .wait_for(n, WHOLE_STREAM_WITHIN)
-                .await
-                .context(logs)?;
+            let whole = rig.probe(stream.to)?.wait_for(n, WHOLE_STREAM_WITHIN).await;
+            whole.with_context(|| rig.logs())?;
         }
     }
     rig.reports = match s.verify {
@@ -730,6 +727,8 @@ struct Rig {
     recoveries: Vec<Duration>,
     /// How long each heal took (`start_app` of a broker, a restart …).
     heal_times: Vec<Duration>,
+    /// How long B's stream took while C's path was stalled (g).
+    b_elapsed_while_c_stalled: Option<Duration>,
     /// The link's connects and status at the end of an outage (j).
     outage: (u64, Option<serde_json::Value>),
     /// Inbox depth and dead-lettered messages once every message was accounted for (j).
@@ -783,6 +782,7 @@ impl Rig {
             in_use: InUse::default(),
             recoveries: Vec::new(),
             heal_times: Vec::new(),
+            b_elapsed_while_c_stalled: None,
             outage: (0, None),
             accounted: (0, 0),
             dead_letters: (0, BTreeMap::new()),
@@ -894,7 +894,7 @@ impl Rig {
     async fn create_link(&self, link: PeerLink) -> Result<()> {
         self.a
             .control(&ControlCommand::CreateLink(CreateLink {
-                node_identity: BANK_A.into(),
+                node_identity: self.a.legal_name.clone(),
                 link,
             }))
             .await
@@ -1180,7 +1180,7 @@ fn stream_to_b_while_c_stalls(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
             b_elapsed.as_secs_f64(),
             n as f64 / b_elapsed.as_secs_f64()
         );
-        r.heal_times.push(b_elapsed);
+        r.b_elapsed_while_c_stalled = Some(b_elapsed);
         r.proxy()?.set_mode(ProxyMode::Pass);
         Ok(())
     })
@@ -1190,10 +1190,9 @@ fn stream_to_b_while_c_stalls(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
 fn b_rate_with_c_healthy(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
     Box::pin(async move {
         let n = r.n;
-        let b_elapsed = *r
-            .heal_times
-            .first()
-            .context("no stalled run of B's stream")?;
+        let b_elapsed = r
+            .b_elapsed_while_c_stalled
+            .context("no run of B's stream while C was stalled")?;
         r.a.delete_link_to(&r.b).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         preload(&r.a, &r.b, "gb2", n, "classic").await?;

@@ -684,7 +684,7 @@ impl Broker {
 /// What was in use when a fault struck, for the failover probes.
 #[derive(Default)]
 struct InUse {
-    /// The link's target (c).
+    /// The link's target (c): where it came up, or where it is up now.
     target: String,
     /// The broker URI of the float (d1) or bridge (d2).
     broker: String,
@@ -826,9 +826,11 @@ impl Rig {
                     let queue = link.queue.clone();
                     rig.create_link(link).await?;
                     if s.links == Links::CreateLinkAndWaitUp {
-                        rig.a
+                        let up = rig
+                            .a
                             .wait_link_state(&queue, "up", Duration::from_secs(20))
                             .await?;
+                        rig.in_use.target = up["target"].as_str().unwrap_or_default().into();
                     }
                 }
             }
@@ -915,12 +917,12 @@ impl Rig {
         // What is in use now, for the probes that must see it replaced.
         match fault.recovery {
             Recovery::LinkUpElsewhere => {
-                let link = link_view(&self.a, &self.queue_to_b()).await;
-                self.in_use.target = link
-                    .as_ref()
-                    .and_then(|l| l["target"].as_str())
-                    .unwrap_or_default()
-                    .to_string();
+                // The target it came up on, unless it has moved since.
+                if let Some(l) = link_view(&self.a, &self.queue_to_b()).await {
+                    if let (true, Some(target)) = (l["state"] == "up", l["target"].as_str()) {
+                        self.in_use.target = target.to_string();
+                    }
+                }
             }
             Recovery::FloatReadyElsewhere => {
                 let status = self.float()?.status().await?;

@@ -466,7 +466,7 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
 
     let (_c2, ch2) = p.a.channel().await?;
     let mut reasons = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while reasons.len() < 3 && tokio::time::Instant::now() < deadline {
         match ch2
             .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use drawbridge_certs::TlsPolicy;
+use drawbridge_certs::{LegalName, TlsPolicy};
 use drawbridge_node::topology::QueueType;
 use drawbridge_runtime::{
     broker::BrokerConfig,
@@ -31,10 +31,16 @@ pub struct BridgeConfig {
     pub dead_letter_queue: String,
     /// Links must name queues starting with this.
     pub queue_prefix: String,
-    /// If set, control messages must carry this broker-validated `user_id`.
+    /// Control messages must carry this broker-validated `user_id` (RabbitMQ refuses a
+    /// publish whose `user_id` is not the publishing connection's login). `None` only with
+    /// `insecure_accept_any_control_user`.
     pub node_user: Option<String>,
-    /// If set, control messages must name this node identity (the node's legal name).
-    pub node_identity: Option<String>,
+    /// Accept control messages from any broker user (no `node_user` check). Off unless set
+    /// explicitly; logged loudly at start.
+    pub insecure_accept_any_control_user: bool,
+    /// Control messages must name this node identity; default: the legal name of
+    /// `tls_cert` (the node's own certificate), resolved at start.
+    pub node_identity: Option<LegalName>,
     /// `x-queue-type` of the peer queues (must match the node's declaration).
     pub peer_queue_type: QueueType,
     /// `x-queue-type` of the dead-letter queue (default: as the peer queues).
@@ -110,6 +116,31 @@ impl BridgeConfig {
             (1024 * 1024..=4 * 1024 * 1024 * 1024 * 1024).contains(&max_bytes_in_flight),
             "must be between 1 MiB and 4 TiB",
         );
+        let node_user: Option<String> = r.optional("bridge.node_user");
+        let insecure_accept_any_control_user: bool =
+            r.get("bridge.insecure_accept_any_control_user", false);
+        match (&node_user, insecure_accept_any_control_user) {
+            (None, false) => r.invalid(
+                "bridge.node_user",
+                "required: the broker user the node publishes control messages as (its messages carry it as the broker-validated user_id); only `insecure_accept_any_control_user = true` turns the check off",
+            ),
+            (Some(_), true) => r.invalid(
+                "bridge.insecure_accept_any_control_user",
+                "contradicts bridge.node_user: set one or the other",
+            ),
+            (Some(u), false) => r.check("bridge.node_user", !u.is_empty(), "must not be empty"),
+            (None, true) => {}
+        }
+        let node_identity = match r.optional::<String>("bridge.node_identity") {
+            Some(s) => match s.parse::<LegalName>() {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    r.invalid("bridge.node_identity", format!("`{s}` is not a legal name: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
         let admin_listen = match r.optional::<String>("admin.listen") {
             Some(s) => match s.parse() {
                 Ok(a) => Some(a),
@@ -140,8 +171,9 @@ impl BridgeConfig {
                 "drawbridge.dead-letter".to_string(),
             ),
             queue_prefix: r.get("bridge.queue_prefix", "drawbridge.peers.".to_string()),
-            node_user: r.optional("bridge.node_user"),
-            node_identity: r.optional("bridge.node_identity"),
+            node_user,
+            insecure_accept_any_control_user,
+            node_identity,
             peer_queue_type,
             dead_letter_queue_type,
             window: window.clamp(1, 65535) as u16,
@@ -187,6 +219,7 @@ mod tests {
             "bridge.settle_timeout",
             "bridge.windw",
             "bridge.tls_cert",
+            "bridge.node_user",
             "broker.uris",
         ] {
             assert!(
@@ -194,6 +227,55 @@ mod tests {
                 "{key} not in {errs:#?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod control_user_tests {
+    use super::*;
+
+    const BASE: &str = "[bridge]\ntls_cert = \"c\"\ntls_key = \"k\"\ntrust_roots = \"r\"\n";
+    const BROKER: &str = "\n[broker]\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n";
+
+    fn load(bridge_lines: &str) -> Result<BridgeConfig, Vec<String>> {
+        let r = ConfigReader::from_toml(&format!("{BASE}{bridge_lines}{BROKER}")).unwrap();
+        BridgeConfig::from_reader(r).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn the_node_user_is_required() {
+        let errs = load("").unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("bridge.node_user")
+                && e.contains("insecure_accept_any_control_user")),
+            "{errs:#?}"
+        );
+        let cfg = load("node_user = \"node-a\"\n").unwrap();
+        assert_eq!(cfg.node_user.as_deref(), Some("node-a"));
+        assert!(!cfg.insecure_accept_any_control_user);
+    }
+
+    #[test]
+    fn only_the_explicit_insecure_switch_turns_the_check_off() {
+        let cfg = load("insecure_accept_any_control_user = true\n").unwrap();
+        assert_eq!(cfg.node_user, None);
+        let errs = load("node_user = \"n\"\ninsecure_accept_any_control_user = true\n").unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("bridge.insecure_accept_any_control_user")),
+            "{errs:#?}"
+        );
+        assert!(load("node_user = \"\"\n").is_err());
+    }
+
+    #[test]
+    fn the_node_identity_is_a_legal_name() {
+        let cfg = load("node_user = \"n\"\nnode_identity = \"C=GB, O=Bank A, L=London\"\n").unwrap();
+        assert_eq!(
+            cfg.node_identity,
+            Some("O=Bank A, L=London, C=GB".parse().unwrap())
+        );
+        let errs = load("node_user = \"n\"\nnode_identity = \"Bank A\"\n").unwrap_err();
+        assert!(errs.iter().any(|e| e.starts_with("bridge.node_identity")), "{errs:#?}");
     }
 }
 

@@ -18,10 +18,13 @@ pub mod settle;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
-use drawbridge_certs::TlsIdentity;
+use drawbridge_certs::{LegalName, TlsIdentity};
 use drawbridge_control_protocol::{LinkState, LinkStatus, Notification, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::{
@@ -31,7 +34,7 @@ use drawbridge_runtime::{
 use lapin::types::FieldTable;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 
 pub use config::BridgeConfig;
 
@@ -39,6 +42,11 @@ pub use config::BridgeConfig;
 pub(crate) struct Ctx {
     cfg: BridgeConfig,
     identity: TlsIdentity,
+    /// The node whose control messages are obeyed: `bridge.node_identity`, or the legal name
+    /// of our own certificate.
+    node_identity: LegalName,
+    /// Control messages refused (wrong user, wrong node, outside the prefix, undecodable).
+    control_refused: AtomicU64,
     roots: Arc<rustls::RootCertStore>,
     broker: BrokerSession,
     views: Mutex<BTreeMap<String, link::SharedView>>,
@@ -97,6 +105,9 @@ impl AdminState for Ctx {
             "id": self.cfg.id,
             "ready": self.ready(),
             "broker": self.broker.current().map(|l| l.uri.clone()),
+            "node_identity": self.node_identity.to_string(),
+            "control_user": self.cfg.node_user,
+            "control_refused": self.control_refused.load(Ordering::Relaxed),
             "links": links,
         })
     }
@@ -121,6 +132,19 @@ pub async fn start(
 ) -> Result<RunningBridge, StartError> {
     let identity = TlsIdentity::load(&cfg.tls_cert, &cfg.tls_key)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
+    let node_identity = match &cfg.node_identity {
+        Some(n) => n.clone(),
+        None => identity.legal_name()?,
+    };
+    match &cfg.node_user {
+        Some(user) => {
+            info!(node_user = %user, node_identity = %node_identity, "control messages are obeyed only from this broker user and node")
+        }
+        None => error!(
+            node_identity = %node_identity,
+            "INSECURE: insecure_accept_any_control_user is set: ANY broker user who can publish to the control exchange can create links to floats of its choosing and stop every link; set bridge.node_user"
+        ),
+    }
     // Each link declares the dead-letter queue itself before it consumes (see
     // `dead_letter`), so the connection setup has nothing to declare.
     let setup: Setup = Arc::new(|_live| Box::pin(async { Ok(()) }));
@@ -138,6 +162,8 @@ pub async fn start(
         bytes_total_kib,
         cfg,
         identity,
+        node_identity,
+        control_refused: AtomicU64::new(0),
         roots,
         broker,
         views: Mutex::new(BTreeMap::new()),

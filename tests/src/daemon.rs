@@ -205,6 +205,12 @@ impl Daemon {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// `/metrics` (Prometheus text).
+    pub async fn metrics(&self) -> Result<String> {
+        let (_, body) = http_get(self.admin, "/metrics").await?;
+        Ok(body)
+    }
+
     /// The admin address.
     pub fn admin(&self) -> SocketAddr {
         self.admin

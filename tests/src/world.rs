@@ -114,9 +114,19 @@ impl Org {
     }
 
     /// The bridge's config, with `extra` TOML lines appended to the `[bridge]` table.
+    ///
+    /// Control messages are obeyed from the node's broker login (`node_user`), as in
+    /// production, unless `extra` says otherwise (`node_user` or
+    /// `insecure_accept_any_control_user`).
     pub fn bridge_config(&self, extra: &str) -> String {
+        let says = |key: &str| extra.lines().any(|l| l.trim_start().starts_with(key));
+        let control_user = if says("node_user") || says("insecure_accept_any_control_user") {
+            String::new()
+        } else {
+            format!("node_user = {:?}\n", self.node.user)
+        };
         format!(
-            "[bridge]\nid = \"bridge-{id}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
+            "[bridge]\nid = \"bridge-{id}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{control_user}{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
             id = self.files.legal_name.slug(),
             cert = self.files.tls_cert.display().to_string(),
             key = self.files.tls_key.display().to_string(),

@@ -17,6 +17,8 @@ const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 struct Pair {
     a: Org,
     b: Org,
+    /// A's vhost.
+    va: String,
     _dir: tempfile::TempDir,
 }
 
@@ -30,7 +32,12 @@ async fn pair() -> Result<Pair> {
     let vb = node.fresh_vhost().await?;
     let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
     let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok(Pair { a, b, _dir: dir })
+    Ok(Pair {
+        a,
+        b,
+        va,
+        _dir: dir,
+    })
 }
 
 async fn send(
@@ -153,11 +160,8 @@ async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
     let mut p = pair().await?;
     p.b.start_float("").await?;
     // The node library sets user_id to the broker login (guest here) and the bridge checks
-    // both it and the node identity.
-    p.a.start_bridge(&format!(
-        "node_user = \"guest\"\nnode_identity = {BANK_A:?}"
-    ))
-    .await?;
+    // both it and the node identity (by default its own certificate's legal name).
+    p.a.start_bridge("").await?;
     let q = p.a.queue_to(&p.b);
     let snapshot = |sequence, links| SequencedCommand {
         sequence,
@@ -211,6 +215,120 @@ async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
+}
+
+/// Control is authenticated: only the configured node user (RabbitMQ validates `user_id`
+/// against the publishing connection's login) and node identity are obeyed. Another broker
+/// user, with its own `user_id`, without one, or forging the node's (the broker refuses that
+/// publish), creates nothing; each refusal is logged and counted.
+#[tokio::test]
+async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -> Result<()> {
+    use drawbridge_control_protocol::{ControlCommand, CreateLink, SequencedCommand};
+    use drawbridge_node::Node;
+    use drawbridge_testkit::rabbit::encode_vhost;
+    use lapin::{options::*, BasicProperties};
+
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    let bridge = p.a.bridge.as_ref().unwrap();
+    let q = p.a.queue_to(&p.b);
+
+    // Mallory may publish to A's control exchange (a broker user of the same vhost).
+    let node = shared_node().await;
+    let mallory = format!("mallory-{}", &p.va[2..12]);
+    node.ctl(&["add_user", &mallory, "m-secret"]).await?;
+    node.ctl(&["set_permissions", "-p", &p.va, &mallory, ".*", ".*", ".*"])
+        .await?;
+    let uri = format!(
+        "amqp://{mallory}:m-secret@127.0.0.1:{}/{}",
+        node.amqp_port(),
+        encode_vhost(&p.va)
+    );
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await?;
+    let create = ControlCommand::CreateLink(CreateLink {
+        node_identity: BANK_A.into(),
+        link: p.a.link_to(&p.b),
+    });
+
+    // 1. With her own (valid) user_id.
+    let ch = conn.create_channel().await?;
+    Node::new(BANK_A, mallory.clone())
+        .publish(&ch, create.clone())
+        .await?;
+    // 2. Without a user_id.
+    let msg = SequencedCommand {
+        sequence: u64::MAX / 2,
+        command: create.clone(),
+    };
+    ch.basic_publish(
+        "drawbridge.control".into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        &msg.encode(),
+        BasicProperties::default(),
+    )
+    .await?
+    .await?;
+    // 3. Forging the node's user_id: the broker refuses the publish and closes the channel.
+    let forged = conn.create_channel().await?;
+    forged
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let refused = Node::new(BANK_A, p.a.node.user.clone())
+        .publish(&forged, create.clone())
+        .await;
+    assert!(refused.is_err(), "RabbitMQ accepted a forged user_id");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = bridge.status().await?;
+        if s["control_refused"] == 2 {
+            assert!(
+                s["links"].as_array().is_some_and(|l| l.is_empty()),
+                "a refused control message created a link: {s}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refusals not counted: {s}\n{}",
+            bridge.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        bridge.log_contains(&format!("user_id={mallory}"))
+            && bridge.log_contains("user_id=<none>")
+            && bridge.log_contains("control message refused"),
+        "{}",
+        bridge.log_tail(30)
+    );
+    let metrics = bridge.metrics().await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("drawbridge_bridge_control_refused_total{reason=\"wrong_user\"} 2")),
+        "{metrics}"
+    );
+
+    // The node's own control message, naming another node: refused as well.
+    p.a.control(&ControlCommand::CreateLink(CreateLink {
+        node_identity: BANK_B.into(),
+        link: p.a.link_to(&p.b),
+    }))
+    .await?;
+    // And the node's own, for itself: obeyed.
+    p.a.create_link_to(&p.b).await?;
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
+        .await?;
+    let s = bridge.status().await?;
+    assert_eq!(s["control_refused"], 3, "{s}");
+    assert!(bridge.log_contains("is not the configured node identity"));
+    send(&p.a, &p.b, "authz", 10, vec![]).await?;
+    let r = receive(&p.b, "authz", 10, BANK_A).await?;
+    assert!(r.complete() && r.duplicates == 0, "{r:?}");
     Ok(())
 }
 

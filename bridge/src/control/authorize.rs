@@ -2,9 +2,8 @@
 
 use std::collections::HashMap;
 
+use drawbridge_certs::LegalName;
 use drawbridge_control_protocol::{ControlCommand, DecodeError, SequencedCommand};
-
-use crate::BridgeConfig;
 
 /// Why a control message is not acted on. Every refusal is logged with this text and
 /// counted; the message is acked either way (a bad message must not loop).
@@ -15,7 +14,7 @@ pub(crate) enum Refusal {
     #[error("cannot decode: {0}")]
     Decode(#[from] DecodeError),
     /// The broker-validated `user_id` is not the configured node user.
-    #[error("user_id {got:?} is not the configured node user `{want}`")]
+    #[error("user_id `{}` is not the configured node user `{want}`", .got.as_deref().unwrap_or("<none>"))]
     WrongUser {
         /// `user_id` the message carried, if any.
         got: Option<String>,
@@ -58,6 +57,17 @@ impl Refusal {
     pub(crate) fn is_stale(&self) -> bool {
         matches!(self, Refusal::Stale { .. })
     }
+
+    /// Short label for the `reason` of `drawbridge_bridge_control_refused_total`.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Refusal::Decode(_) => "decode",
+            Refusal::WrongUser { .. } => "wrong_user",
+            Refusal::WrongNode { .. } => "wrong_node",
+            Refusal::OutsidePrefix { .. } => "outside_prefix",
+            Refusal::Stale { .. } => "stale",
+        }
+    }
 }
 
 /// The rules a control message must pass, taken from the bridge's configuration.
@@ -65,20 +75,12 @@ impl Refusal {
 pub(crate) struct Policy {
     /// Every link queue must start with this.
     pub(crate) queue_prefix: String,
-    /// If set, the broker-validated `user_id` must be this.
+    /// The broker-validated `user_id` must be this; `None` only when the operator set
+    /// `insecure_accept_any_control_user`.
     pub(crate) node_user: Option<String>,
-    /// If set, `node_identity` must be this.
-    pub(crate) node_identity: Option<String>,
-}
-
-impl From<&BridgeConfig> for Policy {
-    fn from(cfg: &BridgeConfig) -> Self {
-        Policy {
-            queue_prefix: cfg.queue_prefix.clone(),
-            node_user: cfg.node_user.clone(),
-            node_identity: cfg.node_identity.clone(),
-        }
-    }
+    /// `node_identity` must be this legal name (compared as a legal name: attribute order and
+    /// spacing are free).
+    pub(crate) node_identity: LegalName,
 }
 
 /// Highest sequence applied, per node identity. Lives as long as the bridge process (across
@@ -107,7 +109,7 @@ impl Sequences {
 
 /// Decides whether `msg`, published with the broker-validated `user_id`, may be applied.
 ///
-/// Checks, in order: node user (when configured), node identity (when configured), queue
+/// Checks, in order: node user (unless the operator turned it off), node identity, queue
 /// prefix of every queue named, and ordering: a sequenced message must be newer than the
 /// highest sequence applied for its node. Unsequenced messages pass the ordering check (the
 /// caller logs a warning).
@@ -126,13 +128,11 @@ pub(crate) fn authorize(
         }
     }
     let node = msg.command.node_identity();
-    if let Some(want) = &policy.node_identity {
-        if node != want {
-            return Err(Refusal::WrongNode {
-                got: node.to_string(),
-                want: want.clone(),
-            });
-        }
+    if node.parse::<LegalName>().ok().as_ref() != Some(&policy.node_identity) {
+        return Err(Refusal::WrongNode {
+            got: node.to_string(),
+            want: policy.node_identity.to_string(),
+        });
     }
     let queues: Vec<&str> = match &msg.command {
         ControlCommand::Snapshot(s) => s.links.iter().map(|l| l.queue.as_str()).collect(),
@@ -176,7 +176,7 @@ mod tests {
         Policy {
             queue_prefix: "drawbridge.peers.".into(),
             node_user: Some("node-a".into()),
-            node_identity: Some(NODE.into()),
+            node_identity: NODE.parse().unwrap(),
         }
     }
 
@@ -223,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn node_user_is_checked_only_when_configured() {
+    fn node_user_is_checked_unless_turned_off_insecurely() {
         let msg = create(1, "drawbridge.peers.b");
         let none = Sequences::default();
         assert_eq!(
@@ -245,19 +245,18 @@ mod tests {
     }
 
     #[test]
-    fn node_identity_is_checked_only_when_configured() {
+    fn node_identity_is_compared_as_a_legal_name() {
+        let none = Sequences::default();
         let other = snapshot(1, "O=Mallory, L=Nowhere, C=GB", &[]);
-        let err = ok(&other, &Sequences::default()).unwrap_err();
+        let err = ok(&other, &none).unwrap_err();
         assert!(matches!(err, Refusal::WrongNode { .. }), "{err}");
         assert!(err.to_string().contains("Mallory"), "{err}");
-        let open = Policy {
-            node_identity: None,
-            ..policy()
-        };
-        assert_eq!(
-            authorize(&other, Some("node-a"), &open, &Sequences::default()),
-            Ok(())
-        );
+        assert_eq!(err.label(), "wrong_node");
+        // Same name written another way: obeyed.
+        assert_eq!(ok(&snapshot(1, "C=GB,L=London,  O=Bank A", &[]), &none), Ok(()));
+        // Not a legal name at all, or a prefix of ours: refused.
+        assert!(ok(&snapshot(1, "Bank A", &[]), &none).is_err());
+        assert!(ok(&snapshot(1, "O=Bank A, C=GB", &[]), &none).is_err());
     }
 
     #[test]
@@ -323,14 +322,15 @@ mod tests {
 
     #[test]
     fn sequences_are_per_node_identity() {
-        let open = Policy {
-            node_identity: None,
+        let other_node = "O=Bank C, L=Rome, C=IT";
+        let theirs = Policy {
+            node_identity: other_node.parse().unwrap(),
             ..policy()
         };
         let mut applied = Sequences::default();
         applied.record(&snapshot(100, NODE, &[]));
-        let other = snapshot(1, "O=Bank C, L=Rome, C=IT", &[]);
-        assert_eq!(authorize(&other, Some("node-a"), &open, &applied), Ok(()));
+        let other = snapshot(1, other_node, &[]);
+        assert_eq!(authorize(&other, Some("node-a"), &theirs, &applied), Ok(()));
         // Recording never lowers the mark.
         applied.record(&snapshot(50, NODE, &[]));
         assert_eq!(applied.applied(NODE), Some(100));

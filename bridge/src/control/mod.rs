@@ -170,7 +170,7 @@ mod tests {
         let policy = Policy {
             queue_prefix: "drawbridge.peers.".into(),
             node_user: None,
-            node_identity: Some(NODE.into()),
+            node_identity: NODE.parse().unwrap(),
         };
         let mut applied = Sequences::default();
         let mut running = BTreeMap::new();
@@ -321,7 +321,11 @@ struct ControlState {
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut state = ControlState {
         links: Links::new(ctx.clone()),
-        policy: Policy::from(&ctx.cfg),
+        policy: Policy {
+            queue_prefix: ctx.cfg.queue_prefix.clone(),
+            node_user: ctx.cfg.node_user.clone(),
+            node_identity: ctx.node_identity.clone(),
+        },
         applied: Sequences::default(),
     };
     let mut generation = 0;
@@ -441,8 +445,14 @@ async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
             return false;
         }
         Err(refusal) => {
-            warn!(reason = %refusal, "control message refused");
-            metrics::counter!("drawbridge_bridge_control_refused_total").increment(1);
+            warn!(user_id = %user_id.unwrap_or("<none>"), reason = %refusal, "control message refused");
+            metrics::counter!("drawbridge_bridge_control_refused_total", "reason" => refusal.label())
+                .increment(1);
+            state
+                .links
+                .ctx
+                .control_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return false;
         }
     };

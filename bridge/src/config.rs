@@ -135,7 +135,10 @@ impl BridgeConfig {
             Some(s) => match s.parse::<LegalName>() {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    r.invalid("bridge.node_identity", format!("`{s}` is not a legal name: {e}"));
+                    r.invalid(
+                        "bridge.node_identity",
+                        format!("`{s}` is not a legal name: {e}"),
+                    );
                     None
                 }
             },
@@ -259,9 +262,11 @@ mod control_user_tests {
     fn only_the_explicit_insecure_switch_turns_the_check_off() {
         let cfg = load("insecure_accept_any_control_user = true\n").unwrap();
         assert_eq!(cfg.node_user, None);
-        let errs = load("node_user = \"n\"\ninsecure_accept_any_control_user = true\n").unwrap_err();
+        let errs =
+            load("node_user = \"n\"\ninsecure_accept_any_control_user = true\n").unwrap_err();
         assert!(
-            errs.iter().any(|e| e.starts_with("bridge.insecure_accept_any_control_user")),
+            errs.iter()
+                .any(|e| e.starts_with("bridge.insecure_accept_any_control_user")),
             "{errs:#?}"
         );
         assert!(load("node_user = \"\"\n").is_err());
@@ -269,13 +274,17 @@ mod control_user_tests {
 
     #[test]
     fn the_node_identity_is_a_legal_name() {
-        let cfg = load("node_user = \"n\"\nnode_identity = \"C=GB, O=Bank A, L=London\"\n").unwrap();
+        let cfg =
+            load("node_user = \"n\"\nnode_identity = \"C=GB, O=Bank A, L=London\"\n").unwrap();
         assert_eq!(
             cfg.node_identity,
             Some("O=Bank A, L=London, C=GB".parse().unwrap())
         );
         let errs = load("node_user = \"n\"\nnode_identity = \"Bank A\"\n").unwrap_err();
-        assert!(errs.iter().any(|e| e.starts_with("bridge.node_identity")), "{errs:#?}");
+        assert!(
+            errs.iter().any(|e| e.starts_with("bridge.node_identity")),
+            "{errs:#?}"
+        );
     }
 }
 

@@ -262,21 +262,59 @@ impl FromStr for LegalName {
     }
 }
 
+/// Attribute order of [`LegalName::canonical`]: Corda's (`CN, OU, O, L, ST, C`), then the rest
+/// by OID.
+const CANONICAL_ORDER: [&str; 6] = [
+    "2.5.4.3", "2.5.4.11", "2.5.4.10", "2.5.4.7", "2.5.4.8", "2.5.4.6",
+];
+
+impl LegalName {
+    /// The one written form of this name, whatever order it was given or issued in:
+    /// `CN, OU, O, L, ST, C` first (Corda's order), other attributes after them by OID. Equal
+    /// names have equal canonical forms; this is what the float stamps as the sender, so a
+    /// receiving node can compare it as a string.
+    pub fn canonical(&self) -> String {
+        let rank = |a: &Attribute| {
+            CANONICAL_ORDER
+                .iter()
+                .position(|o| *o == a.oid)
+                .unwrap_or(CANONICAL_ORDER.len())
+        };
+        let mut attrs: Vec<&Attribute> = self.attrs.iter().collect();
+        attrs.sort_by(|a, b| {
+            rank(a)
+                .cmp(&rank(b))
+                .then_with(|| a.oid.cmp(&b.oid))
+                .then_with(|| a.value.cmp(&b.value))
+        });
+        let mut out = String::new();
+        write_attrs(&mut out, attrs.into_iter()).expect("writing to a String");
+        out
+    }
+}
+
+fn write_attrs<'a>(
+    f: &mut impl fmt::Write,
+    attrs: impl Iterator<Item = &'a Attribute>,
+) -> fmt::Result {
+    for (i, a) in attrs.enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{}=", a.key)?;
+        for c in a.value.chars() {
+            if matches!(c, ',' | '\\') {
+                f.write_str("\\")?;
+            }
+            write!(f, "{c}")?;
+        }
+    }
+    Ok(())
+}
+
 impl fmt::Display for LegalName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, a) in self.attrs.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{}=", a.key)?;
-            for c in a.value.chars() {
-                if matches!(c, ',' | '\\') {
-                    f.write_str("\\")?;
-                }
-                write!(f, "{c}")?;
-            }
-        }
-        Ok(())
+        write_attrs(f, self.attrs.iter())
     }
 }
 
@@ -301,6 +339,24 @@ mod tests {
 
     fn name(s: &str) -> LegalName {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn equal_names_have_one_canonical_form() {
+        let want =
+            "CN=Gateway, OU=Payments, O=Bank\\, A, L=London, ST=Greater London, C=GB, 2.5.4.97=X";
+        for written in [
+            "C=GB, ST=Greater London, L=London, O=Bank\\, A, OU=Payments, CN=Gateway, 2.5.4.97=X",
+            "2.5.4.97=X,o=Bank\\, A,cn=Gateway,l=London,c=GB,ou=Payments,st=Greater London",
+        ] {
+            let n = name(written);
+            assert_eq!(n.canonical(), want, "{written}");
+            assert_eq!(name(&n.canonical()), n, "the canonical form parses back");
+        }
+        assert_eq!(
+            name("C=GB, L=London, O=Bank A").canonical(),
+            "O=Bank A, L=London, C=GB"
+        );
     }
 
     #[test]

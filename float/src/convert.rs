@@ -60,6 +60,8 @@ pub struct Inbound {
     /// Every 0.9.1 property to publish with, headers included; only the authenticated
     /// `drawbridge-sender` header is still to be stamped by the caller.
     pub properties: BasicProperties,
+    /// How many reserved headers ([`headers::reserved`]) the peer sent and were dropped.
+    pub stripped_headers: usize,
 }
 
 impl Inbound {
@@ -142,15 +144,6 @@ fn bad(field: impl Into<String>, why: &'static str) -> Invalid {
     }
 }
 
-/// Headers only the float sets: a peer's copy is dropped (the float's own, if any, is added
-/// after conversion).
-const SET_BY_FLOAT: [&str; 4] = [
-    headers::SENDER,
-    headers::MESSAGE_ID_TYPE,
-    headers::CORRELATION_ID_TYPE,
-    headers::ORIGINAL_USER_ID,
-];
-
 /// `s` as a 0.9.1 short string, refused (never a panic) when over 255 bytes.
 fn short(field: &str, s: String) -> Result<ShortString, Invalid> {
     let len = s.len();
@@ -196,8 +189,8 @@ pub fn render_id(id: &MessageId) -> (String, IdType) {
     }
 }
 
-/// Validate and convert. Headers only the float may set (`drawbridge-sender` and the id-type
-/// and original-user-id headers) are dropped from the peer's; the caller stamps the
+/// Validate and convert. Reserved headers ([`headers::reserved`]: `drawbridge-*` but
+/// destination and topic, `x-*`, any case) are dropped from the peer's; the caller stamps the
 /// authenticated sender.
 pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, Invalid> {
     let body = match msg.body {
@@ -250,9 +243,11 @@ pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, 
 
     let mut hdrs = FieldTable::default();
     let mut destination = None;
+    let mut stripped_headers = 0;
     if let Some(app) = msg.application_properties {
         for (k, v) in app.0.into_iter() {
-            if SET_BY_FLOAT.contains(&k.as_str()) {
+            if headers::reserved(&k) {
+                stripped_headers += 1;
                 continue;
             }
             if k == headers::DESTINATION {
@@ -273,7 +268,8 @@ pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, 
             let Value::String(k) = k else {
                 return Err(bad(mapping::ANN_HEADERS, "a key is not a string"));
             };
-            if SET_BY_FLOAT.contains(&k.as_str()) {
+            if headers::reserved(k) {
+                stripped_headers += 1;
                 continue;
             }
             let key = short_key(k.clone())?;
@@ -372,6 +368,7 @@ pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, 
         body,
         destination,
         properties: out.with_headers(hdrs),
+        stripped_headers,
     })
 }
 
@@ -906,6 +903,52 @@ mod tests {
         assert_eq!(header(&i, headers::CORRELATION_ID_TYPE), None);
         assert_eq!(header(&i, headers::ORIGINAL_USER_ID), Some(&ls("alice")));
         assert_eq!(*i.properties.user_id(), None);
+        assert_eq!(i.stripped_headers, spoofed.len());
+    }
+
+    #[test]
+    fn reserved_headers_in_any_case_and_either_place_are_dropped() {
+        let app_spoofed = [
+            ("Drawbridge-Sender", SimpleValue::String("O=Evil".into())),
+            (headers::REASON, SimpleValue::String("looks dead".into())),
+            ("DRAWBRIDGE-ORIGIN-QUEUE", SimpleValue::String("q".into())),
+            (
+                "X-First-Death-Reason",
+                SimpleValue::String("expired".into()),
+            ),
+            (headers::TOPIC, SimpleValue::String("trades".into())),
+            ("trade-id", SimpleValue::Int(7)),
+        ];
+        let rich_spoofed = rich(&[
+            ("x-death", Value::List(vec![])),
+            ("drawbridge-sender", Value::List(vec![])),
+            ("legs", Value::List(vec![Value::Int(1)])),
+        ]);
+        let i = from_amqp(
+            msg(
+                with_id(MessageId::String("m".into())),
+                None,
+                &[(mapping::ANN_HEADERS, rich_spoofed)],
+                app(&app_spoofed),
+            ),
+            1024,
+        )
+        .unwrap();
+        let mut kept: Vec<&str> = i
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            [headers::DESTINATION, headers::TOPIC, "legs", "trade-id"]
+        );
+        assert_eq!(i.stripped_headers, 6);
     }
 
     #[test]

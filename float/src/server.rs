@@ -162,7 +162,8 @@ async fn serve_connection(
             return;
         }
     };
-    let sender: Arc<str> = peer.to_string().into();
+    // One written form per identity, whatever order the certificate's subject has.
+    let sender: Arc<str> = peer.canonical().into();
     info!(peer = %sender, peer_addr = %addr, "peer connected");
     ctx.connections.lock().expect("poisoned").insert(
         id,
@@ -369,6 +370,10 @@ async fn handle(
             return (Handled::Now(Settle::Reject(e.to_string())), false);
         }
     };
+    if inbound.stripped_headers > 0 {
+        metrics::counter!("drawbridge_float_reserved_headers_stripped_total")
+            .increment(inbound.stripped_headers as u64);
+    }
     let inbox = state
         .routes
         .entry(inbound.destination.clone())

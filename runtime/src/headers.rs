@@ -1,5 +1,5 @@
 //! Names of the message headers Drawbridge reads and writes (the message contract of
-//! DESIGN.md). Headers starting with `drawbridge-` other than these are reserved.
+//! DESIGN.md), and which names a peer may not set ([`reserved`]).
 
 /// Legal name of the node a message is for; the float routes by it.
 pub const DESTINATION: &str = "drawbridge-destination";
@@ -21,3 +21,56 @@ pub const CORRELATION_ID_TYPE: &str = "drawbridge-correlation-id-type";
 /// The sender's 0.9.1 `user-id`, set by the float. It cannot stay in `user_id`: the
 /// receiving broker checks `user_id` against the float's own login and refuses others.
 pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
+
+/// Headers a sending node sets for the receiving node; a float passes them on.
+pub const SET_BY_SENDER: [&str; 2] = [DESTINATION, TOPIC];
+
+/// Whether a float strips header `key` from what a peer sent: every `drawbridge-*` name but
+/// the two a sender sets ([`SET_BY_SENDER`], written exactly so), and every `x-*` name, in
+/// any letter case. Their meaning is asserted by the receiving side (the float's stamped
+/// sender, the bridge's dead-letter reason, the broker's `x-death`), so a peer that sets them
+/// would make its message look authenticated differently or dead-lettered by the receiver.
+pub fn reserved(key: &str) -> bool {
+    let prefixed = |p: &str| {
+        key.get(..p.len())
+            .is_some_and(|k| k.eq_ignore_ascii_case(p))
+    };
+    (prefixed("drawbridge-") && !SET_BY_SENDER.contains(&key)) || prefixed("x-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_case_of_a_reserved_prefix_is_reserved() {
+        for key in [
+            SENDER,
+            "Drawbridge-Sender",
+            "DRAWBRIDGE-SENDER",
+            REASON,
+            ORIGIN_QUEUE,
+            MESSAGE_ID_TYPE,
+            ORIGINAL_USER_ID,
+            "drawbridge-anything-new",
+            "Drawbridge-Destination",
+            "x-death",
+            "X-Death",
+            "x-first-death-reason",
+            "x-",
+        ] {
+            assert!(reserved(key), "{key}");
+        }
+        for key in [
+            DESTINATION,
+            TOPIC,
+            "trade-id",
+            "drawbridge",
+            "xdeath",
+            "",
+            "é-x-",
+        ] {
+            assert!(!reserved(key), "{key}");
+        }
+    }
+}

@@ -100,6 +100,8 @@ pub struct Report {
     pub p99: Duration,
     /// First receipt to last receipt.
     pub elapsed: Duration,
+    /// Every header name seen on any message of the run (to check what a float let through).
+    pub header_keys: std::collections::BTreeSet<String>,
 }
 
 impl Report {
@@ -130,6 +132,7 @@ pub struct Tally {
     latencies_us: Vec<u64>,
     first: Option<std::time::Instant>,
     last: Option<std::time::Instant>,
+    header_keys: std::collections::BTreeSet<String>,
 }
 
 impl Tally {
@@ -146,6 +149,16 @@ impl Tally {
             latencies_us: Vec::new(),
             first: None,
             last: None,
+            header_keys: Default::default(),
+        }
+    }
+
+    /// Remember the header names of a received message (see [`Report::header_keys`]).
+    pub fn note_headers(&mut self, headers: Option<&FieldTable>) {
+        for k in headers.into_iter().flat_map(|h| h.inner().keys()) {
+            if !self.header_keys.contains(k.as_str()) {
+                self.header_keys.insert(k.to_string());
+            }
         }
     }
 
@@ -217,6 +230,7 @@ impl Tally {
                 (Some(a), Some(b)) => b - a,
                 _ => Duration::ZERO,
             },
+            header_keys: self.header_keys.clone(),
         }
     }
 }
@@ -352,6 +366,7 @@ pub async fn consume(
             .map(|s| s.as_str().to_string());
         let sender = header_string(d.properties.headers().as_ref(), SENDER);
         tally.record(id.as_deref(), &d.data, sender.as_deref());
+        tally.note_headers(d.properties.headers().as_ref());
         last_tag = d.delivery_tag;
         unacked += 1;
         if unacked >= 100 {

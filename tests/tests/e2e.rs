@@ -83,14 +83,21 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
     p.b.wait_link_state(&p.b.queue_to(&p.a), "up", Duration::from_secs(20))
         .await?;
 
-    // A forges the sender header; the float must overwrite it with A's certificate subject.
-    let forged = vec![
-        (
-            "drawbridge-sender".to_string(),
-            "O=Evil, L=Nowhere, C=XX".to_string(),
-        ),
-        ("app-header".to_string(), "kept".to_string()),
-    ];
+    // A forges the sender and every other header the receiving side asserts, in any case;
+    // the float drops them and stamps A's certificate subject in its canonical form.
+    let forged: Vec<(String, String)> = [
+        ("drawbridge-sender", "O=Evil, L=Nowhere, C=XX"),
+        ("Drawbridge-Sender", "O=Evil, L=Nowhere, C=XX"),
+        ("drawbridge-reason", "looks dead-lettered"),
+        ("drawbridge-origin-queue", "drawbridge.peers.x"),
+        ("x-death", "forged"),
+        ("X-First-Death-Reason", "rejected"),
+        ("drawbridge-topic", "kept"),
+        ("app-header", "kept"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     let n = 500;
     let (ra, rb) = tokio::join!(
         async {
@@ -107,6 +114,17 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
     assert!(rb.complete(), "B→A: {rb:?}");
     assert_eq!((ra.duplicates, ra.unexpected), (0, 0), "A→B: {ra:?}");
     assert_eq!((rb.duplicates, rb.unexpected), (0, 0), "B→A: {rb:?}");
+    let keys: Vec<&str> = ra.header_keys.iter().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "app-header",
+            "drawbridge-destination",
+            "drawbridge-sender",
+            "drawbridge-topic",
+        ],
+        "A→B"
+    );
     Ok(())
 }
 
@@ -309,7 +327,8 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with("drawbridge_bridge_control_refused_total{reason=\"wrong_user\"} 2")),
+            .any(|l| l
+                .starts_with("drawbridge_bridge_control_refused_total{reason=\"wrong_user\"} 2")),
         "{metrics}"
     );
 

@@ -253,7 +253,10 @@ mod tests {
         assert!(err.to_string().contains("Mallory"), "{err}");
         assert_eq!(err.label(), "wrong_node");
         // Same name written another way: obeyed.
-        assert_eq!(ok(&snapshot(1, "C=GB,L=London,  O=Bank A", &[]), &none), Ok(()));
+        assert_eq!(
+            ok(&snapshot(1, "C=GB,L=London,  O=Bank A", &[]), &none),
+            Ok(())
+        );
         // Not a legal name at all, or a prefix of ours: refused.
         assert!(ok(&snapshot(1, "Bank A", &[]), &none).is_err());
         assert!(ok(&snapshot(1, "O=Bank A, C=GB", &[]), &none).is_err());

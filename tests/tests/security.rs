@@ -200,6 +200,7 @@ async fn float_refuses_a_client_whose_name_was_issued_by_another_members_node_ca
             None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
+    eprintln!("float log: {log}");
     assert!(
         log.contains(BANK_B) && log.contains("node CA"),
         "the refusal should name the issuing node CA: {log}"
@@ -269,6 +270,7 @@ async fn bridge_refuses_a_float_whose_name_was_issued_by_another_members_node_ca
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    eprintln!("bridge link reason: {reason}");
     assert!(
         reason.contains(BANK_C) && reason.contains(BANK_B),
         "the refusal should name the claimed name and the issuing node CA: {reason}"

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! root/ca.crt, root/ca.key          network root CA (self-signed)
-//! <slug>/node-ca.crt, node-ca.key   per-node intermediate CA (signed by the root, pathlen 0)
-//! <slug>/tls.crt                    node TLS certificate, PEM chain: leaf then node CA
+//! <slug>/node-ca.crt, node-ca.key   per-node intermediate CA (signed by the root, pathlen 0),
+//!                                   subject exactly the node's legal name
+//! <slug>/tls.crt                    node TLS certificate, PEM chain: leaf then node CA;
+//!                                   the leaf's subject is the legal name too
 //! <slug>/tls.key                    its private key (PKCS#8 PEM)
 //! <slug>/root.crt                   copy of the root, the node's trust store
 //! ```
@@ -13,6 +15,11 @@
 //! Certificates are ECDSA P-256, valid from one day ago for two years, with subject and
 //! authority key identifiers so OpenSSL-based peers (Qpid Proton) build the same chains as
 //! rustls. Never use these keys outside development: they are written unencrypted.
+//!
+//! The node CA and the TLS certificate carry the same subject, as in a Corda network: peers
+//! accept a TLS certificate for legal name X only if its issuing node CA is named X and is
+//! issued by the root ([`crate::binding`]). The node CA key lets its holder sign any subject;
+//! certificates it signs for other names are refused by every float and bridge.
 
 use std::fs;
 use std::io::Write;
@@ -97,17 +104,11 @@ pub fn generate_network(dir: &Path, names: &[LegalName]) -> Result<DevNetwork, C
 
     let mut nodes = Vec::with_capacity(names.len());
     for name in names {
-        // Node CA: the legal name's attributes (minus CN) plus CN=Drawbridge Node CA.
+        // Node CA: subject exactly the legal name. A TLS certificate speaks for a legal name
+        // only if its issuing node CA has that same name (see `crate::binding`).
         let node_ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut node_ca_params = CertificateParams::default();
-        node_ca_params.distinguished_name = {
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::CommonName, "Drawbridge Node CA");
-            for attr in name.attributes().iter().filter(|a| a.oid != "2.5.4.3") {
-                dn.push(dn_type(&attr.oid)?, dn_value(&attr.oid, &attr.value));
-            }
-            dn
-        };
+        node_ca_params.distinguished_name = legal_name_dn(name)?;
         ca_params(
             &mut node_ca_params,
             BasicConstraints::Constrained(0),
@@ -121,13 +122,7 @@ pub fn generate_network(dir: &Path, names: &[LegalName]) -> Result<DevNetwork, C
         // Leaf: subject is exactly the legal name.
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut leaf = CertificateParams::default();
-        leaf.distinguished_name = {
-            let mut dn = DistinguishedName::new();
-            for attr in name.attributes() {
-                dn.push(dn_type(&attr.oid)?, dn_value(&attr.oid, &attr.value));
-            }
-            dn
-        };
+        leaf.distinguished_name = legal_name_dn(name)?;
         leaf.subject_alt_names = vec![
             SanType::DnsName("localhost".try_into()?),
             SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
@@ -188,6 +183,15 @@ fn ca_params(
     params.use_authority_key_identifier_extension = true;
     params.not_before = not_before;
     params.not_after = not_after;
+}
+
+/// The legal name as a certificate subject, attributes in the order given.
+pub(crate) fn legal_name_dn(name: &LegalName) -> Result<DistinguishedName, CertError> {
+    let mut dn = DistinguishedName::new();
+    for attr in name.attributes() {
+        dn.push(dn_type(&attr.oid)?, dn_value(&attr.oid, &attr.value));
+    }
+    Ok(dn)
 }
 
 fn dn_type(oid: &str) -> Result<DnType, CertError> {

@@ -135,7 +135,7 @@ impl LegalName {
         Ok(Self::from_attrs(attrs))
     }
 
-    /// The `O` (organisation) attribute, used for display and node-CA naming.
+    /// The `O` (organisation) attribute, e.g. for display.
     pub fn organisation(&self) -> Option<&str> {
         self.attrs
             .iter()

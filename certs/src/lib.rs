@@ -8,17 +8,23 @@
 //!   **and** its subject is one of the legal names the node pinned for that link
 //!   ([`client_config`]);
 //! * the float (TLS server) requires a client certificate chaining to the root
-//!   ([`server_config`]) and reads the sender's identity from it ([`peer_legal_name`]).
+//!   ([`server_config`]) and reads the sender's identity from it ([`peer_legal_name`]);
+//! * on both sides a certificate speaks for the legal name in its subject only if it is
+//!   issued by a node CA with that same legal name, itself issued by a trust root
+//!   ([`binding`]): a member's node CA can sign any subject, and this is what stops it from
+//!   issuing itself another member's name.
 //!
 //! All TLS goes through rustls with the aws-lc-rs crypto provider only; call
 //! [`install_crypto_provider`] at the top of `main`.
 #![forbid(unsafe_code)]
 
+pub mod binding;
 pub mod devpki;
 mod error;
 mod legal_name;
 mod tls;
 
+pub use binding::IdentityRefused;
 pub use error::CertError;
 pub use legal_name::LegalName;
 pub use tls::{

@@ -9,15 +9,18 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
-    CertificateError, CipherSuite, DigitallySignedStruct, RootCertStore, SignatureScheme,
-    SupportedCipherSuite, SupportedProtocolVersion,
+    CertificateError, CipherSuite, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
 };
 use rustls_pki_types::{
-    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName,
+    SignatureVerificationAlgorithm, UnixTime,
 };
 
+use crate::binding::verify_bound_to_node_ca;
 use crate::{CertError, LegalName};
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider.
@@ -208,7 +211,9 @@ pub fn load_crls(
 /// Subject of the end-entity certificate a peer presented (the first of its chain).
 ///
 /// On the float: `peer_legal_name(conn.peer_certificates().unwrap_or_default())` gives the
-/// authenticated sender.
+/// authenticated sender. That is only an identity because the handshake's verifier (see
+/// [`server_config`]) already checked that the certificate is bound to a node CA of that
+/// legal name; this function itself checks nothing.
 pub fn peer_legal_name(chain: &[CertificateDer<'_>]) -> Result<LegalName, CertError> {
     let leaf = chain
         .first()
@@ -216,15 +221,34 @@ pub fn peer_legal_name(chain: &[CertificateDer<'_>]) -> Result<LegalName, CertEr
     LegalName::from_der_cert(leaf)
 }
 
-/// Bridge-side verifier: chain to the roots as usual, ignore the host name, then pin the
-/// subject to one of the expected legal names.
+/// Bridge-side verifier: chain to the roots as usual, ignore the host name, check that the
+/// subject is bound to its node CA (see [`crate::binding`]), then pin the subject to one of
+/// the expected legal names.
 #[derive(Debug)]
 struct PinnedSubjectVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    roots: Arc<RootCertStore>,
+    sig_algs: &'static [&'static dyn SignatureVerificationAlgorithm],
     expected: Vec<LegalName>,
 }
 
 impl PinnedSubjectVerifier {
+    fn new(
+        roots: Arc<RootCertStore>,
+        expected: Vec<LegalName>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, CertError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| CertError::Verifier(e.to_string()))?;
+        Ok(Self {
+            inner,
+            roots,
+            sig_algs: provider.signature_verification_algorithms.all,
+            expected,
+        })
+    }
+
     fn expected_list(&self) -> String {
         self.expected
             .iter()
@@ -258,8 +282,15 @@ impl ServerCertVerifier for PinnedSubjectVerifier {
             )) => {}
             Err(e) => return Err(e),
         }
-        let subject = LegalName::from_der_cert(end_entity)
-            .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        // Who the certificate speaks for, if anyone: the subject, bound to its node CA.
+        let subject = verify_bound_to_node_ca(
+            end_entity,
+            intermediates,
+            &self.roots,
+            self.sig_algs,
+            webpki::KeyUsage::server_auth(),
+            now,
+        )?;
         if self.expected.contains(&subject) {
             Ok(ServerCertVerified::assertion())
         } else {
@@ -296,11 +327,16 @@ impl ServerCertVerifier for PinnedSubjectVerifier {
 /// TLS client configuration for the bridge's side of a peer link.
 ///
 /// The float's certificate must chain to `roots` (validity period checked), but the server
-/// *name* is ignored: peers are identified by certificate subject, which must equal one of
-/// `expected` (set comparison, see [`LegalName`]). A mismatch fails the handshake with
-/// `rustls::Error::General("peer certificate subject `…` is not one of the expected legal
-/// names […]")`. We present `identity` as client certificate. Session resumption is off, so
-/// every connection is fully verified (links are long-lived; resumption buys nothing).
+/// *name* is ignored: peers are identified by certificate subject. The subject must be bound
+/// to its node CA (issued by a node CA with the same legal name, itself issued by a trust
+/// root; see [`crate::binding`]), else the handshake fails with
+/// `rustls::Error::InvalidCertificate(CertificateError::Other(..))` holding an
+/// [`IdentityRefused`](crate::IdentityRefused) that names the claimed name and the issuer.
+/// Then the subject must equal one of `expected` (set comparison, see [`LegalName`]); a
+/// mismatch fails the handshake with `rustls::Error::General("peer certificate subject `…` is
+/// not one of the expected legal names […]")`. We present `identity` as client certificate.
+/// Session resumption is off, so every connection is fully verified (links are long-lived;
+/// resumption buys nothing).
 ///
 /// Any `ServerName` can be passed when connecting (the target host is a good choice).
 pub fn client_config(
@@ -315,10 +351,7 @@ pub fn client_config(
         ));
     }
     let provider = policy.provider();
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| CertError::Verifier(e.to_string()))?;
-    let verifier = Arc::new(PinnedSubjectVerifier { inner, expected });
+    let verifier = Arc::new(PinnedSubjectVerifier::new(roots, expected, &provider)?);
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(policy.versions())?
         .dangerous()
@@ -328,11 +361,102 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Float-side verifier: rustls's client verifier (chain, validity, revocation), then the
+/// identity rule (see [`crate::binding`]), so that the subject the float stamps as sender is
+/// one the certificate speaks for.
+#[derive(Debug)]
+struct NodeCaBoundClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    roots: Arc<RootCertStore>,
+    sig_algs: &'static [&'static dyn SignatureVerificationAlgorithm],
+}
+
+impl NodeCaBoundClientVerifier {
+    fn new(
+        roots: Arc<RootCertStore>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, CertError> {
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+        if !crls.is_empty() {
+            builder = builder.with_crls(crls).only_check_end_entity_revocation();
+        }
+        let inner = builder
+            .build()
+            .map_err(|e| CertError::Verifier(e.to_string()))?;
+        Ok(Self {
+            inner,
+            roots,
+            sig_algs: provider.signature_verification_algorithms.all,
+        })
+    }
+}
+
+impl ClientCertVerifier for NodeCaBoundClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        verify_bound_to_node_ca(
+            end_entity,
+            intermediates,
+            &self.roots,
+            self.sig_algs,
+            webpki::KeyUsage::client_auth(),
+            now,
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// TLS server configuration for the float.
 ///
 /// A client certificate is **required** and must chain to `roots`; if `crls` is non-empty the
 /// client's end-entity certificate is checked against them and refused if revoked or if no
-/// CRL from its issuer is present (hard fail). Session resumption is off so that every
+/// CRL from its issuer is present (hard fail). Its subject must be bound to its node CA
+/// (issued by a node CA with the same legal name, itself issued by a trust root; see
+/// [`crate::binding`]), else the handshake fails with
+/// `rustls::Error::InvalidCertificate(CertificateError::Other(..))` holding an
+/// [`IdentityRefused`](crate::IdentityRefused). Session resumption is off so that every
 /// connection re-checks the client certificate (and a revocation takes effect on reconnect).
 pub fn server_config(
     identity: &TlsIdentity,
@@ -341,13 +465,7 @@ pub fn server_config(
     policy: TlsPolicy,
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let provider = policy.provider();
-    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
-    if !crls.is_empty() {
-        builder = builder.with_crls(crls).only_check_end_entity_revocation();
-    }
-    let verifier = builder
-        .build()
-        .map_err(|e| CertError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(NodeCaBoundClientVerifier::new(roots, crls, &provider)?);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(policy.versions())?
         .with_client_cert_verifier(verifier)
@@ -387,5 +505,254 @@ mod tests {
         install_crypto_provider();
         install_crypto_provider();
         assert!(CryptoProvider::get_default().is_some());
+    }
+
+    /// The identity rule on both verifiers, called directly with in-memory chains.
+    mod identity_rule {
+        use super::*;
+        use crate::binding::IdentityRefused;
+        use crate::devpki::legal_name_dn;
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+        };
+        use rustls::OtherError;
+
+        const BANK_A: &str = "O=Bank A, L=London, C=GB";
+        const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
+
+        fn name(s: &str) -> LegalName {
+            s.parse().unwrap()
+        }
+
+        struct Ca {
+            der: CertificateDer<'static>,
+            issuer: Issuer<'static, KeyPair>,
+        }
+
+        fn ca(subject: &str, constraint: BasicConstraints, parent: Option<&Ca>) -> Ca {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut p = CertificateParams::default();
+            p.distinguished_name = legal_name_dn(&name(subject)).unwrap();
+            p.is_ca = IsCa::Ca(constraint);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = match parent {
+                Some(parent) => p.signed_by(&key, &parent.issuer).unwrap(),
+                None => p.self_signed(&key).unwrap(),
+            };
+            Ca {
+                der: cert.der().clone(),
+                issuer: Issuer::new(p, key),
+            }
+        }
+
+        fn leaf(subject: &str, issuer: &Ca) -> CertificateDer<'static> {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut p = CertificateParams::new(vec!["localhost".into()]).unwrap();
+            p.distinguished_name = legal_name_dn(&name(subject)).unwrap();
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            p.signed_by(&key, &issuer.issuer).unwrap().der().clone()
+        }
+
+        /// Root, and node CAs for Bank A and Bank B issued by it (path length 0).
+        struct Net {
+            root: Ca,
+            a: Ca,
+            b: Ca,
+        }
+
+        fn net() -> Net {
+            let root = ca(
+                "CN=Test Root, O=Test Network",
+                BasicConstraints::Unconstrained,
+                None,
+            );
+            let a = ca(BANK_A, BasicConstraints::Constrained(0), Some(&root));
+            let b = ca(BANK_B, BasicConstraints::Constrained(0), Some(&root));
+            Net { root, a, b }
+        }
+
+        fn roots(net: &Net) -> Arc<RootCertStore> {
+            let mut store = RootCertStore::empty();
+            store.add(net.root.der.clone()).unwrap();
+            Arc::new(store)
+        }
+
+        /// What the bridge (pinning `pin`) and the float say of a peer presenting `chain`.
+        fn verify(
+            net: &Net,
+            chain: &[CertificateDer<'static>],
+            pin: &str,
+        ) -> (Result<(), rustls::Error>, Result<(), rustls::Error>) {
+            let provider = TlsPolicy::default().provider();
+            let bridge =
+                PinnedSubjectVerifier::new(roots(net), vec![name(pin)], &provider).unwrap();
+            let float = NodeCaBoundClientVerifier::new(roots(net), vec![], &provider).unwrap();
+            let now = UnixTime::now();
+            let sni = ServerName::try_from("float.example").unwrap();
+            (
+                bridge
+                    .verify_server_cert(&chain[0], &chain[1..], &sni, &[], now)
+                    .map(drop),
+                float
+                    .verify_client_cert(&chain[0], &chain[1..], now)
+                    .map(drop),
+            )
+        }
+
+        fn refusal(result: &Result<(), rustls::Error>) -> IdentityRefused {
+            match result {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e)))) => e
+                    .downcast_ref::<IdentityRefused>()
+                    .unwrap_or_else(|| panic!("not an IdentityRefused: {e:?}"))
+                    .clone(),
+                other => panic!("expected an identity refusal, got {other:?}"),
+            }
+        }
+
+        #[test]
+        fn a_leaf_bound_to_its_node_ca_passes_both() {
+            let net = net();
+            let chain = [leaf(BANK_A, &net.a), net.a.der.clone()];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            bridge.unwrap();
+            float.unwrap();
+            // Extra certificates, in any order, change nothing.
+            let chain = [
+                leaf(BANK_A, &net.a),
+                net.b.der.clone(),
+                net.root.der.clone(),
+                net.a.der.clone(),
+            ];
+            let (bridge, float) = verify(&net, &chain, "C=GB, L=London, O=Bank A");
+            bridge.unwrap();
+            float.unwrap();
+        }
+
+        #[test]
+        fn a_leaf_for_a_issued_by_bs_node_ca_is_refused_by_both() {
+            let net = net();
+            let chain = [leaf(BANK_A, &net.b), net.b.der.clone()];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            for result in [&bridge, &float] {
+                let refused = refusal(result);
+                assert_eq!(refused.claimed, name(BANK_A));
+                assert_eq!(
+                    refused.reasons,
+                    vec![format!("is issued by node CA `{BANK_B}`")]
+                );
+                let text = result.as_ref().unwrap_err().to_string();
+                assert!(
+                    text.contains(&format!("certificate for `{BANK_A}` refused"))
+                        && text.contains(&format!("node CA `{BANK_B}`")),
+                    "{text}"
+                );
+            }
+        }
+
+        #[test]
+        fn a_decoy_ca_named_a_that_did_not_sign_the_leaf_is_not_compared() {
+            let net = net();
+            for chain in [
+                [leaf(BANK_A, &net.b), net.a.der.clone(), net.b.der.clone()],
+                [leaf(BANK_A, &net.b), net.b.der.clone(), net.a.der.clone()],
+            ] {
+                let (bridge, float) = verify(&net, &chain, BANK_A);
+                for result in [&bridge, &float] {
+                    assert_eq!(
+                        refusal(result).reasons,
+                        vec![format!("is issued by node CA `{BANK_B}`")]
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn node_ca_and_leaf_compare_as_legal_names() {
+            let net = net();
+            let a_reordered = ca(
+                "C=GB, O=Bank A, L=London",
+                BasicConstraints::Constrained(0),
+                Some(&net.root),
+            );
+            let chain = [leaf(BANK_A, &a_reordered), a_reordered.der.clone()];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            bridge.unwrap();
+            float.unwrap();
+            // But a node CA with one more attribute is another name.
+            let a_ou = ca(
+                "O=Bank A, OU=Treasury, L=London, C=GB",
+                BasicConstraints::Constrained(0),
+                Some(&net.root),
+            );
+            let chain = [leaf(BANK_A, &a_ou), a_ou.der.clone()];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            refusal(&bridge);
+            refusal(&float);
+        }
+
+        #[test]
+        fn the_node_ca_must_be_issued_by_a_trust_root() {
+            let net = net();
+            // B's node CA, if unconstrained, can issue a sub-CA named A.
+            let b_open = ca(BANK_B, BasicConstraints::Unconstrained, Some(&net.root));
+            let fake_a = ca(BANK_A, BasicConstraints::Constrained(0), Some(&b_open));
+            let chain = [
+                leaf(BANK_A, &fake_a),
+                fake_a.der.clone(),
+                b_open.der.clone(),
+            ];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            for result in [&bridge, &float] {
+                let reasons = refusal(result).reasons;
+                assert_eq!(reasons.len(), 1, "{reasons:?}");
+                assert!(
+                    reasons[0].contains("not issued by a trust root"),
+                    "{reasons:?}"
+                );
+            }
+            // A leaf issued by the root itself has no node CA.
+            let chain = [leaf(BANK_A, &net.root)];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            for result in [&bridge, &float] {
+                assert_eq!(
+                    refusal(result).reasons,
+                    vec!["is issued directly by a trust root, with no node CA".to_string()]
+                );
+            }
+        }
+
+        #[test]
+        fn the_bridge_still_pins_after_the_rule() {
+            let net = net();
+            let chain = [leaf(BANK_B, &net.b), net.b.der.clone()];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            float.unwrap();
+            let text = bridge.unwrap_err().to_string();
+            assert!(
+                text.contains("is not one of the expected legal names"),
+                "{text}"
+            );
+        }
+
+        #[test]
+        fn chain_errors_come_first() {
+            // Another network's chain: webpki's own error, not the identity rule's.
+            let net = net();
+            let other = self::net();
+            let chain = [leaf(BANK_A, &other.a), other.a.der.clone()];
+            let (bridge, float) = verify(&net, &chain, BANK_A);
+            for result in [bridge, float] {
+                let text = result.unwrap_err().to_string();
+                assert!(
+                    text.contains("UnknownIssuer") || text.contains("BadSignature"),
+                    "{text}"
+                );
+            }
+        }
     }
 }

@@ -80,6 +80,8 @@ fn layout_and_certificate_contents() {
         let ku = ca.key_usage().unwrap().unwrap().value;
         assert!(ku.key_cert_sign() && ku.crl_sign());
         assert_eq!(leaf.issuer(), ca.subject());
+        // The node CA carries the node's legal name: that is what binds the name to it.
+        assert_eq!(LegalName::from_der_cert(&id.cert_chain[1]).unwrap(), name);
     }
 }
 

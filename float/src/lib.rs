@@ -12,6 +12,7 @@
 pub mod config;
 pub mod convert;
 pub mod dedup;
+pub mod frame_guard;
 mod sasl;
 mod server;
 pub mod settle;

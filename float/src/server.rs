@@ -32,10 +32,14 @@ use tracing::{debug, info, warn};
 use crate::{
     convert,
     dedup::Seen,
+    frame_guard::FrameGuard,
     sasl::TlsIdentitySasl,
     settle::{self, BrokerAnswer, Pause, PauseEvent, Settle, Transient},
     Ctx,
 };
+
+/// Largest frame a peer may send (announced in `open`, enforced by [`FrameGuard`]).
+const MAX_FRAME: u32 = 256 * 1024;
 
 /// Accept connections until `shutdown`, then let the connections drain.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
@@ -147,11 +151,14 @@ async fn serve_connection(
     }
     let acceptor = ConnectionAcceptor::builder()
         .container_id(format!("drawbridge-float-{}", std::process::id()))
-        .max_frame_size(256 * 1024u32)
+        .max_frame_size(MAX_FRAME)
         .idle_time_out(ctx.cfg.idle_timeout.as_millis() as u32)
         .sasl_acceptor(TlsIdentitySasl)
         .build();
-    let mut conn = match tokio::time::timeout(hs, acceptor.accept(tls)).await {
+    // Every byte the peer sends is scanned before fe2o3 decodes it (nesting depth, frame
+    // size): see `frame_guard`.
+    let guarded = FrameGuard::new(tls, MAX_FRAME, format!("{} ({addr})", peer.canonical()));
+    let mut conn = match tokio::time::timeout(hs, acceptor.accept(guarded)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             warn!(peer = %peer, peer_addr = %addr, reason = %e, "AMQP open refused");

@@ -180,13 +180,25 @@ fn properties() -> impl Strategy<Value = BasicProperties> {
 fn round_trip(p: &BasicProperties, body: &[u8]) -> drawbridge_float::convert::Inbound {
     let msg = message_to_amqp(p, body, 1 << 20).expect("bridge refused");
     let wire = serde_amqp::to_vec(&Serializable(msg)).expect("encode");
+    // Whatever the bridge sends passes the float's frame guard.
+    let mut guard = drawbridge_float::frame_guard::Scanner::new();
+    guard
+        .feed(&wire, None)
+        .expect("the float's guard refused the bridge's message");
+    assert!(guard.at_boundary());
     let back: Deserializable<Message<Body<Value>>> = serde_amqp::from_slice(&wire).expect("decode");
     from_amqp(back.0, 1 << 20).expect("float refused")
 }
 
-/// What the receiving side must see for `p`: the same, except the documented exceptions.
+/// What the receiving side must see for `p`: the same, except the documented exceptions
+/// (reserved headers dropped, delivery mode 2, `user_id` moved to a header).
 fn expected(p: &BasicProperties) -> BasicProperties {
-    let mut hdrs = p.headers().clone().unwrap_or_default();
+    let mut hdrs = FieldTable::default();
+    for (k, v) in p.headers().clone().unwrap_or_default().inner() {
+        if !headers::reserved(k.as_str()) {
+            hdrs.insert(k.clone(), v.clone());
+        }
+    }
     if let Some(user) = p.user_id() {
         hdrs.insert(
             ShortString::from(headers::ORIGINAL_USER_ID),

@@ -1,0 +1,1007 @@
+//! A guard between TLS and the AMQP 1.0 engine that bounds how deeply a peer's encoded values
+//! nest, before anything decodes them.
+//!
+//! fe2o3-amqp decodes every frame and every message with serde, recursively: one stack frame
+//! per level of nested lists, maps, arrays and described types, in performatives
+//! (`attach.properties`), message annotations and bodies alike. A peer that sends a body of
+//! 20,000 nested lists overflows the worker's stack, and a stack overflow aborts the process:
+//! every peer goes down. No typed body choice avoids it (annotations are always decoded as
+//! generic values), so the float scans the byte stream itself, iteratively, as it reads it:
+//!
+//! - [`Scanner`] walks a stream of AMQP 1.0 encoded values with an explicit stack (no
+//!   recursion) and refuses nesting deeper than [`MAX_DEPTH`], unknown constructors, sizes that
+//!   overrun their container and arrays of described types.
+//! - [`Frames`] cuts the connection's bytes into protocol headers and frames, refuses frames
+//!   bigger than the announced maximum, scans each performative, and scans transfer payloads
+//!   per `(channel, handle)`, so that a message split over many frames is scanned as one
+//!   stream (and one link cannot hide another's nesting by interleaving).
+//! - [`FrameGuard`] is the `AsyncRead + AsyncWrite` wrapper: bytes reach fe2o3 only after they
+//!   were scanned; a violation ends the connection with `InvalidData` and one log line.
+//!
+//! A legitimate message nests a few levels (the bridge refuses header values deeper than 16),
+//! so the limit of 64 only ever stops a hostile or broken peer.
+
+use std::{
+    collections::HashMap,
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use fe2o3_amqp::types::performatives::Performative;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Deepest nesting of compound or described values accepted anywhere in a frame or message.
+pub const MAX_DEPTH: usize = 64;
+
+/// Most `(channel, handle)` pairs with a transfer in progress on one connection.
+const MAX_OPEN_DELIVERIES: usize = 4096;
+
+/// Why a connection's bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Violation {
+    /// Values nest deeper than [`MAX_DEPTH`].
+    #[error("encoded values nest deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// A byte that is no AMQP 1.0 format code.
+    #[error("invalid AMQP format code 0x{0:02x}")]
+    BadConstructor(u8),
+    /// A value's size runs past the end of its list, map or array, or a size is too small.
+    #[error("a value's size does not fit its container")]
+    BadSize,
+    /// An array whose elements are described types (never sent by Drawbridge or the
+    /// performatives).
+    #[error("arrays of described types are not accepted")]
+    DescribedArray,
+    /// A frame bigger than the maximum announced in `open`.
+    #[error("frame of {size} bytes exceeds the maximum of {max}")]
+    FrameTooLarge {
+        /// Size in the frame header.
+        size: u32,
+        /// The maximum frame size.
+        max: u32,
+    },
+    /// A frame header that cannot be right (size below 8, data offset below 2 or past the end).
+    #[error("malformed frame header")]
+    BadFrameHeader,
+    /// A performative that does not decode, a payload on anything but a transfer, or a
+    /// performative longer than its frame.
+    #[error("malformed frame: {0}")]
+    BadFrame(&'static str),
+    /// Too many transfers in progress at once.
+    #[error("more than {MAX_OPEN_DELIVERIES} deliveries in progress on one connection")]
+    TooManyDeliveries,
+}
+
+/// Where an open compound or described value ends.
+#[derive(Debug, Clone, Copy)]
+enum Open {
+    /// A list, map or array ending at this stream offset; arrays give their elements'
+    /// constructor, which the elements do not repeat.
+    Sized { end: u64, element: Option<u8> },
+    /// A described value: this many values (descriptor, value) still to come.
+    Described { left: u8 },
+}
+
+/// What the scanner expects next.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// A constructor (or, inside an array of compounds, the implied one).
+    Constructor,
+    /// This many bytes of primitive data.
+    Skip(u64),
+    /// The length of variable-width data: `width` bytes, `got` so far.
+    VarLen { width: u8, got: u8, acc: u64 },
+    /// The size of a compound, then its count (and, for arrays, the element constructor).
+    Size {
+        width: u8,
+        got: u8,
+        acc: u64,
+        array: bool,
+    },
+    /// The count of a compound (ignored: the size bounds it), ending at `end`.
+    Count {
+        width: u8,
+        got: u8,
+        end: u64,
+        array: bool,
+    },
+    /// The element constructor of an array ending at `end`.
+    Element { end: u64 },
+}
+
+/// Walks a stream of AMQP 1.0 encoded values incrementally, without recursion.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    stack: Vec<Open>,
+    state: State,
+    offset: u64,
+    /// Values completed at the top level.
+    completed: u64,
+}
+
+impl Default for Scanner {
+    fn default() -> Self {
+        Scanner {
+            stack: Vec::new(),
+            state: State::Constructor,
+            offset: 0,
+            completed: 0,
+        }
+    }
+}
+
+impl Scanner {
+    /// A scanner at the start of a value stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the scanner is between top-level values.
+    pub fn at_boundary(&self) -> bool {
+        self.stack.is_empty() && matches!(self.state, State::Constructor)
+    }
+
+    /// Top-level values completed so far.
+    pub fn completed(&self) -> u64 {
+        self.completed
+    }
+
+    /// Scan `bytes`, stopping early (and returning how many were consumed) once `stop_after`
+    /// top-level values are complete; `None` scans everything.
+    pub fn feed(&mut self, bytes: &[u8], stop_after: Option<u64>) -> Result<usize, Violation> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if stop_after.is_some_and(|n| self.completed >= n) {
+                break;
+            }
+            match self.state {
+                State::Skip(n) => {
+                    let take = n.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    self.offset += take;
+                    if take == n {
+                        self.state = State::Constructor;
+                        self.finish_value()?;
+                    } else {
+                        self.state = State::Skip(n - take);
+                    }
+                }
+                _ => {
+                    let b = bytes.get(i).copied().ok_or(Violation::BadSize)?;
+                    i += 1;
+                    self.offset += 1;
+                    self.byte(b)?;
+                }
+            }
+        }
+        Ok(i)
+    }
+
+    fn byte(&mut self, b: u8) -> Result<(), Violation> {
+        match self.state {
+            State::Constructor => {
+                let implied = match self.stack.last() {
+                    Some(Open::Sized {
+                        element: Some(c), ..
+                    }) => Some(*c),
+                    _ => None,
+                };
+                match implied {
+                    // Inside an array of compounds the byte read is already the element's
+                    // first size byte: act on the implied constructor, then on the byte.
+                    Some(c) => {
+                        self.constructor(c)?;
+                        self.byte(b)
+                    }
+                    None => self.constructor(b),
+                }
+            }
+            State::VarLen { width, got, acc } => {
+                let acc = (acc << 8) | u64::from(b);
+                if got + 1 == width {
+                    self.check_fits(self.offset + acc)?;
+                    self.state = State::Skip(acc);
+                    if acc == 0 {
+                        self.state = State::Constructor;
+                        self.finish_value()?;
+                    }
+                } else {
+                    self.state = State::VarLen {
+                        width,
+                        got: got + 1,
+                        acc,
+                    };
+                }
+                Ok(())
+            }
+            State::Size {
+                width,
+                got,
+                acc,
+                array,
+            } => {
+                let acc = (acc << 8) | u64::from(b);
+                if got + 1 < width {
+                    self.state = State::Size {
+                        width,
+                        got: got + 1,
+                        acc,
+                        array,
+                    };
+                    return Ok(());
+                }
+                // The size counts the count field (and an array's constructor).
+                let least = u64::from(width) + u64::from(array);
+                if acc < least {
+                    return Err(Violation::BadSize);
+                }
+                let end = self.offset + acc;
+                self.check_fits(end)?;
+                self.state = State::Count {
+                    width,
+                    got: 0,
+                    end,
+                    array,
+                };
+                Ok(())
+            }
+            State::Count {
+                width,
+                got,
+                end,
+                array,
+            } => {
+                if got + 1 < width {
+                    self.state = State::Count {
+                        width,
+                        got: got + 1,
+                        end,
+                        array,
+                    };
+                    return Ok(());
+                }
+                if array {
+                    self.state = State::Element { end };
+                    Ok(())
+                } else {
+                    self.push(Open::Sized { end, element: None })?;
+                    self.state = State::Constructor;
+                    self.finish_value()
+                }
+            }
+            State::Element { end } => {
+                match b {
+                    0x00 => Err(Violation::DescribedArray),
+                    0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => {
+                        self.push(Open::Sized {
+                            end,
+                            element: Some(b),
+                        })?;
+                        self.state = State::Constructor;
+                        self.finish_value()
+                    }
+                    _ => {
+                        let variable = matches!(b, 0xa0 | 0xa1 | 0xa3 | 0xb0 | 0xb1 | 0xb3);
+                        if width_of(b).is_none() && !variable {
+                            return Err(Violation::BadConstructor(b));
+                        }
+                        // Primitive elements cannot nest: skip them all.
+                        self.push(Open::Sized { end, element: None })?;
+                        let rest = end - self.offset;
+                        if rest == 0 {
+                            self.state = State::Constructor;
+                            self.finish_value()
+                        } else {
+                            self.state = State::Skip(rest);
+                            Ok(())
+                        }
+                    }
+                }
+            }
+            // `feed` consumes skipped bytes itself; never reached.
+            State::Skip(_) => Err(Violation::BadSize),
+        }
+    }
+
+    fn constructor(&mut self, c: u8) -> Result<(), Violation> {
+        match c {
+            0x00 => {
+                self.push(Open::Described { left: 2 })?;
+                Ok(())
+            }
+            0xa0 | 0xa1 | 0xa3 => {
+                self.state = State::VarLen {
+                    width: 1,
+                    got: 0,
+                    acc: 0,
+                };
+                Ok(())
+            }
+            0xb0 | 0xb1 | 0xb3 => {
+                self.state = State::VarLen {
+                    width: 4,
+                    got: 0,
+                    acc: 0,
+                };
+                Ok(())
+            }
+            0xc0 | 0xc1 | 0xe0 => {
+                self.state = State::Size {
+                    width: 1,
+                    got: 0,
+                    acc: 0,
+                    array: c == 0xe0,
+                };
+                Ok(())
+            }
+            0xd0 | 0xd1 | 0xf0 => {
+                self.state = State::Size {
+                    width: 4,
+                    got: 0,
+                    acc: 0,
+                    array: c == 0xf0,
+                };
+                Ok(())
+            }
+            _ => match width_of(c) {
+                Some(0) => self.finish_value(),
+                Some(n) => {
+                    self.check_fits(self.offset + n)?;
+                    self.state = State::Skip(n);
+                    Ok(())
+                }
+                None => Err(Violation::BadConstructor(c)),
+            },
+        }
+    }
+
+    fn push(&mut self, open: Open) -> Result<(), Violation> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(Violation::TooDeep);
+        }
+        self.stack.push(open);
+        Ok(())
+    }
+
+    /// A new compound ending at `end` must end within every container it is in.
+    fn check_fits(&self, end: u64) -> Result<(), Violation> {
+        for open in self.stack.iter().rev() {
+            if let Open::Sized { end: outer, .. } = open {
+                return if end <= *outer {
+                    Ok(())
+                } else {
+                    Err(Violation::BadSize)
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// A value just ended at `self.offset`: close every container it completes.
+    fn finish_value(&mut self) -> Result<(), Violation> {
+        loop {
+            match self.stack.last_mut() {
+                None => {
+                    self.completed += 1;
+                    return Ok(());
+                }
+                Some(Open::Described { left }) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        return Ok(());
+                    }
+                    self.stack.pop();
+                }
+                Some(Open::Sized { end, .. }) => {
+                    if self.offset < *end {
+                        return Ok(());
+                    }
+                    if self.offset > *end {
+                        return Err(Violation::BadSize);
+                    }
+                    self.stack.pop();
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of data after a fixed-width constructor; `None` for anything else.
+fn width_of(c: u8) -> Option<u64> {
+    match c {
+        0x40..=0x45 => Some(0),
+        0x50..=0x56 => Some(1),
+        0x60 | 0x61 => Some(2),
+        0x70..=0x74 => Some(4),
+        0x80..=0x84 => Some(8),
+        0x94 | 0x98 => Some(16),
+        _ => None,
+    }
+}
+
+/// Frame-level state.
+#[derive(Debug)]
+enum FrameState {
+    /// Eight bytes: a protocol header (`AMQP...`) or a frame header.
+    Head { buf: [u8; 8], have: usize },
+    /// Extended header bytes to skip, then a body of `body` bytes.
+    Extended {
+        left: u32,
+        body: u32,
+        channel: u16,
+        sasl: bool,
+    },
+    /// The performative, scanned and kept for decoding.
+    Performative {
+        left: u32,
+        channel: u16,
+        sasl: bool,
+        scanner: Scanner,
+        bytes: Vec<u8>,
+    },
+    /// Transfer payload for `(channel, handle)`.
+    Payload {
+        left: u32,
+        key: (u16, u32),
+        /// The delivery ends with this frame.
+        last: bool,
+    },
+}
+
+/// Cuts a connection's incoming bytes into frames and scans each (see the module docs).
+#[derive(Debug)]
+pub struct Frames {
+    max_frame: u32,
+    state: FrameState,
+    deliveries: HashMap<(u16, u32), Scanner>,
+}
+
+impl Frames {
+    /// Frames up to `max_frame` bytes (the size announced in `open`).
+    pub fn new(max_frame: u32) -> Self {
+        Frames {
+            max_frame,
+            state: FrameState::Head {
+                buf: [0; 8],
+                have: 0,
+            },
+            deliveries: HashMap::new(),
+        }
+    }
+
+    /// Scan the next bytes of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Violation> {
+        while !bytes.is_empty() {
+            let used = self.step(bytes)?;
+            bytes = bytes.get(used..).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// Consume a prefix of `bytes` (at least one byte); returns its length.
+    fn step(&mut self, bytes: &[u8]) -> Result<usize, Violation> {
+        match &mut self.state {
+            FrameState::Head { buf, have } => {
+                let take = (8 - *have).min(bytes.len());
+                buf[*have..*have + take].copy_from_slice(&bytes[..take]);
+                *have += take;
+                if *have == 8 {
+                    let head = *buf;
+                    self.header(head)?;
+                }
+                Ok(take)
+            }
+            FrameState::Extended {
+                left,
+                body,
+                channel,
+                sasl,
+            } => {
+                let take = (*left as usize).min(bytes.len());
+                *left -= take as u32;
+                if *left == 0 {
+                    let (body, channel, sasl) = (*body, *channel, *sasl);
+                    self.start_body(body, channel, sasl);
+                }
+                Ok(take)
+            }
+            FrameState::Performative {
+                left,
+                channel,
+                sasl,
+                scanner,
+                bytes: kept,
+            } => {
+                let window = bytes
+                    .get(..(*left as usize).min(bytes.len()))
+                    .unwrap_or_default();
+                let used = scanner.feed(window, Some(1))?;
+                kept.extend_from_slice(&window[..used]);
+                *left -= used as u32;
+                if scanner.completed() == 1 {
+                    let (left, channel, sasl) = (*left, *channel, *sasl);
+                    let kept = std::mem::take(kept);
+                    self.performative(&kept, left, channel, sasl)?;
+                } else if *left == 0 {
+                    return Err(Violation::BadFrame("performative longer than its frame"));
+                }
+                Ok(used)
+            }
+            FrameState::Payload { left, key, last } => {
+                let take = (*left as usize).min(bytes.len());
+                let scanner = self.deliveries.entry(*key).or_default();
+                scanner.feed(&bytes[..take], None)?;
+                *left -= take as u32;
+                if *left == 0 {
+                    if *last {
+                        // A whole message is a sequence of whole sections.
+                        let done = self.deliveries.remove(key);
+                        if done.is_some_and(|s| !s.at_boundary()) {
+                            return Err(Violation::BadFrame("message ends inside a value"));
+                        }
+                    }
+                    self.state = FrameState::Head {
+                        buf: [0; 8],
+                        have: 0,
+                    };
+                }
+                Ok(take)
+            }
+        }
+    }
+
+    fn header(&mut self, head: [u8; 8]) -> Result<(), Violation> {
+        let fresh = FrameState::Head {
+            buf: [0; 8],
+            have: 0,
+        };
+        if &head[..4] == b"AMQP" {
+            // A protocol header (AMQP, then after SASL AMQP again): no frame follows it.
+            self.state = fresh;
+            return Ok(());
+        }
+        let size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let doff = u32::from(head[4]) * 4;
+        let sasl = head[5] == 1;
+        let channel = u16::from_be_bytes([head[6], head[7]]);
+        if size > self.max_frame {
+            return Err(Violation::FrameTooLarge {
+                size,
+                max: self.max_frame,
+            });
+        }
+        if size < 8 || doff < 8 || doff > size {
+            return Err(Violation::BadFrameHeader);
+        }
+        let body = size - doff;
+        if doff > 8 {
+            self.state = FrameState::Extended {
+                left: doff - 8,
+                body,
+                channel,
+                sasl,
+            };
+        } else {
+            self.start_body(body, channel, sasl);
+        }
+        Ok(())
+    }
+
+    fn start_body(&mut self, body: u32, channel: u16, sasl: bool) {
+        self.state = if body == 0 {
+            // An empty frame: a heartbeat.
+            FrameState::Head {
+                buf: [0; 8],
+                have: 0,
+            }
+        } else {
+            FrameState::Performative {
+                left: body,
+                channel,
+                sasl,
+                scanner: Scanner::new(),
+                bytes: Vec::new(),
+            }
+        };
+    }
+
+    /// A performative was scanned (so decoding it recurses at most [`MAX_DEPTH`] levels).
+    fn performative(
+        &mut self,
+        bytes: &[u8],
+        left: u32,
+        channel: u16,
+        sasl: bool,
+    ) -> Result<(), Violation> {
+        let head = FrameState::Head {
+            buf: [0; 8],
+            have: 0,
+        };
+        if sasl {
+            if left > 0 {
+                return Err(Violation::BadFrame("bytes after a SASL frame's body"));
+            }
+            self.state = head;
+            return Ok(());
+        }
+        let p: Performative = serde_amqp::from_slice(bytes)
+            .map_err(|_| Violation::BadFrame("performative does not decode"))?;
+        match p {
+            Performative::Transfer(t) => {
+                let key = (channel, t.handle.0);
+                if t.aborted {
+                    self.deliveries.remove(&key);
+                }
+                if !self.deliveries.contains_key(&key)
+                    && self.deliveries.len() >= MAX_OPEN_DELIVERIES
+                {
+                    return Err(Violation::TooManyDeliveries);
+                }
+                let last = !t.more || t.aborted;
+                if left == 0 {
+                    if last {
+                        self.deliveries.remove(&key);
+                    }
+                    self.state = head;
+                } else {
+                    self.deliveries.entry(key).or_default();
+                    self.state = FrameState::Payload { left, key, last };
+                }
+                return Ok(());
+            }
+            Performative::Detach(d) => {
+                self.deliveries.remove(&(channel, d.handle.0));
+            }
+            Performative::End(_) => self.deliveries.retain(|(c, _), _| *c != channel),
+            _ => {}
+        }
+        if left > 0 {
+            return Err(Violation::BadFrame(
+                "payload on a frame that is no transfer",
+            ));
+        }
+        self.state = head;
+        Ok(())
+    }
+}
+
+/// The stream fe2o3 reads from: scans every byte before handing it on (see the module
+/// docs). Writes pass through untouched.
+#[derive(Debug)]
+pub struct FrameGuard<S> {
+    inner: S,
+    frames: Frames,
+    refused: Option<Violation>,
+    /// Who is on the other end, for the log line.
+    peer: String,
+}
+
+impl<S> FrameGuard<S> {
+    /// Guard `inner`, whose peer (`peer`, for the log line) may send frames of up to
+    /// `max_frame` bytes.
+    pub fn new(inner: S, max_frame: u32, peer: String) -> Self {
+        FrameGuard {
+            inner,
+            frames: Frames::new(max_frame),
+            refused: None,
+            peer,
+        }
+    }
+
+    /// Why the guard refused the stream, if it did.
+    pub fn refused(&self) -> Option<&Violation> {
+        self.refused.as_ref()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(v) = &this.refused {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, v.clone())));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let fresh = buf.filled().get(before..).unwrap_or_default();
+                if let Err(v) = this.frames.feed(fresh) {
+                    // Nothing of this read reaches the decoder.
+                    buf.set_filled(before);
+                    tracing::warn!(peer = %this.peer, reason = %v, "connection refused: malformed or hostile AMQP frames");
+                    metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "frames")
+                        .increment(1);
+                    this.refused = Some(v.clone());
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, v)));
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fe2o3_amqp::types::{
+        definitions::{Handle, SequenceNo},
+        messaging::{annotations::OwnedKey, Body, Message, MessageAnnotations, Properties},
+        performatives::{Attach, Detach, Transfer},
+        primitives::{Array, OrderedMap, Symbol, Value},
+    };
+    use serde_amqp::to_vec;
+
+    use super::*;
+
+    /// `depth` lists nested in each other, built iteratively (list32, one element each,
+    /// around an empty list8).
+    fn nested_lists(depth: usize) -> Vec<u8> {
+        let mut inner = vec![0xc0, 1, 0];
+        for _ in 0..depth.saturating_sub(1) {
+            let mut next = vec![0xd0];
+            next.extend_from_slice(&(inner.len() as u32 + 4).to_be_bytes());
+            next.extend_from_slice(&1u32.to_be_bytes());
+            next.extend_from_slice(&inner);
+            inner = next;
+        }
+        inner
+    }
+
+    fn scan(bytes: &[u8]) -> Result<u64, Violation> {
+        let mut s = Scanner::new();
+        s.feed(bytes, None)?;
+        assert!(s.at_boundary(), "stopped inside a value");
+        Ok(s.completed())
+    }
+
+    /// The same result whatever the stream is cut into.
+    fn scan_in_pieces(bytes: &[u8], piece: usize) -> Result<u64, Violation> {
+        let mut s = Scanner::new();
+        for chunk in bytes.chunks(piece) {
+            s.feed(chunk, None)?;
+        }
+        Ok(s.completed())
+    }
+
+    fn a_message() -> Vec<u8> {
+        let mut nested = Value::Int(1);
+        for _ in 0..20 {
+            nested = Value::List(vec![nested, Value::String("x".into())]);
+        }
+        let mut map = OrderedMap::new();
+        map.insert(Value::String("k".into()), nested);
+        map.insert(
+            Value::Symbol(Symbol::from("arr")),
+            Value::Array(Array::from(vec![Value::Int(1), Value::Int(2)])),
+        );
+        let mut ann = OrderedMap::new();
+        ann.insert(OwnedKey::from("x-opt-h"), Value::Map(map));
+        let m = Message::builder()
+            .properties(Properties {
+                message_id: Some(fe2o3_amqp::types::messaging::MessageId::String(
+                    "m-1".into(),
+                )),
+                ..Default::default()
+            })
+            .message_annotations(MessageAnnotations(ann))
+            .body(Body::<Value>::Value(
+                fe2o3_amqp::types::messaging::AmqpValue(Value::Binary(vec![7; 300].into())),
+            ))
+            .build();
+        to_vec(&fe2o3_amqp::types::messaging::message::__private::Serializable(m)).unwrap()
+    }
+
+    #[test]
+    fn a_real_message_scans_whole_and_in_any_pieces() {
+        let bytes = a_message();
+        let sections = scan(&bytes).unwrap();
+        assert_eq!(sections, 3, "properties, annotations, body");
+        for piece in [1, 2, 3, 7, 64, 1000] {
+            assert_eq!(
+                scan_in_pieces(&bytes, piece),
+                Ok(sections),
+                "pieces of {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded_without_recursion() {
+        assert_eq!(scan(&nested_lists(MAX_DEPTH)), Ok(1));
+        assert_eq!(scan(&nested_lists(MAX_DEPTH + 1)), Err(Violation::TooDeep));
+        // What aborted the process: 20,000 levels. Refused at level 65, with a tiny stack.
+        let deep = nested_lists(20_000);
+        assert_eq!(scan(&deep), Err(Violation::TooDeep));
+        assert_eq!(scan_in_pieces(&deep, 5), Err(Violation::TooDeep));
+        // Described values count as a level too.
+        let mut described = [0x00, 0x53, 0x70].repeat(MAX_DEPTH + 1);
+        described.push(0x40);
+        assert_eq!(scan(&described), Err(Violation::TooDeep));
+    }
+
+    #[test]
+    fn arrays_of_compounds_are_walked_and_described_arrays_refused() {
+        // array8 of two list8 elements, each holding one list0.
+        let arr = [0xe0, 8, 2, 0xc0, 2, 1, 0x45, 2, 1, 0x45];
+        assert_eq!(scan(&arr), Ok(1));
+        // array8 of arrays of ints.
+        let arr2 = [0xe0, 7, 1, 0xe0, 4, 2, 0x54, 1, 2];
+        assert_eq!(scan(&arr2), Ok(1));
+        // array of symbols is skipped whole.
+        let syms = to_vec(&Array::from(vec![Symbol::from("a"), Symbol::from("bc")])).unwrap();
+        assert_eq!(scan(&syms), Ok(1));
+        assert_eq!(
+            scan(&[0xe0, 4, 1, 0x00, 0x53, 0x70]),
+            Err(Violation::DescribedArray)
+        );
+    }
+
+    #[test]
+    fn sizes_must_fit_and_constructors_must_exist() {
+        // list8 claiming 5 bytes inside a list8 of 3.
+        assert_eq!(scan(&[0xc0, 3, 1, 0xc0, 5, 1]), Err(Violation::BadSize));
+        // A string running past its list.
+        assert_eq!(scan(&[0xc0, 3, 1, 0xa1, 9, b'x']), Err(Violation::BadSize));
+        assert_eq!(scan(&[0xc0, 0]), Err(Violation::BadSize));
+        assert_eq!(scan(&[0x30]), Err(Violation::BadConstructor(0x30)));
+    }
+
+    fn frame(channel: u16, performative: &Performative, payload: &[u8]) -> Vec<u8> {
+        let body = to_vec(performative).unwrap();
+        let size = 8 + body.len() + payload.len();
+        let mut f = (size as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&[2, 0]);
+        f.extend_from_slice(&channel.to_be_bytes());
+        f.extend_from_slice(&body);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn transfer(handle: u32, more: bool) -> Performative {
+        Performative::Transfer(Transfer {
+            handle: Handle(handle),
+            delivery_id: Some(1 as SequenceNo),
+            delivery_tag: Some(vec![1].into()),
+            message_format: Some(0),
+            settled: None,
+            more,
+            rcv_settle_mode: None,
+            state: None,
+            resume: false,
+            aborted: false,
+            batchable: false,
+        })
+    }
+
+    fn feed_all(frames: &[Vec<u8>], piece: usize) -> Result<(), Violation> {
+        let mut f = Frames::new(256 * 1024);
+        let mut stream = b"AMQP\x00\x01\x00\x00".to_vec();
+        for fr in frames {
+            stream.extend_from_slice(fr);
+        }
+        for chunk in stream.chunks(piece) {
+            f.feed(chunk)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_message_split_over_frames_is_scanned_as_one_stream() {
+        let msg = a_message();
+        let (a, b) = msg.split_at(msg.len() / 2);
+        let ok = [
+            frame(0, &transfer(0, true), a),
+            frame(0, &transfer(0, false), b),
+        ];
+        for piece in [1, 5, 4096] {
+            assert_eq!(feed_all(&ok, piece), Ok(()));
+        }
+        let deep = nested_lists(1000);
+        let (a, b) = deep.split_at(deep.len() / 2);
+        let bad = [
+            frame(0, &transfer(0, true), a),
+            frame(0, &transfer(0, false), b),
+        ];
+        assert_eq!(feed_all(&bad, 4096), Err(Violation::TooDeep));
+    }
+
+    #[test]
+    fn another_link_cannot_hide_nesting_by_interleaving() {
+        // Link 0 sends 40 levels in each of two frames; link 1's frames in between would
+        // "close" them if both were scanned as one stream.
+        let deep = nested_lists(80);
+        let (a, b) = deep.split_at(40 * 9);
+        let closer = vec![0x40; 8];
+        let frames = [
+            frame(0, &transfer(0, true), a),
+            frame(0, &transfer(1, true), &closer),
+            frame(0, &transfer(0, false), b),
+        ];
+        assert_eq!(feed_all(&frames, 4096), Err(Violation::TooDeep));
+    }
+
+    #[test]
+    fn frame_headers_and_performatives_are_checked() {
+        let mut big = frame(0, &transfer(0, false), &[0x40]);
+        big[..4].copy_from_slice(&(1u32 << 20).to_be_bytes());
+        assert!(matches!(
+            feed_all(&[big], 4096),
+            Err(Violation::FrameTooLarge { .. })
+        ));
+        let mut tiny = frame(0, &transfer(0, false), &[]);
+        tiny[4] = 1;
+        assert_eq!(feed_all(&[tiny], 4096), Err(Violation::BadFrameHeader));
+        // A payload on an attach.
+        let attach = Performative::Attach(Attach {
+            name: "l".into(),
+            handle: Handle(0),
+            role: fe2o3_amqp::types::definitions::Role::Sender,
+            snd_settle_mode: Default::default(),
+            rcv_settle_mode: Default::default(),
+            source: None,
+            target: None,
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        });
+        assert!(matches!(
+            feed_all(&[frame(0, &attach, &[0x40])], 4096),
+            Err(Violation::BadFrame(_))
+        ));
+        assert_eq!(feed_all(&[frame(0, &attach, &[])], 4096), Ok(()));
+        // Heartbeats (empty frames) and a detach that forgets the link's state.
+        let heartbeat = vec![0, 0, 0, 8, 2, 0, 0, 0];
+        let detach = Performative::Detach(Detach {
+            handle: Handle(0),
+            closed: true,
+            error: None,
+        });
+        let half = nested_lists(40);
+        let frames = [
+            heartbeat,
+            frame(0, &transfer(0, true), &half[..100]),
+            frame(0, &detach, &[]),
+            frame(0, &transfer(0, false), &a_message()),
+        ];
+        assert_eq!(feed_all(&frames, 3), Ok(()));
+    }
+}

@@ -23,7 +23,10 @@ use std::{
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::broker::Live;
-use fe2o3_amqp::types::messaging::{Data, Message};
+use fe2o3_amqp::{
+    link::SendError,
+    types::messaging::{Data, Message},
+};
 use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
@@ -526,24 +529,39 @@ impl LinkSession<'_> {
                     ($delivery, $msg, $permit);
                 let sent =
                     tokio::time::timeout(cfg.settle_timeout, pc.sender.send_batchable(msg)).await;
-                let fut = match sent {
-                    Ok(Ok(fut)) => fut,
+                let timeout = cfg.settle_timeout;
+                match sent {
+                    Ok(Ok(fut)) => inflight.push_back(
+                        async move {
+                            let settled =
+                                classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
+                            drop(permit);
+                            (delivery, settled)
+                        }
+                        .boxed(),
+                    ),
+                    // The float announced a smaller max-message-size on attach: it will never
+                    // take this message, so it is dead-lettered in its turn (no transfer was
+                    // sent), never resent in a loop.
+                    Ok(Err(SendError::MessageSizeExceeded(e))) => {
+                        let reason = format!(
+                            "the peer accepts messages of at most {} bytes (encoded); this one is {} bytes",
+                            e.max_size, e.size
+                        );
+                        inflight.push_back(
+                            async move {
+                                drop(permit);
+                                (delivery, Settled::DeadLetter(reason))
+                            }
+                            .boxed(),
+                        )
+                    }
                     Ok(Err(e)) => broken!(Broken::Send(e.to_string())),
                     Err(_) => {
                         stats.transfer_failed = true;
                         broken!(Broken::NoCredit(cfg.settle_timeout))
                     }
-                };
-                let timeout = cfg.settle_timeout;
-                inflight.push_back(
-                    async move {
-                        let settled =
-                            classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
-                        drop(permit);
-                        (delivery, settled)
-                    }
-                    .boxed(),
-                );
+                }
             }};
         }
         loop {

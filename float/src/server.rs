@@ -206,7 +206,12 @@ async fn serve_session(
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = LinkAcceptor::new();
+    // Announced on attach and enforced by fe2o3 while a delivery is assembled (the link is
+    // detached with `message-size-exceeded`), counting the whole encoded message; a bridge
+    // dead-letters what exceeds it instead of sending it.
+    let acceptor = LinkAcceptor::builder()
+        .max_message_size(announced_max_message_size(ctx.cfg.max_message_size))
+        .build();
     let mut links = JoinSet::new();
     loop {
         tokio::select! {
@@ -228,6 +233,14 @@ async fn serve_session(
     }
     while links.join_next().await.is_some() {}
     let _ = tokio::time::timeout(Duration::from_secs(2), session.end()).await;
+}
+
+/// Room for the properties, annotations and headers around a body of the configured maximum.
+const ENVELOPE_ALLOWANCE: u64 = 64 * 1024;
+
+/// The link's max-message-size: the body limit plus [`ENVELOPE_ALLOWANCE`].
+fn announced_max_message_size(max_body: usize) -> u64 {
+    (max_body as u64).saturating_add(ENVELOPE_ALLOWANCE)
 }
 
 /// A published transfer waiting for its confirm: its delivery, how it settles, and

@@ -538,8 +538,10 @@ async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<(
 async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() -> Result<()> {
     use lapin::{options::*, types::*, BasicProperties};
     let mut p = pair().await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("max_message_size = 4096").await?;
+    // The float takes bodies of up to 4 KiB: it announces 4 KiB + 64 KiB (the whole encoded
+    // message) on attach. The bridge takes up to 256 KiB itself.
+    p.b.start_float("max_message_size = 4096").await?;
+    p.a.start_bridge("max_message_size = 262144").await?;
     let q = p.a.queue_to(&p.b);
     let (_c, ch) = p.a.channel().await?;
     world::declare_peer_queue(&ch, &q, "classic").await?;
@@ -571,10 +573,13 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
             Ok::<_, anyhow::Error>(())
         }
     };
-    // seq 0..10 valid, with three bad ones in between.
+    // seq 0..10 valid, with four bad ones in between.
     for seq in 0..10u64 {
         if seq == 3 {
-            publish(Some("too-big".into()), vec![7u8; 8192], BANK_B).await?;
+            publish(Some("too-big".into()), vec![7u8; 300_000], BANK_B).await?;
+        }
+        if seq == 4 {
+            publish(Some("over-float".into()), vec![8u8; 100_000], BANK_B).await?;
         }
         if seq == 5 {
             publish(None, stream::make_body(99, 64), BANK_B).await?;
@@ -604,7 +609,7 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
     let (_c2, ch2) = p.a.channel().await?;
     let mut reasons = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while reasons.len() < 3 && tokio::time::Instant::now() < deadline {
+    while reasons.len() < 4 && tokio::time::Instant::now() < deadline {
         match ch2
             .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
             .await
@@ -620,9 +625,15 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    assert_eq!(reasons.len(), 3, "dead-letter queue: {reasons:?}");
+    assert_eq!(reasons.len(), 4, "dead-letter queue: {reasons:?}");
     assert!(
         reasons.iter().any(|r| r.contains("exceeds the maximum")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("the peer accepts messages of at most 69632 bytes")),
         "{reasons:?}"
     );
     assert!(

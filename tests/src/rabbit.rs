@@ -127,8 +127,11 @@ impl BrokerPki {
         std::fs::create_dir_all(dir)?;
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::default();
-        ca.distinguished_name
-            .push(DnType::CommonName, "Drawbridge test broker CA");
+        // A name of its own, as a different CA would have.
+        ca.distinguished_name.push(
+            DnType::CommonName,
+            format!("Drawbridge test broker CA {}", random_suffix()),
+        );
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_cert = ca.self_signed(&ca_key)?;

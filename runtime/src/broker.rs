@@ -719,3 +719,267 @@ mod tests {
         assert_eq!(redact("not a uri"), "not a uri");
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn read(toml: &str, access: KeyFileAccess) -> Result<BrokerConfig, Vec<String>> {
+        let mut r = ConfigReader::from_toml(toml).unwrap();
+        let cfg = BrokerConfig::read(&mut r, "broker", access);
+        r.finish().map(|()| cfg).map_err(|e| e.0)
+    }
+
+    fn ok(toml: &str) -> BrokerConfig {
+        read(toml, KeyFileAccess::OwnerOnly).unwrap()
+    }
+
+    fn errors(toml: &str) -> Vec<String> {
+        read(toml, KeyFileAccess::OwnerOnly).unwrap_err()
+    }
+
+    fn q(p: &Path) -> String {
+        format!("{:?}", p.display().to_string())
+    }
+
+    fn has(errs: &[String], key: &str, needle: &str) -> bool {
+        errs.iter()
+            .any(|e| e.starts_with(&format!("{key}:")) && e.contains(needle))
+    }
+
+    #[test]
+    fn the_password_file_replaces_the_uri_password_without_its_newline() {
+        let d = tempfile::tempdir().unwrap();
+        for (i, text) in ["s3cr:t@pw\n", "s3cr:t@pw\r\n", "s3cr:t@pw"]
+            .iter()
+            .enumerate()
+        {
+            let pw = write(d.path(), &format!("pw{i}"), text, 0o600);
+            let cfg = ok(&format!(
+                "[broker]\nuris = [\"amqp://node-a@127.0.0.1/%2f\"]\npassword_file = {}\n",
+                q(&pw)
+            ));
+            assert_eq!(cfg.password.as_ref().map(Secret::expose), Some("s3cr:t@pw"));
+            let debug = format!("{cfg:?}");
+            assert!(!debug.contains("s3cr"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn a_password_file_and_a_uri_password_conflict() {
+        let d = tempfile::tempdir().unwrap();
+        let pw = write(d.path(), "pw", "from-file\n", 0o600);
+        let errs = errors(&format!(
+            "[broker]\nuris = [\"amqp://node-a@h1/%2f\", \"amqp://node-a:in-uri@h2/%2f\"]\npassword_file = {}\n",
+            q(&pw)
+        ));
+        assert!(
+            has(&errs, "broker.password_file", "broker.uris[1]")
+                && has(&errs, "broker.password_file", "amqp://node-a:***@h2/%2f"),
+            "{errs:#?}"
+        );
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(!errs.iter().any(|e| e.contains("in-uri")), "{errs:#?}");
+    }
+
+    #[test]
+    fn a_missing_or_empty_password_file_is_reported_by_key() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("nope");
+        let errs = errors(&format!(
+            "[broker]\nuris = [\"amqp://h/%2f\"]\npassword_file = {}\nheartbeat_secs = \"x\"\n",
+            q(&missing)
+        ));
+        assert!(
+            has(
+                &errs,
+                "broker.password_file",
+                &missing.display().to_string()
+            ),
+            "{errs:#?}"
+        );
+        // Every problem at once.
+        assert!(
+            errs.iter().any(|e| e.starts_with("broker.heartbeat_secs")),
+            "{errs:#?}"
+        );
+        let empty = write(d.path(), "empty", "\n", 0o600);
+        let errs = errors(&format!(
+            "[broker]\nuris = [\"amqp://h/%2f\"]\npassword_file = {}\n",
+            q(&empty)
+        ));
+        assert!(has(&errs, "broker.password_file", "is empty"), "{errs:#?}");
+        let two = write(d.path(), "two", "a\nb\n", 0o600);
+        let errs = errors(&format!(
+            "[broker]\nuris = [\"amqp://h/%2f\"]\npassword_file = {}\n",
+            q(&two)
+        ));
+        assert!(
+            has(&errs, "broker.password_file", "more than one line"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_readable_password_file_is_refused_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let pw = write(d.path(), "pw", "secret\n", 0o644);
+        let toml = format!(
+            "[broker]\nuris = [\"amqp://h/%2f\"]\npassword_file = {}\n",
+            q(&pw)
+        );
+        let errs = errors(&toml);
+        assert!(
+            has(&errs, "broker.password_file", "mode 0644")
+                && has(
+                    &errs,
+                    "broker.password_file",
+                    &format!("chmod 600 {}", pw.display())
+                ),
+            "{errs:#?}"
+        );
+        // 0644 stays refused with the override; 0640 passes with it only.
+        assert!(read(&toml, KeyFileAccess::GroupReadable).is_err());
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(has(
+            &errors(&toml),
+            "broker.password_file",
+            "allow_group_readable_key"
+        ));
+        read(&toml, KeyFileAccess::GroupReadable).unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        ok(&toml);
+    }
+
+    fn pki(dir: &Path) -> drawbridge_certs::devpki::NodeFiles {
+        let names = ["O=Bank A, L=London, C=GB".parse().unwrap()];
+        drawbridge_certs::devpki::generate_network(dir, &names)
+            .unwrap()
+            .nodes
+            .remove(0)
+    }
+
+    #[test]
+    fn amqps_needs_tls_ca_and_tls_ca_needs_amqps() {
+        let errs = errors("[broker]\nuris = [\"amqps://h/%2f\"]\n");
+        assert!(
+            has(&errs, "broker.tls_ca", "required for amqps://"),
+            "{errs:#?}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let files = pki(d.path());
+        let errs = errors(&format!(
+            "[broker]\nuris = [\"amqp://h/%2f\"]\ntls_ca = {}\n",
+            q(&files.root_cert)
+        ));
+        assert!(
+            has(&errs, "broker.tls_ca", "would not use TLS"),
+            "{errs:#?}"
+        );
+        let errs = errors(&format!(
+            "[broker]\nuris = [\"amqps://h1/%2f\", \"amqp://h2/%2f\"]\ntls_ca = {}\n",
+            q(&files.root_cert)
+        ));
+        assert!(
+            has(&errs, "broker.uris", "mixes amqp:// and amqps://"),
+            "{errs:#?}"
+        );
+        let cfg = ok(&format!(
+            "[broker]\nuris = [\"amqps://h1/%2f\", \"amqps://h2/%2f\"]\ntls_ca = {}\n",
+            q(&files.root_cert)
+        ));
+        assert!(cfg
+            .tls
+            .as_ref()
+            .is_some_and(|t| !t.has_client_certificate()));
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_reported_by_key() {
+        let d = tempfile::tempdir().unwrap();
+        let not_pem = write(d.path(), "ca.pem", "hello\n", 0o644);
+        for ca in [not_pem, d.path().join("missing.pem")] {
+            let errs = errors(&format!(
+                "[broker]\nuris = [\"amqps://h/%2f\"]\ntls_ca = {}\n",
+                q(&ca)
+            ));
+            assert!(
+                has(&errs, "broker.tls_ca", &ca.display().to_string()),
+                "{errs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_certificate_and_sasl_external() {
+        let d = tempfile::tempdir().unwrap();
+        let files = pki(d.path());
+        let base = format!(
+            "[broker]\nuris = [\"amqps://h/%2f\"]\ntls_ca = {}\n",
+            q(&files.root_cert)
+        );
+        let client = format!(
+            "tls_cert = {}\ntls_key = {}\n",
+            q(&files.tls_cert),
+            q(&files.tls_key)
+        );
+        let cfg = ok(&format!("{base}{client}auth = \"external\"\n"));
+        assert_eq!(cfg.auth, BrokerAuth::External);
+        assert!(cfg
+            .tls
+            .as_ref()
+            .is_some_and(BrokerTls::has_client_certificate));
+        assert!(!format!("{cfg:?}").contains("PRIVATE KEY"));
+
+        // External without a certificate; a certificate without its key.
+        let errs = errors(&format!("{base}auth = \"external\"\n"));
+        assert!(
+            has(&errs, "broker.auth", "set tls_cert and tls_key"),
+            "{errs:#?}"
+        );
+        let errs = errors(&format!("{base}tls_cert = {}\n", q(&files.tls_cert)));
+        assert!(
+            has(&errs, "broker.tls_key", "required when tls_cert"),
+            "{errs:#?}"
+        );
+        let errs = errors(&format!("{base}auth = \"kerberos\"\n"));
+        assert!(
+            errs.iter().any(|e| e.starts_with("broker.auth")),
+            "{errs:#?}"
+        );
+
+        // External with a password anywhere.
+        let pw = write(d.path(), "pw", "x\n", 0o600);
+        let errs = errors(&format!(
+            "[broker]\nuris = [\"amqps://u:p@h/%2f\"]\ntls_ca = {}\n{client}auth = \"external\"\npassword_file = {}\n",
+            q(&files.root_cert),
+            q(&pw)
+        ));
+        assert!(has(&errs, "broker.uris", "does not send it"), "{errs:#?}");
+        assert!(
+            has(&errs, "broker.password_file", "not used with auth"),
+            "{errs:#?}"
+        );
+
+        // The client key file is checked like every secret file.
+        std::fs::set_permissions(&files.tls_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let errs = errors(&format!("{base}{client}"));
+        assert!(
+            has(&errs, "broker.tls_key", "mode 0644")
+                && has(
+                    &errs,
+                    "broker.tls_key",
+                    &files.tls_key.display().to_string()
+                ),
+            "{errs:#?}"
+        );
+    }
+}

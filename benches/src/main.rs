@@ -239,7 +239,7 @@ async fn run(args: Args) -> Result<ExitCode> {
     let (na, nb) = tokio::join!(
         RabbitNode::start(NodeOptions {
             plugins: vec!["rabbitmq_shovel".into()],
-            extra_config: vec![],
+            ..Default::default()
         }),
         RabbitNode::start(NodeOptions::default())
     );

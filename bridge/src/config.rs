@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use drawbridge_certs::{LegalName, TlsPolicy};
+use drawbridge_certs::{KeyFileAccess, LegalName, TlsPolicy};
 use drawbridge_node::topology::QueueType;
 use drawbridge_runtime::{
     broker::BrokerConfig,
@@ -23,6 +23,9 @@ pub struct BridgeConfig {
     pub trust_roots: PathBuf,
     /// TLS 1.3 only, or 1.2 (ECDHE + AEAD) too.
     pub tls_policy: TlsPolicy,
+    /// Who may read key and password files besides their owner
+    /// (`bridge.allow_group_readable_key`).
+    pub key_access: KeyFileAccess,
     /// Fanout exchange the node publishes control messages to.
     pub control_exchange: String,
     /// Fanout exchange the bridge publishes snapshot requests and link status to.
@@ -144,6 +147,9 @@ impl BridgeConfig {
             },
             None => None,
         };
+        let key_access = KeyFileAccess::from_allow_group_readable(
+            r.get("bridge.allow_group_readable_key", false),
+        );
         let admin_listen = match r.optional::<String>("admin.listen") {
             Some(s) => match s.parse() {
                 Ok(a) => Some(a),
@@ -162,6 +168,7 @@ impl BridgeConfig {
             tls_cert: r.required("bridge.tls_cert").unwrap_or_default(),
             tls_key: r.required("bridge.tls_key").unwrap_or_default(),
             trust_roots: r.required("bridge.trust_roots").unwrap_or_default(),
+            key_access,
             tls_policy: if r.get("bridge.allow_tls12", false) {
                 TlsPolicy::AllowTls12
             } else {
@@ -191,7 +198,7 @@ impl BridgeConfig {
             snapshot_retry_min: r.duration("bridge.snapshot_retry_min", Duration::from_secs(1)),
             snapshot_retry_max: r.duration("bridge.snapshot_retry_max", Duration::from_secs(30)),
             drain_grace: r.duration("bridge.drain_grace", Duration::from_secs(10)),
-            broker: BrokerConfig::read(&mut r, "broker"),
+            broker: BrokerConfig::read(&mut r, "broker", key_access),
             admin_listen,
             log_format: r.get("log.format", LogFormat::Human),
         };

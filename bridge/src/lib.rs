@@ -130,7 +130,7 @@ pub async fn start(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<RunningBridge, StartError> {
-    let identity = TlsIdentity::load(&cfg.tls_cert, &cfg.tls_key)?;
+    let identity = TlsIdentity::load_with(&cfg.tls_cert, &cfg.tls_key, cfg.key_access)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
     let node_identity = match &cfg.node_identity {
         Some(n) => n.clone(),

@@ -62,6 +62,10 @@ pub enum CertError {
     #[error("cannot build certificate verifier: {0}")]
     Verifier(String),
 
+    /// A private key or password file is readable by group or others.
+    #[error(transparent)]
+    SecretFileExposed(#[from] crate::keyfile::SecretFileExposed),
+
     /// Certificate generation (dev PKI) failed.
     #[error("certificate generation failed: {0}")]
     Generate(String),

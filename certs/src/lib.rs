@@ -21,11 +21,13 @@
 pub mod binding;
 pub mod devpki;
 mod error;
+pub mod keyfile;
 mod legal_name;
 mod tls;
 
 pub use binding::IdentityRefused;
 pub use error::CertError;
+pub use keyfile::{check_secret_file, KeyFileAccess};
 pub use legal_name::LegalName;
 pub use tls::{
     client_config, install_crypto_provider, load_crls, load_trust_roots, peer_legal_name,

@@ -21,6 +21,7 @@ use rustls_pki_types::{
 };
 
 use crate::binding::verify_bound_to_node_ca;
+use crate::keyfile::{check_secret_file, KeyFileAccess};
 use crate::{CertError, LegalName};
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider.
@@ -129,8 +130,20 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
 
 impl TlsIdentity {
     /// Loads a PEM certificate chain (leaf first) and a PEM private key (PKCS#8, PKCS#1 or
-    /// SEC1), checking that the key belongs to the leaf.
+    /// SEC1), checking that the key belongs to the leaf. The key file must be readable by its
+    /// owner only ([`KeyFileAccess::OwnerOnly`]); see [`TlsIdentity::load_with`].
     pub fn load(cert_pem: &Path, key_pem: &Path) -> Result<Self, CertError> {
+        Self::load_with(cert_pem, key_pem, KeyFileAccess::OwnerOnly)
+    }
+
+    /// [`TlsIdentity::load`], refusing a key file accessible beyond what `access` allows
+    /// (see [`check_secret_file`]).
+    pub fn load_with(
+        cert_pem: &Path,
+        key_pem: &Path,
+        access: KeyFileAccess,
+    ) -> Result<Self, CertError> {
+        check_secret_file(key_pem, access)?;
         let cert_chain = read_certs(cert_pem)?;
         let key = rustls_pemfile::private_key(&mut open(key_pem)?)
             .map_err(|e| CertError::Pem {

@@ -368,8 +368,19 @@ fn loading_errors_name_the_file() {
     assert!(matches!(err, CertError::NoCertificates { .. }), "{err}");
     assert!(err.to_string().contains("empty.pem"), "{err}");
 
-    let err = TlsIdentity::load(&a.tls_cert, &a.tls_cert).unwrap_err();
+    // A private (0600) file that holds a certificate, not a key.
+    let cert_as_key = dir.path().join("cert-as-key.pem");
+    std::fs::copy(&a.tls_cert, &cert_as_key).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&cert_as_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let err = TlsIdentity::load(&a.tls_cert, &cert_as_key).unwrap_err();
     assert!(matches!(err, CertError::NoPrivateKey { .. }), "{err}");
+
+    // The certificate file itself (0644) as the key: refused for its mode before it is read.
+    let err = TlsIdentity::load(&a.tls_cert, &a.tls_cert).unwrap_err();
+    assert!(matches!(err, CertError::SecretFileExposed(_)), "{err}");
 
     let err = TlsIdentity::load(&a.tls_cert, &b.tls_key).unwrap_err();
     assert!(err.to_string().contains("does not belong"), "{err}");

@@ -28,7 +28,7 @@ enum Cmd {
     /// Publish control messages as a node would.
     Control {
         /// Broker URI of the node's broker; its login is sent as the messages' `user_id`.
-        #[arg(long, env = "DRAWBRIDGE_BROKER")]
+        #[arg(long, env = "DRAWBRIDGE_BROKER", hide_env_values = true)]
         broker: String,
         /// The node's legal name.
         #[arg(long)]
@@ -43,7 +43,7 @@ enum Cmd {
     /// Publish N verifiable messages to a peer queue, as a node would.
     Send {
         /// Broker URI.
-        #[arg(long, env = "DRAWBRIDGE_BROKER")]
+        #[arg(long, env = "DRAWBRIDGE_BROKER", hide_env_values = true)]
         broker: String,
         /// Peer queue (declared durable with single-active-consumer if missing).
         #[arg(long)]
@@ -67,7 +67,7 @@ enum Cmd {
     /// Consume an inbox and verify a run: ids, checksums, lost, duplicates.
     Receive {
         /// Broker URI.
-        #[arg(long, env = "DRAWBRIDGE_BROKER")]
+        #[arg(long, env = "DRAWBRIDGE_BROKER", hide_env_values = true)]
         broker: String,
         /// Inbox queue.
         #[arg(long, default_value = "drawbridge.inbox")]

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use drawbridge_certs::{LegalName, TlsPolicy};
+use drawbridge_certs::{KeyFileAccess, LegalName, TlsPolicy};
 use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
@@ -33,6 +33,9 @@ pub struct FloatConfig {
     pub crls: Vec<PathBuf>,
     /// TLS 1.3 only, or 1.2 (ECDHE + AEAD) too.
     pub tls_policy: TlsPolicy,
+    /// Who may read key and password files besides their owner
+    /// (`float.allow_group_readable_key`).
+    pub key_access: KeyFileAccess,
     /// Deadline for the TLS + AMQP open handshake of a new connection.
     pub handshake_timeout: Duration,
     /// Connections beyond this are refused.
@@ -79,6 +82,9 @@ impl FloatConfig {
             .unwrap_or_default();
         let crls: Vec<PathBuf> = r.get("float.crls", Vec::new());
         let tls12: bool = r.get("float.allow_tls12", false);
+        let key_access = KeyFileAccess::from_allow_group_readable(
+            r.get("float.allow_group_readable_key", false),
+        );
         let max_connections: usize = r.get("float.max_connections", 1000);
         r.check(
             "float.max_connections",
@@ -132,6 +138,7 @@ impl FloatConfig {
             tls_key,
             trust_roots,
             crls,
+            key_access,
             tls_policy: if tls12 {
                 TlsPolicy::AllowTls12
             } else {
@@ -149,7 +156,7 @@ impl FloatConfig {
             declare_inboxes: r.get("float.declare_inboxes", true),
             dedup_capacity: r.get("dedup.capacity", 100_000),
             dedup_max_age: r.duration("dedup.max_age", Duration::from_secs(600)),
-            broker: BrokerConfig::read(&mut r, "broker"),
+            broker: BrokerConfig::read(&mut r, "broker", key_access),
             admin_listen: parse_addr(&mut r, "admin.listen", false),
             drain_grace: r.duration("float.drain_grace", Duration::from_secs(10)),
             log_format: r.get("log.format", LogFormat::Human),

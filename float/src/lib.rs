@@ -125,7 +125,7 @@ pub async fn start(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<RunningFloat, StartError> {
-    let identity = TlsIdentity::load(&cfg.tls_cert, &cfg.tls_key)?;
+    let identity = TlsIdentity::load_with(&cfg.tls_cert, &cfg.tls_key, cfg.key_access)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
     let crls = drawbridge_certs::load_crls(&cfg.crls)?;
     let tls = drawbridge_certs::server_config(&identity, roots, crls, cfg.tls_policy)?;

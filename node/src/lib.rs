@@ -51,7 +51,7 @@ pub enum NodeError {
     /// The broker did not answer a connection attempt in time.
     #[error("connecting to {uri} timed out after {timeout:?}")]
     ConnectTimeout {
-        /// The URI tried (with its password).
+        /// The URI tried, its password hidden ([`redact_uri`]).
         uri: String,
         /// [`CONNECT_TIMEOUT`].
         timeout: Duration,
@@ -81,7 +81,7 @@ pub async fn connect(uri: &str) -> Result<Connection, NodeError> {
     )
     .await
     .map_err(|_| NodeError::ConnectTimeout {
-        uri: uri.to_string(),
+        uri: redact_uri(uri),
         timeout: CONNECT_TIMEOUT,
     })?
     .map_err(NodeError::Broker)
@@ -93,10 +93,33 @@ pub async fn connect_any(uris: &[String]) -> Result<Connection, NodeError> {
     for uri in uris {
         match connect(uri).await {
             Ok(c) => return Ok(c),
-            Err(e) => last = e.to_string(),
+            Err(e @ NodeError::ConnectTimeout { .. }) => last = e.to_string(),
+            Err(e) => last = format!("{}: {e}", redact_uri(uri)),
         }
     }
     Err(NodeError::NoBroker(last))
+}
+
+/// A URI with its password hidden, for logs and error messages. Every message that names a
+/// broker URI goes through this.
+///
+/// The URI is parsed (as lapin parses it, with the `url` crate), so a password holding `@`
+/// or `:` is hidden whole. A string without an authority part that might hold credentials
+/// (it has an `@`) is not shown at all.
+pub fn redact_uri(uri: &str) -> String {
+    const HIDDEN: &str = "(URI not shown: it may hold a password)";
+    match url::Url::parse(uri) {
+        Ok(mut u) if u.has_host() => {
+            if u.password().is_some() && u.set_password(Some("***")).is_err() {
+                return HIDDEN.into();
+            }
+            u.to_string()
+        }
+        // No authority (`amqp:user:pw@host`) or not a URI at all: show it only if it cannot
+        // hold credentials.
+        _ if uri.contains('@') => HIDDEN.into(),
+        _ => uri.to_string(),
+    }
 }
 
 /// The login name in a broker URI (`guest` when the URI names none, as lapin does): the

@@ -239,7 +239,7 @@ impl Tally {
 pub async fn connect(uri: &str) -> Result<Connection> {
     drawbridge_node::connect(uri)
         .await
-        .with_context(|| format!("connecting to {uri}"))
+        .with_context(|| format!("connecting to {}", drawbridge_node::redact_uri(uri)))
 }
 
 /// What to publish.

@@ -60,6 +60,156 @@ pub struct NodeOptions {
     pub plugins: Vec<String>,
     /// Extra lines appended to the node's `rabbitmq.conf`.
     pub extra_config: Vec<String>,
+    /// A TLS (amqps) listener besides the plain one, if set.
+    pub tls: Option<TlsListener>,
+}
+
+/// A node's TLS listener (`listeners.ssl.default`): its certificate, and the CA client
+/// certificates are verified against. SASL EXTERNAL is offered (plugin
+/// `rabbitmq_auth_mechanism_ssl`, login = the client certificate's common name) besides PLAIN.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// PEM CA for client certificates (`ssl_options.cacertfile`).
+    pub ca_cert: PathBuf,
+    /// The broker's PEM certificate (`ssl_options.certfile`).
+    pub cert: PathBuf,
+    /// Its key (`ssl_options.keyfile`).
+    pub key: PathBuf,
+    /// Refuse clients without a certificate (`fail_if_no_peer_cert`); a certificate a client
+    /// does present is always verified (`verify_peer`).
+    pub require_client_cert: bool,
+}
+
+impl TlsListener {
+    fn config_lines(&self, port: u16) -> String {
+        format!(
+            "listeners.ssl.default = 127.0.0.1:{port}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = {}\n\
+             auth_mechanisms.1 = PLAIN\n\
+             auth_mechanisms.2 = AMQPLAIN\n\
+             auth_mechanisms.3 = EXTERNAL\n\
+             ssl_cert_login_from = common_name\n",
+            self.ca_cert.display(),
+            self.cert.display(),
+            self.key.display(),
+            self.require_client_cert,
+        )
+    }
+}
+
+/// A throw-away PKI for a broker's TLS listener, made with rcgen: a CA, the broker's
+/// certificate (for `127.0.0.1` and `localhost`) and client certificates whose common name is
+/// the broker login (SASL EXTERNAL). Keys are written with mode 0600.
+#[derive(Debug, Clone)]
+pub struct BrokerPki {
+    /// PEM CA certificate: what a client's `broker.tls_ca` points at.
+    pub ca_cert: PathBuf,
+    /// The broker's certificate.
+    pub server_cert: PathBuf,
+    /// The broker's key.
+    pub server_key: PathBuf,
+    dir: PathBuf,
+    ca_key_pem: String,
+    ca_cert_pem: String,
+}
+
+impl BrokerPki {
+    /// Generate a CA and a broker certificate under `dir`.
+    pub fn generate(dir: &Path) -> Result<BrokerPki> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose, SanType,
+        };
+        std::fs::create_dir_all(dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::default();
+        // A name of its own, as a different CA would have.
+        ca.distinguished_name.push(
+            DnType::CommonName,
+            format!("Drawbridge test broker CA {}", random_suffix()),
+        );
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, &ca_key);
+
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "localhost");
+        p.subject_alt_names = vec![
+            SanType::DnsName("localhost".try_into()?),
+            SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        ];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = p.signed_by(&key, &issuer)?;
+
+        let pki = BrokerPki {
+            ca_cert: dir.join("broker-ca.crt"),
+            server_cert: dir.join("broker.crt"),
+            server_key: dir.join("broker.key"),
+            dir: dir.to_owned(),
+            ca_key_pem: ca_key.serialize_pem(),
+            ca_cert_pem: ca_cert.pem(),
+        };
+        std::fs::write(&pki.ca_cert, &pki.ca_cert_pem)?;
+        std::fs::write(&pki.server_cert, cert.pem())?;
+        write_private(&pki.server_key, &key.serialize_pem())?;
+        Ok(pki)
+    }
+
+    /// The listener options for this PKI.
+    pub fn listener(&self, require_client_cert: bool) -> TlsListener {
+        TlsListener {
+            ca_cert: self.ca_cert.clone(),
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            require_client_cert,
+        }
+    }
+
+    /// A client certificate with common name `login` (the broker user SASL EXTERNAL logs in
+    /// as); returns (certificate, key) paths.
+    pub fn client_cert(&self, login: &str) -> Result<(PathBuf, PathBuf)> {
+        use rcgen::{
+            CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_cert_pem, &ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, login);
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &issuer)?;
+        let (c, k) = (
+            self.dir.join(format!("{login}.crt")),
+            self.dir.join(format!("{login}.key")),
+        );
+        std::fs::write(&c, cert.pem())?;
+        write_private(&k, &key.serialize_pem())?;
+        Ok((c, k))
+    }
+}
+
+/// Write a file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
 }
 
 /// A private RabbitMQ node. Killed (and its directory removed) on drop.
@@ -68,6 +218,8 @@ pub struct RabbitNode {
     name: String,
     amqp_port: u16,
     dist_port: u16,
+    /// The TLS listener's port, if the node has one.
+    amqps_port: Option<u16>,
     dir: PathBuf,
     opts: NodeOptions,
     /// The watchdog `sh` (process-group leader of the node's processes).
@@ -152,11 +304,16 @@ fn random_suffix() -> String {
     format!("{:08x}", rand::rng().random::<u32>())
 }
 
-/// Two distinct free loopback ports (bound together, then released).
-fn free_ports() -> Result<(u16, u16)> {
+/// Three distinct free loopback ports (bound together, then released).
+fn free_ports() -> Result<(u16, u16, u16)> {
     let a = TcpListener::bind("127.0.0.1:0")?;
     let b = TcpListener::bind("127.0.0.1:0")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+    let c = TcpListener::bind("127.0.0.1:0")?;
+    Ok((
+        a.local_addr()?.port(),
+        b.local_addr()?.port(),
+        c.local_addr()?.port(),
+    ))
 }
 
 /// Percent-encodes a vhost name for an AMQP URI path.
@@ -200,7 +357,8 @@ impl RabbitNode {
         remove_stale_dirs();
         let short = format!("dbt-{}", random_suffix());
         let name = format!("{short}@localhost");
-        let (amqp_port, dist_port) = free_ports()?;
+        let (amqp_port, dist_port, ssl_port) = free_ports()?;
+        let amqps_port = opts.tls.as_ref().map(|_| ssl_port);
         let dir = base_dir().join(&name);
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::create_dir_all(dir.join("log"))?;
@@ -208,6 +366,11 @@ impl RabbitNode {
             "listeners.tcp.default = 127.0.0.1:{amqp_port}\nloopback_users = none\n\
              log.file.level = info\nlog.console = false\n"
         );
+        let mut plugins = opts.plugins.clone();
+        if let Some(tls) = &opts.tls {
+            conf.push_str(&tls.config_lines(ssl_port));
+            plugins.push("rabbitmq_auth_mechanism_ssl".into());
+        }
         for l in &opts.extra_config {
             conf.push_str(l);
             conf.push('\n');
@@ -215,7 +378,7 @@ impl RabbitNode {
         std::fs::write(dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(
             dir.join("enabled_plugins"),
-            format!("[{}].\n", opts.plugins.join(",")),
+            format!("[{}].\n", plugins.join(",")),
         )?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
@@ -223,6 +386,7 @@ impl RabbitNode {
             name,
             amqp_port,
             dist_port,
+            amqps_port,
             dir,
             opts,
             child: None,
@@ -355,6 +519,44 @@ impl RabbitNode {
             self.amqp_port,
             encode_vhost(vhost)
         )
+    }
+
+    /// The TLS listener's port (nodes started with [`NodeOptions::tls`]).
+    pub fn amqps_port(&self) -> Option<u16> {
+        self.amqps_port
+    }
+
+    /// `amqps://<userinfo>@127.0.0.1:TLSPORT/<vhost>` (`userinfo` as is, e.g. `user` or
+    /// `user:password`; empty for none). Panics if the node has no TLS listener.
+    pub fn amqps_uri(&self, userinfo: &str, vhost: &str) -> String {
+        let port = self
+            .amqps_port
+            .expect("node started without a TLS listener");
+        let at = if userinfo.is_empty() { "" } else { "@" };
+        format!(
+            "amqps://{userinfo}{at}127.0.0.1:{port}/{}",
+            encode_vhost(vhost)
+        )
+    }
+
+    /// Add broker user `name` with `password` and full permissions on `vhost`.
+    pub async fn add_user(&self, name: &str, password: &str, vhost: &str) -> Result<()> {
+        self.ctl(&["add_user", name, password]).await?;
+        self.ctl(&["set_permissions", "-p", vhost, name, ".*", ".*", ".*"])
+            .await?;
+        Ok(())
+    }
+
+    /// `rabbitmqctl list_connections` with the given columns, one `Vec` per connection.
+    pub async fn connections(&self, columns: &[&str]) -> Result<Vec<Vec<String>>> {
+        let mut args = vec!["list_connections", "--quiet", "--no-table-headers"];
+        args.extend_from_slice(columns);
+        let out = self.ctl(&args).await?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.split('\t').map(str::to_string).collect())
+            .collect())
     }
 
     /// `rabbitmqctl -n NAME args...`; returns stdout, errors include stderr.

@@ -40,8 +40,12 @@ pub struct Org {
     pub legal_name: String,
     /// TLS files from the dev PKI.
     pub files: NodeFiles,
-    /// Broker URIs (one per cluster node).
+    /// Broker URIs (one per cluster node): what the test, acting as the node, connects to;
+    /// also the daemons' `broker.uris` unless `daemon_broker` is set.
     pub broker_uris: Vec<String>,
+    /// The daemons' whole `[broker]` table (TOML lines), replacing `uris = broker_uris`:
+    /// e.g. amqps:// URIs with `tls_ca` while the test itself uses the plain listener.
+    pub daemon_broker: Option<String>,
     /// Port the float listens on.
     pub float_port: u16,
     /// Admin port of the float.
@@ -72,6 +76,7 @@ impl Org {
             legal_name: files.legal_name.to_string(),
             files,
             broker_uris,
+            daemon_broker: None,
             float_port: free_port(),
             float_admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
             bridge_admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
@@ -81,9 +86,15 @@ impl Org {
         }
     }
 
-    fn uris_toml(&self) -> String {
-        let list: Vec<String> = self.broker_uris.iter().map(|u| format!("{u:?}")).collect();
-        format!("[{}]", list.join(", "))
+    /// The daemons' `[broker]` table body.
+    fn broker_toml(&self) -> String {
+        match &self.daemon_broker {
+            Some(b) => b.clone(),
+            None => {
+                let list: Vec<String> = self.broker_uris.iter().map(|u| format!("{u:?}")).collect();
+                format!("uris = [{}]", list.join(", "))
+            }
+        }
     }
 
     /// The float's config, with `extra` TOML lines appended to the `[float]` table.
@@ -94,11 +105,11 @@ impl Org {
     /// A float config listening on `port` with its admin port on `admin`.
     pub fn float_config_at(&self, port: u16, admin: SocketAddr, extra: &str) -> String {
         format!(
-            "[float]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
+            "[float]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{extra}\n\n[broker]\n{broker}\n\n[admin]\nlisten = \"{admin}\"\n",
             cert = self.files.tls_cert.display().to_string(),
             key = self.files.tls_key.display().to_string(),
             root = self.files.root_cert.display().to_string(),
-            uris = self.uris_toml(),
+            broker = self.broker_toml(),
         )
     }
 
@@ -126,12 +137,12 @@ impl Org {
             format!("node_user = {:?}\n", self.node.user)
         };
         format!(
-            "[bridge]\nid = \"bridge-{id}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{control_user}{extra}\n\n[broker]\nuris = {uris}\n\n[admin]\nlisten = \"{admin}\"\n",
+            "[bridge]\nid = \"bridge-{id}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntrust_roots = {root:?}\n{control_user}{extra}\n\n[broker]\n{broker}\n\n[admin]\nlisten = \"{admin}\"\n",
             id = self.files.legal_name.slug(),
             cert = self.files.tls_cert.display().to_string(),
             key = self.files.tls_key.display().to_string(),
             root = self.files.root_cert.display().to_string(),
-            uris = self.uris_toml(),
+            broker = self.broker_toml(),
             admin = self.bridge_admin,
         )
     }

@@ -116,7 +116,7 @@ fn forge(issuer: &NodeFiles, claimed: &LegalName, dir: &Path) -> Result<NodeFile
         node_ca_cert: issuer.node_ca_cert.clone(),
     };
     std::fs::write(&files.tls_cert, format!("{}{ca_pem}", leaf.pem()))?;
-    std::fs::write(&files.tls_key, key.serialize_pem())?;
+    drawbridge_testkit::rabbit::write_private(&files.tls_key, &key.serialize_pem())?;
     Ok(files)
 }
 

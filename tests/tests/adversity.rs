@@ -430,3 +430,79 @@ async fn the_prefetch_follows_message_sizes_within_the_link_budget() -> Result<(
     assert_eq!(link["prefetch"], 1000, "{status}");
     Ok(())
 }
+
+/// A consumer channel whose close never completes holds the link's unacked deliveries on a
+/// connection nobody reads from again; only a new connection frees them. The close has a
+/// deadline, and missing it reports the broker connection broken (issue: the link said "up"
+/// and forwarded nothing). Here the bridge's broker path goes silent (no FIN, no RST; the
+/// heartbeat is too slow to notice within the test) just as the link recycles because its float
+/// was killed: the close stalls, the connection is reported broken and rebuilt once the path is
+/// back, and everything arrives.
+#[tokio::test]
+async fn a_stalled_channel_close_reports_the_broker_connection_broken() -> Result<()> {
+    use drawbridge_testkit::proxy::{FaultProxy, ProxyMode};
+    let mut p = pair().await?;
+    let proxy = FaultProxy::start(p.node.amqp_addr()).await?;
+    p.a.daemon_broker = Some(format!(
+        "uris = [\"amqp://guest:guest@{}/{}\"]\nop_timeout = \"2s\"\nheartbeat_secs = 60\nconnect_timeout = \"2s\"",
+        proxy.addr(),
+        drawbridge_testkit::rabbit::encode_vhost(&p.vhost_a)
+    ));
+    p.b.start_float("").await?;
+    p.a.start_bridge("reconnect_min = \"200ms\"\nreconnect_max = \"1s\"")
+        .await?;
+    p.a.create_link_to(&p.b).await?;
+    let q = p.a.queue_to(&p.b);
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
+        .await?;
+    let (_ca, ch_a) = p.a.channel().await?;
+    let spec = |from, to| PublishSpec {
+        run: "stall".into(),
+        from,
+        to,
+        size: 256,
+        destination: BANK_B.into(),
+        headers: vec![],
+    };
+    stream::publish(&ch_a, &q, &spec(0, 20), |_| {}).await?;
+
+    // The broker path goes silent, then the link's float dies: the link recycles and closes
+    // its consumer channel over the silent path.
+    proxy.set_mode(ProxyMode::BlackHole);
+    p.b.float.as_mut().expect("float").kill9().await?;
+    let bridge = p.a.bridge.as_ref().expect("bridge");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !bridge.log_contains("closing a peer queue's consumer channel timed out") {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "a stalled channel close was not reported:\n{}",
+                bridge.log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(bridge.log_contains("broker connection reported broken"));
+
+    // Path and float back: a new connection, and everything arrives (the float was killed, so
+    // a copy it confirmed but had not settled may come twice: at least once, as documented).
+    // The silent connections die (as a partition's do once the broker's heartbeat gives up
+    // on them), which frees the peer queue's single-active-consumer slot.
+    proxy.set_mode(ProxyMode::Reset);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set_mode(ProxyMode::Pass);
+    p.b.float.as_mut().expect("float").restart().await?;
+    stream::publish(&ch_a, &q, &spec(20, 40), |_| {}).await?;
+    let (_cb, ch_b) = p.b.channel().await?;
+    world::declare_queue(&ch_b, INBOX).await?;
+    let mut tally = Tally::new("stall", 40, Some(BANK_A.to_string()));
+    stream::consume(&ch_b, INBOX, &mut tally, Duration::from_secs(40), |_| {}).await?;
+    let r = tally.report();
+    let status = p.a.bridge.as_ref().expect("bridge").status().await?;
+    assert!(
+        r.complete() && r.corrupted == 0,
+        "{r:?}\nstatus: {status}\nbridge:\n{}\nfloat:\n{}",
+        p.a.bridge.as_ref().expect("bridge").log_tail(40),
+        p.b.float.as_ref().expect("float").log_tail(10)
+    );
+    Ok(())
+}

@@ -141,7 +141,10 @@ async fn long_ids_header_keys_and_content_types_are_rejected_with_a_reason() -> 
     let long = "x".repeat(300);
 
     let r = attacker_sends(&mut c, &a, &long, |_| {}).await?;
-    assert!(r.contains("Rejected") && r.contains("message-id is 300 bytes"), "{r}");
+    assert!(
+        r.contains("Rejected") && r.contains("message-id is 300 bytes"),
+        "{r}"
+    );
     let key = long.clone();
     let r = attacker_sends(&mut c, &a, "long-key", move |m| {
         if let Some(app) = m.application_properties.as_mut() {
@@ -165,18 +168,28 @@ async fn long_ids_header_keys_and_content_types_are_rejected_with_a_reason() -> 
         }
     })
     .await?;
-    assert!(r.contains("Rejected") && r.contains("correlation-id"), "{r}");
+    assert!(
+        r.contains("Rejected") && r.contains("correlation-id"),
+        "{r}"
+    );
     // The same link still delivers.
     let r = attacker_sends(&mut c, &a, "fine", |_| {}).await?;
     assert!(r.contains("Accepted"), "{r}");
     let (_c, ch) = a.channel().await?;
     world::declare_queue(&ch, INBOX).await?;
     let got = ch
-        .basic_get(INBOX.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .basic_get(
+            INBOX.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
         .await?
         .context("the accepted message is not in the inbox")?;
     assert_eq!(
-        got.delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+        got.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
         Some("fine")
     );
     let float = a.float.as_ref().context("float")?;
@@ -197,7 +210,11 @@ async fn garbage_and_plaintext_amqp_on_the_tls_port_are_refused_and_counted() ->
         x ^= x << 5;
         noise.push(x as u8);
     }
-    for bytes in [noise.as_slice(), b"AMQP\x00\x01\x00\x00".as_slice(), b"AMQP\x03\x01\x00\x00"] {
+    for bytes in [
+        noise.as_slice(),
+        b"AMQP\x00\x01\x00\x00".as_slice(),
+        b"AMQP\x03\x01\x00\x00",
+    ] {
         let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", a.float_port)).await?;
         let _ = tcp.write_all(bytes).await;
         let mut buf = [0u8; 64];

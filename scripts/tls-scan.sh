@@ -31,6 +31,8 @@ if [ -z "$target" ]; then
     echo "==> building the float and the CLI"
     cargo build --release --quiet -p drawbridge-float -p drawbridge-cli
     ./target/release/drawbridge certs init --dir "$out/pki" --name "O=Bank A, L=London, C=GB" >/dev/null
+    tls12=false
+    if [ -n "${ALLOW_TLS12:-}" ]; then tls12=true; fi
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     cat >"$out/float.toml" <<EOF
 [float]
@@ -38,7 +40,7 @@ listen = "127.0.0.1:$port"
 tls_cert = "$out/pki/bank-a-london-gb/tls.crt"
 tls_key = "$out/pki/bank-a-london-gb/tls.key"
 trust_roots = "$out/pki/root/ca.crt"
-allow_tls12 = ${ALLOW_TLS12:+true}${ALLOW_TLS12:-false}
+allow_tls12 = $tls12
 
 [broker]
 # Nothing listens here: the scan only needs the TLS listener.
@@ -46,8 +48,13 @@ uris = ["amqp://guest:guest@127.0.0.1:1/%2f"]
 EOF
     DRAWBRIDGE_FLOAT_CONFIG="$out/float.toml" ./target/release/drawbridge-float >"$out/float.log" 2>&1 &
     float_pid=$!
-    for _ in $(seq 50); do
+    for i in $(seq 50); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+        if ! kill -0 "$float_pid" 2>/dev/null || [ "$i" = 50 ]; then
+            echo "the float did not start:" >&2
+            cat "$out/float.log" >&2
+            exit 2
+        fi
         sleep 0.2
     done
     target="127.0.0.1:$port"

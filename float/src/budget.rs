@@ -18,7 +18,7 @@
 //!   takes.
 //!
 //! What these budgets do *not* cover is what the AMQP library holds before the link takes
-//! it: the peer's credit is left to fe2o3's automatic mode (see [`crate::link`] for why), so
+//! it: the peer's credit is left to fe2o3's automatic mode (`link.rs` says why), so
 //! a peer may have sent transfers the link has not received yet. fe2o3 keeps each of them,
 //! whole, in the link's incoming queue. There are at most `max(link_credit, 200)` of them
 //! (200 is fe2o3's default credit, granted by its link acceptor at attach, before the link

@@ -60,7 +60,7 @@ pub struct Stats {
     pub duplicates_suppressed: AtomicU64,
     /// Duplicates published again because their first copy was not confirmed yet.
     pub duplicates_passed: AtomicU64,
-    /// Times an inbound link held back (no credit, no transfer) because its bytes in flight
+    /// Times an inbound link held back (took no transfer) because its bytes in flight
     /// reached `max_link_bytes_in_flight` or the float's reached `max_bytes_in_flight`.
     pub budget_holds: AtomicU64,
 }

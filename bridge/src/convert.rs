@@ -6,8 +6,21 @@
 //! "Message mapping (AMQP 0.9.1 ↔ AMQP 1.0)"; the annotation names are in
 //! [`drawbridge_runtime::mapping`].
 
-#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 use drawbridge_runtime::mapping;
 use fe2o3_amqp::types::{

@@ -46,6 +46,11 @@ pub struct FloatConfig {
     pub idle_timeout: Duration,
     /// Credit per inbound link: how many unsettled transfers a peer may have in flight.
     pub link_credit: u32,
+    /// Bytes of unconfirmed publishes one inbound link may hold before it stops taking
+    /// transfers; a link with nothing pending always takes one, however big.
+    pub max_link_bytes_in_flight: usize,
+    /// Bytes of unconfirmed publishes the whole float may hold; links wait for room.
+    pub max_bytes_in_flight: usize,
     /// The AMQP 1.0 address peers attach to.
     pub address: String,
     /// Identities served; empty means "the subject of our own certificate" with
@@ -103,6 +108,24 @@ impl FloatConfig {
             (1..=100_000).contains(&link_credit),
             "must be 1..=100000",
         );
+        let max_link_bytes_in_flight: usize =
+            r.get("float.max_link_bytes_in_flight", 64 * 1024 * 1024);
+        r.check(
+            "float.max_link_bytes_in_flight",
+            max_link_bytes_in_flight >= 1024,
+            "must be at least 1024",
+        );
+        let max_bytes_in_flight: usize = r.get("float.max_bytes_in_flight", 512 * 1024 * 1024);
+        r.check(
+            "float.max_bytes_in_flight",
+            max_bytes_in_flight >= max_message_size,
+            format!("must be at least float.max_message_size ({max_message_size})"),
+        );
+        r.check(
+            "float.max_bytes_in_flight",
+            max_bytes_in_flight <= 1 << 40,
+            "must be at most 1 TiB",
+        );
         let mut identities = Vec::new();
         if r.is_set("float.identities") {
             let raw: Vec<std::collections::HashMap<String, String>> =
@@ -149,6 +172,8 @@ impl FloatConfig {
             max_message_size,
             idle_timeout: r.duration("float.idle_timeout", Duration::from_secs(30)),
             link_credit,
+            max_link_bytes_in_flight,
+            max_bytes_in_flight,
             address: r.get("float.address", "drawbridge.inbound".to_string()),
             identities,
             default_inbox: r.get("float.default_inbox", "drawbridge.inbox".to_string()),
@@ -193,6 +218,9 @@ mod tests {
 [float]
 listen = "nowhere"
 max_connections = 0
+max_message_size = 2048
+max_bytes_in_flight = 1024
+max_link_bytes_in_flight = 10
 inbox_queue_type = "stream"
 identities = [{ legal_name = "not a name", inbox = "x" }]
 [broker]
@@ -204,6 +232,8 @@ uris = ["amqp://127.0.0.1:5672/%2f"]
         for key in [
             "float.listen",
             "float.max_connections",
+            "float.max_bytes_in_flight",
+            "float.max_link_bytes_in_flight",
             "float.inbox_queue_type",
             "float.identities[0]",
             "float.tls_cert",

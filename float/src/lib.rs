@@ -9,12 +9,17 @@
 //! resends). It never accepts and then drops.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod config;
+mod connection;
 pub mod convert;
 pub mod dedup;
 pub mod frame_guard;
+mod link;
+mod listener;
+mod publisher;
+mod routing;
 mod sasl;
-mod server;
 pub mod settle;
 
 use std::{
@@ -41,6 +46,7 @@ use tracing::info;
 
 pub use config::FloatConfig;
 use dedup::Dedup;
+use routing::Identities;
 
 /// Counters shown in `/status`.
 #[derive(Debug, Default)]
@@ -55,23 +61,29 @@ pub struct Stats {
     pub duplicates_suppressed: AtomicU64,
     /// Duplicates published again because their first copy was not confirmed yet.
     pub duplicates_passed: AtomicU64,
+    /// Times an inbound link held back (took no transfer) because its bytes in flight
+    /// reached `max_link_bytes_in_flight` or the float's reached `max_bytes_in_flight`.
+    pub budget_holds: AtomicU64,
 }
 
 /// Shared state of a running float.
 pub(crate) struct Ctx {
+    /// The configuration it runs with.
     cfg: FloatConfig,
+    /// TLS server side, client certificates required.
     tls: tokio_rustls::TlsAcceptor,
+    /// The broker connection every link publishes through.
     broker: BrokerSession,
+    /// Duplicate suppression, shared by every link.
     dedup: Dedup,
+    /// Bytes in flight of all links (`max_bytes_in_flight`).
+    pool: budget::Pool,
+    /// Counters for `/status`.
     stats: Stats,
-    identities: Vec<(LegalName, String)>,
-    connections: Mutex<HashMap<u64, server::ConnectionInfo>>,
-}
-
-impl Ctx {
-    fn route(&self, destination: &str) -> Option<String> {
-        server::resolve(&self.identities, destination)
-    }
+    /// Legal names served and their inboxes.
+    identities: Identities,
+    /// Open connections, for `/status`.
+    connections: Mutex<HashMap<u64, connection::ConnectionInfo>>,
 }
 
 impl AdminState for Ctx {
@@ -99,6 +111,8 @@ impl AdminState for Ctx {
             "released": self.stats.released.load(Ordering::Relaxed),
             "duplicates_suppressed": self.stats.duplicates_suppressed.load(Ordering::Relaxed),
             "duplicates_passed": self.stats.duplicates_passed.load(Ordering::Relaxed),
+            "bytes_in_flight": self.pool.in_flight(),
+            "budget_holds": self.stats.budget_holds.load(Ordering::Relaxed),
             "dedup_window": self.dedup.len(),
             "dedup_in_flight": self.dedup.in_flight(),
         })
@@ -193,10 +207,11 @@ pub async fn start(
     );
     let ctx = Arc::new(Ctx {
         dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_max_age),
+        pool: budget::Pool::new(cfg.max_bytes_in_flight),
         tls: tokio_rustls::TlsAcceptor::from(tls),
         broker,
         stats: Stats::default(),
-        identities,
+        identities: Identities::new(identities),
         connections: Mutex::new(HashMap::new()),
         cfg,
     });
@@ -205,7 +220,7 @@ pub async fn start(
             .await?;
     info!(listen = %listen_addr, admin = ?admin_addr, identities = ?ctx.identities.iter().map(|(n, q)| format!("{n} -> {q}")).collect::<Vec<_>>(), "float listening");
     let done = tokio::spawn(async move {
-        server::serve(listener, ctx.clone(), shutdown).await;
+        listener::serve(listener, ctx.clone(), shutdown).await;
         // Links are settled; now the broker connection can close.
         broker_shutdown.cancel();
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

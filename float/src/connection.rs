@@ -1,0 +1,255 @@
+//! One peer connection: TLS with a required client certificate (within the handshake
+//! timeout), the peer's legal name from that certificate, the AMQP 1.0 open, then its
+//! sessions and, in each, its links.
+//!
+//! Identity comes from TLS only: the certificate's subject becomes the sender stamped on
+//! every message of every link of the connection.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use drawbridge_certs::{peer_legal_name, CertError, LegalName};
+use fe2o3_amqp::{
+    acceptor::{
+        ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
+        ListenerSessionHandle, SessionAcceptor,
+    },
+    connection::OpenError,
+    session::BeginError,
+};
+use tokio::{net::TcpStream, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    frame_guard::FrameGuard,
+    link::{self, LinkRefusal},
+    sasl::TlsIdentitySasl,
+    Ctx,
+};
+
+/// What `/status` shows about one connection.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ConnectionInfo {
+    /// The peer's legal name.
+    pub peer: String,
+    /// Its address.
+    pub addr: String,
+    /// When it connected.
+    pub since_unix_ms: u64,
+}
+
+/// Why a connection was refused before any session.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum Refused {
+    /// The TLS handshake failed (no, untrusted or revoked client certificate, ...).
+    #[error("TLS handshake refused: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The TLS handshake did not finish within `handshake_timeout`.
+    #[error("TLS handshake refused: timed out after {0:?}")]
+    TlsTimeout(Duration),
+    /// TLS succeeded without a client certificate.
+    #[error("no client certificate")]
+    NoClientCertificate,
+    /// The client certificate's subject is not a legal name.
+    #[error("client certificate subject unreadable: {0}")]
+    Subject(#[source] CertError),
+    /// Taking transfers we cannot publish would only bounce them; refusing makes the
+    /// bridge back off and lets a load balancer pick another float.
+    #[error("broker unavailable")]
+    BrokerUnavailable,
+    /// The AMQP open (or SASL) failed.
+    #[error("AMQP open refused: {0}")]
+    Open(#[source] OpenError),
+    /// The AMQP open did not finish within `handshake_timeout`.
+    #[error("AMQP open refused: timed out after {0:?}")]
+    OpenTimeout(Duration),
+}
+
+impl Refused {
+    /// One log line per refusal; the wording is what operators search for (see the
+    /// runbooks), so each kind keeps its own message.
+    fn log(&self, addr: SocketAddr, peer: Option<&LegalName>) {
+        let peer = peer.map(ToString::to_string).unwrap_or_default();
+        match self {
+            Refused::Tls(e) => warn!(peer_addr = %addr, reason = %e, "TLS handshake refused"),
+            Refused::TlsTimeout(timeout) => {
+                warn!(peer_addr = %addr, timeout = ?timeout, "TLS handshake refused: timed out")
+            }
+            Refused::NoClientCertificate => {
+                warn!(peer_addr = %addr, "connection refused: no client certificate")
+            }
+            Refused::Subject(e) => {
+                warn!(peer_addr = %addr, reason = %e, "connection refused: client certificate subject unreadable")
+            }
+            Refused::BrokerUnavailable => {
+                warn!(peer = %peer, peer_addr = %addr, "connection refused: broker unavailable")
+            }
+            Refused::Open(e) => {
+                warn!(peer = %peer, peer_addr = %addr, reason = %e, "AMQP open refused")
+            }
+            Refused::OpenTimeout(_) => {
+                warn!(peer = %peer, peer_addr = %addr, "AMQP open refused: timed out")
+            }
+        }
+    }
+
+    /// Label of `drawbridge_float_connections_refused_total`, for the refusals it counts.
+    fn metric_label(&self) -> Option<&'static str> {
+        match self {
+            Refused::Tls(_) => Some("tls"),
+            Refused::TlsTimeout(_) => Some("tls_timeout"),
+            Refused::BrokerUnavailable => Some("broker_down"),
+            Refused::NoClientCertificate
+            | Refused::Subject(_)
+            | Refused::Open(_)
+            | Refused::OpenTimeout(_) => None,
+        }
+    }
+}
+
+/// Why an accepted connection ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum ConnectionEnd {
+    /// The float is shutting down.
+    #[error("float shutting down")]
+    Shutdown,
+    /// The peer closed the connection, or it broke.
+    #[error("{0}")]
+    Session(#[source] BeginError),
+}
+
+/// Serve one TCP connection until the peer leaves or the float shuts down.
+pub(crate) async fn serve_connection(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    id: u64,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
+    let (mut conn, peer) = match handshake(tcp, addr, &ctx).await {
+        Ok(v) => v,
+        Err((e, peer)) => {
+            e.log(addr, peer.as_ref());
+            if let Some(label) = e.metric_label() {
+                metrics::counter!("drawbridge_float_connections_refused_total", "reason" => label)
+                    .increment(1);
+            }
+            return;
+        }
+    };
+    // One written form per identity, whatever order the certificate's subject has.
+    let sender: Arc<str> = peer.canonical().into();
+    info!(peer = %sender, peer_addr = %addr, "peer connected");
+    ctx.connections.lock().expect("poisoned").insert(
+        id,
+        ConnectionInfo {
+            peer: sender.to_string(),
+            addr: addr.to_string(),
+            since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
+        },
+    );
+    metrics::gauge!("drawbridge_float_connections").increment(1.0);
+    let mut sessions = JoinSet::new();
+    let session_acceptor = SessionAcceptor::new();
+    let end = loop {
+        tokio::select! {
+            s = session_acceptor.accept(&mut conn) => match s {
+                Ok(session) => {
+                    sessions.spawn(serve_session(session, sender.clone(), ctx.clone(), shutdown.clone()));
+                }
+                Err(e) => break ConnectionEnd::Session(e),
+            },
+            _ = shutdown.cancelled() => break ConnectionEnd::Shutdown,
+        }
+    };
+    while sessions.join_next().await.is_some() {}
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
+    metrics::gauge!("drawbridge_float_connections").decrement(1.0);
+    info!(peer = %sender, peer_addr = %addr, reason = %end, "peer disconnected");
+}
+
+/// TLS, the peer's legal name, the broker check and the AMQP open. A refusal comes with the
+/// peer's name once it is known.
+async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    ctx: &Ctx,
+) -> Result<(ListenerConnectionHandle, LegalName), (Refused, Option<LegalName>)> {
+    let _ = tcp.set_nodelay(true);
+    let timeout = ctx.cfg.handshake_timeout;
+    let tls = match tokio::time::timeout(timeout, ctx.tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err((Refused::Tls(e), None)),
+        Err(_) => return Err((Refused::TlsTimeout(timeout), None)),
+    };
+    let peer = match tls.get_ref().1.peer_certificates().map(peer_legal_name) {
+        Some(Ok(name)) => name,
+        Some(Err(e)) => return Err((Refused::Subject(e), None)),
+        None => return Err((Refused::NoClientCertificate, None)),
+    };
+    if !ctx.broker.is_connected() {
+        return Err((Refused::BrokerUnavailable, Some(peer)));
+    }
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id(format!("drawbridge-float-{}", std::process::id()))
+        .max_frame_size(MAX_FRAME)
+        .idle_time_out(ctx.cfg.idle_timeout.as_millis() as u32)
+        .sasl_acceptor(TlsIdentitySasl)
+        .build();
+    // Every byte the peer sends is scanned before fe2o3 decodes it (nesting depth, frame
+    // size): see `frame_guard`.
+    let guarded = FrameGuard::new(tls, MAX_FRAME, format!("{} ({addr})", peer.canonical()));
+    match tokio::time::timeout(timeout, acceptor.accept(guarded)).await {
+        Ok(Ok(c)) => Ok((c, peer)),
+        Ok(Err(e)) => Err((Refused::Open(e), Some(peer))),
+        Err(_) => Err((Refused::OpenTimeout(timeout), Some(peer))),
+    }
+}
+
+/// Largest frame a peer may send (announced in `open`, enforced by [`FrameGuard`]).
+const MAX_FRAME: u32 = 256 * 1024;
+
+/// Room for the properties, annotations and headers around a body of the configured maximum.
+const ENVELOPE_ALLOWANCE: u64 = 64 * 1024;
+
+/// The link's max-message-size: the body limit plus [`ENVELOPE_ALLOWANCE`].
+fn announced_max_message_size(max_body: usize) -> u64 {
+    (max_body as u64).saturating_add(ENVELOPE_ALLOWANCE)
+}
+
+/// Accept the links of one session: receiving links are served, sending ones refused.
+async fn serve_session(
+    mut session: ListenerSessionHandle,
+    sender: Arc<str>,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
+    // Announced on attach and enforced by fe2o3 while a delivery is assembled (the link is
+    // detached with `message-size-exceeded`), counting the whole encoded message; a bridge
+    // dead-letters what exceeds it instead of sending it.
+    let acceptor = LinkAcceptor::builder()
+        .max_message_size(announced_max_message_size(ctx.cfg.max_message_size))
+        .build();
+    let mut links = JoinSet::new();
+    loop {
+        tokio::select! {
+            l = acceptor.accept(&mut session) => match l {
+                Ok(LinkEndpoint::Receiver(r)) => {
+                    links.spawn(link::serve_link(r, sender.clone(), ctx.clone(), shutdown.clone()));
+                }
+                Ok(LinkEndpoint::Sender(s)) => {
+                    let _ = s.close_with_error(LinkRefusal::NotReceiving.to_error()).await;
+                }
+                Err(e) => {
+                    debug!(peer = %sender, reason = %e, "session ended");
+                    break;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    while links.join_next().await.is_some() {}
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.end()).await;
+}

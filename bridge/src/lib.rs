@@ -19,7 +19,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
 };
@@ -47,6 +47,8 @@ pub(crate) struct Ctx {
     node_identity: LegalName,
     /// Control messages refused (wrong user, wrong node, outside the prefix, undecodable).
     control_refused: AtomicU64,
+    /// The control queue is bound and consumed on the current broker connection.
+    control_consuming: AtomicBool,
     roots: Arc<rustls::RootCertStore>,
     broker: BrokerSession,
     views: Mutex<BTreeMap<String, link::SharedView>>,
@@ -88,8 +90,11 @@ impl Ctx {
 }
 
 impl AdminState for Ctx {
+    /// Broker connected and control messages consumed: a control message published once the
+    /// bridge is ready is not missed (its control queue is exclusive to this instance and bound
+    /// only when the session starts).
     fn ready(&self) -> bool {
-        self.broker.is_connected()
+        self.broker.is_connected() && self.control_consuming.load(Ordering::Relaxed)
     }
 
     fn status(&self) -> serde_json::Value {
@@ -164,6 +169,7 @@ pub async fn start(
         identity,
         node_identity,
         control_refused: AtomicU64::new(0),
+        control_consuming: AtomicBool::new(false),
         roots,
         broker,
         views: Mutex::new(BTreeMap::new()),

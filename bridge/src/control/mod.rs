@@ -339,7 +339,11 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         let Some(live) = live else { continue };
         generation = live.generation;
         let started = tokio::time::Instant::now();
-        match control_session(&ctx, &live, &mut state, &shutdown).await {
+        let session = control_session(&ctx, &live, &mut state, &shutdown).await;
+        // Not ready again until the next session consumes control messages.
+        ctx.control_consuming
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match session {
             Ok(()) => {}
             // The supervisor has logged the lost connection; the next one gets a new session.
             Err(e) if live.is_lost() => {
@@ -392,6 +396,9 @@ async fn control_session(
         .await
         .map_err(|_| SessionError::SetupTimeout)?
         .map_err(SessionError::Setup)?;
+    // Ready (`/readyz`): a control message published from now on reaches this bridge.
+    ctx.control_consuming
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let mut have_snapshot = false;
     let mut retry = Backoff::new(cfg.snapshot_retry_min, cfg.snapshot_retry_max);

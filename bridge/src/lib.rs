@@ -24,7 +24,7 @@ use std::{
     },
 };
 
-use drawbridge_certs::{LegalName, TlsIdentity};
+use drawbridge_certs::{LegalName, Revocation, TlsIdentity};
 use drawbridge_control_protocol::{LinkState, LinkStatus, Notification, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::{
@@ -47,7 +47,10 @@ pub(crate) struct Ctx {
     node_identity: LegalName,
     /// Control messages refused (wrong user, wrong node, outside the prefix, undecodable).
     control_refused: AtomicU64,
-    roots: Arc<rustls::RootCertStore>,
+    /// Trust roots, CRLs in force (reloaded in the background) and their change signal:
+    /// every link's verifier checks floats against them, and links re-check their float
+    /// when they change.
+    revocation: Revocation,
     broker: BrokerSession,
     views: Mutex<BTreeMap<String, link::SharedView>>,
     notify: mpsc::Sender<Notification>,
@@ -109,6 +112,11 @@ impl AdminState for Ctx {
             "control_user": self.cfg.node_user,
             "control_refused": self.control_refused.load(Ordering::Relaxed),
             "links": links,
+            "revocation": {
+                "mode": self.revocation.mode().as_str(),
+                "generation": self.revocation.generation(),
+                "crls": self.revocation.describe_crls(),
+            },
         })
     }
 }
@@ -132,6 +140,7 @@ pub async fn start(
 ) -> Result<RunningBridge, StartError> {
     let identity = TlsIdentity::load_with(&cfg.tls_cert, &cfg.tls_key, cfg.key_access)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
+    let revocation = drawbridge_runtime::revocation::start(roots, cfg.revocation.clone())?;
     let node_identity = match &cfg.node_identity {
         Some(n) => n.clone(),
         None => identity.legal_name()?,
@@ -164,7 +173,7 @@ pub async fn start(
         identity,
         node_identity,
         control_refused: AtomicU64::new(0),
-        roots,
+        revocation,
         broker,
         views: Mutex::new(BTreeMap::new()),
         notify: tx,

@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use drawbridge_certs::{pki_types::CertificateDer, PeerRole};
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::broker::Live;
@@ -166,6 +167,14 @@ pub enum Broken {
     /// The peer connection failed.
     #[error("peer connection lost: {0}")]
     PeerLost(String),
+    /// The CRLs changed and the float's certificate chain is now refused.
+    #[error("float `{peer}` disconnected after a CRL change: {reason}")]
+    Revoked {
+        /// The float's legal name.
+        peer: String,
+        /// Why its chain is refused now.
+        reason: String,
+    },
     /// Our broker connection is gone.
     #[error("broker connection lost{0}")]
     BrokerLost(&'static str),
@@ -276,6 +285,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
         };
         rotation.connected(&pc.target);
         let target = pc.target.to_string();
+        let peer_chain = settings.verified_chain.latest();
         let mut stats = SessionStats::default();
         let up_since = Instant::now();
         let session = LinkSession {
@@ -285,6 +295,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             stop: &stop,
             view: &view,
             target: &target,
+            peer_chain: peer_chain.as_deref(),
         };
         let end = session
             .run(pc, &mut dead_letters, &mut stats, &mut prefetch, probe)
@@ -374,6 +385,8 @@ struct LinkSession<'a> {
     stop: &'a CancellationToken,
     view: &'a SharedView,
     target: &'a str,
+    /// The float's chain as verified at the handshake, re-checked when the CRLs change.
+    peer_chain: Option<&'a [CertificateDer<'static>]>,
 }
 
 impl LinkSession<'_> {
@@ -483,6 +496,17 @@ impl LinkSession<'_> {
         // A converted delivery waiting for room in the process-wide byte budget.
         let mut waiting: Option<(Delivery, Message<Data>)> = None;
         let budget_kib = ctx.bytes_total_kib;
+        // The CRLs may change while the link is up: the float is re-checked each time (and
+        // once now, for a change between its handshake and this point).
+        let mut crl_changes = ctx.revocation.subscribe();
+        let mut crl_open = true;
+        let revoked = || {
+            let chain = self.peer_chain?;
+            let reason = ctx.revocation.is_revoked(chain, PeerRole::Server)?;
+            let peer = drawbridge_certs::peer_legal_name(chain)
+                .map_or_else(|_| self.target.to_string(), |n| n.to_string());
+            Some(Broken::Revoked { peer, reason })
+        };
         // Every way out of the loop below except a lost broker connection goes through
         // `broken`: first ack what the peer has already accepted (its settlements may be
         // ready but not yet taken, e.g. while a send waited for credit), then give up the
@@ -563,6 +587,9 @@ impl LinkSession<'_> {
                     }
                 }
             }};
+        }
+        if let Some(why) = revoked() {
+            broken!(why);
         }
         loop {
             let need_kib = waiting
@@ -711,6 +738,12 @@ impl LinkSession<'_> {
                         Err(e) => Broken::PeerLost(e.to_string()),
                     };
                     broken!(why);
+                }
+                changed = crl_changes.changed(), if crl_open => {
+                    crl_open = changed.is_ok();
+                    if let Some(why) = revoked() {
+                        broken!(why);
+                    }
                 }
                 _ = live.lost() => {
                     // Never ack deliveries of a dead connection.
@@ -877,15 +910,16 @@ pub(crate) fn settings(ctx: &Ctx, spec: &PeerLink) -> Result<PeerSettings, Strin
                 .map_err(|e| format!("legal name `{n}`: {e}"))?,
         );
     }
-    let tls = drawbridge_certs::client_config(
+    let (tls, verified_chain) = drawbridge_certs::client_config_with(
         &ctx.identity,
-        ctx.roots.clone(),
+        &ctx.revocation,
         names,
         ctx.cfg.tls_policy,
     )
     .map_err(|e| format!("TLS config: {e}"))?;
     Ok(PeerSettings {
         tls,
+        verified_chain,
         connect_timeout: ctx.cfg.connect_timeout,
         idle_timeout: ctx.cfg.idle_timeout,
         container_id: format!("drawbridge-bridge-{}", ctx.cfg.id),

@@ -61,7 +61,10 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    fn peer_settings(&self, spec: &PeerLink) -> Result<peer::PeerSettings, String> {
+    fn peer_settings(
+        &self,
+        spec: &PeerLink,
+    ) -> Result<(peer::PeerSettings, drawbridge_certs::VerifiedPeerChain), String> {
         link::settings(self, spec)
     }
 

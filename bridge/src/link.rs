@@ -230,7 +230,8 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     // The consumer prefetch follows the message sizes (see `budget`); what it learned
     // carries over from one session to the next.
     let mut prefetch = Prefetch::new(cfg.window, cfg.max_link_bytes, cfg.max_message_size as u64);
-    let settings = match ctx.peer_settings(&spec) {
+    // `verified_chain` holds the float chain the link's TLS verifier last accepted.
+    let (settings, verified_chain) = match ctx.peer_settings(&spec) {
         Ok(s) => s,
         Err(reason) => {
             set_state(&ctx, &view, &spec, LinkState::Down, "", &reason);
@@ -285,7 +286,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
         };
         rotation.connected(&pc.target);
         let target = pc.target.to_string();
-        let peer_chain = settings.verified_chain.latest();
+        let peer_chain = verified_chain.latest();
         let mut stats = SessionStats::default();
         let up_since = Instant::now();
         let session = LinkSession {
@@ -901,8 +902,12 @@ fn set_state(
     ctx.notify_link(spec, state, target, reason);
 }
 
-/// Peer settings for a link, or why it cannot be built.
-pub(crate) fn settings(ctx: &Ctx, spec: &PeerLink) -> Result<PeerSettings, String> {
+/// Peer settings for a link and where its verifier keeps the chain of the float it last
+/// accepted, or why they cannot be built.
+pub(crate) fn settings(
+    ctx: &Ctx,
+    spec: &PeerLink,
+) -> Result<(PeerSettings, drawbridge_certs::VerifiedPeerChain), String> {
     let mut names = Vec::new();
     for n in &spec.legal_names {
         names.push(
@@ -917,13 +922,13 @@ pub(crate) fn settings(ctx: &Ctx, spec: &PeerLink) -> Result<PeerSettings, Strin
         ctx.cfg.tls_policy,
     )
     .map_err(|e| format!("TLS config: {e}"))?;
-    Ok(PeerSettings {
+    let settings = PeerSettings {
         tls,
-        verified_chain,
         connect_timeout: ctx.cfg.connect_timeout,
         idle_timeout: ctx.cfg.idle_timeout,
         container_id: format!("drawbridge-bridge-{}", ctx.cfg.id),
         link_name: format!("drawbridge-{}-{}", ctx.cfg.id, spec.queue),
         address: spec.target_address.clone(),
-    })
+    };
+    Ok((settings, verified_chain))
 }

@@ -52,8 +52,6 @@ pub struct PeerConnection {
 pub struct PeerSettings {
     /// Client TLS config pinning the link's legal names.
     pub tls: Arc<rustls::ClientConfig>,
-    /// The chain of the float that `tls` last accepted (re-checked when CRLs change).
-    pub verified_chain: drawbridge_certs::VerifiedPeerChain,
     /// Deadline for the whole connect.
     pub connect_timeout: Duration,
     /// AMQP idle timeout.

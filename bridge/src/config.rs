@@ -2,12 +2,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use drawbridge_certs::{KeyFileAccess, LegalName, TlsPolicy};
+use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
 use drawbridge_node::topology::QueueType;
 use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
+    revocation,
 };
 
 /// Everything the bridge needs to run.
@@ -23,6 +24,10 @@ pub struct BridgeConfig {
     pub trust_roots: PathBuf,
     /// TLS 1.3 only, or 1.2 (ECDHE + AEAD) too.
     pub tls_policy: TlsPolicy,
+    /// Revocation checking of float certificates (`bridge.crls`, `bridge.crl_urls`,
+    /// `bridge.revocation`, `bridge.crl_reload_interval`, `bridge.crl_fetch_interval`,
+    /// `bridge.crl_fetch_timeout`; see `drawbridge_runtime::revocation`).
+    pub revocation: RevocationSettings,
     /// Who may read key and password files besides their owner
     /// (`bridge.allow_group_readable_key`).
     pub key_access: KeyFileAccess,
@@ -163,12 +168,14 @@ impl BridgeConfig {
             },
             None => None,
         };
+        let revocation = revocation::read_settings(&mut r, "bridge");
         let cfg = BridgeConfig {
             id: r.get("bridge.id", default_id),
             tls_cert: r.required("bridge.tls_cert").unwrap_or_default(),
             tls_key: r.required("bridge.tls_key").unwrap_or_default(),
             trust_roots: r.required("bridge.trust_roots").unwrap_or_default(),
             key_access,
+            revocation,
             tls_policy: if r.get("bridge.allow_tls12", false) {
                 TlsPolicy::AllowTls12
             } else {

@@ -24,7 +24,7 @@ use std::{
     },
 };
 
-use drawbridge_certs::{LegalName, TlsIdentity};
+use drawbridge_certs::{LegalName, Revocation, TlsIdentity};
 use drawbridge_control_protocol::{LinkState, LinkStatus, Notification, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::{
@@ -49,7 +49,10 @@ pub(crate) struct Ctx {
     control_refused: AtomicU64,
     /// The control queue is bound and consumed on the current broker connection.
     control_consuming: AtomicBool,
-    roots: Arc<rustls::RootCertStore>,
+    /// Trust roots, CRLs in force (reloaded in the background) and their change signal:
+    /// every link's verifier checks floats against them, and links re-check their float
+    /// when they change.
+    revocation: Revocation,
     broker: BrokerSession,
     views: Mutex<BTreeMap<String, link::SharedView>>,
     notify: mpsc::Sender<Notification>,
@@ -60,7 +63,10 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    fn peer_settings(&self, spec: &PeerLink) -> Result<peer::PeerSettings, String> {
+    fn peer_settings(
+        &self,
+        spec: &PeerLink,
+    ) -> Result<(peer::PeerSettings, drawbridge_certs::VerifiedPeerChain), String> {
         link::settings(self, spec)
     }
 
@@ -114,6 +120,11 @@ impl AdminState for Ctx {
             "control_user": self.cfg.node_user,
             "control_refused": self.control_refused.load(Ordering::Relaxed),
             "links": links,
+            "revocation": {
+                "mode": self.revocation.mode().as_str(),
+                "generation": self.revocation.generation(),
+                "crls": self.revocation.describe_crls(),
+            },
         })
     }
 }
@@ -137,6 +148,7 @@ pub async fn start(
 ) -> Result<RunningBridge, StartError> {
     let identity = TlsIdentity::load_with(&cfg.tls_cert, &cfg.tls_key, cfg.key_access)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
+    let revocation = drawbridge_runtime::revocation::start(roots, cfg.revocation.clone())?;
     let node_identity = match &cfg.node_identity {
         Some(n) => n.clone(),
         None => identity.legal_name()?,
@@ -170,7 +182,7 @@ pub async fn start(
         node_identity,
         control_refused: AtomicU64::new(0),
         control_consuming: AtomicBool::new(false),
-        roots,
+        revocation,
         broker,
         views: Mutex::new(BTreeMap::new()),
         notify: tx,

@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use drawbridge_certs::{pki_types::CertificateDer, PeerRole};
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::broker::Live;
@@ -166,6 +167,14 @@ pub enum Broken {
     /// The peer connection failed.
     #[error("peer connection lost: {0}")]
     PeerLost(String),
+    /// The CRLs changed and the float's certificate chain is now refused.
+    #[error("float `{peer}` disconnected after a CRL change: {reason}")]
+    Revoked {
+        /// The float's legal name.
+        peer: String,
+        /// Why its chain is refused now.
+        reason: String,
+    },
     /// Our broker connection is gone.
     #[error("broker connection lost{0}")]
     BrokerLost(&'static str),
@@ -221,7 +230,8 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     // The consumer prefetch follows the message sizes (see `budget`); what it learned
     // carries over from one session to the next.
     let mut prefetch = Prefetch::new(cfg.window, cfg.max_link_bytes, cfg.max_message_size as u64);
-    let settings = match ctx.peer_settings(&spec) {
+    // `verified_chain` holds the float chain the link's TLS verifier last accepted.
+    let (settings, verified_chain) = match ctx.peer_settings(&spec) {
         Ok(s) => s,
         Err(reason) => {
             set_state(&ctx, &view, &spec, LinkState::Down, "", &reason);
@@ -276,6 +286,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
         };
         rotation.connected(&pc.target);
         let target = pc.target.to_string();
+        let peer_chain = verified_chain.latest();
         let mut stats = SessionStats::default();
         let up_since = Instant::now();
         let session = LinkSession {
@@ -285,6 +296,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             stop: &stop,
             view: &view,
             target: &target,
+            peer_chain: peer_chain.as_deref(),
         };
         let end = session
             .run(pc, &mut dead_letters, &mut stats, &mut prefetch, probe)
@@ -374,6 +386,8 @@ struct LinkSession<'a> {
     stop: &'a CancellationToken,
     view: &'a SharedView,
     target: &'a str,
+    /// The float's chain as verified at the handshake, re-checked when the CRLs change.
+    peer_chain: Option<&'a [CertificateDer<'static>]>,
 }
 
 impl LinkSession<'_> {
@@ -483,6 +497,17 @@ impl LinkSession<'_> {
         // A converted delivery waiting for room in the process-wide byte budget.
         let mut waiting: Option<(Delivery, Message<Data>)> = None;
         let budget_kib = ctx.bytes_total_kib;
+        // The CRLs may change while the link is up: the float is re-checked each time (and
+        // once now, for a change between its handshake and this point).
+        let mut crl_changes = ctx.revocation.subscribe();
+        let mut crl_open = true;
+        let revoked = || {
+            let chain = self.peer_chain?;
+            let reason = ctx.revocation.is_revoked(chain, PeerRole::Server)?;
+            let peer = drawbridge_certs::peer_legal_name(chain)
+                .map_or_else(|_| self.target.to_string(), |n| n.to_string());
+            Some(Broken::Revoked { peer, reason })
+        };
         // Every way out of the loop below except a lost broker connection goes through
         // `broken`: first ack what the peer has already accepted (its settlements may be
         // ready but not yet taken, e.g. while a send waited for credit), then give up the
@@ -563,6 +588,9 @@ impl LinkSession<'_> {
                     }
                 }
             }};
+        }
+        if let Some(why) = revoked() {
+            broken!(why);
         }
         loop {
             let need_kib = waiting
@@ -711,6 +739,12 @@ impl LinkSession<'_> {
                         Err(e) => Broken::PeerLost(e.to_string()),
                     };
                     broken!(why);
+                }
+                changed = crl_changes.changed(), if crl_open => {
+                    crl_open = changed.is_ok();
+                    if let Some(why) = revoked() {
+                        broken!(why);
+                    }
                 }
                 _ = live.lost() => {
                     // Never ack deliveries of a dead connection.
@@ -868,8 +902,12 @@ fn set_state(
     ctx.notify_link(spec, state, target, reason);
 }
 
-/// Peer settings for a link, or why it cannot be built.
-pub(crate) fn settings(ctx: &Ctx, spec: &PeerLink) -> Result<PeerSettings, String> {
+/// Peer settings for a link and where its verifier keeps the chain of the float it last
+/// accepted, or why they cannot be built.
+pub(crate) fn settings(
+    ctx: &Ctx,
+    spec: &PeerLink,
+) -> Result<(PeerSettings, drawbridge_certs::VerifiedPeerChain), String> {
     let mut names = Vec::new();
     for n in &spec.legal_names {
         names.push(
@@ -877,19 +915,20 @@ pub(crate) fn settings(ctx: &Ctx, spec: &PeerLink) -> Result<PeerSettings, Strin
                 .map_err(|e| format!("legal name `{n}`: {e}"))?,
         );
     }
-    let tls = drawbridge_certs::client_config(
+    let (tls, verified_chain) = drawbridge_certs::client_config_with(
         &ctx.identity,
-        ctx.roots.clone(),
+        &ctx.revocation,
         names,
         ctx.cfg.tls_policy,
     )
     .map_err(|e| format!("TLS config: {e}"))?;
-    Ok(PeerSettings {
+    let settings = PeerSettings {
         tls,
         connect_timeout: ctx.cfg.connect_timeout,
         idle_timeout: ctx.cfg.idle_timeout,
         container_id: format!("drawbridge-bridge-{}", ctx.cfg.id),
         link_name: format!("drawbridge-{}-{}", ctx.cfg.id, spec.queue),
         address: spec.target_address.clone(),
-    })
+    };
+    Ok((settings, verified_chain))
 }

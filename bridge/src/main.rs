@@ -24,7 +24,7 @@ async fn main() {
     let cfg = daemon::load_config_or_exit(
         "drawbridge-bridge",
         args.config.as_deref(),
-        &["broker.uris"],
+        &["broker.uris", "bridge.crls", "bridge.crl_urls"],
         BridgeConfig::from_reader,
     );
     logging::init(cfg.log_format, "info");

@@ -240,3 +240,86 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertErro
     }
     Ok(())
 }
+
+/// What a CA of a dev network says in a CRL: which certificates it revokes and for how long
+/// the list is current.
+#[derive(Debug, Clone)]
+pub struct CrlSpec {
+    /// PEM files whose first certificate is revoked (a node's `tls.crt`, a `node-ca.crt`).
+    pub revoked: Vec<PathBuf>,
+    /// `thisUpdate`.
+    pub this_update: OffsetDateTime,
+    /// `nextUpdate`: after it the CRL is expired.
+    pub next_update: OffsetDateTime,
+    /// The CRL number (should grow with each new list).
+    pub number: u64,
+}
+
+impl CrlSpec {
+    /// A list current from an hour ago for a week, revoking `revoked`.
+    pub fn current(revoked: &[&Path], number: u64) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            revoked: revoked.iter().map(|p| p.to_path_buf()).collect(),
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(7),
+            number,
+        }
+    }
+
+    /// A list that expired an hour ago.
+    pub fn expired(revoked: &[&Path], number: u64) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            revoked: revoked.iter().map(|p| p.to_path_buf()).collect(),
+            this_update: now - Duration::days(8),
+            next_update: now - Duration::hours(1),
+            number,
+        }
+    }
+}
+
+/// A PEM CRL signed by the CA in `ca_cert` (PEM, first certificate) with the key in `ca_key`
+/// (in a dev network: `root/ca.crt` + `root/ca.key`, or a node's `node-ca.crt` +
+/// `node-ca.key`).
+pub fn make_crl(ca_cert: &Path, ca_key: &Path, spec: &CrlSpec) -> Result<String, CertError> {
+    use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    let read = |p: &Path| fs::read_to_string(p).map_err(CertError::io(p));
+    let key = KeyPair::from_pem(&read(ca_key)?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(ca_cert)?, &key)?;
+    let mut revoked_certs = Vec::new();
+    for path in &spec.revoked {
+        let der = rustls_pemfile::certs(&mut read(path)?.as_bytes())
+            .next()
+            .ok_or_else(|| CertError::NoCertificates { path: path.clone() })?
+            .map_err(CertError::io(path))?;
+        let (_, cert) =
+            X509Certificate::from_der(der.as_ref()).map_err(|e| CertError::X509(e.to_string()))?;
+        revoked_certs.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(cert.raw_serial()),
+            revocation_time: spec.this_update,
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let crl = CertificateRevocationListParams {
+        this_update: spec.this_update,
+        next_update: spec.next_update,
+        crl_number: SerialNumber::from(spec.number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)?;
+    Ok(crl.pem()?)
+}
+
+/// Replaces `path` with `contents` atomically (write beside it, then rename), as an operator
+/// or a CRL publisher should: a reader never sees half a file.
+pub fn replace_file(path: &Path, contents: &str) -> Result<(), CertError> {
+    let tmp = path.with_extension("tmp-replace");
+    write_file(&tmp, contents, false)?;
+    fs::rename(&tmp, path).map_err(CertError::io(path))
+}

@@ -23,15 +23,17 @@ pub mod devpki;
 mod error;
 pub mod keyfile;
 mod legal_name;
+pub mod revocation;
 mod tls;
 
 pub use binding::IdentityRefused;
 pub use error::CertError;
 pub use keyfile::{check_secret_file, KeyFileAccess};
 pub use legal_name::LegalName;
+pub use revocation::{PeerRole, Revocation, RevocationMode, RevocationSettings};
 pub use tls::{
-    client_config, install_crypto_provider, load_crls, load_trust_roots, peer_legal_name,
-    server_config, TlsIdentity, TlsPolicy,
+    client_config, client_config_with, install_crypto_provider, load_crls, load_trust_roots,
+    peer_legal_name, server_config, server_config_with, TlsIdentity, TlsPolicy, VerifiedPeerChain,
 };
 
 /// Re-exported so callers name the same rustls types this crate was built against.

@@ -4,16 +4,16 @@ use std::fmt;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::client::Resumption;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::server::NoServerSessionStorage;
 use rustls::{
-    CertificateError, CipherSuite, DigitallySignedStruct, DistinguishedName, RootCertStore,
-    SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
+    CipherSuite, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+    SupportedCipherSuite, SupportedProtocolVersion,
 };
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName,
@@ -22,6 +22,7 @@ use rustls_pki_types::{
 
 use crate::binding::verify_bound_to_node_ca;
 use crate::keyfile::{check_secret_file, KeyFileAccess};
+use crate::revocation::{Revocation, RevocationMode};
 use crate::{CertError, LegalName};
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider.
@@ -234,32 +235,53 @@ pub fn peer_legal_name(chain: &[CertificateDer<'_>]) -> Result<LegalName, CertEr
     LegalName::from_der_cert(leaf)
 }
 
-/// Bridge-side verifier: chain to the roots as usual, ignore the host name, check that the
-/// subject is bound to its node CA (see [`crate::binding`]), then pin the subject to one of
-/// the expected legal names.
+/// The chain the bridge's verifier last accepted for a link: read it after a successful
+/// connect to re-check the peer later ([`Revocation::is_revoked`]).
+///
+/// One per client configuration ([`client_config_with`]); a link connects one target at a
+/// time, so after a successful connect it holds that connection's chain (resumption is off:
+/// every connection is fully verified).
+#[derive(Debug, Clone, Default)]
+pub struct VerifiedPeerChain(Arc<Mutex<Option<Vec<CertificateDer<'static>>>>>);
+
+impl VerifiedPeerChain {
+    /// The chain (leaf first) of the last peer that passed verification, if any.
+    pub fn latest(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.0.lock().expect("poisoned").clone()
+    }
+
+    fn record(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) {
+        let chain = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|c| c.clone().into_owned())
+            .collect();
+        *self.0.lock().expect("poisoned") = Some(chain);
+    }
+}
+
+/// Bridge-side verifier: chain to the roots as usual with the current CRLs (see
+/// [`Revocation`]), ignore the host name, check that the subject is bound to its node CA
+/// (see [`crate::binding`]), then pin the subject to one of the expected legal names.
 #[derive(Debug)]
 struct PinnedSubjectVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    roots: Arc<RootCertStore>,
+    revocation: Revocation,
     sig_algs: &'static [&'static dyn SignatureVerificationAlgorithm],
     expected: Vec<LegalName>,
+    verified: VerifiedPeerChain,
 }
 
 impl PinnedSubjectVerifier {
     fn new(
-        roots: Arc<RootCertStore>,
+        revocation: Revocation,
         expected: Vec<LegalName>,
         provider: &Arc<CryptoProvider>,
-    ) -> Result<Self, CertError> {
-        let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| CertError::Verifier(e.to_string()))?;
-        Ok(Self {
-            inner,
-            roots,
+    ) -> Self {
+        Self {
+            revocation,
             sig_algs: provider.signature_verification_algorithms.all,
             expected,
-        })
+            verified: VerifiedPeerChain::default(),
+        }
     }
 
     fn expected_list(&self) -> String {
@@ -277,34 +299,24 @@ impl ServerCertVerifier for PinnedSubjectVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
+        _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // WebPkiServerVerifier checks chain, validity and revocation first and the name last,
-        // so a name mismatch means everything else passed. Peers are identified by subject.
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Ok(_)
-            | Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
-        // Who the certificate speaks for, if anyone: the subject, bound to its node CA.
+        // Chain, validity and revocation (current CRLs, per the mode) first; then who the
+        // certificate speaks for, if anyone: the subject, bound to its node CA; then the pin.
+        self.revocation
+            .current()
+            .verify_server(end_entity, intermediates, server_name, now)?;
         let subject = verify_bound_to_node_ca(
             end_entity,
             intermediates,
-            &self.roots,
+            self.revocation.roots(),
             self.sig_algs,
             webpki::KeyUsage::server_auth(),
             now,
         )?;
         if self.expected.contains(&subject) {
+            self.verified.record(end_entity, intermediates);
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
@@ -320,7 +332,10 @@ impl ServerCertVerifier for PinnedSubjectVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.revocation
+            .current()
+            .server_verifier()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -329,94 +344,108 @@ impl ServerCertVerifier for PinnedSubjectVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.revocation
+            .current()
+            .server_verifier()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.revocation
+            .current()
+            .server_verifier()
+            .supported_verify_schemes()
     }
 }
 
-/// TLS client configuration for the bridge's side of a peer link.
-///
-/// The float's certificate must chain to `roots` (validity period checked), but the server
-/// *name* is ignored: peers are identified by certificate subject. The subject must be bound
-/// to its node CA (issued by a node CA with the same legal name, itself issued by a trust
-/// root; see [`crate::binding`]), else the handshake fails with
-/// `rustls::Error::InvalidCertificate(CertificateError::Other(..))` holding an
-/// [`IdentityRefused`](crate::IdentityRefused) that names the claimed name and the issuer.
-/// Then the subject must equal one of `expected` (set comparison, see [`LegalName`]); a
-/// mismatch fails the handshake with `rustls::Error::General("peer certificate subject `…` is
-/// not one of the expected legal names […]")`. We present `identity` as client certificate.
-/// Session resumption is off, so every connection is fully verified (links are long-lived;
-/// resumption buys nothing).
-///
-/// Any `ServerName` can be passed when connecting (the target host is a good choice).
+/// TLS client configuration for the bridge's side of a peer link, without revocation
+/// checking: [`client_config_with`] with [`Revocation::off`].
 pub fn client_config(
     identity: &TlsIdentity,
     roots: Arc<RootCertStore>,
     expected: Vec<LegalName>,
     policy: TlsPolicy,
 ) -> Result<Arc<rustls::ClientConfig>, CertError> {
+    client_config_with(identity, &Revocation::off(roots)?, expected, policy).map(|(c, _)| c)
+}
+
+/// TLS client configuration for the bridge's side of a peer link.
+///
+/// The float's certificate must chain to the roots of `revocation` (validity period checked)
+/// and pass its revocation check (the CRLs in force at the handshake, per its mode; a
+/// refusal is `rustls::Error::InvalidCertificate(Revoked | UnknownRevocationStatus |
+/// ExpiredRevocationList..)`), but the server *name* is ignored: peers are identified by
+/// certificate subject. The subject must be bound to its node CA (issued by a node CA with
+/// the same legal name, itself issued by a trust root; see [`crate::binding`]), else the
+/// handshake fails with `rustls::Error::InvalidCertificate(CertificateError::Other(..))`
+/// holding an [`IdentityRefused`](crate::IdentityRefused) that names the claimed name and the
+/// issuer. Then the subject must equal one of `expected` (set comparison, see [`LegalName`]);
+/// a mismatch fails the handshake with `rustls::Error::General("peer certificate subject `…`
+/// is not one of the expected legal names […]")`. We present `identity` as client
+/// certificate. Session resumption is off, so every connection is fully verified (links are
+/// long-lived; resumption buys nothing).
+///
+/// Also returns where the chain of the last accepted peer is kept, for re-checks when the
+/// CRLs change. Any `ServerName` can be passed when connecting (the target host is a good
+/// choice).
+pub fn client_config_with(
+    identity: &TlsIdentity,
+    revocation: &Revocation,
+    expected: Vec<LegalName>,
+    policy: TlsPolicy,
+) -> Result<(Arc<rustls::ClientConfig>, VerifiedPeerChain), CertError> {
     if expected.is_empty() {
         return Err(CertError::Verifier(
             "no expected peer legal names: every peer would be refused".into(),
         ));
     }
     let provider = policy.provider();
-    let verifier = Arc::new(PinnedSubjectVerifier::new(roots, expected, &provider)?);
+    let verifier = Arc::new(PinnedSubjectVerifier::new(
+        revocation.clone(),
+        expected,
+        &provider,
+    ));
+    let verified = verifier.verified.clone();
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(policy.versions())?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.resumption = Resumption::disabled();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verified))
 }
 
-/// Float-side verifier: rustls's client verifier (chain, validity, revocation), then the
-/// identity rule (see [`crate::binding`]), so that the subject the float stamps as sender is
-/// one the certificate speaks for.
+/// Float-side verifier: rustls's client verifier with the current CRLs (chain, validity,
+/// revocation; see [`Revocation`]), then the identity rule (see [`crate::binding`]), so that
+/// the subject the float stamps as sender is one the certificate speaks for.
 #[derive(Debug)]
 struct NodeCaBoundClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    roots: Arc<RootCertStore>,
+    revocation: Revocation,
+    root_hints: Vec<DistinguishedName>,
     sig_algs: &'static [&'static dyn SignatureVerificationAlgorithm],
 }
 
 impl NodeCaBoundClientVerifier {
-    fn new(
-        roots: Arc<RootCertStore>,
-        crls: Vec<CertificateRevocationListDer<'static>>,
-        provider: &Arc<CryptoProvider>,
-    ) -> Result<Self, CertError> {
-        let mut builder =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
-        if !crls.is_empty() {
-            builder = builder.with_crls(crls).only_check_end_entity_revocation();
-        }
-        let inner = builder
-            .build()
-            .map_err(|e| CertError::Verifier(e.to_string()))?;
-        Ok(Self {
-            inner,
-            roots,
+    fn new(revocation: Revocation, provider: &Arc<CryptoProvider>) -> Self {
+        Self {
+            root_hints: revocation.roots().subjects(),
+            revocation,
             sig_algs: provider.signature_verification_algorithms.all,
-        })
+        }
     }
 }
 
 impl ClientCertVerifier for NodeCaBoundClientVerifier {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        true
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.root_hints
     }
 
     fn verify_client_cert(
@@ -425,12 +454,13 @@ impl ClientCertVerifier for NodeCaBoundClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.revocation
+            .current()
+            .verify_client(end_entity, intermediates, now)?;
         verify_bound_to_node_ca(
             end_entity,
             intermediates,
-            &self.roots,
+            self.revocation.roots(),
             self.sig_algs,
             webpki::KeyUsage::client_auth(),
             now,
@@ -444,7 +474,10 @@ impl ClientCertVerifier for NodeCaBoundClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.revocation
+            .current()
+            .client_verifier()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -453,32 +486,58 @@ impl ClientCertVerifier for NodeCaBoundClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.revocation
+            .current()
+            .client_verifier()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.revocation
+            .current()
+            .client_verifier()
+            .supported_verify_schemes()
     }
 }
 
-/// TLS server configuration for the float.
-///
-/// A client certificate is **required** and must chain to `roots`; if `crls` is non-empty the
-/// client's end-entity certificate is checked against them and refused if revoked or if no
-/// CRL from its issuer is present (hard fail). Its subject must be bound to its node CA
-/// (issued by a node CA with the same legal name, itself issued by a trust root; see
-/// [`crate::binding`]), else the handshake fails with
-/// `rustls::Error::InvalidCertificate(CertificateError::Other(..))` holding an
-/// [`IdentityRefused`](crate::IdentityRefused). Session resumption is off so that every
-/// connection re-checks the client certificate (and a revocation takes effect on reconnect).
+/// TLS server configuration for the float with a fixed CRL set: `crls` empty means no
+/// revocation checking, otherwise hard-fail over the whole chain (see
+/// [`RevocationMode::HardFail`]). Daemons use [`server_config_with`], which reloads.
 pub fn server_config(
     identity: &TlsIdentity,
     roots: Arc<RootCertStore>,
     crls: Vec<CertificateRevocationListDer<'static>>,
     policy: TlsPolicy,
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    let mode = if crls.is_empty() {
+        RevocationMode::Off
+    } else {
+        RevocationMode::HardFail
+    };
+    server_config_with(identity, &Revocation::from_crls(roots, mode, crls)?, policy)
+}
+
+/// TLS server configuration for the float.
+///
+/// A client certificate is **required** and must chain to the roots of `revocation`; every
+/// certificate of its chain is checked against the CRLs in force at the handshake, per the
+/// mode (see [`Revocation`]; a reload applies to the next handshake). Its subject must be
+/// bound to its node CA (issued by a node CA with the same legal name, itself issued by a
+/// trust root; see [`crate::binding`]), else the handshake fails with
+/// `rustls::Error::InvalidCertificate(CertificateError::Other(..))` holding an
+/// [`IdentityRefused`](crate::IdentityRefused). Session resumption is off so that every
+/// connection re-checks the client certificate. Established connections are re-checked by
+/// the caller when the CRLs change ([`Revocation::subscribe`], [`Revocation::is_revoked`]).
+pub fn server_config_with(
+    identity: &TlsIdentity,
+    revocation: &Revocation,
+    policy: TlsPolicy,
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let provider = policy.provider();
-    let verifier = Arc::new(NodeCaBoundClientVerifier::new(roots, crls, &provider)?);
+    let verifier = Arc::new(NodeCaBoundClientVerifier::new(
+        revocation.clone(),
+        &provider,
+    ));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(policy.versions())?
         .with_client_cert_verifier(verifier)
@@ -532,7 +591,7 @@ mod tests {
             BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
             KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
         };
-        use rustls::OtherError;
+        use rustls::{CertificateError, OtherError};
 
         const BANK_A: &str = "O=Bank A, L=London, C=GB";
         const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
@@ -605,9 +664,9 @@ mod tests {
             pin: &str,
         ) -> (Result<(), rustls::Error>, Result<(), rustls::Error>) {
             let provider = TlsPolicy::default().provider();
-            let bridge =
-                PinnedSubjectVerifier::new(roots(net), vec![name(pin)], &provider).unwrap();
-            let float = NodeCaBoundClientVerifier::new(roots(net), vec![], &provider).unwrap();
+            let off = Revocation::off(roots(net)).unwrap();
+            let bridge = PinnedSubjectVerifier::new(off.clone(), vec![name(pin)], &provider);
+            let float = NodeCaBoundClientVerifier::new(off, &provider);
             let now = UnixTime::now();
             let sni = ServerName::try_from("float.example").unwrap();
             (

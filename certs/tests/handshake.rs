@@ -331,8 +331,18 @@ async fn revoked_client_is_refused() {
     .unwrap();
     let crl_path = dir.path().join("a.crl");
     std::fs::write(&crl_path, crl.pem().unwrap()).unwrap();
-    let crls = load_crls(&[crl_path]).unwrap();
-    assert_eq!(crls.len(), 1);
+    // `server_config` with CRLs is hard-fail over the whole chain: the root's CRL (listing
+    // nothing) covers the node CAs.
+    let root_crl = drawbridge_certs::devpki::make_crl(
+        &net.root_cert,
+        &net.root_cert.parent().unwrap().join("ca.key"),
+        &drawbridge_certs::devpki::CrlSpec::current(&[], 1),
+    )
+    .unwrap();
+    let root_crl_path = dir.path().join("root.crl");
+    std::fs::write(&root_crl_path, root_crl).unwrap();
+    let crls = load_crls(&[crl_path, root_crl_path]).unwrap();
+    assert_eq!(crls.len(), 2);
 
     let float = server_config(
         &identity(b),
@@ -347,7 +357,8 @@ async fn revoked_client_is_refused() {
 
     // C's issuer has no CRL: hard fail (unknown revocation status).
     let out = handshake(client(c, &[BANK_B], TlsPolicy::default()), float).await;
-    assert!(out.server.is_err());
+    let err = out.server.unwrap_err();
+    assert!(err.contains("UnknownRevocationStatus"), "{err}");
 }
 
 #[test]

@@ -2,11 +2,12 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use drawbridge_certs::{KeyFileAccess, LegalName, TlsPolicy};
+use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
 use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
+    revocation,
 };
 
 /// One identity this float receives for, and the inbox its messages go to.
@@ -29,8 +30,10 @@ pub struct FloatConfig {
     pub tls_key: PathBuf,
     /// PEM network root(s) that client certificates must chain to.
     pub trust_roots: PathBuf,
-    /// CRL files checked for client certificates.
-    pub crls: Vec<PathBuf>,
+    /// Revocation checking of client certificates (`float.crls`, `float.crl_urls`,
+    /// `float.revocation`, `float.crl_reload_interval`, `float.crl_fetch_interval`,
+    /// `float.crl_fetch_timeout`; see `drawbridge_runtime::revocation`).
+    pub revocation: RevocationSettings,
     /// TLS 1.3 only, or 1.2 (ECDHE + AEAD) too.
     pub tls_policy: TlsPolicy,
     /// Who may read key and password files besides their owner
@@ -85,7 +88,7 @@ impl FloatConfig {
         let trust_roots = r
             .required::<PathBuf>("float.trust_roots")
             .unwrap_or_default();
-        let crls: Vec<PathBuf> = r.get("float.crls", Vec::new());
+        let revocation = revocation::read_settings(&mut r, "float");
         let tls12: bool = r.get("float.allow_tls12", false);
         let key_access = KeyFileAccess::from_allow_group_readable(
             r.get("float.allow_group_readable_key", false),
@@ -160,7 +163,7 @@ impl FloatConfig {
             tls_cert,
             tls_key,
             trust_roots,
-            crls,
+            revocation,
             key_access,
             tls_policy: if tls12 {
                 TlsPolicy::AllowTls12

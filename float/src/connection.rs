@@ -7,6 +7,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use drawbridge_certs::pki_types::CertificateDer;
 use drawbridge_certs::{peer_legal_name, CertError, LegalName};
 use fe2o3_amqp::{
     acceptor::{
@@ -118,6 +119,9 @@ pub(crate) enum ConnectionEnd {
     /// The peer closed the connection, or it broke.
     #[error("{0}")]
     Session(#[source] BeginError),
+    /// A CRL that changed while the peer was connected revokes its certificate chain.
+    #[error("revoked after a CRL change: {0}")]
+    Revoked(String),
 }
 
 /// Serve one TCP connection until the peer leaves or the float shuts down.
@@ -128,7 +132,7 @@ pub(crate) async fn serve_connection(
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
 ) {
-    let (mut conn, peer) = match handshake(tcp, addr, &ctx).await {
+    let (mut conn, peer, chain) = match handshake(tcp, addr, &ctx).await {
         Ok(v) => v,
         Err((e, peer)) => {
             e.log(addr, peer.as_ref());
@@ -151,19 +155,34 @@ pub(crate) async fn serve_connection(
         },
     );
     metrics::gauge!("drawbridge_float_connections").increment(1.0);
+    // Ends this connection's sessions and links (they drain as on shutdown).
+    let stop = shutdown.child_token();
+    // Established peers are re-checked whenever the CRLs change; the first check covers a
+    // change between the handshake and subscribing.
+    let mut crl = ctx.crl_changes();
+    let mut crl_open = true;
     let mut sessions = JoinSet::new();
     let session_acceptor = SessionAcceptor::new();
     let end = loop {
+        if let Some(reason) = ctx.revoked_peer(&chain) {
+            break ConnectionEnd::Revoked(reason);
+        }
         tokio::select! {
             s = session_acceptor.accept(&mut conn) => match s {
                 Ok(session) => {
-                    sessions.spawn(serve_session(session, sender.clone(), ctx.clone(), shutdown.clone()));
+                    sessions.spawn(serve_session(session, sender.clone(), ctx.clone(), stop.clone()));
                 }
                 Err(e) => break ConnectionEnd::Session(e),
             },
+            changed = crl.changed(), if crl_open => crl_open = changed.is_ok(),
             _ = shutdown.cancelled() => break ConnectionEnd::Shutdown,
         }
     };
+    if let ConnectionEnd::Revoked(reason) = &end {
+        warn!(peer = %sender, peer_addr = %addr, reason = %reason, "peer disconnected: revoked after a CRL change");
+        metrics::counter!("drawbridge_float_connections_revoked_total").increment(1);
+    }
+    stop.cancel();
     while sessions.join_next().await.is_some() {}
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
     metrics::gauge!("drawbridge_float_connections").decrement(1.0);
@@ -176,7 +195,14 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     ctx: &Ctx,
-) -> Result<(ListenerConnectionHandle, LegalName), (Refused, Option<LegalName>)> {
+) -> Result<
+    (
+        ListenerConnectionHandle,
+        LegalName,
+        Vec<CertificateDer<'static>>,
+    ),
+    (Refused, Option<LegalName>),
+> {
     let _ = tcp.set_nodelay(true);
     let timeout = ctx.cfg.handshake_timeout;
     let tls = match tokio::time::timeout(timeout, ctx.tls.accept(tcp)).await {
@@ -192,6 +218,13 @@ async fn handshake(
     if !ctx.broker.is_connected() {
         return Err((Refused::BrokerUnavailable, Some(peer)));
     }
+    // Kept for re-checking revocation while the peer stays connected.
+    let chain: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
     let acceptor = ConnectionAcceptor::builder()
         .container_id(format!("drawbridge-float-{}", std::process::id()))
         .max_frame_size(MAX_FRAME)
@@ -202,7 +235,7 @@ async fn handshake(
     // size): see `frame_guard`.
     let guarded = FrameGuard::new(tls, MAX_FRAME, format!("{} ({addr})", peer.canonical()));
     match tokio::time::timeout(timeout, acceptor.accept(guarded)).await {
-        Ok(Ok(c)) => Ok((c, peer)),
+        Ok(Ok(c)) => Ok((c, peer, chain)),
         Ok(Err(e)) => Err((Refused::Open(e), Some(peer))),
         Err(_) => Err((Refused::OpenTimeout(timeout), Some(peer))),
     }

@@ -31,7 +31,7 @@ use std::{
     },
 };
 
-use drawbridge_certs::{LegalName, TlsIdentity};
+use drawbridge_certs::{pki_types::CertificateDer, LegalName, PeerRole, Revocation, TlsIdentity};
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Live, Setup},
@@ -84,6 +84,24 @@ pub(crate) struct Ctx {
     identities: Identities,
     /// Open connections, for `/status`.
     connections: Mutex<HashMap<u64, connection::ConnectionInfo>>,
+    /// CRLs in force (shared with the TLS acceptor's verifier) and their change signal.
+    revocation: Revocation,
+}
+
+impl Ctx {
+    /// A receiver whose `changed()` completes whenever the CRLs in force change (a file
+    /// reloaded, a URL fetched, a CRL past its `nextUpdate`). Each established connection
+    /// holds one and, on a change, calls [`Ctx::revoked_peer`] with its peer's chain.
+    pub(crate) fn crl_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocation.subscribe()
+    }
+
+    /// Why a connected client presenting `chain` (leaf first, as
+    /// `tls.get_ref().1.peer_certificates()` gives it) would be refused now for
+    /// revocation reasons, if it would; the connection must then be closed.
+    pub(crate) fn revoked_peer(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
+        self.revocation.is_revoked(chain, PeerRole::Client)
+    }
 }
 
 impl AdminState for Ctx {
@@ -115,6 +133,11 @@ impl AdminState for Ctx {
             "budget_holds": self.stats.budget_holds.load(Ordering::Relaxed),
             "dedup_window": self.dedup.len(),
             "dedup_in_flight": self.dedup.in_flight(),
+            "revocation": {
+                "mode": self.revocation.mode().as_str(),
+                "generation": self.revocation.generation(),
+                "crls": self.revocation.describe_crls(),
+            },
         })
     }
 }
@@ -141,8 +164,10 @@ pub async fn start(
 ) -> Result<RunningFloat, StartError> {
     let identity = TlsIdentity::load_with(&cfg.tls_cert, &cfg.tls_key, cfg.key_access)?;
     let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
-    let crls = drawbridge_certs::load_crls(&cfg.crls)?;
-    let tls = drawbridge_certs::server_config(&identity, roots, crls, cfg.tls_policy)?;
+    // The acceptor's verifier asks `revocation` for the CRLs in force at each handshake: a
+    // reloaded CRL file (or a fetched URL) applies to the next connection, no restart.
+    let revocation = drawbridge_runtime::revocation::start(roots, cfg.revocation.clone())?;
+    let tls = drawbridge_certs::server_config_with(&identity, &revocation, cfg.tls_policy)?;
     let identities: Vec<(LegalName, String)> = if cfg.identities.is_empty() {
         vec![(identity.legal_name()?, cfg.default_inbox.clone())]
     } else {
@@ -213,6 +238,7 @@ pub async fn start(
         stats: Stats::default(),
         identities: Identities::new(identities),
         connections: Mutex::new(HashMap::new()),
+        revocation,
         cfg,
     });
     let admin_addr =

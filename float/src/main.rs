@@ -24,7 +24,7 @@ async fn main() {
     let cfg = daemon::load_config_or_exit(
         "drawbridge-float",
         args.config.as_deref(),
-        &["broker.uris", "float.crls"],
+        &["broker.uris", "float.crls", "float.crl_urls"],
         FloatConfig::from_reader,
     );
     logging::init(cfg.log_format, "info");

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod headers;
 pub mod logging;
 pub mod mapping;
+pub mod revocation;
 pub mod shutdown;
 
 /// Exit code for invalid configuration or command line (`EX_USAGE` from sysexits.h).

@@ -128,6 +128,8 @@ impl LinkBudget {
         let n = self.pool.units_for(len);
         let used = self.used.clone();
         async move {
+            // Not peer input: the pool owns the semaphore and never closes it.
+            #[allow(clippy::expect_used)]
             let units = units
                 .acquire_many_owned(n)
                 .await

@@ -159,7 +159,7 @@ impl FloatConfig {
             "must be `classic` or `quorum`",
         );
         let cfg = FloatConfig {
-            listen: listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal")),
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_cert,
             tls_key,
             trust_roots,

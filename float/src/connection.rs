@@ -146,14 +146,17 @@ pub(crate) async fn serve_connection(
     // One written form per identity, whatever order the certificate's subject has.
     let sender: Arc<str> = peer.canonical().into();
     info!(peer = %sender, peer_addr = %addr, "peer connected");
-    ctx.connections.lock().expect("poisoned").insert(
-        id,
-        ConnectionInfo {
-            peer: sender.to_string(),
-            addr: addr.to_string(),
-            since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
-        },
-    );
+    ctx.connections
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(
+            id,
+            ConnectionInfo {
+                peer: sender.to_string(),
+                addr: addr.to_string(),
+                since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
+            },
+        );
     metrics::gauge!("drawbridge_float_connections").increment(1.0);
     // Ends this connection's sessions and links (they drain as on shutdown).
     let stop = shutdown.child_token();

@@ -52,7 +52,10 @@ impl Dedup {
     /// Classify a copy of `(sender, id)` arriving at `now`.
     pub fn begin(&self, sender: &Arc<str>, id: &str, now: Instant) -> Seen {
         let key: Key = (sender.clone(), id.to_string());
-        let mut w = self.inner.lock().expect("poisoned");
+        let mut w = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if w.contains(&key, now) {
             return Seen::Confirmed;
         }
@@ -70,7 +73,10 @@ impl Dedup {
 
     /// Pairs remembered as confirmed.
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("poisoned").len()
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Whether nothing is remembered.
@@ -80,13 +86,16 @@ impl Dedup {
 
     /// Copies in flight (tickets alive).
     pub fn in_flight(&self) -> usize {
-        self.inner.lock().expect("poisoned").in_flight()
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .in_flight()
     }
 
     fn finish(&self, key: &Key, confirmed_at: Option<Instant>) {
         self.inner
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .finish(key, confirmed_at);
     }
 }

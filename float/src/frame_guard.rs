@@ -485,7 +485,11 @@ impl Frames {
         match &mut self.state {
             FrameState::Head { buf, have } => {
                 let take = (8 - *have).min(bytes.len());
-                buf[*have..*have + take].copy_from_slice(&bytes[..take]);
+                if let (Some(dst), Some(src)) =
+                    (buf.get_mut(*have..*have + take), bytes.get(..take))
+                {
+                    dst.copy_from_slice(src);
+                }
                 *have += take;
                 if *have == 8 {
                     let head = *buf;
@@ -518,7 +522,7 @@ impl Frames {
                     .get(..(*left as usize).min(bytes.len()))
                     .unwrap_or_default();
                 let used = scanner.feed(window, Some(1))?;
-                kept.extend_from_slice(&window[..used]);
+                kept.extend_from_slice(window.get(..used).unwrap_or_default());
                 *left -= used as u32;
                 if scanner.completed() == 1 {
                     let (left, channel, sasl) = (*left, *channel, *sasl);
@@ -532,7 +536,7 @@ impl Frames {
             FrameState::Payload { left, key, last } => {
                 let take = (*left as usize).min(bytes.len());
                 let scanner = self.deliveries.entry(*key).or_default();
-                scanner.feed(&bytes[..take], None)?;
+                scanner.feed(bytes.get(..take).unwrap_or_default(), None)?;
                 *left -= take as u32;
                 if *left == 0 {
                     if *last {

@@ -8,6 +8,22 @@
 //! bridge dead-letters it); anything it cannot deliver *yet* is `released` (the bridge
 //! resends). It never accepts and then drops.
 #![forbid(unsafe_code)]
+// Everything here handles peer input: no peer byte may reach a panic.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod budget;
 pub mod config;
@@ -113,7 +129,7 @@ impl AdminState for Ctx {
         let conns: Vec<_> = self
             .connections
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .cloned()
             .collect();

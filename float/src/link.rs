@@ -283,9 +283,10 @@ impl Link {
                     }
                 }
                 permit = wait_for(&mut self.waiting), if self.waiting.is_some() => {
-                    let w = self.waiting.take().expect("checked");
-                    if let Err(e) = self.publish(w.info, w.outbound, permit).await {
-                        return e;
+                    if let Some(w) = self.waiting.take() {
+                        if let Err(e) = self.publish(w.info, w.outbound, permit).await {
+                            return e;
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(paused.unwrap_or_else(tokio::time::Instant::now)), if paused.is_some() && !self.draining => {}

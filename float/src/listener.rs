@@ -46,7 +46,10 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: Cancel
         let id = next_id;
         conns.spawn(async move {
             connection::serve_connection(tcp, addr, id, ctx.clone(), shutdown).await;
-            ctx.connections.lock().expect("poisoned").remove(&id);
+            ctx.connections
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
             drop(permit);
         });
     }

@@ -1,0 +1,43 @@
+//! The float's path for an incoming AMQP 1.0 message (its raw sections, as the transfer
+//! payloads concatenate to): the frame guard's scanner first; only what it accepts whole,
+//! ending between values, is decoded by serde_amqp as fe2o3 does, and what decodes is
+//! validated and converted by `from_amqp`. Nothing may panic, and nothing the scanner
+//! accepts may overflow the stack of a float worker thread (2 MiB) when decoded.
+#![no_main]
+
+mod common;
+
+use drawbridge_float::{convert::from_amqp, frame_guard::Scanner};
+use fe2o3_amqp::types::{
+    messaging::{message::__private::Deserializable, Body, Message},
+    primitives::Value,
+};
+use libfuzzer_sys::fuzz_target;
+
+/// The float's default body limit.
+const MAX_SIZE: usize = 1 << 20;
+
+fuzz_target!(|data: &[u8]| {
+    let mut scanner = Scanner::new();
+    match scanner.feed(data, None) {
+        Ok(n) => assert_eq!(n, data.len(), "the scanner stops early only when asked to"),
+        Err(_) => return,
+    }
+    if !scanner.at_boundary() {
+        return;
+    }
+    let bytes = data.to_vec();
+    common::on_worker_stack(move || {
+        let Ok(msg) = serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(&bytes) else {
+            return;
+        };
+        if let Ok(inbound) = from_amqp(msg.0, MAX_SIZE) {
+            assert!(
+                inbound.body.len() <= MAX_SIZE,
+                "body over the limit accepted"
+            );
+            assert!(!inbound.message_id.is_empty() && inbound.message_id.len() <= 255);
+            let _ = inbound.dedup_key();
+        }
+    });
+});

@@ -10,10 +10,17 @@ use drawbridge_control_protocol::{
     ControlCommand, CreateLink, DeleteLink, LinkState, LinkStatus, Notification, PeerLink,
     SequencedCommand, Snapshot, SnapshotRequest,
 };
+use drawbridge_float::{
+    convert::from_amqp,
+    frame_guard::{Frames, Scanner},
+};
 use drawbridge_runtime::headers;
 use fe2o3_amqp::types::{
     definitions::{Fields, Handle, ReceiverSettleMode, Role, SenderSettleMode},
-    messaging::{message::__private::Serializable, Body, Message, Properties},
+    messaging::{
+        message::__private::{Deserializable, Serializable},
+        Body, Message, Properties,
+    },
     performatives::{Attach, Begin, Open, Performative, Transfer},
     primitives::{Binary, Value},
 };
@@ -86,8 +93,8 @@ fn control() {
     }
 }
 
-/// Messages as the bridge sends them: every property, rich headers.
-fn bridge_messages() -> Vec<Message<Body<Value>>> {
+/// Messages as the bridge sends them (encoded): every property, rich headers.
+fn bridge_messages() -> Vec<Vec<u8>> {
     let mut rich = FieldTable::default();
     rich.insert(
         ShortString::from(headers::DESTINATION),
@@ -136,14 +143,17 @@ fn bridge_messages() -> Vec<Message<Body<Value>>> {
     let minimal = BasicProperties::default()
         .with_message_id("m".into())
         .with_headers(plain);
-    vec![
-        message_to_amqp(&full, b"{\"amount\": 100}", 1 << 20).unwrap(),
-        message_to_amqp(&minimal, b"", 1 << 20).unwrap(),
-    ]
+    [(full, &b"{\"amount\": 100}"[..]), (minimal, b"")]
+        .into_iter()
+        .map(|(p, body)| {
+            let m = message_to_amqp(&p, body, 1 << 20).unwrap();
+            serde_amqp::to_vec(&Serializable(m)).unwrap()
+        })
+        .collect()
 }
 
-/// Messages a foreign AMQP 1.0 sender might send: other body kinds and id types.
-fn foreign_messages() -> Vec<Message<Body<Value>>> {
+/// Messages a foreign AMQP 1.0 sender might send (encoded): other body kinds and id types.
+fn foreign_messages() -> Vec<Vec<u8>> {
     let props = |id: Value| {
         let mut p = Properties::default();
         p.message_id = match id {
@@ -176,15 +186,7 @@ fn foreign_messages() -> Vec<Message<Body<Value>>> {
         .build();
     [value, list, binary]
         .into_iter()
-        .map(|m| Message {
-            header: m.header,
-            delivery_annotations: m.delivery_annotations,
-            message_annotations: m.message_annotations,
-            properties: m.properties,
-            application_properties: m.application_properties,
-            body: Body::Value(fe2o3_amqp::types::messaging::AmqpValue(m.body.0)),
-            footer: m.footer,
-        })
+        .map(|m| serde_amqp::to_vec(&Serializable(m)).unwrap())
         .collect()
 }
 
@@ -283,15 +285,22 @@ fn float() {
     let messages: Vec<Vec<u8>> = bridge_messages()
         .into_iter()
         .chain(foreign_messages())
-        .map(|m| serde_amqp::to_vec(&Serializable(m)).unwrap())
         .collect();
     for (i, m) in messages.iter().enumerate() {
+        // Each passes the frame guard and decodes; the bridge's also pass `from_amqp`.
+        let mut scanner = Scanner::new();
+        assert_eq!(scanner.feed(m, None), Ok(m.len()));
+        assert!(scanner.at_boundary());
+        let back: Deserializable<Message<Body<Value>>> = serde_amqp::from_slice(m).unwrap();
+        let converted = from_amqp(back.0, 1 << 20);
+        assert!(i >= 2 || converted.is_ok(), "message-{i}: {converted:?}");
         write("float_message", &format!("message-{i}"), m);
     }
     for (i, m) in messages.iter().take(3).enumerate() {
         // The first byte seeds the chunking.
         let mut input = vec![i as u8 * 37 + 5];
         input.extend(connection(m));
+        Frames::new(256 * 1024).feed(&input[1..]).unwrap();
         write("float_frames", &format!("connection-{i}"), &input);
     }
 }

@@ -2,14 +2,19 @@
 //! payloads concatenate to): the frame guard's scanner first; only what it accepts whole,
 //! ending between values, is decoded by serde_amqp as fe2o3 does, and what decodes is
 //! validated and converted by `from_amqp`. Nothing may panic, and nothing the scanner
-//! accepts may overflow the stack of a float worker thread (2 MiB) when decoded.
+//! accepts may overflow the stack of a float worker thread (2 MiB) when decoded, and what
+//! decodes must re-encode to something the scanner accepts (so the decoder read the bytes as
+//! the scanner did).
 #![no_main]
 
 mod common;
 
 use drawbridge_float::{convert::from_amqp, frame_guard::Scanner};
 use fe2o3_amqp::types::{
-    messaging::{message::__private::Deserializable, Body, Message},
+    messaging::{
+        message::__private::{Deserializable, Serializable},
+        Body, Message,
+    },
     primitives::Value,
 };
 use libfuzzer_sys::fuzz_target;
@@ -31,6 +36,14 @@ fuzz_target!(|data: &[u8]| {
         let Ok(msg) = serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(&bytes) else {
             return;
         };
+        // What was decoded nests as the scanner saw it: its encoding passes the scanner too
+        // (a decoder that read the bytes otherwise than the scanner, e.g. by count where the
+        // scanner went by size, would nest deeper than the scanner allowed).
+        let again = serde_amqp::to_vec(&Serializable(&msg.0)).expect("a decoded message encodes");
+        let mut rescan = Scanner::new();
+        if let Err(e) = rescan.feed(&again, None) {
+            panic!("the scanner passed a message whose decoded form it refuses ({e}): {again:?}");
+        }
         if let Ok(inbound) = from_amqp(msg.0, MAX_SIZE) {
             assert!(
                 inbound.body.len() <= MAX_SIZE,

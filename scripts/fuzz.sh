@@ -57,7 +57,8 @@ for t in "${targets[@]}"; do
         limit=(-runs="$FUZZ_RUNS")
     fi
     log="target/fuzz-logs/$t.log"
-    echo "fuzz.sh: $t (${FUZZ_RUNS:+$FUZZ_RUNS runs}${FUZZ_RUNS:-$seconds s}), log in fuzz/$log"
+    if [[ -n "${FUZZ_RUNS:-}" ]]; then what="$FUZZ_RUNS runs"; else what="$seconds s"; fi
+    echo "fuzz.sh: $t ($what), log in fuzz/$log"
     set +e
     cargo +nightly fuzz run "${build_flags[@]}" "$t" "corpus/$t" "seeds/$t" -- \
         "${limit[@]}" -max_len="$(max_len "$t")" -timeout=10 -print_final_stats=1 \

@@ -39,10 +39,15 @@ fuzz_target!(|data: &[u8]| {
         // What was decoded nests as the scanner saw it: its encoding passes the scanner too
         // (a decoder that read the bytes otherwise than the scanner, e.g. by count where the
         // scanner went by size, would nest deeper than the scanner allowed).
-        let again = serde_amqp::to_vec(&Serializable(&msg.0)).expect("a decoded message encodes");
-        let mut rescan = Scanner::new();
-        if let Err(e) = rescan.feed(&again, None) {
-            panic!("the scanner passed a message whose decoded form it refuses ({e}): {again:?}");
+        if !has_timestamp_key(&msg.0) {
+            let again =
+                serde_amqp::to_vec(&Serializable(&msg.0)).expect("a decoded message encodes");
+            let mut rescan = Scanner::new();
+            if let Err(e) = rescan.feed(&again, None) {
+                panic!(
+                    "the scanner passed a message whose decoded form it refuses ({e}): {again:?}"
+                );
+            }
         }
         if let Ok(inbound) = from_amqp(msg.0, MAX_SIZE) {
             assert!(
@@ -54,3 +59,46 @@ fuzz_target!(|data: &[u8]| {
         }
     });
 });
+
+/// Whether a map in the message has a timestamp key. serde_amqp 0.18 cannot encode one that
+/// is followed by a string (`unreachable!()` in `serialize_str`: the timestamp leaves its
+/// type marker set), so the re-encoding check skips such messages. Drawbridge never encodes
+/// a peer's message, and its own maps have string keys.
+fn has_timestamp_key(msg: &Message<Body<Value>>) -> bool {
+    let mut todo: Vec<&Value> = Vec::new();
+    for a in [msg.delivery_annotations.as_ref().map(|a| &a.0)]
+        .into_iter()
+        .flatten()
+        .chain(msg.message_annotations.as_ref().map(|a| &a.0))
+        .chain(msg.footer.as_ref().map(|f| &f.0))
+    {
+        todo.extend(a.values());
+    }
+    match &msg.body {
+        Body::Value(v) => todo.push(&v.0),
+        Body::Sequence(seqs) => {
+            for s in seqs.iter() {
+                todo.extend(s.0.iter());
+            }
+        }
+        _ => {}
+    }
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::Map(m) => {
+                for (k, v) in m.iter() {
+                    if matches!(k, Value::Timestamp(_)) {
+                        return true;
+                    }
+                    todo.push(k);
+                    todo.push(v);
+                }
+            }
+            Value::List(l) => todo.extend(l.iter()),
+            Value::Array(a) => todo.extend(a.iter()),
+            Value::Described(d) => todo.push(&d.value),
+            _ => {}
+        }
+    }
+    false
+}

@@ -2,6 +2,8 @@
 # Runs Drawbridge's test suites. Usage: scripts/test.sh
 #   DRAWBRIDGE_FAULT_SUITE=1 (or CI=true) also runs the slow fault-injection suite
 #   (tests/tests/faults.rs, release build, ignored tests, one at a time).
+#   DRAWBRIDGE_FUZZ_SMOKE=1 (or CI=true) also runs each fuzz target briefly (scripts/fuzz.sh),
+#   if the nightly toolchain and cargo-fuzz are installed.
 # RabbitMQ nodes are private (started by the tests on free loopback ports); the system
 # RabbitMQ service is neither needed nor touched.
 set -euo pipefail
@@ -31,6 +33,22 @@ if [[ "${DRAWBRIDGE_FAULT_SUITE:-}" == "1" || "${CI:-}" == "true" ]]; then
         fi
     else
         echo "test.sh: tests/tests/faults.rs not present, fault suite skipped"
+    fi
+fi
+
+# Fuzzing smoke run (docs/security.md, "Fuzzing"): each fuzz target for a short time, in CI
+# (or with DRAWBRIDGE_FUZZ_SMOKE=1). Needs the nightly toolchain and cargo-fuzz; skipped
+# (saying why) when either is missing. DRAWBRIDGE_FUZZ_SECONDS sets the time per target.
+if [[ "${DRAWBRIDGE_FUZZ_SMOKE:-}" == "1" || "${CI:-}" == "true" ]]; then
+    if ! cargo +nightly --version >/dev/null 2>&1; then
+        echo "test.sh: fuzz smoke run skipped: no nightly toolchain"
+    elif ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+        echo "test.sh: fuzz smoke run skipped: cargo-fuzz is not installed (cargo install cargo-fuzz)"
+    else
+        echo "test.sh: fuzz smoke run (${DRAWBRIDGE_FUZZ_SECONDS:-20} s per target)"
+        if ! ./scripts/fuzz.sh "${DRAWBRIDGE_FUZZ_SECONDS:-20}"; then
+            failed+=("fuzz smoke run")
+        fi
     fi
 fi
 

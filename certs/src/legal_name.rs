@@ -111,23 +111,41 @@ impl LegalName {
     ///
     /// String encodings (UTF8String, PrintableString, IA5String, BMPString, ...) are decoded,
     /// so a name compares equal whatever encoding the issuing CA chose.
+    ///
+    /// A subject that no written legal name can express is refused, as the parser refuses
+    /// its written form: an attribute with an empty value, the same attribute and value
+    /// twice, an attribute type that is no dotted OID. So [`LegalName::canonical`] of every
+    /// name read here parses back to the same name (the float stamps it as the sender, and
+    /// the receiving node parses it).
     pub fn from_der_cert(cert: &CertificateDer<'_>) -> Result<LegalName, CertError> {
         let (_, parsed) = X509Certificate::from_der(cert.as_ref())
             .map_err(|e| CertError::X509(format!("not a DER X.509 certificate: {e}")))?;
-        let mut attrs = Vec::new();
+        let mut attrs: Vec<Attribute> = Vec::new();
         for attr in parsed.subject().iter_attributes() {
             let oid = attr.attr_type().to_id_string();
+            if !is_dotted_oid(&oid) {
+                return Err(CertError::X509(format!(
+                    "subject attribute type `{oid}` is not a dotted OID"
+                )));
+            }
+            let key = key_for_oid(&oid);
             let value = decode_string(attr).ok_or_else(|| {
                 CertError::X509(format!(
-                    "subject attribute {} has a value that is not a supported string type",
-                    key_for_oid(&oid)
+                    "subject attribute {key} has a value that is not a supported string type"
                 ))
             })?;
-            attrs.push(Attribute {
-                key: key_for_oid(&oid),
-                oid,
-                value: value.trim().to_owned(),
-            });
+            let value = value.trim().to_owned();
+            if value.is_empty() {
+                return Err(CertError::X509(format!(
+                    "subject attribute {key} has an empty value"
+                )));
+            }
+            if attrs.iter().any(|a| a.oid == oid && a.value == value) {
+                return Err(CertError::X509(format!(
+                    "subject attribute {key}={value} appears twice"
+                )));
+            }
+            attrs.push(Attribute { key, oid, value });
         }
         if attrs.is_empty() {
             return Err(CertError::X509("certificate subject is empty".into()));
@@ -439,6 +457,111 @@ mod tests {
         }
         let msg = "XX=1".parse::<LegalName>().unwrap_err().to_string();
         assert!(msg.contains("XX=1") && msg.contains("unknown"), "{msg}");
+    }
+
+    /// A self-signed certificate for `subject` (in this order), DER.
+    fn cert(subject: &[(rcgen::DnType, &str)]) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (t, v) in subject {
+            params.distinguished_name.push(t.clone(), *v);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn read(der: &[u8]) -> Result<LegalName, CertError> {
+        LegalName::from_der_cert(&CertificateDer::from(der))
+    }
+
+    /// Replaces every occurrence of `from` in `der` by `to` (same length).
+    fn patch(der: &mut [u8], from: &[u8], to: &[u8]) {
+        let mut i = 0;
+        while i + from.len() <= der.len() {
+            if &der[i..i + from.len()] == from {
+                der[i..i + from.len()].copy_from_slice(to);
+            }
+            i += 1;
+        }
+    }
+
+    #[test]
+    fn certificate_subject_round_trips_through_its_canonical_form() {
+        use rcgen::DnType;
+        let der = cert(&[
+            (DnType::CountryName, "GB"),
+            (DnType::LocalityName, "London"),
+            (DnType::OrganizationName, "Bank, A"),
+        ]);
+        let n = read(&der).unwrap();
+        assert_eq!(n, name("O=Bank\\, A, L=London, C=GB"));
+        assert_eq!(name(&n.canonical()), n);
+    }
+
+    // Found by fuzzing (fuzz/, target legal_name_der): a subject whose canonical form does
+    // not parse, so the float would stamp a sender no node can read.
+    #[test]
+    fn certificate_subject_with_an_empty_value_is_refused() {
+        use rcgen::DnType;
+        let der = cert(&[
+            (DnType::OrganizationName, "Bank A"),
+            (DnType::OrganizationalUnitName, " "),
+        ]);
+        let err = read(&der).unwrap_err().to_string();
+        assert!(err.contains("OU has an empty value"), "{err}");
+    }
+
+    #[test]
+    fn certificate_subject_with_a_repeated_attribute_is_refused() {
+        use rcgen::DnType;
+        let mut der = cert(&[
+            (DnType::OrganizationName, "Bank A"),
+            (DnType::LocalityName, "Bank A"),
+        ]);
+        // L's OID 2.5.4.7 becomes O's 2.5.4.10: `O=Bank A` twice.
+        patch(
+            &mut der,
+            &[0x06, 0x03, 0x55, 0x04, 0x07],
+            &[0x06, 0x03, 0x55, 0x04, 0x0a],
+        );
+        let err = read(&der).unwrap_err().to_string();
+        assert!(err.contains("O=Bank A appears twice"), "{err}");
+        // The same attribute with two values is a legal name (`DC=example, DC=com`).
+        let der = cert(&[
+            (DnType::OrganizationName, "Bank A"),
+            (DnType::LocalityName, "London"),
+        ]);
+        let mut der = der;
+        // `O=Bank A, O=London`.
+        patch(
+            &mut der,
+            &[0x06, 0x03, 0x55, 0x04, 0x07],
+            &[0x06, 0x03, 0x55, 0x04, 0x0a],
+        );
+        let n = read(&der).unwrap();
+        assert_eq!(name(&n.canonical()), n);
+    }
+
+    #[test]
+    fn certificate_subject_with_a_non_dotted_oid_is_refused() {
+        use rcgen::DnType;
+        let mut der = cert(&[
+            (DnType::OrganizationName, "Bank A"),
+            (DnType::LocalityName, "LondonLondonXY"),
+        ]);
+        // `L=LondonLondonXY` becomes an attribute whose type is an OID with an arc too big
+        // for 64 bits, which x509-parser writes as hex bytes ("81 81 ..."): no key a written
+        // legal name can have. Same length, so the DER stays well-formed.
+        let mut from = vec![0x06, 0x03, 0x55, 0x04, 0x07, 0x0c, 14];
+        from.extend_from_slice(b"LondonLondonXY");
+        let mut to = vec![0x06, 11];
+        to.extend_from_slice(&[0x81; 10]);
+        to.extend_from_slice(&[0x01, 0x0c, 6]);
+        to.extend_from_slice(b"London");
+        assert_eq!(from.len(), to.len());
+        patch(&mut der, &from, &to);
+        let err = read(&der).unwrap_err().to_string();
+        assert!(err.contains("is not a dotted OID"), "{err}");
     }
 
     #[test]

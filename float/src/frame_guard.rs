@@ -10,7 +10,13 @@
 //!
 //! - [`Scanner`] walks a stream of AMQP 1.0 encoded values with an explicit stack (no
 //!   recursion) and refuses nesting deeper than [`MAX_DEPTH`], unknown constructors, sizes that
-//!   overrun their container and arrays of described types.
+//!   overrun their container, element counts that disagree with their container's size (the
+//!   decoder reads as many elements as the count says, whatever the size: a list of size 1
+//!   that claims one element takes the next value in as its child), empty arrays with an
+//!   element constructor and arrays of described or compound elements (serde_amqp reads no
+//!   constructor for an empty array, and only the first compound element of an array with
+//!   the array's constructor: either way it would read the following bytes otherwise than
+//!   the scanner did).
 //! - [`Frames`] cuts the connection's bytes into protocol headers and frames, refuses frames
 //!   bigger than the announced maximum, scans each performative, and scans transfer payloads
 //!   per `(channel, handle)`, so that a message split over many frames is scanned as one
@@ -50,10 +56,18 @@ pub enum Violation {
     /// A value's size runs past the end of its list, map or array, or a size is too small.
     #[error("a value's size does not fit its container")]
     BadSize,
+    /// A list, map or array whose element count is not the number of elements within its
+    /// size, or a map with an odd count.
+    #[error("a list, map or array's element count does not match its contents")]
+    BadCount,
     /// An array whose elements are described types (never sent by Drawbridge or the
     /// performatives).
     #[error("arrays of described types are not accepted")]
     DescribedArray,
+    /// An array whose elements are lists, maps or arrays (never sent by Drawbridge or the
+    /// performatives; serde_amqp decodes only the first such element correctly).
+    #[error("arrays of lists, maps or arrays are not accepted")]
+    CompoundArray,
     /// A frame bigger than the maximum announced in `open`.
     #[error("frame of {size} bytes exceeds the maximum of {max}")]
     FrameTooLarge {
@@ -78,8 +92,14 @@ pub enum Violation {
 #[derive(Debug, Clone, Copy)]
 enum Open {
     /// A list, map or array ending at this stream offset; arrays give their elements'
-    /// constructor, which the elements do not repeat.
-    Sized { end: u64, element: Option<u8> },
+    /// constructor, which the elements do not repeat. `left`: elements still to come (the
+    /// count says how many; `None` for an array of zero-width elements, which has no bytes
+    /// to count).
+    Sized {
+        end: u64,
+        element: Option<u8>,
+        left: Option<u64>,
+    },
     /// A described value: this many values (descriptor, value) still to come.
     Described { left: u8 },
 }
@@ -93,22 +113,24 @@ enum State {
     Skip(u64),
     /// The length of variable-width data: `width` bytes, `got` so far.
     VarLen { width: u8, got: u8, acc: u64 },
-    /// The size of a compound, then its count (and, for arrays, the element constructor).
+    /// The size of a compound (constructor `code`), then its count (and, for arrays, the
+    /// element constructor).
     Size {
         width: u8,
         got: u8,
         acc: u64,
-        array: bool,
+        code: u8,
     },
-    /// The count of a compound (ignored: the size bounds it), ending at `end`.
+    /// The count of a compound ending at `end`.
     Count {
         width: u8,
         got: u8,
+        acc: u64,
         end: u64,
-        array: bool,
+        code: u8,
     },
-    /// The element constructor of an array ending at `end`.
-    Element { end: u64 },
+    /// The element constructor of an array of `count` elements ending at `end`.
+    Element { end: u64, count: u64 },
 }
 
 /// Walks a stream of AMQP 1.0 encoded values incrementally, without recursion.
@@ -189,12 +211,24 @@ impl Scanner {
                     _ => None,
                 };
                 match implied {
-                    // Inside an array of compounds the byte read is already the element's
-                    // first size byte: act on the implied constructor, then on the byte.
-                    Some(c) => {
-                        self.constructor(c)?;
-                        self.byte(b)
-                    }
+                    // Inside an array the byte read is already the element's first byte (of
+                    // its data, or of its size or length): act on the implied constructor,
+                    // then on the byte.
+                    Some(c) => match width_of(c) {
+                        Some(n) if n > 0 => {
+                            self.check_fits(self.offset - 1 + n)?;
+                            if n == 1 {
+                                self.finish_value()
+                            } else {
+                                self.state = State::Skip(n - 1);
+                                Ok(())
+                            }
+                        }
+                        _ => {
+                            self.constructor(c)?;
+                            self.byte(b)
+                        }
+                    },
                     None => self.constructor(b),
                 }
             }
@@ -220,7 +254,7 @@ impl Scanner {
                 width,
                 got,
                 acc,
-                array,
+                code,
             } => {
                 let acc = (acc << 8) | u64::from(b);
                 if got + 1 < width {
@@ -228,13 +262,13 @@ impl Scanner {
                         width,
                         got: got + 1,
                         acc,
-                        array,
+                        code,
                     };
                     return Ok(());
                 }
-                // The size counts the count field (and an array's constructor).
-                let least = u64::from(width) + u64::from(array);
-                if acc < least {
+                // The size counts the count field (and an array's constructor, which an empty
+                // array may leave out).
+                if acc < u64::from(width) {
                     return Err(Violation::BadSize);
                 }
                 let end = self.offset + acc;
@@ -242,64 +276,78 @@ impl Scanner {
                 self.state = State::Count {
                     width,
                     got: 0,
+                    acc: 0,
                     end,
-                    array,
+                    code,
                 };
                 Ok(())
             }
             State::Count {
                 width,
                 got,
+                acc,
                 end,
-                array,
+                code,
             } => {
+                let count = (acc << 8) | u64::from(b);
                 if got + 1 < width {
                     self.state = State::Count {
                         width,
                         got: got + 1,
+                        acc: count,
                         end,
-                        array,
+                        code,
                     };
                     return Ok(());
                 }
-                if array {
-                    self.state = State::Element { end };
+                // A map's count is of keys and values: an odd one makes the decoder read
+                // past its end (and, with overflow checks, panic in serde_amqp).
+                if matches!(code, 0xc1 | 0xd1) && count % 2 != 0 {
+                    return Err(Violation::BadCount);
+                }
+                if is_array(code) && count > 0 {
+                    if self.offset == end {
+                        return Err(Violation::BadSize);
+                    }
+                    self.state = State::Element { end, count };
                     Ok(())
                 } else {
-                    self.push(Open::Sized { end, element: None })?;
-                    self.state = State::Constructor;
-                    self.finish_value()
+                    // An empty array has no element constructor: serde_amqp reads none (and
+                    // fe2o3 writes none), so a constructor here would be read as the next
+                    // value.
+                    if is_array(code) && self.offset != end {
+                        return Err(Violation::BadCount);
+                    }
+                    self.push(Open::Sized {
+                        end,
+                        element: None,
+                        left: Some(count),
+                    })?;
+                    self.opened()
                 }
             }
-            State::Element { end } => {
-                match b {
-                    0x00 => Err(Violation::DescribedArray),
-                    0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => {
-                        self.push(Open::Sized {
-                            end,
-                            element: Some(b),
-                        })?;
-                        self.state = State::Constructor;
-                        self.finish_value()
+            State::Element { end, count } => match b {
+                0x00 => Err(Violation::DescribedArray),
+                // serde_amqp keeps one element constructor for the whole decoder and a list,
+                // map or array element clears it: from the second element on it would read
+                // each element's size byte as a constructor.
+                0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => Err(Violation::CompoundArray),
+                _ if width_of(b) == Some(0) => {
+                    // Zero-width elements (null, true, false, empty list): no bytes at all.
+                    if self.offset != end {
+                        return Err(Violation::BadCount);
                     }
-                    _ => {
-                        let variable = matches!(b, 0xa0 | 0xa1 | 0xa3 | 0xb0 | 0xb1 | 0xb3);
-                        if width_of(b).is_none() && !variable {
-                            return Err(Violation::BadConstructor(b));
-                        }
-                        // Primitive elements cannot nest: skip them all.
-                        self.push(Open::Sized { end, element: None })?;
-                        let rest = end - self.offset;
-                        if rest == 0 {
-                            self.state = State::Constructor;
-                            self.finish_value()
-                        } else {
-                            self.state = State::Skip(rest);
-                            Ok(())
-                        }
-                    }
+                    self.push(Open::Sized {
+                        end,
+                        element: None,
+                        left: None,
+                    })?;
+                    self.opened()
                 }
-            }
+                0xa0 | 0xa1 | 0xa3 | 0xb0 | 0xb1 | 0xb3 => self.array_of(b, end, count),
+                _ if width_of(b).is_some() => self.array_of(b, end, count),
+                _ => Err(Violation::BadConstructor(b)),
+            },
             // `feed` consumes skipped bytes itself; never reached.
             State::Skip(_) => Err(Violation::BadSize),
         }
@@ -332,7 +380,7 @@ impl Scanner {
                     width: 1,
                     got: 0,
                     acc: 0,
-                    array: c == 0xe0,
+                    code: c,
                 };
                 Ok(())
             }
@@ -341,7 +389,7 @@ impl Scanner {
                     width: 4,
                     got: 0,
                     acc: 0,
-                    array: c == 0xf0,
+                    code: c,
                 };
                 Ok(())
             }
@@ -355,6 +403,32 @@ impl Scanner {
                 None => Err(Violation::BadConstructor(c)),
             },
         }
+    }
+
+    /// An array of `count` elements with constructor `element`, ending at `end`: each element
+    /// is walked (and counted), so that the count agrees with the size.
+    fn array_of(&mut self, element: u8, end: u64, count: u64) -> Result<(), Violation> {
+        self.push(Open::Sized {
+            end,
+            element: Some(element),
+            left: Some(count),
+        })?;
+        self.opened()
+    }
+
+    /// A list, map or array was just pushed: close it at once if it is empty.
+    fn opened(&mut self) -> Result<(), Violation> {
+        self.state = State::Constructor;
+        if let Some(Open::Sized { end, left, .. }) = self.stack.last() {
+            if self.offset == *end {
+                if left.is_some_and(|l| l != 0) {
+                    return Err(Violation::BadCount);
+                }
+                self.stack.pop();
+                return self.finish_value();
+            }
+        }
+        Ok(())
     }
 
     fn push(&mut self, open: Open) -> Result<(), Violation> {
@@ -394,18 +468,30 @@ impl Scanner {
                     }
                     self.stack.pop();
                 }
-                Some(Open::Sized { end, .. }) => {
+                Some(Open::Sized { end, left, .. }) => {
+                    // One more element of this container.
+                    if let Some(l) = left {
+                        *l = l.checked_sub(1).ok_or(Violation::BadCount)?;
+                    }
                     if self.offset < *end {
                         return Ok(());
                     }
                     if self.offset > *end {
                         return Err(Violation::BadSize);
                     }
+                    if left.is_some_and(|l| l != 0) {
+                        return Err(Violation::BadCount);
+                    }
                     self.stack.pop();
                 }
             }
         }
     }
+}
+
+/// Whether `code` is an array constructor.
+fn is_array(code: u8) -> bool {
+    matches!(code, 0xe0 | 0xf0)
 }
 
 /// Bytes of data after a fixed-width constructor; `None` for anything else.
@@ -858,15 +944,26 @@ mod tests {
         assert_eq!(scan(&described), Err(Violation::TooDeep));
     }
 
+    // Found by fuzzing (fuzz/, target float_message, the re-scan of the decoded message):
+    // serde_amqp decodes arrays of compounds and empty arrays with a constructor otherwise
+    // than they are written, so the bytes after them are read out of step with the scanner.
     #[test]
-    fn arrays_of_compounds_are_walked_and_described_arrays_refused() {
+    fn arrays_of_compounds_and_described_arrays_are_refused() {
         // array8 of two list8 elements, each holding one list0.
         let arr = [0xe0, 8, 2, 0xc0, 2, 1, 0x45, 2, 1, 0x45];
-        assert_eq!(scan(&arr), Ok(1));
+        assert_eq!(scan(&arr), Err(Violation::CompoundArray));
         // array8 of arrays of ints.
         let arr2 = [0xe0, 7, 1, 0xe0, 4, 2, 0x54, 1, 2];
-        assert_eq!(scan(&arr2), Ok(1));
-        // array of symbols is skipped whole.
+        assert_eq!(scan(&arr2), Err(Violation::CompoundArray));
+        // An empty array: without a constructor (as fe2o3 writes it) it passes, with one it
+        // is refused (serde_amqp would read the constructor as the next value).
+        assert_eq!(scan(&[0xe0, 1, 0]), Ok(1));
+        assert_eq!(to_vec(&Array::<i32>::from(vec![])).unwrap(), [0xe0, 1, 0]);
+        assert_eq!(scan(&[0xe0, 2, 0, 0x54]), Err(Violation::BadCount));
+        assert_eq!(scan(&[0xe0, 2, 0, 0xc0]), Err(Violation::BadCount));
+        // A non-empty array needs its constructor.
+        assert_eq!(scan(&[0xe0, 1, 1]), Err(Violation::BadSize));
+        // array of symbols, walked symbol by symbol.
         let syms = to_vec(&Array::from(vec![Symbol::from("a"), Symbol::from("bc")])).unwrap();
         assert_eq!(scan(&syms), Ok(1));
         assert_eq!(
@@ -883,6 +980,84 @@ mod tests {
         assert_eq!(scan(&[0xc0, 3, 1, 0xa1, 9, b'x']), Err(Violation::BadSize));
         assert_eq!(scan(&[0xc0, 0]), Err(Violation::BadSize));
         assert_eq!(scan(&[0x30]), Err(Violation::BadConstructor(0x30)));
+    }
+
+    // Found by fuzzing (fuzz/, target float_message): serde_amqp reads as many elements as a
+    // list's count says and ignores its size, so a list that is small by its size but claims
+    // an element takes the next value in as its child. A run of such lists, flat to a scanner
+    // that trusted the size, decodes as deep nesting: past the depth limit, and with enough of
+    // them (3 bytes a level) past the end of a worker's stack.
+    #[test]
+    fn a_count_that_disagrees_with_the_size_is_refused() {
+        let mut flat_to_sizes = Vec::new();
+        for _ in 0..100 {
+            flat_to_sizes.extend_from_slice(&[0xc0, 1, 1]);
+        }
+        flat_to_sizes.push(0x40);
+        let deep: Value = serde_amqp::from_slice(&flat_to_sizes).unwrap();
+        let mut depth = 0;
+        let mut v = &deep;
+        while let Value::List(items) = v {
+            depth += 1;
+            v = &items[0];
+        }
+        assert_eq!(depth, 100, "the decoder nests them");
+        assert_eq!(scan(&flat_to_sizes), Err(Violation::BadCount));
+        assert_eq!(scan_in_pieces(&flat_to_sizes, 1), Err(Violation::BadCount));
+
+        // More elements than the count, and fewer.
+        assert_eq!(scan(&[0xc0, 3, 1, 0x40, 0x40]), Err(Violation::BadCount));
+        assert_eq!(scan(&[0xc0, 2, 2, 0x40]), Err(Violation::BadCount));
+        assert_eq!(scan(&[0xc0, 1, 1, 0x40]), Err(Violation::BadCount));
+        assert_eq!(scan(&[0xc0, 3, 2, 0x40, 0x40]), Ok(1));
+        // The same in a list32 and in a map.
+        assert_eq!(
+            scan(&[0xd0, 0, 0, 0, 5, 0, 0, 0, 2, 0x40]),
+            Err(Violation::BadCount)
+        );
+        assert_eq!(scan(&[0xc1, 1, 2]), Err(Violation::BadCount));
+        assert_eq!(scan(&[0xc1, 3, 2, 0x40, 0x40]), Ok(1));
+    }
+
+    // Found by fuzzing (fuzz/, target float_message): a map whose count is odd makes
+    // serde_amqp subtract past zero (a panic where overflow checks are on, reading past the
+    // map's end where they are off).
+    #[test]
+    fn a_map_with_an_odd_count_is_refused() {
+        assert_eq!(
+            scan(&[0xc1, 4, 3, 0x40, 0x40, 0x40]),
+            Err(Violation::BadCount)
+        );
+        assert_eq!(
+            scan(&[0xd1, 0, 0, 0, 7, 0, 0, 0, 3, 0x40, 0x40, 0x40]),
+            Err(Violation::BadCount)
+        );
+        assert_eq!(scan(&[0xc1, 1, 0]), Ok(1));
+    }
+
+    #[test]
+    fn arrays_of_primitives_are_walked_element_by_element() {
+        // Three smallints.
+        assert_eq!(scan(&[0xe0, 5, 3, 0x54, 1, 2, 3]), Ok(1));
+        assert_eq!(scan(&[0xe0, 5, 2, 0x54, 1, 2, 3]), Err(Violation::BadCount));
+        assert_eq!(scan(&[0xe0, 5, 4, 0x54, 1, 2, 3]), Err(Violation::BadCount));
+        // An element running past the array (two-byte ushorts, three bytes).
+        assert_eq!(scan(&[0xe0, 5, 2, 0x60, 0, 1, 2]), Err(Violation::BadSize));
+        // Two str8 elements, each with its own length.
+        let strs = [0xe0, 7, 2, 0xa1, 2, b'a', b'b', 1, b'c'];
+        assert_eq!(scan(&strs), Ok(1));
+        assert_eq!(scan_in_pieces(&strs, 1), Ok(1));
+        let mut three = strs;
+        three[2] = 3;
+        assert_eq!(scan(&three), Err(Violation::BadCount));
+        // Zero-width elements have no bytes: none may follow.
+        assert_eq!(scan(&[0xe0, 2, 5, 0x40]), Ok(1));
+        assert_eq!(scan(&[0xe0, 3, 5, 0x40, 0x40]), Err(Violation::BadCount));
+        // Whatever serde_amqp encodes passes.
+        let ints = to_vec(&Array::from(vec![1i32, -2, 300_000])).unwrap();
+        assert_eq!(scan(&ints), Ok(1));
+        let longs = to_vec(&Array::from(vec![1u64 << 40, 7])).unwrap();
+        assert_eq!(scan(&longs), Ok(1));
     }
 
     fn frame(channel: u16, performative: &Performative, payload: &[u8]) -> Vec<u8> {

@@ -1,0 +1,329 @@
+//! Writes the seed corpora under `fuzz/seeds/<target>/` from Drawbridge's own encoders, so the
+//! fuzzers start from well-formed inputs. Run from `fuzz/`: `cargo +nightly run --example seeds`
+//! (the certificates in `seeds/legal_name_der/` were made with `openssl req -x509 -outform DER`
+//! and an EC P-256 key, subjects in several string encodings and one multi-valued RDN).
+
+use std::{fs, path::Path};
+
+use drawbridge_bridge::convert::message_to_amqp;
+use drawbridge_control_protocol::{
+    ControlCommand, CreateLink, DeleteLink, LinkState, LinkStatus, Notification, PeerLink,
+    SequencedCommand, Snapshot, SnapshotRequest,
+};
+use drawbridge_float::{
+    convert::from_amqp,
+    frame_guard::{Frames, Scanner},
+};
+use drawbridge_runtime::headers;
+use fe2o3_amqp::types::{
+    definitions::{Fields, Handle, ReceiverSettleMode, Role, SenderSettleMode},
+    messaging::{
+        message::__private::{Deserializable, Serializable},
+        Body, Message, Properties,
+    },
+    performatives::{Attach, Begin, Open, Performative, Transfer},
+    primitives::{Binary, Value},
+};
+use lapin::{
+    types::{AMQPValue, DecimalValue, FieldArray, FieldTable, LongString, ShortString},
+    BasicProperties,
+};
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new("seeds").join(target);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn link(queue: &str) -> PeerLink {
+    PeerLink {
+        queue: queue.into(),
+        targets: vec![
+            "float.bank-b.example:5671".parse().unwrap(),
+            "[::1]:5671".parse().unwrap(),
+        ],
+        legal_names: vec![
+            "O=Bank B, L=Paris, C=FR".into(),
+            "O=Foo\\, Inc, C=US".into(),
+        ],
+        target_address: "drawbridge".into(),
+    }
+}
+
+fn control() {
+    let node = "O=Bank A, L=London, C=GB".to_string();
+    let commands = [
+        ControlCommand::Snapshot(Snapshot {
+            node_identity: node.clone(),
+            inbox_queues: vec!["inbox".into()],
+            links: vec![link("to-bank-b"), link("to-bank-c")],
+        }),
+        ControlCommand::CreateLink(CreateLink {
+            node_identity: node.clone(),
+            link: link("to-bank-b"),
+        }),
+        ControlCommand::DeleteLink(DeleteLink {
+            node_identity: node,
+            queue: "to-bank-b".into(),
+        }),
+    ];
+    for (i, c) in commands.into_iter().enumerate() {
+        write("control_decode", &format!("unsequenced-{i}"), &c.encode());
+        let s = SequencedCommand {
+            sequence: 42 + i as u64,
+            command: c,
+        };
+        write("control_decode", &format!("sequenced-{i}"), &s.encode());
+    }
+    let notes = [
+        Notification::SnapshotRequest(SnapshotRequest {
+            bridge_id: "bridge-1".into(),
+        }),
+        Notification::LinkStatus(LinkStatus {
+            bridge_id: "bridge-1".into(),
+            queue: "to-bank-b".into(),
+            state: LinkState::Down,
+            peer: "O=Bank B, L=Paris, C=FR".into(),
+            reason: "connection refused".into(),
+            timestamp_ms: 1_700_000_000_000,
+        }),
+    ];
+    for (i, n) in notes.into_iter().enumerate() {
+        write("control_decode", &format!("notify-{i}"), &n.encode());
+    }
+}
+
+/// Messages as the bridge sends them (encoded): every property, rich headers.
+fn bridge_messages() -> Vec<Vec<u8>> {
+    let mut rich = FieldTable::default();
+    rich.insert(
+        ShortString::from(headers::DESTINATION),
+        AMQPValue::LongString(LongString::from("O=Bank B, L=Paris, C=FR")),
+    );
+    rich.insert("n".into(), AMQPValue::LongLongInt(-5));
+    rich.insert("f".into(), AMQPValue::Double(1.5));
+    rich.insert(
+        "d".into(),
+        AMQPValue::DecimalValue(DecimalValue {
+            scale: 2,
+            value: 12345,
+        }),
+    );
+    rich.insert("t".into(), AMQPValue::Timestamp(1_700_000_000));
+    rich.insert("b".into(), AMQPValue::ByteArray(vec![0, 1, 2].into()));
+    let mut inner = FieldTable::default();
+    inner.insert("x".into(), AMQPValue::Boolean(true));
+    rich.insert(
+        "a".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![
+            AMQPValue::FieldTable(inner),
+            AMQPValue::Void,
+            AMQPValue::ShortShortUInt(7),
+        ])),
+    );
+    let full = BasicProperties::default()
+        .with_message_id("id-1".into())
+        .with_correlation_id("corr".into())
+        .with_content_type("application/json".into())
+        .with_content_encoding("gzip".into())
+        .with_reply_to("replies".into())
+        .with_type("order".into())
+        .with_user_id("guest".into())
+        .with_app_id("app".into())
+        .with_cluster_id("cluster".into())
+        .with_priority(7)
+        .with_expiration("60000".into())
+        .with_timestamp(1_700_000_000)
+        .with_headers(rich);
+    let mut plain = FieldTable::default();
+    plain.insert(
+        ShortString::from(headers::DESTINATION),
+        AMQPValue::LongString(LongString::from("O=Bank B, L=Paris, C=FR")),
+    );
+    let minimal = BasicProperties::default()
+        .with_message_id("m".into())
+        .with_headers(plain);
+    [(full, &b"{\"amount\": 100}"[..]), (minimal, b"")]
+        .into_iter()
+        .map(|(p, body)| {
+            let m = message_to_amqp(&p, body, 1 << 20).unwrap();
+            serde_amqp::to_vec(&Serializable(m)).unwrap()
+        })
+        .collect()
+}
+
+/// Messages a foreign AMQP 1.0 sender might send (encoded): other body kinds and id types.
+fn foreign_messages() -> Vec<Vec<u8>> {
+    let props = |id: Value| {
+        let mut p = Properties::default();
+        p.message_id = match id {
+            Value::Ulong(n) => Some(n.into()),
+            Value::String(s) => Some(s.into()),
+            _ => None,
+        };
+        p
+    };
+    let mut app = fe2o3_amqp::types::messaging::ApplicationProperties::default();
+    app.0.insert(
+        headers::DESTINATION.to_string(),
+        fe2o3_amqp::types::primitives::SimpleValue::String("O=Bank B".into()),
+    );
+    let value = Message::builder()
+        .properties(props(Value::Ulong(5)))
+        .application_properties(app.clone())
+        .value(Value::String("hello".into()))
+        .build();
+    let list = Message::builder()
+        .properties(props(Value::String("seq".into())))
+        .application_properties(app)
+        .value(Value::List(vec![
+            Value::Int(1),
+            Value::Map(Default::default()),
+        ]))
+        .build();
+    let binary = Message::builder()
+        .value(Value::Binary(Binary::from(vec![1, 2, 3])))
+        .build();
+    [value, list, binary]
+        .into_iter()
+        .map(|m| serde_amqp::to_vec(&Serializable(m)).unwrap())
+        .collect()
+}
+
+fn frame(channel: u16, body: &[u8]) -> Vec<u8> {
+    let size = u32::try_from(8 + body.len()).unwrap();
+    let mut f = size.to_be_bytes().to_vec();
+    f.extend_from_slice(&[2, 0]);
+    f.extend_from_slice(&channel.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+fn performative(p: Performative) -> Vec<u8> {
+    serde_amqp::to_vec(&p).unwrap()
+}
+
+fn transfer(handle: u32, more: bool) -> Performative {
+    Performative::Transfer(Transfer {
+        handle: Handle(handle),
+        delivery_id: Some(0),
+        delivery_tag: Some(vec![0u8].into()),
+        message_format: Some(0),
+        settled: Some(false),
+        more,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    })
+}
+
+/// A connection's bytes up to a transfer of `message`, split over two frames.
+fn connection(message: &[u8]) -> Vec<u8> {
+    let mut out = b"AMQP\x00\x01\x00\x00".to_vec();
+    out.extend(frame(
+        0,
+        &performative(Performative::Open(Open {
+            container_id: "bank-a".into(),
+            hostname: Some("float".into()),
+            max_frame_size: (256 * 1024).into(),
+            channel_max: 255.into(),
+            idle_time_out: Some(30_000),
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: Some(Fields::default()),
+        })),
+    ));
+    out.extend(frame(
+        0,
+        &performative(Performative::Begin(Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window: 2048,
+            outgoing_window: 2048,
+            handle_max: 255.into(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })),
+    ));
+    out.extend(frame(
+        0,
+        &performative(Performative::Attach(Attach {
+            name: "link".into(),
+            handle: Handle(0),
+            role: Role::Sender,
+            snd_settle_mode: SenderSettleMode::Unsettled,
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: None,
+            target: None,
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })),
+    ));
+    let (a, b) = message.split_at(message.len() / 2);
+    let mut first = performative(transfer(0, true));
+    first.extend_from_slice(a);
+    out.extend(frame(0, &first));
+    let mut second = performative(transfer(0, false));
+    second.extend_from_slice(b);
+    out.extend(frame(0, &second));
+    // A heartbeat.
+    out.extend(frame(0, &[]));
+    out
+}
+
+fn float() {
+    let messages: Vec<Vec<u8>> = bridge_messages()
+        .into_iter()
+        .chain(foreign_messages())
+        .collect();
+    for (i, m) in messages.iter().enumerate() {
+        // Each passes the frame guard and decodes; the bridge's also pass `from_amqp`.
+        let mut scanner = Scanner::new();
+        assert_eq!(scanner.feed(m, None), Ok(m.len()));
+        assert!(scanner.at_boundary());
+        let back: Deserializable<Message<Body<Value>>> = serde_amqp::from_slice(m).unwrap();
+        let converted = from_amqp(back.0, 1 << 20);
+        assert!(i >= 2 || converted.is_ok(), "message-{i}: {converted:?}");
+        write("float_message", &format!("message-{i}"), m);
+    }
+    for (i, m) in messages.iter().take(3).enumerate() {
+        // The first byte seeds the chunking.
+        let mut input = vec![i as u8 * 37 + 5];
+        input.extend(connection(m));
+        Frames::new(256 * 1024).feed(&input[1..]).unwrap();
+        write("float_frames", &format!("connection-{i}"), &input);
+    }
+}
+
+fn legal_names() {
+    for (i, n) in [
+        "O=Bank A, L=London, C=GB",
+        "C=GB, L=London, O=Bank A",
+        "CN=node, OU=Payments, O=Foo\\, Inc, L=New York, ST=NY, C=US",
+        "2.5.4.97=VATGB-123, O=Bank A, C=GB, SERIALNUMBER=42, DC=example, UID=u1",
+        "o = Bank\\\\A , street=1 Main St",
+        "O=Bänk Ä, L=Zürich, C=CH",
+    ]
+    .iter()
+    .enumerate()
+    {
+        write("legal_name", &format!("name-{i}"), n.as_bytes());
+    }
+}
+
+fn main() {
+    control();
+    float();
+    legal_names();
+    eprintln!("seeds written under fuzz/seeds/");
+}

@@ -1,0 +1,45 @@
+//! Shared by the float targets: run a check on a thread whose stack is as small as the
+//! float's tokio workers' (2 MiB, tokio's default), so that input which would overflow the
+//! float's stack overflows it here too (and libFuzzer records the crash).
+
+use std::sync::{
+    mpsc::{self, Receiver, Sender},
+    Mutex, OnceLock,
+};
+
+/// Stack of a tokio worker thread (tokio's default, which the float keeps).
+pub const WORKER_STACK: usize = 2 * 1024 * 1024;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+struct Worker {
+    jobs: Sender<Job>,
+    done: Receiver<()>,
+}
+
+static WORKER: OnceLock<Mutex<Worker>> = OnceLock::new();
+
+/// Runs `job` on the small-stack worker and waits for it. A panic there aborts the process
+/// (libfuzzer-sys' panic hook), so the fuzzer sees it as a crash.
+pub fn on_worker_stack(job: impl FnOnce() + Send + 'static) {
+    let worker = WORKER.get_or_init(|| {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("fuzz-worker".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || {
+                for job in rx {
+                    job();
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the worker thread");
+        Mutex::new(Worker { jobs, done })
+    });
+    let w = worker.lock().unwrap_or_else(|e| e.into_inner());
+    w.jobs.send(Box::new(job)).expect("worker alive");
+    w.done.recv().expect("worker finished the job");
+}

@@ -25,20 +25,19 @@ use std::{
 };
 
 use drawbridge_certs::{LegalName, Revocation, TlsIdentity};
-use drawbridge_control_protocol::{LinkState, LinkStatus, Notification, PeerLink};
-use drawbridge_node::topology;
+use drawbridge_control_protocol::Notification;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Setup},
 };
-use lapin::types::FieldTable;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 pub use config::BridgeConfig;
 
-/// Shared state of a running bridge.
+/// Shared state of a running bridge: plain data. What acts on it lives with its users
+/// (`link::settings`, `control::notify_link`, `control::request_snapshot`).
 pub(crate) struct Ctx {
     cfg: BridgeConfig,
     identity: TlsIdentity,
@@ -60,39 +59,6 @@ pub(crate) struct Ctx {
     bytes_in_flight: Arc<tokio::sync::Semaphore>,
     /// Its size in KiB.
     bytes_total_kib: u32,
-}
-
-impl Ctx {
-    fn peer_settings(
-        &self,
-        spec: &PeerLink,
-    ) -> Result<(peer::PeerSettings, drawbridge_certs::VerifiedPeerChain), String> {
-        link::settings(self, spec)
-    }
-
-    /// Queue arguments of every peer queue; the node declares them identically (both sides
-    /// take them from `drawbridge-node`).
-    fn peer_queue_args(&self) -> FieldTable {
-        topology::peer_queue_args(self.cfg.peer_queue_type, &self.cfg.dead_letter_queue)
-    }
-
-    fn notify_link(&self, spec: &PeerLink, state: LinkState, peer: &str, reason: &str) {
-        let n = Notification::LinkStatus(LinkStatus {
-            bridge_id: self.cfg.id.clone(),
-            queue: spec.queue.clone(),
-            state,
-            peer: peer.to_string(),
-            reason: reason.to_string(),
-            timestamp_ms: drawbridge_runtime::daemon::unix_ms(),
-        });
-        if self.notify.try_send(n).is_err() {
-            metrics::counter!("drawbridge_bridge_notifications_dropped_total").increment(1);
-        }
-    }
-
-    fn request_snapshot(&self) {
-        let _ = self.notify.try_send(control::snapshot_request(self));
-    }
 }
 
 impl AdminState for Ctx {

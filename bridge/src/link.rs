@@ -231,7 +231,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     // carries over from one session to the next.
     let mut prefetch = Prefetch::new(cfg.window, cfg.max_link_bytes, cfg.max_message_size as u64);
     // `verified_chain` holds the float chain the link's TLS verifier last accepted.
-    let (settings, verified_chain) = match ctx.peer_settings(&spec) {
+    let (settings, verified_chain) = match settings(&ctx, &spec) {
         Ok(s) => s,
         Err(reason) => {
             set_state(&ctx, &view, &spec, LinkState::Down, "", &reason);
@@ -805,7 +805,8 @@ async fn open_consumer(
                 durable: true,
                 ..Default::default()
             },
-            ctx.peer_queue_args(),
+            // The node declares peer queues identically (both take them from `drawbridge-node`).
+            topology::peer_queue_args(ctx.cfg.peer_queue_type, &ctx.cfg.dead_letter_queue),
         )
         .await;
     match declared {
@@ -899,7 +900,7 @@ fn set_state(
         v.reason = reason.to_string();
         v.since_unix_ms = drawbridge_runtime::daemon::unix_ms();
     }
-    ctx.notify_link(spec, state, target, reason);
+    crate::control::notify_link(ctx, spec, state, target, reason);
 }
 
 /// Peer settings for a link and where its verifier keeps the chain of the float it last

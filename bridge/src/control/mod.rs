@@ -11,7 +11,8 @@ mod plan;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use drawbridge_control_protocol::{
-    ControlCommand, Notification, PeerLink, SequencedCommand, SnapshotRequest,
+    ControlCommand, LinkState, LinkStatus, Notification, PeerLink, SequencedCommand,
+    SnapshotRequest,
 };
 use drawbridge_node::topology;
 use drawbridge_runtime::{backoff::Backoff, broker::Live};
@@ -402,7 +403,7 @@ async fn control_session(
 
     let mut have_snapshot = false;
     let mut retry = Backoff::new(cfg.snapshot_retry_min, cfg.snapshot_retry_max);
-    ctx.request_snapshot();
+    request_snapshot(ctx);
     let mut next_request = tokio::time::Instant::now() + retry.next_delay();
     loop {
         tokio::select! {
@@ -426,7 +427,7 @@ async fn control_session(
             },
             _ = tokio::time::sleep_until(next_request), if !have_snapshot => {
                 info!("no snapshot yet; asking again");
-                ctx.request_snapshot();
+                request_snapshot(ctx);
                 next_request = tokio::time::Instant::now() + retry.next_delay();
             }
             _ = live.lost() => return Err(SessionError::ConnectionLost),
@@ -524,6 +525,27 @@ pub(crate) async fn notifier(ctx: Arc<Ctx>, mut rx: tokio::sync::mpsc::Receiver<
 }
 
 /// A snapshot request for this bridge.
+/// Tell the node about a link's new state (a `LinkStatus` event on the notify exchange). A full
+/// notification queue drops it and counts the drop: status events are advisory.
+pub(crate) fn notify_link(ctx: &Ctx, spec: &PeerLink, state: LinkState, peer: &str, reason: &str) {
+    let n = Notification::LinkStatus(LinkStatus {
+        bridge_id: ctx.cfg.id.clone(),
+        queue: spec.queue.clone(),
+        state,
+        peer: peer.to_string(),
+        reason: reason.to_string(),
+        timestamp_ms: drawbridge_runtime::daemon::unix_ms(),
+    });
+    if ctx.notify.try_send(n).is_err() {
+        metrics::counter!("drawbridge_bridge_notifications_dropped_total").increment(1);
+    }
+}
+
+/// Ask the node for a snapshot (repeated with backoff until one arrives).
+fn request_snapshot(ctx: &Ctx) {
+    let _ = ctx.notify.try_send(snapshot_request(ctx));
+}
+
 pub(crate) fn snapshot_request(ctx: &Ctx) -> Notification {
     Notification::SnapshotRequest(SnapshotRequest {
         bridge_id: ctx.cfg.id.clone(),

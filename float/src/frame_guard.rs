@@ -1058,6 +1058,39 @@ mod tests {
         assert_eq!(scan(&ints), Ok(1));
         let longs = to_vec(&Array::from(vec![1u64 << 40, 7])).unwrap();
         assert_eq!(scan(&longs), Ok(1));
+        for encoded in [
+            to_vec(&Array::from(vec![true, false, true])).unwrap(),
+            to_vec(&Array::from(vec![
+                "a".to_string(),
+                "bc".into(),
+                String::new(),
+            ]))
+            .unwrap(),
+            to_vec(&Array::from(vec![
+                Symbol::from("x"),
+                Symbol::from("y".repeat(300)),
+            ]))
+            .unwrap(),
+            to_vec(&Array::from(vec![
+                serde_amqp::primitives::Binary::from(vec![1u8, 2]),
+                serde_amqp::primitives::Binary::from(vec![]),
+            ]))
+            .unwrap(),
+            to_vec(&Array::from(vec![
+                serde_amqp::primitives::Timestamp::from_milliseconds(5),
+                serde_amqp::primitives::Timestamp::from_milliseconds(-1),
+            ]))
+            .unwrap(),
+            to_vec(&Array::from(vec![1.5f64, -0.0])).unwrap(),
+            to_vec(&Array::from(vec!['a', 'é'])).unwrap(),
+            to_vec(&Value::Array(Array::from(vec![
+                Value::Ubyte(1),
+                Value::Ubyte(2),
+            ])))
+            .unwrap(),
+        ] {
+            assert_eq!(scan(&encoded), Ok(1), "{encoded:x?}");
+        }
     }
 
     fn frame(channel: u16, performative: &Performative, payload: &[u8]) -> Vec<u8> {

@@ -9,9 +9,12 @@
 //!   `recv`); a link with nothing pending always takes one, however big, so a message larger
 //!   than the budget still gets through, alone. A link's pending bytes therefore stay below
 //!   its limit plus one message.
-//! - [`Pool`] is the process-wide `float.max_bytes_in_flight`, a semaphore counted in KiB.
-//!   A transfer publishes only once it holds its share; links wait for it in arrival order
-//!   (the semaphore is fair), taking no further transfer meanwhile.
+//! - [`Pool`] is a shared budget, a semaphore counted in KiB: one per connection
+//!   (`float.max_connection_bytes_in_flight`, shared by the connection's links) and one for
+//!   the process (`float.max_bytes_in_flight`). A transfer publishes only once it holds its
+//!   share of both (taken in that order, so a connection waiting for the process pool holds
+//!   only its own connection's units); links wait in arrival order (the semaphores are fair),
+//!   taking no further transfer meanwhile.
 //! - A [`Permit`] is both: it lives in the pending publish and gives its bytes back to the
 //!   link and the pool when it is dropped — once the transfer's disposition went out, or
 //!   when the link ends with it unsettled — so nothing can leak whatever path a transfer
@@ -81,17 +84,23 @@ pub struct LinkBudget {
     limit: usize,
     /// Bytes held by this link's permits; shared with them so dropping one gives back.
     used: Arc<AtomicUsize>,
-    /// The process-wide pool every permit also draws from.
-    pool: Pool,
+    /// The pools every permit also draws from, in the order they are taken (the
+    /// connection's, then the process's).
+    pools: Vec<Pool>,
 }
 
 impl LinkBudget {
     /// A link budget of `limit` bytes drawing from `pool`.
     pub fn new(limit: usize, pool: Pool) -> Self {
+        LinkBudget::within(limit, vec![pool])
+    }
+
+    /// A link budget of `limit` bytes drawing from each of `pools`, taken in that order.
+    pub fn within(limit: usize, pools: Vec<Pool>) -> Self {
         LinkBudget {
             limit,
             used: Arc::new(AtomicUsize::new(0)),
-            pool,
+            pools,
         }
     }
 
@@ -113,27 +122,40 @@ impl LinkBudget {
     /// Take `len` bytes if the pool has them now. The link's own limit is not checked here
     /// (see [`LinkBudget::has_room`]): a transfer already received is always counted.
     pub fn try_take(&self, len: usize) -> Option<Permit> {
-        let units = self
-            .pool
-            .units
-            .clone()
-            .try_acquire_many_owned(self.pool.units_for(len));
-        units.ok().map(|units| self.permit(len, units))
+        let mut units = Vec::with_capacity(self.pools.len());
+        for pool in &self.pools {
+            // On failure what was gathered goes back with `units`.
+            units.push(
+                pool.units
+                    .clone()
+                    .try_acquire_many_owned(pool.units_for(len))
+                    .ok()?,
+            );
+        }
+        Some(self.permit(len, units))
     }
 
     /// Take `len` bytes, waiting for the pool. Cancel-safe: dropping the future gives back
     /// whatever it had gathered.
     pub fn take(&self, len: usize) -> impl Future<Output = Permit> + Send + 'static {
-        let units = self.pool.units.clone();
-        let n = self.pool.units_for(len);
+        let wanted: Vec<_> = self
+            .pools
+            .iter()
+            .map(|p| (p.units.clone(), p.units_for(len)))
+            .collect();
         let used = self.used.clone();
         async move {
-            // Not peer input: the pool owns the semaphore and never closes it.
-            #[allow(clippy::expect_used)]
-            let units = units
-                .acquire_many_owned(n)
-                .await
-                .expect("the pool's semaphore is never closed");
+            let mut units = Vec::with_capacity(wanted.len());
+            for (semaphore, n) in wanted {
+                // Not peer input: the pool owns the semaphore and never closes it.
+                #[allow(clippy::expect_used)]
+                units.push(
+                    semaphore
+                        .acquire_many_owned(n)
+                        .await
+                        .expect("the pool's semaphore is never closed"),
+                );
+            }
             used.fetch_add(len, Ordering::AcqRel);
             Permit {
                 len,
@@ -143,7 +165,7 @@ impl LinkBudget {
         }
     }
 
-    fn permit(&self, len: usize, units: OwnedSemaphorePermit) -> Permit {
+    fn permit(&self, len: usize, units: Vec<OwnedSemaphorePermit>) -> Permit {
         self.used.fetch_add(len, Ordering::AcqRel);
         Permit {
             len,
@@ -161,8 +183,8 @@ pub struct Permit {
     len: usize,
     /// The link's counter.
     used: Arc<AtomicUsize>,
-    /// The pool's share, released with the permit.
-    _units: OwnedSemaphorePermit,
+    /// The pools' shares, released with the permit.
+    _units: Vec<OwnedSemaphorePermit>,
 }
 
 impl Permit {
@@ -245,6 +267,35 @@ mod tests {
         assert!(link.try_take(1).is_none());
         drop(p);
         assert!(link.try_take(1).is_some());
+    }
+
+    #[test]
+    fn a_connection_pool_bounds_its_links_together_and_leaves_others_room() {
+        let process = Pool::new(64 * KIB);
+        let conn_a = Pool::new(8 * KIB);
+        let conn_b = Pool::new(8 * KIB);
+        let a1 = LinkBudget::within(MIB, vec![conn_a.clone(), process.clone()]);
+        let a2 = LinkBudget::within(MIB, vec![conn_a.clone(), process.clone()]);
+        let b1 = LinkBudget::within(MIB, vec![conn_b.clone(), process.clone()]);
+        let x = a1.try_take(5 * KIB).expect("room");
+        let y = a2.try_take(3 * KIB).expect("room");
+        assert!(a2.try_take(KIB).is_none(), "connection A is at its limit");
+        assert_eq!(
+            process.in_flight(),
+            8 * KIB,
+            "a refused take gives back what it took"
+        );
+        let z = b1.try_take(8 * KIB).expect("connection B has its own room");
+        assert_eq!(process.in_flight(), 16 * KIB);
+        drop((x, y, z));
+        assert_eq!(
+            (conn_a.in_flight(), conn_b.in_flight(), process.in_flight()),
+            (0, 0, 0)
+        );
+        // A message bigger than the connection's pool still passes, alone.
+        let big = a1.try_take(MIB).expect("clamped to the pool");
+        assert!(a2.try_take(1).is_none());
+        drop(big);
     }
 
     #[tokio::test]

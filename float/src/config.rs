@@ -41,8 +41,28 @@ pub struct FloatConfig {
     pub key_access: KeyFileAccess,
     /// Deadline for the TLS + AMQP open handshake of a new connection.
     pub handshake_timeout: Duration,
-    /// Connections beyond this are refused.
+    /// Established connections beyond this are refused.
     pub max_connections: usize,
+    /// Established connections of one peer legal name beyond this are refused.
+    pub max_connections_per_peer: usize,
+    /// Established connections from one source address beyond this are refused.
+    pub max_connections_per_address: usize,
+    /// Connections still in the TLS handshake or AMQP open, all sources together; a new
+    /// connection beyond this is closed at once (established peers are not affected).
+    pub max_pending_handshakes: usize,
+    /// Connections in the handshake from one source address.
+    pub max_pending_handshakes_per_address: usize,
+    /// Sessions one connection may have open at once.
+    pub max_sessions_per_connection: u16,
+    /// Links one connection may have attached at once, over all its sessions.
+    pub max_links_per_connection: u32,
+    /// Shortest idle timeout a peer may ask for (it makes the float send heartbeats that
+    /// often).
+    pub min_peer_idle_timeout: Duration,
+    /// Bytes of unconfirmed publishes one connection (all its links) may hold.
+    pub max_connection_bytes_in_flight: usize,
+    /// Broker channels the float publishes on; links share them.
+    pub publish_channels: usize,
     /// Bigger messages are rejected.
     pub max_message_size: usize,
     /// AMQP idle timeout we announce; a peer silent for longer is dropped.
@@ -99,6 +119,56 @@ impl FloatConfig {
             max_connections > 0,
             "must be at least 1",
         );
+        let max_connections_per_peer: usize = r.get("float.max_connections_per_peer", 256);
+        r.check(
+            "float.max_connections_per_peer",
+            max_connections_per_peer > 0,
+            "must be at least 1",
+        );
+        let max_connections_per_address: usize = r.get("float.max_connections_per_address", 512);
+        r.check(
+            "float.max_connections_per_address",
+            max_connections_per_address > 0,
+            "must be at least 1",
+        );
+        let max_pending_handshakes: usize = r.get("float.max_pending_handshakes", 128);
+        r.check(
+            "float.max_pending_handshakes",
+            max_pending_handshakes > 0,
+            "must be at least 1",
+        );
+        let max_pending_handshakes_per_address: usize =
+            r.get("float.max_pending_handshakes_per_address", 32);
+        r.check(
+            "float.max_pending_handshakes_per_address",
+            max_pending_handshakes_per_address > 0,
+            "must be at least 1",
+        );
+        let max_sessions_per_connection: u16 = r.get("float.max_sessions_per_connection", 8);
+        r.check(
+            "float.max_sessions_per_connection",
+            max_sessions_per_connection > 0,
+            "must be 1..=65535",
+        );
+        let max_links_per_connection: u32 = r.get("float.max_links_per_connection", 32);
+        r.check(
+            "float.max_links_per_connection",
+            (1..=65_536).contains(&max_links_per_connection),
+            "must be 1..=65536",
+        );
+        let min_peer_idle_timeout =
+            r.duration("float.min_peer_idle_timeout", Duration::from_secs(1));
+        r.check(
+            "float.min_peer_idle_timeout",
+            min_peer_idle_timeout <= Duration::from_secs(3600),
+            "must be at most 1h",
+        );
+        let publish_channels: usize = r.get("float.publish_channels", 16);
+        r.check(
+            "float.publish_channels",
+            (1..=1024).contains(&publish_channels),
+            "must be 1..=1024",
+        );
         let max_message_size: usize = r.get("float.max_message_size", 10 * 1024 * 1024);
         r.check(
             "float.max_message_size",
@@ -116,6 +186,13 @@ impl FloatConfig {
         r.check(
             "float.max_link_bytes_in_flight",
             max_link_bytes_in_flight >= 1024,
+            "must be at least 1024",
+        );
+        let max_connection_bytes_in_flight: usize =
+            r.get("float.max_connection_bytes_in_flight", 128 * 1024 * 1024);
+        r.check(
+            "float.max_connection_bytes_in_flight",
+            max_connection_bytes_in_flight >= 1024,
             "must be at least 1024",
         );
         let max_bytes_in_flight: usize = r.get("float.max_bytes_in_flight", 512 * 1024 * 1024);
@@ -172,6 +249,15 @@ impl FloatConfig {
             },
             handshake_timeout: r.duration("float.handshake_timeout", Duration::from_secs(10)),
             max_connections,
+            max_connections_per_peer,
+            max_connections_per_address,
+            max_pending_handshakes,
+            max_pending_handshakes_per_address,
+            max_sessions_per_connection,
+            max_links_per_connection,
+            min_peer_idle_timeout,
+            max_connection_bytes_in_flight,
+            publish_channels,
             max_message_size,
             idle_timeout: r.duration("float.idle_timeout", Duration::from_secs(30)),
             link_credit,
@@ -221,6 +307,8 @@ mod tests {
 [float]
 listen = "nowhere"
 max_connections = 0
+max_pending_handshakes_per_address = 0
+max_links_per_connection = 0
 max_message_size = 2048
 max_bytes_in_flight = 1024
 max_link_bytes_in_flight = 10
@@ -235,6 +323,8 @@ uris = ["amqp://127.0.0.1:5672/%2f"]
         for key in [
             "float.listen",
             "float.max_connections",
+            "float.max_pending_handshakes_per_address",
+            "float.max_links_per_connection",
             "float.max_bytes_in_flight",
             "float.max_link_bytes_in_flight",
             "float.inbox_queue_type",

@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use drawbridge_certs::pki_types::CertificateDer;
 use drawbridge_certs::{peer_legal_name, CertError, LegalName};
+use drawbridge_runtime::lograte::Every;
 use fe2o3_amqp::{
     acceptor::{
         ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    admission::{Refusal, Ticket},
     frame_guard::FrameGuard,
     link::{self, LinkRefusal},
     sasl::TlsIdentitySasl,
@@ -65,7 +67,17 @@ pub(crate) enum Refused {
     /// The AMQP open did not finish within `handshake_timeout`.
     #[error("AMQP open refused: timed out after {0:?}")]
     OpenTimeout(Duration),
+    /// The peer, or its address, holds its share of connections (see `admission`).
+    #[error("connection refused: {0}")]
+    Limit(Refusal),
 }
+
+/// Refusals before the peer is authenticated can be caused by anyone at any rate: each kind
+/// is logged at most once a second, with the count of those not logged.
+static TLS_REFUSALS: Every = Every::new(Duration::from_secs(1));
+static TLS_TIMEOUTS: Every = Every::new(Duration::from_secs(1));
+/// A member over its share retries with backoff: once every 10 s is enough to see it.
+static LIMIT_REFUSALS: Every = Every::new(Duration::from_secs(10));
 
 impl Refused {
     /// One log line per refusal; the wording is what operators search for (see the
@@ -73,9 +85,20 @@ impl Refused {
     fn log(&self, addr: SocketAddr, peer: Option<&LegalName>) {
         let peer = peer.map(ToString::to_string).unwrap_or_default();
         match self {
-            Refused::Tls(e) => warn!(peer_addr = %addr, reason = %e, "TLS handshake refused"),
+            Refused::Tls(e) => {
+                if let Some(skipped) = TLS_REFUSALS.hit() {
+                    warn!(peer_addr = %addr, reason = %e, similar_refusals_not_logged = skipped, "TLS handshake refused")
+                }
+            }
             Refused::TlsTimeout(timeout) => {
-                warn!(peer_addr = %addr, timeout = ?timeout, "TLS handshake refused: timed out")
+                if let Some(skipped) = TLS_TIMEOUTS.hit() {
+                    warn!(peer_addr = %addr, timeout = ?timeout, similar_refusals_not_logged = skipped, "TLS handshake refused: timed out")
+                }
+            }
+            Refused::Limit(refusal) => {
+                if let Some(skipped) = LIMIT_REFUSALS.hit() {
+                    warn!(peer = %peer, peer_addr = %addr, reason = %refusal, similar_refusals_not_logged = skipped, "connection refused: over its share")
+                }
             }
             Refused::NoClientCertificate => {
                 warn!(peer_addr = %addr, "connection refused: no client certificate")
@@ -101,6 +124,7 @@ impl Refused {
             Refused::Tls(_) => Some("tls"),
             Refused::TlsTimeout(_) => Some("tls_timeout"),
             Refused::BrokerUnavailable => Some("broker_down"),
+            Refused::Limit(refusal) => Some(refusal.label()),
             Refused::NoClientCertificate
             | Refused::Subject(_)
             | Refused::Open(_)
@@ -129,11 +153,16 @@ pub(crate) async fn serve_connection(
     tcp: TcpStream,
     addr: SocketAddr,
     id: u64,
+    pending: Ticket,
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
 ) {
-    let (mut conn, peer, chain) = match handshake(tcp, addr, &ctx).await {
-        Ok(v) => v,
+    let (mut conn, peer, chain, _slot) = match handshake(tcp, addr, &ctx).await {
+        Ok(v) => {
+            // The handshake slot goes back to the pool; the connection holds its own.
+            drop(pending);
+            v
+        }
         Err((e, peer)) => {
             e.log(addr, peer.as_ref());
             if let Some(label) = e.metric_label() {
@@ -165,7 +194,12 @@ pub(crate) async fn serve_connection(
     let mut crl = ctx.crl_changes();
     let mut crl_open = true;
     let mut sessions = JoinSet::new();
-    let session_acceptor = SessionAcceptor::new();
+    // Bytes in flight of all this connection's links (`max_connection_bytes_in_flight`).
+    let budget = crate::budget::Pool::new(ctx.cfg.max_connection_bytes_in_flight);
+    // Announced; the frame guard enforces the count over all sessions of the connection.
+    let session_acceptor = SessionAcceptor::builder()
+        .handle_max(ctx.peer_limits().max_links.saturating_sub(1))
+        .build();
     let end = loop {
         if let Some(reason) = ctx.revoked_peer(&chain) {
             break ConnectionEnd::Revoked(reason);
@@ -173,7 +207,7 @@ pub(crate) async fn serve_connection(
         tokio::select! {
             s = session_acceptor.accept(&mut conn) => match s {
                 Ok(session) => {
-                    sessions.spawn(serve_session(session, sender.clone(), ctx.clone(), stop.clone()));
+                    sessions.spawn(serve_session(session, sender.clone(), budget.clone(), ctx.clone(), stop.clone()));
                 }
                 Err(e) => break ConnectionEnd::Session(e),
             },
@@ -203,6 +237,7 @@ async fn handshake(
         ListenerConnectionHandle,
         LegalName,
         Vec<CertificateDer<'static>>,
+        Ticket,
     ),
     (Refused, Option<LegalName>),
 > {
@@ -221,6 +256,13 @@ async fn handshake(
     if !ctx.broker.is_connected() {
         return Err((Refused::BrokerUnavailable, Some(peer)));
     }
+    let slot = match ctx
+        .admission
+        .establish(addr.ip(), &Arc::from(peer.canonical()))
+    {
+        Ok(t) => t,
+        Err(refusal) => return Err((Refused::Limit(refusal), Some(peer))),
+    };
     // Kept for re-checking revocation while the peer stays connected.
     let chain: Vec<CertificateDer<'static>> = tls
         .get_ref()
@@ -228,17 +270,26 @@ async fn handshake(
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
+    let limits = ctx.peer_limits();
+    // The limits are announced (a well-behaved peer stays within them) and enforced by the
+    // frame guard (a hostile one loses its connection).
     let acceptor = ConnectionAcceptor::builder()
         .container_id(format!("drawbridge-float-{}", std::process::id()))
         .max_frame_size(MAX_FRAME)
+        .session_max(limits.max_sessions)
         .idle_time_out(ctx.cfg.idle_timeout.as_millis() as u32)
         .sasl_acceptor(TlsIdentitySasl)
         .build();
     // Every byte the peer sends is scanned before fe2o3 decodes it (nesting depth, frame
-    // size): see `frame_guard`.
-    let guarded = FrameGuard::new(tls, MAX_FRAME, format!("{} ({addr})", peer.canonical()));
+    // size, sessions, links, idle timeout): see `frame_guard`.
+    let guarded = FrameGuard::new(
+        tls,
+        MAX_FRAME,
+        limits,
+        format!("{} ({addr})", peer.canonical()),
+    );
     match tokio::time::timeout(timeout, acceptor.accept(guarded)).await {
-        Ok(Ok(c)) => Ok((c, peer, chain)),
+        Ok(Ok(c)) => Ok((c, peer, chain, slot)),
         Ok(Err(e)) => Err((Refused::Open(e), Some(peer))),
         Err(_) => Err((Refused::OpenTimeout(timeout), Some(peer))),
     }
@@ -251,7 +302,7 @@ const MAX_FRAME: u32 = 256 * 1024;
 const ENVELOPE_ALLOWANCE: u64 = 64 * 1024;
 
 /// The link's max-message-size: the body limit plus [`ENVELOPE_ALLOWANCE`].
-fn announced_max_message_size(max_body: usize) -> u64 {
+pub(crate) fn announced_max_message_size(max_body: usize) -> u64 {
     (max_body as u64).saturating_add(ENVELOPE_ALLOWANCE)
 }
 
@@ -259,6 +310,7 @@ fn announced_max_message_size(max_body: usize) -> u64 {
 async fn serve_session(
     mut session: ListenerSessionHandle,
     sender: Arc<str>,
+    budget: crate::budget::Pool,
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
 ) {
@@ -273,7 +325,7 @@ async fn serve_session(
         tokio::select! {
             l = acceptor.accept(&mut session) => match l {
                 Ok(LinkEndpoint::Receiver(r)) => {
-                    links.spawn(link::serve_link(r, sender.clone(), ctx.clone(), shutdown.clone()));
+                    links.spawn(link::serve_link(r, sender.clone(), budget.clone(), ctx.clone(), shutdown.clone()));
                 }
                 Ok(LinkEndpoint::Sender(s)) => {
                     let _ = s.close_with_error(LinkRefusal::NotReceiving.to_error()).await;

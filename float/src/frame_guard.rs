@@ -21,6 +21,12 @@
 //!   bigger than the announced maximum, scans each performative, and scans transfer payloads
 //!   per `(channel, handle)`, so that a message split over many frames is scanned as one
 //!   stream (and one link cannot hide another's nesting by interleaving).
+//! - [`Frames`] also holds the peer to its share of the float ([`PeerLimits`]): at most
+//!   `max_sessions` sessions and `max_links` links open at once on the connection, and no
+//!   `open` asking for an idle timeout below `min_idle_timeout` (fe2o3 sends an empty frame
+//!   every idle-timeout milliseconds the peer asks for: 1 ms would keep a worker busy). The
+//!   limits are announced too (`channel-max`, `handle-max`), so only a peer that ignores them
+//!   meets the guard.
 //! - [`FrameGuard`] is the `AsyncRead + AsyncWrite` wrapper: bytes reach fe2o3 only after they
 //!   were scanned; a violation ends the connection with `InvalidData` and one log line.
 //!
@@ -28,7 +34,7 @@
 //! so the limit of 64 only ever stops a hostile or broken peer.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     pin::Pin,
     task::{Context, Poll},
@@ -86,6 +92,66 @@ pub enum Violation {
     /// Too many transfers in progress at once.
     #[error("more than {MAX_OPEN_DELIVERIES} deliveries in progress on one connection")]
     TooManyDeliveries,
+    /// More sessions at once than the connection may have.
+    #[error("more than {0} sessions on one connection")]
+    TooManySessions(u16),
+    /// More links at once than the connection may have.
+    #[error("more than {0} links on one connection")]
+    TooManyLinks(u32),
+    /// A delivery bigger than the link's announced max-message-size. fe2o3 would detach the
+    /// link itself, but then waits for the peer's detach without a deadline: a peer that never
+    /// answers would park the link for good.
+    #[error("a delivery exceeds the max-message-size of {max} bytes")]
+    MessageTooLarge {
+        /// The announced maximum.
+        max: u64,
+    },
+    /// An `open` asking for heartbeats more often than the float sends them.
+    #[error("idle timeout of {asked} ms is below the minimum of {min} ms")]
+    IdleTimeoutTooShort {
+        /// What the peer asked for.
+        asked: u32,
+        /// `float.min_peer_idle_timeout`.
+        min: u32,
+    },
+}
+
+impl Violation {
+    /// The `reason` of `drawbridge_float_connections_refused_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Violation::TooManySessions(_) => "max_sessions",
+            Violation::TooManyLinks(_) => "max_links",
+            Violation::IdleTimeoutTooShort { .. } => "idle_timeout",
+            Violation::MessageTooLarge { .. } => "message_size",
+            _ => "frames",
+        }
+    }
+}
+
+/// What one connection may hold of the float (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLimits {
+    /// Sessions open at once.
+    pub max_sessions: u16,
+    /// Links attached at once, over all sessions.
+    pub max_links: u32,
+    /// Shortest idle timeout a peer may ask for, in milliseconds (0 = none asked is fine).
+    pub min_idle_timeout_ms: u32,
+    /// Largest delivery (all its transfer payloads), as announced on attach; 0 = no limit.
+    pub max_message_size: u64,
+}
+
+impl Default for PeerLimits {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        PeerLimits {
+            max_sessions: 8,
+            max_links: 32,
+            min_idle_timeout_ms: 1000,
+            max_message_size: 0,
+        }
+    }
 }
 
 /// Where an open compound or described value ends.
@@ -540,20 +606,33 @@ enum FrameState {
 #[derive(Debug)]
 pub struct Frames {
     max_frame: u32,
+    limits: PeerLimits,
     state: FrameState,
     deliveries: HashMap<(u16, u32), Scanner>,
+    /// Channels with a session begun and not ended.
+    sessions: HashSet<u16>,
+    /// (channel, handle) of links attached and not detached.
+    links: HashSet<(u16, u32)>,
 }
 
 impl Frames {
-    /// Frames up to `max_frame` bytes (the size announced in `open`).
+    /// Frames up to `max_frame` bytes (the size announced in `open`), default limits.
     pub fn new(max_frame: u32) -> Self {
+        Frames::with_limits(max_frame, PeerLimits::default())
+    }
+
+    /// Frames up to `max_frame` bytes, the peer held to `limits`.
+    pub fn with_limits(max_frame: u32, limits: PeerLimits) -> Self {
         Frames {
             max_frame,
+            limits,
             state: FrameState::Head {
                 buf: [0; 8],
                 have: 0,
             },
             deliveries: HashMap::new(),
+            sessions: HashSet::new(),
+            links: HashSet::new(),
         }
     }
 
@@ -622,6 +701,11 @@ impl Frames {
             FrameState::Payload { left, key, last } => {
                 let take = (*left as usize).min(bytes.len());
                 let scanner = self.deliveries.entry(*key).or_default();
+                let max = self.limits.max_message_size;
+                let size = scanner.offset.saturating_add(take as u64);
+                if max > 0 && size > max {
+                    return Err(Violation::MessageTooLarge { max });
+                }
                 scanner.feed(bytes.get(..take).unwrap_or_default(), None)?;
                 *left -= take as u32;
                 if *left == 0 {
@@ -743,8 +827,34 @@ impl Frames {
             }
             Performative::Detach(d) => {
                 self.deliveries.remove(&(channel, d.handle.0));
+                self.links.remove(&(channel, d.handle.0));
             }
-            Performative::End(_) => self.deliveries.retain(|(c, _), _| *c != channel),
+            Performative::End(_) => {
+                self.deliveries.retain(|(c, _), _| *c != channel);
+                self.links.retain(|(c, _)| *c != channel);
+                self.sessions.remove(&channel);
+            }
+            Performative::Open(o) => {
+                let min = self.limits.min_idle_timeout_ms;
+                if let Some(asked) = o.idle_time_out {
+                    // 0 means "no idle timeout": the peer asks for no heartbeats at all.
+                    if asked != 0 && asked < min {
+                        return Err(Violation::IdleTimeoutTooShort { asked, min });
+                    }
+                }
+            }
+            Performative::Begin(_)
+                if self.sessions.insert(channel)
+                    && self.sessions.len() > usize::from(self.limits.max_sessions) =>
+            {
+                return Err(Violation::TooManySessions(self.limits.max_sessions));
+            }
+            Performative::Attach(a)
+                if self.links.insert((channel, a.handle.0))
+                    && self.links.len() > self.limits.max_links as usize =>
+            {
+                return Err(Violation::TooManyLinks(self.limits.max_links));
+            }
             _ => {}
         }
         if left > 0 {
@@ -770,11 +880,11 @@ pub struct FrameGuard<S> {
 
 impl<S> FrameGuard<S> {
     /// Guard `inner`, whose peer (`peer`, for the log line) may send frames of up to
-    /// `max_frame` bytes.
-    pub fn new(inner: S, max_frame: u32, peer: String) -> Self {
+    /// `max_frame` bytes and is held to `limits`.
+    pub fn new(inner: S, max_frame: u32, limits: PeerLimits, peer: String) -> Self {
         FrameGuard {
             inner,
-            frames: Frames::new(max_frame),
+            frames: Frames::with_limits(max_frame, limits),
             refused: None,
             peer,
         }
@@ -804,7 +914,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
                     // Nothing of this read reaches the decoder.
                     buf.set_filled(before);
                     tracing::warn!(peer = %this.peer, reason = %v, "connection refused: malformed or hostile AMQP frames");
-                    metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "frames")
+                    metrics::counter!("drawbridge_float_connections_refused_total", "reason" => v.label())
                         .increment(1);
                     this.refused = Some(v.clone());
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, v)));
@@ -1215,5 +1325,159 @@ mod tests {
             frame(0, &transfer(0, false), &a_message()),
         ];
         assert_eq!(feed_all(&frames, 3), Ok(()));
+    }
+    fn feed_limited(frames: &[Vec<u8>], limits: PeerLimits) -> Result<(), Violation> {
+        let mut f = Frames::with_limits(256 * 1024, limits);
+        f.feed(b"AMQP\x00\x01\x00\x00")?;
+        for fr in frames {
+            f.feed(fr)?;
+        }
+        Ok(())
+    }
+
+    fn begin() -> Performative {
+        Performative::Begin(fe2o3_amqp::types::performatives::Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window: 100,
+            outgoing_window: 100,
+            handle_max: Handle(u32::MAX),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+    }
+
+    fn end() -> Performative {
+        Performative::End(fe2o3_amqp::types::performatives::End { error: None })
+    }
+
+    fn attach(handle: u32) -> Performative {
+        Performative::Attach(Attach {
+            name: format!("l{handle}"),
+            handle: Handle(handle),
+            role: fe2o3_amqp::types::definitions::Role::Sender,
+            snd_settle_mode: Default::default(),
+            rcv_settle_mode: Default::default(),
+            source: None,
+            target: None,
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+    }
+
+    fn open(idle: Option<u32>) -> Performative {
+        Performative::Open(fe2o3_amqp::types::performatives::Open {
+            container_id: "peer".into(),
+            hostname: None,
+            max_frame_size: Default::default(),
+            channel_max: Default::default(),
+            idle_time_out: idle,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+    }
+
+    const LIMITS: PeerLimits = PeerLimits {
+        max_sessions: 2,
+        max_links: 3,
+        min_idle_timeout_ms: 1000,
+        max_message_size: 1000,
+    };
+
+    #[test]
+    fn a_delivery_over_the_message_size_is_refused_whatever_its_frames() {
+        let open = frame(0, &begin(), &[]);
+        let whole = frame(0, &transfer(0, false), &[0x40; 1000]);
+        assert_eq!(feed_limited(&[open.clone(), whole], LIMITS), Ok(()));
+        let mut split = vec![open.clone()];
+        for _ in 0..9 {
+            split.push(frame(0, &transfer(0, true), &[0x40; 100]));
+        }
+        split.push(frame(0, &transfer(0, false), &[0x40; 100]));
+        assert_eq!(feed_limited(&split, LIMITS), Ok(()), "exactly the maximum");
+        let mut over = split.clone();
+        over.pop();
+        over.push(frame(0, &transfer(0, true), &[0x40; 101]));
+        assert_eq!(
+            feed_limited(&over, LIMITS),
+            Err(Violation::MessageTooLarge { max: 1000 })
+        );
+        // Each delivery counts on its own.
+        let mut two = vec![open];
+        for _ in 0..2 {
+            two.push(frame(0, &transfer(0, true), &[0x40; 600]));
+            two.push(frame(0, &transfer(0, false), &[0x40; 400]));
+        }
+        assert_eq!(feed_limited(&two, LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn sessions_are_counted_while_open() {
+        let two = [frame(0, &begin(), &[]), frame(1, &begin(), &[])];
+        assert_eq!(feed_limited(&two, LIMITS), Ok(()));
+        let three = [two[0].clone(), two[1].clone(), frame(2, &begin(), &[])];
+        assert_eq!(
+            feed_limited(&three, LIMITS),
+            Err(Violation::TooManySessions(2))
+        );
+        // Ending one makes room for another, without limit over time.
+        let mut churn = two.to_vec();
+        for _ in 0..100 {
+            churn.push(frame(1, &end(), &[]));
+            churn.push(frame(1, &begin(), &[]));
+        }
+        assert_eq!(feed_limited(&churn, LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn links_are_counted_over_all_sessions() {
+        let mut frames = vec![frame(0, &begin(), &[]), frame(1, &begin(), &[])];
+        frames.extend([frame(0, &attach(0), &[]), frame(0, &attach(1), &[])]);
+        frames.push(frame(1, &attach(0), &[]));
+        assert_eq!(feed_limited(&frames, LIMITS), Ok(()));
+        let mut over = frames.clone();
+        over.push(frame(1, &attach(1), &[]));
+        assert_eq!(feed_limited(&over, LIMITS), Err(Violation::TooManyLinks(3)));
+        // A detach frees a handle; an end frees its session's links.
+        let detach = Performative::Detach(Detach {
+            handle: Handle(1),
+            closed: true,
+            error: None,
+        });
+        let mut freed = frames.clone();
+        freed.push(frame(0, &detach, &[]));
+        freed.push(frame(1, &attach(1), &[]));
+        freed.push(frame(0, &end(), &[]));
+        freed.push(frame(2, &begin(), &[]));
+        freed.push(frame(2, &attach(0), &[]));
+        assert_eq!(feed_limited(&freed, LIMITS), Ok(()));
+        freed.push(frame(2, &attach(1), &[]));
+        assert_eq!(
+            feed_limited(&freed, LIMITS),
+            Err(Violation::TooManyLinks(3))
+        );
+    }
+
+    #[test]
+    fn an_idle_timeout_below_the_floor_is_refused() {
+        for (idle, ok) in [
+            (None, true),
+            (Some(0), true),
+            (Some(1000), true),
+            (Some(1), false),
+            (Some(999), false),
+        ] {
+            let r = feed_limited(&[frame(0, &open(idle), &[])], LIMITS);
+            assert_eq!(r.is_ok(), ok, "{idle:?}: {r:?}");
+        }
     }
 }

@@ -25,6 +25,7 @@
     )
 )]
 
+pub mod admission;
 pub mod budget;
 pub mod config;
 mod connection;
@@ -94,6 +95,10 @@ pub(crate) struct Ctx {
     dedup: Dedup,
     /// Bytes in flight of all links (`max_bytes_in_flight`).
     pool: budget::Pool,
+    /// Handshake and connection slots.
+    admission: admission::Admission,
+    /// The broker channels links publish on.
+    channels: publisher::Channels,
     /// Counters for `/status`.
     stats: Stats,
     /// Legal names served and their inboxes.
@@ -105,6 +110,17 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// What one connection may hold (enforced by its frame guard).
+    pub(crate) fn peer_limits(&self) -> frame_guard::PeerLimits {
+        frame_guard::PeerLimits {
+            max_sessions: self.cfg.max_sessions_per_connection,
+            max_links: self.cfg.max_links_per_connection,
+            min_idle_timeout_ms: u32::try_from(self.cfg.min_peer_idle_timeout.as_millis())
+                .unwrap_or(u32::MAX),
+            max_message_size: connection::announced_max_message_size(self.cfg.max_message_size),
+        }
+    }
+
     /// A receiver whose `changed()` completes whenever the CRLs in force change (a file
     /// reloaded, a URL fetched, a CRL past its `nextUpdate`). Each established connection
     /// holds one and, on a change, calls [`Ctx::revoked_peer`] with its peer's chain.
@@ -140,6 +156,8 @@ impl AdminState for Ctx {
             "listen": self.cfg.listen.to_string(),
             "identities": self.identities.iter().map(|(n, q)| serde_json::json!({"legal_name": n.to_string(), "inbox": q})).collect::<Vec<_>>(),
             "connections": conns,
+            "pending_handshakes": self.admission.in_use().0,
+            "publish_channels_open": self.channels.open(),
             "accepted": self.stats.accepted.load(Ordering::Relaxed),
             "rejected": self.stats.rejected.load(Ordering::Relaxed),
             "released": self.stats.released.load(Ordering::Relaxed),
@@ -249,6 +267,14 @@ pub async fn start(
     let ctx = Arc::new(Ctx {
         dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_max_age),
         pool: budget::Pool::new(cfg.max_bytes_in_flight),
+        admission: admission::Admission::new(admission::Limits {
+            pending: cfg.max_pending_handshakes,
+            pending_per_address: cfg.max_pending_handshakes_per_address,
+            connections: cfg.max_connections,
+            per_peer: cfg.max_connections_per_peer,
+            per_address: cfg.max_connections_per_address,
+        }),
+        channels: publisher::Channels::new(cfg.publish_channels),
         tls: tokio_rustls::TlsAcceptor::from(tls),
         broker,
         stats: Stats::default(),

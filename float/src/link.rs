@@ -61,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    budget::{LinkBudget, Permit},
+    budget::{self, LinkBudget, Permit},
     convert,
     dedup::{Seen, Ticket},
     publisher::Publisher,
@@ -117,10 +117,30 @@ pub(crate) enum LinkEnd {
     Drained,
 }
 
+impl LinkEnd {
+    /// For an end the peer's misbehaviour caused: the `reason` label of
+    /// `drawbridge_float_links_refused_total`.
+    fn hostile(&self) -> Option<&'static str> {
+        match self {
+            LinkEnd::Receive(RecvError::MessageSizeExceeded(_)) => Some("message_size"),
+            LinkEnd::Receive(RecvError::TransferLimitExceeded) => Some("credit"),
+            LinkEnd::Receive(
+                RecvError::DeliveryIdIsNone
+                | RecvError::DeliveryTagIsNone
+                | RecvError::InconsistentFieldInMultiFrameDelivery
+                | RecvError::IllegalRcvSettleModeInTransfer
+                | RecvError::MessageDecode(_),
+            ) => Some("malformed"),
+            _ => None,
+        }
+    }
+}
+
 /// Serve one inbound link until the peer detaches, it fails, or the float shuts down.
 pub(crate) async fn serve_link(
     mut receiver: Receiver,
     sender: Arc<str>,
+    connection_pool: budget::Pool,
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
 ) {
@@ -150,14 +170,21 @@ pub(crate) async fn serve_link(
         return;
     }
     info!(peer = %sender, link = %receiver.name(), "inbound link attached");
-    let mut link = Link::new(receiver, sender.clone(), ctx);
+    let mut link = Link::new(receiver, sender.clone(), connection_pool, ctx);
     let end = link.run(&shutdown).await;
     let draining = link.draining;
     let receiver = link.finish().await;
     if draining {
         let _ = tokio::time::timeout(Duration::from_secs(2), receiver.close()).await;
     }
-    info!(peer = %sender, reason = %end, "inbound link closed");
+    match end.hostile() {
+        Some(label) => {
+            warn!(peer = %sender, reason = %end, "inbound link refused: the peer broke the link's rules");
+            metrics::counter!("drawbridge_float_links_refused_total", "reason" => label)
+                .increment(1);
+        }
+        None => info!(peer = %sender, reason = %end, "inbound link closed"),
+    }
 }
 
 /// A transfer that is valid, routed and past the dedup window: ready to publish.
@@ -233,11 +260,19 @@ struct Link {
 }
 
 impl Link {
-    fn new(receiver: Receiver, sender: Arc<str>, ctx: Arc<Ctx>) -> Self {
+    fn new(
+        receiver: Receiver,
+        sender: Arc<str>,
+        connection_pool: budget::Pool,
+        ctx: Arc<Ctx>,
+    ) -> Self {
         Link {
-            budget: LinkBudget::new(ctx.cfg.max_link_bytes_in_flight, ctx.pool.clone()),
+            budget: LinkBudget::within(
+                ctx.cfg.max_link_bytes_in_flight,
+                vec![connection_pool, ctx.pool.clone()],
+            ),
             pause: Pause::new(Duration::from_millis(100), Duration::from_secs(5)),
-            publisher: Publisher::default(),
+            publisher: ctx.channels.publisher(),
             routes: Routes::default(),
             pending: FuturesOrdered::new(),
             waiting: None,

@@ -1,11 +1,13 @@
-//! The accept loop: one task per connection, at most `max_connections` at once, accept
-//! errors (out of file descriptors and the like) backed off instead of spun on, and on
-//! shutdown no new connections while the open ones drain within `drain_grace`.
+//! The accept loop: one task per connection, admitted first to the small pool of pending
+//! handshakes (see `admission`), accept errors (out of file descriptors and the like) backed
+//! off instead of spun on, and on shutdown no new connections while the open ones drain
+//! within `drain_grace`.
 
 use std::{sync::Arc, time::Duration};
 
 use drawbridge_runtime::backoff::Backoff;
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use drawbridge_runtime::lograte::Every;
+use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -13,7 +15,8 @@ use crate::{connection, Ctx};
 
 /// Accept connections until `shutdown`, then let the connections drain.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(ctx.cfg.max_connections));
+    // A flood of refusals is one log line per 10 s with its count, never one per connection.
+    let refusals = Every::new(Duration::from_secs(10));
     let mut conns = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut next_id = 0u64;
@@ -35,22 +38,27 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: Cancel
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            warn!(peer_addr = %addr, max = ctx.cfg.max_connections, "connection refused: too many connections");
-            metrics::counter!("drawbridge_float_connections_refused_total", "reason" => "max_connections").increment(1);
-            continue;
+        // Refused before any byte is read: closing the socket is all it costs.
+        let pending = match ctx.admission.pending(addr.ip()) {
+            Ok(t) => t,
+            Err(refusal) => {
+                metrics::counter!("drawbridge_float_connections_refused_total", "reason" => refusal.label()).increment(1);
+                if let Some(skipped) = refusals.hit() {
+                    warn!(peer_addr = %addr, reason = %refusal, similar_refusals_not_logged = skipped, "connection refused before the handshake");
+                }
+                continue;
+            }
         };
         next_id += 1;
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let id = next_id;
         conns.spawn(async move {
-            connection::serve_connection(tcp, addr, id, ctx.clone(), shutdown).await;
+            connection::serve_connection(tcp, addr, id, pending, ctx.clone(), shutdown).await;
             ctx.connections
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&id);
-            drop(permit);
         });
     }
     drop(listener);

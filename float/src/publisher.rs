@@ -1,11 +1,23 @@
-//! Publishing one inbound link's transfers into the broker.
+//! Publishing inbound links' transfers into the broker.
 //!
-//! Each link has its own confirm-mode channel, so its publishes and confirms stay in order
-//! and a channel the broker closes (an access refusal, say) affects that link only. The
-//! channel is reopened on whatever broker connection is current when it is next needed; a
-//! publish returns its confirm as a future, so the link keeps many in flight.
+//! The float publishes on a small, fixed set of confirm-mode channels
+//! (`float.publish_channels`), not one per link: a channel per link would let peers use up
+//! the broker's `channel_max` (shared with everything else on the connection) by opening
+//! links. Each link is given one channel slot for its life, round robin, so its publishes
+//! keep their order. A slot's channel is opened on whatever broker connection is current when
+//! it is next needed, and reopened when the broker closed it; a publish returns its confirm
+//! as a future, so a link keeps many in flight.
+//!
+//! What sharing costs: a channel the broker closes takes the unconfirmed publishes of every
+//! link on it along; they settle `released` and their peers resend them (the dedup window
+//! then tells the second copy from a first one). The float only publishes what it validated
+//! to inboxes it declared, so the broker has no reason to close a channel short of a broken
+//! connection, which takes every channel anyway.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
 
 use drawbridge_runtime::broker::{BrokerSession, Live};
 use futures::{future::BoxFuture, FutureExt};
@@ -36,11 +48,50 @@ pub(crate) enum ChannelError {
 /// The broker's verdict on one publish, mapped to how its transfer settles.
 pub(crate) type Confirm = BoxFuture<'static, Settle>;
 
-/// One link's publishing side.
-#[derive(Debug, Default)]
+/// A confirm-mode channel and the connection it is on.
+type Current = Option<(Arc<Live>, Channel)>;
+
+/// The float's publishing channels.
+#[derive(Debug)]
+pub(crate) struct Channels {
+    slots: Vec<Arc<tokio::sync::Mutex<Current>>>,
+    next: AtomicUsize,
+}
+
+impl Channels {
+    /// `n` slots (at least one), channels opened on first use.
+    pub(crate) fn new(n: usize) -> Self {
+        Channels {
+            slots: (0..n.max(1)).map(|_| Arc::default()).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A publisher for a new link, on the next slot.
+    pub(crate) fn publisher(&self) -> Publisher {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        Publisher {
+            slot: self.slots.get(i).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Slots with an open channel right now (for `/status`).
+    pub(crate) fn open(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.try_lock()
+                    .map(|c| c.as_ref().is_some_and(|(_, ch)| ch.status().connected()))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+}
+
+/// One link's publishing side: its slot of [`Channels`].
+#[derive(Debug)]
 pub(crate) struct Publisher {
-    /// Confirm-mode channel and the connection it is on.
-    channel: Option<(Arc<Live>, Channel)>,
+    slot: Arc<tokio::sync::Mutex<Current>>,
 }
 
 impl Publisher {
@@ -81,11 +132,11 @@ impl Publisher {
         let confirm = match publish {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                self.channel = None;
+                self.forget(&live, &channel).await;
                 return Err(Transient::PublishFailed(e.to_string()));
             }
             Err(_) => {
-                self.channel = None;
+                self.forget(&live, &channel).await;
                 live.report_broken("publish timed out");
                 return Err(Transient::ConfirmTimedOut(op));
             }
@@ -101,17 +152,39 @@ impl Publisher {
         .boxed())
     }
 
-    /// The link's confirm-mode channel, reopened on the current connection when needed.
+    /// Drop the slot's channel if it is still `channel` on `live` (another link may have
+    /// reopened it), closing it in the background in case the broker still has it open.
+    async fn forget(&self, live: &Arc<Live>, channel: &Channel) {
+        let mut slot = self.slot.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|(l, ch)| Arc::ptr_eq(l, live) && ch.id() == channel.id())
+        {
+            *slot = None;
+            let ch = channel.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    ch.close(200, "publish failed".into()),
+                )
+                .await;
+            });
+        }
+    }
+
+    /// The slot's confirm-mode channel, reopened on the current connection when needed. The
+    /// slot stays locked while a channel opens, so links sharing it open one, not one each.
     async fn channel(
         &mut self,
         broker: &BrokerSession,
     ) -> Result<(Arc<Live>, Channel), ChannelError> {
-        if let Some((live, ch)) = &self.channel {
+        let mut slot = self.slot.lock().await;
+        if let Some((live, ch)) = slot.as_ref() {
             if !live.is_lost() && ch.status().connected() {
                 return Ok((live.clone(), ch.clone()));
             }
         }
-        self.channel = None;
+        *slot = None;
         let live = broker.current().ok_or(ChannelError::NoConnection)?;
         let opened = tokio::time::timeout(broker.config().op_timeout, async {
             let ch = live.conn.create_channel().await?;
@@ -121,7 +194,7 @@ impl Publisher {
         .await;
         match opened {
             Ok(Ok(ch)) => {
-                self.channel = Some((live.clone(), ch.clone()));
+                *slot = Some((live.clone(), ch.clone()));
                 Ok((live, ch))
             }
             Ok(Err(e)) => Err(ChannelError::Open(e)),

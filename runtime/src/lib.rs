@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod headers;
 pub mod logging;
+pub mod lograte;
 pub mod mapping;
 pub mod revocation;
 pub mod shutdown;

@@ -313,3 +313,431 @@ async fn a_deeply_nested_body_is_refused_and_the_float_stays_up() -> Result<()> 
     assert_eq!(r.unexpected, 0, "{r:?}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// A peer that ignores the float's announced limits: raw frames over a genuine mTLS
+// connection, since a conforming client library would keep to `channel-max`, `handle-max`
+// and `max-message-size` on its own.
+
+/// One AMQP 1.0 frame (type 0, or 1 for SASL) with `body` (a serialized performative or SASL
+/// frame) and `payload`.
+fn raw_frame(kind: u8, channel: u16, body: &[u8], payload: &[u8]) -> Vec<u8> {
+    let size = 8 + body.len() + payload.len();
+    let mut f = (size as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&[2, kind]);
+    f.extend_from_slice(&channel.to_be_bytes());
+    f.extend_from_slice(body);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn performative(channel: u16, p: &fe2o3_amqp::types::performatives::Performative) -> Vec<u8> {
+    raw_frame(0, channel, &serde_amqp::to_vec(p).expect("encodes"), &[])
+}
+
+/// SASL ANONYMOUS, then the AMQP header and an `open` asking for `idle` ms.
+fn raw_preamble(idle: Option<u32>) -> Vec<u8> {
+    use fe2o3_amqp::types::{performatives::*, sasl::SaslInit};
+    let mut out = b"AMQP\x03\x01\x00\x00".to_vec();
+    let init = SaslInit {
+        mechanism: "ANONYMOUS".into(),
+        initial_response: None,
+        hostname: None,
+    };
+    out.extend(raw_frame(
+        1,
+        0,
+        &serde_amqp::to_vec(&init).expect("encodes"),
+        &[],
+    ));
+    out.extend_from_slice(b"AMQP\x00\x01\x00\x00");
+    out.extend(performative(
+        0,
+        &Performative::Open(Open {
+            container_id: "mallory-raw".into(),
+            hostname: None,
+            max_frame_size: MaxFrameSize(256 * 1024),
+            channel_max: ChannelMax(u16::MAX),
+            idle_time_out: idle,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }),
+    ));
+    out
+}
+
+fn raw_begin(channel: u16) -> Vec<u8> {
+    use fe2o3_amqp::types::{definitions::Handle, performatives::*};
+    performative(
+        channel,
+        &Performative::Begin(Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window: 10_000,
+            outgoing_window: 10_000,
+            handle_max: Handle(u32::MAX),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }),
+    )
+}
+
+fn raw_attach(channel: u16, handle: u32) -> Vec<u8> {
+    use fe2o3_amqp::types::{
+        definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode},
+        messaging::{Source, Target},
+        performatives::*,
+    };
+    performative(
+        channel,
+        &Performative::Attach(Attach {
+            name: format!("raw-{channel}-{handle}"),
+            handle: Handle(handle),
+            role: Role::Sender,
+            snd_settle_mode: SenderSettleMode::Unsettled,
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: Some(Box::new(Source::default())),
+            target: Some(Box::new(
+                Target::builder()
+                    .address(drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS)
+                    .build()
+                    .into(),
+            )),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }),
+    )
+}
+
+/// A transfer frame of one delivery (id 0) on `handle`, carrying `payload`.
+fn raw_transfer(channel: u16, handle: u32, more: bool, payload: &[u8]) -> Vec<u8> {
+    use fe2o3_amqp::types::{definitions::Handle, performatives::*};
+    let t = Performative::Transfer(Transfer {
+        handle: Handle(handle),
+        delivery_id: Some(0),
+        delivery_tag: Some(vec![7].into()),
+        message_format: Some(0),
+        settled: None,
+        more,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    });
+    raw_frame(
+        0,
+        channel,
+        &serde_amqp::to_vec(&t).expect("encodes"),
+        payload,
+    )
+}
+
+/// A genuine mTLS connection from Bank B (its certificate) to A's float, from `source`.
+async fn raw_connect(
+    b: &Org,
+    a: &Org,
+    source: std::net::Ipv4Addr,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let settings = attacker_settings(b, a)?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    let tcp = socket
+        .connect(([127, 0, 0, 1], a.float_port).into())
+        .await?;
+    let connector = tokio_rustls::TlsConnector::from(settings.tls);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+    Ok(connector.connect(name, tcp).await?)
+}
+
+/// Write `bytes` (ignoring a connection the float already closed) and read until the float
+/// closes it; `Err` if it stays open for `within`.
+async fn until_closed(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    bytes: &[u8],
+    within: Duration,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tls.write_all(bytes).await;
+    let _ = tls.flush().await;
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .context("the float kept the connection open")
+}
+
+/// The value of `name{reason="<reason>"}` in the float's metrics (0 when absent).
+async fn refused(a: &Org, name: &str, reason: &str) -> Result<f64> {
+    let metrics = a.float.as_ref().context("float")?.metrics().await?;
+    let prefix = format!("{name}{{reason=\"{reason}\"}}");
+    Ok(metrics
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// A well-behaved Bank B connection delivers `n` messages to A.
+async fn good_peer_delivers(b: &Org, a: &Org, tag: &str, n: usize) -> Result<()> {
+    let settings = attacker_settings(b, a)?;
+    let target = Target::new("127.0.0.1", a.float_port);
+    let mut c = peer::connect(&target, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("a good peer could not connect: {e:?}"))?;
+    for i in 0..n {
+        let outcome = attacker_sends(&mut c, a, &format!("{tag}-{i}"), |_| {}).await?;
+        anyhow::ensure!(outcome.contains("Accepted"), "{tag}-{i}: {outcome}");
+    }
+    Ok(())
+}
+
+fn float_rss_kib(a: &Org) -> Result<u64> {
+    let pid = a
+        .float
+        .as_ref()
+        .context("float")?
+        .pid()
+        .context("float pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")
+}
+
+/// More sessions or links than announced, or an idle timeout of 1 ms: the connection is
+/// refused with a reason and counted; the float stays up and serves a well-behaved peer.
+#[tokio::test]
+async fn sessions_links_and_idle_timeouts_beyond_the_limits_are_refused() -> Result<()> {
+    let (a, b, _dir) = world().await?;
+    let me = std::net::Ipv4Addr::LOCALHOST;
+
+    // 300 sessions on one connection (8 allowed).
+    let mut tls = raw_connect(&b, &a, me).await?;
+    let mut bytes = raw_preamble(Some(30_000));
+    for ch in 0..300 {
+        bytes.extend(raw_begin(ch));
+    }
+    until_closed(&mut tls, &bytes, Duration::from_secs(10)).await?;
+    assert!(
+        refused(
+            &a,
+            "drawbridge_float_connections_refused_total",
+            "max_sessions"
+        )
+        .await?
+            >= 1.0
+    );
+
+    // 100 links in one session (32 allowed).
+    let mut tls = raw_connect(&b, &a, me).await?;
+    let mut bytes = raw_preamble(Some(30_000));
+    bytes.extend(raw_begin(0));
+    for h in 0..100 {
+        bytes.extend(raw_attach(0, h));
+    }
+    until_closed(&mut tls, &bytes, Duration::from_secs(10)).await?;
+    assert!(
+        refused(
+            &a,
+            "drawbridge_float_connections_refused_total",
+            "max_links"
+        )
+        .await?
+            >= 1.0
+    );
+
+    // Heartbeats every millisecond.
+    let mut tls = raw_connect(&b, &a, me).await?;
+    until_closed(&mut tls, &raw_preamble(Some(1)), Duration::from_secs(10)).await?;
+    assert!(
+        refused(
+            &a,
+            "drawbridge_float_connections_refused_total",
+            "idle_timeout"
+        )
+        .await?
+            >= 1.0
+    );
+
+    let float = a.float.as_ref().context("float")?;
+    assert!(float.log_contains("more than 8 sessions on one connection"));
+    assert!(float.log_contains("more than 32 links on one connection"));
+    assert!(float.log_contains("idle timeout of 1 ms is below the minimum of 1000 ms"));
+    good_peer_delivers(&b, &a, "after-limits", 5).await?;
+    Ok(())
+}
+
+/// One delivery streamed as 64 MiB of `more = true` frames: the float ends the connection once
+/// the delivery passes the announced max-message-size instead of buffering it, counts it, and
+/// stays up and small. (Before: fe2o3 detached the link at the limit and then waited, without
+/// a deadline, for a detach this peer never sends; the link hung, uncounted.)
+#[tokio::test]
+async fn a_64_mib_streamed_delivery_is_cut_off_at_the_announced_size() -> Result<()> {
+    let (a, b, _dir) = world().await?;
+    let rss_before = float_rss_kib(&a)?;
+    let mut tls = raw_connect(&b, &a, std::net::Ipv4Addr::LOCALHOST).await?;
+    let mut head = raw_preamble(Some(30_000));
+    head.extend(raw_begin(0));
+    head.extend(raw_attach(0, 0));
+    {
+        use tokio::io::AsyncWriteExt;
+        tls.write_all(&head).await?;
+        // Let the float grant credit.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A well-formed start (properties, destination, a data section announcing 64 MiB), then
+    // the data, 200 KiB per frame.
+    let total: usize = 64 * 1024 * 1024;
+    let mut first = {
+        let mut app = ApplicationProperties::default();
+        app.0.insert(
+            "drawbridge-destination".into(),
+            SimpleValue::String(a.legal_name.clone()),
+        );
+        let mut bytes = serde_amqp::to_vec(&fe2o3_amqp::types::messaging::Properties {
+            message_id: Some(MessageId::String("stream-1".into())),
+            ..Default::default()
+        })?;
+        bytes.extend(serde_amqp::to_vec(&app)?);
+        bytes
+    };
+    first.extend_from_slice(&[0x00, 0x53, 0x75, 0xb0]);
+    first.extend_from_slice(&(total as u32).to_be_bytes());
+    let chunk = vec![0u8; 200 * 1024];
+    let mut sent = 0usize;
+    let mut cut_off = false;
+    while sent < total {
+        use tokio::io::AsyncWriteExt;
+        let n = chunk.len().min(total - sent);
+        let piece = chunk.get(..n).context("chunk")?;
+        let frame = if sent == 0 {
+            let mut p = first.clone();
+            p.extend_from_slice(piece);
+            raw_transfer(0, 0, n < total, &p)
+        } else {
+            raw_transfer(0, 0, sent + n < total, piece)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), tls.write_all(&frame)).await {
+            Ok(Ok(())) => sent += n,
+            // Closed, or the float stopped reading: either way it no longer takes the stream.
+            _ => {
+                cut_off = true;
+                break;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while refused(
+        &a,
+        "drawbridge_float_connections_refused_total",
+        "message_size",
+    )
+    .await?
+        < 1.0
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no message-size refusal counted after {sent} bytes (cut off: {cut_off}); float RSS {} KiB (was {rss_before}); status {}; float log:\n{}",
+            float_rss_kib(&a)?,
+            a.float.as_ref().context("float")?.status().await?,
+            a.float.as_ref().context("float")?.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cut_off, "the float read all {sent} bytes");
+    assert!(a
+        .float
+        .as_ref()
+        .context("float")?
+        .log_contains("a delivery exceeds the max-message-size"));
+    let rss_after = float_rss_kib(&a)?;
+    assert!(
+        rss_after < rss_before + 48 * 1024,
+        "the float grew from {rss_before} KiB to {rss_after} KiB on one streamed delivery"
+    );
+    good_peer_delivers(&b, &a, "after-stream", 5).await?;
+    Ok(())
+}
+
+/// 1,000 connections from one host that never finish a TLS handshake (slowloris): they take
+/// only that host's share of the handshake slots; a peer already connected keeps delivering
+/// and a peer on another address still connects. The flood is counted, not logged per
+/// connection.
+#[tokio::test]
+async fn a_thousand_half_open_handshakes_starve_no_one() -> Result<()> {
+    let (a, b, _dir) = world().await?;
+    // Connected before the flood.
+    let settings = attacker_settings(&b, &a)?;
+    let target = Target::new("127.0.0.1", a.float_port);
+    let mut established = peer::connect(&target, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    attacker_sends(&mut established, &a, "before-flood", |_| {}).await?;
+
+    // The flood, from 127.0.0.2: TCP connections that send nothing.
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((std::net::Ipv4Addr::new(127, 0, 0, 2), 0).into())?;
+        if let Ok(s) = socket.connect(([127, 0, 0, 1], a.float_port).into()).await {
+            flood.push(s);
+        }
+    }
+    assert!(
+        flood.len() >= 900,
+        "only {} flood connections opened",
+        flood.len()
+    );
+
+    // While it holds: the established peer delivers, and a new peer from 127.0.0.1 connects.
+    for i in 0..5 {
+        let outcome =
+            attacker_sends(&mut established, &a, &format!("during-flood-{i}"), |_| {}).await?;
+        assert!(outcome.contains("Accepted"), "{outcome}");
+    }
+    good_peer_delivers(&b, &a, "new-during-flood", 3).await?;
+
+    let per_address = refused(
+        &a,
+        "drawbridge_float_connections_refused_total",
+        "max_pending_handshakes_per_address",
+    )
+    .await?;
+    assert!(
+        per_address >= 900.0,
+        "flood refusals counted: {per_address}"
+    );
+    let status = a.float.as_ref().context("float")?.status().await?;
+    assert!(
+        status["pending_handshakes"].as_u64().unwrap_or(u64::MAX) <= 32 + 1,
+        "{status}"
+    );
+    // One log line for the flood, not a thousand.
+    let log = std::fs::read_to_string(a.float.as_ref().context("float")?.log_path())?;
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("connection refused before the handshake"))
+        .count();
+    assert!((1..=3).contains(&lines), "{lines} refusal lines logged");
+    drop(flood);
+    Ok(())
+}

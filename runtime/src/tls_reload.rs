@@ -124,7 +124,7 @@ struct Refusal {
     file: PathBuf,
     reason: String,
     /// The new certificate is for another legal name: (in force, new).
-    identity_change: Option<(LegalName, LegalName)>,
+    identity_change: Option<Box<(LegalName, LegalName)>>,
 }
 
 impl Refusal {
@@ -138,7 +138,7 @@ impl Refusal {
 
     fn log(&self) {
         let file = self.file.display();
-        match &self.identity_change {
+        match self.identity_change.as_deref() {
             Some((in_force, new)) => error!(
                 %file,
                 in_force = %in_force,
@@ -201,10 +201,9 @@ impl Contents {
         let fingerprint = self.fingerprint(source);
         check_secret_file(&source.key, source.key_access)
             .map_err(|e| Refusal::new(&source.key, e))?;
-        let bytes = |r: &Result<Vec<u8>, std::io::Error>, path: &Path| {
-            r.as_ref()
-                .map(Clone::clone)
-                .map_err(|e| Refusal::new(path, format!("cannot read it: {e}")))
+        let bytes = |r: &Result<Vec<u8>, std::io::Error>, path: &Path| match r {
+            Ok(b) => Ok(b.clone()),
+            Err(e) => Err(Refusal::new(path, format!("cannot read it: {e}"))),
         };
         let cert_bytes = bytes(&self.cert, &source.cert)?;
         let key_bytes = bytes(&self.key, &source.key)?;
@@ -225,7 +224,7 @@ impl Contents {
             .map_err(|e| Refusal::new(&source.cert, e))?;
         if &legal_name != in_force {
             return Err(Refusal {
-                identity_change: Some((in_force.clone(), legal_name.clone())),
+                identity_change: Some(Box::new((in_force.clone(), legal_name.clone()))),
                 ..Refusal::new(
                     &source.cert,
                     format!(

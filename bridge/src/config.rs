@@ -8,7 +8,7 @@ use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
-    revocation,
+    revocation, tls_reload,
 };
 
 /// Everything the bridge needs to run.
@@ -22,6 +22,9 @@ pub struct BridgeConfig {
     pub tls_key: PathBuf,
     /// PEM network root(s) float certificates must chain to.
     pub trust_roots: PathBuf,
+    /// How often `tls_cert`, `tls_key` and `trust_roots` are checked for changes (SIGHUP
+    /// reloads them at once); see `drawbridge_runtime::tls_reload`.
+    pub tls_reload_interval: Duration,
     /// TLS 1.3 only, or 1.2 (ECDHE + AEAD) too.
     pub tls_policy: TlsPolicy,
     /// Revocation checking of float certificates (`bridge.crls`, `bridge.crl_urls`,
@@ -174,6 +177,7 @@ impl BridgeConfig {
             tls_cert: r.required("bridge.tls_cert").unwrap_or_default(),
             tls_key: r.required("bridge.tls_key").unwrap_or_default(),
             trust_roots: r.required("bridge.trust_roots").unwrap_or_default(),
+            tls_reload_interval: tls_reload::read_interval(&mut r, "bridge"),
             key_access,
             revocation,
             tls_policy: if r.get("bridge.allow_tls12", false) {

@@ -24,11 +24,12 @@ use std::{
     },
 };
 
-use drawbridge_certs::{LegalName, Revocation, TlsIdentity};
+use drawbridge_certs::{LegalName, Revocation};
 use drawbridge_control_protocol::Notification;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Setup},
+    tls_reload::{TlsMaterial, TlsReload, TlsSource},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +41,9 @@ pub use config::BridgeConfig;
 /// (`link::settings`, `control::notify_link`, `control::request_snapshot`).
 pub(crate) struct Ctx {
     cfg: BridgeConfig,
-    identity: TlsIdentity,
+    /// Our certificate chain and key in force (reloaded on SIGHUP and file changes): each
+    /// link builds its client configuration from it, again when its generation moves.
+    tls: TlsReload<()>,
     /// The node whose control messages are obeyed: `bridge.node_identity`, or the legal name
     /// of our own certificate.
     node_identity: LegalName,
@@ -86,6 +89,7 @@ impl AdminState for Ctx {
             "control_user": self.cfg.node_user,
             "control_refused": self.control_refused.load(Ordering::Relaxed),
             "links": links,
+            "tls": self.tls.status(),
             "revocation": {
                 "mode": self.revocation.mode().as_str(),
                 "generation": self.revocation.generation(),
@@ -112,13 +116,41 @@ pub async fn start(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<RunningBridge, StartError> {
-    let identity = TlsIdentity::load_with(&cfg.tls_cert, &cfg.tls_key, cfg.key_access)?;
-    let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
-    let revocation = drawbridge_runtime::revocation::start(roots, cfg.revocation.clone())?;
+    let source = TlsSource {
+        cert: cfg.tls_cert.clone(),
+        key: cfg.tls_key.clone(),
+        trust_roots: cfg.trust_roots.clone(),
+        key_access: cfg.key_access,
+        reload_interval: cfg.tls_reload_interval,
+    };
+    let material = TlsMaterial::load(&source)?;
+    let revocation =
+        drawbridge_runtime::revocation::start(material.roots.clone(), cfg.revocation.clone())?;
     let node_identity = match &cfg.node_identity {
         Some(n) => n.clone(),
-        None => identity.legal_name()?,
+        None => material.legal_name.clone(),
     };
+    // Links build their own client configurations (each pins its peers' names); building
+    // one here with our own name as the pin proves rustls takes a new key before it is
+    // swapped in.
+    let own_name = material.legal_name.clone();
+    let policy = cfg.tls_policy;
+    let tls = TlsReload::new(
+        "drawbridge_bridge_tls_reload_total",
+        source,
+        material,
+        revocation.clone(),
+        move |identity, revocation| {
+            drawbridge_certs::client_config_with(
+                identity,
+                revocation,
+                vec![own_name.clone()],
+                policy,
+            )
+            .map(drop)
+        },
+    )?;
+    tls.spawn(shutdown.clone());
     match &cfg.node_user {
         Some(user) => {
             info!(node_user = %user, node_identity = %node_identity, "control messages are obeyed only from this broker user and node")
@@ -144,7 +176,7 @@ pub async fn start(
         bytes_in_flight: Arc::new(tokio::sync::Semaphore::new(bytes_total_kib as usize)),
         bytes_total_kib,
         cfg,
-        identity,
+        tls,
         node_identity,
         control_refused: AtomicU64::new(0),
         control_consuming: AtomicBool::new(false),

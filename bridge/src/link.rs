@@ -231,7 +231,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     // carries over from one session to the next.
     let mut prefetch = Prefetch::new(cfg.window, cfg.max_link_bytes, cfg.max_message_size as u64);
     // `verified_chain` holds the float chain the link's TLS verifier last accepted.
-    let (settings, verified_chain) = match settings(&ctx, &spec) {
+    let (mut settings, mut verified_chain, mut tls_generation) = match settings(&ctx, &spec) {
         Ok(s) => s,
         Err(reason) => {
             set_state(&ctx, &view, &spec, LinkState::Down, "", &reason);
@@ -249,6 +249,20 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             _ = stop.cancelled() => break,
         };
         let Some(live) = live else { continue };
+        // Our certificate or key was reloaded: new connections present the new one (the
+        // roots are the revocation state's, already shared with the verifier).
+        if ctx.tls.current().generation != tls_generation {
+            match self::settings(&ctx, &spec) {
+                Ok((s, v, g)) => {
+                    info!(queue = %spec.queue, "new TLS certificate: the link's next connections present it");
+                    (settings, verified_chain, tls_generation) = (s, v, g);
+                }
+                Err(reason) => {
+                    warn!(queue = %spec.queue, reason = %reason, "cannot use the reloaded TLS certificate; the link keeps the previous one");
+                    tls_generation = ctx.tls.current().generation;
+                }
+            }
+        }
 
         let mut failures = Vec::new();
         let mut connected = None;
@@ -903,12 +917,13 @@ fn set_state(
     crate::control::notify_link(ctx, spec, state, target, reason);
 }
 
-/// Peer settings for a link and where its verifier keeps the chain of the float it last
-/// accepted, or why they cannot be built.
+/// Peer settings for a link, where its verifier keeps the chain of the float it last
+/// accepted, and the generation of our TLS material they were built from; or why they
+/// cannot be built.
 pub(crate) fn settings(
     ctx: &Ctx,
     spec: &PeerLink,
-) -> Result<(PeerSettings, drawbridge_certs::VerifiedPeerChain), String> {
+) -> Result<(PeerSettings, drawbridge_certs::VerifiedPeerChain, u64), String> {
     let mut names = Vec::new();
     for n in &spec.legal_names {
         names.push(
@@ -916,8 +931,9 @@ pub(crate) fn settings(
                 .map_err(|e| format!("legal name `{n}`: {e}"))?,
         );
     }
+    let own = ctx.tls.current();
     let (tls, verified_chain) = drawbridge_certs::client_config_with(
-        &ctx.identity,
+        &own.identity,
         &ctx.revocation,
         names,
         ctx.cfg.tls_policy,
@@ -931,5 +947,5 @@ pub(crate) fn settings(
         link_name: format!("drawbridge-{}-{}", ctx.cfg.id, spec.queue),
         address: spec.target_address.clone(),
     };
-    Ok((settings, verified_chain))
+    Ok((settings, verified_chain, own.generation))
 }

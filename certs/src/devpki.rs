@@ -121,22 +121,8 @@ pub fn generate_network(dir: &Path, names: &[LegalName]) -> Result<DevNetwork, C
 
         // Leaf: subject is exactly the legal name.
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut leaf = CertificateParams::default();
-        leaf.distinguished_name = legal_name_dn(name)?;
-        leaf.subject_alt_names = vec![
-            SanType::DnsName("localhost".try_into()?),
-            SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
-        ];
-        leaf.is_ca = IsCa::ExplicitNoCa;
-        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        leaf.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        leaf.use_authority_key_identifier_extension = true;
-        leaf.not_before = not_before;
-        leaf.not_after = not_after;
-        let leaf_cert = leaf.signed_by(&leaf_key, &node_issuer)?;
+        let leaf_cert =
+            leaf_params(name, not_before, not_after)?.signed_by(&leaf_key, &node_issuer)?;
 
         let node_dir = dir.join(name.slug());
         create_dir(&node_dir)?;
@@ -168,6 +154,57 @@ pub fn generate_network(dir: &Path, names: &[LegalName]) -> Result<DevNetwork, C
         root_cert: root_cert_path,
         nodes,
     })
+}
+
+/// A node TLS certificate: subject exactly the legal name, server and client auth.
+fn leaf_params(
+    name: &LegalName,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, CertError> {
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name = legal_name_dn(name)?;
+    leaf.subject_alt_names = vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    ];
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    leaf.use_authority_key_identifier_extension = true;
+    leaf.not_before = not_before;
+    leaf.not_after = not_after;
+    Ok(leaf)
+}
+
+/// Issues `node` a new TLS certificate from its node CA (`node-ca.crt` + `node-ca.key` in
+/// its directory), with a new key: what a renewal before expiry produces. Writes the chain
+/// (leaf then node CA) to `cert_out` and the key (mode 0600) to `key_out`, each atomically,
+/// so they can be written straight over the live files of a running daemon. The
+/// certificate is valid from a day ago for `valid_days` days; a negative count makes one
+/// that has already expired (for tests).
+pub fn issue_tls_cert(
+    node: &NodeFiles,
+    cert_out: &Path,
+    key_out: &Path,
+    valid_days: i64,
+) -> Result<(), CertError> {
+    let read = |p: &Path| fs::read_to_string(p).map_err(CertError::io(p));
+    let ca_pem = read(&node.node_ca_cert)?;
+    let ca_key = KeyPair::from_pem(&read(&node.dir.join("node-ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)?;
+    let now = OffsetDateTime::now_utc();
+    let not_after = now + Duration::days(valid_days);
+    let not_before = (now - Duration::days(1)).min(not_after - Duration::days(1));
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = leaf_params(&node.legal_name, not_before, not_after)?.signed_by(&key, &issuer)?;
+    let tmp = key_out.with_extension("tmp-replace");
+    write_file(&tmp, &key.serialize_pem(), true)?;
+    fs::rename(&tmp, key_out).map_err(CertError::io(key_out))?;
+    replace_file(cert_out, &format!("{}{ca_pem}", cert.pem()))
 }
 
 /// Settings shared by every CA: basicConstraints CA, keyCertSign + cRLSign, SKI (rcgen's

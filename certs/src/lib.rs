@@ -33,7 +33,8 @@ pub use legal_name::LegalName;
 pub use revocation::{PeerRole, Revocation, RevocationMode, RevocationSettings};
 pub use tls::{
     client_config, client_config_with, install_crypto_provider, load_crls, load_trust_roots,
-    peer_legal_name, server_config, server_config_with, TlsIdentity, TlsPolicy, VerifiedPeerChain,
+    peer_legal_name, server_config, server_config_with, trust_roots_from_pem, CertInfo,
+    TlsIdentity, TlsPolicy, VerifiedPeerChain,
 };
 
 /// Re-exported so callers name the same rustls types this crate was built against.

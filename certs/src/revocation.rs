@@ -268,9 +268,12 @@ impl Sources {
     }
 }
 
-/// The CRLs in force and the verifiers built from them.
+/// The trust roots and CRLs in force and the verifiers built from them.
 pub(crate) struct Snapshot {
     mode: RevocationMode,
+    /// Kept with the verifiers built from them, so that one handshake checks the chain and
+    /// the identity rule against the same roots even while they are being replaced.
+    roots: Arc<RootCertStore>,
     crls: Vec<Crl>,
     client: Arc<dyn ClientCertVerifier>,
     server: Arc<WebPkiServerVerifier>,
@@ -309,6 +312,7 @@ impl Snapshot {
         }
         Ok(Self {
             mode,
+            roots: roots.clone(),
             crls,
             client: client
                 .build()
@@ -366,6 +370,11 @@ impl Snapshot {
         self.no_crl_refusal()
     }
 
+    /// The trust roots these verifiers were built with.
+    pub(crate) fn roots(&self) -> &Arc<RootCertStore> {
+        &self.roots
+    }
+
     pub(crate) fn client_verifier(&self) -> &Arc<dyn ClientCertVerifier> {
         &self.client
     }
@@ -377,9 +386,11 @@ impl Snapshot {
 
 struct Inner {
     settings: RevocationSettings,
-    roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<Snapshot>>,
+    /// Held while a new snapshot is built from the current one and swapped in (a CRL
+    /// reload and a trust-root replacement must not undo each other).
+    swap: Mutex<()>,
     sources: Mutex<Sources>,
     generation: watch::Sender<u64>,
 }
@@ -488,9 +499,9 @@ impl Revocation {
         let revocation = Self {
             inner: Arc::new(Inner {
                 settings,
-                roots,
                 provider,
                 current: RwLock::new(Arc::new(snapshot)),
+                swap: Mutex::new(()),
                 sources: Mutex::new(sources),
                 generation,
             }),
@@ -505,9 +516,23 @@ impl Revocation {
         self.inner.settings.mode
     }
 
-    /// The trust roots the verifiers use.
-    pub fn roots(&self) -> &Arc<RootCertStore> {
-        &self.inner.roots
+    /// The trust roots the verifiers use now.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.current().roots.clone()
+    }
+
+    /// Replaces the trust roots (a reloaded `trust_roots` file), keeping the CRLs in force:
+    /// the next handshake verifies against `roots`. The CRL generation does not move, so
+    /// established connections are not re-checked against the new roots (rotating roots
+    /// must not cut the peers that are already authenticated). On error the previous roots
+    /// stay in force.
+    pub fn replace_roots(&self, roots: Arc<RootCertStore>) -> Result<(), CertError> {
+        let _swap = self.inner.swap.lock().expect("poisoned");
+        let crls = self.current().crls.clone();
+        let snapshot =
+            Snapshot::build(self.inner.settings.mode, &roots, &self.inner.provider, crls)?;
+        *self.inner.current.write().expect("poisoned") = Arc::new(snapshot);
+        Ok(())
     }
 
     /// How many CRLs are in force.
@@ -671,11 +696,12 @@ impl Revocation {
     /// Builds new verifiers from the sources and moves the generation; false (and logged)
     /// if they cannot be built, the previous ones staying in force.
     fn rebuild(&self, cause: &str) -> bool {
+        let _swap = self.inner.swap.lock().expect("poisoned");
         let crls = self.inner.sources.lock().expect("poisoned").all();
         let count = crls.len();
         match Snapshot::build(
             self.inner.settings.mode,
-            &self.inner.roots,
+            &self.current().roots,
             &self.inner.provider,
             crls,
         ) {

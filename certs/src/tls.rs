@@ -1,8 +1,6 @@
 //! Loading identities and trust, and building the rustls configurations of both link ends.
 
 use std::fmt;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -108,14 +106,12 @@ impl fmt::Debug for TlsIdentity {
     }
 }
 
-fn open(path: &Path) -> Result<BufReader<File>, CertError> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(CertError::io(path))
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let certs = rustls_pemfile::certs(&mut open(path)?)
+/// PEM certificates from `pem`; `path` names the source in errors.
+fn parse_certs(
+    pem: &mut dyn std::io::BufRead,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = rustls_pemfile::certs(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pem {
             path: path.to_owned(),
@@ -145,8 +141,22 @@ impl TlsIdentity {
         access: KeyFileAccess,
     ) -> Result<Self, CertError> {
         check_secret_file(key_pem, access)?;
-        let cert_chain = read_certs(cert_pem)?;
-        let key = rustls_pemfile::private_key(&mut open(key_pem)?)
+        let cert_bytes = std::fs::read(cert_pem).map_err(CertError::io(cert_pem))?;
+        let key_bytes = std::fs::read(key_pem).map_err(CertError::io(key_pem))?;
+        Self::from_pem(&cert_bytes, cert_pem, &key_bytes, key_pem)
+    }
+
+    /// [`TlsIdentity::load`] from file contents already read (`cert_path` and `key_path`
+    /// name them in errors; the key file's permissions are the caller's to check). A
+    /// reload reads each file once, so that what is checked is what is compared later.
+    pub fn from_pem(
+        cert_bytes: &[u8],
+        cert_pem: &Path,
+        key_bytes: &[u8],
+        key_pem: &Path,
+    ) -> Result<Self, CertError> {
+        let cert_chain = parse_certs(&mut &*cert_bytes, cert_pem)?;
+        let key = rustls_pemfile::private_key(&mut &*key_bytes)
             .map_err(|e| CertError::Pem {
                 path: key_pem.to_owned(),
                 reason: e.to_string(),
@@ -158,6 +168,11 @@ impl TlsIdentity {
             cert_chain,
             key: Arc::new(key),
         };
+        // Before the key check, so that a garbled certificate is blamed on its own file.
+        identity.leaf_info().map_err(|e| CertError::Pem {
+            path: cert_pem.to_owned(),
+            reason: format!("not a usable certificate chain: {e}"),
+        })?;
         identity.check_key_matches().map_err(|e| CertError::Pem {
             path: key_pem.to_owned(),
             reason: format!(
@@ -173,6 +188,23 @@ impl TlsIdentity {
         peer_legal_name(&self.cert_chain)
     }
 
+    /// Serial number and validity period of our leaf certificate, after checking that every
+    /// certificate of the chain parses as X.509 (a garbled intermediate would only show up
+    /// as peers' handshake failures otherwise).
+    pub fn leaf_info(&self) -> Result<CertInfo, CertError> {
+        let mut infos = self.cert_chain.iter().enumerate().map(|(i, der)| {
+            CertInfo::of(der)
+                .map_err(|e| CertError::X509(format!("certificate {} of the chain: {e}", i + 1)))
+        });
+        let leaf = infos
+            .next()
+            .ok_or_else(|| CertError::X509("empty certificate chain".into()))??;
+        for info in infos {
+            info?;
+        }
+        Ok(leaf)
+    }
+
     fn check_key_matches(&self) -> Result<(), rustls::Error> {
         let signing_key = aws_lc_rs::default_provider()
             .key_provider
@@ -181,10 +213,74 @@ impl TlsIdentity {
     }
 }
 
+/// What status pages and logs say about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Serial number, lowercase hex of its DER bytes (as `openssl x509 -serial` prints it,
+    /// modulo case).
+    pub serial: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// Serial and validity of a DER certificate (e.g. the first of a peer's chain).
+    pub fn of(der: &CertificateDer<'_>) -> Result<Self, CertError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| CertError::X509(e.to_string()))?;
+        let validity = cert.validity();
+        Ok(Self {
+            serial: hex_serial(cert.raw_serial()),
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+
+    /// `unix` seconds as RFC 3339 (UTC), for logs and status pages.
+    pub fn rfc3339(unix: i64) -> String {
+        time::OffsetDateTime::from_unix_timestamp(unix)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| format!("@{unix}"))
+    }
+
+    /// Why the certificate cannot be used at `now` (Unix seconds), if it cannot.
+    pub fn outside_validity(&self, now: i64) -> Option<String> {
+        if now > self.not_after {
+            Some(format!(
+                "the certificate expired at {}",
+                Self::rfc3339(self.not_after)
+            ))
+        } else if now < self.not_before {
+            Some(format!(
+                "the certificate is not valid before {}",
+                Self::rfc3339(self.not_before)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+fn hex_serial(raw: &[u8]) -> String {
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Loads the network trust anchors (root CAs) from a PEM file; at least one is required.
 pub fn load_trust_roots(path: &Path) -> Result<Arc<RootCertStore>, CertError> {
+    let bytes = std::fs::read(path).map_err(CertError::io(path))?;
+    trust_roots_from_pem(&bytes, path)
+}
+
+/// [`load_trust_roots`] from file contents already read; `path` names them in errors.
+pub fn trust_roots_from_pem(pem: &[u8], path: &Path) -> Result<Arc<RootCertStore>, CertError> {
     let mut store = RootCertStore::empty();
-    for cert in read_certs(path)? {
+    for cert in parse_certs(&mut &*pem, path)? {
         store.add(cert).map_err(|e| CertError::Pem {
             path: path.to_owned(),
             reason: format!("not a usable trust anchor: {e}"),
@@ -304,13 +400,13 @@ impl ServerCertVerifier for PinnedSubjectVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Chain, validity and revocation (current CRLs, per the mode) first; then who the
         // certificate speaks for, if anyone: the subject, bound to its node CA; then the pin.
-        self.revocation
-            .current()
-            .verify_server(end_entity, intermediates, server_name, now)?;
+        // One snapshot for both checks: the same roots even if they are being replaced.
+        let snapshot = self.revocation.current();
+        snapshot.verify_server(end_entity, intermediates, server_name, now)?;
         let subject = verify_bound_to_node_ca(
             end_entity,
             intermediates,
-            self.revocation.roots(),
+            snapshot.roots(),
             self.sig_algs,
             webpki::KeyUsage::server_auth(),
             now,
@@ -454,13 +550,12 @@ impl ClientCertVerifier for NodeCaBoundClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.revocation
-            .current()
-            .verify_client(end_entity, intermediates, now)?;
+        let snapshot = self.revocation.current();
+        snapshot.verify_client(end_entity, intermediates, now)?;
         verify_bound_to_node_ca(
             end_entity,
             intermediates,
-            self.revocation.roots(),
+            snapshot.roots(),
             self.sig_algs,
             webpki::KeyUsage::client_auth(),
             now,

@@ -7,7 +7,7 @@ use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
-    revocation,
+    revocation, tls_reload,
 };
 
 /// One identity this float receives for, and the inbox its messages go to.
@@ -30,6 +30,9 @@ pub struct FloatConfig {
     pub tls_key: PathBuf,
     /// PEM network root(s) that client certificates must chain to.
     pub trust_roots: PathBuf,
+    /// How often `tls_cert`, `tls_key` and `trust_roots` are checked for changes (SIGHUP
+    /// reloads them at once); see `drawbridge_runtime::tls_reload`.
+    pub tls_reload_interval: Duration,
     /// Revocation checking of client certificates (`float.crls`, `float.crl_urls`,
     /// `float.revocation`, `float.crl_reload_interval`, `float.crl_fetch_interval`,
     /// `float.crl_fetch_timeout`; see `drawbridge_runtime::revocation`).
@@ -109,6 +112,7 @@ impl FloatConfig {
             .required::<PathBuf>("float.trust_roots")
             .unwrap_or_default();
         let revocation = revocation::read_settings(&mut r, "float");
+        let tls_reload_interval = tls_reload::read_interval(&mut r, "float");
         let tls12: bool = r.get("float.allow_tls12", false);
         let key_access = KeyFileAccess::from_allow_group_readable(
             r.get("float.allow_group_readable_key", false),
@@ -240,6 +244,7 @@ impl FloatConfig {
             tls_cert,
             tls_key,
             trust_roots,
+            tls_reload_interval,
             revocation,
             key_access,
             tls_policy: if tls12 {

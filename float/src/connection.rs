@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use drawbridge_certs::pki_types::CertificateDer;
-use drawbridge_certs::{peer_legal_name, CertError, LegalName};
+use drawbridge_certs::{peer_legal_name, CertError, CertInfo, LegalName};
 use drawbridge_runtime::lograte::Every;
 use fe2o3_amqp::{
     acceptor::{
@@ -37,6 +37,9 @@ pub(crate) struct ConnectionInfo {
     pub peer: String,
     /// Its address.
     pub addr: String,
+    /// Serial of the certificate it presented (lowercase hex): which of a peer's
+    /// certificates is in use, e.g. after it rotated its own.
+    pub cert_serial: String,
     /// When it connected.
     pub since_unix_ms: u64,
 }
@@ -174,7 +177,12 @@ pub(crate) async fn serve_connection(
     };
     // One written form per identity, whatever order the certificate's subject has.
     let sender: Arc<str> = peer.canonical().into();
-    info!(peer = %sender, peer_addr = %addr, "peer connected");
+    let cert_serial = chain
+        .first()
+        .and_then(|c| CertInfo::of(c).ok())
+        .map(|i| i.serial)
+        .unwrap_or_default();
+    info!(peer = %sender, peer_addr = %addr, cert_serial = %cert_serial, "peer connected");
     ctx.connections
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -183,6 +191,7 @@ pub(crate) async fn serve_connection(
             ConnectionInfo {
                 peer: sender.to_string(),
                 addr: addr.to_string(),
+                cert_serial,
                 since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
             },
         );
@@ -243,7 +252,9 @@ async fn handshake(
 > {
     let _ = tcp.set_nodelay(true);
     let timeout = ctx.cfg.handshake_timeout;
-    let tls = match tokio::time::timeout(timeout, ctx.tls.accept(tcp)).await {
+    // The configuration in force now: a reload applies from the next handshake on.
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.current().built.clone());
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err((Refused::Tls(e), None)),
         Err(_) => return Err((Refused::TlsTimeout(timeout), None)),

@@ -48,10 +48,11 @@ use std::{
     },
 };
 
-use drawbridge_certs::{pki_types::CertificateDer, LegalName, PeerRole, Revocation, TlsIdentity};
+use drawbridge_certs::{pki_types::CertificateDer, rustls, LegalName, PeerRole, Revocation};
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Live, Setup},
+    tls_reload::{TlsMaterial, TlsReload, TlsSource},
 };
 use lapin::{
     options::QueueDeclareOptions,
@@ -87,8 +88,10 @@ pub struct Stats {
 pub(crate) struct Ctx {
     /// The configuration it runs with.
     cfg: FloatConfig,
-    /// TLS server side, client certificates required.
-    tls: tokio_rustls::TlsAcceptor,
+    /// TLS server side, client certificates required: the configuration in force, taken
+    /// per accepted connection so that a reloaded certificate, key or trust roots apply to
+    /// the next handshake (established connections keep theirs).
+    tls: TlsReload<Arc<rustls::ServerConfig>>,
     /// The broker connection every link publishes through.
     broker: BrokerSession,
     /// Duplicate suppression, shared by every link.
@@ -167,6 +170,7 @@ impl AdminState for Ctx {
             "budget_holds": self.stats.budget_holds.load(Ordering::Relaxed),
             "dedup_window": self.dedup.len(),
             "dedup_in_flight": self.dedup.in_flight(),
+            "tls": self.tls.status(),
             "revocation": {
                 "mode": self.revocation.mode().as_str(),
                 "generation": self.revocation.generation(),
@@ -196,14 +200,32 @@ pub async fn start(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<RunningFloat, StartError> {
-    let identity = TlsIdentity::load_with(&cfg.tls_cert, &cfg.tls_key, cfg.key_access)?;
-    let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
-    // The acceptor's verifier asks `revocation` for the CRLs in force at each handshake: a
-    // reloaded CRL file (or a fetched URL) applies to the next connection, no restart.
-    let revocation = drawbridge_runtime::revocation::start(roots, cfg.revocation.clone())?;
-    let tls = drawbridge_certs::server_config_with(&identity, &revocation, cfg.tls_policy)?;
+    let source = TlsSource {
+        cert: cfg.tls_cert.clone(),
+        key: cfg.tls_key.clone(),
+        trust_roots: cfg.trust_roots.clone(),
+        key_access: cfg.key_access,
+        reload_interval: cfg.tls_reload_interval,
+    };
+    let material = TlsMaterial::load(&source)?;
+    // The acceptor's verifier asks `revocation` for the roots and CRLs in force at each
+    // handshake: a reloaded CRL file (or a fetched URL) or trust-roots file applies to the
+    // next connection, no restart.
+    let revocation =
+        drawbridge_runtime::revocation::start(material.roots.clone(), cfg.revocation.clone())?;
+    let own_name = material.legal_name.clone();
+    let policy = cfg.tls_policy;
+    let tls = TlsReload::new(
+        "drawbridge_float_tls_reload_total",
+        source,
+        material,
+        revocation.clone(),
+        move |identity, revocation| {
+            drawbridge_certs::server_config_with(identity, revocation, policy)
+        },
+    )?;
     let identities: Vec<(LegalName, String)> = if cfg.identities.is_empty() {
-        vec![(identity.legal_name()?, cfg.default_inbox.clone())]
+        vec![(own_name, cfg.default_inbox.clone())]
     } else {
         cfg.identities
             .iter()
@@ -275,7 +297,7 @@ pub async fn start(
             per_address: cfg.max_connections_per_address,
         }),
         channels: publisher::Channels::new(cfg.publish_channels),
-        tls: tokio_rustls::TlsAcceptor::from(tls),
+        tls: tls.clone(),
         broker,
         stats: Stats::default(),
         identities: Identities::new(identities),
@@ -286,6 +308,8 @@ pub async fn start(
     let admin_addr =
         admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())
             .await?;
+    // SIGHUP and file changes reload the TLS material; stops with the float.
+    tls.spawn(shutdown.clone());
     info!(listen = %listen_addr, admin = ?admin_addr, identities = ?ctx.identities.iter().map(|(n, q)| format!("{n} -> {q}")).collect::<Vec<_>>(), "float listening");
     let done = tokio::spawn(async move {
         listener::serve(listener, ctx.clone(), shutdown).await;

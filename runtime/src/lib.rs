@@ -16,6 +16,7 @@ pub mod lograte;
 pub mod mapping;
 pub mod revocation;
 pub mod shutdown;
+pub mod tls_reload;
 
 /// Exit code for invalid configuration or command line (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;

@@ -221,6 +221,17 @@ impl Daemon {
         self.child.as_ref().and_then(|c| c.id())
     }
 
+    /// SIGHUP the process: the daemons reload their TLS certificate, key and trust roots.
+    pub fn hangup(&self) -> Result<()> {
+        let pid = self
+            .pid()
+            .and_then(|p| i32::try_from(p).ok())
+            .context("daemon not running")?;
+        // The child is ours and not yet reaped, so the pid cannot have been reused.
+        signal::kill(Pid::from_raw(pid), Signal::SIGHUP)?;
+        Ok(())
+    }
+
     /// SIGKILL the process and reap it.
     pub async fn kill9(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {

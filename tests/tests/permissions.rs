@@ -9,7 +9,8 @@
 //!
 //! The test fails if the file grants too little (a step of the path breaks: links created by
 //! control, messages both ways with the authenticated sender, a dead-letter, link status at
-//! the node) or too much (one of the denials checked at the end is allowed).
+//! the node) or too much (one of the denials checked at the end is allowed, or the bridge can
+//! create a peer queue, which would take write access to the default exchange).
 
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
@@ -260,6 +261,31 @@ fn destination(legal_name: &str) -> FieldTable {
     h
 }
 
+/// Wait until `org`'s bridge reports the link on `queue` down because it may not create the
+/// queue: creating a queue whose dead-letter exchange is the default one needs write on
+/// `amq.default`, which the bridge does not have.
+async fn wait_queue_refused(org: &Org, queue: &str) -> Result<()> {
+    let bridge = org.bridge.as_ref().context("bridge not started")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last = serde_json::Value::Null;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(s) = bridge.status().await {
+            if let Some(l) = s["links"]
+                .as_array()
+                .and_then(|ls| ls.iter().find(|l| l["queue"] == queue))
+            {
+                let reason = l["reason"].as_str().unwrap_or_default();
+                if reason.contains("ACCESS_REFUSED") && reason.contains("amq.default") {
+                    return Ok(());
+                }
+                last = l.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the bridge did not report {queue} refused: {last}")
+}
+
 /// Wait for a `LinkStatus` event `Up` for `queue` on the node's notify queue.
 async fn wait_link_up_event(ch: &Channel, notify: &str, queue: &str) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -353,11 +379,13 @@ async fn the_least_privilege_users_run_the_whole_path_and_nothing_more() -> Resu
         "{notify_a}"
     );
 
-    // The node declares its peer queues and sends (the CLI, as drawbridge-node): the bridge
-    // may not create a peer queue (see deploy/rabbitmq/README.md).
+    // The node declares its peer queues and sends (the CLI, as drawbridge-node); the bridge
+    // may not create a peer queue (see deploy/rabbitmq/README.md). A→B: the queue exists
+    // before the link is created; B→A: the link is created first and comes up once the node
+    // has declared the queue.
     let n = "40";
-    for (from, to, run) in [(&a, &b, "ab"), (&b, &a, "ba")] {
-        cli_ok(&[
+    let send = |from: &Org, to: &Org, run: &'static str| {
+        let args: Vec<String> = [
             "send",
             "--broker",
             from.broker_uri(),
@@ -371,9 +399,16 @@ async fn the_least_privilege_users_run_the_whole_path_and_nothing_more() -> Resu
             "128",
             "--run",
             run,
-        ])
-        .await?;
-    }
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli_ok(&args).await.map(drop)
+        }
+    };
+    send(&a, &b, "ab").await?;
 
     // Control creates the links (the CLI sets user_id = drawbridge-node; the bridges obey
     // only that user).
@@ -395,6 +430,8 @@ async fn the_least_privilege_users_run_the_whole_path_and_nothing_more() -> Resu
         .await?;
         assert!(out.contains(&format!("user_id {NODE_USER}")), "{out}");
     }
+    wait_queue_refused(&b, &b.queue_to(&a)).await?;
+    send(&b, &a, "ba").await?;
     for (from, to) in [(&a, &b), (&b, &a)] {
         from.wait_link_state(&from.queue_to(to), "up", Duration::from_secs(30))
             .await?;

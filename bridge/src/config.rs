@@ -38,7 +38,8 @@ pub struct BridgeConfig {
     pub control_exchange: String,
     /// Fanout exchange the bridge publishes snapshot requests and link status to.
     pub notify_exchange: String,
-    /// Queue for undeliverable messages.
+    /// Queue for undeliverable messages; the bridge publishes them through a direct
+    /// exchange of the same name bound to it (see `dead_letter`).
     pub dead_letter_queue: String,
     /// Links must name queues starting with this.
     pub queue_prefix: String,

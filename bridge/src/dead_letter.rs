@@ -13,6 +13,11 @@
 //!   dead-letter it again, forever). A failed publish is retried with backoff, the dead-letter
 //!   queue declared again first, while the link holds the message: the link pauses, in
 //!   order, instead of looping.
+//!
+//! The copy is published through a direct exchange named like the dead-letter queue and
+//! bound to it, not through the default exchange: write access to `amq.default` would let
+//! the bridge's broker user write into every queue (inboxes included), while this way it
+//! needs write access to the dead-letter exchange and queue only (see `deploy/rabbitmq/`).
 
 use std::time::Duration;
 
@@ -151,9 +156,9 @@ impl DeadLetterer {
         }
     }
 
-    /// Open the channel and declare the dead-letter queue; a link calls this before it
-    /// consumes, so nothing is taken from a peer queue while there is nowhere to put what
-    /// cannot be delivered.
+    /// Open the channel, declare the dead-letter queue and bind it to its exchange; a link
+    /// calls this before it consumes, so nothing is taken from a peer queue while there is
+    /// nowhere to put what cannot be delivered.
     pub async fn prepare(&mut self, live: &Live) -> Result<(), DeadLetterError> {
         self.channel = None;
         let queue = self.queue.clone();
@@ -170,6 +175,7 @@ impl DeadLetterer {
                 args,
             )
             .await?;
+            topology::bind_to_direct(&ch, &queue, &queue).await?;
             Ok::<_, lapin::Error>(ch)
         })
         .await;
@@ -203,7 +209,7 @@ impl DeadLetterer {
         let op = self.op;
         let confirm = tokio::time::timeout(op, async {
             ch.basic_publish(
-                ShortString::from(""),
+                ShortString::from(self.queue.as_str()),
                 ShortString::from(self.queue.as_str()),
                 BasicPublishOptions {
                     mandatory: true,

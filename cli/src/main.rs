@@ -27,9 +27,10 @@ enum Cmd {
     },
     /// Publish control messages as a node would.
     Control {
-        /// Broker URI of the node's broker; its login is sent as the messages' `user_id`.
-        #[arg(long, env = "DRAWBRIDGE_BROKER", hide_env_values = true)]
-        broker: String,
+        /// The node's broker; the URI's login is sent as the messages' `user_id` (with SASL
+        /// EXTERNAL, name the certificate's user in the URI: `amqps://drawbridge-node@host/`).
+        #[command(flatten)]
+        broker: BrokerArgs,
         /// The node's legal name.
         #[arg(long)]
         node: String,
@@ -42,9 +43,9 @@ enum Cmd {
     },
     /// Publish N verifiable messages to a peer queue, as a node would.
     Send {
-        /// Broker URI.
-        #[arg(long, env = "DRAWBRIDGE_BROKER", hide_env_values = true)]
-        broker: String,
+        /// The node's broker.
+        #[command(flatten)]
+        broker: BrokerArgs,
         /// Peer queue (declared durable with single-active-consumer if missing).
         #[arg(long)]
         queue: String,
@@ -66,9 +67,9 @@ enum Cmd {
     },
     /// Consume an inbox and verify a run: ids, checksums, lost, duplicates.
     Receive {
-        /// Broker URI.
-        #[arg(long, env = "DRAWBRIDGE_BROKER", hide_env_values = true)]
-        broker: String,
+        /// The node's broker.
+        #[command(flatten)]
+        broker: BrokerArgs,
         /// Inbox queue.
         #[arg(long, default_value = "drawbridge.inbox")]
         queue: String,
@@ -99,6 +100,103 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// How to reach the node's broker: the URI and, for `amqps://`, the TLS material (the same
+/// connect code as the daemons' `broker.tls_ca` / `tls_cert` / `tls_key`).
+#[derive(Debug, clap::Args)]
+struct BrokerArgs {
+    /// Broker URI (`amqp://` or `amqps://`). Never printed with its password.
+    #[arg(long, env = "DRAWBRIDGE_BROKER", hide_env_values = true)]
+    broker: String,
+    /// PEM CA certificate that issued the broker's certificate; required for amqps:// (no
+    /// system roots are trusted).
+    #[arg(long, env = "DRAWBRIDGE_BROKER_CA")]
+    broker_ca: Option<PathBuf>,
+    /// PEM client certificate to offer the broker (amqps://). Without a password in the URI
+    /// the login is SASL EXTERNAL: the broker takes the user from the certificate.
+    #[arg(long, env = "DRAWBRIDGE_BROKER_CERT", requires = "broker_key")]
+    broker_cert: Option<PathBuf>,
+    /// Its PEM private key (a file only its owner may read).
+    #[arg(long, env = "DRAWBRIDGE_BROKER_KEY", requires = "broker_cert")]
+    broker_key: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// The connect options these flags describe; files are loaded and checked here, so a bad
+    /// one is reported by its flag before anything is sent.
+    fn options(&self) -> Result<drawbridge_node::ConnectOptions> {
+        let uri: lapin::uri::AMQPUri = self.broker.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "--broker {}: {e}",
+                drawbridge_node::redact_uri(&self.broker)
+            )
+        })?;
+        let amqps = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+        let client = match (&self.broker_cert, &self.broker_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let tls = match &self.broker_ca {
+            None if amqps => bail!(
+                "--broker is amqps://: give --broker-ca <pem>, the CA certificate that issued the broker's certificate (no system roots are trusted)"
+            ),
+            None if client.is_some() => {
+                bail!("--broker-cert needs TLS: use an amqps:// URI and --broker-ca")
+            }
+            None => None,
+            Some(_) if !amqps => bail!(
+                "--broker-ca is set, but --broker is amqp://: the connection would not use TLS (use amqps://)"
+            ),
+            Some(ca) => Some(
+                drawbridge_node::BrokerTls::load(
+                    ca,
+                    client,
+                    drawbridge_certs::KeyFileAccess::OwnerOnly,
+                )
+                .map_err(|(key, e)| {
+                    let flag = match key {
+                        "tls_cert" => "--broker-cert",
+                        "tls_key" => "--broker-key",
+                        _ => "--broker-ca",
+                    };
+                    anyhow::anyhow!("{flag}: {e}")
+                })?,
+            ),
+        };
+        let external = client.is_some() && !drawbridge_node::uri_has_password(&self.broker);
+        Ok(drawbridge_node::ConnectOptions {
+            tls,
+            external,
+            connection_name: Some("drawbridge-cli".into()),
+            ..Default::default()
+        })
+    }
+
+    /// Connect as these flags say.
+    async fn connect(&self) -> Result<lapin::Connection> {
+        let options = self.options()?;
+        drawbridge_node::connect_with(&self.broker, &options)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", explain_tls_error(e.to_string())))
+            .with_context(|| {
+                format!(
+                    "connecting to {}",
+                    drawbridge_node::redact_uri(&self.broker)
+                )
+            })
+    }
+}
+
+/// Add what to check to a TLS handshake failure, naming the CLI's flags.
+fn explain_tls_error(e: String) -> String {
+    if e.contains("invalid peer certificate") {
+        format!("{e} (TLS: the broker's certificate is not issued by --broker-ca, has expired, or does not name the URI's host)")
+    } else if e.contains("CertificateRequired") || e.contains("certificate required") {
+        format!("{e} (TLS: the broker requires a client certificate: give --broker-cert and --broker-key)")
+    } else {
+        e
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,7 +323,7 @@ async fn run(cli: Cli) -> Result<i32> {
             sequence,
             cmd,
         } => {
-            let publisher = drawbridge_node::Node::for_uri(node.clone(), &broker)?;
+            let publisher = drawbridge_node::Node::for_uri(node.clone(), &broker.broker)?;
             let command = match cmd {
                 ControlCmd::Snapshot { inboxes, links } => {
                     let links = match links {
@@ -270,7 +368,7 @@ async fn run(cli: Cli) -> Result<i32> {
             // Validate before sending: the bridge would refuse it anyway.
             ControlCommand::decode(&command.encode())
                 .map_err(|e| anyhow::anyhow!("invalid control message: {e}"))?;
-            let conn = stream::connect(&broker).await?;
+            let conn = broker.connect().await?;
             let ch = conn.create_channel().await?;
             let kind = command.kind();
             let sequence = match sequence {
@@ -296,7 +394,7 @@ async fn run(cli: Cli) -> Result<i32> {
             run,
             queue_type,
         } => {
-            let conn = stream::connect(&broker).await?;
+            let conn = broker.connect().await?;
             let ch = conn.create_channel().await?;
             drawbridge_node::declare_peer_queue(&ch, &queue, &queue_type).await?;
             let bar = progress_bar(count, "sent");
@@ -326,7 +424,7 @@ async fn run(cli: Cli) -> Result<i32> {
             sender,
             idle,
         } => {
-            let conn = stream::connect(&broker).await?;
+            let conn = broker.connect().await?;
             let ch = conn.create_channel().await?;
             let mut tally = Tally::new(&run, expect, sender);
             let bar = progress_bar(expect, "received");

@@ -29,6 +29,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 
 import pika
 
@@ -144,7 +145,10 @@ def main():
     declare_peer_queue(ch, a.queue, a.queue_type)
     ch.exchange_declare(exchange=CONTROL_EXCHANGE, exchange_type="fanout", durable=True)
     ch.exchange_declare(exchange=NOTIFY_EXCHANGE, exchange_type="fanout", durable=True)
-    notify = ch.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+    # Named after the exchange (not server-named) so broker permissions can tell a node's
+    # notify queues from a bridge's control queues (see deploy/rabbitmq/README.md).
+    notify = f"{NOTIFY_EXCHANGE}.{uuid.uuid4().hex}"
+    ch.queue_declare(queue=notify, exclusive=True, auto_delete=True)
     ch.queue_bind(queue=notify, exchange=NOTIFY_EXCHANGE)
 
     node.create_link(

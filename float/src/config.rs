@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
+use drawbridge_node::topology::INBOX_EXCHANGE;
 use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
@@ -88,6 +89,12 @@ pub struct FloatConfig {
     pub inbox_queue_type: String,
     /// Declare the inboxes on connect (off if the node owns their declaration).
     pub declare_inboxes: bool,
+    /// Direct exchange the float publishes through, each inbox bound with its own name as
+    /// routing key; `""` publishes through the default exchange instead. A named exchange
+    /// lets the broker grant the float write access to the inboxes alone: write access to
+    /// the default exchange (`amq.default`) reaches every queue of the vhost, peer queues
+    /// included (see `deploy/rabbitmq/`).
+    pub inbox_exchange: String,
     /// Number of (sender, message-id) pairs remembered for duplicate suppression.
     pub dedup_capacity: usize,
     /// How long a pair is remembered.
@@ -273,6 +280,7 @@ impl FloatConfig {
             default_inbox: r.get("float.default_inbox", "drawbridge.inbox".to_string()),
             inbox_queue_type,
             declare_inboxes: r.get("float.declare_inboxes", true),
+            inbox_exchange: r.get("float.inbox_exchange", INBOX_EXCHANGE.to_string()),
             dedup_capacity: r.get("dedup.capacity", 100_000),
             dedup_max_age: r.duration("dedup.max_age", Duration::from_secs(600)),
             broker: BrokerConfig::read(&mut r, "broker", key_access),
@@ -280,6 +288,11 @@ impl FloatConfig {
             drain_grace: r.duration("float.drain_grace", Duration::from_secs(10)),
             log_format: r.get("log.format", LogFormat::Human),
         };
+        r.check(
+            "float.inbox_exchange",
+            cfg.inbox_exchange.len() <= 255 && !cfg.inbox_exchange.starts_with("amq."),
+            "must be at most 255 bytes and not start with `amq.` (reserved by RabbitMQ)",
+        );
         r.finish()?;
         Ok(cfg)
     }

@@ -49,6 +49,7 @@ use std::{
 };
 
 use drawbridge_certs::{pki_types::CertificateDer, rustls, LegalName, PeerRole, Revocation};
+use drawbridge_node::topology;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Live, Setup},
@@ -246,11 +247,13 @@ pub async fn start(
     let inboxes: Vec<String> = identities.iter().map(|(_, q)| q.clone()).collect();
     let queue_type = cfg.inbox_queue_type.clone();
     let declare = cfg.declare_inboxes;
+    let exchange = cfg.inbox_exchange.clone();
     let setup: Setup = Arc::new(move |live: Arc<Live>| {
         let inboxes = inboxes.clone();
         let queue_type = queue_type.clone();
+        let exchange = exchange.clone();
         Box::pin(async move {
-            if !declare {
+            if !declare && exchange.is_empty() {
                 return Ok(());
             }
             let ch = live
@@ -259,21 +262,30 @@ pub async fn start(
                 .await
                 .map_err(|e| e.to_string())?;
             for q in &inboxes {
-                let mut args = FieldTable::default();
-                args.insert(
-                    ShortString::from("x-queue-type"),
-                    AMQPValue::LongString(LongString::from(queue_type.clone())),
-                );
-                ch.queue_declare(
-                    ShortString::from(q.as_str()),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    args,
-                )
-                .await
-                .map_err(|e| format!("declaring inbox `{q}`: {e}"))?;
+                if declare {
+                    let mut args = FieldTable::default();
+                    args.insert(
+                        ShortString::from("x-queue-type"),
+                        AMQPValue::LongString(LongString::from(queue_type.clone())),
+                    );
+                    ch.queue_declare(
+                        ShortString::from(q.as_str()),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        args,
+                    )
+                    .await
+                    .map_err(|e| format!("declaring inbox `{q}`: {e}"))?;
+                }
+                // Bound on every connect: the binding is what routes to the inbox, also
+                // when the node declares the inboxes itself.
+                if !exchange.is_empty() {
+                    topology::bind_to_direct(&ch, &exchange, q)
+                        .await
+                        .map_err(|e| format!("binding inbox `{q}` to `{exchange}`: {e}"))?;
+                }
             }
             let _ = ch.close(200, "setup done".into()).await;
             Ok(())

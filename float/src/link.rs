@@ -412,7 +412,13 @@ impl Link {
         } = outbound;
         let published = self
             .publisher
-            .publish(&self.ctx.broker, &inbox, &body, properties)
+            .publish(
+                &self.ctx.broker,
+                &self.ctx.cfg.inbox_exchange,
+                &inbox,
+                &body,
+                properties,
+            )
             .await;
         drop(body);
         match published {

@@ -95,12 +95,14 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    /// Publish `body` persistent and mandatory to `inbox`; the returned future settles once
+    /// Publish `body` persistent and mandatory to `inbox` through `exchange` (the inboxes'
+    /// direct exchange, or `""`: the default exchange); the returned future settles once
     /// the broker confirmed (or not within the operation timeout). A failure before the
     /// broker has the message is returned at once.
     pub(crate) async fn publish(
         &mut self,
         broker: &BrokerSession,
+        exchange: &str,
         inbox: &str,
         body: &[u8],
         properties: BasicProperties,
@@ -118,7 +120,7 @@ impl Publisher {
         let publish = tokio::time::timeout(
             op,
             channel.basic_publish(
-                ShortString::from(""),
+                ShortString::from(exchange),
                 ShortString::from(inbox),
                 BasicPublishOptions {
                     mandatory: true,

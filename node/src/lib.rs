@@ -20,15 +20,17 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+pub mod connect;
 pub mod topology;
 
+pub use connect::{connect_with, BrokerTls, ConnectOptions};
 use drawbridge_control_protocol::{ControlCommand, Notification, SequencedCommand, Snapshot};
 use futures::StreamExt;
 use lapin::{
     options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions},
     types::{FieldTable, ShortString},
     uri::AMQPUri,
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
 };
 use topology::QueueType;
 
@@ -71,27 +73,34 @@ pub enum NodeError {
     /// An argument is out of range (e.g. a queue type that is not `classic` / `quorum`).
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// An `amqps://` URI without a CA to verify the broker's certificate with: no system
+    /// roots are trusted, so the handshake could only fail.
+    #[error("amqps:// needs the CA certificate that issued the broker's certificate (no system roots are trusted)")]
+    TlsCaMissing,
+    /// TLS material given for an `amqp://` URI: the connection would not use it.
+    #[error("a broker CA or client certificate is set, but the URI is amqp://: the connection would not use TLS (use amqps://)")]
+    TlsWithoutAmqps,
 }
 
-/// Connect to one broker URI, within [`CONNECT_TIMEOUT`].
+/// Connect to one broker URI, within [`CONNECT_TIMEOUT`], without TLS material (so
+/// `amqp://` only; see [`connect_with`] for `amqps://`).
 pub async fn connect(uri: &str) -> Result<Connection, NodeError> {
-    tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect(uri, ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| NodeError::ConnectTimeout {
-        uri: redact_uri(uri),
-        timeout: CONNECT_TIMEOUT,
-    })?
-    .map_err(NodeError::Broker)
+    connect_with(uri, &ConnectOptions::default()).await
 }
 
 /// Connect to the first of `uris` that answers (a cluster's nodes, in turn).
 pub async fn connect_any(uris: &[String]) -> Result<Connection, NodeError> {
+    connect_any_with(uris, &ConnectOptions::default()).await
+}
+
+/// [`connect_any`] with TLS or other [`ConnectOptions`].
+pub async fn connect_any_with(
+    uris: &[String],
+    options: &ConnectOptions,
+) -> Result<Connection, NodeError> {
     let mut last = String::from("no URI given");
     for uri in uris {
-        match connect(uri).await {
+        match connect_with(uri, options).await {
             Ok(c) => return Ok(c),
             Err(e @ NodeError::ConnectTimeout { .. }) => last = e.to_string(),
             Err(e) => last = format!("{}: {e}", redact_uri(uri)),
@@ -120,6 +129,12 @@ pub fn redact_uri(uri: &str) -> String {
         _ if uri.contains('@') => HIDDEN.into(),
         _ => uri.to_string(),
     }
+}
+
+/// Whether a broker URI's authority holds a password (even an empty one: `user:@host`).
+/// lapin fills in `guest` for a missing one, so its parsed URI cannot tell.
+pub fn uri_has_password(uri: &str) -> bool {
+    url::Url::parse(uri).is_ok_and(|u| u.password().is_some())
 }
 
 /// The login name in a broker URI (`guest` when the URI names none, as lapin does): the
@@ -195,6 +210,8 @@ pub struct Node {
     pub notify_exchange: String,
     /// Where sequence numbers come from; share one per node identity.
     pub sequence: Arc<SequenceSource>,
+    /// How [`Node::answer_snapshot_requests`] connects (TLS for `amqps://` brokers).
+    pub connect: ConnectOptions,
 }
 
 impl Node {
@@ -207,7 +224,14 @@ impl Node {
             control_exchange: CONTROL_EXCHANGE.into(),
             notify_exchange: NOTIFY_EXCHANGE.into(),
             sequence: Arc::new(SequenceSource::new()),
+            connect: ConnectOptions::default(),
         }
+    }
+
+    /// The same node, connecting with `options` (e.g. TLS material for `amqps://`).
+    pub fn with_connect_options(mut self, options: ConnectOptions) -> Self {
+        self.connect = options;
+        self
     }
 
     /// A node named `identity` that logs in with the credentials of `uri`.
@@ -293,7 +317,7 @@ impl Node {
         let task = tokio::spawn(async move {
             loop {
                 let session = async {
-                    let conn = connect_any(&uris).await?;
+                    let conn = connect_any_with(&uris, &node.connect).await?;
                     let ch = conn.create_channel().await?;
                     let q = bind_notify_queue(&ch, &node.notify_exchange).await?;
                     let mut consumer = ch

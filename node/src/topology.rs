@@ -18,6 +18,10 @@ pub const DEAD_LETTER_QUEUE: &str = "drawbridge.dead-letter";
 pub const PEER_QUEUE_PREFIX: &str = "drawbridge.peers.";
 /// Default inbox of a float identity.
 pub const INBOX: &str = "drawbridge.inbox";
+/// Default direct exchange the float publishes to inboxes through (each inbox bound under
+/// its own name). Publishing through the default exchange would need write access to
+/// `amq.default`, which RabbitMQ cannot limit to some queues: it reaches every queue.
+pub const INBOX_EXCHANGE: &str = "drawbridge.inboxes";
 
 /// `x-queue-type` of a queue Drawbridge declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -123,9 +127,50 @@ pub async fn declare_fanout(ch: &Channel, exchange: &str) -> Result<(), lapin::E
     .await
 }
 
-/// Declare the fanout `exchange` and bind a new exclusive, server-named queue to it: how each
-/// bridge instance hears every control message, and a node every notification. Returns the
-/// queue's name.
+/// Declare the durable direct exchange `exchange` and bind `queue` to it with the queue's
+/// own name as routing key, so a publish to `exchange` with routing key `queue` lands in
+/// `queue`, as it would through the default exchange. Dead letters and inbox messages go
+/// this way: a broker user can then be allowed to write to these queues and no others.
+pub async fn bind_to_direct(ch: &Channel, exchange: &str, queue: &str) -> Result<(), lapin::Error> {
+    ch.exchange_declare(
+        ShortString::from(exchange),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        ShortString::from(queue),
+        ShortString::from(exchange),
+        ShortString::from(queue),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// The name of a new exclusive queue bound to `exchange`: `<exchange>.<random>`.
+///
+/// Named after its exchange rather than server-named (`amq.gen-…`) so that broker
+/// permissions can tell one party's queues from another's: the bridge's control queues
+/// (`drawbridge.control.…`) and a node's notify queues (`drawbridge.notify.…`) match
+/// different patterns. Falls back to a server-named queue for an exchange name so long that
+/// the result would not fit in an AMQP short string.
+pub fn exclusive_queue_name(exchange: &str) -> String {
+    let name = format!("{exchange}.{}", uuid::Uuid::new_v4().simple());
+    if name.len() > 255 {
+        String::new()
+    } else {
+        name
+    }
+}
+
+/// Declare the fanout `exchange` and bind a new exclusive queue to it (named by
+/// [`exclusive_queue_name`]): how each bridge instance hears every control message, and a
+/// node every notification. Returns the queue's name.
 pub async fn bind_exclusive_queue(
     ch: &Channel,
     exchange: &str,
@@ -133,7 +178,7 @@ pub async fn bind_exclusive_queue(
     declare_fanout(ch, exchange).await?;
     let q = ch
         .queue_declare(
-            ShortString::from(""),
+            ShortString::from(exclusive_queue_name(exchange)),
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,
@@ -188,6 +233,15 @@ mod tests {
         );
         assert!(args.inner().get("x-queue-type").is_some());
         assert_eq!(args.inner().len(), 2);
+    }
+
+    #[test]
+    fn exclusive_queues_are_named_after_their_exchange() {
+        let a = exclusive_queue_name("drawbridge.control");
+        let b = exclusive_queue_name("drawbridge.control");
+        assert!(a.starts_with("drawbridge.control.") && a.len() > 30, "{a}");
+        assert_ne!(a, b);
+        assert_eq!(exclusive_queue_name(&"x".repeat(230)), "");
     }
 
     #[test]

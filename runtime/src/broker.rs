@@ -18,12 +18,12 @@ use std::{
     time::Duration,
 };
 
-use drawbridge_certs::{check_secret_file, CertError, KeyFileAccess, TlsIdentity};
+use drawbridge_certs::{check_secret_file, KeyFileAccess};
+use drawbridge_node::ConnectOptions;
 use futures::StreamExt;
 use lapin::{
-    tcp::{OwnedIdentity, OwnedTLSConfig},
-    uri::{AMQPScheme, AMQPUri, SASLMechanism},
-    Connection, ConnectionProperties,
+    uri::{AMQPScheme, AMQPUri},
+    Connection,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -90,76 +90,10 @@ pub enum BrokerAuth {
     External,
 }
 
-/// TLS material for `amqps://` broker connections, loaded and checked at configuration time.
-#[derive(Clone)]
-pub struct BrokerTls {
-    /// PEM CA certificate(s) the broker's certificate must chain to; the only roots trusted.
-    ca_pem: String,
-    /// Client certificate chain and key (PEM), if configured.
-    client: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl fmt::Debug for BrokerTls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BrokerTls")
-            .field("ca_pem_len", &self.ca_pem.len())
-            .field("client_certificate", &self.client.is_some())
-            .finish()
-    }
-}
-
-impl BrokerTls {
-    /// Load `ca` (PEM trust anchors) and, if given, a client certificate chain and key; the
-    /// key file must pass [`check_secret_file`] with `access` and belong to the certificate.
-    pub fn load(
-        ca: &Path,
-        client: Option<(&Path, &Path)>,
-        access: KeyFileAccess,
-    ) -> Result<BrokerTls, (&'static str, String)> {
-        drawbridge_certs::load_trust_roots(ca).map_err(|e| ("tls_ca", e.to_string()))?;
-        let ca_pem = std::fs::read_to_string(ca)
-            .map_err(|e| ("tls_ca", format!("cannot read `{}`: {e}", ca.display())))?;
-        let client = match client {
-            None => None,
-            Some((cert, key)) => {
-                TlsIdentity::load_with(cert, key, access).map_err(|e| {
-                    let which = match &e {
-                        CertError::SecretFileExposed(_) | CertError::NoPrivateKey { .. } => {
-                            "tls_key"
-                        }
-                        CertError::Io { path, .. } | CertError::Pem { path, .. } if path == key => {
-                            "tls_key"
-                        }
-                        _ => "tls_cert",
-                    };
-                    (which, e.to_string())
-                })?;
-                let read = |p: &Path, k: &'static str| {
-                    std::fs::read(p).map_err(|e| (k, format!("cannot read `{}`: {e}", p.display())))
-                };
-                Some((read(cert, "tls_cert")?, read(key, "tls_key")?))
-            }
-        };
-        Ok(BrokerTls { ca_pem, client })
-    }
-
-    /// Whether a client certificate is configured.
-    pub fn has_client_certificate(&self) -> bool {
-        self.client.is_some()
-    }
-
-    /// lapin's TLS settings: only the configured CA is trusted (no system roots), and the
-    /// client certificate, if any, is offered.
-    fn lapin_config(&self) -> OwnedTLSConfig {
-        OwnedTLSConfig {
-            identity: self.client.as_ref().map(|(pem, key)| OwnedIdentity::PKCS8 {
-                pem: pem.clone(),
-                key: key.clone(),
-            }),
-            cert_chain: Some(self.ca_pem.clone()),
-        }
-    }
-}
+/// TLS material for `amqps://` broker connections (`tls_ca`, `tls_cert`, `tls_key`), loaded
+/// and checked at configuration time; it lives with the node library's connect code, which
+/// the daemons, the CLI and the node library share.
+pub use drawbridge_node::BrokerTls;
 
 impl BrokerConfig {
     /// Read `{prefix}.uris`, `{prefix}.connect_timeout`, ... from `r`. Secret files
@@ -333,10 +267,7 @@ impl BrokerConfig {
     }
 }
 
-/// Whether a URI's authority holds a password (even an empty one: `user:@host`).
-fn has_password(uri: &str) -> bool {
-    url::Url::parse(uri).is_ok_and(|u| u.password().is_some())
-}
+use drawbridge_node::uri_has_password as has_password;
 
 /// Read a broker password file: the whole file, without its trailing line break(s).
 pub fn read_password_file(path: &Path, access: KeyFileAccess) -> Result<Secret, String> {
@@ -384,34 +315,28 @@ async fn connect_one(cfg: &BrokerConfig, raw: &str, name: &str) -> Result<Connec
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(cfg.heartbeat);
     }
-    uri.query.connection_timeout = Some(cfg.connect_timeout.as_millis() as u64);
     if let Some(pw) = &cfg.password {
         uri.authority.userinfo.password = pw.expose().to_string();
     }
-    if cfg.auth == BrokerAuth::External {
-        uri.query.auth_mechanism = Some(SASLMechanism::External);
+    if uri.scheme == AMQPScheme::AMQPS && cfg.tls.is_none() {
+        return Err("amqps:// needs broker.tls_ca (the CA of the broker's certificate)".into());
     }
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let connect = async {
-        match (&uri.scheme, &cfg.tls) {
-            (AMQPScheme::AMQPS, Some(tls)) => {
-                let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
-                Connection::connect_uri_with_config(uri, props, tls.lapin_config(), runtime)
-                    .await
-                    .map_err(|e| explain_tls_error(e.to_string()))
-            }
-            (AMQPScheme::AMQPS, None) => {
-                Err("amqps:// needs broker.tls_ca (the CA of the broker's certificate)".into())
-            }
-            (AMQPScheme::AMQP, _) => Connection::connect_uri(uri, props)
-                .await
-                .map_err(|e| e.to_string()),
-        }
+    let options = ConnectOptions {
+        // Config validation refuses TLS material with amqp:// URIs; a URI without TLS does
+        // not get it here either.
+        tls: cfg.tls.clone().filter(|_| uri.scheme == AMQPScheme::AMQPS),
+        external: cfg.auth == BrokerAuth::External,
+        timeout: cfg.connect_timeout,
+        connection_name: Some(name.to_string()),
     };
-    match tokio::time::timeout(cfg.connect_timeout, connect).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", cfg.connect_timeout)),
-    }
+    drawbridge_node::connect::connect_uri(uri, &redact(raw), &options)
+        .await
+        .map_err(|e| match e {
+            drawbridge_node::NodeError::ConnectTimeout { timeout, .. } => {
+                format!("no answer within {timeout:?}")
+            }
+            e => explain_tls_error(e.to_string()),
+        })
 }
 
 /// Add what to check to a TLS handshake failure.

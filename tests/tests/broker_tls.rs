@@ -429,3 +429,144 @@ async fn the_cli_hides_the_password_in_connect_errors() -> Result<()> {
     assert!(!stdout.contains(&secret), "{stdout}");
     Ok(())
 }
+
+/// Run the operator CLI; returns whether it succeeded, and stdout + stderr.
+async fn cli(args: &[&str]) -> Result<(bool, String)> {
+    let out = tokio::process::Command::new(bin_dir().join("drawbridge"))
+        .args(args)
+        .env_remove("DRAWBRIDGE_BROKER")
+        .output()
+        .await
+        .context("running drawbridge (build it: cargo build -p drawbridge-cli)")?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// The CLI reaches a broker's TLS listener with `--broker-ca`: `send`, `receive` and `control`
+/// work with a password, and `send` with a client certificate (SASL EXTERNAL). Without
+/// `--broker-ca`, or with the wrong CA, it fails saying what to give, without the password.
+#[tokio::test]
+async fn the_cli_sends_receives_and_controls_over_amqps_with_broker_ca() -> Result<()> {
+    let b = tls_broker().await;
+    let vhost = b.node.fresh_vhost().await?;
+    let user = format!("cli-{}", uuid::Uuid::new_v4().simple());
+    let password = random_secret();
+    b.node.add_user(&user, &password, &vhost).await?;
+    let uri = b.node.amqps_uri(&format!("{user}:{password}"), &vhost);
+    let ca = b.pki.ca_cert.display().to_string();
+    let queue = "drawbridge.peers.over-tls";
+    let send = |broker: String, extra: Vec<String>, run: &'static str| async move {
+        let mut args: Vec<String> = [
+            "send",
+            "--broker",
+            &broker,
+            "--queue",
+            queue,
+            "--destination",
+            BANK_B,
+            "--count",
+            "20",
+            "--size",
+            "64",
+            "--run",
+            run,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args).await
+    };
+
+    let (ok, out) = send(uri.clone(), vec!["--broker-ca".into(), ca.clone()], "tls").await?;
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&[
+        "receive",
+        "--broker",
+        &uri,
+        "--broker-ca",
+        &ca,
+        "--queue",
+        queue,
+        "--expect",
+        "20",
+        "--run",
+        "tls",
+        "--idle",
+        "10s",
+    ])
+    .await?;
+    assert!(ok && out.contains("received=20 lost=0"), "{out}");
+    let (ok, out) = cli(&[
+        "control",
+        "--broker",
+        &uri,
+        "--broker-ca",
+        &ca,
+        "--node",
+        BANK_A,
+        "snapshot",
+    ])
+    .await?;
+    assert!(ok && out.contains(&format!("user_id {user}")), "{out}");
+    assert!(!out.contains(&password), "{out}");
+
+    // SASL EXTERNAL: no password in the URI, the login comes from the certificate.
+    let (cert, key) = b.pki.client_cert(&user)?;
+    let (ok, out) = send(
+        b.node.amqps_uri(&user, &vhost),
+        vec![
+            "--broker-ca".into(),
+            ca.clone(),
+            "--broker-cert".into(),
+            cert.display().to_string(),
+            "--broker-key".into(),
+            key.display().to_string(),
+        ],
+        "external",
+    )
+    .await?;
+    assert!(ok, "{out}");
+
+    // Without --broker-ca: refused before connecting, naming the flag.
+    let (ok, out) = send(uri.clone(), vec![], "no-ca").await?;
+    assert!(!ok, "{out}");
+    assert!(out.contains("--broker-ca"), "{out}");
+    assert!(!out.contains(&password), "{out}");
+
+    // With another CA: the handshake fails, and the message says what to check.
+    let other = BrokerPki::generate(
+        &b.dir
+            .join(format!("other-{}", uuid::Uuid::new_v4().simple())),
+    )?;
+    let (ok, out) = send(
+        uri.clone(),
+        vec!["--broker-ca".into(), other.ca_cert.display().to_string()],
+        "wrong-ca",
+    )
+    .await?;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("invalid peer certificate") && out.contains("--broker-ca"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{user}:***@127.0.0.1")), "{out}");
+    assert!(!out.contains(&password), "{out}");
+
+    // A CA with an amqp:// URI would not be used: refused too.
+    let (ok, out) = send(
+        b.node.amqp_uri(&vhost),
+        vec!["--broker-ca".into(), ca.clone()],
+        "plain",
+    )
+    .await?;
+    assert!(!ok && out.contains("would not use TLS"), "{out}");
+    Ok(())
+}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Health watchdog for hosts without systemd: runs a Drawbridge daemon, probes its admin
 # port's /healthz, restarts it when it exits or stops answering, with exponential back-off,
-# and gives up after too many failures in a window. (Under systemd use deploy/systemd/
-# instead: the daemons' own watchdog pings are finer than an HTTP probe.)
+# and gives up after too many failures in a window. The daemons' /healthz answers 503 when
+# their work loop is wedged, so a hang is caught even while the admin port answers. Under
+# systemd use deploy/systemd/ instead. See docs/operations.md.
 #
 #   scripts/watchdog.sh [options] -- COMMAND [ARGS...]
 #   scripts/watchdog.sh --admin 127.0.0.1:9101 -- drawbridge-bridge --config /etc/drawbridge/bridge.toml

@@ -122,12 +122,22 @@ async fn a_hung_daemon_is_killed_and_restarted_and_sigterm_is_forwarded() -> Res
     assert!(log.contains("SIGKILL"), "{log}");
     // The second start stays healthy: no third start over a few probes.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(starts(dir.path()), 2, "{}", read(dir.path(), "watchdog.log"));
+    assert_eq!(
+        starts(dir.path()),
+        2,
+        "{}",
+        read(dir.path(), "watchdog.log")
+    );
 
     // SIGTERM reaches the daemon, which stops; the watchdog exits 0.
     sigterm(&wd)?;
     let status = tokio::time::timeout(within, wd.wait()).await??;
-    assert_eq!(status.code(), Some(0), "{}", read(dir.path(), "watchdog.log"));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        read(dir.path(), "watchdog.log")
+    );
     assert!(
         read(dir.path(), "starts").ends_with("stopped\n"),
         "{}",

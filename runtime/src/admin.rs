@@ -208,6 +208,39 @@ mod tests {
         stop.cancel();
     }
 
+    /// A daemon whose work loop is wedged.
+    struct Wedged;
+
+    impl AdminState for Wedged {
+        fn ready(&self) -> bool {
+            true
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn live(&self) -> Result<(), String> {
+            Err("control loop has not run for 20s".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn healthz_says_why_a_wedged_daemon_is_not_alive() {
+        let stop = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Wedged),
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            fetch(addr, "/healthz").await.unwrap(),
+            (503, "control loop has not run for 20s\n".into())
+        );
+        stop.cancel();
+    }
+
     #[tokio::test]
     async fn fetch_from_a_closed_port_is_an_error() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")

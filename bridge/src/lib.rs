@@ -29,6 +29,7 @@ use drawbridge_control_protocol::Notification;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Setup},
+    sd_notify::{Heartbeat, Service},
     tls_reload::{TlsMaterial, TlsReload, TlsSource},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -62,6 +63,11 @@ pub(crate) struct Ctx {
     bytes_in_flight: Arc<tokio::sync::Semaphore>,
     /// Its size in KiB.
     bytes_total_kib: u32,
+    /// The control loop's proof of life for the systemd watchdog (see `sd_notify`): beaten
+    /// on every iteration and idle tick, pushed ahead before each bounded wait.
+    heartbeat: Heartbeat,
+    /// What `/healthz` asks whether the work loops run (the systemd watchdog's verdict).
+    service: Service,
 }
 
 impl AdminState for Ctx {
@@ -70,6 +76,21 @@ impl AdminState for Ctx {
     /// only when the session starts).
     fn ready(&self) -> bool {
         self.broker.is_connected() && self.control_consuming.load(Ordering::Relaxed)
+    }
+
+    fn live(&self) -> Result<(), String> {
+        self.service.live()
+    }
+
+    fn summary(&self) -> String {
+        if !self.broker.is_connected() {
+            "waiting for the broker".to_string()
+        } else if !self.control_consuming.load(Ordering::Relaxed) {
+            "waiting for the control queue".to_string()
+        } else {
+            let links = self.views.lock().expect("poisoned").len();
+            format!("ready: {links} links")
+        }
     }
 
     fn status(&self) -> serde_json::Value {
@@ -115,6 +136,18 @@ pub async fn start(
     cfg: BridgeConfig,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
+) -> Result<RunningBridge, StartError> {
+    start_with_service(cfg, metrics, shutdown, Service::disabled()).await
+}
+
+/// [`start`] under a service manager: `READY=1` once ready (broker connected, control
+/// queue consumed), `STATUS=` on changes, `STOPPING=1` on `shutdown`, and watchdog pings
+/// only while the control loop runs and the broker session supervisor lives.
+pub async fn start_with_service(
+    cfg: BridgeConfig,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+    service: Service,
 ) -> Result<RunningBridge, StartError> {
     let source = TlsSource {
         cert: cfg.tls_cert.clone(),
@@ -170,6 +203,8 @@ pub async fn start(
         setup,
         broker_shutdown.clone(),
     );
+    let supervisor = broker.clone();
+    service.watch_task("broker session", move || supervisor.supervisor_running());
     let (tx, rx) = mpsc::channel(1024);
     let bytes_total_kib = u32::try_from(cfg.max_bytes_in_flight / 1024).unwrap_or(u32::MAX);
     let ctx = Arc::new(Ctx {
@@ -184,11 +219,14 @@ pub async fn start(
         broker,
         views: Mutex::new(BTreeMap::new()),
         notify: tx,
+        heartbeat: service.heartbeat("control loop"),
+        service: service.clone(),
     });
     let admin_addr =
         admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())
             .await?;
     info!(id = %ctx.cfg.id, admin = ?admin_addr, "bridge starting");
+    service.spawn(ctx.clone(), shutdown.clone());
     let notifier = tokio::spawn(control::notifier(ctx.clone(), rx));
     let done = tokio::spawn(async move {
         control::run(ctx.clone(), shutdown).await;

@@ -85,6 +85,8 @@ impl Links {
             .filter_map(|a| self.running.remove_entry(a.queue()))
             .collect();
         let deadline = self.ctx.cfg.drain_grace + STOP_MARGIN;
+        // Bounded by the deadline: the control loop is busy, not wedged.
+        self.ctx.heartbeat.busy_for(deadline);
         futures::future::join_all(
             stopping
                 .into_iter()
@@ -332,11 +334,21 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut generation = 0;
     // Retries of the control channel on a healthy connection (a channel-level error).
     let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    // The control loop is the bridge's work loop for the systemd watchdog: it beats while
+    // it waits for a connection too, so waiting for the broker is not mistaken for a hang.
+    let mut idle = ctx.heartbeat.ticker();
     while !shutdown.is_cancelled() {
-        let live = tokio::select! {
-            l = ctx.broker.connected(generation, Duration::from_secs(3600)) => l,
-            _ = shutdown.cancelled() => break,
+        ctx.heartbeat.beat();
+        let wait = ctx.broker.connected(generation, Duration::from_secs(3600));
+        tokio::pin!(wait);
+        let live = loop {
+            tokio::select! {
+                l = &mut wait => break Some(l),
+                _ = shutdown.cancelled() => break None,
+                _ = idle.tick() => ctx.heartbeat.beat(),
+            }
         };
+        let Some(live) = live else { break };
         let Some(live) = live else { continue };
         generation = live.generation;
         let started = tokio::time::Instant::now();
@@ -358,6 +370,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 warn!(reason = %e, retry_in = ?delay, "control channel lost; re-establishing it");
                 // Same connection again: ask for any connection from this generation on.
                 generation = generation.saturating_sub(1);
+                ctx.heartbeat.busy_for(delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => break,
@@ -393,6 +406,7 @@ async fn control_session(
             .await?;
         Ok::<_, lapin::Error>((ch, consumer))
     };
+    ctx.heartbeat.busy_for(op);
     let (_ch, mut consumer) = tokio::time::timeout(op, setup)
         .await
         .map_err(|_| SessionError::SetupTimeout)?
@@ -405,7 +419,9 @@ async fn control_session(
     let mut retry = Backoff::new(cfg.snapshot_retry_min, cfg.snapshot_retry_max);
     request_snapshot(ctx);
     let mut next_request = tokio::time::Instant::now() + retry.next_delay();
+    let mut idle = ctx.heartbeat.ticker();
     loop {
+        ctx.heartbeat.beat();
         tokio::select! {
             d = consumer.next() => match d {
                 Some(Ok(delivery)) => {
@@ -417,6 +433,7 @@ async fn control_session(
                     }
                     // Every control message is acked, valid or not: a bad one must not
                     // loop forever.
+                    ctx.heartbeat.busy_for(op);
                     tokio::time::timeout(op, delivery.acker.ack(BasicAckOptions::default()))
                         .await
                         .map_err(|_| SessionError::AckTimeout)?
@@ -431,6 +448,8 @@ async fn control_session(
                 next_request = tokio::time::Instant::now() + retry.next_delay();
             }
             _ = live.lost() => return Err(SessionError::ConnectionLost),
+            // Idle is not wedged: the loop top beats.
+            _ = idle.tick() => {}
             // The control channel goes with the connection; closing it here as well
             // only races lapin's own close.
             _ = shutdown.cancelled() => return Ok(()),

@@ -950,6 +950,17 @@ impl Rig {
                         let t0 = Instant::now();
                         heal(self).await?;
                         self.heal_times.push(t0.elapsed());
+                        if baseline >= self.n {
+                            // The backlog drained faster than the fault took hold (stop_app
+                            // takes a second or two): everything had arrived before the heal,
+                            // so there is no recovery to time. Loss and duplicates are still
+                            // checked at the end.
+                            println!(
+                                "note: all {} messages had arrived before the heal; no recovery to time",
+                                self.n
+                            );
+                            return Ok(None);
+                        }
                         self.probe_b
                             .recovery_since(baseline, t0, RECOVERY_WITHIN)
                             .await
@@ -960,6 +971,13 @@ impl Rig {
                         let healed = t0.elapsed();
                         self.heal_times.push(healed);
                         let baseline = self.probe_b.now().await;
+                        if baseline >= self.n {
+                            println!(
+                                "note: all {} messages had arrived before the heal; no recovery to time",
+                                self.n
+                            );
+                            return Ok(Some(healed));
+                        }
                         self.probe_b
                             .recovery_after(baseline, RECOVERY_WITHIN)
                             .await

@@ -446,6 +446,8 @@ impl LinkSession<'_> {
             v.connects += 1;
             v.prefetch = first_prefetch;
         }
+        metrics::counter!("drawbridge_bridge_link_connects_total", "queue" => self.spec.queue.clone())
+            .increment(1);
         set_state(
             self.ctx,
             self.view,
@@ -641,7 +643,7 @@ impl LinkSession<'_> {
                             let props = copy_properties(&delivery.properties, &reason, &spec.queue);
                             match dead_letters.publish(live, &delivery.data, props, &spec.queue, stop).await {
                                 Ok(()) => {
-                                    metrics::counter!("drawbridge_bridge_dead_lettered_total").increment(1);
+                                    metrics::counter!("drawbridge_bridge_dead_lettered_total", "queue" => spec.queue.clone()).increment(1);
                                     view.lock().expect("poisoned").dead_lettered += 1;
                                     stats.acked += 1;
                                     if acks.settled(tag, inflight.is_empty()) {
@@ -718,7 +720,7 @@ impl LinkSession<'_> {
                     }
                     if delivery.redelivered {
                         view.lock().expect("poisoned").redelivered += 1;
-                        metrics::counter!("drawbridge_bridge_redelivered_total").increment(1);
+                        metrics::counter!("drawbridge_bridge_redelivered_total", "queue" => spec.queue.clone()).increment(1);
                     }
                     let before = prefetch.current();
                     if let (false, Some(after)) = (probe, prefetch.observe(delivery.data.len() as u64)) {
@@ -776,9 +778,18 @@ impl LinkSession<'_> {
     }
 }
 
+/// One message accepted by the peer and acked. Labelled by peer queue (bounded by the links
+/// the node creates), so an operator can alert per link; the timestamp gauge gives the age of
+/// the last acceptance (`time() - drawbridge_bridge_link_last_accepted_timestamp_seconds`).
 fn count_forwarded(view: &SharedView) {
-    view.lock().expect("poisoned").forwarded += 1;
-    metrics::counter!("drawbridge_bridge_forwarded_total").increment(1);
+    let queue = {
+        let mut v = view.lock().expect("poisoned");
+        v.forwarded += 1;
+        v.queue.clone()
+    };
+    metrics::counter!("drawbridge_bridge_forwarded_total", "queue" => queue.clone()).increment(1);
+    metrics::gauge!("drawbridge_bridge_link_last_accepted_timestamp_seconds", "queue" => queue)
+        .set(drawbridge_runtime::daemon::unix_ms() as f64 / 1000.0);
 }
 
 /// Take, in queue order, the acceptances that are ready within `wait`; stop at the first
@@ -914,6 +925,9 @@ fn set_state(
         v.reason = reason.to_string();
         v.since_unix_ms = drawbridge_runtime::daemon::unix_ms();
     }
+    // 1 while the link forwards; an alert on 0 for longer than a reconnect names the queue.
+    metrics::gauge!("drawbridge_bridge_link_up", "queue" => spec.queue.clone())
+        .set(if state == LinkState::Up { 1.0 } else { 0.0 });
     crate::control::notify_link(ctx, spec, state, target, reason);
 }
 

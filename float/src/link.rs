@@ -500,7 +500,7 @@ fn prepare(
     let inbound = match convert::from_amqp(msg, ctx.cfg.max_message_size) {
         Ok(m) => m,
         Err(e) => {
-            metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label())
+            metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label(), "peer" => sender.to_string())
                 .increment(1);
             return Prepared::Settle(Settle::Reject(e.to_string()));
         }
@@ -510,7 +510,7 @@ fn prepare(
             .increment(inbound.stripped_headers as u64);
     }
     let Some(inbox) = routes.inbox(&ctx.identities, &inbound.destination) else {
-        metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination")
+        metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination", "peer" => sender.to_string())
             .increment(1);
         return Prepared::Settle(Settle::Reject(
             convert::Invalid::UnknownDestination(inbound.destination).to_string(),
@@ -561,7 +561,7 @@ async fn settle_batch(
         permits.push(done.permit.take());
         match done.settle {
             Settle::Accept => {
-                record_accept(done.published, ctx);
+                record_accept(done.published, sender, ctx);
                 accepts.push(done.info);
             }
             _ => {
@@ -579,11 +579,13 @@ async fn settle_batch(
     Ok(())
 }
 
-/// Counters for an accepted transfer that was published (not a suppressed duplicate).
-fn record_accept(published: bool, ctx: &Ctx) {
+/// Counters for an accepted transfer that was published (not a suppressed duplicate),
+/// labelled by the authenticated sender (bounded by the network's members).
+fn record_accept(published: bool, sender: &str, ctx: &Ctx) {
     if published {
         ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("drawbridge_float_accepted_total").increment(1);
+        metrics::counter!("drawbridge_float_accepted_total", "peer" => sender.to_string())
+            .increment(1);
     }
 }
 
@@ -602,7 +604,7 @@ async fn settle_one(
     } = done;
     let sent = match settle {
         Settle::Accept => {
-            record_accept(published, ctx);
+            record_accept(published, sender, ctx);
             receiver.accept(info).await
         }
         Settle::Reject(why) => {
@@ -614,7 +616,7 @@ async fn settle_one(
         Settle::Release(why) => {
             debug!(peer = %sender, reason = %why, "transfer released");
             ctx.stats.released.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("drawbridge_float_released_total", "reason" => why.label())
+            metrics::counter!("drawbridge_float_released_total", "reason" => why.label(), "peer" => sender.to_string())
                 .increment(1);
             receiver.release(info).await
         }

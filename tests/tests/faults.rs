@@ -1273,9 +1273,20 @@ fn limit_deliveries_and_refuse_publishes(r: &mut Rig) -> LocalBoxFuture<'_, Resu
                 "queues",
             ])
             .await?;
+        // No write on the float's publishing exchange (`drawbridge.inboxes`), so every
+        // publish is refused; write on the inbox queue itself stays, since binding it to the
+        // exchange at start needs it (RabbitMQ checks a bind as write on the queue).
         r.broker_b
             .node()?
-            .ctl(&["set_permissions", "-p", "/", "guest", ".*", "^$", ".*"])
+            .ctl(&[
+                "set_permissions",
+                "-p",
+                "/",
+                "guest",
+                ".*",
+                "^drawbridge\\.inbox$",
+                ".*",
+            ])
             .await
             .map(drop)
     })

@@ -5,11 +5,29 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
 use drawbridge_node::topology::QueueType;
 use drawbridge_runtime::{
-    broker::BrokerConfig,
+    broker::{BrokerConfig, Secret},
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
     revocation, tls_reload,
 };
+
+/// Leader election between several bridges of one node (see `crate::ha`).
+#[derive(Debug, Clone)]
+pub struct HaConfig {
+    /// Elect one active bridge through the broker. Off: this bridge is always active (a
+    /// second instance is fenced by single-active-consumer only).
+    pub enabled: bool,
+    /// The lock queue's name; `None`: `drawbridge.bridge.lock.<group>`, where the group is
+    /// `bridge.ha_group` or the slug of the node identity (resolved at start).
+    pub lock_queue: Option<String>,
+    /// Bridges that share this group contend for one lock (default: the node identity).
+    pub group: Option<String>,
+    /// Mean delay between a standby's attempts to take the lock (each one jittered ±50 %).
+    pub retry: Duration,
+    /// After a step-down, how long this bridge stays away from the election, so another
+    /// one takes over.
+    pub hold_off: Duration,
+}
 
 /// Everything the bridge needs to run.
 #[derive(Debug, Clone)]
@@ -86,6 +104,11 @@ pub struct BridgeConfig {
     pub broker: BrokerConfig,
     /// Admin HTTP port; `None` disables it.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token of the admin port's state-changing endpoints (`POST /step-down`), read
+    /// from `admin.token_file` (owner-only like a key file); `None` turns them off.
+    pub admin_token: Option<Secret>,
+    /// Leader election between bridges of one node (`bridge.ha`, see `ha`).
+    pub ha: HaConfig,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -173,6 +196,43 @@ impl BridgeConfig {
             None => None,
         };
         let revocation = revocation::read_settings(&mut r, "bridge");
+        let admin_token = match r.optional::<PathBuf>("admin.token_file") {
+            Some(path) => match drawbridge_runtime::broker::read_password_file(&path, key_access)
+            {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    r.invalid("admin.token_file", e);
+                    None
+                }
+            },
+            None => None,
+        };
+        let ha = HaConfig {
+            enabled: r.get("bridge.ha", true),
+            lock_queue: r.optional("bridge.ha_lock_queue"),
+            group: r.optional("bridge.ha_group"),
+            retry: r.duration("bridge.ha_retry", Duration::from_millis(500)),
+            hold_off: r.duration("bridge.ha_hold_off", Duration::from_secs(30)),
+        };
+        r.check(
+            "bridge.ha_retry",
+            (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&ha.retry),
+            "must be between 10ms and 60s",
+        );
+        if let Some(q) = &ha.lock_queue {
+            r.check(
+                "bridge.ha_lock_queue",
+                !q.is_empty() && q.len() <= 255 && !q.starts_with("amq."),
+                "must be 1..=255 bytes and not start with `amq.`",
+            );
+        }
+        if let Some(g) = &ha.group {
+            r.check(
+                "bridge.ha_group",
+                !g.is_empty() && g.len() <= 200,
+                "must be 1..=200 bytes",
+            );
+        }
         let cfg = BridgeConfig {
             id: r.get("bridge.id", default_id),
             tls_cert: r.required("bridge.tls_cert").unwrap_or_default(),
@@ -212,6 +272,8 @@ impl BridgeConfig {
             drain_grace: r.duration("bridge.drain_grace", Duration::from_secs(10)),
             broker: BrokerConfig::read(&mut r, "broker", key_access),
             admin_listen,
+            admin_token,
+            ha,
             log_format: r.get("log.format", LogFormat::Human),
         };
         r.check(

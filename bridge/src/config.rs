@@ -197,8 +197,7 @@ impl BridgeConfig {
         };
         let revocation = revocation::read_settings(&mut r, "bridge");
         let admin_token = match r.optional::<PathBuf>("admin.token_file") {
-            Some(path) => match drawbridge_runtime::broker::read_password_file(&path, key_access)
-            {
+            Some(path) => match drawbridge_runtime::broker::read_password_file(&path, key_access) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     r.invalid("admin.token_file", e);

@@ -186,7 +186,8 @@ impl Ha {
         });
         let mut last = self.reason.lock().expect("poisoned");
         if changed_state || *last != reason {
-            if matches!(state, HaState::Active | HaState::SteppingDown) || !reason.starts_with("lost")
+            if matches!(state, HaState::Active | HaState::SteppingDown)
+                || !reason.starts_with("lost")
             {
                 info!(ha_state = state.as_str(), lock = %self.lock_queue, "{reason}");
             } else {
@@ -285,10 +286,21 @@ pub(crate) async fn run(
                         "standing by: stepped down; not contending until the hold-off ends",
                     );
                 }
-                match wait(until, &live, &mut requests, &shutdown, "stepped down; holding off").await {
+                match wait(
+                    until,
+                    &live,
+                    &mut requests,
+                    &shutdown,
+                    "stepped down; holding off",
+                )
+                .await
+                {
                     Wake::Timer => {}
                     Wake::Lost => {
-                        ha.set(HaState::Disconnected, "disconnected: broker connection lost");
+                        ha.set(
+                            HaState::Disconnected,
+                            "disconnected: broker connection lost",
+                        );
                         continue 'connections;
                     }
                     Wake::Shutdown => return,
@@ -303,7 +315,10 @@ pub(crate) async fn run(
                     ha.set(HaState::Active, "became active");
                     match hold(&ctx, &live, lock, &mut requests, &shutdown).await {
                         Held::ConnectionLost => {
-                            ha.set(HaState::Disconnected, "lost the lock: broker connection lost");
+                            ha.set(
+                                HaState::Disconnected,
+                                "lost the lock: broker connection lost",
+                            );
                             continue 'connections;
                         }
                         Held::LockLost(reason) => {
@@ -325,7 +340,10 @@ pub(crate) async fn run(
                     jittered(retry)
                 }
                 Err(Attempt::Failed(_)) if live.is_lost() => {
-                    ha.set(HaState::Disconnected, "disconnected: broker connection lost");
+                    ha.set(
+                        HaState::Disconnected,
+                        "disconnected: broker connection lost",
+                    );
                     continue 'connections;
                 }
                 Err(Attempt::Failed(reason)) => {
@@ -340,7 +358,10 @@ pub(crate) async fn run(
             match wait(Instant::now() + delay, &live, &mut requests, &shutdown, why).await {
                 Wake::Timer => {}
                 Wake::Lost => {
-                    ha.set(HaState::Disconnected, "disconnected: broker connection lost");
+                    ha.set(
+                        HaState::Disconnected,
+                        "disconnected: broker connection lost",
+                    );
                     continue 'connections;
                 }
                 Wake::Shutdown => return,
@@ -494,8 +515,10 @@ async fn step_down(ctx: &Ctx, live: &Live, lock: Lock) -> StepDown {
     let op = ctx.broker.config().op_timeout;
     let released = tokio::time::timeout(
         op,
-        lock.channel
-            .queue_delete(ShortString::from(ha.lock_queue.as_str()), QueueDeleteOptions::default()),
+        lock.channel.queue_delete(
+            ShortString::from(ha.lock_queue.as_str()),
+            QueueDeleteOptions::default(),
+        ),
     )
     .await;
     if !matches!(released, Ok(Ok(_))) && !live.is_lost() {
@@ -528,9 +551,7 @@ mod tests {
     fn retries_are_jittered_around_the_mean() {
         let mean = Duration::from_millis(500);
         let delays: Vec<_> = (0..200).map(|_| jittered(mean)).collect();
-        assert!(delays
-            .iter()
-            .all(|d| *d >= mean / 2 && *d <= mean * 3 / 2));
+        assert!(delays.iter().all(|d| *d >= mean / 2 && *d <= mean * 3 / 2));
         assert!(delays.iter().any(|d| *d != delays[0]), "not all the same");
     }
 

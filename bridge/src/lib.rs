@@ -194,11 +194,7 @@ pub async fn start(
         setup,
         broker_shutdown.clone(),
     );
-    let group = cfg
-        .ha
-        .group
-        .clone()
-        .unwrap_or_else(|| node_identity.slug());
+    let group = cfg.ha.group.clone().unwrap_or_else(|| node_identity.slug());
     let lock_queue = ha::lock_queue_name(cfg.ha.lock_queue.as_deref(), &group);
     let (ha, ha_requests) = ha::Ha::new(cfg.ha.enabled, lock_queue);
     let (tx, rx) = mpsc::channel(1024);

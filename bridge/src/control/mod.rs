@@ -80,11 +80,18 @@ impl Links {
         }
         self.active = active;
         if active {
-            info!(links = self.wanted.len(), "active: starting the wanted links");
+            info!(
+                links = self.wanted.len(),
+                "active: starting the wanted links"
+            );
             self.converge().await;
         } else {
             if !self.running.is_empty() {
-                info!(links = self.running.len(), ha_state = ha.as_str(), "not active: stopping links");
+                info!(
+                    links = self.running.len(),
+                    ha_state = ha.as_str(),
+                    "not active: stopping links"
+                );
             }
             self.stop_all().await;
             self.ctx.views.lock().expect("poisoned").clear();

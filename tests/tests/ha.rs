@@ -468,8 +468,8 @@ async fn the_cluster_node_holding_the_lock_dies_and_the_other_bridge_takes_over(
     let rx = receive(&p.b, "cluster", n);
     let tx = publish_steadily(&uris[1..], &q, "cluster", 0, 800);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    cluster.nodes[holder_node].kill().await?;
     let killed = Instant::now();
+    cluster.nodes[holder_node].kill().await?;
     let (active_at, up_at) = until_forwarding(&bridges[1], &q, Duration::from_secs(30)).await?;
     println!(
         "CLUSTER lock node killed → other bridge active in {:?}, link up in {:?}",

@@ -369,6 +369,52 @@ mod control_user_tests {
 }
 
 #[cfg(test)]
+mod ha_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const BASE: &str =
+        "[bridge]\ntls_cert = \"c\"\ntls_key = \"k\"\ntrust_roots = \"r\"\nnode_user = \"n\"\n";
+    const BROKER: &str = "\n[broker]\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n";
+
+    fn load(bridge_lines: &str, admin_lines: &str) -> Result<BridgeConfig, Vec<String>> {
+        let text = format!("{BASE}{bridge_lines}{BROKER}\n[admin]\n{admin_lines}");
+        BridgeConfig::from_reader(ConfigReader::from_toml(&text).unwrap()).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn ha_is_on_by_default_and_its_keys_are_checked() {
+        let cfg = load("", "").unwrap();
+        assert!(cfg.ha.enabled);
+        assert_eq!(cfg.ha.retry, Duration::from_millis(500));
+        assert_eq!(cfg.ha.hold_off, Duration::from_secs(30));
+        assert!(cfg.admin_token.is_none());
+        let errs = load("ha_retry = \"1ms\"\nha_lock_queue = \"amq.lock\"\n", "").unwrap_err();
+        for key in ["bridge.ha_retry", "bridge.ha_lock_queue"] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn the_admin_token_file_is_a_secret_file() {
+        let path = std::env::temp_dir().join(format!("drawbridge-token-{}", std::process::id()));
+        std::fs::write(&path, "tok\n").unwrap();
+        let line = format!("token_file = {:?}\n", path.display().to_string());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let errs = load("", &line).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.token_file")),
+            "{errs:#?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = load("", &line).unwrap();
+        assert_eq!(cfg.admin_token.as_ref().map(Secret::expose), Some("tok"));
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[cfg(test)]
 mod example_tests {
     use super::*;
 

@@ -470,21 +470,50 @@ async fn the_cluster_node_holding_the_lock_dies_and_the_other_bridge_takes_over(
     tokio::time::sleep(Duration::from_millis(600)).await;
     let killed = Instant::now();
     cluster.nodes[holder_node].kill().await?;
-    let (active_at, up_at) = until_forwarding(&bridges[1], &q, Duration::from_secs(30)).await?;
+    // Either bridge may be the first to forward: the old holder reconnects to a surviving
+    // node and contends too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (who, up_at) = 'wait: loop {
+        for (k, b) in bridges.iter().enumerate() {
+            if let Ok(s) = b.status().await {
+                let up = s["links"].as_array().is_some_and(|ls| {
+                    ls.iter()
+                        .any(|l| l["queue"] == q.as_str() && l["state"] == "up")
+                });
+                if s["ha_state"] == "active" && up {
+                    break 'wait (k, Instant::now());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no bridge forwarding 30 s after the lock node died");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     println!(
-        "CLUSTER lock node killed → other bridge active in {:?}, link up in {:?}",
-        active_at - killed,
+        "CLUSTER lock node killed → bridge {} forwarding after {:?}",
+        who + 1,
         up_at - killed
     );
-    // The old holder reconnects to a surviving node and stands by.
-    one_active(&[&bridges[0], &bridges[1]], Duration::from_secs(30)).await?;
-    assert_eq!(ha_state(&bridges[1]).await, "active");
     tx.await??;
     let conn = drawbridge_testkit::node::connect_any(&uris[1..]).await?;
     let ch = conn.create_channel().await?;
     stream::publish(&ch, &q, &spec("cluster", 800, n), |_| {}).await?;
     let r = rx.await??;
     println!("cluster: {r:?}");
+    // Afterwards exactly one bridge is active, and stays so. (Which one may change while the
+    // quorum queue elects its new leader: RabbitMQ 3.10 fails a consume on it meanwhile with a
+    // connection-level INTERNAL_ERROR, which closes that bridge's connection and its lock.)
+    one_active(&[&bridges[0], &bridges[1]], Duration::from_secs(30)).await?;
+    for _ in 0..20 {
+        one_active(&[&bridges[0], &bridges[1]], Duration::from_secs(0)).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if std::env::var_os("DRAWBRIDGE_HA_SHOW_LOGS").is_some() {
+        for b in &bridges {
+            println!("---- {}\n{}", b.log_path().display(), b.log_tail(80));
+        }
+    }
     assert_exactly_once(&r, &[&bridges[0], &bridges[1]]);
     Ok(())
 }

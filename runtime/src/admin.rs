@@ -4,7 +4,8 @@
 //! [`AdminState::ready`]: for both the float and the bridge it is "connected to its broker"
 //! (the float refuses peers without one, so a load balancer routes away). The bridge's
 //! readiness says nothing about its links — it is ready before the node's first snapshot
-//! arrives and while peers are unreachable; `/status` shows each link's state.
+//! arrives and while peers are unreachable; `/status` shows each link's state. With leader
+//! election, a standby bridge is ready when it could take over (see the bridge's `ha`).
 //!
 //! `POST /step-down` asks a daemon that supports it (the bridge, see its `ha` module) to
 //! hand over its work. It changes what the daemon does, so unlike the read-only endpoints

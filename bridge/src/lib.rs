@@ -30,6 +30,7 @@ use drawbridge_control_protocol::Notification;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Setup},
+    sd_notify::{Heartbeat, Service},
     tls_reload::{TlsMaterial, TlsReload, TlsSource},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -67,6 +68,11 @@ pub(crate) struct Ctx {
     ha: ha::Ha,
     /// Queues of the links the node wants (kept by a standby too), for `/status`.
     wanted: Mutex<Vec<String>>,
+    /// The control loop's proof of life for the systemd watchdog (see `sd_notify`): beaten
+    /// on every iteration and idle tick, pushed ahead before each bounded wait.
+    heartbeat: Heartbeat,
+    /// What `/healthz` asks whether the work loops run (the systemd watchdog's verdict).
+    service: Service,
 }
 
 impl AdminState for Ctx {
@@ -91,6 +97,25 @@ impl AdminState for Ctx {
 
     fn step_down(&self) -> admin::StepDownFuture {
         self.ha.step_down()
+    }
+
+    fn live(&self) -> Result<(), String> {
+        self.service.live()
+    }
+
+    fn summary(&self) -> String {
+        if !self.broker.is_connected() {
+            "waiting for the broker".to_string()
+        } else if !self.control_consuming.load(Ordering::Relaxed) {
+            "waiting for the control queue".to_string()
+        } else {
+            let links = self.views.lock().expect("poisoned").len();
+            match self.ha.current() {
+                ha::HaState::Active => format!("ready: {links} links"),
+                // Says "standby", not the reason: the line must not change at every attempt.
+                other => format!("ready: {}", other.as_str()),
+            }
+        }
     }
 
     fn status(&self) -> serde_json::Value {
@@ -139,6 +164,18 @@ pub async fn start(
     cfg: BridgeConfig,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
+) -> Result<RunningBridge, StartError> {
+    start_with_service(cfg, metrics, shutdown, Service::disabled()).await
+}
+
+/// [`start`] under a service manager: `READY=1` once ready (broker connected, control
+/// queue consumed), `STATUS=` on changes, `STOPPING=1` on `shutdown`, and watchdog pings
+/// only while the control loop runs and the broker session supervisor lives.
+pub async fn start_with_service(
+    cfg: BridgeConfig,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+    service: Service,
 ) -> Result<RunningBridge, StartError> {
     let source = TlsSource {
         cert: cfg.tls_cert.clone(),
@@ -197,6 +234,8 @@ pub async fn start(
     let group = cfg.ha.group.clone().unwrap_or_else(|| node_identity.slug());
     let lock_queue = ha::lock_queue_name(cfg.ha.lock_queue.as_deref(), &group);
     let (ha, ha_requests) = ha::Ha::new(cfg.ha.enabled, lock_queue);
+    let supervisor = broker.clone();
+    service.watch_task("broker session", move || supervisor.supervisor_running());
     let (tx, rx) = mpsc::channel(1024);
     let bytes_total_kib = u32::try_from(cfg.max_bytes_in_flight / 1024).unwrap_or(u32::MAX);
     let ctx = Arc::new(Ctx {
@@ -213,11 +252,14 @@ pub async fn start(
         notify: tx,
         ha,
         wanted: Mutex::new(Vec::new()),
+        heartbeat: service.heartbeat("control loop"),
+        service: service.clone(),
     });
     let admin_addr =
         admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())
             .await?;
     info!(id = %ctx.cfg.id, admin = ?admin_addr, "bridge starting");
+    service.spawn(ctx.clone(), shutdown.clone());
     let notifier = tokio::spawn(control::notifier(ctx.clone(), rx));
     if ctx.ha.enabled {
         info!(lock = %ctx.ha.lock_queue, "high availability on: contending for the lock queue");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use drawbridge_bridge::BridgeConfig;
-use drawbridge_runtime::{admin, daemon, logging, shutdown};
+use drawbridge_runtime::{admin, daemon, logging, sd_notify::Service, shutdown};
 
 /// The Drawbridge bridge: forwards peer queues to peers' floats over mTLS AMQP 1.0,
 /// acking the broker only after the peer accepted.
@@ -29,7 +29,11 @@ async fn main() {
     );
     logging::init(cfg.log_format, "info");
     let shutdown = shutdown::on_signal();
-    match drawbridge_bridge::start(cfg, admin::install_metrics(), shutdown).await {
+    // systemd (Type=notify): readiness, status, watchdog; a no-op elsewhere.
+    let service = Service::from_env();
+    match drawbridge_bridge::start_with_service(cfg, admin::install_metrics(), shutdown, service)
+        .await
+    {
         Ok(running) => {
             let _ = running.done.await;
         }

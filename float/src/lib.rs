@@ -53,6 +53,7 @@ use drawbridge_node::topology;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Live, Setup},
+    sd_notify::Service,
     tls_reload::{TlsMaterial, TlsReload, TlsSource},
 };
 use lapin::{
@@ -111,6 +112,8 @@ pub(crate) struct Ctx {
     connections: Mutex<HashMap<u64, connection::ConnectionInfo>>,
     /// CRLs in force (shared with the TLS acceptor's verifier) and their change signal.
     revocation: Revocation,
+    /// What `/healthz` asks whether the accept loop runs (the systemd watchdog's verdict).
+    service: Service,
 }
 
 impl Ctx {
@@ -143,6 +146,18 @@ impl Ctx {
 impl AdminState for Ctx {
     fn ready(&self) -> bool {
         self.broker.is_connected()
+    }
+
+    fn live(&self) -> Result<(), String> {
+        self.service.live()
+    }
+
+    fn summary(&self) -> String {
+        if self.ready() {
+            format!("serving peers on {}", self.cfg.listen)
+        } else {
+            format!("broker unreachable: refusing peers on {}", self.cfg.listen)
+        }
     }
 
     fn status(&self) -> serde_json::Value {
@@ -200,6 +215,18 @@ pub async fn start(
     cfg: FloatConfig,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
+) -> Result<RunningFloat, StartError> {
+    start_with_service(cfg, metrics, shutdown, Service::disabled()).await
+}
+
+/// [`start`] under a service manager: `READY=1` once listening with the broker connected,
+/// `STATUS=` on changes, `STOPPING=1` on `shutdown`, and watchdog pings only while the
+/// accept loop runs and the broker session supervisor lives (see `sd_notify`).
+pub async fn start_with_service(
+    cfg: FloatConfig,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+    service: Service,
 ) -> Result<RunningFloat, StartError> {
     let source = TlsSource {
         cert: cfg.tls_cert.clone(),
@@ -298,6 +325,9 @@ pub async fn start(
         setup,
         broker_shutdown.clone(),
     );
+    let supervisor = broker.clone();
+    service.watch_task("broker session", move || supervisor.supervisor_running());
+    let heartbeat = service.heartbeat("accept loop");
     let ctx = Arc::new(Ctx {
         dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_max_age),
         pool: budget::Pool::new(cfg.max_bytes_in_flight),
@@ -315,6 +345,7 @@ pub async fn start(
         identities: Identities::new(identities),
         connections: Mutex::new(HashMap::new()),
         revocation,
+        service: service.clone(),
         cfg,
     });
     let admin_addr =
@@ -323,8 +354,9 @@ pub async fn start(
     // SIGHUP and file changes reload the TLS material; stops with the float.
     tls.spawn(shutdown.clone());
     info!(listen = %listen_addr, admin = ?admin_addr, identities = ?ctx.identities.iter().map(|(n, q)| format!("{n} -> {q}")).collect::<Vec<_>>(), "float listening");
+    service.spawn(ctx.clone(), shutdown.clone());
     let done = tokio::spawn(async move {
-        listener::serve(listener, ctx.clone(), shutdown).await;
+        listener::serve(listener, ctx.clone(), shutdown, heartbeat).await;
         // Links are settled; now the broker connection can close.
         broker_shutdown.cancel();
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -1,12 +1,14 @@
 //! The accept loop: one task per connection, admitted first to the small pool of pending
 //! handshakes (see `admission`), accept errors (out of file descriptors and the like) backed
 //! off instead of spun on, and on shutdown no new connections while the open ones drain
-//! within `drain_grace`.
+//! within `drain_grace`. It is the float's work loop for the systemd watchdog: it beats on
+//! every iteration and on an idle timer, so pings stop only if it is wedged.
 
 use std::{sync::Arc, time::Duration};
 
 use drawbridge_runtime::backoff::Backoff;
 use drawbridge_runtime::lograte::Every;
+use drawbridge_runtime::sd_notify::Heartbeat;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -14,17 +16,25 @@ use tracing::{info, warn};
 use crate::{connection, Ctx};
 
 /// Accept connections until `shutdown`, then let the connections drain.
-pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+    heartbeat: Heartbeat,
+) {
     // A flood of refusals is one log line per 10 s with its count, never one per connection.
     let refusals = Every::new(Duration::from_secs(10));
     let mut conns = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut next_id = 0u64;
+    let mut idle = heartbeat.ticker();
     loop {
+        heartbeat.beat();
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            _ = idle.tick() => continue,
         };
         let (tcp, addr) = match accepted {
             Ok(v) => {
@@ -34,6 +44,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: Cancel
             Err(e) => {
                 let d = backoff.next_delay();
                 warn!(error = %e, retry_in = ?d, "accept failed");
+                heartbeat.busy_for(d);
                 tokio::time::sleep(d).await;
                 continue;
             }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use drawbridge_float::FloatConfig;
-use drawbridge_runtime::{admin, daemon, logging, shutdown};
+use drawbridge_runtime::{admin, daemon, logging, sd_notify::Service, shutdown};
 
 /// The Drawbridge float: receives peers' AMQP 1.0 transfers over mTLS and publishes them
 /// into the broker, accepting only after the broker confirmed.
@@ -29,7 +29,11 @@ async fn main() {
     );
     logging::init(cfg.log_format, "info");
     let shutdown = shutdown::on_signal();
-    match drawbridge_float::start(cfg, admin::install_metrics(), shutdown).await {
+    // systemd (Type=notify): readiness, status, watchdog; a no-op elsewhere.
+    let service = Service::from_env();
+    match drawbridge_float::start_with_service(cfg, admin::install_metrics(), shutdown, service)
+        .await
+    {
         Ok(running) => {
             let _ = running.done.await;
         }

@@ -21,6 +21,7 @@ use std::{
 };
 
 pub mod connect;
+pub mod dedup;
 pub mod topology;
 
 pub use connect::{connect_with, BrokerTls, ConnectOptions};

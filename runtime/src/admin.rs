@@ -1,6 +1,7 @@
 //! The local admin HTTP port: `/healthz`, `/readyz`, `/metrics`, `/status`.
 //!
-//! Liveness means the process runs its event loop. Readiness is each daemon's
+//! Liveness means the daemon's work loops run ([`AdminState::live`]: the same heartbeats the
+//! systemd watchdog pings from). Readiness is each daemon's
 //! [`AdminState::ready`]: for both the float and the bridge it is "connected to its broker"
 //! (the float refuses peers without one, so a load balancer routes away). The bridge's
 //! readiness says nothing about its links — it is ready before the node's first snapshot
@@ -66,6 +67,17 @@ pub trait AdminState: Send + Sync + 'static {
     fn step_down(&self) -> StepDownFuture {
         Box::pin(std::future::ready(StepDown::Unsupported))
     }
+    /// Alive? `Err` names what is wedged (a work loop silent too long, a vital task ended):
+    /// `/healthz` then answers 503, so an external watchdog (`scripts/watchdog.sh`) sees what
+    /// systemd's watchdog sees. Default: alive while the admin port answers.
+    fn live(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// One short line for the service manager (`systemctl status`); sent again whenever
+    /// it changes, so it must not change with every message.
+    fn summary(&self) -> String {
+        if self.ready() { "ready" } else { "not ready" }.to_string()
+    }
 }
 
 #[derive(Clone)]
@@ -88,7 +100,7 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let shared = Shared { state, metrics };
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(render_metrics))
@@ -121,6 +133,13 @@ pub async fn serve_if_configured(
         .await
         .map(Some)
         .map_err(|source| crate::daemon::StartError::Bind { addr, source })
+}
+
+async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
+    match s.state.live() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
 }
 
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
@@ -317,6 +336,39 @@ mod tests {
             serde_json::json!({ "ready": false })
         );
         assert_eq!(fetch(addr, "/metrics").await.unwrap().0, 404);
+        stop.cancel();
+    }
+
+    /// A daemon whose work loop is wedged.
+    struct Wedged;
+
+    impl AdminState for Wedged {
+        fn ready(&self) -> bool {
+            true
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn live(&self) -> Result<(), String> {
+            Err("control loop has not run for 20s".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn healthz_says_why_a_wedged_daemon_is_not_alive() {
+        let stop = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Wedged),
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            fetch(addr, "/healthz").await.unwrap(),
+            (503, "control loop has not run for 20s\n".into())
+        );
         stop.cancel();
     }
 

@@ -14,7 +14,10 @@ use std::{
     future::Future,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -399,6 +402,18 @@ pub struct BrokerSession {
     state: watch::Receiver<Option<Arc<Live>>>,
     /// Settings, for users that need the op timeout.
     cfg: Arc<BrokerConfig>,
+    /// True while the supervisor task runs (cleared when it ends, by return or panic): the
+    /// systemd watchdog stops pinging if it ends before shutdown.
+    running: Arc<AtomicBool>,
+}
+
+/// Clears the supervisor's running flag when dropped, so a panic clears it too.
+struct RunningFlag(Arc<AtomicBool>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 impl BrokerSession {
@@ -412,14 +427,23 @@ impl BrokerSession {
     ) -> BrokerSession {
         let (tx, rx) = watch::channel(None);
         let cfg = Arc::new(cfg);
-        tokio::spawn(supervise(
-            cfg.clone(),
-            name.to_string(),
-            setup,
-            tx,
-            shutdown,
-        ));
-        BrokerSession { state: rx, cfg }
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = RunningFlag(running.clone());
+        let supervisor = supervise(cfg.clone(), name.to_string(), setup, tx, shutdown);
+        tokio::spawn(async move {
+            let _flag = flag;
+            supervisor.await
+        });
+        BrokerSession {
+            state: rx,
+            cfg,
+            running,
+        }
+    }
+
+    /// Whether the supervisor task still runs (it ends only on shutdown, or by a bug).
+    pub fn supervisor_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// The settings in use.

@@ -1,5 +1,5 @@
 //! Plumbing shared by the Drawbridge daemons: configuration loading, backoff, shutdown,
-//! the supervised RabbitMQ session, the admin HTTP port and logging.
+//! the supervised RabbitMQ session, the admin HTTP port, logging and systemd notification.
 //!
 //! One place per concern: if the bridge or the float needs a second copy of something
 //! here, it belongs here instead.
@@ -15,6 +15,7 @@ pub mod logging;
 pub mod lograte;
 pub mod mapping;
 pub mod revocation;
+pub mod sd_notify;
 pub mod shutdown;
 pub mod tls_reload;
 

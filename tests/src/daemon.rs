@@ -109,6 +109,19 @@ impl Daemon {
         config_toml: &str,
         admin: SocketAddr,
     ) -> Result<Daemon> {
+        Daemon::start_with_env(kind, dir, name, config_toml, admin, &[]).await
+    }
+
+    /// [`Daemon::start`] with extra environment variables for the process (e.g.
+    /// `NOTIFY_SOCKET` and `WATCHDOG_USEC`, as systemd sets them); kept across restarts.
+    pub async fn start_with_env(
+        kind: Kind,
+        dir: &Path,
+        name: &str,
+        config_toml: &str,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, config_toml)?;
@@ -119,7 +132,10 @@ impl Daemon {
             log,
             admin,
             child: None,
-            env: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn().await?;
         Ok(d)

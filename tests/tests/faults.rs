@@ -984,7 +984,32 @@ impl Rig {
             }
             Recovery::Watched(watch) => return watch(self).await.map(|()| None),
         };
-        rec.with_context(|| self.logs()).map(Some)
+        match rec {
+            Ok(d) => Ok(Some(d)),
+            // What each daemon believed when the probe gave up, beside what it logged: a link
+            // `up` with nothing flowing is told apart from one that never came back.
+            Err(e) => Err(e.context(format!("{}{}", self.statuses().await, self.logs()))),
+        }
+    }
+
+    /// Every running daemon's `/status`, for failure messages.
+    async fn statuses(&self) -> String {
+        let mut s = String::new();
+        for org in std::iter::once(&self.a)
+            .chain(std::iter::once(&self.b))
+            .chain(self.c.iter())
+        {
+            for (kind, d) in [("bridge", &org.bridge), ("float", &org.float)] {
+                if let Some(d) = d {
+                    let status = match d.status().await {
+                        Ok(v) => v.to_string(),
+                        Err(e) => format!("unavailable: {e}"),
+                    };
+                    s += &format!("--- {kind} {} /status\n{status}\n", org.legal_name);
+                }
+            }
+        }
+        s
     }
 
     /// Wait until every message is in B's inbox or A's dead-letter queue; returns both

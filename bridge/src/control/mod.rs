@@ -93,6 +93,10 @@ impl Links {
                     "not active: stopping links"
                 );
             }
+            // Bounded by the links' stop deadline: the control loop is busy, not wedged.
+            self.ctx
+                .heartbeat
+                .busy_for(self.ctx.cfg.drain_grace + STOP_MARGIN);
             self.stop_all().await;
             self.ctx.views.lock().expect("poisoned").clear();
         }
@@ -137,6 +141,8 @@ impl Links {
             .filter_map(|a| self.running.remove_entry(a.queue()))
             .collect();
         let deadline = self.ctx.cfg.drain_grace + STOP_MARGIN;
+        // Bounded by the deadline: the control loop is busy, not wedged.
+        self.ctx.heartbeat.busy_for(deadline);
         futures::future::join_all(
             stopping
                 .into_iter()
@@ -387,17 +393,27 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut ha = ctx.ha.state.subscribe();
     let now = *ha.borrow_and_update();
     state.links.follow(now).await;
+    // The control loop is the bridge's work loop for the systemd watchdog: it beats while
+    // it waits for a connection too, so waiting for the broker is not mistaken for a hang.
+    let mut idle = ctx.heartbeat.ticker();
     while !shutdown.is_cancelled() {
-        let live = tokio::select! {
-            l = ctx.broker.connected(generation, Duration::from_secs(3600)) => l,
-            // Without a broker connection the election says `disconnected`: stop the links.
-            Ok(()) = ha.changed() => {
-                let now = *ha.borrow_and_update();
-                state.links.follow(now).await;
-                continue;
+        ctx.heartbeat.beat();
+        let wait = ctx.broker.connected(generation, Duration::from_secs(3600));
+        tokio::pin!(wait);
+        let live = loop {
+            tokio::select! {
+                l = &mut wait => break Some(l),
+                // Without a broker connection the election says `disconnected`: stop the links.
+                Ok(()) = ha.changed() => {
+                    let now = *ha.borrow_and_update();
+                    state.links.follow(now).await;
+                    ctx.heartbeat.beat();
+                }
+                _ = shutdown.cancelled() => break None,
+                _ = idle.tick() => ctx.heartbeat.beat(),
             }
-            _ = shutdown.cancelled() => break,
         };
+        let Some(live) = live else { break };
         let Some(live) = live else { continue };
         generation = live.generation;
         let started = tokio::time::Instant::now();
@@ -419,6 +435,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 warn!(reason = %e, retry_in = ?delay, "control channel lost; re-establishing it");
                 // Same connection again: ask for any connection from this generation on.
                 generation = generation.saturating_sub(1);
+                ctx.heartbeat.busy_for(delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => break,
@@ -455,6 +472,7 @@ async fn control_session(
             .await?;
         Ok::<_, lapin::Error>((ch, consumer))
     };
+    ctx.heartbeat.busy_for(op);
     let (_ch, mut consumer) = tokio::time::timeout(op, setup)
         .await
         .map_err(|_| SessionError::SetupTimeout)?
@@ -467,7 +485,9 @@ async fn control_session(
     let mut retry = Backoff::new(cfg.snapshot_retry_min, cfg.snapshot_retry_max);
     request_snapshot(ctx);
     let mut next_request = tokio::time::Instant::now() + retry.next_delay();
+    let mut idle = ctx.heartbeat.ticker();
     loop {
+        ctx.heartbeat.beat();
         tokio::select! {
             d = consumer.next() => match d {
                 Some(Ok(delivery)) => {
@@ -479,6 +499,7 @@ async fn control_session(
                     }
                     // Every control message is acked, valid or not: a bad one must not
                     // loop forever.
+                    ctx.heartbeat.busy_for(op);
                     tokio::time::timeout(op, delivery.acker.ack(BasicAckOptions::default()))
                         .await
                         .map_err(|_| SessionError::AckTimeout)?
@@ -504,6 +525,8 @@ async fn control_session(
                 next_request = tokio::time::Instant::now() + retry.next_delay();
             }
             _ = live.lost() => return Err(SessionError::ConnectionLost),
+            // Idle is not wedged: the loop top beats.
+            _ = idle.tick() => {}
             // The control channel goes with the connection; closing it here as well
             // only races lapin's own close.
             _ = shutdown.cancelled() => return Ok(()),

@@ -113,7 +113,7 @@ impl AdminState for Ctx {
             match self.ha.current() {
                 ha::HaState::Active => format!("ready: {links} links"),
                 // Says "standby", not the reason: the line must not change at every attempt.
-                other => format!("ready: {}", other.as_str()),
+                other => other.as_str().to_string(),
             }
         }
     }

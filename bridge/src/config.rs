@@ -5,11 +5,29 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
 use drawbridge_node::topology::QueueType;
 use drawbridge_runtime::{
-    broker::BrokerConfig,
+    broker::{BrokerConfig, Secret},
     config::{ConfigErrors, ConfigReader},
     logging::LogFormat,
     revocation, tls_reload,
 };
+
+/// Leader election between several bridges of one node (see `crate::ha`).
+#[derive(Debug, Clone)]
+pub struct HaConfig {
+    /// Elect one active bridge through the broker. Off: this bridge is always active (a
+    /// second instance is fenced by single-active-consumer only).
+    pub enabled: bool,
+    /// The lock queue's name; `None`: `drawbridge.bridge.lock.<group>`, where the group is
+    /// `bridge.ha_group` or the slug of the node identity (resolved at start).
+    pub lock_queue: Option<String>,
+    /// Bridges that share this group contend for one lock (default: the node identity).
+    pub group: Option<String>,
+    /// Mean delay between a standby's attempts to take the lock (each one jittered ±50 %).
+    pub retry: Duration,
+    /// After a step-down, how long this bridge stays away from the election, so another
+    /// one takes over.
+    pub hold_off: Duration,
+}
 
 /// Everything the bridge needs to run.
 #[derive(Debug, Clone)]
@@ -86,6 +104,11 @@ pub struct BridgeConfig {
     pub broker: BrokerConfig,
     /// Admin HTTP port; `None` disables it.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token of the admin port's state-changing endpoints (`POST /step-down`), read
+    /// from `admin.token_file` (owner-only like a key file); `None` turns them off.
+    pub admin_token: Option<Secret>,
+    /// Leader election between bridges of one node (`bridge.ha`, see `ha`).
+    pub ha: HaConfig,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -173,6 +196,42 @@ impl BridgeConfig {
             None => None,
         };
         let revocation = revocation::read_settings(&mut r, "bridge");
+        let admin_token = match r.optional::<PathBuf>("admin.token_file") {
+            Some(path) => match drawbridge_runtime::broker::read_password_file(&path, key_access) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    r.invalid("admin.token_file", e);
+                    None
+                }
+            },
+            None => None,
+        };
+        let ha = HaConfig {
+            enabled: r.get("bridge.ha", true),
+            lock_queue: r.optional("bridge.ha_lock_queue"),
+            group: r.optional("bridge.ha_group"),
+            retry: r.duration("bridge.ha_retry", Duration::from_millis(500)),
+            hold_off: r.duration("bridge.ha_hold_off", Duration::from_secs(30)),
+        };
+        r.check(
+            "bridge.ha_retry",
+            (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&ha.retry),
+            "must be between 10ms and 60s",
+        );
+        if let Some(q) = &ha.lock_queue {
+            r.check(
+                "bridge.ha_lock_queue",
+                !q.is_empty() && q.len() <= 255 && !q.starts_with("amq."),
+                "must be 1..=255 bytes and not start with `amq.`",
+            );
+        }
+        if let Some(g) = &ha.group {
+            r.check(
+                "bridge.ha_group",
+                !g.is_empty() && g.len() <= 200,
+                "must be 1..=200 bytes",
+            );
+        }
         let cfg = BridgeConfig {
             id: r.get("bridge.id", default_id),
             tls_cert: r.required("bridge.tls_cert").unwrap_or_default(),
@@ -212,6 +271,8 @@ impl BridgeConfig {
             drain_grace: r.duration("bridge.drain_grace", Duration::from_secs(10)),
             broker: BrokerConfig::read(&mut r, "broker", key_access),
             admin_listen,
+            admin_token,
+            ha,
             log_format: r.get("log.format", LogFormat::Human),
         };
         r.check(
@@ -304,6 +365,52 @@ mod control_user_tests {
             errs.iter().any(|e| e.starts_with("bridge.node_identity")),
             "{errs:#?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod ha_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const BASE: &str =
+        "[bridge]\ntls_cert = \"c\"\ntls_key = \"k\"\ntrust_roots = \"r\"\nnode_user = \"n\"\n";
+    const BROKER: &str = "\n[broker]\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n";
+
+    fn load(bridge_lines: &str, admin_lines: &str) -> Result<BridgeConfig, Vec<String>> {
+        let text = format!("{BASE}{bridge_lines}{BROKER}\n[admin]\n{admin_lines}");
+        BridgeConfig::from_reader(ConfigReader::from_toml(&text).unwrap()).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn ha_is_on_by_default_and_its_keys_are_checked() {
+        let cfg = load("", "").unwrap();
+        assert!(cfg.ha.enabled);
+        assert_eq!(cfg.ha.retry, Duration::from_millis(500));
+        assert_eq!(cfg.ha.hold_off, Duration::from_secs(30));
+        assert!(cfg.admin_token.is_none());
+        let errs = load("ha_retry = \"1ms\"\nha_lock_queue = \"amq.lock\"\n", "").unwrap_err();
+        for key in ["bridge.ha_retry", "bridge.ha_lock_queue"] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn the_admin_token_file_is_a_secret_file() {
+        let path = std::env::temp_dir().join(format!("drawbridge-token-{}", std::process::id()));
+        std::fs::write(&path, "tok\n").unwrap();
+        let line = format!("token_file = {:?}\n", path.display().to_string());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let errs = load("", &line).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("admin.token_file")),
+            "{errs:#?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = load("", &line).unwrap();
+        assert_eq!(cfg.admin_token.as_ref().map(Secret::expose), Some("tok"));
+        std::fs::remove_file(&path).unwrap();
     }
 }
 

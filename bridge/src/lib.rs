@@ -10,6 +10,7 @@ pub mod config;
 mod control;
 pub mod convert;
 pub mod dead_letter;
+pub mod ha;
 pub mod link;
 pub mod peer;
 pub mod rotation;
@@ -63,6 +64,10 @@ pub(crate) struct Ctx {
     bytes_in_flight: Arc<tokio::sync::Semaphore>,
     /// Its size in KiB.
     bytes_total_kib: u32,
+    /// Leader election between bridges of this node (see `ha`): links run only while active.
+    ha: ha::Ha,
+    /// Queues of the links the node wants (kept by a standby too), for `/status`.
+    wanted: Mutex<Vec<String>>,
     /// The control loop's proof of life for the systemd watchdog (see `sd_notify`): beaten
     /// on every iteration and idle tick, pushed ahead before each bounded wait.
     heartbeat: Heartbeat,
@@ -73,9 +78,25 @@ pub(crate) struct Ctx {
 impl AdminState for Ctx {
     /// Broker connected and control messages consumed: a control message published once the
     /// bridge is ready is not missed (its control queue is exclusive to this instance and bound
-    /// only when the session starts).
+    /// only when the session starts). Besides, the bridge is active, or a standby ready to take
+    /// over (contending for the lock, not holding off after a step-down); a bridge stepping
+    /// down or without a broker is not ready.
     fn ready(&self) -> bool {
-        self.broker.is_connected() && self.control_consuming.load(Ordering::Relaxed)
+        self.broker.is_connected()
+            && self.control_consuming.load(Ordering::Relaxed)
+            && match self.ha.current() {
+                ha::HaState::Active => true,
+                ha::HaState::Standby => !self.ha.holding_off(),
+                ha::HaState::SteppingDown | ha::HaState::Disconnected => false,
+            }
+    }
+
+    fn admin_token(&self) -> Option<&drawbridge_runtime::broker::Secret> {
+        self.cfg.admin_token.as_ref()
+    }
+
+    fn step_down(&self) -> admin::StepDownFuture {
+        self.ha.step_down()
     }
 
     fn live(&self) -> Result<(), String> {
@@ -89,7 +110,11 @@ impl AdminState for Ctx {
             "waiting for the control queue".to_string()
         } else {
             let links = self.views.lock().expect("poisoned").len();
-            format!("ready: {links} links")
+            match self.ha.current() {
+                ha::HaState::Active => format!("ready: {links} links"),
+                // Says "standby", not the reason: the line must not change at every attempt.
+                other => other.as_str().to_string(),
+            }
         }
     }
 
@@ -105,6 +130,9 @@ impl AdminState for Ctx {
             "role": "bridge",
             "id": self.cfg.id,
             "ready": self.ready(),
+            "ha_state": self.ha.current().as_str(),
+            "ha": self.ha.status(),
+            "wanted_links": *self.wanted.lock().expect("poisoned"),
             "broker": self.broker.current().map(|l| l.uri.clone()),
             "node_identity": self.node_identity.to_string(),
             "control_user": self.cfg.node_user,
@@ -203,6 +231,9 @@ pub async fn start_with_service(
         setup,
         broker_shutdown.clone(),
     );
+    let group = cfg.ha.group.clone().unwrap_or_else(|| node_identity.slug());
+    let lock_queue = ha::lock_queue_name(cfg.ha.lock_queue.as_deref(), &group);
+    let (ha, ha_requests) = ha::Ha::new(cfg.ha.enabled, lock_queue);
     let supervisor = broker.clone();
     service.watch_task("broker session", move || supervisor.supervisor_running());
     let (tx, rx) = mpsc::channel(1024);
@@ -219,6 +250,8 @@ pub async fn start_with_service(
         broker,
         views: Mutex::new(BTreeMap::new()),
         notify: tx,
+        ha,
+        wanted: Mutex::new(Vec::new()),
         heartbeat: service.heartbeat("control loop"),
         service: service.clone(),
     });
@@ -228,6 +261,12 @@ pub async fn start_with_service(
     info!(id = %ctx.cfg.id, admin = ?admin_addr, "bridge starting");
     service.spawn(ctx.clone(), shutdown.clone());
     let notifier = tokio::spawn(control::notifier(ctx.clone(), rx));
+    if ctx.ha.enabled {
+        info!(lock = %ctx.ha.lock_queue, "high availability on: contending for the lock queue");
+        tokio::spawn(ha::run(ctx.clone(), ha_requests, shutdown.clone()));
+    } else {
+        info!("high availability off (bridge.ha = false): this bridge is always active");
+    }
     let done = tokio::spawn(async move {
         control::run(ctx.clone(), shutdown).await;
         notifier.abort();

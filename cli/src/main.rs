@@ -92,6 +92,17 @@ enum Cmd {
         #[arg(long)]
         admin: std::net::SocketAddr,
     },
+    /// Ask the active bridge to step down (`POST /step-down` on its admin port): it drains its
+    /// links, releases the leader lock and stays standby for `bridge.ha_hold_off`, so another
+    /// bridge takes over. A standby answers "not active" (exit code 3).
+    StepDown {
+        /// Admin address of the bridge, e.g. http://127.0.0.1:9101 (or 127.0.0.1:9101).
+        #[arg(long)]
+        admin: String,
+        /// File holding the bearer token (the bridge's `admin.token_file`; owner-only).
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Run the end-to-end demo: two organisations, 10,000 messages each way (runs the
     /// `drawbridge-demo` binary next to this one; `drawbridge demo --help` for its options).
     #[command(disable_help_flag = true)]
@@ -445,6 +456,22 @@ async fn run(cli: Cli) -> Result<i32> {
             let v: serde_json::Value = serde_json::from_str(&body)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(0)
+        }
+        Cmd::StepDown { admin, token_file } => {
+            let token = drawbridge_runtime::broker::read_password_file(
+                &token_file,
+                drawbridge_certs::KeyFileAccess::OwnerOnly,
+            )
+            .map_err(|e| anyhow::anyhow!("--token-file: {e}"))?;
+            let (code, body) = drawbridge_runtime::admin::post_step_down(&admin, &token)
+                .await
+                .map_err(|e| anyhow::anyhow!("{admin}: {e}"))?;
+            print!("{body}");
+            match code {
+                200 => Ok(0),
+                409 => Ok(3),
+                _ => bail!("{admin} answered {code}"),
+            }
         }
         Cmd::Demo { args } => run_demo(&args),
     }

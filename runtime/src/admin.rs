@@ -5,13 +5,51 @@
 //! [`AdminState::ready`]: for both the float and the bridge it is "connected to its broker"
 //! (the float refuses peers without one, so a load balancer routes away). The bridge's
 //! readiness says nothing about its links — it is ready before the node's first snapshot
-//! arrives and while peers are unreachable; `/status` shows each link's state.
+//! arrives and while peers are unreachable; `/status` shows each link's state. With leader
+//! election, a standby bridge is ready when it could take over (see the bridge's `ha`).
+//!
+//! `POST /step-down` asks a daemon that supports it (the bridge, see its `ha` module) to
+//! hand over its work. It changes what the daemon does, so unlike the read-only endpoints
+//! it needs `Authorization: Bearer <token>`, the token being the content of
+//! `admin.token_file`; without a token file the endpoint does not exist (404).
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use std::{future::Future, pin::Pin, time::Duration};
+
+use axum::{
+    extract::State,
+    http::{header::AUTHORIZATION, HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+    Json, Router,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
+
+use crate::broker::Secret;
+
+/// What `POST /step-down` did.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepDown {
+    /// The daemon handed over its work and will not take it back for `hold_off`.
+    Done {
+        /// How long it stays away from the election.
+        hold_off: Duration,
+    },
+    /// There was nothing to hand over (a standby): 409.
+    NotActive(String),
+    /// The daemon has no such operation: 404.
+    Unsupported,
+    /// The hand-over did not complete (the reason is logged too): 500.
+    Failed(String),
+}
+
+/// The future a [`AdminState::step_down`] returns.
+pub type StepDownFuture = Pin<Box<dyn Future<Output = StepDown> + Send>>;
 
 /// What the daemon exposes to the admin port.
 pub trait AdminState: Send + Sync + 'static {
@@ -19,6 +57,16 @@ pub trait AdminState: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// Per-component status as JSON (links, connections, counters).
     fn status(&self) -> serde_json::Value;
+    /// The bearer token that authorizes state-changing requests (`admin.token_file`);
+    /// `None` turns those endpoints off.
+    fn admin_token(&self) -> Option<&Secret> {
+        None
+    }
+    /// Hand over the daemon's work (`POST /step-down`); only a daemon with an election has
+    /// something to hand over.
+    fn step_down(&self) -> StepDownFuture {
+        Box::pin(std::future::ready(StepDown::Unsupported))
+    }
     /// Alive? `Err` names what is wedged (a work loop silent too long, a vital task ended):
     /// `/healthz` then answers 503, so an external watchdog (`scripts/watchdog.sh`) sees what
     /// systemd's watchdog sees. Default: alive while the admin port answers.
@@ -56,6 +104,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(render_metrics))
+        .route("/step-down", post(step_down))
         .with_state(shared);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -115,6 +164,53 @@ async fn render_metrics(State(s): State<Shared>) -> impl IntoResponse {
     }
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>`. Both sides are hashed first and
+/// the digests compared in constant time, so neither the token's bytes nor its length leak
+/// through the time a refusal takes.
+fn authorized(headers: &HeaderMap, token: &Secret) -> bool {
+    let Some(given) = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let given = Sha256::digest(given.trim().as_bytes());
+    let want = Sha256::digest(token.expose().as_bytes());
+    given.ct_eq(&want).into()
+}
+
+async fn step_down(State(s): State<Shared>, headers: HeaderMap) -> impl IntoResponse {
+    let Some(token) = s.state.admin_token() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "step-down is off: no admin.token_file configured\n".to_string(),
+        );
+    };
+    if !authorized(&headers, token) {
+        tracing::warn!("admin request refused: missing or wrong bearer token");
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token\n".to_string(),
+        );
+    }
+    match s.state.step_down().await {
+        StepDown::Done { hold_off } => (
+            StatusCode::OK,
+            format!("stepped down; not contending for {hold_off:?}\n"),
+        ),
+        StepDown::NotActive(why) => (StatusCode::CONFLICT, format!("not active: {why}\n")),
+        StepDown::Unsupported => (
+            StatusCode::NOT_FOUND,
+            "this daemon has nothing to step down from\n".to_string(),
+        ),
+        StepDown::Failed(why) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("step-down failed: {why}\n"),
+        ),
+    }
+}
+
 /// Why [`fetch`] got no answer from an admin port.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +251,41 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), FetchE
             source: Box::new(other),
         },
     })
+}
+
+/// How long [`post_step_down`] waits: the daemon answers once its links have drained
+/// (`drain_grace`, 10 s by default, plus their stop margin).
+pub const STEP_DOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `POST /step-down` with `Authorization: Bearer <token>` (the CLI's `step-down`, tests):
+/// returns (status code, body) within [`STEP_DOWN_TIMEOUT`]. `base` is `http://host:port`
+/// or `host:port`.
+pub async fn post_step_down(base: &str, token: &Secret) -> Result<(u16, String), String> {
+    let base = base.trim_end_matches('/');
+    let url = if base.contains("://") {
+        format!("{base}/step-down")
+    } else {
+        format!("http://{base}/step-down")
+    };
+    let auth = format!("Bearer {}", token.expose());
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(STEP_DOWN_TIMEOUT))
+            .http_status_as_error(false)
+            .proxy(None)
+            .build()
+            .into();
+        let mut response = agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_empty()?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string()?;
+        Ok::<_, ureq::Error>((status, body))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 fn get_blocking(url: &str) -> Result<(u16, String), ureq::Error> {
@@ -238,6 +369,62 @@ mod tests {
             fetch(addr, "/healthz").await.unwrap(),
             (503, "control loop has not run for 20s\n".into())
         );
+        stop.cancel();
+    }
+
+    /// A daemon with a token whose step-down always succeeds.
+    struct WithToken(Option<Secret>);
+
+    impl AdminState for WithToken {
+        fn ready(&self) -> bool {
+            true
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn admin_token(&self) -> Option<&Secret> {
+            self.0.as_ref()
+        }
+        fn step_down(&self) -> StepDownFuture {
+            Box::pin(std::future::ready(StepDown::Done {
+                hold_off: Duration::from_secs(30),
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn step_down_needs_the_bearer_token_and_a_token_file() {
+        let stop = CancellationToken::new();
+        let token = Secret::new("s3cret");
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(WithToken(Some(token.clone()))),
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let base = addr.to_string();
+        assert_eq!(post_step_down(&base, &token).await.unwrap().0, 200);
+        let wrong = post_step_down(&base, &Secret::new("s3cre")).await.unwrap();
+        assert_eq!(wrong.0, 401, "{wrong:?}");
+        // No Authorization header at all.
+        assert_eq!(
+            post_step_down(&base, &Secret::new("")).await.unwrap().0,
+            401
+        );
+        let off = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(WithToken(None)),
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let r = post_step_down(&format!("http://{off}"), &token)
+            .await
+            .unwrap();
+        assert_eq!(r.0, 404, "{r:?}");
         stop.cancel();
     }
 

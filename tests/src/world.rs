@@ -130,6 +130,12 @@ impl Org {
     /// production, unless `extra` says otherwise (`node_user` or
     /// `insecure_accept_any_control_user`).
     pub fn bridge_config(&self, extra: &str) -> String {
+        self.bridge_config_at(self.bridge_admin, extra)
+    }
+
+    /// The bridge's config with its admin port on `admin` (a second bridge of this
+    /// organisation: same identity, broker and `bridge.id`, for high-availability tests).
+    pub fn bridge_config_at(&self, admin: SocketAddr, extra: &str) -> String {
         let says = |key: &str| extra.lines().any(|l| l.trim_start().starts_with(key));
         let control_user = if says("node_user") || says("insecure_accept_any_control_user") {
             String::new()
@@ -143,8 +149,17 @@ impl Org {
             key = self.files.tls_key.display().to_string(),
             root = self.files.root_cert.display().to_string(),
             broker = self.broker_toml(),
-            admin = self.bridge_admin,
         )
+    }
+
+    /// Start one more bridge for this organisation (same configuration, its own admin port)
+    /// and wait until it is ready (a standby is ready once it contends for the lock).
+    pub async fn start_extra_bridge(&self, name: &str, extra: &str) -> Result<Daemon> {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let cfg = self.bridge_config_at(admin, extra);
+        let d = Daemon::start(Kind::Bridge, &self.dir, name, &cfg, admin).await?;
+        d.wait_ready(Duration::from_secs(30)).await?;
+        Ok(d)
     }
 
     /// Start the float (extra `[float]` lines) and wait until it is ready.

@@ -30,6 +30,7 @@ pub(crate) use authorize::{authorize, Policy, Refusal, Sequences};
 pub(crate) use plan::{plan, Action};
 
 use crate::{
+    ha::HaState,
     link::{self, SharedView},
     Ctx,
 };
@@ -48,8 +49,14 @@ struct RunningLink {
 }
 
 /// The set of running links, owned by the control task.
+///
+/// `wanted` is what the node asked for, kept by every bridge (a standby too, so it is
+/// warm when it becomes active); `running` follows it only while this bridge is active
+/// (see `ha`), and is empty otherwise.
 pub(crate) struct Links {
     running: BTreeMap<String, RunningLink>,
+    wanted: BTreeMap<String, PeerLink>,
+    active: bool,
     ctx: Arc<Ctx>,
 }
 
@@ -57,8 +64,51 @@ impl Links {
     pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
         Links {
             running: BTreeMap::new(),
+            wanted: BTreeMap::new(),
+            active: false,
             ctx,
         }
+    }
+
+    /// Follow the election: start the wanted links on becoming active, stop them all (as on
+    /// SIGTERM: drained within `drain_grace`) otherwise. Returns true if this bridge just
+    /// became active.
+    pub(crate) async fn follow(&mut self, ha: HaState) -> bool {
+        let active = ha == HaState::Active;
+        if active == self.active {
+            return false;
+        }
+        self.active = active;
+        if active {
+            info!(
+                links = self.wanted.len(),
+                "active: starting the wanted links"
+            );
+            self.converge().await;
+        } else {
+            if !self.running.is_empty() {
+                info!(
+                    links = self.running.len(),
+                    ha_state = ha.as_str(),
+                    "not active: stopping links"
+                );
+            }
+            // Bounded by the links' stop deadline: the control loop is busy, not wedged.
+            self.ctx
+                .heartbeat
+                .busy_for(self.ctx.cfg.drain_grace + STOP_MARGIN);
+            self.stop_all().await;
+            self.ctx.views.lock().expect("poisoned").clear();
+        }
+        self.ctx.ha.links_running.send_replace(active);
+        active
+    }
+
+    /// Start and stop links until the running set is the wanted one.
+    async fn converge(&mut self) {
+        let wanted: Vec<PeerLink> = self.wanted.values().cloned().collect();
+        let actions = plan(&self.specs(), &wanted);
+        self.execute(actions).await;
     }
 
     /// Queue → spec of every running link (the input of [`plan`]).
@@ -69,11 +119,17 @@ impl Links {
             .collect()
     }
 
-    /// Converge to what `command` asks for.
+    /// Record what `command` asks for, and converge to it if active.
     pub(crate) async fn apply(&mut self, command: &ControlCommand) {
-        let running = self.specs();
-        let actions = plan(&running, &plan::wanted(command, &running));
-        self.execute(actions).await;
+        // Same queue twice in a snapshot: the last one wins, as in `plan`.
+        self.wanted = plan::wanted(command, &self.wanted)
+            .into_iter()
+            .map(|l| (l.queue.clone(), l))
+            .collect();
+        *self.ctx.wanted.lock().expect("poisoned") = self.wanted.keys().cloned().collect();
+        if self.active {
+            self.converge().await;
+        }
     }
 
     /// Carry out `actions`: every link that has to stop stops in parallel (each within its
@@ -334,6 +390,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut generation = 0;
     // Retries of the control channel on a healthy connection (a channel-level error).
     let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut ha = ctx.ha.state.subscribe();
+    let now = *ha.borrow_and_update();
+    state.links.follow(now).await;
     // The control loop is the bridge's work loop for the systemd watchdog: it beats while
     // it waits for a connection too, so waiting for the broker is not mistaken for a hang.
     let mut idle = ctx.heartbeat.ticker();
@@ -344,6 +403,12 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         let live = loop {
             tokio::select! {
                 l = &mut wait => break Some(l),
+                // Without a broker connection the election says `disconnected`: stop the links.
+                Ok(()) = ha.changed() => {
+                    let now = *ha.borrow_and_update();
+                    state.links.follow(now).await;
+                    ctx.heartbeat.beat();
+                }
                 _ = shutdown.cancelled() => break None,
                 _ = idle.tick() => ctx.heartbeat.beat(),
             }
@@ -352,7 +417,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         let Some(live) = live else { continue };
         generation = live.generation;
         let started = tokio::time::Instant::now();
-        let session = control_session(&ctx, &live, &mut state, &shutdown).await;
+        let session = control_session(&ctx, &live, &mut state, &mut ha, &shutdown).await;
         // Not ready again until the next session consumes control messages.
         ctx.control_consuming
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -386,6 +451,7 @@ async fn control_session(
     ctx: &Arc<Ctx>,
     live: &Arc<Live>,
     state: &mut ControlState,
+    ha: &mut tokio::sync::watch::Receiver<HaState>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let op = ctx.broker.config().op_timeout;
@@ -442,6 +508,17 @@ async fn control_session(
                 Some(Err(e)) => return Err(SessionError::Consumer(e)),
                 None => return Err(SessionError::Cancelled),
             },
+            Ok(()) = ha.changed() => {
+                let now = *ha.borrow_and_update();
+                if state.links.follow(now).await {
+                    // A standby's wanted set may be behind (it missed messages while
+                    // disconnected): ask again, as on start.
+                    have_snapshot = false;
+                    retry.reset();
+                    request_snapshot(ctx);
+                    next_request = tokio::time::Instant::now() + retry.next_delay();
+                }
+            }
             _ = tokio::time::sleep_until(next_request), if !have_snapshot => {
                 info!("no snapshot yet; asking again");
                 request_snapshot(ctx);

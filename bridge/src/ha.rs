@@ -1,0 +1,564 @@
+//! Leader election between the bridges of one node, through the node's own broker.
+//!
+//! Several bridges run with the same configuration; exactly one of them runs the peer
+//! links. The lock is a classic, exclusive, auto-delete queue with a fixed name
+//! (`drawbridge.bridge.lock.<group>`): RabbitMQ lets only one connection declare an
+//! exclusive queue (any other gets `405 RESOURCE_LOCKED`) and deletes it when that
+//! connection closes, so holding the queue means being active, and a crashed or cut-off
+//! holder frees it as soon as the broker notices (at once for a crash, after the heartbeat
+//! timeout for a silent partition).
+//!
+//! - A **standby** declares the queue on a throwaway channel every `ha_retry` (jittered
+//!   ±50 %, so standbys do not retry in step); a 405 closes that channel and is the normal
+//!   answer, so it is not logged — only changes of state are.
+//! - The **active** bridge keeps the declaring channel open and consumes the lock queue.
+//!   The consumer is how it notices that it lost the lock while its connection lives on:
+//!   the lock queue is deleted (an operator, or the broker when the queue's cluster node
+//!   goes down) and RabbitMQ cancels the consumer (`basic.cancel`, the
+//!   `consumer_cancel_notify` capability lapin announces), which ends the consumer stream.
+//!   That costs nothing while all is well, unlike polling with passive declares.
+//! - Losing the broker connection loses the lock with it: the bridge says so, its links
+//!   stop at once (they can no longer ack), and it contends again once reconnected.
+//! - **Step-down** (`POST /step-down`): the links drain as on SIGTERM, then the lock queue
+//!   is deleted (or, if that fails, the connection is closed, which deletes it too), and
+//!   this bridge does not contend for `ha_hold_off`.
+//!
+//! The fence stays single-active-consumer on the peer queues: a bridge that still believes
+//! it is active (it has not yet noticed a lost lock) cannot receive alongside the new one.
+//!
+//! The control plane (`control`) follows [`HaState`] through a `watch`: it runs links only
+//! while the state is `Active`, and says through `links_running` when they have stopped.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use drawbridge_runtime::{
+    admin::{StepDown, StepDownFuture},
+    backoff::Backoff,
+    broker::Live,
+};
+use futures::StreamExt;
+use lapin::{
+    options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{FieldTable, ShortString},
+    Channel, Consumer,
+};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Ctx;
+
+/// The election state of this bridge (`ha_state` in `/status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaState {
+    /// No broker connection: neither holding nor contending for the lock.
+    Disconnected,
+    /// Connected, control messages consumed, no links; contending unless holding off.
+    Standby,
+    /// Holding the lock: the links run.
+    Active,
+    /// Draining the links before releasing the lock.
+    SteppingDown,
+}
+
+impl HaState {
+    /// The name shown in `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HaState::Disconnected => "disconnected",
+            HaState::Standby => "standby",
+            HaState::Active => "active",
+            HaState::SteppingDown => "stepping_down",
+        }
+    }
+}
+
+/// A step-down request to the election task, with where to send its outcome.
+type Request = oneshot::Sender<StepDown>;
+
+/// The election's shared state (part of `Ctx`).
+pub(crate) struct Ha {
+    /// `bridge.ha`: off means always active, no lock.
+    pub(crate) enabled: bool,
+    /// The lock queue's name.
+    pub(crate) lock_queue: String,
+    /// The state; the control plane runs links only while it is `Active`.
+    pub(crate) state: watch::Sender<HaState>,
+    /// Set by the control plane: whether its links run. A step-down releases the lock only
+    /// once this is false, so the next bridge never waits on our drain for its messages.
+    pub(crate) links_running: watch::Sender<bool>,
+    /// Why the state is what it is (shown in `/status`).
+    reason: Mutex<String>,
+    /// End of the hold-off after a step-down (`/status`, `/readyz`).
+    hold_off_until: Mutex<Option<Instant>>,
+    /// Step-down requests to the election task (`None` receiver side when `ha` is off).
+    requests: mpsc::Sender<Request>,
+}
+
+/// The default lock queue name: `drawbridge.bridge.lock.<group>`, within the 255 bytes of
+/// an AMQP queue name.
+pub(crate) fn lock_queue_name(configured: Option<&str>, group: &str) -> String {
+    match configured {
+        Some(q) => q.to_string(),
+        None => {
+            let mut name = format!("drawbridge.bridge.lock.{group}");
+            while name.len() > 255 {
+                name.pop();
+            }
+            name
+        }
+    }
+}
+
+/// `mean` ± 50 %, so standbys started together do not retry in step.
+fn jittered(mean: Duration) -> Duration {
+    mean.mul_f64(rand::random_range(0.5..1.5))
+}
+
+impl Ha {
+    /// The shared state and the receiving end of step-down requests (for [`run`]).
+    pub(crate) fn new(enabled: bool, lock_queue: String) -> (Ha, mpsc::Receiver<Request>) {
+        let (requests, rx) = mpsc::channel(4);
+        let initial = if enabled {
+            HaState::Disconnected
+        } else {
+            HaState::Active
+        };
+        metrics::gauge!("drawbridge_bridge_active").set(if enabled { 0.0 } else { 1.0 });
+        let ha = Ha {
+            enabled,
+            lock_queue,
+            state: watch::channel(initial).0,
+            links_running: watch::channel(false).0,
+            reason: Mutex::new(if enabled {
+                "starting".into()
+            } else {
+                "bridge.ha is off: always active".into()
+            }),
+            hold_off_until: Mutex::new(None),
+            requests,
+        };
+        (ha, rx)
+    }
+
+    /// The current state.
+    pub(crate) fn current(&self) -> HaState {
+        *self.state.borrow()
+    }
+
+    /// Whether a stepped-down bridge is still staying away from the election.
+    pub(crate) fn holding_off(&self) -> bool {
+        self.hold_off_until
+            .lock()
+            .expect("poisoned")
+            .is_some_and(|t| t > Instant::now())
+    }
+
+    /// The `ha` object of `/status`.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let hold_off_left = self
+            .hold_off_until
+            .lock()
+            .expect("poisoned")
+            .and_then(|t| t.checked_duration_since(Instant::now()))
+            .map(|d| d.as_millis() as u64);
+        serde_json::json!({
+            "enabled": self.enabled,
+            "state": self.current().as_str(),
+            "reason": *self.reason.lock().expect("poisoned"),
+            "lock_queue": self.lock_queue,
+            "hold_off_ms_left": hold_off_left,
+        })
+    }
+
+    /// Move to `state` for `reason`; logs one line when either changes.
+    fn set(&self, state: HaState, reason: &str) {
+        let changed_state = self.state.send_if_modified(|s| {
+            let changed = *s != state;
+            *s = state;
+            changed
+        });
+        let mut last = self.reason.lock().expect("poisoned");
+        if changed_state || *last != reason {
+            if matches!(state, HaState::Active | HaState::SteppingDown)
+                || !reason.starts_with("lost")
+            {
+                info!(ha_state = state.as_str(), lock = %self.lock_queue, "{reason}");
+            } else {
+                warn!(ha_state = state.as_str(), lock = %self.lock_queue, "{reason}");
+            }
+            *last = reason.to_string();
+        }
+        metrics::gauge!("drawbridge_bridge_active").set(if state == HaState::Active {
+            1.0
+        } else {
+            0.0
+        });
+    }
+
+    /// `POST /step-down`: ask the election task; it answers once the lock is released.
+    pub(crate) fn step_down(&self) -> StepDownFuture {
+        if !self.enabled {
+            return Box::pin(std::future::ready(StepDown::NotActive(
+                "bridge.ha is off: there is no election to hand over to".into(),
+            )));
+        }
+        let requests = self.requests.clone();
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if requests.send(tx).await.is_err() {
+                return StepDown::Failed("the election task is not running".into());
+            }
+            rx.await
+                .unwrap_or_else(|_| StepDown::Failed("the election task stopped".into()))
+        })
+    }
+}
+
+/// The lock while we hold it: the channel that declared it and our consumer on it.
+struct Lock {
+    channel: Channel,
+    consumer: Consumer,
+}
+
+/// Why an attempt to take the lock did not.
+enum Attempt {
+    /// Another connection holds it (405): the normal answer for a standby.
+    Held,
+    /// Anything else (permissions, timeouts): retried with backoff.
+    Failed(String),
+}
+
+/// How holding the lock ended.
+enum Held {
+    /// Our broker connection went away, and the lock with it.
+    ConnectionLost,
+    /// The lock queue went away while our connection lives on.
+    LockLost(String),
+    /// Stepped down on request.
+    SteppedDown,
+    /// The bridge is stopping: keep the lock until the connection closes after the links
+    /// drained (the next bridge takes over then).
+    Shutdown,
+}
+
+/// How a wait between attempts ended.
+enum Wake {
+    Timer,
+    Lost,
+    Shutdown,
+}
+
+/// Run the election until `shutdown` (only when `bridge.ha` is on).
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    mut requests: mpsc::Receiver<Request>,
+    shutdown: CancellationToken,
+) {
+    let ha = &ctx.ha;
+    let retry = ctx.cfg.ha.retry;
+    let mut generation = 0;
+    let mut hold_off_until: Option<Instant> = None;
+    // Attempts that fail for another reason than "held" (no permission, timeouts) back off.
+    let mut failures = Backoff::new(retry, Duration::from_secs(30));
+    'connections: while !shutdown.is_cancelled() {
+        let live = tokio::select! {
+            l = ctx.broker.connected(generation, Duration::from_secs(3600)) => l,
+            Some(reply) = requests.recv() => {
+                let _ = reply.send(StepDown::NotActive("not connected to the broker".into()));
+                continue;
+            }
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(live) = live else { continue };
+        generation = live.generation;
+        loop {
+            if let Some(until) = hold_off_until.filter(|t| *t > Instant::now()) {
+                if ha.current() != HaState::Standby {
+                    ha.set(
+                        HaState::Standby,
+                        "standing by: stepped down; not contending until the hold-off ends",
+                    );
+                }
+                match wait(
+                    until,
+                    &live,
+                    &mut requests,
+                    &shutdown,
+                    "stepped down; holding off",
+                )
+                .await
+                {
+                    Wake::Timer => {}
+                    Wake::Lost => {
+                        ha.set(
+                            HaState::Disconnected,
+                            "disconnected: broker connection lost",
+                        );
+                        continue 'connections;
+                    }
+                    Wake::Shutdown => return,
+                }
+            }
+            hold_off_until = None;
+            *ha.hold_off_until.lock().expect("poisoned") = None;
+            let op = ctx.broker.config().op_timeout;
+            let delay = match acquire(&live, &ha.lock_queue, op).await {
+                Ok(lock) => {
+                    failures.reset();
+                    ha.set(HaState::Active, "became active");
+                    match hold(&ctx, &live, lock, &mut requests, &shutdown).await {
+                        Held::ConnectionLost => {
+                            ha.set(
+                                HaState::Disconnected,
+                                "lost the lock: broker connection lost",
+                            );
+                            continue 'connections;
+                        }
+                        Held::LockLost(reason) => {
+                            ha.set(HaState::Standby, &format!("lost the lock: {reason}"));
+                            jittered(retry)
+                        }
+                        Held::SteppedDown => {
+                            let until = Instant::now() + ctx.cfg.ha.hold_off;
+                            hold_off_until = Some(until);
+                            *ha.hold_off_until.lock().expect("poisoned") = Some(until);
+                            continue;
+                        }
+                        Held::Shutdown => return,
+                    }
+                }
+                Err(Attempt::Held) => {
+                    failures.reset();
+                    ha.set(HaState::Standby, "standing by: lock held by another bridge");
+                    jittered(retry)
+                }
+                Err(Attempt::Failed(_)) if live.is_lost() => {
+                    ha.set(
+                        HaState::Disconnected,
+                        "disconnected: broker connection lost",
+                    );
+                    continue 'connections;
+                }
+                Err(Attempt::Failed(reason)) => {
+                    ha.set(
+                        HaState::Standby,
+                        &format!("standing by: cannot take the lock: {reason}"),
+                    );
+                    failures.next_delay()
+                }
+            };
+            let why = "another bridge holds the lock";
+            match wait(Instant::now() + delay, &live, &mut requests, &shutdown, why).await {
+                Wake::Timer => {}
+                Wake::Lost => {
+                    ha.set(
+                        HaState::Disconnected,
+                        "disconnected: broker connection lost",
+                    );
+                    continue 'connections;
+                }
+                Wake::Shutdown => return,
+            }
+        }
+    }
+}
+
+/// Wait until `deadline` as a standby: step-down requests are answered "not active".
+async fn wait(
+    deadline: Instant,
+    live: &Live,
+    requests: &mut mpsc::Receiver<Request>,
+    shutdown: &CancellationToken,
+    why: &str,
+) -> Wake {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Wake::Timer,
+            _ = live.lost() => return Wake::Lost,
+            _ = shutdown.cancelled() => return Wake::Shutdown,
+            Some(reply) = requests.recv() => {
+                let _ = reply.send(StepDown::NotActive(why.to_string()));
+            }
+        }
+    }
+}
+
+/// The AMQP reply code of a broker refusal, if it was one.
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+/// Close a channel we no longer need (best effort, bounded).
+async fn close_quietly(ch: &Channel, op: Duration) {
+    if ch.status().connected() {
+        let _ = tokio::time::timeout(op, ch.close(200, "bye".into())).await;
+    }
+}
+
+/// One attempt to take the lock, on a channel of its own (a refusal closes it).
+async fn acquire(live: &Live, queue: &str, op: Duration) -> Result<Lock, Attempt> {
+    let channel = match tokio::time::timeout(op, live.conn.create_channel()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(Attempt::Failed(format!("opening a channel: {e}"))),
+        Err(_) => return Err(Attempt::Failed("opening a channel timed out".into())),
+    };
+    let declare = channel.queue_declare(
+        ShortString::from(queue),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            durable: false,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    );
+    match tokio::time::timeout(op, declare).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if reply_code(&e) == Some(405) => return Err(Attempt::Held),
+        Ok(Err(e)) => {
+            close_quietly(&channel, op).await;
+            return Err(Attempt::Failed(format!("declaring the lock queue: {e}")));
+        }
+        Err(_) => {
+            close_quietly(&channel, op).await;
+            return Err(Attempt::Failed("declaring the lock queue timed out".into()));
+        }
+    }
+    let consume = channel.basic_consume(
+        ShortString::from(queue),
+        ShortString::from("drawbridge-bridge-lock"),
+        BasicConsumeOptions {
+            no_ack: true,
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    );
+    match tokio::time::timeout(op, consume).await {
+        Ok(Ok(consumer)) => Ok(Lock { channel, consumer }),
+        other => {
+            // Holding a lock we cannot watch is worse than not holding it. If even the
+            // delete fails, our connection still owns the queue and the next attempt
+            // declares it again successfully (same connection).
+            let _ = tokio::time::timeout(
+                op,
+                channel.queue_delete(ShortString::from(queue), QueueDeleteOptions::default()),
+            )
+            .await;
+            close_quietly(&channel, op).await;
+            let reason = match other {
+                Ok(Err(e)) => format!("consuming the lock queue: {e}"),
+                _ => "consuming the lock queue timed out".into(),
+            };
+            Err(Attempt::Failed(reason))
+        }
+    }
+}
+
+/// Hold the lock until the connection or the queue goes, a step-down, or shutdown.
+async fn hold(
+    ctx: &Ctx,
+    live: &Live,
+    mut lock: Lock,
+    requests: &mut mpsc::Receiver<Request>,
+    shutdown: &CancellationToken,
+) -> Held {
+    loop {
+        tokio::select! {
+            _ = live.lost() => return Held::ConnectionLost,
+            d = lock.consumer.next() => match d {
+                // Someone published to the lock queue: no meaning, nothing to ack.
+                Some(Ok(_)) => continue,
+                _ if live.is_lost() => return Held::ConnectionLost,
+                Some(Err(e)) => return Held::LockLost(format!("the lock queue's consumer failed: {e}")),
+                None => return Held::LockLost(
+                    "the broker cancelled our consumer on the lock queue (queue deleted, or its cluster node went down)".into(),
+                ),
+            },
+            Some(reply) = requests.recv() => {
+                let outcome = step_down(ctx, live, lock).await;
+                let _ = reply.send(outcome);
+                return Held::SteppedDown;
+            }
+            _ = shutdown.cancelled() => return Held::Shutdown,
+        }
+    }
+}
+
+/// Drain the links, then release the lock.
+async fn step_down(ctx: &Ctx, live: &Live, lock: Lock) -> StepDown {
+    let ha = &ctx.ha;
+    let hold_off = ctx.cfg.ha.hold_off;
+    ha.set(HaState::SteppingDown, "stepping down: draining links");
+    let mut running = ha.links_running.subscribe();
+    // The control plane aborts a link that does not stop within drain_grace + 5 s.
+    let deadline = ctx.cfg.drain_grace + Duration::from_secs(15);
+    if tokio::time::timeout(deadline, running.wait_for(|r| !*r))
+        .await
+        .is_err()
+    {
+        warn!(
+            ?deadline,
+            "links did not stop in time; releasing the lock anyway (single-active-consumer still fences them)"
+        );
+    }
+    let op = ctx.broker.config().op_timeout;
+    let released = tokio::time::timeout(
+        op,
+        lock.channel.queue_delete(
+            ShortString::from(ha.lock_queue.as_str()),
+            QueueDeleteOptions::default(),
+        ),
+    )
+    .await;
+    if !matches!(released, Ok(Ok(_))) && !live.is_lost() {
+        // Closing the connection deletes an exclusive queue for certain.
+        live.report_broken("could not delete the bridge lock queue on step-down");
+    }
+    close_quietly(&lock.channel, op).await;
+    ha.set(
+        HaState::Standby,
+        &format!("stepped down: lock released; not contending for {hold_off:?}"),
+    );
+    StepDown::Done { hold_off }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_queue_is_named_after_the_group_within_255_bytes() {
+        assert_eq!(
+            lock_queue_name(None, "bank-a-london-gb"),
+            "drawbridge.bridge.lock.bank-a-london-gb"
+        );
+        assert_eq!(lock_queue_name(Some("my.lock"), "x"), "my.lock");
+        assert_eq!(lock_queue_name(None, &"x".repeat(400)).len(), 255);
+    }
+
+    #[test]
+    fn retries_are_jittered_around_the_mean() {
+        let mean = Duration::from_millis(500);
+        let delays: Vec<_> = (0..200).map(|_| jittered(mean)).collect();
+        assert!(delays.iter().all(|d| *d >= mean / 2 && *d <= mean * 3 / 2));
+        assert!(delays.iter().any(|d| *d != delays[0]), "not all the same");
+    }
+
+    #[tokio::test]
+    async fn a_bridge_without_ha_is_active_and_refuses_to_step_down() {
+        let (ha, _rx) = Ha::new(false, "q".into());
+        assert_eq!(ha.current(), HaState::Active);
+        assert!(matches!(ha.step_down().await, StepDown::NotActive(_)));
+    }
+}

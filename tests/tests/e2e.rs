@@ -919,3 +919,41 @@ async fn metrics_count_what_was_sent_per_link_and_per_peer() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every metric the alert rules and the dashboard use is one the daemons export (a renamed
+/// metric would otherwise leave an alert that can never fire).
+#[test]
+fn alert_rules_and_dashboard_use_only_exported_metrics() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut sources = String::new();
+    for dir in ["bridge/src", "float/src", "runtime/src"] {
+        let mut stack = vec![root.join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    sources += &std::fs::read_to_string(&path)?;
+                }
+            }
+        }
+    }
+    for file in ["deploy/prometheus/alerts.yml", "deploy/grafana/drawbridge.json"] {
+        let text = std::fs::read_to_string(root.join(file))?;
+        let mut names: Vec<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("drawbridge_") && w.len() > "drawbridge_".len())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 5, "{file}: only {names:?}");
+        for name in names {
+            assert!(
+                sources.contains(&format!("\"{name}\"")),
+                "{file} uses `{name}`, which no daemon exports"
+            );
+        }
+    }
+    Ok(())
+}

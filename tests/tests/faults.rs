@@ -1668,9 +1668,19 @@ async fn link_reconnected(
     connects: u64,
     since: Instant,
 ) -> Result<Duration> {
+    // Wall-clock time of the strike: with hot-warm HA a bridge that lost its broker
+    // connection gives up its links and, active again, creates them anew (their `connects`
+    // starts from 1), so "up since after the strike" counts as reconnected too.
+    let struck_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis()
+        .saturating_sub(since.elapsed().as_millis()) as u64;
     loop {
         if let Some(l) = link_view(org, queue).await {
-            if l["state"] == "up" && l["connects"].as_u64().unwrap_or(0) > connects {
+            let up = l["state"] == "up";
+            let more = l["connects"].as_u64().unwrap_or(0) > connects;
+            let anew = l["since_unix_ms"].as_u64().unwrap_or(0) >= struck_unix_ms;
+            if up && (more || anew) {
                 return Ok(since.elapsed());
             }
         }

@@ -61,6 +61,9 @@ impl Refusal {
     /// Short label for the `reason` of `drawbridge_bridge_control_refused_total`.
     pub(crate) fn label(&self) -> &'static str {
         match self {
+            // A node upgraded before its bridge: an operator's to-do, not an attack or a bug,
+            // so it gets its own label to alert on.
+            Refusal::Decode(DecodeError::UnsupportedVersion { .. }) => "newer_version",
             Refusal::Decode(_) => "decode",
             Refusal::WrongUser { .. } => "wrong_user",
             Refusal::WrongNode { .. } => "wrong_node",

@@ -341,4 +341,18 @@ mod tests {
         applied.record(&snapshot(50, NODE, &[]));
         assert_eq!(applied.applied(NODE), Some(100));
     }
+
+    #[test]
+    fn a_newer_protocol_major_has_its_own_refusal_label() {
+        let newer = Refusal::from(DecodeError::UnsupportedVersion {
+            found: 2,
+            supported: 1,
+        });
+        assert_eq!(newer.label(), "newer_version");
+        assert!(!newer.is_stale());
+        assert_eq!(
+            Refusal::from(DecodeError::Missing("body")).label(),
+            "decode"
+        );
+    }
 }

@@ -42,7 +42,7 @@ impl SequencedCommand {
 
     /// Parses and validates a message body received from the broker, keeping its sequence.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let p = proto::ControlMessage::decode(bytes)?;
+        let p = decode_control(bytes)?;
         let sequence = p.sequence;
         Ok(Self {
             sequence,
@@ -65,14 +65,127 @@ pub enum Notification {
     LinkStatus(LinkStatus),
 }
 
-/// Applies the version rules shared by both envelopes.
+/// Envelope field numbers `ControlMessage` has in this build's schema.
+const CONTROL_FIELDS: &[u32] = &[1, 2, 3, 4, 5];
+/// Envelope field numbers `NotifyMessage` has in this build's schema.
+const NOTIFY_FIELDS: &[u32] = &[1, 2, 3];
+
+/// Decodes a `ControlMessage` envelope and applies the compatibility rules (see
+/// [`decode_checked`]); the body is validated by the caller.
+fn decode_control(bytes: &[u8]) -> Result<proto::ControlMessage, DecodeError> {
+    decode_checked(
+        bytes,
+        CONTROL_FIELDS,
+        |p: &proto::ControlMessage| p.version,
+        |p| p.body.is_some(),
+    )
+}
+
+/// Decodes an envelope and applies the compatibility rules shared by both directions.
+///
+/// - A newer major is refused ([`DecodeError::UnsupportedVersion`]) even when this build cannot
+///   parse the rest: `version` is field 1, a varint, in every major, so it can always be read.
+/// - Unknown fields are ignored (prost drops them), which is what lets a same-major sender add
+///   optional fields.
+/// - An unset body is [`DecodeError::UnknownBody`] when the envelope holds a field number this
+///   schema does not define (a newer sender's new body variant: protobuf cannot tell it from
+///   any other unknown field, and a conforming sender always sets a body), and
+///   [`DecodeError::Missing`] otherwise (malformed).
+fn decode_checked<M: prost::Message + Default>(
+    bytes: &[u8],
+    known: &[u32],
+    version: impl Fn(&M) -> u32,
+    has_body: impl Fn(&M) -> bool,
+) -> Result<M, DecodeError> {
+    let p = match M::decode(bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(match scan(bytes, known) {
+                Some(WireScan {
+                    version: Some(v), ..
+                }) if v > PROTOCOL_VERSION => unsupported(v),
+                _ => DecodeError::Protobuf(e),
+            })
+        }
+    };
+    check_version(version(&p))?;
+    if !has_body(&p) {
+        if let Some(field) = scan(bytes, known).and_then(|s| s.first_unknown) {
+            return Err(DecodeError::UnknownBody { field });
+        }
+    }
+    Ok(p)
+}
+
+/// What a schema-less look at an envelope's top-level fields finds.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct WireScan {
+    /// The last field 1 varint (`version`), as protobuf's "last one wins" reads it.
+    version: Option<u32>,
+    /// The first field number not in the schema.
+    first_unknown: Option<u32>,
+}
+
+/// Walks the top-level fields of a protobuf message without its schema; `None` if the bytes
+/// are not well-formed protobuf.
+///
+/// Written here rather than with `prost::encoding`, which is prost's hidden, unstable API.
+fn scan(mut buf: &[u8], known: &[u32]) -> Option<WireScan> {
+    let mut out = WireScan::default();
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let field = u32::try_from(key >> 3).ok().filter(|f| *f != 0)?;
+        match key & 7 {
+            0 => {
+                let v = varint(&mut buf)?;
+                if field == 1 {
+                    // uint32 semantics: protobuf truncates to the low 32 bits.
+                    out.version = Some(v as u32);
+                }
+            }
+            1 => buf = buf.get(8..)?,
+            2 => {
+                let len = usize::try_from(varint(&mut buf)?).ok()?;
+                buf = buf.get(len..)?;
+            }
+            5 => buf = buf.get(4..)?,
+            // Groups (3, 4) are long deprecated and never used by this protocol.
+            _ => return None,
+        }
+        if !known.contains(&field) && out.first_unknown.is_none() {
+            out.first_unknown = Some(field);
+        }
+    }
+    Some(out)
+}
+
+/// Reads one base-128 varint from the front of `buf`.
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let (&b, rest) = buf.split_first()?;
+        *buf = rest;
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn unsupported(found: u32) -> DecodeError {
+    DecodeError::UnsupportedVersion {
+        found,
+        supported: PROTOCOL_VERSION,
+    }
+}
+
+/// Applies the version rules shared by both envelopes: any major up to ours is understood
+/// (older senders included), a newer one is not.
 fn check_version(version: u32) -> Result<(), DecodeError> {
     match version {
         0 => Err(DecodeError::MissingVersion),
-        v if v > PROTOCOL_VERSION => Err(DecodeError::UnsupportedVersion {
-            found: v,
-            supported: PROTOCOL_VERSION,
-        }),
+        v if v > PROTOCOL_VERSION => Err(unsupported(v)),
         _ => Ok(()),
     }
 }
@@ -88,10 +201,28 @@ impl ControlCommand {
     /// Parses and validates a message body received from the broker (dropping the sequence;
     /// see [`SequencedCommand::decode`]).
     ///
-    /// Fails on malformed protobuf, a missing or newer version, a missing body, or any field
-    /// that does not pass validation; the error says which and why.
+    /// Fails on malformed protobuf, a missing or newer (major) version, a missing body, or any
+    /// field that does not pass validation; the error says which and why. Unknown fields are
+    /// ignored; a body this build does not know (a newer node's new command) fails with
+    /// [`DecodeError::UnknownBody`], which a receiver skips rather than treats as malformed.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        proto::ControlMessage::decode(bytes)?.try_into()
+        decode_control(bytes)?.try_into()
+    }
+
+    /// The `node_identity` a control message claims, read as well as this build can: for the
+    /// log line and notification of a message that is refused (a newer major, say) so the
+    /// operator knows which node to look at.
+    ///
+    /// Best effort and unauthenticated: it reads the body with this build's schema (every body
+    /// so far has the identity as its field 1) and gives `None` when that does not work.
+    pub fn sender_identity(bytes: &[u8]) -> Option<String> {
+        let body = proto::ControlMessage::decode(bytes).ok()?.body?;
+        let node = match body {
+            control_message::Body::Snapshot(s) => s.node_identity,
+            control_message::Body::CreateLink(c) => c.node_identity,
+            control_message::Body::DeleteLink(d) => d.node_identity,
+        };
+        (!node.trim().is_empty()).then_some(node)
     }
 
     /// Short name of the command for logs and metric labels: `snapshot`, `create_link`,
@@ -121,8 +252,17 @@ impl Notification {
     }
 
     /// Parses and validates a message body received from the broker (node side).
+    ///
+    /// A notification of a kind this build does not know (from a newer bridge of the same
+    /// major) fails with [`DecodeError::UnknownBody`]: skip it, it is not for this node.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        proto::NotifyMessage::decode(bytes)?.try_into()
+        decode_checked(
+            bytes,
+            NOTIFY_FIELDS,
+            |p: &proto::NotifyMessage| p.version,
+            |p| p.body.is_some(),
+        )?
+        .try_into()
     }
 
     /// Short name of the notification for logs: `snapshot_request`, `link_status`.
@@ -616,5 +756,195 @@ mod tests {
             "bridge_id",
             "empty",
         );
+    }
+
+    // ---- compatibility rule (crate docs, *Compatibility*) ----
+
+    /// Appends field `field` to an encoded message: a varint, or length-delimited `bytes`.
+    fn with_field(mut msg: Vec<u8>, field: u32, value: Field<'_>) -> Vec<u8> {
+        let put = |out: &mut Vec<u8>, mut v: u64| loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                break;
+            }
+            out.push(b | 0x80);
+        };
+        match value {
+            Field::Varint(v) => {
+                put(&mut msg, u64::from(field) << 3);
+                put(&mut msg, v);
+            }
+            Field::Bytes(b) => {
+                put(&mut msg, (u64::from(field) << 3) | 2);
+                put(&mut msg, b.len() as u64);
+                msg.extend_from_slice(b);
+            }
+        }
+        msg
+    }
+
+    enum Field<'a> {
+        Varint(u64),
+        Bytes(&'a [u8]),
+    }
+
+    #[test]
+    fn unknown_fields_from_a_same_major_sender_are_ignored() {
+        let msg = SequencedCommand {
+            sequence: 42,
+            command: ControlCommand::CreateLink(CreateLink {
+                node_identity: BANK_A.into(),
+                link: link("drawbridge.peers.b"),
+            }),
+        };
+        // A new optional envelope field (number 99, varint) and a new length-delimited one.
+        let bytes = with_field(msg.encode(), 99, Field::Varint(7));
+        let bytes = with_field(bytes, 100, Field::Bytes(b"future"));
+        assert_eq!(SequencedCommand::decode(&bytes).unwrap(), msg);
+        assert_eq!(ControlCommand::decode(&bytes).unwrap(), msg.command);
+
+        let n = Notification::SnapshotRequest(SnapshotRequest {
+            bridge_id: "bridge-1".into(),
+        });
+        let bytes = with_field(n.encode(), 99, Field::Varint(1));
+        assert_eq!(Notification::decode(&bytes).unwrap(), n);
+    }
+
+    #[test]
+    fn an_unknown_body_is_skippable_and_a_missing_one_is_malformed() {
+        let envelope = |version| {
+            proto::ControlMessage {
+                version,
+                body: None,
+                sequence: 9,
+            }
+            .encode_to_vec()
+        };
+        // A newer node's new command: a body variant with a field number this build lacks.
+        let new_command = with_field(envelope(1), 6, Field::Bytes(b"\x0a\x01x"));
+        assert_eq!(
+            decode_err(&new_command),
+            DecodeError::UnknownBody { field: 6 }
+        );
+        assert_eq!(
+            SequencedCommand::decode(&new_command).unwrap_err(),
+            DecodeError::UnknownBody { field: 6 }
+        );
+        assert!(decode_err(&new_command)
+            .to_string()
+            .contains("unknown message body"));
+        // No body and nothing unknown: malformed, as before.
+        assert_eq!(decode_err(&envelope(1)), DecodeError::Missing("body"));
+        // The version rule comes first: a newer major with an unknown body is refused.
+        assert_eq!(
+            decode_err(&with_field(
+                envelope(PROTOCOL_VERSION + 1),
+                6,
+                Field::Bytes(b"")
+            )),
+            unsupported(PROTOCOL_VERSION + 1)
+        );
+        // The same holds for notifications from a newer bridge.
+        let notify = with_field(
+            proto::NotifyMessage {
+                version: 1,
+                body: None,
+            }
+            .encode_to_vec(),
+            4,
+            Field::Bytes(b""),
+        );
+        assert_eq!(
+            Notification::decode(&notify).unwrap_err(),
+            DecodeError::UnknownBody { field: 4 }
+        );
+    }
+
+    #[test]
+    fn a_newer_major_is_refused_even_when_its_schema_no_longer_parses() {
+        // Version 2 turned field 2 into a varint: prost cannot decode it as a Snapshot, yet the
+        // receiver must still say "newer version", not "malformed".
+        let bytes = with_field(
+            with_field(
+                Vec::new(),
+                1,
+                Field::Varint(u64::from(PROTOCOL_VERSION) + 1),
+            ),
+            2,
+            Field::Varint(5),
+        );
+        assert!(proto::ControlMessage::decode(bytes.as_slice()).is_err());
+        assert_eq!(decode_err(&bytes), unsupported(PROTOCOL_VERSION + 1));
+        // Garbage stays garbage.
+        assert!(matches!(
+            decode_err(&[0x08, 0xff]),
+            DecodeError::Protobuf(_)
+        ));
+        // Every major up to ours is understood.
+        for v in 1..=PROTOCOL_VERSION {
+            let ok = proto::ControlMessage {
+                version: v,
+                ..proto::ControlMessage::from(ControlCommand::DeleteLink(DeleteLink {
+                    node_identity: BANK_A.into(),
+                    queue: "q".into(),
+                }))
+            }
+            .encode_to_vec();
+            assert!(ControlCommand::decode(&ok).is_ok(), "version {v}");
+        }
+    }
+
+    #[test]
+    fn the_sender_identity_of_a_refused_message_is_read_when_possible() {
+        let newer = proto::ControlMessage {
+            version: PROTOCOL_VERSION + 1,
+            ..proto::ControlMessage::from(ControlCommand::DeleteLink(DeleteLink {
+                node_identity: BANK_A.into(),
+                queue: "q".into(),
+            }))
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            decode_err(&newer),
+            DecodeError::UnsupportedVersion { .. }
+        ));
+        assert_eq!(
+            ControlCommand::sender_identity(&newer).as_deref(),
+            Some(BANK_A)
+        );
+        assert_eq!(ControlCommand::sender_identity(&[0xff, 0xff]), None);
+        let anonymous = proto::ControlMessage {
+            version: 1,
+            body: None,
+            sequence: 0,
+        }
+        .encode_to_vec();
+        assert_eq!(ControlCommand::sender_identity(&anonymous), None);
+    }
+
+    #[test]
+    fn the_wire_scan_reads_version_and_unknown_fields() {
+        let bytes = with_field(
+            with_field(
+                with_field(Vec::new(), 1, Field::Varint(3)),
+                2,
+                Field::Bytes(b"ab"),
+            ),
+            77,
+            Field::Varint(1),
+        );
+        assert_eq!(
+            scan(&bytes, CONTROL_FIELDS),
+            Some(WireScan {
+                version: Some(3),
+                first_unknown: Some(77)
+            })
+        );
+        assert_eq!(scan(&[0x12, 0x05, b'a'], CONTROL_FIELDS), None, "truncated");
+        assert_eq!(scan(&[0x00], CONTROL_FIELDS), None, "field 0");
+        assert_eq!(scan(&[0x0b], CONTROL_FIELDS), None, "group");
+        assert_eq!(scan(&[], CONTROL_FIELDS), Some(WireScan::default()));
     }
 }

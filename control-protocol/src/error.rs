@@ -15,7 +15,8 @@ pub enum DecodeError {
     #[error("malformed protobuf message: {0}")]
     Protobuf(#[from] prost::DecodeError),
 
-    /// The sender speaks a newer protocol version than this build understands.
+    /// The sender speaks a newer major protocol version than this build understands: a breaking
+    /// change happened in between, so acting on the message could misread it.
     #[error(
         "unsupported control protocol version {found} (this build understands versions 1 to {supported})"
     )]
@@ -24,6 +25,21 @@ pub enum DecodeError {
         found: u32,
         /// Newest version this build accepts ([`crate::PROTOCOL_VERSION`]).
         supported: u32,
+    },
+
+    /// The envelope carries a body this build does not know: its `body` oneof is unset but the
+    /// envelope holds a field number outside this build's schema.
+    ///
+    /// This is what a newer same-major sender's new command or notification looks like to an
+    /// older receiver (protobuf turns an unknown oneof member into an unknown field). It is not
+    /// malformed: the receiver skips it as "not for me" instead of refusing it, so adding a
+    /// command never needs a major version bump (see the crate docs, *Compatibility*).
+    #[error(
+        "unknown message body (envelope field {field} is not in this build's schema; newer sender?)"
+    )]
+    UnknownBody {
+        /// The first envelope field number this build does not know.
+        field: u32,
     },
 
     /// The envelope has no `version` (0 / unset): it was not written by a conforming sender.

@@ -93,7 +93,8 @@ impl fmt::Display for LinkState {
 pub struct LinkStatus {
     /// Bridge instance reporting.
     pub bridge_id: String,
-    /// Queue of the link concerned.
+    /// Queue of the link concerned; the control exchange's name when the bridge reports a
+    /// refused control message (state [`LinkState::Down`], `reason` starting with `refused:`).
     pub queue: String,
     /// The new state.
     pub state: LinkState,

@@ -61,6 +61,9 @@ impl Refusal {
     /// Short label for the `reason` of `drawbridge_bridge_control_refused_total`.
     pub(crate) fn label(&self) -> &'static str {
         match self {
+            // A node upgraded before its bridge: an operator's to-do, not an attack or a bug,
+            // so it gets its own label to alert on.
+            Refusal::Decode(DecodeError::UnsupportedVersion { .. }) => "newer_version",
             Refusal::Decode(_) => "decode",
             Refusal::WrongUser { .. } => "wrong_user",
             Refusal::WrongNode { .. } => "wrong_node",
@@ -337,5 +340,19 @@ mod tests {
         // Recording never lowers the mark.
         applied.record(&snapshot(50, NODE, &[]));
         assert_eq!(applied.applied(NODE), Some(100));
+    }
+
+    #[test]
+    fn a_newer_protocol_major_has_its_own_refusal_label() {
+        let newer = Refusal::from(DecodeError::UnsupportedVersion {
+            found: 2,
+            supported: 1,
+        });
+        assert_eq!(newer.label(), "newer_version");
+        assert!(!newer.is_stale());
+        assert_eq!(
+            Refusal::from(DecodeError::Missing("body")).label(),
+            "decode"
+        );
     }
 }

@@ -8,14 +8,18 @@
 mod authorize;
 mod plan;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use drawbridge_control_protocol::{
-    ControlCommand, LinkState, LinkStatus, Notification, PeerLink, SequencedCommand,
+    ControlCommand, DecodeError, LinkState, LinkStatus, Notification, PeerLink, SequencedCommand,
     SnapshotRequest,
 };
 use drawbridge_node::topology;
-use drawbridge_runtime::{backoff::Backoff, broker::Live};
+use drawbridge_runtime::{backoff::Backoff, broker::Live, lograte::Every};
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
@@ -24,7 +28,7 @@ use lapin::{
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub(crate) use authorize::{authorize, Policy, Refusal, Sequences};
 pub(crate) use plan::{plan, Action};
@@ -374,7 +378,17 @@ struct ControlState {
     policy: Policy,
     /// Highest sequence applied per node identity.
     applied: Sequences,
+    /// Rate limit of the "newer protocol version" error: a node upgraded before its bridge
+    /// keeps sending, and one line per interval (with the count) says it all.
+    newer_version_log: Every,
+    /// Unknown body field numbers already logged, so each new command a newer node sends is
+    /// logged once; bounded by [`MAX_UNKNOWN_LOGGED`].
+    unknown_logged: HashSet<u32>,
 }
+
+/// How many distinct unknown control commands are logged (a newer node adds a few; anything
+/// beyond this is noise from a broken sender and only counted).
+const MAX_UNKNOWN_LOGGED: usize = 16;
 
 /// Run the control plane until `shutdown`, then stop all links.
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
@@ -386,6 +400,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             node_identity: ctx.node_identity.clone(),
         },
         applied: Sequences::default(),
+        newer_version_log: Every::new(Duration::from_secs(10)),
+        unknown_logged: HashSet::new(),
     };
     let mut generation = 0;
     // Retries of the control channel on a healthy connection (a channel-level error).
@@ -538,7 +554,24 @@ async fn control_session(
 /// snapshot that was applied.
 async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
     let user_id = d.properties.user_id().as_ref().map(|s| s.as_str());
-    let verdict = SequencedCommand::decode(&d.data)
+    let decoded = match SequencedCommand::decode(&d.data) {
+        // A newer node's new command (same major): not for this bridge, and not an error.
+        Err(DecodeError::UnknownBody { field }) => {
+            if state.unknown_logged.len() < MAX_UNKNOWN_LOGGED && state.unknown_logged.insert(field)
+            {
+                warn!(
+                    field,
+                    user_id = %user_id.unwrap_or("<none>"),
+                    "ignored: unknown control command (newer node?)"
+                );
+            }
+            metrics::counter!("drawbridge_bridge_control_ignored_total", "reason" => "unknown_command")
+                .increment(1);
+            return false;
+        }
+        other => other,
+    };
+    let verdict = decoded
         .map_err(Refusal::from)
         .and_then(|msg| authorize(&msg, user_id, &state.policy, &state.applied).map(|()| msg));
     let msg = match verdict {
@@ -548,15 +581,25 @@ async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
             metrics::counter!("drawbridge_bridge_control_stale_total").increment(1);
             return false;
         }
+        Err(Refusal::Decode(DecodeError::UnsupportedVersion { found, supported })) => {
+            let node = ControlCommand::sender_identity(&d.data);
+            if let Some(skipped) = state.newer_version_log.hit() {
+                error!(
+                    found,
+                    supported,
+                    node = %node.as_deref().unwrap_or("<unreadable>"),
+                    user_id = %user_id.unwrap_or("<none>"),
+                    skipped,
+                    "control message refused: protocol version {found} is newer than this bridge understands (1 to {supported}); upgrade the bridge"
+                );
+            }
+            notify_refused_version(&state.links.ctx, node, found, supported);
+            count_refusal(state, "newer_version");
+            return false;
+        }
         Err(refusal) => {
             warn!(user_id = %user_id.unwrap_or("<none>"), reason = %refusal, "control message refused");
-            metrics::counter!("drawbridge_bridge_control_refused_total", "reason" => refusal.label())
-                .increment(1);
-            state
-                .links
-                .ctx
-                .control_refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            count_refusal(state, refusal.label());
             return false;
         }
     };
@@ -578,6 +621,36 @@ async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
     );
     state.links.apply(&msg.command).await;
     is_snapshot
+}
+
+/// Count a refused control message in the metrics (by `reason`) and in `/status`.
+fn count_refusal(state: &ControlState, reason: &'static str) {
+    metrics::counter!("drawbridge_bridge_control_refused_total", "reason" => reason).increment(1);
+    state
+        .links
+        .ctx
+        .control_refused
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Tell the node its control message was refused for a newer protocol version, so a node
+/// upgraded before its bridges learns why it is not obeyed. There is no link to name, so the
+/// event is about the control exchange itself (see `LinkStatus::queue`); the peer is the
+/// sending node's identity when it could be read.
+fn notify_refused_version(ctx: &Ctx, node: Option<String>, found: u32, supported: u32) {
+    let n = Notification::LinkStatus(LinkStatus {
+        bridge_id: ctx.cfg.id.clone(),
+        queue: ctx.cfg.control_exchange.clone(),
+        state: LinkState::Down,
+        peer: node.unwrap_or_default(),
+        reason: format!(
+            "refused: control protocol version {found} is newer than this bridge understands (1 to {supported}); upgrade the bridge"
+        ),
+        timestamp_ms: drawbridge_runtime::daemon::unix_ms(),
+    });
+    if ctx.notify.try_send(n).is_err() {
+        metrics::counter!("drawbridge_bridge_notifications_dropped_total").increment(1);
+    }
 }
 
 /// Publishes notifications (snapshot requests, link status) to the notify exchange.

@@ -61,7 +61,9 @@ pub struct LinkStatus {
     /// The reporting bridge instance.
     #[prost(string, tag = "1")]
     pub bridge_id: ::prost::alloc::string::String,
-    /// Queue of the link concerned.
+    /// Queue of the link concerned. When the bridge refuses a control message (e.g. a newer
+    /// protocol version) this is the control exchange's name, the state DOWN and the reason
+    /// starts with "refused:".
     #[prost(string, tag = "2")]
     pub queue: ::prost::alloc::string::String,
     /// The new state; never UNSPECIFIED.

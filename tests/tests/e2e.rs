@@ -939,7 +939,10 @@ fn alert_rules_and_dashboard_use_only_exported_metrics() -> Result<()> {
             }
         }
     }
-    for file in ["deploy/prometheus/alerts.yml", "deploy/grafana/drawbridge.json"] {
+    for file in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/drawbridge.json",
+    ] {
         let text = std::fs::read_to_string(root.join(file))?;
         let mut names: Vec<&str> = text
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))

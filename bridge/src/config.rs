@@ -100,6 +100,12 @@ pub struct BridgeConfig {
     pub snapshot_retry_max: Duration,
     /// SIGTERM / DeleteLink grace period for settling in-flight transfers.
     pub drain_grace: Duration,
+    /// Link canary: every this long, each up link sends a small probe to the float's
+    /// `canary_address`, which publishes it to a transient queue of its own broker with a
+    /// confirm before accepting; `None` (`"0s"`, the default) turns probes off.
+    pub canary_interval: Option<Duration>,
+    /// Target address of the probes (the float's `canary_address`).
+    pub canary_address: String,
     /// Broker connection.
     pub broker: BrokerConfig,
     /// Admin HTTP port; `None` disables it.
@@ -269,6 +275,12 @@ impl BridgeConfig {
             snapshot_retry_min: r.duration("bridge.snapshot_retry_min", Duration::from_secs(1)),
             snapshot_retry_max: r.duration("bridge.snapshot_retry_max", Duration::from_secs(30)),
             drain_grace: r.duration("bridge.drain_grace", Duration::from_secs(10)),
+            canary_interval: Some(r.duration("bridge.canary_interval", Duration::ZERO))
+                .filter(|d| !d.is_zero()),
+            canary_address: r.get(
+                "bridge.canary_address",
+                drawbridge_control_protocol::CANARY_ADDRESS.to_string(),
+            ),
             broker: BrokerConfig::read(&mut r, "broker", key_access),
             admin_listen,
             admin_token,
@@ -279,6 +291,17 @@ impl BridgeConfig {
             "bridge.reconnect_max",
             cfg.reconnect_max >= cfg.reconnect_min,
             "must not be smaller than reconnect_min",
+        );
+        r.check(
+            "bridge.canary_interval",
+            cfg.canary_interval
+                .is_none_or(|d| d >= Duration::from_secs(1)),
+            "must be 0s (off) or at least 1s",
+        );
+        r.check(
+            "bridge.canary_address",
+            !cfg.canary_address.is_empty() && cfg.canary_address.len() <= 255,
+            "must be 1..=255 bytes",
         );
         r.finish()?;
         Ok(cfg)

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+mod canary;
 pub mod config;
 mod control;
 pub mod convert;
@@ -53,6 +54,10 @@ pub(crate) struct Ctx {
     control_refused: AtomicU64,
     /// The control queue is bound and consumed on the current broker connection.
     control_consuming: AtomicBool,
+    /// A snapshot from the node was applied on this broker session since this bridge last
+    /// became active (or, for a standby, since the session started): the wanted link set is
+    /// the node's, not a guess. Part of `/readyz?converged`.
+    snapshot_applied: AtomicBool,
     /// Trust roots, CRLs in force (reloaded in the background) and their change signal:
     /// every link's verifier checks floats against them, and links re-check their float
     /// when they change.
@@ -89,6 +94,53 @@ impl AdminState for Ctx {
                 ha::HaState::Standby => !self.ha.holding_off(),
                 ha::HaState::SteppingDown | ha::HaState::Disconnected => false,
             }
+    }
+
+    /// `?converged`: an active bridge has applied a snapshot of the node since it became
+    /// active and runs a link for each wanted queue (and nothing else); a standby is ready to
+    /// take over. `?links`: that, and every running link up and, with `canary_interval` set,
+    /// its last canary answered within three intervals.
+    fn readiness(&self, question: admin::Readiness) -> Result<String, String> {
+        if !self.ready() {
+            return Err(self.summary());
+        }
+        let state = self.ha.current();
+        if question == admin::Readiness::Serving || state != ha::HaState::Active {
+            return Ok(format!("ready: {}", state.as_str()));
+        }
+        if !self.snapshot_applied.load(Ordering::Relaxed) {
+            return Err("active, waiting for the node's snapshot".to_string());
+        }
+        let wanted = self.wanted.lock().expect("poisoned").clone();
+        let views: Vec<link::LinkView> = self
+            .views
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|v| v.lock().expect("poisoned").clone())
+            .collect();
+        let running: Vec<&str> = views.iter().map(|v| v.queue.as_str()).collect();
+        if running != wanted.iter().map(String::as_str).collect::<Vec<_>>() {
+            return Err(format!(
+                "active, links not converged: wanted {wanted:?}, running {running:?}"
+            ));
+        }
+        if question == admin::Readiness::Converged {
+            return Ok(format!("ready: active, {} links converged", views.len()));
+        }
+        let now = drawbridge_runtime::daemon::unix_ms();
+        let unusable: Vec<String> = views
+            .iter()
+            .filter_map(|v| {
+                v.unusable(now, self.cfg.canary_interval)
+                    .map(|why| format!("{}: {why}", v.queue))
+            })
+            .collect();
+        if unusable.is_empty() {
+            Ok(format!("ready: active, {} links up", views.len()))
+        } else {
+            Err(format!("active, links not usable: {}", unusable.join("; ")))
+        }
     }
 
     fn admin_token(&self) -> Option<&drawbridge_runtime::broker::Secret> {
@@ -130,6 +182,7 @@ impl AdminState for Ctx {
             "role": "bridge",
             "id": self.cfg.id,
             "ready": self.ready(),
+            "converged": self.readiness(admin::Readiness::Converged).is_ok(),
             "ha_state": self.ha.current().as_str(),
             "ha": self.ha.status(),
             "wanted_links": *self.wanted.lock().expect("poisoned"),
@@ -246,6 +299,7 @@ pub async fn start_with_service(
         node_identity,
         control_refused: AtomicU64::new(0),
         control_consuming: AtomicBool::new(false),
+        snapshot_applied: AtomicBool::new(false),
         revocation,
         broker,
         views: Mutex::new(BTreeMap::new()),

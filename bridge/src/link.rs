@@ -57,6 +57,8 @@ use crate::{
 pub struct LinkView {
     /// Peer queue.
     pub queue: String,
+    /// The legal name(s) the float must present (the link's `legal_names`).
+    pub peer: String,
     /// connecting / up / down / deleted.
     pub state: String,
     /// Target in use (when up) or last tried.
@@ -87,15 +89,47 @@ pub struct LinkView {
     pub prefetch_widened: u64,
     /// Unix ms of the last state change.
     pub since_unix_ms: u64,
+    /// Transfers sent to the peer and not yet settled (sampled every 50 ms while up).
+    pub in_flight: u32,
+    /// Round trip of the last probe the float accepted (`bridge.canary_interval`), in ms.
+    pub canary_rtt_ms: Option<f64>,
+    /// Unix ms when the float last accepted a probe.
+    pub canary_ok_unix_ms: Option<u64>,
+    /// Why the last probe failed (cleared by the next accepted one), or why the float
+    /// refused the canary link.
+    pub canary_error: Option<String>,
+}
+
+impl LinkView {
+    /// Why this link cannot take new work now (for `/readyz?links`), or `None`: it is up and,
+    /// with `canary_interval` set, its last probe was accepted within three intervals (a link
+    /// just up has that long for its first).
+    pub fn unusable(&self, now_unix_ms: u64, canary_interval: Option<Duration>) -> Option<String> {
+        if self.state != LinkState::Up.to_string() {
+            return Some(format!("{} ({})", self.state, self.reason));
+        }
+        let interval = canary_interval?;
+        let allowed = 3 * interval.as_millis() as u64;
+        let last = self
+            .canary_ok_unix_ms
+            .filter(|t| *t >= self.since_unix_ms)
+            .unwrap_or(self.since_unix_ms);
+        let silent = now_unix_ms.saturating_sub(last);
+        (silent > allowed).then(|| match &self.canary_error {
+            Some(e) => format!("canary: {e}"),
+            None => format!("canary: no probe accepted for {} ms", silent),
+        })
+    }
 }
 
 /// Shared handle on a link's view.
 pub type SharedView = Arc<Mutex<LinkView>>;
 
-/// A new view for `queue`.
-pub fn new_view(queue: &str) -> SharedView {
+/// A new view for the link `spec`.
+pub fn new_view(spec: &PeerLink) -> SharedView {
     Arc::new(Mutex::new(LinkView {
-        queue: queue.to_string(),
+        queue: spec.queue.clone(),
+        peer: spec.legal_names.join(" | "),
         state: LinkState::Connecting.to_string(),
         target: String::new(),
         reason: String::new(),
@@ -110,6 +144,10 @@ pub fn new_view(queue: &str) -> SharedView {
         prefetch_narrowed: 0,
         prefetch_widened: 0,
         since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
+        in_flight: 0,
+        canary_rtt_ms: None,
+        canary_ok_unix_ms: None,
+        canary_error: None,
     }))
 }
 
@@ -461,6 +499,8 @@ impl LinkSession<'_> {
         } else {
             info!(queue = %self.spec.queue, target = %self.target, prefetch = first_prefetch, "link up");
         }
+        // Dropped (its task stopped) when this session ends.
+        let _canary = self.start_canary(&mut pc);
         let consuming = Consuming {
             consumer,
             prefetch: first_prefetch,
@@ -487,7 +527,36 @@ impl LinkSession<'_> {
                 .report_broken("closing a peer queue's consumer channel timed out"),
         }
         pc.close().await;
+        {
+            let mut v = self.view.lock().expect("poisoned");
+            v.in_flight = 0;
+        }
+        metrics::gauge!("drawbridge_bridge_link_in_flight", "queue" => self.spec.queue.clone())
+            .set(0.0);
         end
+    }
+
+    /// Start the link canary on the session's canary link, if there is one; a float that
+    /// refused the canary link is reported (once per reason), and the link forwards anyway.
+    fn start_canary(&self, pc: &mut PeerConnection) -> Option<crate::canary::Canary> {
+        let interval = self.ctx.cfg.canary_interval?;
+        match pc.canary.take()? {
+            Ok(sender) => Some(crate::canary::start(
+                sender,
+                self.spec.queue.clone(),
+                interval,
+                self.ctx.cfg.settle_timeout,
+                self.view.clone(),
+            )),
+            Err(reason) => {
+                let mut v = self.view.lock().expect("poisoned");
+                if v.canary_error.as_deref() != Some(reason.as_str()) {
+                    warn!(queue = %self.spec.queue, target = %self.target, reason = %reason, "link canary unavailable; the link forwards without it");
+                    v.canary_error = Some(reason);
+                }
+                None
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -510,6 +579,11 @@ impl LinkSession<'_> {
         let mut draining = false;
         let mut drain_deadline = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        // Registered once per session: the per-message cost is a record, not a lookup.
+        let age = metrics::histogram!("drawbridge_bridge_delivery_age_seconds", "queue" => spec.queue.clone());
+        let in_flight_gauge =
+            metrics::gauge!("drawbridge_bridge_link_in_flight", "queue" => spec.queue.clone());
+        let mut in_flight_seen = 0usize;
         // A converted delivery waiting for room in the process-wide byte budget.
         let mut waiting: Option<(Delivery, Message<Data>)> = None;
         let budget_kib = ctx.bytes_total_kib;
@@ -532,7 +606,7 @@ impl LinkSession<'_> {
         macro_rules! broken {
             ($reason:expr) => {{
                 let reason: Broken = $reason;
-                salvage(&mut inflight, &mut acks, stats, view, SALVAGE_WAIT).await;
+                salvage(&mut inflight, &mut acks, stats, view, &age, SALVAGE_WAIT).await;
                 return match flush(channel, &mut acks, op).await {
                     Ok(()) => End::Broken(reason),
                     Err(e) => End::Broken(Broken::Then {
@@ -627,7 +701,7 @@ impl LinkSession<'_> {
                         Step::Ack { flush_now } => {
                             stats.accepted += 1;
                             stats.acked += 1;
-                            count_forwarded(view);
+                            count_forwarded(view, &delivery, &age);
                             if flush_now {
                                 if let Err(e) = flush(channel, &mut acks, op).await {
                                     return End::Broken(Broken::Ack(e));
@@ -767,6 +841,11 @@ impl LinkSession<'_> {
                     return End::Broken(Broken::BrokerLost(""));
                 }
                 _ = tick.tick() => {
+                    if inflight.len() != in_flight_seen {
+                        in_flight_seen = inflight.len();
+                        in_flight_gauge.set(in_flight_seen as f64);
+                        view.lock().expect("poisoned").in_flight = in_flight_seen as u32;
+                    }
                     if acks.is_pending() {
                         if let Err(e) = flush(channel, &mut acks, op).await {
                             return End::Broken(Broken::Ack(e));
@@ -781,7 +860,14 @@ impl LinkSession<'_> {
 /// One message accepted by the peer and acked. Labelled by peer queue (bounded by the links
 /// the node creates), so an operator can alert per link; the timestamp gauge gives the age of
 /// the last acceptance (`time() - drawbridge_bridge_link_last_accepted_timestamp_seconds`).
-fn count_forwarded(view: &SharedView) {
+/// A message with a `timestamp` (whole seconds, the node's clock) adds its age to `age`:
+/// end to end up to the float's broker, since the peer accepts only after its confirm.
+fn count_forwarded(view: &SharedView, delivery: &Delivery, age: &metrics::Histogram) {
+    if let Some(sent) = *delivery.properties.timestamp() {
+        let now = drawbridge_runtime::daemon::unix_ms() as f64 / 1000.0;
+        // A sender clock ahead of ours would give a negative age.
+        age.record((now - sent as f64).max(0.0));
+    }
     let queue = {
         let mut v = view.lock().expect("poisoned");
         v.forwarded += 1;
@@ -799,6 +885,7 @@ async fn salvage(
     acks: &mut AckBatch,
     stats: &mut SessionStats,
     view: &SharedView,
+    age: &metrics::Histogram,
     wait: Duration,
 ) {
     let deadline = tokio::time::Instant::now() + wait;
@@ -808,7 +895,7 @@ async fn salvage(
                 acks.settled(delivery.delivery_tag, false);
                 stats.accepted += 1;
                 stats.acked += 1;
-                count_forwarded(view);
+                count_forwarded(view, &delivery, age);
             }
             _ => break,
         }
@@ -960,6 +1047,10 @@ pub(crate) fn settings(
         container_id: format!("drawbridge-bridge-{}", ctx.cfg.id),
         link_name: format!("drawbridge-{}-{}", ctx.cfg.id, spec.queue),
         address: spec.target_address.clone(),
+        canary_address: ctx
+            .cfg
+            .canary_interval
+            .map(|_| ctx.cfg.canary_address.clone()),
     };
     Ok((settings, verified_chain, own.generation))
 }

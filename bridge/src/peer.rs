@@ -43,6 +43,9 @@ pub struct PeerConnection {
     pub session: SessionHandle<()>,
     /// The sending link to the target address.
     pub sender: Sender,
+    /// The canary's sending link (with `canary_address` set), or why the float refused it:
+    /// a float without canary support must not cost the link its messages.
+    pub canary: Option<Result<Sender, String>>,
     /// Which target this is.
     pub target: Target,
 }
@@ -62,6 +65,8 @@ pub struct PeerSettings {
     pub link_name: String,
     /// AMQP 1.0 target address.
     pub address: String,
+    /// Target address of the link canary; `None` attaches no canary link.
+    pub canary_address: Option<String>,
 }
 
 /// Connect to `target`: TCP (NODELAY) → direct TLS → SASL EXTERNAL → session → sender.
@@ -115,10 +120,23 @@ async fn connect_inner(
             )));
         }
     };
+    let canary = match &s.canary_address {
+        None => None,
+        Some(address) => Some(
+            Sender::attach(
+                &mut session,
+                format!("{}-canary", s.link_name),
+                address.clone(),
+            )
+            .await
+            .map_err(|e| format!("the float refused the canary link to `{address}`: {e}")),
+        ),
+    };
     Ok(PeerConnection {
         conn,
         session,
         sender,
+        canary,
         target: target.clone(),
     })
 }
@@ -147,8 +165,12 @@ impl PeerConnection {
             mut conn,
             mut session,
             sender,
+            canary,
             ..
         } = self;
+        if let Some(Ok(canary)) = canary {
+            let _ = tokio::time::timeout(d, canary.close()).await;
+        }
         let _ = tokio::time::timeout(d, sender.close()).await;
         let _ = tokio::time::timeout(d, session.end()).await;
         let _ = tokio::time::timeout(d, conn.close()).await;

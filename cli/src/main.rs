@@ -11,6 +11,8 @@ use drawbridge_control_protocol::{
 };
 use drawbridge_stream::{self as stream, progress_bar, PublishSpec, Tally};
 
+mod status;
+
 #[derive(Debug, Parser)]
 #[command(version, about = "Drawbridge operator CLI")]
 struct Cli {
@@ -86,11 +88,16 @@ enum Cmd {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         idle: std::time::Duration,
     },
-    /// Show a daemon's status (its admin port's /status).
+    /// Show a daemon's status (its admin port's /status) as a table: a bridge's role
+    /// (active / standby), readiness and links (state, since, peer, in flight, forwarded,
+    /// canary, last error); a float's peers.
     Status {
         /// Admin address, e.g. 127.0.0.1:9090.
         #[arg(long)]
         admin: std::net::SocketAddr,
+        /// Print the /status JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Ask the active bridge to step down (`POST /step-down` on its admin port): it drains its
     /// links, releases the leader lock and stays standby for `bridge.ha_hold_off`, so another
@@ -448,13 +455,20 @@ async fn run(cli: Cli) -> Result<i32> {
             );
             Ok(if r.complete() { 0 } else { 1 })
         }
-        Cmd::Status { admin } => {
+        Cmd::Status { admin, json } => {
             let (code, body) = drawbridge_runtime::admin::fetch(admin, "/status").await?;
             if code != 200 {
                 bail!("{admin} answered {code}");
             }
             let v: serde_json::Value = serde_json::from_str(&body)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!(
+                    "{}",
+                    status::render(&v, drawbridge_runtime::daemon::unix_ms())
+                );
+            }
             Ok(0)
         }
         Cmd::StepDown { admin, token_file } => {

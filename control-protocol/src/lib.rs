@@ -78,6 +78,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// [`PeerLink::target_address`] to something else to deliver to any other AMQP 1.0 endpoint.
 pub const DEFAULT_TARGET_ADDRESS: &str = "drawbridge.inbound";
 
+/// AMQP 1.0 target address of link canaries: a float publishes what arrives there to a
+/// transient queue of its own broker (never to an inbox) and accepts it after the confirm,
+/// so a bridge's probe proves the whole path to the float's broker works.
+pub const CANARY_ADDRESS: &str = "drawbridge.canary";
+
 /// The raw protobuf types generated from `proto/drawbridge/control/v1/control.proto`.
 ///
 /// Exposed for tools and non-Rust-facing code that need the exact wire shape; everything else

@@ -80,6 +80,12 @@ pub struct FloatConfig {
     pub max_bytes_in_flight: usize,
     /// The AMQP 1.0 address peers attach to.
     pub address: String,
+    /// The address bridges' link canaries attach to (see the bridge's `canary_interval`).
+    pub canary_address: String,
+    /// Transient queue of our broker where probes go (declared on each broker connection,
+    /// bounded and expiring, bound to `inbox_exchange`); `""` turns the canary off (its
+    /// links are refused).
+    pub canary_queue: String,
     /// Identities served; empty means "the subject of our own certificate" with
     /// `default_inbox`.
     pub identities: Vec<Identity>,
@@ -276,6 +282,8 @@ impl FloatConfig {
             max_link_bytes_in_flight,
             max_bytes_in_flight,
             address: r.get("float.address", "drawbridge.inbound".to_string()),
+            canary_address: r.get("float.canary_address", "drawbridge.canary".to_string()),
+            canary_queue: r.get("float.canary_queue", "drawbridge.canary".to_string()),
             identities,
             default_inbox: r.get("float.default_inbox", "drawbridge.inbox".to_string()),
             inbox_queue_type,
@@ -288,6 +296,19 @@ impl FloatConfig {
             drain_grace: r.duration("float.drain_grace", Duration::from_secs(10)),
             log_format: r.get("log.format", LogFormat::Human),
         };
+        r.check(
+            "float.canary_address",
+            !cfg.canary_address.is_empty() && cfg.canary_address != cfg.address,
+            "must be set and differ from float.address",
+        );
+        r.check(
+            "float.canary_queue",
+            cfg.canary_queue.len() <= 255
+                && !cfg.canary_queue.starts_with("amq.")
+                && cfg.identities.iter().all(|i| i.inbox != cfg.canary_queue)
+                && cfg.default_inbox != cfg.canary_queue,
+            "must be at most 255 bytes, not start with `amq.`, and not be an inbox",
+        );
         r.check(
             "float.inbox_exchange",
             cfg.inbox_exchange.len() <= 255 && !cfg.inbox_exchange.starts_with("amq."),

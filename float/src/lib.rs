@@ -43,7 +43,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
 };
@@ -62,7 +62,7 @@ use lapin::{
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::FloatConfig;
 use dedup::Dedup;
@@ -114,6 +114,9 @@ pub(crate) struct Ctx {
     revocation: Revocation,
     /// What `/healthz` asks whether the accept loop runs (the systemd watchdog's verdict).
     service: Service,
+    /// The canary queue is declared (and bound) on the current broker connection: canary
+    /// links are served; without it they are refused with the reason.
+    canary_ready: Arc<AtomicBool>,
 }
 
 impl Ctx {
@@ -275,11 +278,22 @@ pub async fn start_with_service(
     let queue_type = cfg.inbox_queue_type.clone();
     let declare = cfg.declare_inboxes;
     let exchange = cfg.inbox_exchange.clone();
+    let canary_queue = cfg.canary_queue.clone();
+    let canary_ready = Arc::new(AtomicBool::new(false));
+    let canary_flag = canary_ready.clone();
     let setup: Setup = Arc::new(move |live: Arc<Live>| {
         let inboxes = inboxes.clone();
         let queue_type = queue_type.clone();
         let exchange = exchange.clone();
+        let canary_queue = canary_queue.clone();
+        let canary_flag = canary_flag.clone();
         Box::pin(async move {
+            if !canary_queue.is_empty() {
+                canary_flag.store(
+                    declare_canary_queue(&live, &canary_queue, &exchange).await,
+                    Ordering::Relaxed,
+                );
+            }
             if !declare && exchange.is_empty() {
                 return Ok(());
             }
@@ -346,6 +360,7 @@ pub async fn start_with_service(
         connections: Mutex::new(HashMap::new()),
         revocation,
         service: service.clone(),
+        canary_ready,
         cfg,
     });
     let admin_addr =
@@ -367,4 +382,52 @@ pub async fn start_with_service(
         admin_addr,
         done,
     })
+}
+
+/// Declare the canary queue `queue` (transient, classic, at most 100 probes of at most a
+/// minute, so it never grows) and bind it to `exchange`, on a channel of its own: a refusal
+/// (e.g. broker permissions from before the canary) closes only that channel. Returns
+/// whether probes can be published; a refusal is logged with the reason and the float
+/// serves peers all the same.
+async fn declare_canary_queue(live: &Live, queue: &str, exchange: &str) -> bool {
+    let declared = async {
+        let ch = live.conn.create_channel().await?;
+        let mut args = FieldTable::default();
+        for (k, v) in [
+            (
+                "x-queue-type",
+                AMQPValue::LongString(LongString::from("classic")),
+            ),
+            ("x-max-length", AMQPValue::LongInt(100)),
+            (
+                "x-overflow",
+                AMQPValue::LongString(LongString::from("drop-head")),
+            ),
+            ("x-message-ttl", AMQPValue::LongInt(60_000)),
+        ] {
+            args.insert(ShortString::from(k), v);
+        }
+        ch.queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                durable: false,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+        if !exchange.is_empty() {
+            topology::bind_to_direct(&ch, exchange, queue).await?;
+        }
+        let _ = ch.close(200, "canary queue ready".into()).await;
+        Ok::<_, lapin::Error>(())
+    };
+    // The whole setup runs under `broker.op_timeout` (see `BrokerSession`).
+    match declared.await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(queue = %queue, reason = %e, "cannot declare the canary queue; link canaries are refused (set float.canary_queue = \"\" to turn them off, or grant the float configure and write on it)");
+            false
+        }
+    }
 }

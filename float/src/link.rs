@@ -85,13 +85,18 @@ pub(crate) enum LinkRefusal {
     /// The peer asked to receive from us (a sending link on our side).
     #[error("this float only receives")]
     NotReceiving,
+    /// A link canary attached while the canary queue is not declared on our broker.
+    #[error("the canary queue `{0}` is not available on this float's broker")]
+    CanaryUnavailable(String),
 }
 
 impl LinkRefusal {
     /// The AMQP error condition this refusal goes out as.
     pub(crate) fn condition(&self) -> AmqpError {
         match self {
-            LinkRefusal::UnknownAddress { .. } => AmqpError::NotFound,
+            LinkRefusal::UnknownAddress { .. } | LinkRefusal::CanaryUnavailable(_) => {
+                AmqpError::NotFound
+            }
             LinkRefusal::NotReceiving => AmqpError::NotAllowed,
         }
     }
@@ -149,12 +154,22 @@ pub(crate) async fn serve_link(
         .as_ref()
         .and_then(|t| t.address.clone())
         .unwrap_or_default();
-    if address != ctx.cfg.address {
-        warn!(peer = %sender, address = %address, expected = %ctx.cfg.address, "link refused: unknown target address");
-        let refusal = LinkRefusal::UnknownAddress {
-            address,
+    // A link canary's probes go to the canary queue (see the bridge's `canary` module).
+    let canary = (address == ctx.cfg.canary_address && !ctx.cfg.canary_queue.is_empty())
+        .then(|| ctx.cfg.canary_queue.clone());
+    let refusal = match &canary {
+        Some(queue) if !ctx.canary_ready.load(Ordering::Relaxed) => {
+            Some(LinkRefusal::CanaryUnavailable(queue.clone()))
+        }
+        Some(_) => None,
+        None if address != ctx.cfg.address => Some(LinkRefusal::UnknownAddress {
+            address: address.clone(),
             expected: ctx.cfg.address.clone(),
-        };
+        }),
+        None => None,
+    };
+    if let Some(refusal) = refusal {
+        warn!(peer = %sender, address = %address, reason = %refusal, "link refused");
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
             receiver.close_with_error(refusal.to_error()),
@@ -169,8 +184,12 @@ pub(crate) async fn serve_link(
         warn!(peer = %sender, reason = %e, "link failed before it started");
         return;
     }
-    info!(peer = %sender, link = %receiver.name(), "inbound link attached");
-    let mut link = Link::new(receiver, sender.clone(), connection_pool, ctx);
+    if canary.is_some() {
+        debug!(peer = %sender, link = %receiver.name(), "link canary attached");
+    } else {
+        info!(peer = %sender, link = %receiver.name(), "inbound link attached");
+    }
+    let mut link = Link::new(receiver, sender.clone(), connection_pool, ctx, canary);
     let end = link.run(&shutdown).await;
     let draining = link.draining;
     let receiver = link.finish().await;
@@ -195,8 +214,9 @@ struct Outbound {
     body: Vec<u8>,
     /// 0.9.1 properties, the authenticated sender stamped.
     properties: BasicProperties,
-    /// This copy's place in the dedup window; confirmed with the publish, dropped otherwise.
-    ticket: Ticket,
+    /// This copy's place in the dedup window; confirmed with the publish, dropped otherwise
+    /// (`None`: a canary probe, which bypasses the window).
+    ticket: Option<Ticket>,
 }
 
 /// What the link decided about a received transfer before publishing.
@@ -257,6 +277,8 @@ struct Link {
     held_back: bool,
     /// Shutdown: no new transfers; the link closes once what is in flight is settled.
     draining: bool,
+    /// A link canary's: the canary queue its probes go to (not an inbox).
+    canary: Option<String>,
 }
 
 impl Link {
@@ -265,8 +287,10 @@ impl Link {
         sender: Arc<str>,
         connection_pool: budget::Pool,
         ctx: Arc<Ctx>,
+        canary: Option<String>,
     ) -> Self {
         Link {
+            canary,
             budget: LinkBudget::within(
                 ctx.cfg.max_link_bytes_in_flight,
                 vec![connection_pool, ctx.pool.clone()],
@@ -367,7 +391,11 @@ impl Link {
         info: DeliveryInfo,
         msg: Message<Body<Value>>,
     ) -> Result<(), LinkEnd> {
-        let outbound = match prepare(msg, &self.sender, &self.ctx, &mut self.routes) {
+        let prepared = match &self.canary {
+            Some(queue) => prepare_probe(msg, queue, &self.sender),
+            None => prepare(msg, &self.sender, &self.ctx, &mut self.routes),
+        };
+        let outbound = match prepared {
             Prepared::Settle(settle) => {
                 observe(&mut self.pause, &settle, &self.sender);
                 let done = Settled {
@@ -426,13 +454,15 @@ impl Link {
                 self.pending.push_back(
                     confirm
                         .map(move |settle| {
-                            if settle == Settle::Accept {
+                            let probe = ticket.is_none();
+                            if let (Settle::Accept, Some(ticket)) = (&settle, ticket) {
                                 ticket.confirmed(Instant::now());
                             }
                             Settled {
                                 info,
                                 settle,
-                                published: true,
+                                // A probe is not a message: not counted as accepted.
+                                published: !probe,
                                 permit: Some(permit),
                             }
                         })
@@ -543,7 +573,47 @@ fn prepare(
         inbox,
         properties: inbound.properties.with_headers(hdrs),
         body: inbound.body,
-        ticket,
+        ticket: Some(ticket),
+    }))
+}
+
+/// Probes are small: anything bigger on a canary link is not a probe.
+const MAX_PROBE_SIZE: usize = 1024;
+
+/// A link canary's probe: one data section of at most [`MAX_PROBE_SIZE`] bytes, published
+/// as it is (transient, stamped with the sender) to the canary queue; nothing of it reaches
+/// an inbox or the dedup window.
+fn prepare_probe(msg: Message<Body<Value>>, queue: &str, sender: &Arc<str>) -> Prepared {
+    let body = match msg.body {
+        Body::Data(mut sections) if sections.len() == 1 => {
+            sections.pop().map(|d| d.0.into_vec()).unwrap_or_default()
+        }
+        _ => {
+            return Prepared::Settle(Settle::Reject(
+                "a canary probe is one data section".to_string(),
+            ))
+        }
+    };
+    if body.len() > MAX_PROBE_SIZE {
+        return Prepared::Settle(Settle::Reject(format!(
+            "a canary probe is at most {MAX_PROBE_SIZE} bytes; this one is {}",
+            body.len()
+        )));
+    }
+    metrics::counter!("drawbridge_float_canary_probes_total", "peer" => sender.to_string())
+        .increment(1);
+    let mut hdrs = lapin::types::FieldTable::default();
+    hdrs.insert(
+        ShortString::from(headers::SENDER),
+        AMQPValue::LongString(LongString::from(sender.to_string())),
+    );
+    Prepared::Publish(Box::new(Outbound {
+        inbox: queue.to_string(),
+        properties: BasicProperties::default()
+            .with_delivery_mode(1)
+            .with_headers(hdrs),
+        body,
+        ticket: None,
     }))
 }
 

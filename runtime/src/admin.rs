@@ -8,6 +8,14 @@
 //! arrives and while peers are unreachable; `/status` shows each link's state. With leader
 //! election, a standby bridge is ready when it could take over (see the bridge's `ha`).
 //!
+//! Stricter questions are asked with a query: `/readyz?converged` (the bridge: active with the
+//! node's snapshot applied and every wanted link started, or a standby ready to take over)
+//! and `/readyz?links` (that, and every link up and, with canaries on, its last probe answered
+//! in time). They are for scripts and for operators (a rolling upgrade waits for
+//! `?converged`); a service manager uses the plain `/readyz`, which does not depend on the
+//! node or on peers, so a bridge whose node or peers are down is not restarted for it. See
+//! [`Readiness`].
+//!
 //! `POST /step-down` asks a daemon that supports it (the bridge, see its `ha` module) to
 //! hand over its work. It changes what the daemon does, so unlike the read-only endpoints
 //! it needs `Authorization: Bearer <token>`, the token being the content of
@@ -51,10 +59,47 @@ pub enum StepDown {
 /// The future a [`AdminState::step_down`] returns.
 pub type StepDownFuture = Pin<Box<dyn Future<Output = StepDown> + Send>>;
 
+/// Which readiness question `/readyz` asks (its query string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `/readyz`: [`AdminState::ready`].
+    Serving,
+    /// `/readyz?converged`: doing what it was asked to (the bridge: links converged).
+    Converged,
+    /// `/readyz?links`: converged and every link usable end to end.
+    Links,
+}
+
+impl Readiness {
+    /// From `/readyz`'s query string (`None`: no query). An unknown question is an error,
+    /// not the plain one: a typo must not make a script believe something was checked.
+    pub fn from_query(query: Option<&str>) -> Result<Self, String> {
+        match query.unwrap_or("").split('=').next().unwrap_or("") {
+            "" => Ok(Readiness::Serving),
+            "converged" => Ok(Readiness::Converged),
+            "links" => Ok(Readiness::Links),
+            other => Err(format!(
+                "unknown readiness question `{other}` (ask /readyz, /readyz?converged or /readyz?links)"
+            )),
+        }
+    }
+}
+
 /// What the daemon exposes to the admin port.
 pub trait AdminState: Send + Sync + 'static {
     /// Ready to do work?
     fn ready(&self) -> bool;
+    /// The answer to a [`Readiness`] question: `Ok` with a short line saying what holds,
+    /// `Err` saying what does not. Default: every question is [`AdminState::ready`] (a
+    /// daemon without links to converge).
+    fn readiness(&self, question: Readiness) -> Result<String, String> {
+        let _ = question;
+        if self.ready() {
+            Ok("ready".to_string())
+        } else {
+            Err("not ready".to_string())
+        }
+    }
     /// Per-component status as JSON (links, connections, counters).
     fn status(&self) -> serde_json::Value;
     /// The bearer token that authorizes state-changing requests (`admin.token_file`);
@@ -86,9 +131,32 @@ struct Shared {
     metrics: Option<PrometheusHandle>,
 }
 
-/// Install the Prometheus recorder for the `metrics` facade (once per process).
+/// Buckets of the histograms whose time comes from a message's AMQP 0-9-1 `timestamp`
+/// (whole seconds, the sender's clock): how old a message is when the peer accepts it. One
+/// second is their resolution, so they tell queueing (a peer down, a backlog) from normal
+/// flow, not the path's milliseconds; the link canary's round trip measures those.
+pub const AGE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+];
+
+/// Buckets of round-trip histograms (the link canary: bridge → float → float's broker and
+/// back), from 1 ms to 30 s.
+pub const RTT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Install the Prometheus recorder for the `metrics` facade (once per process). Histograms
+/// named `*_age_seconds` and `*_rtt_seconds` get [`AGE_BUCKETS`] and [`RTT_BUCKETS`] (the
+/// exporter renders other histograms as summaries).
 pub fn install_metrics() -> Option<PrometheusHandle> {
-    PrometheusBuilder::new().install_recorder().ok()
+    use metrics_exporter_prometheus::Matcher;
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_age_seconds".into()), AGE_BUCKETS)
+        .ok()?
+        .set_buckets_for_metric(Matcher::Suffix("_rtt_seconds".into()), RTT_BUCKETS)
+        .ok()?
+        .install_recorder()
+        .ok()
 }
 
 /// Serve the admin port on `addr` until `shutdown`. Returns the bound address.
@@ -142,11 +210,14 @@ async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
     }
 }
 
-async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
-    if s.state.ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+async fn readyz(State(s): State<Shared>, uri: axum::http::Uri) -> impl IntoResponse {
+    let question = match Readiness::from_query(uri.query()) {
+        Ok(q) => q,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match s.state.readiness(question) {
+        Ok(line) => (StatusCode::OK, format!("{line}\n")),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 

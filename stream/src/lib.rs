@@ -286,8 +286,14 @@ pub async fn publish(
                 AMQPValue::LongString(LongString::from(v.clone())),
             );
         }
+        // The send time in whole seconds (AMQP 0-9-1's `timestamp`), as a node sets it: the
+        // bridge's `drawbridge_bridge_delivery_age_seconds` is measured from it.
+        let sent_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let props = BasicProperties::default()
             .with_delivery_mode(2)
+            .with_timestamp(sent_at)
             .with_message_id(ShortString::from(message_id(&spec.run, seq)))
             .with_headers(headers);
         let confirm = channel

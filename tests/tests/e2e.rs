@@ -960,3 +960,199 @@ fn alert_rules_and_dashboard_use_only_exported_metrics() -> Result<()> {
     }
     Ok(())
 }
+
+/// Wait until `GET path` on `admin` answers `code`; the last body.
+async fn wait_http(
+    admin: std::net::SocketAddr,
+    path: &str,
+    code: u16,
+    within: Duration,
+) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (c, body) = drawbridge_testkit::daemon::http_get(admin, path).await?;
+        if c == code {
+            return Ok(body);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("{path} still answers {c} after {within:?}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 8, items 5 and 6: readiness questions, the link canary, the age histogram, the
+/// in-flight gauge and `drawbridge status`.
+/// - `/readyz` is 200 as soon as the bridge serves; `/readyz?converged` waits for the
+///   node's snapshot; `/readyz?links` for the link to be up and its canary answered.
+/// - Probes reach the float's canary queue, never the inbox, and are not counted as
+///   messages; their round trip is a histogram.
+/// - Every message with a timestamp is in `drawbridge_bridge_delivery_age_seconds`.
+/// - With the canary queue gone from the float's broker, `/readyz?links` turns 503 naming
+///   the canary while messages keep flowing.
+/// - `drawbridge status` renders the link as a table row; `--json` is the document.
+#[tokio::test]
+async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Result<()> {
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("canary_interval = \"1s\"").await?;
+    let bridge_admin = p.a.bridge.as_ref().expect("bridge").admin();
+    let q = p.a.queue_to(&p.b);
+    // Serving, but the node has not said which links it wants.
+    assert_eq!(
+        drawbridge_testkit::daemon::http_get(bridge_admin, "/readyz")
+            .await?
+            .0,
+        200
+    );
+    let (code, body) =
+        drawbridge_testkit::daemon::http_get(bridge_admin, "/readyz?converged").await?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("snapshot"), "{body}");
+    assert_eq!(
+        drawbridge_testkit::daemon::http_get(bridge_admin, "/readyz?typo")
+            .await?
+            .0,
+        400,
+        "an unknown question is not answered as the plain one"
+    );
+
+    p.a.snapshot(vec![p.a.link_to(&p.b)]).await?;
+    let body = wait_http(
+        bridge_admin,
+        "/readyz?converged",
+        200,
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert!(body.contains("1 links converged"), "{body}");
+    let body = wait_http(bridge_admin, "/readyz?links", 200, Duration::from_secs(20)).await?;
+    assert!(body.contains("links up"), "{body}");
+
+    let n = 200;
+    send(&p.a, &p.b, "canary", n, vec![]).await?;
+    let report = receive(&p.b, "canary", n, BANK_A).await?;
+    assert!(report.complete(), "{report:?}");
+    assert_eq!(
+        report.unexpected, 0,
+        "a probe reached the inbox: {report:?}"
+    );
+
+    let bridge = p.a.bridge.as_ref().expect("bridge");
+    let float = p.b.float.as_ref().expect("float");
+    let queue = [("queue", q.as_str())];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (bm, fm) = loop {
+        let (bm, fm) = (bridge.metrics().await?, float.metrics().await?);
+        if sample(
+            &bm,
+            "drawbridge_bridge_link_canary_rtt_seconds_count",
+            &queue,
+        ) >= 2.0
+            || tokio::time::Instant::now() > deadline
+        {
+            break (bm, fm);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        sample(&bm, "drawbridge_bridge_delivery_age_seconds_count", &queue),
+        n as f64,
+        "{bm}"
+    );
+    // Sent just now: every age is within the histogram's lower buckets.
+    assert_eq!(
+        sample(
+            &bm,
+            "drawbridge_bridge_delivery_age_seconds_bucket",
+            &[("queue", q.as_str()), ("le", "60")]
+        ),
+        n as f64,
+        "{bm}"
+    );
+    assert!(
+        sample(
+            &bm,
+            "drawbridge_bridge_link_canary_rtt_seconds_count",
+            &queue
+        ) >= 2.0,
+        "{bm}"
+    );
+    assert_eq!(
+        sample(&bm, "drawbridge_bridge_link_in_flight", &queue),
+        0.0,
+        "{bm}"
+    );
+    let probes = sample(
+        &fm,
+        "drawbridge_float_canary_probes_total",
+        &[("peer", BANK_A)],
+    );
+    assert!(probes >= 2.0, "{fm}");
+    assert_eq!(
+        sample(&fm, "drawbridge_float_accepted_total", &[("peer", BANK_A)]),
+        n as f64,
+        "probes are not counted as messages: {fm}"
+    );
+    // The probes are in the float's canary queue (transient, bounded).
+    let (_c, ch) = p.b.channel().await?;
+    let canary = ch
+        .queue_declare(
+            "drawbridge.canary".into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    assert!(canary.message_count() >= 1, "no probe in the canary queue");
+
+    // `drawbridge status`: the link as a row of the table, and the JSON.
+    let cli = drawbridge_testkit::daemon::bin_dir().join("drawbridge");
+    let admin = bridge_admin.to_string();
+    let table = tokio::process::Command::new(&cli)
+        .args(["status", "--admin", &admin])
+        .output()
+        .await?;
+    assert!(table.status.success(), "{table:?}");
+    let table = String::from_utf8(table.stdout)?;
+    assert!(table.contains("active (ready, links converged)"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(q.as_str()))
+        .unwrap_or_else(|| panic!("no row for {q}:\n{table}"));
+    for cell in ["up", BANK_B, &n.to_string(), " ms"] {
+        assert!(row.contains(cell), "{cell} missing from {row}");
+    }
+    let json = tokio::process::Command::new(&cli)
+        .args(["status", "--admin", &admin, "--json"])
+        .output()
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(v["links"][0]["queue"], q.as_str());
+    assert!(v["links"][0]["canary_rtt_ms"].as_f64().is_some(), "{v}");
+
+    // The float's broker loses the canary queue: probes come back unroutable, the link's
+    // canary fails and `/readyz?links` says so, while messages keep flowing.
+    ch.queue_delete("drawbridge.canary".into(), Default::default())
+        .await?;
+    let body = wait_http(bridge_admin, "/readyz?links", 503, Duration::from_secs(20)).await?;
+    assert!(body.contains(&q) && body.contains("canary"), "{body}");
+    assert_eq!(
+        drawbridge_testkit::daemon::http_get(bridge_admin, "/readyz?converged")
+            .await?
+            .0,
+        200,
+        "a failing canary does not undo convergence"
+    );
+    send(&p.a, &p.b, "after", 20, vec![]).await?;
+    let report = receive(&p.b, "after", 20, BANK_A).await?;
+    assert!(report.complete(), "{report:?}");
+    assert!(
+        bridge.log_contains("link canary failed"),
+        "{}",
+        bridge.log_tail(30)
+    );
+    Ok(())
+}

@@ -38,6 +38,7 @@ fn attacker_settings(b: &Org, a: &Org) -> Result<PeerSettings> {
         container_id: "mallory".into(),
         link_name: "hostile".into(),
         address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into(),
+        canary_address: None,
     })
 }
 

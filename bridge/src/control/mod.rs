@@ -10,7 +10,7 @@ mod plan;
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -170,7 +170,7 @@ impl Links {
 
     fn start(&mut self, spec: PeerLink) {
         info!(queue = %spec.queue, targets = ?spec.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(), legal_names = ?spec.legal_names, "link created");
-        let view: SharedView = link::new_view(&spec.queue);
+        let view: SharedView = link::new_view(&spec);
         self.ctx
             .views
             .lock()
@@ -498,6 +498,7 @@ async fn control_session(
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let mut have_snapshot = false;
+    ctx.snapshot_applied.store(false, Ordering::Relaxed);
     let mut retry = Backoff::new(cfg.snapshot_retry_min, cfg.snapshot_retry_max);
     request_snapshot(ctx);
     let mut next_request = tokio::time::Instant::now() + retry.next_delay();
@@ -512,6 +513,7 @@ async fn control_session(
                             info!("snapshot received");
                         }
                         have_snapshot = true;
+                        ctx.snapshot_applied.store(true, Ordering::Relaxed);
                     }
                     // Every control message is acked, valid or not: a bad one must not
                     // loop forever.
@@ -530,6 +532,7 @@ async fn control_session(
                     // A standby's wanted set may be behind (it missed messages while
                     // disconnected): ask again, as on start.
                     have_snapshot = false;
+                    ctx.snapshot_applied.store(false, Ordering::Relaxed);
                     retry.reset();
                     request_snapshot(ctx);
                     next_request = tokio::time::Instant::now() + retry.next_delay();

@@ -1,0 +1,315 @@
+//! `drawbridge status`: a daemon's `/status` as a table an operator reads at a glance.
+//!
+//! Rendering is a pure function of the JSON and the current time, so it is tested without
+//! a daemon; `--json` prints the JSON itself for scripts.
+
+use serde_json::Value;
+
+/// Render the `/status` document `v` of a bridge or a float, at `now_unix_ms`.
+pub fn render(v: &Value, now_unix_ms: u64) -> String {
+    match v["role"].as_str() {
+        Some("bridge") => bridge(v, now_unix_ms),
+        Some("float") => float(v, now_unix_ms),
+        _ => format!(
+            "unknown daemon role {}; use --json\n",
+            v["role"].as_str().unwrap_or("(none)")
+        ),
+    }
+}
+
+fn bridge(v: &Value, now: u64) -> String {
+    let mut out = String::new();
+    let state = text(&v["ha_state"]);
+    let ready = if v["ready"].as_bool() == Some(true) {
+        "ready"
+    } else {
+        "NOT READY"
+    };
+    let converged = match (state.as_str(), v["converged"].as_bool()) {
+        ("active", Some(true)) => ", links converged",
+        ("active", _) => ", links not converged",
+        _ => "",
+    };
+    out.push_str(&format!(
+        "bridge {}: {state} ({ready}{converged})\n",
+        text(&v["id"])
+    ));
+    out.push_str(&format!("  broker    {}\n", text(&v["broker"])));
+    out.push_str(&format!("  node      {}\n", text(&v["node_identity"])));
+    if v["ha"]["enabled"].as_bool() == Some(true) {
+        let mut lock = format!(
+            "{} ({})",
+            text(&v["ha"]["lock_queue"]),
+            text(&v["ha"]["reason"])
+        );
+        if let Some(ms) = v["ha"]["hold_off_ms_left"].as_u64() {
+            lock.push_str(&format!(", holding off {}", human(ms)));
+        }
+        out.push_str(&format!("  lock      {lock}\n"));
+    }
+    let wanted = v["wanted_links"].as_array().map_or(0, Vec::len);
+    let links = v["links"].as_array().cloned().unwrap_or_default();
+    if links.is_empty() {
+        if state == "active" {
+            out.push_str(&format!("  links     none running ({wanted} wanted)\n"));
+        } else {
+            out.push_str(&format!(
+                "  links     {wanted} wanted; they run on the active bridge\n"
+            ));
+        }
+        return out;
+    }
+    let mut rows = vec![[
+        "QUEUE",
+        "STATE",
+        "SINCE",
+        "PEER",
+        "TARGET",
+        "IN FLIGHT",
+        "FORWARDED",
+        "DEAD-LETTERED",
+        "CANARY",
+        "LAST ERROR",
+    ]
+    .map(String::from)];
+    for l in &links {
+        let up = l["state"].as_str() == Some("up");
+        let canary = match (l["canary_rtt_ms"].as_f64(), l["canary_error"].as_str()) {
+            (_, Some(_)) => "failing".to_string(),
+            (Some(ms), None) => format!("{ms:.1} ms"),
+            (None, None) => "-".to_string(),
+        };
+        let error = match (up, l["canary_error"].as_str()) {
+            (false, _) => text(&l["reason"]),
+            (true, Some(e)) => format!("canary: {e}"),
+            (true, None) => "-".to_string(),
+        };
+        rows.push([
+            text(&l["queue"]),
+            text(&l["state"]),
+            l["since_unix_ms"]
+                .as_u64()
+                .map_or("-".to_string(), |t| human(now.saturating_sub(t))),
+            text(&l["peer"]),
+            text(&l["target"]),
+            number(&l["in_flight"]),
+            number(&l["forwarded"]),
+            number(&l["dead_lettered"]),
+            canary,
+            error,
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    out
+}
+
+fn float(v: &Value, now: u64) -> String {
+    let mut out = String::new();
+    let ready = if v["ready"].as_bool() == Some(true) {
+        "ready"
+    } else {
+        "NOT READY"
+    };
+    out.push_str(&format!("float on {} ({ready})\n", text(&v["listen"])));
+    out.push_str(&format!("  broker    {}\n", text(&v["broker"])));
+    for id in v["identities"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  serves    {} -> {}\n",
+            text(&id["legal_name"]),
+            text(&id["inbox"])
+        ));
+    }
+    out.push_str(&format!(
+        "  messages  {} accepted, {} rejected, {} released, {} duplicates suppressed; {} bytes in flight\n",
+        number(&v["accepted"]),
+        number(&v["rejected"]),
+        number(&v["released"]),
+        number(&v["duplicates_suppressed"]),
+        number(&v["bytes_in_flight"]),
+    ));
+    let conns = v["connections"].as_array().cloned().unwrap_or_default();
+    if conns.is_empty() {
+        out.push_str("  peers     none connected\n");
+        return out;
+    }
+    let mut rows = vec![["PEER", "ADDRESS", "SINCE", "CERTIFICATE SERIAL"].map(String::from)];
+    for c in &conns {
+        rows.push([
+            text(&c["peer"]),
+            text(&c["addr"]),
+            c["since_unix_ms"]
+                .as_u64()
+                .map_or("-".to_string(), |t| human(now.saturating_sub(t))),
+            text(&c["cert_serial"]),
+        ]);
+    }
+    rows[1..].sort();
+    out.push('\n');
+    out.push_str(&table(&rows));
+    out
+}
+
+/// A JSON string or number as text; `-` when absent.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) if !s.is_empty() => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => "-".to_string(),
+    }
+}
+
+fn number(v: &Value) -> String {
+    v.as_u64().map_or("-".to_string(), |n| n.to_string())
+}
+
+/// Milliseconds as the two largest units: `850ms`, `42s`, `3m12s`, `2h05m`, `3d04h`.
+pub fn human(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Left-aligned columns, two spaces apart; the last column is not padded.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn durations_read_as_two_units() {
+        assert_eq!(human(850), "850ms");
+        assert_eq!(human(42_000), "42s");
+        assert_eq!(human(192_000), "3m12s");
+        assert_eq!(human(7_500_000), "2h05m");
+        assert_eq!(human(3 * 86_400_000 + 4 * 3_600_000), "3d04h");
+    }
+
+    #[test]
+    fn an_active_bridge_shows_each_link_with_its_state_peer_and_errors() {
+        let now = 1_000_000_000;
+        let v = json!({
+            "role": "bridge", "id": "bridge-a", "ready": true, "converged": true,
+            "ha_state": "active", "broker": "amqp://127.0.0.1:5672/%2f",
+            "node_identity": "O=Bank A, L=London, C=GB",
+            "ha": {"enabled": true, "state": "active", "reason": "holding the lock",
+                   "lock_queue": "drawbridge.bridge.lock.a", "hold_off_ms_left": null},
+            "wanted_links": ["drawbridge.peers.b", "drawbridge.peers.c"],
+            "links": [
+                {"queue": "drawbridge.peers.b", "peer": "O=Bank B, L=Paris, C=FR", "state": "up",
+                 "target": "127.0.0.1:5671", "reason": "connected", "forwarded": 10000,
+                 "dead_lettered": 2, "in_flight": 17, "since_unix_ms": now - 192_000,
+                 "canary_rtt_ms": 1.84, "canary_error": null},
+                {"queue": "drawbridge.peers.c", "peer": "O=Bank C, L=Berlin, C=DE", "state": "down",
+                 "target": "127.0.0.1:5681", "reason": "network: connection refused",
+                 "forwarded": 0, "dead_lettered": 0, "in_flight": 0, "since_unix_ms": now - 5_000,
+                 "canary_rtt_ms": null, "canary_error": null}
+            ]
+        });
+        let out = render(&v, now);
+        assert!(
+            out.starts_with("bridge bridge-a: active (ready, links converged)\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("lock      drawbridge.bridge.lock.a (holding the lock)"),
+            "{out}"
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("QUEUE")).unwrap();
+        let b = lines[header + 1];
+        let c = lines[header + 2];
+        for cell in [
+            "drawbridge.peers.b",
+            "up",
+            "3m12s",
+            "O=Bank B, L=Paris, C=FR",
+            "17",
+            "10000",
+            "1.8 ms",
+        ] {
+            assert!(b.contains(cell), "{cell} missing in {b}");
+        }
+        assert!(
+            c.contains("down") && c.ends_with("network: connection refused"),
+            "{c}"
+        );
+        // Columns line up: each row's state starts where the header's does.
+        let col = lines[header].find("STATE").unwrap();
+        assert_eq!(&b[col..col + 2], "up");
+        assert_eq!(&c[col..col + 4], "down");
+    }
+
+    #[test]
+    fn a_standby_says_where_its_links_run() {
+        let v = json!({
+            "role": "bridge", "id": "bridge-a2", "ready": true, "converged": true,
+            "ha_state": "standby", "broker": "amqp://127.0.0.1:5672/%2f",
+            "ha": {"enabled": true, "reason": "another bridge holds the lock",
+                   "lock_queue": "drawbridge.bridge.lock.a", "hold_off_ms_left": 42_000},
+            "wanted_links": ["drawbridge.peers.b"], "links": []
+        });
+        let out = render(&v, 0);
+        assert!(
+            out.starts_with("bridge bridge-a2: standby (ready)\n"),
+            "{out}"
+        );
+        assert!(out.contains("holding off 42s"), "{out}");
+        assert!(
+            out.contains("1 wanted; they run on the active bridge"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_float_lists_its_peers() {
+        let v = json!({
+            "role": "float", "ready": false, "listen": "127.0.0.1:5671", "broker": null,
+            "identities": [{"legal_name": "O=Bank B, L=Paris, C=FR", "inbox": "drawbridge.inbox"}],
+            "accepted": 5, "rejected": 1, "released": 0, "duplicates_suppressed": 2,
+            "bytes_in_flight": 0,
+            "connections": [{"peer": "O=Bank A, L=London, C=GB", "addr": "127.0.0.1:40000",
+                             "cert_serial": "0a1b", "since_unix_ms": 0}]
+        });
+        let out = render(&v, 61_000);
+        assert!(
+            out.starts_with("float on 127.0.0.1:5671 (NOT READY)\n"),
+            "{out}"
+        );
+        assert!(out.contains("broker    -"), "{out}");
+        assert!(out.contains("5 accepted, 1 rejected"), "{out}");
+        assert!(
+            out.contains("O=Bank A, L=London, C=GB  127.0.0.1:40000  1m01s  0a1b"),
+            "{out}"
+        );
+    }
+}

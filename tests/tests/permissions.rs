@@ -560,5 +560,15 @@ async fn the_least_privilege_users_run_the_whole_path_and_nothing_more() -> Resu
         consume(&ch, DEAD_LETTER).await,
         "node consumes the dead-letter queue",
     );
+    // The float's link-canary queue is within its permissions too (declared and bound on
+    // connect; a refusal would only be logged, so look for it).
+    for org in [&a, &b] {
+        let float = org.float.as_ref().expect("float");
+        assert!(
+            !float.log_contains("cannot declare the canary queue"),
+            "{}",
+            float.log_tail(20)
+        );
+    }
     Ok(())
 }

@@ -552,6 +552,9 @@ async fn supervise(
         last_error.clear();
         backoff.reset();
         tx.send_replace(Some(live.clone()));
+        // 1 while connected (set up and usable); the scrape job tells bridge from float.
+        metrics::gauge!("drawbridge_broker_connected").set(1.0);
+        metrics::counter!("drawbridge_broker_connects_total").increment(1);
 
         // Watch for the end of this connection.
         let mut poll = tokio::time::interval(Duration::from_millis(500));
@@ -582,6 +585,7 @@ async fn supervise(
         };
         live.lost.cancel();
         tx.send_replace(None);
+        metrics::gauge!("drawbridge_broker_connected").set(0.0);
         close(&live, &cfg).await;
         match reason {
             None => break,

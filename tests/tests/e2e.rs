@@ -890,6 +890,13 @@ async fn metrics_count_what_was_sent_per_link_and_per_peer() -> Result<()> {
         sample(&bm, "drawbridge_bridge_link_connects_total", &queue) >= 1.0,
         "{bm}"
     );
+    for m in [&bm, &fm] {
+        assert_eq!(sample(m, "drawbridge_broker_connected", &[]), 1.0, "{m}");
+        assert!(
+            sample(m, "drawbridge_broker_connects_total", &[]) >= 1.0,
+            "{m}"
+        );
+    }
     let last = sample(
         &bm,
         "drawbridge_bridge_link_last_accepted_timestamp_seconds",

@@ -19,6 +19,8 @@
 
 #![forbid(unsafe_code)]
 
+mod scale;
+
 use std::{
     path::PathBuf,
     process::ExitCode,
@@ -65,6 +67,14 @@ struct Args {
     /// Working directory for PKI, daemon configs and logs (kept afterwards).
     #[arg(long, default_value = ".drawbridge/bench")]
     dir: PathBuf,
+    /// Instead of the throughput paths: open this many idle peer links from A's bridge to
+    /// B's float and report the time until all are up, then the bridge's and the float's
+    /// CPU and RSS while the links idle (issue 9's scale figures).
+    #[arg(long, default_value_t = 0)]
+    idle_links: usize,
+    /// How long the idle links are measured.
+    #[arg(long, default_value_t = 30)]
+    idle_seconds: u64,
 }
 
 const ORG_A: &str = "O=Bench A, L=London, C=GB";
@@ -265,7 +275,16 @@ async fn run(args: Args) -> Result<ExitCode> {
     let net = devpki::generate_network(&dir.join("pki"), &[ORG_A.parse()?, ORG_B.parse()?])?;
     let mut a = Org::new(net.nodes[0].clone(), vec![na.amqp_uri("/")], &dir);
     let mut b = Org::new(net.nodes[1].clone(), vec![nb.amqp_uri("/")], &dir);
-    b.start_float("").await?;
+    // Room for every idle link's connection (one per link, all from one peer and address).
+    let float_extra = if args.idle_links > 0 {
+        let room = args.idle_links + 16;
+        format!(
+            "max_connections = {room}\nmax_connections_per_peer = {room}\nmax_connections_per_address = {room}\n"
+        )
+    } else {
+        String::new()
+    };
+    b.start_float(&float_extra).await?;
     a.start_bridge("").await?;
     // The bridge asks for a snapshot at start; answer it (links come per run).
     a.snapshot(vec![]).await?;
@@ -295,6 +314,17 @@ async fn run(args: Args) -> Result<ExitCode> {
         probes,
         args,
     };
+    if bench.args.idle_links > 0 {
+        let result = scale::idle_links(&bench.a, &bench.b, &bench.probes, bench.args.idle_links, bench.args.idle_seconds).await;
+        for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = d.terminate(Duration::from_secs(60)).await;
+        }
+        result?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let result = measure_all(&bench).await;
 
     for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]

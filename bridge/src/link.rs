@@ -578,7 +578,12 @@ impl LinkSession<'_> {
         let mut acks = AckBatch::new(64);
         let mut draining = false;
         let mut drain_deadline = None;
+        // Flushes a pending ack batch and samples the in-flight count. It runs only while there
+        // is something to flush or sample (see its arm below): an idle link sleeps until a
+        // delivery or its peer wakes it (1,000 idle links ticking 20 times a second cost
+        // 8.8 % of a core; `drawbridge-bench --idle-links`).
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Registered once per session: the per-message cost is a record, not a lookup.
         let age = metrics::histogram!("drawbridge_bridge_delivery_age_seconds", "queue" => spec.queue.clone());
         let in_flight_gauge =
@@ -840,7 +845,7 @@ impl LinkSession<'_> {
                     // Never ack deliveries of a dead connection.
                     return End::Broken(Broken::BrokerLost(""));
                 }
-                _ = tick.tick() => {
+                _ = tick.tick(), if acks.is_pending() || !inflight.is_empty() || in_flight_seen != 0 => {
                     if inflight.len() != in_flight_seen {
                         in_flight_seen = inflight.len();
                         in_flight_gauge.set(in_flight_seen as f64);

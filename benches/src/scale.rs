@@ -1,0 +1,109 @@
+//! `--idle-links N`: what idle links cost. N peer links from A's bridge to B's float (one
+//! mTLS connection and one broker consumer each), created with one snapshot; the time until
+//! all are up, then the bridge's and the float's CPU (% of one core) and resident memory while
+//! nothing moves. An idle link should cost nothing but its memory: anything that ticks per link
+//! shows up here multiplied by N.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use drawbridge_control_protocol::{PeerLink, Target, DEFAULT_TARGET_ADDRESS};
+use drawbridge_testkit::world::Org;
+use procfs::process::Process;
+
+use crate::Probes;
+
+/// Resident set size of `pid` in MiB.
+fn rss_mib(pid: Option<u32>) -> Option<f64> {
+    let p = Process::new(i32::try_from(pid?).ok()?).ok()?;
+    Some(p.status().ok()?.vmrss? as f64 / 1024.0)
+}
+
+pub(crate) async fn idle_links(
+    a: &Org,
+    b: &Org,
+    probes: &Probes,
+    n: usize,
+    seconds: u64,
+) -> Result<()> {
+    let bridge = a.bridge.as_ref().expect("bridge started");
+    let (bridge_pid, float_pid) = (
+        bridge.pid(),
+        b.float.as_ref().and_then(|f| f.pid()),
+    );
+    let (rss_bridge_0, rss_float_0) = (rss_mib(bridge_pid), rss_mib(float_pid));
+    let links: Vec<PeerLink> = (0..n)
+        .map(|i| PeerLink {
+            queue: format!("drawbridge.peers.idle-{i}"),
+            targets: vec![Target::new("127.0.0.1", b.float_port)],
+            legal_names: vec![b.legal_name.clone()],
+            target_address: DEFAULT_TARGET_ADDRESS.to_string(),
+        })
+        .collect();
+    println!("## {n} idle links, A's bridge → B's float");
+    println!();
+    let start = Instant::now();
+    a.snapshot(links).await?;
+    let mut last_print = Instant::now();
+    let all_up = loop {
+        let status = bridge.status().await?;
+        let up = status["links"]
+            .as_array()
+            .map_or(0, |ls| ls.iter().filter(|l| l["state"] == "up").count());
+        if up == n {
+            break start.elapsed();
+        }
+        if last_print.elapsed() > Duration::from_secs(2) {
+            println!("  {up}/{n} links up after {:.1} s", start.elapsed().as_secs_f64());
+            last_print = Instant::now();
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("only {up} of {n} links up after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("  all {n} up after {:.2} s", all_up.as_secs_f64());
+    // Let the start-up settle (TLS sessions, first heartbeats) before measuring the idle cost.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = probes.sample();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let after = probes.sample();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let names = probes.all_names();
+    let pct = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .map_or(f64::NAN, |i| (after[i] - before[i]) / elapsed * 100.0)
+    };
+    let (rss_bridge, rss_float) = (rss_mib(bridge_pid), rss_mib(float_pid));
+    let fmt = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
+    println!();
+    println!("| process | idle CPU (% of a core, {seconds} s) | RSS before links (MiB) | RSS with {n} links (MiB) |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| bridge A | {:.2} | {} | {} |",
+        pct("bridge A"),
+        fmt(rss_bridge_0),
+        fmt(rss_bridge)
+    );
+    println!(
+        "| float B | {:.2} | {} | {} |",
+        pct("float B"),
+        fmt(rss_float_0),
+        fmt(rss_float)
+    );
+    println!("| beam A | {:.2} | | |", pct("beam A"));
+    println!("| beam B | {:.2} | | |", pct("beam B"));
+    println!();
+    println!(
+        "SCALE links={n} all_up_s={:.2} bridge_idle_cpu_pct={:.2} bridge_rss_mib={} float_idle_cpu_pct={:.2} float_rss_mib={}",
+        all_up.as_secs_f64(),
+        pct("bridge A"),
+        fmt(rss_bridge),
+        pct("float B"),
+        fmt(rss_float)
+    );
+    Ok(())
+}

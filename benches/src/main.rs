@@ -315,7 +315,14 @@ async fn run(args: Args) -> Result<ExitCode> {
         args,
     };
     if bench.args.idle_links > 0 {
-        let result = scale::idle_links(&bench.a, &bench.b, &bench.probes, bench.args.idle_links, bench.args.idle_seconds).await;
+        let result = scale::idle_links(
+            &bench.a,
+            &bench.b,
+            &bench.probes,
+            bench.args.idle_links,
+            bench.args.idle_seconds,
+        )
+        .await;
         for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]
             .into_iter()
             .flatten()

@@ -27,10 +27,7 @@ pub(crate) async fn idle_links(
     seconds: u64,
 ) -> Result<()> {
     let bridge = a.bridge.as_ref().expect("bridge started");
-    let (bridge_pid, float_pid) = (
-        bridge.pid(),
-        b.float.as_ref().and_then(|f| f.pid()),
-    );
+    let (bridge_pid, float_pid) = (bridge.pid(), b.float.as_ref().and_then(|f| f.pid()));
     let (rss_bridge_0, rss_float_0) = (rss_mib(bridge_pid), rss_mib(float_pid));
     let links: Vec<PeerLink> = (0..n)
         .map(|i| PeerLink {
@@ -54,7 +51,10 @@ pub(crate) async fn idle_links(
             break start.elapsed();
         }
         if last_print.elapsed() > Duration::from_secs(2) {
-            println!("  {up}/{n} links up after {:.1} s", start.elapsed().as_secs_f64());
+            println!(
+                "  {up}/{n} links up after {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
             last_print = Instant::now();
         }
         if start.elapsed() > Duration::from_secs(600) {

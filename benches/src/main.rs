@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+mod failover;
 mod scale;
 
 use std::{
@@ -75,6 +76,11 @@ struct Args {
     /// How long the idle links are measured.
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
+    /// Instead of the throughput paths: two hot-warm bridges of A and a steady stream;
+    /// kill -9 the active bridge this many times and report how long the standby takes to
+    /// be active and to forward (median), and lost / duplicates over the whole stream.
+    #[arg(long, default_value_t = 0)]
+    failovers: usize,
 }
 
 const ORG_A: &str = "O=Bench A, L=London, C=GB";
@@ -314,6 +320,17 @@ async fn run(args: Args) -> Result<ExitCode> {
         probes,
         args,
     };
+    if bench.args.failovers > 0 {
+        let ok = failover::failovers(&mut bench.a, &bench.b, bench.args.failovers).await;
+        if let Some(f) = bench.b.float.as_mut() {
+            let _ = f.terminate(Duration::from_secs(30)).await;
+        }
+        return Ok(if ok? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     if bench.args.idle_links > 0 {
         let result = scale::idle_links(
             &bench.a,

@@ -147,6 +147,18 @@ async fn run(
             Err((failure, reason)) => {
                 metrics::counter!("drawbridge_bridge_link_canary_failures_total", "queue" => queue.clone(), "reason" => failure.label())
                     .increment(1);
+                if link_failed && n == 1 {
+                    // The float detached the canary link at once: it does not take probes
+                    // (an older float, or its canary is off). Said once per reason, not at
+                    // every reconnect; the link forwards without a canary.
+                    let reason = format!("the float refused the canary link: {reason}");
+                    let mut v = view.lock().expect("poisoned");
+                    if v.canary_error.as_deref() != Some(reason.as_str()) {
+                        warn!(queue = %queue, reason = %reason, "link canary unavailable; the link forwards without it");
+                        v.canary_error = Some(reason);
+                    }
+                    return;
+                }
                 view.lock().expect("poisoned").canary_error = Some(reason.clone());
                 // One line per episode, not per probe.
                 if !std::mem::replace(&mut failing, true) {

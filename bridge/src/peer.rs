@@ -120,17 +120,30 @@ async fn connect_inner(
             )));
         }
     };
+    // Bounded on its own (half the connect deadline): a float that does not answer the
+    // canary's attach must not keep the link itself from coming up.
     let canary = match &s.canary_address {
         None => None,
-        Some(address) => Some(
-            Sender::attach(
-                &mut session,
-                format!("{}-canary", s.link_name),
-                address.clone(),
+        Some(address) => {
+            let name = format!("{}-canary", s.link_name);
+            let wait = s.connect_timeout / 2;
+            Some(
+                match tokio::time::timeout(
+                    wait,
+                    Sender::attach(&mut session, name, address.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(sender)) => Ok(sender),
+                    Ok(Err(e)) => Err(format!(
+                        "the float refused the canary link to `{address}`: {e}"
+                    )),
+                    Err(_) => Err(format!(
+                        "the float did not answer the canary link to `{address}` within {wait:?}"
+                    )),
+                },
             )
-            .await
-            .map_err(|e| format!("the float refused the canary link to `{address}`: {e}")),
-        ),
+        }
     };
     Ok(PeerConnection {
         conn,

@@ -1169,3 +1169,34 @@ async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Re
     );
     Ok(())
 }
+
+/// A bridge with the canary on and a float that does not take probes (an older float, or
+/// `canary_queue = ""`): the link forwards as usual, the bridge says once why it has no
+/// canary, and `/readyz?links` names it instead of pretending the path was proven.
+#[tokio::test]
+async fn a_float_without_canary_costs_the_link_nothing() -> Result<()> {
+    let mut p = pair().await?;
+    p.b.start_float("canary_queue = \"\"").await?;
+    p.a.start_bridge("canary_interval = \"1s\"").await?;
+    let bridge_admin = p.a.bridge.as_ref().expect("bridge").admin();
+    let q = p.a.queue_to(&p.b);
+    p.a.snapshot(vec![p.a.link_to(&p.b)]).await?;
+    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
+        .await?;
+    let n = 50;
+    send(&p.a, &p.b, "nocanary", n, vec![]).await?;
+    let report = receive(&p.b, "nocanary", n, BANK_A).await?;
+    assert!(report.complete(), "{report:?}");
+    let body = wait_http(bridge_admin, "/readyz?links", 503, Duration::from_secs(20)).await?;
+    assert!(
+        body.contains("canary") && body.contains("refused"),
+        "{body}"
+    );
+    let bridge = p.a.bridge.as_ref().expect("bridge");
+    let lines = std::fs::read_to_string(bridge.log_path())?
+        .lines()
+        .filter(|l| l.contains("link canary unavailable"))
+        .count();
+    assert_eq!(lines, 1, "{}", bridge.log_tail(20));
+    Ok(())
+}

@@ -27,6 +27,11 @@ pub struct HaConfig {
     /// After a step-down, how long this bridge stays away from the election, so another
     /// one takes over.
     pub hold_off: Duration,
+    /// How often the active bridge checks that it still holds the lock (its lease runs
+    /// `2 × lease_check` from the last answered check; see `crate::ha::Lease`). Must satisfy
+    /// `2 × lease_check ≤ broker.heartbeat_secs`, so a bridge cut off from its broker stops
+    /// its links before the broker can give the lock to another one.
+    pub lease_check: Duration,
 }
 
 /// Everything the bridge needs to run.
@@ -212,12 +217,15 @@ impl BridgeConfig {
             },
             None => None,
         };
+        let lease_check_set = r.is_set("bridge.ha_lease_check");
         let ha = HaConfig {
             enabled: r.get("bridge.ha", true),
             lock_queue: r.optional("bridge.ha_lock_queue"),
             group: r.optional("bridge.ha_group"),
             retry: r.duration("bridge.ha_retry", Duration::from_millis(500)),
             hold_off: r.duration("bridge.ha_hold_off", Duration::from_secs(30)),
+            // Resolved against `broker.heartbeat_secs` once that is read (below).
+            lease_check: r.duration("bridge.ha_lease_check", Duration::ZERO),
         };
         r.check(
             "bridge.ha_retry",
@@ -238,7 +246,7 @@ impl BridgeConfig {
                 "must be 1..=200 bytes",
             );
         }
-        let cfg = BridgeConfig {
+        let mut cfg = BridgeConfig {
             id: r.get("bridge.id", default_id),
             tls_cert: r.required("bridge.tls_cert").unwrap_or_default(),
             tls_key: r.required("bridge.tls_key").unwrap_or_default(),
@@ -292,6 +300,24 @@ impl BridgeConfig {
             cfg.reconnect_max >= cfg.reconnect_min,
             "must not be smaller than reconnect_min",
         );
+        let heartbeat = cfg.broker.heartbeat;
+        if !lease_check_set {
+            cfg.ha.lease_check = crate::ha::default_lease_check(heartbeat);
+        } else {
+            r.check(
+                "bridge.ha_lease_check",
+                (Duration::from_millis(100)..=Duration::from_secs(60))
+                    .contains(&cfg.ha.lease_check),
+                "must be between 100ms and 60s",
+            );
+            r.check(
+                "bridge.ha_lease_check",
+                crate::ha::lease_fits(cfg.ha.lease_check, heartbeat),
+                format!(
+                    "must be at most half of broker.heartbeat_secs ({heartbeat}s): 2 × ha_lease_check ≤ heartbeat, so a bridge cut off from its broker stops its links before the broker (after 2 heartbeats of silence) can give the lock to another bridge"
+                ),
+            );
+        }
         r.check(
             "bridge.canary_interval",
             cfg.canary_interval
@@ -412,11 +438,47 @@ mod ha_tests {
         assert!(cfg.ha.enabled);
         assert_eq!(cfg.ha.retry, Duration::from_millis(500));
         assert_eq!(cfg.ha.hold_off, Duration::from_secs(30));
+        assert_eq!(cfg.ha.lease_check, Duration::from_secs(2));
         assert!(cfg.admin_token.is_none());
         let errs = load("ha_retry = \"1ms\"\nha_lock_queue = \"amq.lock\"\n", "").unwrap_err();
         for key in ["bridge.ha_retry", "bridge.ha_lock_queue"] {
             assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
         }
+    }
+
+    #[test]
+    fn the_lease_check_fits_within_the_heartbeat() {
+        let with = |bridge: &str, heartbeat: &str| {
+            let text = format!(
+                "{BASE}{bridge}\n[broker]\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n{heartbeat}\n[admin]\n"
+            );
+            BridgeConfig::from_reader(ConfigReader::from_toml(&text).unwrap()).map_err(|e| e.0)
+        };
+        // The default follows the heartbeat: 2 s, or half a shorter heartbeat.
+        let cfg = with("", "heartbeat_secs = 3").unwrap();
+        assert_eq!(cfg.ha.lease_check, Duration::from_millis(1500));
+        let cfg = with("", "heartbeat_secs = 0").unwrap();
+        assert_eq!(cfg.ha.lease_check, Duration::from_secs(2));
+        let cfg = with("ha_lease_check = \"5s\"", "heartbeat_secs = 10").unwrap();
+        assert_eq!(cfg.ha.lease_check, Duration::from_secs(5));
+        // 2 × 3 s > 5 s, the default heartbeat: refused, naming the heartbeat; listed with
+        // the other bad keys.
+        let errs = with("ha_lease_check = \"3s\"\nha_retry = \"1ms\"", "").unwrap_err();
+        assert!(
+            errs.iter().any(
+                |e| e.starts_with("bridge.ha_lease_check") && e.contains("heartbeat_secs (5s)")
+            ),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("bridge.ha_retry")),
+            "{errs:#?}"
+        );
+        let errs = with("ha_lease_check = \"10ms\"", "").unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("bridge.ha_lease_check")),
+            "{errs:#?}"
+        );
     }
 
     #[test]

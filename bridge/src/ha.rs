@@ -19,6 +19,17 @@
 //!   That costs nothing while all is well, unlike polling with passive declares.
 //! - Losing the broker connection loses the lock with it: the bridge says so, its links
 //!   stop at once (they can no longer ack), and it contends again once reconnected.
+//! - **The lease** covers a connection that goes silent without closing (a black-holed
+//!   network path): the broker frees the lock only after two heartbeat intervals without
+//!   hearing from us, but lapin notices the silence only after about as long, so without
+//!   more the old bridge could still hold its links up when another one takes over. Every
+//!   `ha_lease_check` the active bridge passively declares the lock queue on the lock's
+//!   channel (a round trip that also proves the queue is still ours). The lease runs
+//!   `2 × ha_lease_check` from the *sending* of the last answered check ([`Lease`]); when it
+//!   runs out the bridge reports its connection broken, which stops its links at once, and
+//!   goes `disconnected`. With `2 × ha_lease_check ≤ heartbeat` (checked by the config and
+//!   enforced on the negotiated heartbeat, [`lease_check_on`]) the lease runs out at least one
+//!   heartbeat before the broker can give the lock to another bridge.
 //! - **Step-down** (`POST /step-down`): the links drain as on SIGTERM, then the lock queue
 //!   is deleted (or, if that fails, the connection is closed, which deletes it too), and
 //!   this bridge does not contend for `ha_hold_off`.
@@ -39,7 +50,7 @@ use drawbridge_runtime::{
     backoff::Backoff,
     broker::Live,
 };
-use futures::StreamExt;
+use futures::{future::BoxFuture, StreamExt};
 use lapin::{
     options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{FieldTable, ShortString},
@@ -119,6 +130,71 @@ pub(crate) fn lock_queue_name(configured: Option<&str>, group: &str) -> String {
 /// `mean` ± 50 %, so standbys started together do not retry in step.
 fn jittered(mean: Duration) -> Duration {
     mean.mul_f64(rand::random_range(0.5..1.5))
+}
+
+/// The active bridge's lease on the lock (no clock inside: the caller passes the times).
+///
+/// RabbitMQ closes a connection it has not heard from for two heartbeat intervals (between
+/// two and three: it samples the socket once per interval), and only then deletes the lock
+/// queue. A lease check sent at `s` and answered reached the broker at `s` or later, so the
+/// broker cannot free the lock before `s + 2 × heartbeat`. The lease runs `2 × check` from
+/// the sending of the last answered check: with `2 × check ≤ heartbeat` ([`lease_fits`]) it
+/// runs out at least one heartbeat before the lock can be given to another bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lease {
+    /// The interval between checks (`bridge.ha_lease_check`, or less: [`lease_check_on`]).
+    check: Duration,
+    /// When the last answered check (or the declare that took the lock) was sent.
+    from: Instant,
+}
+
+impl Lease {
+    /// A lease taken by a declare sent at `sent`, checked every `check`.
+    pub(crate) fn new(check: Duration, sent: Instant) -> Lease {
+        Lease { check, from: sent }
+    }
+
+    /// A check sent at `sent` was answered. An answer to an older check never shortens it.
+    pub(crate) fn answered(&mut self, sent: Instant) {
+        self.from = self.from.max(sent);
+    }
+
+    /// When the next check is due after one sent at `sent`.
+    pub(crate) fn next_check(&self, sent: Instant) -> Instant {
+        sent + self.check
+    }
+
+    /// When the lease runs out unless a newer check is answered.
+    pub(crate) fn expires_at(&self) -> Instant {
+        self.from + self.check * 2
+    }
+}
+
+/// Whether a lease check every `check` is safe with a `heartbeat_secs` AMQP heartbeat
+/// (`2 × check ≤ heartbeat`; any with heartbeats off, when only TCP notices a dead peer).
+pub(crate) fn lease_fits(check: Duration, heartbeat_secs: u16) -> bool {
+    heartbeat_secs == 0 || check * 2 <= Duration::from_secs(heartbeat_secs.into())
+}
+
+/// The default `bridge.ha_lease_check`: 2 s, or half the heartbeat if that is shorter.
+pub(crate) fn default_lease_check(heartbeat_secs: u16) -> Duration {
+    let two = Duration::from_secs(2);
+    if heartbeat_secs == 0 {
+        two
+    } else {
+        two.min(Duration::from_secs(heartbeat_secs.into()) / 2)
+    }
+}
+
+/// The check interval used on a connection whose negotiated heartbeat is `negotiated_secs`:
+/// the configured one, or half the heartbeat when the broker (or a `?heartbeat=` in the URI)
+/// made it shorter than the configuration was checked against.
+pub(crate) fn lease_check_on(configured: Duration, negotiated_secs: u16) -> Duration {
+    if lease_fits(configured, negotiated_secs) {
+        configured
+    } else {
+        Duration::from_secs(negotiated_secs.into()) / 2
+    }
 }
 
 impl Ha {
@@ -225,6 +301,8 @@ impl Ha {
 struct Lock {
     channel: Channel,
     consumer: Consumer,
+    /// When the declare that took it was sent (where the lease starts).
+    declared_at: Instant,
 }
 
 /// Why an attempt to take the lock did not.
@@ -241,6 +319,9 @@ enum Held {
     ConnectionLost,
     /// The lock queue went away while our connection lives on.
     LockLost(String),
+    /// No lease check was answered in time: the connection is reported broken (the links
+    /// stop at once) before the broker can give the lock to another bridge.
+    LeaseExpired(String),
     /// Stepped down on request.
     SteppedDown,
     /// The bridge is stopping: keep the lock until the connection closes after the links
@@ -324,6 +405,10 @@ pub(crate) async fn run(
                         Held::LockLost(reason) => {
                             ha.set(HaState::Standby, &format!("lost the lock: {reason}"));
                             jittered(retry)
+                        }
+                        Held::LeaseExpired(reason) => {
+                            ha.set(HaState::Disconnected, &format!("lost the lock: {reason}"));
+                            continue 'connections;
                         }
                         Held::SteppedDown => {
                             let until = Instant::now() + ctx.cfg.ha.hold_off;
@@ -412,6 +497,7 @@ async fn acquire(live: &Live, queue: &str, op: Duration) -> Result<Lock, Attempt
         Ok(Err(e)) => return Err(Attempt::Failed(format!("opening a channel: {e}"))),
         Err(_) => return Err(Attempt::Failed("opening a channel timed out".into())),
     };
+    let declared_at = Instant::now();
     let declare = channel.queue_declare(
         ShortString::from(queue),
         QueueDeclareOptions {
@@ -445,7 +531,11 @@ async fn acquire(live: &Live, queue: &str, op: Duration) -> Result<Lock, Attempt
         FieldTable::default(),
     );
     match tokio::time::timeout(op, consume).await {
-        Ok(Ok(consumer)) => Ok(Lock { channel, consumer }),
+        Ok(Ok(consumer)) => Ok(Lock {
+            channel,
+            consumer,
+            declared_at,
+        }),
         other => {
             // Holding a lock we cannot watch is worse than not holding it. If even the
             // delete fails, our connection still owns the queue and the next attempt
@@ -465,7 +555,29 @@ async fn acquire(live: &Live, queue: &str, op: Duration) -> Result<Lock, Attempt
     }
 }
 
-/// Hold the lock until the connection or the queue goes, a step-down, or shutdown.
+/// A passive declare of the lock queue on the lock's channel: answered only while the broker
+/// hears us, and only while the queue is still ours (404 when gone, 405 when another
+/// connection's).
+fn lease_check(channel: &Channel, queue: &str) -> BoxFuture<'static, Result<(), lapin::Error>> {
+    let channel = channel.clone();
+    let queue = ShortString::from(queue);
+    Box::pin(async move {
+        channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|_| ())
+    })
+}
+
+/// Hold the lock until the connection or the queue goes, the lease runs out, a step-down, or
+/// shutdown.
 async fn hold(
     ctx: &Ctx,
     live: &Live,
@@ -473,6 +585,21 @@ async fn hold(
     requests: &mut mpsc::Receiver<Request>,
     shutdown: &CancellationToken,
 ) -> Held {
+    let configured = ctx.cfg.ha.lease_check;
+    let negotiated = live.conn.configuration().heartbeat();
+    let every = lease_check_on(configured, negotiated);
+    if every != configured {
+        warn!(
+            heartbeat_secs = negotiated,
+            configured = ?configured,
+            using = ?every,
+            "the negotiated broker heartbeat is shorter than bridge.ha_lease_check allows; checking the lease more often"
+        );
+    }
+    let mut lease = Lease::new(every, lock.declared_at);
+    let mut next_check = lease.next_check(lock.declared_at);
+    // The check in flight and when it was sent.
+    let mut check: Option<(Instant, BoxFuture<'static, Result<(), lapin::Error>>)> = None;
     loop {
         tokio::select! {
             _ = live.lost() => return Held::ConnectionLost,
@@ -485,6 +612,29 @@ async fn hold(
                     "the broker cancelled our consumer on the lock queue (queue deleted, or its cluster node went down)".into(),
                 ),
             },
+            _ = tokio::time::sleep_until(next_check), if check.is_none() => {
+                check = Some((Instant::now(), lease_check(&lock.channel, &ctx.ha.lock_queue)));
+            }
+            answer = async { check.as_mut().expect("guarded").1.as_mut().await }, if check.is_some() => {
+                let (sent, _) = check.take().expect("guarded");
+                match answer {
+                    Ok(()) => {
+                        lease.answered(sent);
+                        next_check = lease.next_check(sent);
+                    }
+                    Err(_) if live.is_lost() => return Held::ConnectionLost,
+                    Err(e) => return Held::LockLost(format!("the lease check failed: {e}")),
+                }
+            }
+            _ = tokio::time::sleep_until(lease.expires_at()) => {
+                let reason = format!(
+                    "lease expired: no lease check answered within {:?} (broker unreachable?); links stopped before the broker can give the lock to another bridge",
+                    every * 2
+                );
+                // The links stop at once on a lost connection; the supervisor reconnects.
+                live.report_broken("bridge lock lease expired");
+                return Held::LeaseExpired(reason);
+            }
             Some(reply) = requests.recv() => {
                 let outcome = step_down(ctx, live, lock).await;
                 let _ = reply.send(outcome);
@@ -553,6 +703,52 @@ mod tests {
         let delays: Vec<_> = (0..200).map(|_| jittered(mean)).collect();
         assert!(delays.iter().all(|d| *d >= mean / 2 && *d <= mean * 3 / 2));
         assert!(delays.iter().any(|d| *d != delays[0]), "not all the same");
+    }
+
+    #[test]
+    fn the_lease_runs_twice_the_check_from_the_last_answered_check_sent() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut lease = Lease::new(2 * s, t0);
+        assert_eq!(lease.next_check(t0), t0 + 2 * s);
+        assert_eq!(lease.expires_at(), t0 + 4 * s);
+        // A check sent at t0 + 2 s answered late, at t0 + 3.5 s: the lease runs from its
+        // sending, not from its answer.
+        lease.answered(t0 + 2 * s);
+        assert_eq!(lease.expires_at(), t0 + 6 * s);
+        // An answer to an older check never shortens it.
+        lease.answered(t0 + s);
+        assert_eq!(lease.expires_at(), t0 + 6 * s);
+    }
+
+    #[test]
+    fn a_lease_that_fits_the_heartbeat_runs_out_a_heartbeat_before_the_broker_frees_the_lock() {
+        for heartbeat in [1u16, 2, 5, 10, 60] {
+            let check = default_lease_check(heartbeat);
+            assert!(lease_fits(check, heartbeat), "{heartbeat}");
+            let hb = Duration::from_secs(heartbeat.into());
+            // Black hole right after a check was sent at t0 (the worst case: the broker heard
+            // us last at t0). RabbitMQ closes the connection 2–3 heartbeats later.
+            let t0 = Instant::now();
+            let lease = Lease::new(check, t0);
+            let broker_frees_at_the_earliest = t0 + 2 * hb;
+            assert!(lease.expires_at() + hb <= broker_frees_at_the_earliest);
+        }
+        assert_eq!(default_lease_check(5), Duration::from_secs(2));
+        assert_eq!(default_lease_check(3), Duration::from_millis(1500));
+        assert_eq!(default_lease_check(0), Duration::from_secs(2));
+        assert!(lease_fits(Duration::from_millis(2500), 5));
+        assert!(!lease_fits(Duration::from_millis(2501), 5));
+        assert!(lease_fits(Duration::from_secs(60), 0), "heartbeats off");
+    }
+
+    #[test]
+    fn a_shorter_negotiated_heartbeat_shortens_the_check() {
+        let two = Duration::from_secs(2);
+        assert_eq!(lease_check_on(two, 5), two);
+        assert_eq!(lease_check_on(two, 0), two);
+        assert_eq!(lease_check_on(two, 2), Duration::from_secs(1));
+        assert_eq!(lease_check_on(two, 1), Duration::from_millis(500));
     }
 
     #[tokio::test]

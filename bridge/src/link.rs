@@ -350,9 +350,20 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             target: &target,
             peer_chain: peer_chain.as_deref(),
         };
-        let end = session
-            .run(pc, &mut dead_letters, &mut stats, &mut prefetch, probe)
-            .await;
+        let end = {
+            let run = session.run(pc, &mut dead_letters, &mut stats, &mut prefetch, probe);
+            tokio::pin!(run);
+            tokio::select! {
+                end = &mut run => end,
+                // A lost connection (one the HA lease gave up on included) ends the session
+                // at once: a call into a silent broker (an ack, a channel close) would wait
+                // out op_timeout with the link still up. The session gets a moment to close
+                // the peer connection cleanly; nothing of it can be acked any more anyway.
+                _ = live.lost() => tokio::time::timeout(LOST_GRACE, &mut run)
+                    .await
+                    .unwrap_or(End::Broken(Broken::BrokerLost(""))),
+            }
+        };
         if stats.acked > 0 {
             probe = false;
         }
@@ -412,6 +423,10 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
     );
     info!(queue = %spec.queue, "link stopped");
 }
+
+/// How long a session whose broker connection was lost may take to end on its own before it
+/// is dropped (see `run`).
+const LOST_GRACE: Duration = Duration::from_millis(300);
 
 /// Sessions in a row that start with the same redelivered head and accept nothing before
 /// the link reports it.

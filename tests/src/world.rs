@@ -223,6 +223,13 @@ impl Org {
         Ok(self.node.publish_sequenced(&ch, msg).await?)
     }
 
+    /// Publish `body` to the control exchange exactly as given, as this org's node would
+    /// (its broker login as `user_id`): what a newer node's library puts on the wire.
+    pub async fn publish_raw_control(&self, body: &[u8]) -> Result<()> {
+        let (_conn, ch) = self.channel().await?;
+        publish_raw_control(&ch, &self.node.user, body).await
+    }
+
     /// Ask the bridge to run a link to `peer` (CreateLink).
     pub async fn create_link_to(&self, peer: &Org) -> Result<()> {
         self.control(&ControlCommand::CreateLink(CreateLink {
@@ -284,6 +291,37 @@ impl Org {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Publish `body` to the control exchange on `ch` exactly as given, with `user` (the node's
+/// broker login) as `user_id`, and wait for the broker's confirm if the channel has them.
+pub async fn publish_raw_control(ch: &Channel, user: &str, body: &[u8]) -> Result<()> {
+    use lapin::{options::BasicPublishOptions, BasicProperties};
+    ch.basic_publish(
+        CONTROL_EXCHANGE.into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default()
+            .with_content_type("application/x-protobuf".into())
+            .with_user_id(user.into()),
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+/// Append field `field` as a varint to an encoded protobuf message: an addition of a newer
+/// minor release of the control protocol, which this build does not know.
+pub fn append_varint_field(mut msg: Vec<u8>, field: u64, value: u64) -> Vec<u8> {
+    for mut v in [field << 3, value] {
+        while v >= 0x80 {
+            msg.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        msg.push(v as u8);
+    }
+    msg
 }
 
 /// Declare a durable classic queue (inbox, dead-letter) so tests can read it before a

@@ -33,37 +33,6 @@ async fn pair() -> Result<(Org, Org, tempfile::TempDir)> {
     Ok((a, b, dir))
 }
 
-/// Publish `body` to A's control exchange exactly as given, as A's node would (its broker
-/// login as `user_id`): what a newer node's library puts on the wire.
-async fn publish_raw(org: &Org, body: &[u8]) -> Result<()> {
-    use lapin::{options::BasicPublishOptions, BasicProperties};
-    let (_conn, ch) = org.channel().await?;
-    ch.basic_publish(
-        "drawbridge.control".into(),
-        "".into(),
-        BasicPublishOptions::default(),
-        body,
-        BasicProperties::default()
-            .with_content_type("application/x-protobuf".into())
-            .with_user_id(org.node.user.as_str().into()),
-    )
-    .await?
-    .await?;
-    Ok(())
-}
-
-/// Appends field `field` as a varint to an encoded message (protobuf wire format).
-fn append_varint_field(mut msg: Vec<u8>, field: u64, value: u64) -> Vec<u8> {
-    for mut v in [field << 3, value] {
-        while v >= 0x80 {
-            msg.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        msg.push(v as u8);
-    }
-    msg
-}
-
 /// Wait until `ok` holds for the bridge's `/status`.
 async fn wait_status(org: &Org, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> Result<()> {
     let bridge = org.bridge.as_ref().unwrap();
@@ -102,8 +71,8 @@ async fn a_newer_same_major_node_is_obeyed_and_its_additions_ignored() -> Result
         m.extend_from_slice(&[0x32, 0x02, 0x0a, 0x00]); // field 6, length-delimited, 2 bytes
         m
     };
-    publish_raw(&a, &unknown_command).await?;
-    publish_raw(&a, &unknown_command).await?;
+    a.publish_raw_control(&unknown_command).await?;
+    a.publish_raw_control(&unknown_command).await?;
 
     // A create with an extra field number 99 (varint), as a newer node's library writes it.
     let create = SequencedCommand {
@@ -113,7 +82,8 @@ async fn a_newer_same_major_node_is_obeyed_and_its_additions_ignored() -> Result
             link: a.link_to(&b),
         }),
     };
-    publish_raw(&a, &append_varint_field(create.encode(), 99, 7)).await?;
+    a.publish_raw_control(&world::append_varint_field(create.encode(), 99, 7))
+        .await?;
     a.wait_link_state(&q, "up", Duration::from_secs(20)).await?;
 
     let bridge = a.bridge.as_ref().unwrap();
@@ -162,7 +132,7 @@ async fn a_newer_major_is_refused_reported_and_the_bridge_keeps_obeying() -> Res
             link: a.link_to(&b),
         }))
     };
-    publish_raw(&a, &newer.encode_to_vec()).await?;
+    a.publish_raw_control(&newer.encode_to_vec()).await?;
     wait_status(&a, "refusal not counted", |s| s["control_refused"] == 1).await?;
     let bridge = a.bridge.as_ref().unwrap();
     let s = bridge.status().await?;

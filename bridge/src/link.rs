@@ -359,9 +359,16 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 // at once: a call into a silent broker (an ack, a channel close) would wait
                 // out op_timeout with the link still up. The session gets a moment to close
                 // the peer connection cleanly; nothing of it can be acked any more anyway.
-                _ = live.lost() => tokio::time::timeout(LOST_GRACE, &mut run)
-                    .await
-                    .unwrap_or(End::Broken(Broken::BrokerLost(""))),
+                _ = live.lost() => match tokio::time::timeout(LOST_GRACE, &mut run).await {
+                    Ok(end) => end,
+                    Err(_) => {
+                        // Dropped mid-way: what the session resets on its way out.
+                        view.lock().expect("poisoned").in_flight = 0;
+                        metrics::gauge!("drawbridge_bridge_link_in_flight", "queue" => spec.queue.clone())
+                            .set(0.0);
+                        End::Broken(Broken::BrokerLost(""))
+                    }
+                },
             }
         };
         if stats.acked > 0 {

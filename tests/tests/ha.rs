@@ -94,6 +94,17 @@ async fn ha_state(d: &Daemon) -> String {
     }
 }
 
+/// `drawbridge status --admin` of `d`: the table an operator reads.
+async fn cli_status(d: &Daemon) -> Result<String> {
+    let out =
+        tokio::process::Command::new(drawbridge_testkit::daemon::bin_dir().join("drawbridge"))
+            .args(["status", "--admin", &d.admin().to_string()])
+            .output()
+            .await?;
+    anyhow::ensure!(out.status.success(), "drawbridge status: {out:?}");
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// Wait until exactly one of `bridges` is active and the others standby; its index.
 async fn one_active(bridges: &[&Daemon], within: Duration) -> Result<usize> {
     let deadline = Instant::now() + within;
@@ -301,6 +312,19 @@ async fn the_standby_takes_over_after_kill_9_and_nothing_is_lost_or_duplicated()
         consumers(node, &p.va, &q).await?,
         1,
         "only the active bridge consumes"
+    );
+    // `drawbridge status` tells the leader from the standby.
+    let active_table = cli_status(&bridges[i]).await?;
+    assert!(active_table.contains(": active (ready"), "{active_table}");
+    assert!(active_table.contains(&q), "{active_table}");
+    let standby_table = cli_status(&bridges[standby]).await?;
+    assert!(
+        standby_table.contains(": standby (ready)"),
+        "{standby_table}"
+    );
+    assert!(
+        standby_table.contains("1 wanted; they run on the active bridge"),
+        "{standby_table}"
     );
     let metrics = bridges[i].metrics().await?;
     assert!(metrics.contains("drawbridge_bridge_active 1"), "{metrics}");

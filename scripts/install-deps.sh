@@ -5,10 +5,11 @@
 #   python3-pika, python3-protobuf  the Python node example (examples/node-python/), run with /usr/bin/python3
 #   openssl              test certificates for the Proton self-test
 #   iproute2             `ss` for diagnostics
+#   dpkg-dev             dpkg-shlibdeps, for the .deb packages' dependencies (scripts/package.sh)
 #   curl, shellcheck     scripts/watchdog.sh probes with curl; its test checks it with shellcheck
 set -euo pipefail
 
-PACKAGES=(rabbitmq-server python3-qpid-proton python3-pika python3-protobuf openssl iproute2 curl shellcheck)
+PACKAGES=(rabbitmq-server python3-qpid-proton python3-pika python3-protobuf openssl iproute2 curl shellcheck dpkg-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -2,6 +2,8 @@
 # Runs Drawbridge's test suites. Usage: scripts/test.sh
 #   DRAWBRIDGE_FAULT_SUITE=1 (or CI=true) also runs the slow fault-injection suite
 #   (tests/tests/faults.rs, release build, ignored tests, one at a time).
+#   DRAWBRIDGE_PACKAGE_TEST=1 (or CI=true) also builds the .deb packages and checks them
+#   (tests/tests/packaging.rs).
 #   DRAWBRIDGE_FUZZ_SMOKE=1 (or CI=true) also runs each fuzz target briefly (scripts/fuzz.sh),
 #   if the nightly toolchain and cargo-fuzz are installed.
 # RabbitMQ nodes are private (started by the tests on free loopback ports); the system
@@ -33,6 +35,16 @@ if [[ "${DRAWBRIDGE_FAULT_SUITE:-}" == "1" || "${CI:-}" == "true" ]]; then
         fi
     else
         echo "test.sh: tests/tests/faults.rs not present, fault suite skipped"
+    fi
+fi
+
+# Debian packages (docs/operations.md, "Packages"): scripts/package.sh builds them (release
+# binaries, cargo-deb installed if missing) and the test unpacks them into a scratch root and
+# checks them against the units. In CI (or with DRAWBRIDGE_PACKAGE_TEST=1).
+if [[ "${DRAWBRIDGE_PACKAGE_TEST:-}" == "1" || "${CI:-}" == "true" ]]; then
+    echo "test.sh: Debian packages (scripts/package.sh, unpacked with dpkg -x and checked)"
+    if ! cargo test -p drawbridge-testkit --test packaging -- --ignored; then
+        failed+=("packaging")
     fi
 fi
 

@@ -5,6 +5,7 @@
 //! the peer accepted. See `link` for the delivery rules.
 #![forbid(unsafe_code)]
 
+mod args;
 pub mod budget;
 mod canary;
 pub mod config;
@@ -38,6 +39,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+pub use args::Args;
 pub use config::BridgeConfig;
 
 /// Shared state of a running bridge: plain data. What acts on it lives with its users

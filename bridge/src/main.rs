@@ -1,21 +1,9 @@
 //! `drawbridge-bridge` binary: config → start → wait for SIGTERM → drain.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
-
 use clap::Parser;
-use drawbridge_bridge::BridgeConfig;
+use drawbridge_bridge::{Args, BridgeConfig};
 use drawbridge_runtime::{admin, daemon, logging, sd_notify::Service, shutdown};
-
-/// The Drawbridge bridge: forwards peer queues to peers' floats over mTLS AMQP 1.0,
-/// acking the broker only after the peer accepted.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Configuration file (TOML). Every key can also be set as DRAWBRIDGE_SECTION__KEY.
-    #[arg(short, long, env = "DRAWBRIDGE_BRIDGE_CONFIG")]
-    config: Option<PathBuf>,
-}
 
 #[tokio::main]
 async fn main() {

@@ -11,6 +11,7 @@ use drawbridge_control_protocol::{
 };
 use drawbridge_stream::{self as stream, progress_bar, PublishSpec, Tally};
 
+mod generate;
 mod status;
 
 #[derive(Debug, Parser)]
@@ -109,6 +110,23 @@ enum Cmd {
         /// File holding the bearer token (the bridge's `admin.token_file`; owner-only).
         #[arg(long)]
         token_file: PathBuf,
+    },
+    /// Print a shell completion script for one of Drawbridge's binaries, e.g.
+    /// `drawbridge completions bash > /etc/bash_completion.d/drawbridge` (the .deb packages
+    /// install them already).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+        /// Which binary the completions are for.
+        #[arg(long = "bin", value_enum, default_value = "drawbridge")]
+        binary: generate::Binary,
+    },
+    /// Write man pages (section 1) for `drawbridge`, each of its subcommands, and the two
+    /// daemons into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, value_hint = clap::ValueHint::DirPath)]
+        out: PathBuf,
     },
     /// Run the end-to-end demo: two organisations, 10,000 messages each way (runs the
     /// `drawbridge-demo` binary next to this one; `drawbridge demo --help` for its options).
@@ -488,6 +506,15 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Demo { args } => run_demo(&args),
+        Cmd::Completions { shell, binary } => {
+            generate::completions(shell, binary, &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Man { out } => {
+            let files = generate::man_pages(&out)?;
+            println!("{} man pages written to {}", files.len(), out.display());
+            Ok(0)
+        }
     }
 }
 

@@ -26,6 +26,7 @@
 )]
 
 pub mod admission;
+mod args;
 pub mod budget;
 pub mod config;
 mod connection;
@@ -64,6 +65,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use args::Args;
 pub use config::FloatConfig;
 use dedup::Dedup;
 use routing::Identities;

@@ -1,21 +1,9 @@
 //! `drawbridge-float` binary: config → start → wait for SIGTERM → drain.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
-
 use clap::Parser;
-use drawbridge_float::FloatConfig;
+use drawbridge_float::{Args, FloatConfig};
 use drawbridge_runtime::{admin, daemon, logging, sd_notify::Service, shutdown};
-
-/// The Drawbridge float: receives peers' AMQP 1.0 transfers over mTLS and publishes them
-/// into the broker, accepting only after the broker confirmed.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Configuration file (TOML). Every key can also be set as DRAWBRIDGE_SECTION__KEY.
-    #[arg(short, long, env = "DRAWBRIDGE_FLOAT_CONFIG")]
-    config: Option<PathBuf>,
-}
 
 #[tokio::main]
 async fn main() {

@@ -1,0 +1,20 @@
+//! The bridge's command line. It lives in the library (not in `main.rs`) so that the CLI's
+//! `drawbridge man` and `drawbridge completions` generate this binary's man page and shell
+//! completions from the same definition the binary parses.
+
+use std::path::PathBuf;
+
+/// The Drawbridge bridge: forwards peer queues to peers' floats over mTLS AMQP 1.0,
+/// acking the broker only after the peer accepted.
+#[derive(Debug, clap::Parser)]
+#[command(name = "drawbridge-bridge", version)]
+#[command(
+    after_help = "Exit status: 0 after a clean drain (SIGTERM), 64 on invalid \
+configuration (every bad key is logged), 1 when it cannot start.\n\
+Documentation: /usr/share/doc/drawbridge-bridge/ (operations.md, configuration.md, runbooks.md)."
+)]
+pub struct Args {
+    /// Configuration file (TOML). Every key can also be set as DRAWBRIDGE_SECTION__KEY.
+    #[arg(short, long, env = "DRAWBRIDGE_BRIDGE_CONFIG", value_hint = clap::ValueHint::FilePath)]
+    pub config: Option<PathBuf>,
+}

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod failover;
+mod output;
 mod scale;
 
 use std::{
@@ -68,6 +69,27 @@ struct Args {
     /// Working directory for PKI, daemon configs and logs (kept afterwards).
     #[arg(long, default_value = ".drawbridge/bench")]
     dir: PathBuf,
+    /// Offered rates (msg/s) for the latency runs: each path gets `rate × --rate-seconds`
+    /// messages of `--size` bytes, published on a fixed schedule (open loop), and reports
+    /// p50 / p99 / p99.9 from the time each message was due. Empty (`--rates ''`): none.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    rates: Vec<f64>,
+    /// Seconds of traffic per offered rate and path.
+    #[arg(long, default_value_t = 10)]
+    rate_seconds: u64,
+    /// Body sizes (bytes) for the size runs: one flood per size and path, of
+    /// `--size-budget / size` messages (at least 200, at most `--messages`). Empty: none.
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,65536,1048576")]
+    sizes: Vec<usize>,
+    /// Bytes per size run and path (see `--sizes`).
+    #[arg(long, default_value_t = 256 << 20)]
+    size_budget: u64,
+    /// Only the flood of `--size` bytes (no latency runs, no size runs).
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json, throughput.svg and latency.svg are written (not cleaned).
+    #[arg(long, default_value = "target/drawbridge-bench")]
+    results: PathBuf,
     /// Instead of the throughput paths: open this many idle peer links from A's bridge to
     /// B's float and report the time until all are up, then the bridge's and the float's
     /// CPU and RSS while the links idle (issue 9's scale figures).
@@ -95,16 +117,20 @@ const PREFETCH: u32 = 1000;
 enum Route {
     Raw,
     Shovel,
+    /// The same shovel, run on a third node C (consuming from A, publishing to B), so beam
+    /// C's CPU is the Shovel's own forwarding cost, the counterpart of bridge + float.
+    ShovelC,
     Drawbridge,
 }
 
 impl Route {
-    const ALL: [Route; 3] = [Route::Raw, Route::Shovel, Route::Drawbridge];
+    const ALL: [Route; 4] = [Route::Raw, Route::Shovel, Route::ShovelC, Route::Drawbridge];
 
     fn name(self) -> &'static str {
         match self {
             Route::Raw => "raw broker (B→B)",
-            Route::Shovel => "RabbitMQ Shovel (A→B)",
+            Route::Shovel => "RabbitMQ Shovel on A (A→B)",
+            Route::ShovelC => "RabbitMQ Shovel on C (A→C→B)",
             Route::Drawbridge => "Drawbridge (A→B)",
         }
     }
@@ -113,15 +139,30 @@ impl Route {
         match self {
             Route::Raw => "raw",
             Route::Shovel => "shovel",
+            Route::ShovelC => "shovel-c",
             Route::Drawbridge => "drawbridge",
         }
     }
+}
+
+/// One transfer to measure: a path, how many messages of what size, and at what offered
+/// rate (`None`: a flood, as fast as the path goes).
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    route: Route,
+    n: u64,
+    size: usize,
+    rate: Option<f64>,
 }
 
 /// One measured transfer.
 #[derive(Debug, Clone)]
 struct Sample {
     route: Route,
+    /// Body size in bytes.
+    size: usize,
+    /// Offered rate (msg/s) of a latency run; `None` for a flood.
+    rate: Option<f64>,
     report: Report,
     /// First publish → last expected message consumed.
     e2e: Duration,
@@ -214,6 +255,8 @@ async fn main() -> Result<ExitCode> {
 struct Bench {
     na: RabbitNode,
     nb: RabbitNode,
+    /// The third node, for the Shovel of `Route::ShovelC`.
+    nc: RabbitNode,
     a: Org,
     b: Org,
     probes: Probes,
@@ -222,13 +265,6 @@ struct Bench {
 
 async fn run(args: Args) -> Result<ExitCode> {
     let cmdline: Vec<String> = std::env::args().collect();
-    println!("# drawbridge-bench");
-    println!("command : {}", cmdline.join(" "));
-    println!("date    : {}", sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]));
-    println!(
-        "git     : {}",
-        sh("git", &["describe", "--always", "--dirty", "--abbrev=12"])
-    );
     let cpu_model = CpuInfo::current()
         .ok()
         .and_then(|c| c.model_name(0).map(str::to_string))
@@ -236,14 +272,27 @@ async fn run(args: Args) -> Result<ExitCode> {
     let load = LoadAverage::current()
         .map(|l| format!("{:.2} {:.2} {:.2}", l.one, l.five, l.fifteen))
         .unwrap_or_else(|_| "?".into());
-    println!(
-        "machine : nproc {} ({}), kernel {}, loadavg {}",
-        std::thread::available_parallelism()
+    let mut meta = output::Meta {
+        command: cmdline.join(" "),
+        date: sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        commit: sh("git", &["rev-parse", "HEAD"]),
+        describe: sh("git", &["describe", "--always", "--dirty", "--abbrev=12"]),
+        nproc: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
-        cpu_model,
-        sh("uname", &["-r"]),
-        load
+        cpu: cpu_model,
+        kernel: sh("uname", &["-r"]),
+        loadavg: load,
+        memory_kib: procfs::Meminfo::current().map_or(0, |m| m.mem_total / 1024),
+        rabbitmq: String::new(),
+    };
+    println!("# drawbridge-bench");
+    println!("command : {}", meta.command);
+    println!("date    : {}", meta.date);
+    println!("git     : {}", meta.describe);
+    println!(
+        "machine : nproc {} ({}), kernel {}, loadavg {}",
+        meta.nproc, meta.cpu, meta.kernel, meta.loadavg
     );
 
     let dir = std::env::current_dir()?.join(&args.dir);
@@ -252,25 +301,37 @@ async fn run(args: Args) -> Result<ExitCode> {
     }
     std::fs::create_dir_all(&dir)?;
 
-    let (na, nb) = tokio::join!(
-        RabbitNode::start(NodeOptions {
-            plugins: vec!["rabbitmq_shovel".into()],
-            ..Default::default()
-        }),
-        RabbitNode::start(NodeOptions::default())
+    let shovel = || NodeOptions {
+        plugins: vec!["rabbitmq_shovel".into()],
+        ..Default::default()
+    };
+    let (na, nb, nc) = tokio::join!(
+        RabbitNode::start(shovel()),
+        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(shovel())
     );
-    let (na, nb) = (na.context("broker A")?, nb.context("broker B")?);
+    let (na, nb, nc) = (
+        na.context("broker A")?,
+        nb.context("broker B")?,
+        nc.context("broker C")?,
+    );
     let version = nb.ctl(&["version"]).await.unwrap_or_default();
     let otp = nb
         .ctl(&["eval", "erlang:system_info(otp_release)."])
         .await
         .unwrap_or_default();
+    meta.rabbitmq = format!(
+        "{} (Erlang/OTP {})",
+        version.trim(),
+        otp.trim().trim_matches('"')
+    );
     println!(
-        "rabbitmq: {} (Erlang/OTP {}), node A :{} (rabbitmq_shovel), node B :{}",
+        "rabbitmq: {} (Erlang/OTP {}), node A :{} (rabbitmq_shovel), node B :{}, node C :{} (rabbitmq_shovel)",
         version.trim(),
         otp.trim().trim_matches('"'),
         na.amqp_port(),
-        nb.amqp_port()
+        nb.amqp_port(),
+        nc.amqp_port()
     );
     println!(
         "workload: {} persistent messages of {} bytes per path and run, {} runs, {} warm-up; \
@@ -296,17 +357,18 @@ async fn run(args: Args) -> Result<ExitCode> {
     a.snapshot(vec![]).await?;
 
     let probes = Probes {
-        names: vec!["beam A", "beam B", "bridge A", "float B", "bench"],
+        names: vec!["beam A", "beam B", "beam C", "bridge A", "float B", "bench"],
         pids: vec![
             beam_pid(&na),
             beam_pid(&nb),
+            beam_pid(&nc),
             a.bridge.as_ref().and_then(|d| d.pid()),
             b.float.as_ref().and_then(|d| d.pid()),
             None,
         ],
         tick: procfs::ticks_per_second() as f64,
     };
-    if probes.pids[..4].iter().any(Option::is_none) {
+    if probes.pids[..5].iter().any(Option::is_none) {
         println!("warning: some pids unknown, CPU figures incomplete: {probes:?}");
     }
     println!("logs    : {}", dir.display());
@@ -315,6 +377,7 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut bench = Bench {
         na,
         nb,
+        nc,
         a,
         b,
         probes,
@@ -357,17 +420,25 @@ async fn run(args: Args) -> Result<ExitCode> {
     {
         let _ = d.terminate(Duration::from_secs(20)).await;
     }
-    drop((bench.na, bench.nb));
-    let samples = result?;
-    let lost: u64 = samples.iter().map(|s| s.report.lost).sum();
-    let bad: u64 = samples
-        .iter()
+    drop((bench.na, bench.nb, bench.nc));
+    let results = result?;
+    let lost: u64 = results.all().map(|s| s.report.lost).sum();
+    let bad: u64 = results
+        .all()
         .map(|s| s.report.corrupted + s.report.unexpected + s.report.wrong_sender)
         .sum();
+    let written = output::write(&meta, &bench.args, &bench.probes.all_names(), &results)
+        .with_context(|| format!("writing results to {}", bench.args.results.display()))?;
+    for path in written {
+        println!("wrote   : {}", path.display());
+    }
     println!(
         "RESULT lost={lost} corrupted/unexpected/wrong-sender={bad} duplicates={}",
-        samples.iter().map(|s| s.report.duplicates).sum::<u64>()
+        results.all().map(|s| s.report.duplicates).sum::<u64>()
     );
+    if let Some(r) = results.ratios {
+        println!("{}", output::ratio_line(&r));
+    }
     Ok(if lost == 0 && bad == 0 {
         ExitCode::SUCCESS
     } else {
@@ -375,12 +446,207 @@ async fn run(args: Args) -> Result<ExitCode> {
     })
 }
 
-async fn measure_all(bench: &Bench) -> Result<Vec<Sample>> {
+/// Every sample of a benchmark, by experiment.
+#[derive(Debug, Default)]
+struct Results {
+    /// The floods of `--size` bytes, `--runs` per path: throughput, CPU, the RATIO line.
+    flood: Vec<Sample>,
+    /// Latency at the offered rates of `--rates`.
+    rates: Vec<Sample>,
+    /// One flood per size of `--sizes`.
+    sizes: Vec<Sample>,
+    /// The headline ratios (of the flood).
+    ratios: Option<Ratios>,
+}
+
+impl Results {
+    fn all(&self) -> impl Iterator<Item = &Sample> {
+        self.flood.iter().chain(&self.rates).chain(&self.sizes)
+    }
+}
+
+async fn measure_all(bench: &Bench) -> Result<Results> {
+    let mut results = Results {
+        flood: measure_flood(bench).await?,
+        ..Default::default()
+    };
+    results.ratios = Some(summary(bench, &results.flood));
+    if !bench.args.quick {
+        results.rates = measure_rates(bench).await?;
+        results.sizes = measure_sizes(bench).await?;
+    }
+    Ok(results)
+}
+
+/// Latency at fixed offered rates: each path in turn (alternating order per rate).
+async fn measure_rates(bench: &Bench) -> Result<Vec<Sample>> {
+    let args = &bench.args;
+    let mut samples = Vec::new();
+    if args.rates.is_empty() {
+        return Ok(samples);
+    }
+    println!(
+        "## latency at offered rates ({} B, {} s per rate and path, open loop: latency from the time each message was due)",
+        args.size, args.rate_seconds
+    );
+    println!();
+    let mut table = markdown_table(
+        [
+            "offered msg/s",
+            "path",
+            "achieved msg/s",
+            "p50",
+            "p99",
+            "p99.9",
+            "lost",
+            "dups",
+        ]
+        .map(String::from),
+        2..8,
+    );
+    for (i, &rate) in args.rates.iter().enumerate() {
+        let mut order = Route::ALL;
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for route in order {
+            let job = Job {
+                route,
+                n: ((rate * args.rate_seconds as f64) as u64).max(1),
+                size: args.size,
+                rate: Some(rate),
+            };
+            let s = measure(bench, job, &format!("rate{i}")).await?;
+            println!(
+                "rate {rate:.0} msg/s {}: p50 {} p99 {} p99.9 {}",
+                route.short(),
+                ms(s.report.p50),
+                ms(s.report.p99),
+                ms(s.report.p999)
+            );
+            table.add_row(vec![
+                format!("{rate:.0}"),
+                route.short().to_string(),
+                format!("{:.0}", s.rate()),
+                ms(s.report.p50),
+                ms(s.report.p99),
+                ms(s.report.p999),
+                s.report.lost.to_string(),
+                s.report.duplicates.to_string(),
+            ]);
+            samples.push(s);
+        }
+    }
+    println!();
+    println!("{table}");
+    println!();
+    Ok(samples)
+}
+
+/// One flood per body size and path: msg/s and MB/s.
+async fn measure_sizes(bench: &Bench) -> Result<Vec<Sample>> {
+    let args = &bench.args;
+    let mut samples = Vec::new();
+    if args.sizes.is_empty() {
+        return Ok(samples);
+    }
+    println!(
+        "## sizes (a flood of {} MiB per size and path, at least 200 and at most {} messages)",
+        args.size_budget >> 20,
+        args.messages
+    );
+    println!();
+    let names = bench.probes.all_names();
+    let at = |name: &str| names.iter().position(|n| *n == name);
+    let (bridge, float, beam_c) = (at("bridge A"), at("float B"), at("beam C"));
+    let mut table = markdown_table(
+        [
+            "size",
+            "path",
+            "messages",
+            "msg/s",
+            "MB/s",
+            "p99",
+            "lost",
+            "dups",
+            "forwarder CPU µs/msg",
+        ]
+        .map(String::from),
+        2..9,
+    );
+    for (i, &size) in args.sizes.iter().enumerate() {
+        let n = messages_for_size(size, args.size_budget, args.messages);
+        let mut order = Route::ALL;
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for route in order {
+            let job = Job {
+                route,
+                n,
+                size,
+                rate: None,
+            };
+            let s = measure(bench, job, &format!("size{i}")).await?;
+            println!(
+                "size {size} B {}: {:.0} msg/s, {:.1} MB/s",
+                route.short(),
+                s.rate(),
+                s.rate() * size as f64 / 1e6
+            );
+            let per_msg = |i: Option<usize>| i.map_or(0.0, |i| s.cpu[i]) / n as f64 * 1e6;
+            let forwarder = match route {
+                Route::Drawbridge => format!("{:.0}", per_msg(bridge) + per_msg(float)),
+                Route::ShovelC => format!("{:.0}", per_msg(beam_c)),
+                _ => String::new(),
+            };
+            table.add_row(vec![
+                bytes(size),
+                route.short().to_string(),
+                n.to_string(),
+                format!("{:.0}", s.rate()),
+                format!("{:.1}", s.rate() * size as f64 / 1e6),
+                ms(s.report.p99),
+                s.report.lost.to_string(),
+                s.report.duplicates.to_string(),
+                forwarder,
+            ]);
+            samples.push(s);
+        }
+    }
+    println!();
+    println!("{table}");
+    println!();
+    Ok(samples)
+}
+
+/// Messages of `size` bytes in a size run: `budget` bytes, at least 200, at most `max`.
+fn messages_for_size(size: usize, budget: u64, max: u64) -> u64 {
+    (budget / size.max(1) as u64).clamp(200.min(max), max.max(1))
+}
+
+/// `1024` → "1 KiB", `1048576` → "1 MiB", `128` → "128 B".
+fn bytes(size: usize) -> String {
+    match size {
+        s if s >= 1 << 20 && s % (1 << 20) == 0 => format!("{} MiB", s >> 20),
+        s if s >= 1 << 10 && s % (1 << 10) == 0 => format!("{} KiB", s >> 10),
+        s => format!("{s} B"),
+    }
+}
+
+/// The floods of `--size` bytes: `--runs` per path, the order alternating per run.
+async fn measure_flood(bench: &Bench) -> Result<Vec<Sample>> {
     let args = &bench.args;
     if args.warmup > 0 {
         print!("warm-up ({} messages each):", args.warmup);
         for route in Route::ALL {
-            let s = measure(bench, route, "warmup", args.warmup).await?;
+            let job = Job {
+                route,
+                n: args.warmup,
+                size: args.size,
+                rate: None,
+            };
+            let s = measure(bench, job, "warmup").await?;
             print!("  {} {:.0} msg/s", route.short(), s.rate());
         }
         println!();
@@ -408,7 +674,13 @@ async fn measure_all(bench: &Bench) -> Result<Vec<Sample>> {
         }
         for route in order {
             let tag = format!("r{}", run + 1);
-            let s = measure(bench, route, &tag, args.messages).await?;
+            let job = Job {
+                route,
+                n: args.messages,
+                size: args.size,
+                rate: None,
+            };
+            let s = measure(bench, job, &tag).await?;
             // Progress while the runs go on; the table follows when all are done.
             println!(
                 "run {}/{} {}: {:.0} msg/s",
@@ -437,11 +709,27 @@ async fn measure_all(bench: &Bench) -> Result<Vec<Sample>> {
     }
     println!();
     println!("{table}");
-    summary(bench, &samples);
     Ok(samples)
 }
 
-fn summary(bench: &Bench, samples: &[Sample]) {
+/// The headline figures of the flood (medians over runs).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Ratios {
+    /// Drawbridge's msg/s over the faster of the two Shovels' (the harder bar).
+    drawbridge_shovel: f64,
+    /// Which Shovel that was (`shovel` on A or `shovel-c`).
+    shovel_path: &'static str,
+    drawbridge_raw: f64,
+    /// Bridge A + float B CPU per message over beam C's CPU per message (the Shovel on C).
+    forwarder_cpu_shovel_cpu: f64,
+    /// Bridge A + float B, µs of CPU per message.
+    forwarder_cpu_us: f64,
+    /// Beam C while the Shovel on C forwards, µs of CPU per message.
+    shovel_cpu_us: f64,
+}
+
+/// Print the flood's summary tables and return its headline ratios.
+fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
     let n = bench.args.messages as f64;
     let of = |r: Route| samples.iter().filter(move |s| s.route == r);
     let med_rate = |r: Route| median(of(r).map(Sample::rate).collect());
@@ -497,7 +785,9 @@ fn summary(bench: &Bench, samples: &[Sample]) {
     for (x, y) in [
         (Route::Drawbridge, Route::Raw),
         (Route::Drawbridge, Route::Shovel),
+        (Route::Drawbridge, Route::ShovelC),
         (Route::Shovel, Route::Raw),
+        (Route::ShovelC, Route::Raw),
     ] {
         println!(
             "ratio {}/{}: {:.2} (of medians), {:.2} (median of per-run ratios)",
@@ -531,6 +821,40 @@ fn summary(bench: &Bench, samples: &[Sample]) {
     }
     println!("{table}");
     println!();
+    let at = |name: &str| names.iter().position(|x| *x == name);
+    let cpu_us = |r: Route, who: &[Option<usize>]| {
+        median(
+            of(r)
+                .map(|s| who.iter().flatten().map(|&i| s.cpu[i]).sum::<f64>() / n * 1e6)
+                .collect(),
+        )
+    };
+    let forwarder_cpu_us = cpu_us(Route::Drawbridge, &[at("bridge A"), at("float B")]);
+    let shovel_cpu_us = cpu_us(Route::ShovelC, &[at("beam C")]);
+    let shovel = if med_rate(Route::ShovelC) > med_rate(Route::Shovel) {
+        Route::ShovelC
+    } else {
+        Route::Shovel
+    };
+    let ratios = Ratios {
+        drawbridge_shovel: med_rate(Route::Drawbridge) / med_rate(shovel),
+        shovel_path: shovel.short(),
+        drawbridge_raw: med_rate(Route::Drawbridge) / med_rate(Route::Raw),
+        forwarder_cpu_shovel_cpu: forwarder_cpu_us / shovel_cpu_us,
+        forwarder_cpu_us,
+        shovel_cpu_us,
+    };
+    println!(
+        "forwarder CPU per message: bridge A + float B {forwarder_cpu_us:.1} µs, the Shovel on C (beam C) {shovel_cpu_us:.1} µs: {:.2}",
+        ratios.forwarder_cpu_shovel_cpu
+    );
+    println!(
+        "throughput ratio against the faster Shovel ({}): {:.2}",
+        shovel.short(),
+        ratios.drawbridge_shovel
+    );
+    println!();
+    ratios
 }
 
 /// A Markdown table with `header`; the columns in `numeric` are right-aligned.
@@ -583,10 +907,10 @@ fn spec(run: &str, n: u64, size: usize, destination: &str) -> PublishSpec {
     }
 }
 
-async fn measure(bench: &Bench, route: Route, tag: &str, n: u64) -> Result<Sample> {
+async fn measure(bench: &Bench, job: Job, tag: &str) -> Result<Sample> {
+    let Job { route, n, size, .. } = job;
     let run = format!("{}-{tag}", route.short());
-    let size = bench.args.size;
-    let (na, nb, a, b) = (&bench.na, &bench.nb, &bench.a, &bench.b);
+    let (na, nb, nc, a, b) = (&bench.na, &bench.nb, &bench.nc, &bench.a, &bench.b);
     match route {
         Route::Raw => {
             let vhost = format!("bench-{tag}-raw");
@@ -597,7 +921,7 @@ async fn measure(bench: &Bench, route: Route, tag: &str, n: u64) -> Result<Sampl
             world::declare_queue(&pub_ch, q).await?;
             let tally = Tally::new(&run, n, None);
             let s = timed(
-                route,
+                job,
                 &bench.probes,
                 (&pub_ch, q),
                 (&recv_ch, q),
@@ -609,10 +933,15 @@ async fn measure(bench: &Bench, route: Route, tag: &str, n: u64) -> Result<Sampl
             nb.ctl(&["delete_vhost", &vhost]).await?;
             s
         }
-        Route::Shovel => {
-            let vhost = format!("bench-{tag}-shovel");
+        Route::Shovel | Route::ShovelC => {
+            // The shovel runs on A (where it usually runs: the source broker) or on C.
+            let host = if route == Route::ShovelC { nc } else { na };
+            let vhost = format!("bench-{tag}-{}", route.short());
             na.create_vhost(&vhost).await?;
             nb.create_vhost(&vhost).await?;
+            if route == Route::ShovelC {
+                nc.create_vhost(&vhost).await?;
+            }
             let (src, dst) = ("bench.src", "bench.dst");
             let (c1, pub_ch) = channel(&na.amqp_uri(&vhost)).await?;
             let (c2, recv_ch) = channel(&nb.amqp_uri(&vhost)).await?;
@@ -631,12 +960,12 @@ async fn measure(bench: &Bench, route: Route, tag: &str, n: u64) -> Result<Sampl
                 "reconnect-delay": 1,
             })
             .to_string();
-            na.ctl(&["set_parameter", "-p", &vhost, "shovel", "bench", &def])
+            host.ctl(&["set_parameter", "-p", &vhost, "shovel", "bench", &def])
                 .await?;
             wait_consumers(na, &vhost, src, 1, Duration::from_secs(30)).await?;
             let tally = Tally::new(&run, n, None);
             let s = timed(
-                route,
+                job,
                 &bench.probes,
                 (&pub_ch, src),
                 (&recv_ch, dst),
@@ -644,11 +973,14 @@ async fn measure(bench: &Bench, route: Route, tag: &str, n: u64) -> Result<Sampl
                 tally,
             )
             .await;
-            na.ctl(&["clear_parameter", "-p", &vhost, "shovel", "bench"])
+            host.ctl(&["clear_parameter", "-p", &vhost, "shovel", "bench"])
                 .await?;
             close(c1, c2).await;
             na.ctl(&["delete_vhost", &vhost]).await?;
             nb.ctl(&["delete_vhost", &vhost]).await?;
+            if route == Route::ShovelC {
+                nc.ctl(&["delete_vhost", &vhost]).await?;
+            }
             s
         }
         Route::Drawbridge => {
@@ -673,7 +1005,7 @@ async fn measure(bench: &Bench, route: Route, tag: &str, n: u64) -> Result<Sampl
                 .await?;
             let tally = Tally::new(&run, n, Some(a.legal_name.clone()));
             let s = timed(
-                route,
+                job,
                 &bench.probes,
                 (&pub_ch, &queue),
                 (&recv_ch, INBOX),
@@ -707,7 +1039,7 @@ async fn close(c1: Connection, c2: Connection) {
 /// Publish `spec` to `publish.1` and consume `consume.1` concurrently; time from the
 /// first publish to the last expected message consumed.
 async fn timed(
-    route: Route,
+    job: Job,
     probes: &Probes,
     publish: (&Channel, &str),
     consume: (&Channel, &str),
@@ -731,13 +1063,15 @@ async fn timed(
     let cpu0 = probes.sample();
     let start = Instant::now();
     let (sent, got) = tokio::join!(
-        stream::publish(publish.0, publish.1, spec, |_| {}),
+        stream::publish_paced(publish.0, publish.1, spec, job.rate, |_| {}),
         consume_all(recv_ch, &mut consumer, &mut tally, n, probes)
     );
     sent.with_context(|| format!("publishing to {}", publish.1))?;
     let (end, cpu1) = got?;
     Ok(Sample {
-        route,
+        route: job.route,
+        size: job.size,
+        rate: job.rate,
         report: tally.report(),
         e2e: end.saturating_duration_since(start),
         cpu: cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).collect(),

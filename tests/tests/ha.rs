@@ -318,6 +318,7 @@ async fn the_standby_takes_over_after_kill_9_and_nothing_is_lost_or_duplicated()
     assert!(active_table.contains(": active (ready"), "{active_table}");
     assert!(active_table.contains(&q), "{active_table}");
     let standby_table = cli_status(&bridges[standby]).await?;
+    println!("drawbridge status (active):\n{active_table}\ndrawbridge status (standby):\n{standby_table}");
     assert!(
         standby_table.contains(": standby (ready)"),
         "{standby_table}"

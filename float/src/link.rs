@@ -444,11 +444,10 @@ impl Link {
                 &self.ctx.broker,
                 &self.ctx.cfg.inbox_exchange,
                 &inbox,
-                &body,
+                body,
                 properties,
             )
             .await;
-        drop(body);
         match published {
             Ok(confirm) => {
                 self.pending.push_back(

@@ -97,14 +97,20 @@ pub(crate) struct Publisher {
 impl Publisher {
     /// Publish `body` persistent and mandatory to `inbox` through `exchange` (the inboxes'
     /// direct exchange, or `""`: the default exchange); the returned future settles once
-    /// the broker confirmed (or not within the operation timeout). A failure before the
-    /// broker has the message is returned at once.
+    /// the broker confirmed (or not within the operation timeout). Having no channel is
+    /// returned at once; a publish that fails later settles `released` through the future.
+    ///
+    /// The publish is handed to lapin before this returns, in the link's order, but not
+    /// awaited: lapin's `basic_publish` completes only once its I/O thread has written the
+    /// frames, and awaiting that per transfer costs two thread hand-offs per message (the
+    /// largest cost in the float's profile, docs/performance.md). Not awaited, a link hands
+    /// lapin its next transfers while the I/O thread writes, so one wake-up carries several.
     pub(crate) async fn publish(
         &mut self,
         broker: &BrokerSession,
         exchange: &str,
         inbox: &str,
-        body: &[u8],
+        body: Vec<u8>,
         properties: BasicProperties,
     ) -> Result<Confirm, Transient> {
         let (live, channel) = match self.channel(broker).await {
@@ -117,61 +123,50 @@ impl Publisher {
             }
         };
         let op = broker.config().op_timeout;
-        let publish = tokio::time::timeout(
-            op,
-            channel.basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(inbox),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                properties,
-            ),
-        )
-        .await;
-        let confirm = match publish {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                self.forget(&live, &channel).await;
-                return Err(Transient::PublishFailed(e.to_string()));
-            }
-            Err(_) => {
-                self.forget(&live, &channel).await;
-                live.report_broken("publish timed out");
-                return Err(Transient::ConfirmTimedOut(op));
-            }
-        };
-        let inbox = inbox.to_string();
-        Ok(async move {
+        let slot = self.slot.clone();
+        let (exchange, inbox) = (ShortString::from(exchange), inbox.to_string());
+        let mut confirm = async move {
+            let publish = tokio::time::timeout(
+                op,
+                channel.basic_publish(
+                    exchange,
+                    ShortString::from(inbox.as_str()),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    properties,
+                ),
+            )
+            .await;
+            drop(body);
+            let confirm = match publish {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    forget(&slot, &live, &channel).await;
+                    return Settle::Release(Transient::PublishFailed(e.to_string()));
+                }
+                Err(_) => {
+                    forget(&slot, &live, &channel).await;
+                    live.report_broken("publish timed out");
+                    return Settle::Release(Transient::ConfirmTimedOut(op));
+                }
+            };
             let answer = tokio::time::timeout(op, confirm).await.ok();
             if answer.is_none() {
                 live.report_broken("publisher confirm timed out");
             }
             settle::confirmed(BrokerAnswer::from_confirm(answer), &inbox, op)
         }
-        .boxed())
-    }
-
-    /// Drop the slot's channel if it is still `channel` on `live` (another link may have
-    /// reopened it), closing it in the background in case the broker still has it open.
-    async fn forget(&self, live: &Arc<Live>, channel: &Channel) {
-        let mut slot = self.slot.lock().await;
-        if slot
-            .as_ref()
-            .is_some_and(|(l, ch)| Arc::ptr_eq(l, live) && ch.id() == channel.id())
-        {
-            *slot = None;
-            let ch = channel.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    ch.close(200, "publish failed".into()),
-                )
-                .await;
-            });
+        .boxed();
+        // One poll runs `basic_publish` up to where lapin holds the frames (and has numbered
+        // the publish for its confirm): from here the order among this link's publishes is
+        // fixed, whoever polls the rest.
+        if let std::task::Poll::Ready(settle) = futures::poll!(&mut confirm) {
+            return Ok(std::future::ready(settle).boxed());
         }
+        Ok(confirm)
     }
 
     /// The slot's confirm-mode channel, reopened on the current connection when needed. The
@@ -205,5 +200,25 @@ impl Publisher {
                 Err(ChannelError::TimedOut)
             }
         }
+    }
+}
+
+/// Drop `slot`'s channel if it is still `channel` on `live` (another link may have reopened
+/// it), closing it in the background in case the broker still has it open.
+async fn forget(slot: &tokio::sync::Mutex<Current>, live: &Arc<Live>, channel: &Channel) {
+    let mut slot = slot.lock().await;
+    if slot
+        .as_ref()
+        .is_some_and(|(l, ch)| Arc::ptr_eq(l, live) && ch.id() == channel.id())
+    {
+        *slot = None;
+        let ch = channel.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                ch.close(200, "publish failed".into()),
+            )
+            .await;
+        });
     }
 }

@@ -101,6 +101,9 @@ pub struct Report {
     pub unexpected: u64,
     /// Messages whose `drawbridge-sender` was not the expected one.
     pub wrong_sender: u64,
+    /// First copies that arrived after a message published later (FIFO broken): 0 when the
+    /// run arrived in the order it was published.
+    pub out_of_order: u64,
     /// Median end-to-end latency.
     pub p50: Duration,
     /// 99th percentile end-to-end latency.
@@ -138,6 +141,9 @@ pub struct Tally {
     corrupted: u64,
     unexpected: u64,
     wrong_sender: u64,
+    out_of_order: u64,
+    /// Highest sequence number received so far.
+    highest: Option<u64>,
     latencies_us: Vec<u64>,
     first: Option<std::time::Instant>,
     last: Option<std::time::Instant>,
@@ -155,6 +161,8 @@ impl Tally {
             corrupted: 0,
             unexpected: 0,
             wrong_sender: 0,
+            out_of_order: 0,
+            highest: None,
             latencies_us: Vec::new(),
             first: None,
             last: None,
@@ -203,6 +211,10 @@ impl Tally {
         let n = self.seen.entry(seq).or_insert(0);
         *n += 1;
         if *n == 1 {
+            if self.highest.is_some_and(|h| seq < h) {
+                self.out_of_order += 1;
+            }
+            self.highest = self.highest.max(Some(seq));
             self.latencies_us
                 .push(now_nanos().saturating_sub(sent) / 1000);
         }
@@ -233,6 +245,7 @@ impl Tally {
             corrupted: self.corrupted,
             unexpected: self.unexpected,
             wrong_sender: self.wrong_sender,
+            out_of_order: self.out_of_order,
             p50: pct(0.50),
             p99: pct(0.99),
             p999: pct(0.999),
@@ -496,6 +509,20 @@ mod tests {
         let r = t.report();
         assert!(r.p999 >= Duration::from_millis(900), "{r:?}");
         assert!(r.p99 < Duration::from_millis(900), "{r:?}");
+    }
+
+    #[test]
+    fn tally_counts_what_arrives_out_of_order_but_not_duplicates() {
+        let mut t = Tally::new("r", 4, None);
+        for seq in [0, 2, 1, 2, 3] {
+            t.record(Some(&message_id("r", seq)), &make_body(seq, 64), None);
+        }
+        let r = t.report();
+        assert_eq!(
+            (r.received, r.duplicates, r.out_of_order),
+            (4, 1, 1),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -125,6 +125,11 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
     assert!(rb.complete(), "B→A: {rb:?}");
     assert_eq!((ra.duplicates, ra.unexpected), (0, 0), "A→B: {ra:?}");
     assert_eq!((rb.duplicates, rb.unexpected), (0, 0), "B→A: {rb:?}");
+    assert_eq!(
+        (ra.out_of_order, rb.out_of_order),
+        (0, 0),
+        "FIFO: {ra:?} {rb:?}"
+    );
     let keys: Vec<&str> = ra.header_keys.iter().map(String::as_str).collect();
     assert_eq!(
         keys,
@@ -136,6 +141,29 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
         ],
         "A→B"
     );
+    Ok(())
+}
+
+/// FIFO per peer queue in steady state (docs/guarantees.md): a stream larger than the
+/// bridge's window and the float's credit, so many transfers and publishes are in flight at
+/// once, arrives in the order it was queued.
+#[tokio::test]
+async fn a_peer_queue_arrives_in_the_order_it_was_queued() -> Result<()> {
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
+        .await?;
+    let n = 5_000;
+    let (sent, r) = tokio::join!(
+        send_sized(&p.a, &p.b, "fifo", n, 64, vec![]),
+        receive(&p.b, "fifo", n, BANK_A)
+    );
+    sent?;
+    let r = r?;
+    assert!(r.complete(), "{r:?}");
+    assert_eq!((r.duplicates, r.out_of_order), (0, 0), "{r:?}");
     Ok(())
 }
 

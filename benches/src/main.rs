@@ -397,7 +397,7 @@ async fn run(args: Args) -> Result<ExitCode> {
     if bench.args.idle_links > 0 {
         let result = scale::idle_links(
             &bench.a,
-            &bench.b,
+            &mut bench.b,
             &bench.probes,
             bench.args.idle_links,
             bench.args.idle_seconds,

@@ -21,7 +21,7 @@ fn rss_mib(pid: Option<u32>) -> Option<f64> {
 
 pub(crate) async fn idle_links(
     a: &Org,
-    b: &Org,
+    b: &mut Org,
     probes: &Probes,
     n: usize,
     seconds: u64,
@@ -105,5 +105,84 @@ pub(crate) async fn idle_links(
         pct("float B"),
         fmt(rss_float)
     );
+    reconnect_storm(a, b, n).await
+}
+
+/// After the idle measurement: kill -9 the float, start it again, and time how the `n` links
+/// come back (each link reconnects on its own back-off with jitter, so they should arrive
+/// spread out, not all in the same instant).
+async fn reconnect_storm(a: &Org, b: &mut Org, n: usize) -> Result<()> {
+    let bridge = a.bridge.as_ref().expect("bridge started");
+    let float = b.float.as_mut().expect("float started");
+    println!();
+    println!("## reconnect storm: kill -9 of the float with {n} links, then started again");
+    println!();
+    float.kill9().await?;
+    // Wait until the bridge has noticed (most links down), so "up" below means "up again".
+    let noticed = Instant::now();
+    loop {
+        let up = links_up(&bridge.status().await?).len();
+        if up < n / 10 + 1 || noticed.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let start = Instant::now();
+    float.restart().await?;
+    let restarted = start.elapsed();
+    let mut first_up: std::collections::HashMap<String, Duration> = Default::default();
+    let mut last_print = Instant::now();
+    while first_up.len() < n {
+        let status = bridge.status().await?;
+        let at = start.elapsed();
+        for q in links_up(&status) {
+            first_up.entry(q).or_insert(at);
+        }
+        if last_print.elapsed() > Duration::from_secs(2) {
+            println!(
+                "  {}/{n} links up again after {:.1} s",
+                first_up.len(),
+                at.as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("only {} of {n} links up again after 10 minutes", first_up.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut times: Vec<f64> = first_up.values().map(Duration::as_secs_f64).collect();
+    times.sort_by(f64::total_cmp);
+    let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    println!();
+    println!("| float restarted after | first link up | 10 % | 50 % | 90 % | all up | spread p10–p90 |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+        restarted.as_secs_f64(),
+        at(0.0),
+        at(0.1),
+        at(0.5),
+        at(0.9),
+        at(1.0),
+        at(0.9) - at(0.1)
+    );
+    println!();
+    println!(
+        "STORM links={n} all_up_again_s={:.2} p50_s={:.2} spread_p10_p90_s={:.2}",
+        at(1.0),
+        at(0.5),
+        at(0.9) - at(0.1)
+    );
     Ok(())
+}
+
+/// Queues of the links a bridge's `/status` shows up.
+fn links_up(status: &serde_json::Value) -> Vec<String> {
+    status["links"].as_array().map_or_else(Vec::new, |ls| {
+        ls.iter()
+            .filter(|l| l["state"] == "up")
+            .filter_map(|l| l["queue"].as_str().map(str::to_string))
+            .collect()
+    })
 }

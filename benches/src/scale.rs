@@ -147,7 +147,10 @@ async fn reconnect_storm(a: &Org, b: &mut Org, n: usize) -> Result<()> {
             last_print = Instant::now();
         }
         if start.elapsed() > Duration::from_secs(600) {
-            bail!("only {} of {n} links up again after 10 minutes", first_up.len());
+            bail!(
+                "only {} of {n} links up again after 10 minutes",
+                first_up.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -155,7 +158,9 @@ async fn reconnect_storm(a: &Org, b: &mut Org, n: usize) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
     println!();
-    println!("| float restarted after | first link up | 10 % | 50 % | 90 % | all up | spread p10–p90 |");
+    println!(
+        "| float restarted after | first link up | 10 % | 50 % | 90 % | all up | spread p10–p90 |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     println!(
         "| {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",

@@ -202,11 +202,18 @@ pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, 
                     max: max_size,
                 });
             }
-            let mut out = Vec::with_capacity(size);
-            for d in sections.iter() {
-                out.extend_from_slice(&d.0);
+            let mut sections = sections.into_inner();
+            if sections.len() == 1 {
+                // The usual case (one `Data` section, as the bridge sends): the decoded
+                // bytes are the body, not copied.
+                sections.pop().map(|d| d.0.into_vec()).unwrap_or_default()
+            } else {
+                let mut out = Vec::with_capacity(size);
+                for d in sections.iter() {
+                    out.extend_from_slice(&d.0);
+                }
+                out
             }
-            out
         }
         Body::Value(v) => match v.0 {
             Value::Binary(b) => b.into_vec(),

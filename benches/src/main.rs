@@ -126,6 +126,16 @@ enum Route {
 impl Route {
     const ALL: [Route; 4] = [Route::Raw, Route::Shovel, Route::ShovelC, Route::Drawbridge];
 
+    /// The paths in the order of round `i`: forwards, then backwards, so that no path always
+    /// runs first (on a fresh broker) or last.
+    fn order(i: usize) -> [Route; 4] {
+        let mut order = Route::ALL;
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        order
+    }
+
     fn name(self) -> &'static str {
         match self {
             Route::Raw => "raw broker (B→B)",
@@ -505,10 +515,7 @@ async fn measure_rates(bench: &Bench) -> Result<Vec<Sample>> {
         2..8,
     );
     for (i, &rate) in args.rates.iter().enumerate() {
-        let mut order = Route::ALL;
-        if i % 2 == 1 {
-            order.reverse();
-        }
+        let order = Route::order(i);
         for route in order {
             let job = Job {
                 route,
@@ -576,10 +583,7 @@ async fn measure_sizes(bench: &Bench) -> Result<Vec<Sample>> {
     );
     for (i, &size) in args.sizes.iter().enumerate() {
         let n = messages_for_size(size, args.size_budget, args.messages);
-        let mut order = Route::ALL;
-        if i % 2 == 1 {
-            order.reverse();
-        }
+        let order = Route::order(i);
         for route in order {
             let job = Job {
                 route,
@@ -668,10 +672,7 @@ async fn measure_flood(bench: &Bench) -> Result<Vec<Sample>> {
     );
     let mut samples = Vec::new();
     for run in 0..args.runs {
-        let mut order = Route::ALL;
-        if run % 2 == 1 {
-            order.reverse();
-        }
+        let order = Route::order(run);
         for route in order {
             let tag = format!("r{}", run + 1);
             let job = Job {

@@ -99,7 +99,9 @@ async fn connect_inner(
         .hostname(target.host.as_str())
         .max_frame_size(256 * 1024u32)
         .idle_time_out(s.idle_timeout.as_millis() as u32)
-        .open_with_stream(tcp)
+        // Frames written while the connection engine is busy leave in one write (and TLS
+        // records in one segment) instead of one `writev` per frame: see `Coalesce`.
+        .open_with_stream(drawbridge_runtime::coalesce::Coalesce::new(tcp))
         .await
         .map_err(|e| classify(target, e))?;
     let mut session = match Session::begin(&mut conn).await {

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod broker;
+pub mod coalesce;
 pub mod config;
 pub mod daemon;
 pub mod headers;

@@ -31,6 +31,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// next read poll: a few full TLS records.
 pub const HIGH_WATER: usize = 64 * 1024;
 
+/// Capacity the buffer keeps once drained. A batch larger than this allocates its buffer
+/// afresh (one allocation per batch, not per frame), and an idle connection holds at most
+/// this much: a float with 10,000 connections must not keep 10,000 high-water buffers.
+pub const RETAIN: usize = 16 * 1024;
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Coalesce<T> {
@@ -58,6 +63,11 @@ impl<T> Coalesce<T> {
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.pos
     }
+
+    /// Bytes the buffer holds allocated (at most [`RETAIN`] once drained).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
 }
 
 impl<T: AsyncWrite + Unpin> Coalesce<T> {
@@ -70,7 +80,11 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
             }
             self.pos += n;
         }
-        self.buf.clear();
+        if self.buf.capacity() > RETAIN {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
         self.pos = 0;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -253,5 +267,37 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(got.len(), total);
         assert!(got.iter().enumerate().all(|(i, b)| *b == i as u8));
+    }
+
+    #[tokio::test]
+    async fn a_drained_buffer_keeps_at_most_the_retained_capacity() {
+        let (ours, mut peer) = duplex(1 << 20);
+        let mut c = Coalesce::new(ours);
+        // A small batch keeps its buffer for the next one.
+        c.write_all(&[1u8; 1000]).await.unwrap();
+        c.flush().await.unwrap();
+        let mut input = [0u8; 8];
+        let _ = tokio::time::timeout(Duration::from_millis(10), c.read(&mut input)).await;
+        assert_eq!(c.buffered(), 0);
+        assert!(
+            c.capacity() >= 1000 && c.capacity() <= RETAIN,
+            "{}",
+            c.capacity()
+        );
+        // A large one gives its buffer back once written.
+        for _ in 0..(HIGH_WATER / 1000 - 1) {
+            c.write_all(&[2u8; 1000]).await.unwrap();
+            c.flush().await.unwrap();
+        }
+        assert!(c.capacity() > RETAIN, "{}", c.capacity());
+        let _ = tokio::time::timeout(Duration::from_millis(10), c.read(&mut input)).await;
+        assert_eq!(c.buffered(), 0);
+        assert!(c.capacity() <= RETAIN, "{}", c.capacity());
+        let mut got = vec![0u8; 2 * HIGH_WATER];
+        let mut n = 0;
+        while let Some(k) = readable(&mut peer, &mut got[n..]).await {
+            n += k;
+        }
+        assert_eq!(n, 1000 + (HIGH_WATER / 1000 - 1) * 1000);
     }
 }

@@ -31,9 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// next read poll: a few full TLS records.
 pub const HIGH_WATER: usize = 64 * 1024;
 
-/// Capacity the buffer keeps once drained. A batch larger than this allocates its buffer
-/// afresh (one allocation per batch, not per frame), and an idle connection holds at most
-/// this much: a float with 10,000 connections must not keep 10,000 high-water buffers.
+/// Capacity the buffer keeps once drained. A larger batch grows it again (a reallocation or
+/// two per batch, not per frame), and an idle connection holds at most this much: a float with 10,000 connections must not keep 10,000 high-water buffers.
 pub const RETAIN: usize = 16 * 1024;
 
 /// See the module documentation.
@@ -80,11 +79,10 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
             }
             self.pos += n;
         }
-        if self.buf.capacity() > RETAIN {
-            self.buf = Vec::new();
-        } else {
-            self.buf.clear();
-        }
+        self.buf.clear();
+        // Shrunk, not freed: the next large batch grows from `RETAIN` (two reallocations to
+        // the high-water mark) instead of from nothing.
+        self.buf.shrink_to(RETAIN);
         self.pos = 0;
         Pin::new(&mut self.inner).poll_flush(cx)
     }

@@ -1,16 +1,20 @@
-//! `drawbridge-bench`: one process, two private RabbitMQ nodes (A with the Shovel plugin,
-//! B plain), and the same N persistent messages moved three ways, side by side:
+//! `drawbridge-bench`: one process, three private RabbitMQ nodes (A and C with the Shovel
+//! plugin, B plain with a TLS listener besides), and the same N persistent messages moved
+//! five ways, side by side:
 //!
 //! 1. **raw broker** — publish to a durable queue on B with confirms, consume on B (the
 //!    ceiling of one broker hop);
 //! 2. **Shovel** — a dynamic shovel on A (`ack-mode: on-confirm`, prefetch 1000) moves
 //!    them from a queue on A to a queue on B;
-//! 3. **Drawbridge** — A's bridge → B's float (real processes, mTLS AMQP 1.0) moves them
+//! 3. **Shovel on C** — the same shovel run on C, so beam C's CPU is its forwarding cost;
+//! 4. **Shovel on C over TLS** — the same, publishing to B's TLS listener with a client
+//!    certificate, so it pays for encryption on one hop as Drawbridge does;
+//! 5. **Drawbridge** — A's bridge → B's float (real processes, mTLS AMQP 1.0) moves them
 //!    from A's peer queue to B's inbox.
 //!
 //! Publisher and consumer run concurrently, so each figure is the throughput of the path
 //! (first publish → last message consumed), not of a preloaded queue. The order of the
-//! three alternates per run; the machine is shared and noisy, so read the ratios, not the
+//! paths alternates per run; the machine is shared and noisy, so read the ratios, not the
 //! absolute numbers. CPU time of every process involved is sampled from `/proc` (with
 //! `procfs`) at the start and at the last message to show where the time goes. Tables are
 //! printed as Markdown (with `comfy-table`), ready to paste into `docs/benchmarks.md`.
@@ -35,7 +39,7 @@ use comfy_table::{presets::ASCII_MARKDOWN, CellAlignment, Table};
 use drawbridge_certs::devpki;
 use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink};
 use drawbridge_testkit::{
-    rabbit::{NodeOptions, RabbitNode},
+    rabbit::{BrokerPki, NodeOptions, RabbitNode},
     stream::{self, PublishSpec, Report, Tally},
     world::{self, Org, INBOX},
 };
@@ -95,6 +99,12 @@ struct Args {
     /// CPU and RSS while the links idle (issue 9's scale figures).
     #[arg(long, default_value_t = 0)]
     idle_links: usize,
+    /// Instead of the throughput paths: this process opens this many idle mTLS AMQP 1.0 peer
+    /// connections (session + sending link each) to B's float and reports the time until all
+    /// are open and the float's CPU and RSS while they idle (`--idle-seconds`). Needs an open
+    /// file limit above this (`ulimit -n`); the bench raises its soft limit itself.
+    #[arg(long, default_value_t = 0)]
+    float_connections: usize,
     /// How long the idle links are measured.
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
@@ -120,15 +130,24 @@ enum Route {
     /// The same shovel, run on a third node C (consuming from A, publishing to B), so beam
     /// C's CPU is the Shovel's own forwarding cost, the counterpart of bridge + float.
     ShovelC,
+    /// The Shovel on C publishing to B over TLS (amqps with a client certificate, the peer
+    /// verified), so it pays for encryption on one hop as Drawbridge does on its peer link.
+    ShovelTls,
     Drawbridge,
 }
 
 impl Route {
-    const ALL: [Route; 4] = [Route::Raw, Route::Shovel, Route::ShovelC, Route::Drawbridge];
+    const ALL: [Route; 5] = [
+        Route::Raw,
+        Route::Shovel,
+        Route::ShovelC,
+        Route::ShovelTls,
+        Route::Drawbridge,
+    ];
 
     /// The paths in the order of round `i`: forwards, then backwards, so that no path always
     /// runs first (on a fresh broker) or last.
-    fn order(i: usize) -> [Route; 4] {
+    fn order(i: usize) -> [Route; 5] {
         let mut order = Route::ALL;
         if i % 2 == 1 {
             order.reverse();
@@ -141,6 +160,7 @@ impl Route {
             Route::Raw => "raw broker (B→B)",
             Route::Shovel => "RabbitMQ Shovel on A (A→B)",
             Route::ShovelC => "RabbitMQ Shovel on C (A→C→B)",
+            Route::ShovelTls => "RabbitMQ Shovel on C, TLS to B (A→C⇒B)",
             Route::Drawbridge => "Drawbridge (A→B)",
         }
     }
@@ -150,6 +170,7 @@ impl Route {
             Route::Raw => "raw",
             Route::Shovel => "shovel",
             Route::ShovelC => "shovel-c",
+            Route::ShovelTls => "shovel-tls",
             Route::Drawbridge => "drawbridge",
         }
     }
@@ -238,6 +259,20 @@ fn system_busy_ticks() -> Option<u64> {
     )
 }
 
+/// Raise the soft limit of open files to at least `need` (up to the hard limit); the daemons
+/// started afterwards inherit it.
+fn raise_open_files(need: u64) -> Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < need {
+        if hard < need {
+            bail!("{need} open files needed, the hard limit is {hard} (raise it: ulimit -Hn)");
+        }
+        setrlimit(Resource::RLIMIT_NOFILE, need, hard)?;
+    }
+    Ok(())
+}
+
 fn beam_pid(node: &RabbitNode) -> Option<u32> {
     std::fs::read_to_string(node.dir().join("beam.pid"))
         .ok()
@@ -265,8 +300,11 @@ async fn main() -> Result<ExitCode> {
 struct Bench {
     na: RabbitNode,
     nb: RabbitNode,
-    /// The third node, for the Shovel of `Route::ShovelC`.
+    /// The third node, for the Shovels of `Route::ShovelC` and `Route::ShovelTls`.
     nc: RabbitNode,
+    /// TLS options of `Route::ShovelTls`'s destination URI (CA, client certificate and key,
+    /// `verify_peer`).
+    shovel_tls_query: String,
     a: Org,
     b: Org,
     probes: Probes,
@@ -305,6 +343,9 @@ async fn run(args: Args) -> Result<ExitCode> {
         meta.nproc, meta.cpu, meta.kernel, meta.loadavg
     );
 
+    if args.float_connections > 0 {
+        raise_open_files(args.float_connections as u64 + 1024)?;
+    }
     let dir = std::env::current_dir()?.join(&args.dir);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cleaning {}", dir.display()))?;
@@ -315,9 +356,22 @@ async fn run(args: Args) -> Result<ExitCode> {
         plugins: vec!["rabbitmq_shovel".into()],
         ..Default::default()
     };
+    // B also listens for TLS, for the Shovel over TLS (`shovel-tls`); Drawbridge's float
+    // and the other paths use its plain listener, as they do on A.
+    let broker_pki = BrokerPki::generate(&dir.join("broker-pki"))?;
+    let (client_cert, client_key) = broker_pki.client_cert("shovel")?;
+    let shovel_tls_query = format!(
+        "cacertfile={}&certfile={}&keyfile={}&verify=verify_peer&server_name_indication=localhost",
+        broker_pki.ca_cert.display(),
+        client_cert.display(),
+        client_key.display()
+    );
     let (na, nb, nc) = tokio::join!(
         RabbitNode::start(shovel()),
-        RabbitNode::start(NodeOptions::default()),
+        RabbitNode::start(NodeOptions {
+            tls: Some(broker_pki.listener(true)),
+            ..Default::default()
+        }),
         RabbitNode::start(shovel())
     );
     let (na, nb, nc) = (
@@ -353,8 +407,8 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut a = Org::new(net.nodes[0].clone(), vec![na.amqp_uri("/")], &dir);
     let mut b = Org::new(net.nodes[1].clone(), vec![nb.amqp_uri("/")], &dir);
     // Room for every idle link's connection (one per link, all from one peer and address).
-    let float_extra = if args.idle_links > 0 {
-        let room = args.idle_links + 16;
+    let float_extra = if args.idle_links > 0 || args.float_connections > 0 {
+        let room = args.idle_links + args.float_connections + 16;
         format!(
             "max_connections = {room}\nmax_connections_per_peer = {room}\nmax_connections_per_address = {room}\n"
         )
@@ -388,6 +442,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         na,
         nb,
         nc,
+        shovel_tls_query,
         a,
         b,
         probes,
@@ -403,6 +458,24 @@ async fn run(args: Args) -> Result<ExitCode> {
         } else {
             ExitCode::FAILURE
         });
+    }
+    if bench.args.float_connections > 0 {
+        let result = scale::float_connections(
+            &bench.a,
+            &bench.b,
+            &bench.probes,
+            bench.args.float_connections,
+            bench.args.idle_seconds,
+        )
+        .await;
+        for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = d.terminate(Duration::from_secs(60)).await;
+        }
+        result?;
+        return Ok(ExitCode::SUCCESS);
     }
     if bench.args.idle_links > 0 {
         let result = scale::idle_links(
@@ -601,7 +674,7 @@ async fn measure_sizes(bench: &Bench) -> Result<Vec<Sample>> {
             let per_msg = |i: Option<usize>| i.map_or(0.0, |i| s.cpu[i]) / n as f64 * 1e6;
             let forwarder = match route {
                 Route::Drawbridge => format!("{:.0}", per_msg(bridge) + per_msg(float)),
-                Route::ShovelC => format!("{:.0}", per_msg(beam_c)),
+                Route::ShovelC | Route::ShovelTls => format!("{:.0}", per_msg(beam_c)),
                 _ => String::new(),
             };
             table.add_row(vec![
@@ -727,6 +800,12 @@ struct Ratios {
     forwarder_cpu_us: f64,
     /// Beam C while the Shovel on C forwards, µs of CPU per message.
     shovel_cpu_us: f64,
+    /// Drawbridge's msg/s over the Shovel's over TLS (`shovel-tls`).
+    drawbridge_shovel_tls: f64,
+    /// Beam C while the Shovel on C forwards to B over TLS, µs of CPU per message.
+    shovel_tls_cpu_us: f64,
+    /// Bridge A + float B CPU per message over beam C's with TLS: both pay for encryption.
+    forwarder_cpu_shovel_tls_cpu: f64,
 }
 
 /// Print the flood's summary tables and return its headline ratios.
@@ -787,8 +866,10 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
         (Route::Drawbridge, Route::Raw),
         (Route::Drawbridge, Route::Shovel),
         (Route::Drawbridge, Route::ShovelC),
+        (Route::Drawbridge, Route::ShovelTls),
         (Route::Shovel, Route::Raw),
         (Route::ShovelC, Route::Raw),
+        (Route::ShovelTls, Route::ShovelC),
     ] {
         println!(
             "ratio {}/{}: {:.2} (of medians), {:.2} (median of per-run ratios)",
@@ -832,6 +913,7 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
     };
     let forwarder_cpu_us = cpu_us(Route::Drawbridge, &[at("bridge A"), at("float B")]);
     let shovel_cpu_us = cpu_us(Route::ShovelC, &[at("beam C")]);
+    let shovel_tls_cpu_us = cpu_us(Route::ShovelTls, &[at("beam C")]);
     let shovel = if med_rate(Route::ShovelC) > med_rate(Route::Shovel) {
         Route::ShovelC
     } else {
@@ -844,10 +926,17 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
         forwarder_cpu_shovel_cpu: forwarder_cpu_us / shovel_cpu_us,
         forwarder_cpu_us,
         shovel_cpu_us,
+        drawbridge_shovel_tls: med_rate(Route::Drawbridge) / med_rate(Route::ShovelTls),
+        shovel_tls_cpu_us,
+        forwarder_cpu_shovel_tls_cpu: forwarder_cpu_us / shovel_tls_cpu_us,
     };
     println!(
         "forwarder CPU per message: bridge A + float B {forwarder_cpu_us:.1} µs, the Shovel on C (beam C) {shovel_cpu_us:.1} µs: {:.2}",
         ratios.forwarder_cpu_shovel_cpu
+    );
+    println!(
+        "with TLS on one hop each: bridge A + float B {forwarder_cpu_us:.1} µs, the Shovel on C over TLS {shovel_tls_cpu_us:.1} µs: {:.2}; throughput drawbridge/shovel-tls {:.2}",
+        ratios.forwarder_cpu_shovel_tls_cpu, ratios.drawbridge_shovel_tls
     );
     println!(
         "throughput ratio against the faster Shovel ({}): {:.2}",
@@ -934,13 +1023,14 @@ async fn measure(bench: &Bench, job: Job, tag: &str) -> Result<Sample> {
             nb.ctl(&["delete_vhost", &vhost]).await?;
             s
         }
-        Route::Shovel | Route::ShovelC => {
+        Route::Shovel | Route::ShovelC | Route::ShovelTls => {
             // The shovel runs on A (where it usually runs: the source broker) or on C.
-            let host = if route == Route::ShovelC { nc } else { na };
+            let on_c = route != Route::Shovel;
+            let host = if on_c { nc } else { na };
             let vhost = format!("bench-{tag}-{}", route.short());
             na.create_vhost(&vhost).await?;
             nb.create_vhost(&vhost).await?;
-            if route == Route::ShovelC {
+            if on_c {
                 nc.create_vhost(&vhost).await?;
             }
             let (src, dst) = ("bench.src", "bench.dst");
@@ -949,13 +1039,22 @@ async fn measure(bench: &Bench, job: Job, tag: &str) -> Result<Sample> {
             // Same arguments as a Drawbridge peer queue.
             world::declare_peer_queue(&pub_ch, src, "classic").await?;
             world::declare_queue(&recv_ch, dst).await?;
+            let dest_uri = if route == Route::ShovelTls {
+                format!(
+                    "{}?{}",
+                    nb.amqps_uri("guest:guest", &vhost),
+                    bench.shovel_tls_query
+                )
+            } else {
+                nb.amqp_uri(&vhost)
+            };
             let def = serde_json::json!({
                 "src-protocol": "amqp091",
                 "src-uri": na.amqp_uri(&vhost),
                 "src-queue": src,
                 "src-prefetch-count": PREFETCH,
                 "dest-protocol": "amqp091",
-                "dest-uri": nb.amqp_uri(&vhost),
+                "dest-uri": dest_uri,
                 "dest-queue": dst,
                 "ack-mode": "on-confirm",
                 "reconnect-delay": 1,
@@ -979,7 +1078,7 @@ async fn measure(bench: &Bench, job: Job, tag: &str) -> Result<Sample> {
             close(c1, c2).await;
             na.ctl(&["delete_vhost", &vhost]).await?;
             nb.ctl(&["delete_vhost", &vhost]).await?;
-            if route == Route::ShovelC {
+            if on_c {
                 nc.ctl(&["delete_vhost", &vhost]).await?;
             }
             s

@@ -270,7 +270,11 @@ fn plot(
             .draw()?;
         for (i, (name, values, thin)) in lines.iter().enumerate() {
             // Latency plots have three lines per path: one colour per path, p99 thick.
-            let color = Palette99::pick(if lines.len() > 4 { i / 3 } else { i });
+            let color = Palette99::pick(if lines.len() > Route::ALL.len() {
+                i / 3
+            } else {
+                i
+            });
             let style = color.stroke_width(if *thin { 1 } else { 3 });
             let points: Vec<(f64, f64)> = values
                 .iter()

@@ -7,8 +7,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use drawbridge_bridge::peer::{self, PeerConnection, PeerSettings};
+use drawbridge_certs::{TlsIdentity, TlsPolicy};
 use drawbridge_control_protocol::{PeerLink, Target, DEFAULT_TARGET_ADDRESS};
 use drawbridge_testkit::world::Org;
+use futures::StreamExt;
 use procfs::process::Process;
 
 use crate::Probes;
@@ -190,4 +193,143 @@ fn links_up(status: &serde_json::Value) -> Vec<String> {
             .filter_map(|l| l["queue"].as_str().map(str::to_string))
             .collect()
     })
+}
+
+/// How many connections are in the TLS handshake or AMQP open at once: below the float's
+/// `max_pending_handshakes_per_address` (32), since every connection comes from 127.0.0.1.
+const OPENING_AT_ONCE: usize = 24;
+
+/// `--float-connections N`: this process opens N idle mTLS AMQP 1.0 peer connections (one
+/// session and one sending link each, as a bridge's link does) to B's float with A's
+/// certificate, and reports the time until all are open, then the float's CPU and RSS while
+/// they idle. A bridge stops at 2047 links per broker connection (one channel each); this
+/// measures what a float pays for an inbound connection, whoever holds it.
+pub(crate) async fn float_connections(
+    a: &Org,
+    b: &Org,
+    probes: &Probes,
+    n: usize,
+    seconds: u64,
+) -> Result<()> {
+    let float_pid = b.float.as_ref().and_then(|f| f.pid());
+    let rss_float_0 = rss_mib(float_pid);
+    let rss_self_0 = rss_mib(Some(std::process::id()));
+    let identity = TlsIdentity::load(&a.files.tls_cert, &a.files.tls_key)?;
+    let roots = drawbridge_certs::load_trust_roots(&a.files.root_cert)?;
+    let tls = drawbridge_certs::client_config(
+        &identity,
+        roots,
+        vec![b.legal_name.parse()?],
+        TlsPolicy::Tls13Only,
+    )?;
+    let settings = PeerSettings {
+        tls,
+        connect_timeout: Duration::from_secs(30),
+        // What a bridge announces by default: heartbeats every 30 s each way.
+        idle_timeout: Duration::from_secs(60),
+        container_id: "drawbridge-bench-load".into(),
+        link_name: "load".into(),
+        address: DEFAULT_TARGET_ADDRESS.into(),
+        canary_address: None,
+    };
+    let target = Target::new("127.0.0.1", b.float_port);
+    println!("## {n} idle inbound connections on B's float (from this process, A's certificate)");
+    println!();
+    let start = Instant::now();
+    let mut opened = futures::stream::iter(0..n)
+        .map(|i| {
+            let (target, mut settings) = (target.clone(), settings.clone());
+            settings.link_name = format!("load-{i}");
+            async move {
+                // A refused connection (a limit, a busy host) is tried again, as a bridge would.
+                let mut backoff = Duration::from_millis(100);
+                for _ in 0..8 {
+                    match peer::connect(&target, &settings).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) => {
+                            note_refusal(i, &e.reason());
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                bail!("connection {i} could not be opened 8 times in a row")
+            }
+        })
+        .buffer_unordered(OPENING_AT_ONCE);
+    let mut conns = Vec::with_capacity(n);
+    let mut last_print = Instant::now();
+    while let Some(c) = opened.next().await {
+        conns.push(c?);
+        if last_print.elapsed() > Duration::from_secs(2) {
+            println!(
+                "  {}/{n} open after {:.1} s",
+                conns.len(),
+                start.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+    }
+    drop(opened);
+    let all_open = start.elapsed();
+    println!("  all {n} open after {:.2} s", all_open.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = probes.sample();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let after = probes.sample();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let names = probes.all_names();
+    let pct = |name: &str| {
+        names
+            .iter()
+            .position(|x| *x == name)
+            .map_or(f64::NAN, |i| (after[i] - before[i]) / elapsed * 100.0)
+    };
+    let (rss_float, rss_self) = (rss_mib(float_pid), rss_mib(Some(std::process::id())));
+    let fmt = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
+    let per_conn_kib = match (rss_float_0, rss_float) {
+        (Some(x), Some(y)) => format!("{:.1}", (y - x) * 1024.0 / n as f64),
+        _ => "?".into(),
+    };
+    println!();
+    println!("| process | idle CPU (% of a core, {seconds} s) | RSS before (MiB) | RSS with {n} connections (MiB) |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| float B | {:.2} | {} | {} |",
+        pct("float B"),
+        fmt(rss_float_0),
+        fmt(rss_float)
+    );
+    println!(
+        "| load generator (bench) | {:.2} | {} | {} |",
+        pct("bench"),
+        fmt(rss_self_0),
+        fmt(rss_self)
+    );
+    println!();
+    let closing = Instant::now();
+    futures::stream::iter(conns)
+        .for_each_concurrent(64, PeerConnection::close)
+        .await;
+    println!(
+        "  all {n} closed in {:.2} s",
+        closing.elapsed().as_secs_f64()
+    );
+    println!(
+        "SCALE float_connections={n} all_open_s={:.2} float_idle_cpu_pct={:.2} float_rss_mib={} float_rss_per_connection_kib={per_conn_kib}",
+        all_open.as_secs_f64(),
+        pct("float B"),
+        fmt(rss_float),
+    );
+    Ok(())
+}
+
+/// The first refusal of a connection is worth a line (a limit the run should raise); the
+/// retries of the same connection are not.
+fn note_refusal(i: usize, reason: &str) {
+    static SHOWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if SHOWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
+        println!("  connection {i} refused, retrying: {reason}");
+    }
 }

@@ -305,8 +305,10 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
         let mut failures = Vec::new();
         let mut connected = None;
         for target in rotation.order(Instant::now()) {
+            // Boxed: the connect future is large (≈ 10 KiB) and lives only while connecting;
+            // inline, every link's task would keep room for it while the link idles.
             let attempt = tokio::select! {
-                r = peer::connect(&target, &settings) => r,
+                r = Box::pin(peer::connect(&target, &settings)) => r,
                 _ = stop.cancelled() => break,
             };
             match attempt {
@@ -669,8 +671,14 @@ impl LinkSession<'_> {
             ($delivery:expr, $msg:expr, $permit:expr) => {{
                 let (delivery, msg, permit): (Delivery, Message<Data>, OwnedSemaphorePermit) =
                     ($delivery, $msg, $permit);
-                let sent =
-                    tokio::time::timeout(cfg.settle_timeout, pc.sender.send_batchable(msg)).await;
+                // Boxed: fe2o3's send future is ≈ 4 KiB, and inline the link's task would keep
+                // room for it (twice, one per expansion) while the link idles; one short-lived
+                // allocation per message is the cheaper side.
+                let sent = Box::pin(tokio::time::timeout(
+                    cfg.settle_timeout,
+                    pc.sender.send_batchable(msg),
+                ))
+                .await;
                 let timeout = cfg.settle_timeout;
                 match sent {
                     Ok(Ok(fut)) => inflight.push_back(
@@ -742,7 +750,8 @@ impl LinkSession<'_> {
                         Step::DeadLetter(reason) => {
                             warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %reason, "message dead-lettered");
                             let props = copy_properties(&delivery.properties, &reason, &spec.queue);
-                            match dead_letters.publish(live, &delivery.data, props, &spec.queue, stop).await {
+                            // Boxed: a rare path, too large to keep room for in every link's task.
+                            match Box::pin(dead_letters.publish(live, &delivery.data, props, &spec.queue, stop)).await {
                                 Ok(()) => {
                                     metrics::counter!("drawbridge_bridge_dead_lettered_total", "queue" => spec.queue.clone()).increment(1);
                                     view.lock().expect("poisoned").dead_lettered += 1;

@@ -160,7 +160,9 @@ pub(crate) async fn serve_connection(
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
 ) {
-    let (mut conn, peer, chain, _slot) = match handshake(tcp, addr, &ctx).await {
+    // Boxed: the handshake future (TLS, SASL, AMQP open) is ≈ 10 KiB and done once; inline,
+    // every connection's task would keep room for it for the connection's whole life.
+    let (mut conn, peer, chain, _slot) = match Box::pin(handshake(tcp, addr, &ctx)).await {
         Ok(v) => {
             // The handshake slot goes back to the pool; the connection holds its own.
             drop(pending);

@@ -105,6 +105,13 @@ struct Args {
     /// file limit above this (`ulimit -n`); the bench raises its soft limit itself.
     #[arg(long, default_value_t = 0)]
     float_connections: usize,
+    /// Extra `[float]` setting for this run, `key = value` in TOML (repeatable), e.g.
+    /// `--float-set 'max_pending_handshakes_per_address = 1000'`: for tuning experiments.
+    #[arg(long = "float-set", value_name = "KEY = VALUE")]
+    float_set: Vec<String>,
+    /// The same for the bridge's `[bridge]` table.
+    #[arg(long = "bridge-set", value_name = "KEY = VALUE")]
+    bridge_set: Vec<String>,
     /// How long the idle links are measured.
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
@@ -257,6 +264,13 @@ fn system_busy_ticks() -> Option<u64> {
             + t.softirq.unwrap_or(0)
             + t.steal.unwrap_or(0),
     )
+}
+
+/// `--float-set` / `--bridge-set` values as config lines. TOML refuses a key twice, so a key
+/// the bench sets itself (the connection limits of `--idle-links` and `--float-connections`)
+/// cannot be set again: the daemon then fails to start and says which key.
+fn settings_lines(settings: &[String]) -> String {
+    settings.iter().map(|l| format!("{l}\n")).collect()
 }
 
 /// Raise the soft limit of open files to at least `need` (up to the hard limit); the daemons
@@ -415,8 +429,9 @@ async fn run(args: Args) -> Result<ExitCode> {
     } else {
         String::new()
     };
+    let float_extra = float_extra + &settings_lines(&args.float_set);
     b.start_float(&float_extra).await?;
-    a.start_bridge("").await?;
+    a.start_bridge(&settings_lines(&args.bridge_set)).await?;
     // The bridge asks for a snapshot at start; answer it (links come per run).
     a.snapshot(vec![]).await?;
 

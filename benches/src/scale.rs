@@ -225,8 +225,9 @@ pub(crate) async fn float_connections(
     let settings = PeerSettings {
         tls,
         connect_timeout: Duration::from_secs(30),
-        // What a bridge announces by default: heartbeats every 30 s each way.
-        idle_timeout: Duration::from_secs(60),
+        // A bridge's default `idle_timeout`: the float sends each connection an empty frame
+        // every 15 s, and gets one as often (it announces 30 s too).
+        idle_timeout: Duration::from_secs(30),
         container_id: "drawbridge-bench-load".into(),
         link_name: "load".into(),
         address: DEFAULT_TARGET_ADDRESS.into(),

@@ -474,33 +474,26 @@ async fn run(args: Args) -> Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    if bench.args.float_connections > 0 {
-        let result = scale::float_connections(
-            &bench.a,
-            &bench.b,
-            &bench.probes,
-            bench.args.float_connections,
-            bench.args.idle_seconds,
-        )
-        .await;
-        for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            let _ = d.terminate(Duration::from_secs(60)).await;
-        }
-        result?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if bench.args.idle_links > 0 {
-        let result = scale::idle_links(
-            &bench.a,
-            &mut bench.b,
-            &bench.probes,
-            bench.args.idle_links,
-            bench.args.idle_seconds,
-        )
-        .await;
+    if bench.args.float_connections > 0 || bench.args.idle_links > 0 {
+        let result = if bench.args.float_connections > 0 {
+            scale::float_connections(
+                &bench.a,
+                &bench.b,
+                &bench.probes,
+                bench.args.float_connections,
+                bench.args.idle_seconds,
+            )
+            .await
+        } else {
+            scale::idle_links(
+                &bench.a,
+                &mut bench.b,
+                &bench.probes,
+                bench.args.idle_links,
+                bench.args.idle_seconds,
+            )
+            .await
+        };
         for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]
             .into_iter()
             .flatten()

@@ -16,6 +16,24 @@ use procfs::process::Process;
 
 use crate::Probes;
 
+/// After 5 s for the start-up to settle (TLS sessions, first heartbeats), each probe's CPU
+/// over `seconds` of idling, as % of one core, by probe name (NaN for an unknown name).
+async fn idle_cpu(probes: &Probes, seconds: u64) -> impl Fn(&str) -> f64 {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = probes.sample();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let after = probes.sample();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let names = probes.all_names();
+    move |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .map_or(f64::NAN, |i| (after[i] - before[i]) / elapsed * 100.0)
+    }
+}
+
 /// Resident set size of `pid` in MiB.
 fn rss_mib(pid: Option<u32>) -> Option<f64> {
     let p = Process::new(i32::try_from(pid?).ok()?).ok()?;
@@ -66,20 +84,7 @@ pub(crate) async fn idle_links(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     println!("  all {n} up after {:.2} s", all_up.as_secs_f64());
-    // Let the start-up settle (TLS sessions, first heartbeats) before measuring the idle cost.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = probes.sample();
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let after = probes.sample();
-    let elapsed = t0.elapsed().as_secs_f64();
-    let names = probes.all_names();
-    let pct = |name: &str| {
-        names
-            .iter()
-            .position(|n| *n == name)
-            .map_or(f64::NAN, |i| (after[i] - before[i]) / elapsed * 100.0)
-    };
+    let pct = idle_cpu(probes, seconds).await;
     let (rss_bridge, rss_float) = (rss_mib(bridge_pid), rss_mib(float_pid));
     let fmt = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
     println!();
@@ -274,19 +279,7 @@ pub(crate) async fn float_connections(
     drop(opened);
     let all_open = start.elapsed();
     println!("  all {n} open after {:.2} s", all_open.as_secs_f64());
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = probes.sample();
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let after = probes.sample();
-    let elapsed = t0.elapsed().as_secs_f64();
-    let names = probes.all_names();
-    let pct = |name: &str| {
-        names
-            .iter()
-            .position(|x| *x == name)
-            .map_or(f64::NAN, |i| (after[i] - before[i]) / elapsed * 100.0)
-    };
+    let pct = idle_cpu(probes, seconds).await;
     let (rss_float, rss_self) = (rss_mib(float_pid), rss_mib(Some(std::process::id())));
     let fmt = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
     let per_conn_kib = match (rss_float_0, rss_float) {

@@ -20,7 +20,9 @@ use std::{
 };
 
 /// A `(sender, message-id)` pair.
-type Key = (Arc<str>, String);
+/// The id is shared, not owned: a key is held by the copies in flight, the window's map and
+/// its eviction order, and cloning a `String` for each was three allocations per message.
+type Key = (Arc<str>, Arc<str>);
 
 /// What the window knows about a pair when a copy arrives.
 #[derive(Debug)]
@@ -51,7 +53,7 @@ impl Dedup {
 
     /// Classify a copy of `(sender, id)` arriving at `now`.
     pub fn begin(&self, sender: &Arc<str>, id: &str, now: Instant) -> Seen {
-        let key: Key = (sender.clone(), id.to_string());
+        let key: Key = (sender.clone(), Arc::from(id));
         let mut w = self
             .inner
             .lock()

@@ -226,6 +226,16 @@ impl Scanner {
         Self::default()
     }
 
+    /// A scanner at the start of a value stream that keeps this one's stack allocation.
+    fn recycled(self) -> Self {
+        let mut stack = self.stack;
+        stack.clear();
+        Scanner {
+            stack,
+            ..Scanner::default()
+        }
+    }
+
     /// Whether the scanner is between top-level values.
     pub fn at_boundary(&self) -> bool {
         self.stack.is_empty() && matches!(self.state, State::Constructor)
@@ -573,6 +583,10 @@ fn width_of(c: u8) -> Option<u64> {
     }
 }
 
+/// The largest performative buffer kept for the next frame; a larger one (a big `attach`)
+/// is freed once scanned.
+const SPARE_BYTES: usize = 4096;
+
 /// Frame-level state.
 #[derive(Debug)]
 enum FrameState {
@@ -609,6 +623,10 @@ pub struct Frames {
     limits: PeerLimits,
     state: FrameState,
     deliveries: HashMap<(u16, u32), Scanner>,
+    /// A scanner and a performative buffer kept between frames: each frame needs both, and
+    /// allocating them anew cost three allocations per transfer.
+    spare: Scanner,
+    spare_bytes: Vec<u8>,
     /// Channels with a session begun and not ended.
     sessions: HashSet<u16>,
     /// (channel, handle) of links attached and not detached.
@@ -631,6 +649,8 @@ impl Frames {
                 have: 0,
             },
             deliveries: HashMap::new(),
+            spare: Scanner::default(),
+            spare_bytes: Vec::new(),
             sessions: HashSet::new(),
             links: HashSet::new(),
         }
@@ -691,8 +711,13 @@ impl Frames {
                 *left -= used as u32;
                 if scanner.completed() == 1 {
                     let (left, channel, sasl) = (*left, *channel, *sasl);
-                    let kept = std::mem::take(kept);
+                    let mut kept = std::mem::take(kept);
+                    self.spare = std::mem::take(scanner).recycled();
                     self.performative(&kept, left, channel, sasl)?;
+                    kept.clear();
+                    if kept.capacity() <= SPARE_BYTES {
+                        self.spare_bytes = kept;
+                    }
                 } else if *left == 0 {
                     return Err(Violation::BadFrame("performative longer than its frame"));
                 }
@@ -700,7 +725,11 @@ impl Frames {
             }
             FrameState::Payload { left, key, last } => {
                 let take = (*left as usize).min(bytes.len());
-                let scanner = self.deliveries.entry(*key).or_default();
+                let spare = &mut self.spare;
+                let scanner = self
+                    .deliveries
+                    .entry(*key)
+                    .or_insert_with(|| std::mem::take(spare).recycled());
                 let max = self.limits.max_message_size;
                 let size = scanner.offset.saturating_add(take as u64);
                 if max > 0 && size > max {
@@ -711,9 +740,11 @@ impl Frames {
                 if *left == 0 {
                     if *last {
                         // A whole message is a sequence of whole sections.
-                        let done = self.deliveries.remove(key);
-                        if done.is_some_and(|s| !s.at_boundary()) {
-                            return Err(Violation::BadFrame("message ends inside a value"));
+                        if let Some(done) = self.deliveries.remove(key) {
+                            if !done.at_boundary() {
+                                return Err(Violation::BadFrame("message ends inside a value"));
+                            }
+                            self.spare = done.recycled();
                         }
                     }
                     self.state = FrameState::Head {
@@ -775,8 +806,8 @@ impl Frames {
                 left: body,
                 channel,
                 sasl,
-                scanner: Scanner::new(),
-                bytes: Vec::new(),
+                scanner: std::mem::take(&mut self.spare),
+                bytes: std::mem::take(&mut self.spare_bytes),
             }
         };
     }
@@ -820,7 +851,10 @@ impl Frames {
                     }
                     self.state = head;
                 } else {
-                    self.deliveries.entry(key).or_default();
+                    let spare = &mut self.spare;
+                    self.deliveries
+                        .entry(key)
+                        .or_insert_with(|| std::mem::take(spare).recycled());
                     self.state = FrameState::Payload { left, key, last };
                 }
                 return Ok(());

@@ -109,7 +109,7 @@ impl Publisher {
         &mut self,
         broker: &BrokerSession,
         exchange: &str,
-        inbox: &str,
+        inbox: Arc<str>,
         body: Vec<u8>,
         properties: BasicProperties,
     ) -> Result<Confirm, Transient> {
@@ -124,13 +124,13 @@ impl Publisher {
         };
         let op = broker.config().op_timeout;
         let slot = self.slot.clone();
-        let (exchange, inbox) = (ShortString::from(exchange), inbox.to_string());
+        let exchange = ShortString::from(exchange);
         let mut confirm = async move {
             let publish = tokio::time::timeout(
                 op,
                 channel.basic_publish(
                     exchange,
-                    ShortString::from(inbox.as_str()),
+                    ShortString::from(&*inbox),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()

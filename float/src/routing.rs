@@ -5,7 +5,7 @@
 //! destination is parsed once per distinct spelling; each inbound link keeps a small cache
 //! of spellings it has seen, including the ones this float does not serve.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use drawbridge_certs::LegalName;
 
@@ -37,8 +37,9 @@ impl Identities {
 /// One inbound link's cache of destination spellings → inbox.
 #[derive(Debug, Default)]
 pub(crate) struct Routes {
-    /// `drawbridge-destination` as written → inbox (`None`: not served).
-    cache: HashMap<String, Option<String>>,
+    /// `drawbridge-destination` as written → inbox (`None`: not served). Shared, so a hit
+    /// costs no allocation: every transfer looks its destination up here.
+    cache: HashMap<String, Option<Arc<str>>>,
 }
 
 impl Routes {
@@ -47,14 +48,14 @@ impl Routes {
     const MAX_ENTRIES: usize = 1024;
 
     /// The inbox for `destination`, resolved through `identities` the first time.
-    pub(crate) fn inbox(&mut self, identities: &Identities, destination: &str) -> Option<String> {
+    pub(crate) fn inbox(&mut self, identities: &Identities, destination: &str) -> Option<Arc<str>> {
         if let Some(hit) = self.cache.get(destination) {
             return hit.clone();
         }
         if self.cache.len() >= Self::MAX_ENTRIES {
             self.cache.clear();
         }
-        let inbox = identities.resolve(destination);
+        let inbox: Option<Arc<str>> = identities.resolve(destination).map(Arc::from);
         self.cache.insert(destination.to_string(), inbox.clone());
         inbox
     }

@@ -114,7 +114,17 @@ async fn own_node_stop_start_kill_restart() {
     node.restart().await.unwrap();
     eprintln!("node restarted in {:?}", t.elapsed());
     assert_eq!(node.amqp_port(), port);
-    assert_eq!(node.queue_depth(&vhost, "durable-q").await.unwrap(), 1);
+    // The listener can accept before the vhost has recovered its queues (seen on a loaded
+    // host: `list_queues` empty right after the restart), so wait for the queue to be back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let depth = loop {
+        match node.queue_depth(&vhost, "durable-q").await {
+            Ok(d) => break d,
+            Err(e) if Instant::now() >= deadline => panic!("after restart: {e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(depth, 1);
     let conn = connect(&uri).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let msg = ch

@@ -373,6 +373,20 @@ impl Link {
         }
     }
 
+    /// Settle one transfer at once (not published, or its publish failed before a confirm).
+    /// `&mut`: the link is `Send` but not `Sync`, and this is held across an await.
+    async fn settle_now(&mut self, done: Settled) -> Result<(), LinkEnd> {
+        settle_one(
+            &self.receiver,
+            done,
+            &self.sender,
+            &self.ctx,
+            &self.accepted,
+        )
+        .await
+        .map_err(LinkEnd::Disposition)
+    }
+
     /// Count and log the start of each episode of holding back for lack of budget.
     fn note_budget(&mut self) {
         let short = !self.budget.has_room() || self.waiting.is_some();
@@ -408,15 +422,7 @@ impl Link {
                     published: false,
                     permit: None,
                 };
-                return settle_one(
-                    &self.receiver,
-                    done,
-                    &self.sender,
-                    &self.ctx,
-                    &self.accepted,
-                )
-                .await
-                .map_err(LinkEnd::Disposition);
+                return self.settle_now(done).await;
             }
             Prepared::Publish(o) => *o,
         };
@@ -488,15 +494,7 @@ impl Link {
                     published: true,
                     permit: Some(permit),
                 };
-                settle_one(
-                    &self.receiver,
-                    done,
-                    &self.sender,
-                    &self.ctx,
-                    &self.accepted,
-                )
-                .await
-                .map_err(LinkEnd::Disposition)
+                self.settle_now(done).await
             }
         }
     }

@@ -312,8 +312,10 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 _ = stop.cancelled() => break,
             };
             match attempt {
+                // Boxed: the connection handle is ≈ 1.4 KiB and moves from here into the
+                // session; inline, each link's task would keep room for every copy.
                 Ok(pc) => {
-                    connected = Some(pc);
+                    connected = Some(Box::new(pc));
                     break;
                 }
                 Err(f) => {
@@ -469,7 +471,7 @@ struct LinkSession<'a> {
 impl LinkSession<'_> {
     async fn run(
         &self,
-        mut pc: PeerConnection,
+        mut pc: Box<PeerConnection>,
         dead_letters: &mut DeadLetterer,
         stats: &mut SessionStats,
         prefetch: &mut Prefetch,
@@ -614,7 +616,9 @@ impl LinkSession<'_> {
             metrics::gauge!("drawbridge_bridge_link_in_flight", "queue" => spec.queue.clone());
         let mut in_flight_seen = 0usize;
         // A converted delivery waiting for room in the process-wide byte budget.
-        let mut waiting: Option<(Delivery, Message<Data>)> = None;
+        // Boxed: a delivery and its conversion are ≈ 1 KiB, rarely waiting (the budget is
+        // exhausted), and inline every link's task would keep room for them.
+        let mut waiting: Option<Box<(Delivery, Message<Data>)>> = None;
         let budget_kib = ctx.bytes_total_kib;
         // The CRLs may change while the link is up: the float is re-checked each time (and
         // once now, for a change between its handshake and this point).
@@ -635,8 +639,14 @@ impl LinkSession<'_> {
         macro_rules! broken {
             ($reason:expr) => {{
                 let reason: Broken = $reason;
-                salvage(&mut inflight, &mut acks, stats, view, &age, SALVAGE_WAIT).await;
-                return match flush(channel, &mut acks, op).await {
+                // Boxed: expanded at every way out, and each expansion's room would be kept
+                // in every link's task.
+                let flushed = Box::pin(async {
+                    salvage(&mut inflight, &mut acks, stats, view, &age, SALVAGE_WAIT).await;
+                    flush(channel, &mut acks, op).await
+                })
+                .await;
+                return match flushed {
                     Ok(()) => End::Broken(reason),
                     Err(e) => End::Broken(Broken::Then {
                         first: Box::new(reason),
@@ -720,7 +730,7 @@ impl LinkSession<'_> {
         loop {
             let need_kib = waiting
                 .as_ref()
-                .map(|(d, _)| kib(d.data.len(), budget_kib))
+                .map(|w| kib(w.0.data.len(), budget_kib))
                 .unwrap_or(0);
             if draining && inflight.is_empty() {
                 return match flush(channel, &mut acks, op).await {
@@ -800,7 +810,7 @@ impl LinkSession<'_> {
                     let Ok(permit) = permit else {
                         broken!(Broken::BudgetClosed);
                     };
-                    let (delivery, msg) = waiting.take().expect("waiting");
+                    let (delivery, msg) = *waiting.take().expect("waiting");
                     send!(delivery, msg, permit);
                 }
                 d = consuming.consumer.next(), if !draining && waiting.is_none() && inflight.len() < window => {
@@ -854,7 +864,7 @@ impl LinkSession<'_> {
                             let need = kib(delivery.data.len(), budget_kib);
                             match ctx.bytes_in_flight.clone().try_acquire_many_owned(need) {
                                 Ok(permit) => send!(delivery, msg, permit),
-                                Err(_) => waiting = Some((delivery, msg)),
+                                Err(_) => waiting = Some(Box::new((delivery, msg))),
                             }
                         }
                     }

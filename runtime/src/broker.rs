@@ -34,6 +34,17 @@ use tracing::{info, warn};
 
 use crate::{backoff::Backoff, config::ConfigReader};
 
+/// Default `broker.frame_max`: 32 KiB, a quarter of RabbitMQ's default. It saves 6 MiB of
+/// resident buffers per broker connection (see [`BrokerConfig::frame_max`]), and a 1 MiB
+/// body is 32 frames instead of 8, which the bench does not tell apart (docs/performance.md).
+pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
+/// AMQP 0-9-1's smallest `frame_max` (`FRAME_MIN_SIZE`).
+const FRAME_MAX_MIN: u32 = 4096;
+
+/// Largest `broker.frame_max` taken: 64 MiB of buffers per broker connection.
+const FRAME_MAX_MAX: u32 = 1024 * 1024;
+
 /// Broker connection settings (`[broker]` in a daemon's config).
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -46,6 +57,11 @@ pub struct BrokerConfig {
     pub op_timeout: Duration,
     /// AMQP heartbeat in seconds (a silent broker is detected after about twice this).
     pub heartbeat: u16,
+    /// Largest AMQP 0-9-1 frame asked for (the broker's own limit applies if lower). lapin
+    /// allocates its receive and send buffers as 32 frames each when it connects, so this is
+    /// what one broker connection holds resident: 64 × `frame_max` (8 MiB at RabbitMQ's
+    /// 128 KiB default, 2 MiB at ours). Larger bodies are cut into more frames.
+    pub frame_max: u32,
     /// First reconnect delay.
     pub reconnect_min: Duration,
     /// Reconnect delay cap.
@@ -239,6 +255,7 @@ impl BrokerConfig {
             connect_timeout: r.duration(&key("connect_timeout"), Duration::from_secs(10)),
             op_timeout: r.duration(&key("op_timeout"), Duration::from_secs(15)),
             heartbeat: r.get(&key("heartbeat_secs"), 5u16),
+            frame_max: r.get(&key("frame_max"), DEFAULT_FRAME_MAX),
             reconnect_min: r.duration(&key("reconnect_min"), Duration::from_millis(500)),
             // A local broker is cheap to retry; a short cap bounds recovery after an outage.
             reconnect_max: r.duration(&key("reconnect_max"), Duration::from_secs(5)),
@@ -251,6 +268,13 @@ impl BrokerConfig {
             cfg.reconnect_max >= cfg.reconnect_min,
             "must not be smaller than reconnect_min",
         );
+        r.check(
+            &key("frame_max"),
+            (FRAME_MAX_MIN..=FRAME_MAX_MAX).contains(&cfg.frame_max),
+            format_args!(
+                "must be between {FRAME_MAX_MIN} (AMQP's smallest frame) and {FRAME_MAX_MAX} bytes"
+            ),
+        );
         cfg
     }
 
@@ -261,6 +285,7 @@ impl BrokerConfig {
             connect_timeout: Duration::from_secs(10),
             op_timeout: Duration::from_secs(15),
             heartbeat: 5,
+            frame_max: DEFAULT_FRAME_MAX,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(5),
             password: None,
@@ -317,6 +342,9 @@ async fn connect_one(cfg: &BrokerConfig, raw: &str, name: &str) -> Result<Connec
     let mut uri: AMQPUri = raw.parse()?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(cfg.heartbeat);
+    }
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(cfg.frame_max);
     }
     if let Some(pw) = &cfg.password {
         uri.authority.userinfo.password = pw.expose().to_string();
@@ -723,6 +751,24 @@ mod config_tests {
             assert_eq!(cfg.password.as_ref().map(Secret::expose), Some("s3cr:t@pw"));
             let debug = format!("{cfg:?}");
             assert!(!debug.contains("s3cr"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn frame_max_defaults_to_32_kib_and_is_bounded() {
+        assert_eq!(ok("[broker]\nuris = [\"amqp://h/%2f\"]\n").frame_max, 32768);
+        assert_eq!(
+            ok("[broker]\nuris = [\"amqp://h/%2f\"]\nframe_max = 131072\n").frame_max,
+            131072
+        );
+        for bad in ["4095", "2097152", "0"] {
+            let errs = errors(&format!(
+                "[broker]\nuris = [\"amqp://h/%2f\"]\nframe_max = {bad}\n"
+            ));
+            assert!(
+                has(&errs, "broker.frame_max", "between 4096"),
+                "{bad}: {errs:#?}"
+            );
         }
     }
 

@@ -80,12 +80,50 @@ pub fn binary(kind: Kind) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A free loopback port (bound then released; good enough for tests).
+/// A free loopback port (bound then released; good enough for tests), for a listener a test
+/// may stop and start again: see [`free_ports`].
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    free_ports::<1>().expect("free port")[0]
+}
+
+/// Lowest port handed out by [`free_ports`] (above the well-known and registered services
+/// tests might meet, e.g. epmd's 4369).
+const POOL_MIN: u16 = 10_000;
+
+/// `N` distinct free loopback ports, bound together and then released.
+///
+/// They are taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), where
+/// `bind(:0)` would pick them: a port from that range can go to any outgoing connection of a
+/// concurrent test while its listener is down, and the restarted daemon then fails with
+/// "address already in use" (seen once when a test restarted a float). Falls back to the
+/// kernel's choice when the range leaves no room below it.
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(0);
+    let mut held = Vec::with_capacity(N);
+    if low > POOL_MIN + 1_000 {
+        let span = u32::from(low - POOL_MIN);
+        let start = rand::random_range(0..span);
+        for i in 0..span {
+            if held.len() == N {
+                break;
+            }
+            let port = POOL_MIN + ((start + i) % span) as u16;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                held.push(l);
+            }
+        }
+    }
+    while held.len() < N {
+        held.push(TcpListener::bind("127.0.0.1:0")?);
+    }
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&held) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// A running daemon process.
@@ -310,4 +348,31 @@ impl Daemon {
 /// GET `path` on the admin port: (status, body) (see [`drawbridge_runtime::admin::fetch`]).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok(drawbridge_runtime::admin::fetch(addr, path).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports = free_ports::<3>().unwrap();
+        let mut sorted = ports.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 3, "{ports:?}");
+        for p in ports {
+            if low > POOL_MIN + 1_000 {
+                assert!((POOL_MIN..low).contains(&p), "{p} (ephemeral from {low})");
+            }
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
+    }
 }

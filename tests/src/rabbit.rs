@@ -11,7 +11,7 @@
 //! shared with the system instance and daemonises out of the group anyway).
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -304,18 +304,6 @@ fn random_suffix() -> String {
     format!("{:08x}", rand::rng().random::<u32>())
 }
 
-/// Three distinct free loopback ports (bound together, then released).
-fn free_ports() -> Result<(u16, u16, u16)> {
-    let a = TcpListener::bind("127.0.0.1:0")?;
-    let b = TcpListener::bind("127.0.0.1:0")?;
-    let c = TcpListener::bind("127.0.0.1:0")?;
-    Ok((
-        a.local_addr()?.port(),
-        b.local_addr()?.port(),
-        c.local_addr()?.port(),
-    ))
-}
-
 /// Percent-encodes a vhost name for an AMQP URI path.
 pub fn encode_vhost(vhost: &str) -> String {
     let mut out = String::new();
@@ -357,7 +345,7 @@ impl RabbitNode {
         remove_stale_dirs();
         let short = format!("dbt-{}", random_suffix());
         let name = format!("{short}@localhost");
-        let (amqp_port, dist_port, ssl_port) = free_ports()?;
+        let [amqp_port, dist_port, ssl_port] = crate::daemon::free_ports()?;
         let amqps_port = opts.tls.as_ref().map(|_| ssl_port);
         let dir = base_dir().join(&name);
         std::fs::create_dir_all(dir.join("mnesia"))?;

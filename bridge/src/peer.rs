@@ -3,12 +3,11 @@
 use std::{sync::Arc, time::Duration};
 
 use drawbridge_control_protocol::Target;
+use drawbridge_runtime::frame_guard::{FrameGuard, PeerLimits, Side};
 use fe2o3_amqp::{
-    connection::{ConnectionHandle, OpenError},
-    sasl_profile::SaslProfile,
-    session::SessionHandle,
-    Connection, Sender, Session,
+    connection::ConnectionHandle, session::SessionHandle, Connection, Sender, Session,
 };
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 /// Why connecting to a target failed; the kind decides how soon it is retried.
@@ -69,7 +68,8 @@ pub struct PeerSettings {
     pub canary_address: Option<String>,
 }
 
-/// Connect to `target`: TCP (NODELAY) → direct TLS → SASL EXTERNAL → session → sender.
+/// Connect to `target`: TCP (NODELAY) → direct TLS → frame guard → SASL EXTERNAL → session
+/// → sender.
 pub async fn connect(target: &Target, s: &PeerSettings) -> Result<PeerConnection, ConnectFailure> {
     match tokio::time::timeout(s.connect_timeout, connect_inner(target, s)).await {
         Ok(r) => r,
@@ -88,22 +88,37 @@ async fn connect_inner(
         .await
         .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?;
     let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(s.tls.clone());
+    // TLS here rather than inside fe2o3, so that the frame guard can sit between TLS and the
+    // AMQP engine: what a float answers is scanned before fe2o3 decodes it (see
+    // `drawbridge_runtime::frame_guard`). The host name is not what is verified (the link's
+    // legal names are), but rustls needs one for SNI.
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|e| ConnectFailure::Tls(format!("{target}: {e}")))?;
+    // Frames written while the connection engine is busy leave in one write (and TLS records
+    // in one segment) instead of one `writev` per frame: see `Coalesce`.
+    let tls = tokio_rustls::TlsConnector::from(s.tls.clone())
+        .connect(name, drawbridge_runtime::coalesce::Coalesce::new(tcp))
+        .await
+        .map_err(|e| classify_tls(target, &e))?;
+    let mut guarded = FrameGuard::new(
+        tls,
+        MAX_FRAME,
+        PeerLimits::FOR_A_FLOAT,
+        target.to_string(),
+        Side::Bridge,
+    );
+    sasl_external(&mut guarded, &target.host)
+        .await
+        .map_err(|e| ConnectFailure::Amqp(format!("{target}: SASL: {e}")))?;
     let mut conn = Connection::builder()
         .container_id(s.container_id.clone())
-        .scheme("amqps")
-        .domain(target.host.as_str())
-        .alt_tls_establishment(true)
-        .rustls_connector(connector)
-        .sasl_profile(SaslProfile::External)
+        .scheme("amqp")
         .hostname(target.host.as_str())
-        .max_frame_size(256 * 1024u32)
+        .max_frame_size(MAX_FRAME)
         .idle_time_out(s.idle_timeout.as_millis() as u32)
-        // Frames written while the connection engine is busy leave in one write (and TLS
-        // records in one segment) instead of one `writev` per frame: see `Coalesce`.
-        .open_with_stream(drawbridge_runtime::coalesce::Coalesce::new(tcp))
+        .open_with_stream(guarded)
         .await
-        .map_err(|e| classify(target, e))?;
+        .map_err(|e| ConnectFailure::Amqp(format!("{target}: {e}")))?;
     let mut session = match Session::begin(&mut conn).await {
         Ok(s) => s,
         Err(e) => {
@@ -156,19 +171,100 @@ async fn connect_inner(
     })
 }
 
-fn classify(target: &Target, e: OpenError) -> ConnectFailure {
-    if let OpenError::Io(io) = &e {
-        if let Some(inner) = io.get_ref() {
-            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
-                return ConnectFailure::Tls(format!("{target}: {tls}"));
-            }
-        }
-        return match io.kind() {
-            std::io::ErrorKind::InvalidData => ConnectFailure::Tls(format!("{target}: {io}")),
-            _ => ConnectFailure::Network(format!("{target}: {io}")),
-        };
+/// Largest frame the float may send (announced in `open`, enforced by the frame guard).
+const MAX_FRAME: u32 = 256 * 1024;
+
+/// Largest SASL frame read (the mechanisms and the outcome; AMQP's minimum max-frame-size is
+/// 512 bytes, and SASL frames must fit it).
+const MAX_SASL_FRAME: usize = 512;
+
+/// The SASL layer, EXTERNAL (the identity is the TLS client certificate), done here because
+/// fe2o3 0.18 refuses EXTERNAL on a stream it did not encrypt itself. Reads through the frame
+/// guard; each read has the connect deadline of the caller.
+async fn sasl_external<S>(io: &mut S, host: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use fe2o3_amqp::types::{
+        primitives::Symbol,
+        sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome},
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
+    io.write_all(&SASL_HEADER)
+        .await
+        .map_err(|e| e.to_string())?;
+    io.flush().await.map_err(|e| e.to_string())?;
+    let mut header = [0u8; 8];
+    io.read_exact(&mut header)
+        .await
+        .map_err(|e| e.to_string())?;
+    if header != SASL_HEADER {
+        return Err(format!(
+            "the float answered with protocol header {header:02x?}"
+        ));
     }
-    ConnectFailure::Amqp(format!("{target}: {e}"))
+    let mechanisms: SaslMechanisms = serde_amqp::from_slice(&read_sasl_frame(io).await?)
+        .map_err(|e| format!("sasl-mechanisms: {e}"))?;
+    if !mechanisms
+        .sasl_server_mechanisms
+        .0
+        .iter()
+        .any(|m| m.0 == "EXTERNAL")
+    {
+        return Err("the float does not offer EXTERNAL".into());
+    }
+    let init = SaslInit {
+        mechanism: Symbol::from("EXTERNAL"),
+        initial_response: None,
+        hostname: Some(host.to_string()),
+    };
+    let body = serde_amqp::to_vec(&init).map_err(|e| e.to_string())?;
+    let mut frame = Vec::with_capacity(8 + body.len());
+    frame.extend_from_slice(&(8 + body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&[2, 1, 0, 0]);
+    frame.extend_from_slice(&body);
+    io.write_all(&frame).await.map_err(|e| e.to_string())?;
+    io.flush().await.map_err(|e| e.to_string())?;
+    let outcome: SaslOutcome = serde_amqp::from_slice(&read_sasl_frame(io).await?)
+        .map_err(|e| format!("sasl-outcome: {e}"))?;
+    match outcome.code {
+        SaslCode::Ok => Ok(()),
+        code => Err(format!("the float refused EXTERNAL ({code:?})")),
+    }
+}
+
+/// One SASL frame's body (after the extended header).
+async fn read_sasl_frame<S>(io: &mut S) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 8];
+    io.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let doff = usize::from(head[4]) * 4;
+    if head[5] != 1 || size > MAX_SASL_FRAME || doff < 8 || doff > size {
+        return Err(format!("not a SASL frame: header {head:02x?}"));
+    }
+    let mut rest = vec![0u8; size - 8];
+    io.read_exact(&mut rest).await.map_err(|e| e.to_string())?;
+    Ok(rest.split_off(doff - 8))
+}
+
+/// A TLS handshake's failure: verification problems are `Tls` (retried later), the rest
+/// network trouble.
+fn classify_tls(target: &Target, io: &std::io::Error) -> ConnectFailure {
+    if let Some(inner) = io.get_ref() {
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return ConnectFailure::Tls(format!("{target}: {tls}"));
+        }
+    }
+    match io.kind() {
+        std::io::ErrorKind::InvalidData => ConnectFailure::Tls(format!("{target}: {io}")),
+        _ => ConnectFailure::Network(format!("{target}: {io}")),
+    }
 }
 
 impl PeerConnection {

@@ -13,10 +13,11 @@ use drawbridge_runtime::lograte::Every;
 use fe2o3_amqp::{
     acceptor::{
         ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-        ListenerSessionHandle, SessionAcceptor,
+        ListenerSessionHandle, SessionAcceptor, SupportedReceiverSettleModes,
     },
     connection::OpenError,
     session::BeginError,
+    types::definitions::ReceiverSettleMode,
 };
 use tokio::{net::TcpStream, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admission::{Refusal, Ticket},
-    frame_guard::FrameGuard,
+    frame_guard::{FrameGuard, Side},
     link::{self, LinkRefusal},
     sasl::TlsIdentitySasl,
     Ctx,
@@ -300,6 +301,7 @@ async fn handshake(
         MAX_FRAME,
         limits,
         format!("{} ({addr})", peer.canonical()),
+        Side::Float,
     );
     match tokio::time::timeout(timeout, acceptor.accept(guarded)).await {
         Ok(Ok(c)) => Ok((c, peer, chain, slot)),
@@ -330,8 +332,16 @@ async fn serve_session(
     // Announced on attach and enforced by fe2o3 while a delivery is assembled (the link is
     // detached with `message-size-exceeded`), counting the whole encoded message; a bridge
     // dead-letters what exceeds it instead of sending it.
+    //
+    // Settle mode `first` only: the float settles each delivery in the disposition that
+    // carries its outcome. A sender asking for `rcv-settle-mode = second` is answered with
+    // `first` (the receiver's choice, AMQP 1.0 2.7.3), so no disposition waits in fe2o3's
+    // unsettled map for a settlement a hostile peer would never send; a transfer that asks
+    // for `second` on such a link ends the link (`IllegalRcvSettleModeInTransfer`).
     let acceptor = LinkAcceptor::builder()
         .max_message_size(announced_max_message_size(ctx.cfg.max_message_size))
+        .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(ReceiverSettleMode::First)
         .build();
     let mut links = JoinSet::new();
     loop {

@@ -32,7 +32,9 @@ pub mod config;
 mod connection;
 pub mod convert;
 pub mod dedup;
-pub mod frame_guard;
+/// The frame guard lives in the runtime (the bridge guards its peer connections too); the
+/// path stays for the benches, the fuzz targets and the tests.
+pub use drawbridge_runtime::frame_guard;
 mod link;
 mod listener;
 mod publisher;
@@ -130,6 +132,8 @@ impl Ctx {
             min_idle_timeout_ms: u32::try_from(self.cfg.min_peer_idle_timeout.as_millis())
                 .unwrap_or(u32::MAX),
             max_message_size: connection::announced_max_message_size(self.cfg.max_message_size),
+            accept_transfers: true,
+            enforce_credit: true,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod coalesce;
 pub mod config;
 pub mod daemon;
+pub mod frame_guard;
 pub mod headers;
 pub mod logging;
 pub mod lograte;

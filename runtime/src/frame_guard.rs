@@ -1,12 +1,16 @@
 //! A guard between TLS and the AMQP 1.0 engine that bounds how deeply a peer's encoded values
-//! nest, before anything decodes them.
+//! nest, before anything decodes them. Both daemons put it on every peer connection: the
+//! float on what a peer sends it, the bridge on what a float answers ([`Side`]).
 //!
 //! fe2o3-amqp decodes every frame and every message with serde, recursively: one stack frame
 //! per level of nested lists, maps, arrays and described types, in performatives
-//! (`attach.properties`), message annotations and bodies alike. A peer that sends a body of
-//! 20,000 nested lists overflows the worker's stack, and a stack overflow aborts the process:
-//! every peer goes down. No typed body choice avoids it (annotations are always decoded as
-//! generic values), so the float scans the byte stream itself, iteratively, as it reads it:
+//! (`attach.properties`, a disposition's error `info`), message annotations and bodies alike.
+//! A peer that sends a body of 20,000 nested lists overflows the worker's stack, and a stack
+//! overflow aborts the process: every peer goes down. A float that answered a bridge's
+//! transfer with a `rejected` disposition nested as deep did the same to the bridge, on every
+//! reconnect while the peer queue held messages. No typed body choice avoids it (annotations
+//! are always decoded as generic values), so the guard scans the byte stream itself,
+//! iteratively, as it reads it:
 //!
 //! - [`Scanner`] walks a stream of AMQP 1.0 encoded values with an explicit stack (no
 //!   recursion) and refuses nesting deeper than [`MAX_DEPTH`], unknown constructors, sizes that
@@ -27,6 +31,14 @@
 //!   every idle-timeout milliseconds the peer asks for: 1 ms would keep a worker busy). The
 //!   limits are announced too (`channel-max`, `handle-max`), so only a peer that ignores them
 //!   meets the guard.
+//! - [`Frames`] holds a peer to the link credit it was given ([`PeerLimits::enforce_credit`],
+//!   the float): fe2o3 queues a link's incoming transfers (up to 65,535 frames) before the link
+//!   checks its credit, so a peer that ignores credit could fill that queue while the link
+//!   waits for broker confirms. The guard reads the float's own `flow` frames on their way out
+//!   ([`Frames::outgoing`]) and ends the connection at the first delivery beyond the credit the
+//!   float granted, before fe2o3 queues it.
+//! - A bridge expects no transfers from a float ([`PeerLimits::accept_transfers`] off): one
+//!   ends the connection.
 //! - [`FrameGuard`] is the `AsyncRead + AsyncWrite` wrapper: bytes reach fe2o3 only after they
 //!   were scanned; a violation ends the connection with `InvalidData` and one log line.
 //!
@@ -40,7 +52,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use fe2o3_amqp::types::performatives::Performative;
+use fe2o3_amqp::types::{definitions::Role, performatives::Performative};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Deepest nesting of compound or described values accepted anywhere in a frame or message.
@@ -106,7 +118,13 @@ pub enum Violation {
         /// The announced maximum.
         max: u64,
     },
-    /// An `open` asking for heartbeats more often than the float sends them.
+    /// A delivery on a link with no credit left: the peer ignored the credit it was given.
+    #[error("a delivery beyond the link credit granted")]
+    BeyondCredit,
+    /// A transfer from a peer that sends none (a float, to a bridge).
+    #[error("a transfer from a peer that is not expected to send any")]
+    UnexpectedTransfer,
+    /// An `open` asking for heartbeats more often than we send them.
     #[error("idle timeout of {asked} ms is below the minimum of {min} ms")]
     IdleTimeoutTooShort {
         /// What the peer asked for.
@@ -124,6 +142,7 @@ impl Violation {
             Violation::TooManyLinks(_) => "max_links",
             Violation::IdleTimeoutTooShort { .. } => "idle_timeout",
             Violation::MessageTooLarge { .. } => "message_size",
+            Violation::BeyondCredit => "credit",
             _ => "frames",
         }
     }
@@ -140,6 +159,26 @@ pub struct PeerLimits {
     pub min_idle_timeout_ms: u32,
     /// Largest delivery (all its transfer payloads), as announced on attach; 0 = no limit.
     pub max_message_size: u64,
+    /// Whether the peer may send transfers at all (a float sends a bridge none).
+    pub accept_transfers: bool,
+    /// Hold the peer to the credit our own `flow` frames grant (needs [`Frames::outgoing`]
+    /// to see them: [`FrameGuard`] does that).
+    pub enforce_credit: bool,
+}
+
+impl PeerLimits {
+    /// What a bridge holds a float to: a float opens no more than the session and the two
+    /// links the bridge asked for (a few spare for a float that answers a detach with an
+    /// attach), sends no transfers, and may not ask for heartbeats more often than once a
+    /// second.
+    pub const FOR_A_FLOAT: PeerLimits = PeerLimits {
+        max_sessions: 4,
+        max_links: 8,
+        min_idle_timeout_ms: 1000,
+        max_message_size: 0,
+        accept_transfers: false,
+        enforce_credit: false,
+    };
 }
 
 impl Default for PeerLimits {
@@ -150,6 +189,8 @@ impl Default for PeerLimits {
             max_links: 32,
             min_idle_timeout_ms: 1000,
             max_message_size: 0,
+            accept_transfers: true,
+            enforce_credit: false,
         }
     }
 }
@@ -631,6 +672,215 @@ pub struct Frames {
     sessions: HashSet<u16>,
     /// (channel, handle) of links attached and not detached.
     links: HashSet<(u16, u32)>,
+    /// The credit our own flows granted, when [`PeerLimits::enforce_credit`] is on.
+    credit: Credit,
+}
+
+/// Link credit as our own frames grant it, and what the peer used of it.
+///
+/// Channels and handles are each endpoint's own numbers: the peer sends on its channel and
+/// handle, our flows name ours. Our `begin` answers the peer's (`remote-channel`), and our
+/// `attach` answers the peer's of the same link name, which is how a flow is matched to the
+/// peer's link. Only a bound is kept, never a decision fe2o3 makes: the limit only grows
+/// (a flow that lowers credit could cross transfers already sent), so a peer is never held to
+/// less than the most credit it was ever given.
+#[derive(Debug, Default)]
+struct Credit {
+    /// Our channel → the peer's.
+    channels: HashMap<u16, u16>,
+    /// Our (channel, handle) → the link name's hash.
+    ours: HashMap<(u16, u32), u64>,
+    /// The peer's (channel, name hash) → its handle.
+    by_name: HashMap<(u16, u64), u32>,
+    /// The peer's links: (channel, handle) → deliveries sent and the limit granted.
+    links: HashMap<(u16, u32), LinkCredit>,
+    /// Keys the name hashes (peers choose the names; they get no say in collisions).
+    hasher: std::hash::RandomState,
+    /// Our outgoing bytes, cut into frames.
+    out: Outgoing,
+}
+
+/// One peer link's use of its credit (serial numbers, RFC 1982 as AMQP's delivery-count).
+#[derive(Debug, Clone, Copy)]
+struct LinkCredit {
+    /// The link name's hash.
+    name: u64,
+    /// The peer's delivery-count: its initial one plus the deliveries it began since.
+    sent: u32,
+    /// delivery-count + link-credit of our largest grant; `None` before our first flow.
+    limit: Option<u32>,
+}
+
+impl Credit {
+    fn name_hash(&self, name: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(name)
+    }
+
+    /// The peer attached a link (as sender: only a sender's transfers use credit).
+    fn peer_attach(&mut self, channel: u16, a: &fe2o3_amqp::types::performatives::Attach) {
+        let name = self.name_hash(&a.name);
+        let sent = a.initial_delivery_count.unwrap_or(0);
+        let key = (channel, a.handle.0);
+        if let Some(old) = self.links.insert(
+            key,
+            LinkCredit {
+                name,
+                sent,
+                limit: None,
+            },
+        ) {
+            self.by_name.remove(&(channel, old.name));
+        }
+        self.by_name.insert((channel, name), a.handle.0);
+    }
+
+    fn peer_detach(&mut self, channel: u16, handle: u32) {
+        if let Some(old) = self.links.remove(&(channel, handle)) {
+            self.by_name.remove(&(channel, old.name));
+        }
+    }
+
+    fn peer_end(&mut self, channel: u16) {
+        self.links.retain(|(c, _), _| *c != channel);
+        self.by_name.retain(|(c, _), _| *c != channel);
+    }
+
+    /// The peer begins a delivery on (channel, handle): within the credit granted?
+    fn delivery(&mut self, channel: u16, handle: u32) -> Result<(), Violation> {
+        // A transfer on a handle that is not attached is fe2o3's to refuse.
+        let Some(link) = self.links.get_mut(&(channel, handle)) else {
+            return Ok(());
+        };
+        let limit = link.limit.unwrap_or(link.sent);
+        // sent < limit, in serial-number arithmetic.
+        if (limit.wrapping_sub(link.sent) as i32) <= 0 {
+            return Err(Violation::BeyondCredit);
+        }
+        link.sent = link.sent.wrapping_add(1);
+        Ok(())
+    }
+
+    /// One of our own frames (trusted: encoded by fe2o3 for us).
+    fn ours(&mut self, channel: u16, p: &Performative) {
+        match p {
+            Performative::Begin(b) => {
+                if let Some(remote) = b.remote_channel {
+                    self.channels.insert(channel, remote);
+                }
+            }
+            Performative::Attach(a) => {
+                let name = self.name_hash(&a.name);
+                self.ours.insert((channel, a.handle.0), name);
+            }
+            Performative::Flow(f) => {
+                let (Some(handle), Some(credit)) = (&f.handle, f.link_credit) else {
+                    return;
+                };
+                let Some(&peer_channel) = self.channels.get(&channel) else {
+                    return;
+                };
+                let Some(&name) = self.ours.get(&(channel, handle.0)) else {
+                    return;
+                };
+                let Some(&peer_handle) = self.by_name.get(&(peer_channel, name)) else {
+                    return;
+                };
+                if let Some(link) = self.links.get_mut(&(peer_channel, peer_handle)) {
+                    let granted = f.delivery_count.unwrap_or(link.sent).wrapping_add(credit);
+                    link.limit = Some(match link.limit {
+                        Some(l) if (l.wrapping_sub(granted) as i32) > 0 => l,
+                        _ => granted,
+                    });
+                }
+            }
+            Performative::Detach(d) => {
+                self.ours.remove(&(channel, d.handle.0));
+            }
+            Performative::End(_) => {
+                self.ours.retain(|(c, _), _| *c != channel);
+                self.channels.remove(&channel);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Our own outgoing bytes cut into frames, so that [`Credit`] sees our flows. Our frames are
+/// trusted and small (the float sends no transfers); only begin, attach, flow, detach and end
+/// are decoded.
+#[derive(Debug, Default)]
+struct Outgoing {
+    head: [u8; 8],
+    have: usize,
+    /// Body bytes still to come of the current frame, its channel, and whether it is kept.
+    left: u32,
+    skip_header: u32,
+    channel: u16,
+    keep: bool,
+    body: Vec<u8>,
+}
+
+/// Our own frames bigger than this are not decoded (ours never are).
+const OUTGOING_KEEP_MAX: u32 = 64 * 1024;
+
+impl Outgoing {
+    /// Feed our outgoing bytes; calls `on_frame` with each decodable performative we care
+    /// about.
+    fn feed(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(u16, Performative)) {
+        while !bytes.is_empty() {
+            if self.left == 0 && self.skip_header == 0 {
+                let take = (8 - self.have).min(bytes.len());
+                if let (Some(dst), Some(src)) = (
+                    self.head.get_mut(self.have..self.have + take),
+                    bytes.get(..take),
+                ) {
+                    dst.copy_from_slice(src);
+                }
+                self.have += take;
+                bytes = bytes.get(take..).unwrap_or_default();
+                if self.have < 8 {
+                    return;
+                }
+                self.have = 0;
+                let h = self.head;
+                if &h[..4] == b"AMQP" {
+                    continue;
+                }
+                let size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+                let doff = (u32::from(h[4]) * 4).clamp(8, size.max(8));
+                self.skip_header = doff - 8;
+                self.left = size.saturating_sub(doff);
+                self.channel = u16::from_be_bytes([h[6], h[7]]);
+                // SASL frames (type 1) carry nothing for the credit.
+                self.keep = h[5] == 0 && self.left <= OUTGOING_KEEP_MAX;
+                self.body.clear();
+                continue;
+            }
+            if self.skip_header > 0 {
+                let take = (self.skip_header as usize).min(bytes.len());
+                self.skip_header -= take as u32;
+                bytes = bytes.get(take..).unwrap_or_default();
+                continue;
+            }
+            let take = (self.left as usize).min(bytes.len());
+            if self.keep {
+                self.body
+                    .extend_from_slice(bytes.get(..take).unwrap_or_default());
+            }
+            self.left -= take as u32;
+            bytes = bytes.get(take..).unwrap_or_default();
+            if self.left == 0 && self.keep {
+                // 0x00 0x53 <code>: begin 0x11, attach 0x12, flow 0x13, detach 0x16, end 0x17.
+                if let [0x00, 0x53, 0x11..=0x13 | 0x16 | 0x17, ..] = self.body.as_slice() {
+                    if let Ok(p) = serde_amqp::from_slice::<Performative>(&self.body) {
+                        on_frame(self.channel, p);
+                    }
+                }
+                self.body.clear();
+            }
+        }
+    }
 }
 
 impl Frames {
@@ -653,6 +903,21 @@ impl Frames {
             spare_bytes: Vec::new(),
             sessions: HashSet::new(),
             links: HashSet::new(),
+            credit: Credit::default(),
+        }
+    }
+
+    /// Our own outgoing bytes (what the engine writes to the peer), for the credit we grant.
+    /// Does nothing unless [`PeerLimits::enforce_credit`] is on.
+    pub fn outgoing(&mut self, bytes: &[u8]) {
+        if !self.limits.enforce_credit {
+            return;
+        }
+        let Credit { out, .. } = &mut self.credit;
+        let mut seen = Vec::new();
+        out.feed(bytes, |channel, p| seen.push((channel, p)));
+        for (channel, p) in &seen {
+            self.credit.ours(*channel, p);
         }
     }
 
@@ -835,9 +1100,16 @@ impl Frames {
             .map_err(|_| Violation::BadFrame("performative does not decode"))?;
         match p {
             Performative::Transfer(t) => {
+                if !self.limits.accept_transfers {
+                    return Err(Violation::UnexpectedTransfer);
+                }
                 let key = (channel, t.handle.0);
                 if t.aborted {
                     self.deliveries.remove(&key);
+                }
+                // A delivery begins with a transfer on a link that has none in progress.
+                if self.limits.enforce_credit && !self.deliveries.contains_key(&key) {
+                    self.credit.delivery(channel, t.handle.0)?;
                 }
                 if !self.deliveries.contains_key(&key)
                     && self.deliveries.len() >= MAX_OPEN_DELIVERIES
@@ -862,11 +1134,13 @@ impl Frames {
             Performative::Detach(d) => {
                 self.deliveries.remove(&(channel, d.handle.0));
                 self.links.remove(&(channel, d.handle.0));
+                self.credit.peer_detach(channel, d.handle.0);
             }
             Performative::End(_) => {
                 self.deliveries.retain(|(c, _), _| *c != channel);
                 self.links.retain(|(c, _)| *c != channel);
                 self.sessions.remove(&channel);
+                self.credit.peer_end(channel);
             }
             Performative::Open(o) => {
                 let min = self.limits.min_idle_timeout_ms;
@@ -883,11 +1157,16 @@ impl Frames {
             {
                 return Err(Violation::TooManySessions(self.limits.max_sessions));
             }
-            Performative::Attach(a)
+            Performative::Attach(a) => {
                 if self.links.insert((channel, a.handle.0))
-                    && self.links.len() > self.limits.max_links as usize =>
-            {
-                return Err(Violation::TooManyLinks(self.limits.max_links));
+                    && self.links.len() > self.limits.max_links as usize
+                {
+                    return Err(Violation::TooManyLinks(self.limits.max_links));
+                }
+                // role false = sender: its transfers use our credit.
+                if self.limits.enforce_credit && a.role == Role::Sender {
+                    self.credit.peer_attach(channel, &a);
+                }
             }
             _ => {}
         }
@@ -901,8 +1180,35 @@ impl Frames {
     }
 }
 
+/// Which end of a peer link a [`FrameGuard`] protects: names its metric and its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The float, guarding what a peer (a bridge, or anyone with a member certificate) sends.
+    Float,
+    /// The bridge, guarding what a float answers.
+    Bridge,
+}
+
+impl Side {
+    fn refused(self, peer: &str, v: &Violation) {
+        match self {
+            Side::Float => {
+                tracing::warn!(peer = %peer, reason = %v, "connection refused: malformed or hostile AMQP frames");
+                metrics::counter!("drawbridge_float_connections_refused_total", "reason" => v.label())
+                    .increment(1);
+            }
+            Side::Bridge => {
+                tracing::warn!(target_addr = %peer, reason = %v, "float connection closed: malformed or hostile AMQP frames");
+                metrics::counter!("drawbridge_bridge_peer_frames_refused_total", "reason" => v.label())
+                    .increment(1);
+            }
+        }
+    }
+}
+
 /// The stream fe2o3 reads from: scans every byte before handing it on (see the module
-/// docs). Writes pass through untouched.
+/// docs). Writes pass through untouched (read, with [`PeerLimits::enforce_credit`], for the
+/// credit they grant).
 #[derive(Debug)]
 pub struct FrameGuard<S> {
     inner: S,
@@ -910,23 +1216,30 @@ pub struct FrameGuard<S> {
     refused: Option<Violation>,
     /// Who is on the other end, for the log line.
     peer: String,
+    side: Side,
 }
 
 impl<S> FrameGuard<S> {
     /// Guard `inner`, whose peer (`peer`, for the log line) may send frames of up to
     /// `max_frame` bytes and is held to `limits`.
-    pub fn new(inner: S, max_frame: u32, limits: PeerLimits, peer: String) -> Self {
+    pub fn new(inner: S, max_frame: u32, limits: PeerLimits, peer: String, side: Side) -> Self {
         FrameGuard {
             inner,
             frames: Frames::with_limits(max_frame, limits),
             refused: None,
             peer,
+            side,
         }
     }
 
     /// Why the guard refused the stream, if it did.
     pub fn refused(&self) -> Option<&Violation> {
         self.refused.as_ref()
+    }
+
+    /// The guarded stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 
@@ -947,9 +1260,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
                 if let Err(v) = this.frames.feed(fresh) {
                     // Nothing of this read reaches the decoder.
                     buf.set_filled(before);
-                    tracing::warn!(peer = %this.peer, reason = %v, "connection refused: malformed or hostile AMQP frames");
-                    metrics::counter!("drawbridge_float_connections_refused_total", "reason" => v.label())
-                        .increment(1);
+                    this.side.refused(&this.peer, &v);
                     this.refused = Some(v.clone());
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, v)));
                 }
@@ -966,7 +1277,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.frames.outgoing(buf.get(..n).unwrap_or_default());
+        }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -982,7 +1298,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = r {
+            for b in bufs {
+                if n == 0 {
+                    break;
+                }
+                let take = n.min(b.len());
+                this.frames.outgoing(b.get(..take).unwrap_or_default());
+                n -= take;
+            }
+        }
+        r
     }
 
     fn is_write_vectored(&self) -> bool {

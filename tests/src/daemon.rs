@@ -275,6 +275,14 @@ impl Daemon {
         self.child.as_ref().and_then(|c| c.id())
     }
 
+    /// How the process ended, if it has (reaped here); `None` while it runs.
+    pub fn exit_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("{} was not started", self.kind.binary()),
+        }
+    }
+
     /// SIGHUP the process: the daemons reload their TLS certificate, key and trust roots.
     pub fn hangup(&self) -> Result<()> {
         let pid = self

@@ -679,6 +679,218 @@ async fn a_64_mib_streamed_delivery_is_cut_off_at_the_announced_size() -> Result
     Ok(())
 }
 
+/// A transfer frame of a whole delivery `id` on `handle`, carrying `payload`.
+fn raw_delivery(channel: u16, handle: u32, id: u32, payload: &[u8]) -> Vec<u8> {
+    use fe2o3_amqp::types::{definitions::Handle, performatives::*};
+    let t = Performative::Transfer(Transfer {
+        handle: Handle(handle),
+        delivery_id: Some(id),
+        delivery_tag: Some(id.to_be_bytes().to_vec().into()),
+        message_format: Some(0),
+        settled: None,
+        more: false,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    });
+    raw_frame(
+        0,
+        channel,
+        &serde_amqp::to_vec(&t).expect("encodes"),
+        payload,
+    )
+}
+
+/// An encoded message to `a` with id `id` and a `size`-byte body.
+fn encoded_message(a: &Org, id: &str, size: usize) -> Vec<u8> {
+    use fe2o3_amqp::types::messaging::message::__private::Serializable;
+    let mut app = ApplicationProperties::default();
+    app.0.insert(
+        "drawbridge-destination".into(),
+        SimpleValue::String(a.legal_name.clone()),
+    );
+    let msg = Message::builder()
+        .properties(Properties {
+            message_id: Some(MessageId::String(id.into())),
+            ..Default::default()
+        })
+        .application_properties(app)
+        .body(Body::Value(AmqpValue(Value::Binary(vec![7; size].into()))))
+        .build();
+    serde_amqp::to_vec(&Serializable(msg)).expect("encodes")
+}
+
+/// Before: fe2o3 queues a link's transfers (up to 65,535 frames) before the link checks its
+/// credit, so a peer that ignores credit could pile them up while the link waits for broker
+/// confirms. Now the frame guard holds the peer to the credit the float's own flows granted
+/// and ends the connection at the first delivery beyond it.
+#[tokio::test]
+async fn a_peer_that_ignores_credit_is_cut_off_at_the_credit_granted() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, b, _dir) = world().await?;
+    let rss_before = float_rss_kib(&a)?;
+    let tls = raw_connect(&b, &a, std::net::Ipv4Addr::LOCALHOST).await?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let closed = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    let mut hello = raw_preamble(None);
+    hello.extend(raw_begin(0));
+    hello.extend(raw_attach(0, 0));
+    wr.write_all(&hello).await?;
+    wr.flush().await?;
+    // Let the float attach the link and grant its credit (1,000 by default).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // 5,000 deliveries of 64 KiB (320 MiB), without waiting for credit.
+    let body = encoded_message(&a, "ignores-credit", 64 * 1024);
+    let mut peak = rss_before;
+    for id in 0..5_000u32 {
+        if wr.write_all(&raw_delivery(0, 0, id, &body)).await.is_err() {
+            break;
+        }
+        if id % 100 == 0 {
+            let _ = wr.flush().await;
+            peak = peak.max(float_rss_kib(&a)?);
+        }
+    }
+    let _ = wr.flush().await;
+    peak = peak.max(float_rss_kib(&a)?);
+    eprintln!("float RSS: {rss_before} KiB before, {peak} KiB at the peak");
+    tokio::time::timeout(Duration::from_secs(30), closed)
+        .await
+        .context("the float kept the connection open")??;
+    assert_eq!(
+        refused(&a, "drawbridge_float_connections_refused_total", "credit").await?,
+        1.0,
+        "the connection was refused for its credit"
+    );
+    assert!(
+        a.float
+            .as_ref()
+            .context("float")?
+            .log_contains("a delivery beyond the link credit granted"),
+        "the log says why"
+    );
+    good_peer_delivers(&b, &a, "after-credit", 5).await?;
+    Ok(())
+}
+
+/// Before: the float accepted `rcv-settle-mode = second`, and kept each disposition in
+/// fe2o3's unsettled map until the peer settled it, which a hostile peer never does. Now
+/// the float answers the attach with `first` (the receiver's choice) and settles every
+/// disposition it sends.
+#[tokio::test]
+async fn rcv_settle_mode_second_is_answered_with_first() -> Result<()> {
+    use fe2o3_amqp::types::{
+        definitions::{ReceiverSettleMode, Role, SenderSettleMode},
+        messaging::{Source, Target as AmqpTarget},
+        performatives::{Attach, Performative},
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, b, _dir) = world().await?;
+    let mut tls = raw_connect(&b, &a, std::net::Ipv4Addr::LOCALHOST).await?;
+    let mut hello = raw_preamble(None);
+    hello.extend(raw_begin(0));
+    hello.extend(performative(
+        0,
+        &Performative::Attach(Attach {
+            name: "second".into(),
+            handle: fe2o3_amqp::types::definitions::Handle(0),
+            role: Role::Sender,
+            snd_settle_mode: SenderSettleMode::Unsettled,
+            rcv_settle_mode: ReceiverSettleMode::Second,
+            source: Some(Box::new(Source::default())),
+            target: Some(Box::new(
+                AmqpTarget::builder()
+                    .address(drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS)
+                    .build()
+                    .into(),
+            )),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }),
+    ));
+    tls.write_all(&hello).await?;
+    tls.flush().await?;
+    // Transfers only once the float granted credit (the guard holds a peer to it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut deliveries = Vec::new();
+    for id in 0..3u32 {
+        let m = encoded_message(&a, &format!("second-{id}"), 16);
+        deliveries.extend(raw_delivery(0, 0, id, &m));
+    }
+    tls.write_all(&deliveries).await?;
+    tls.flush().await?;
+
+    // Read the float's frames: its attach answer and the dispositions of the three.
+    let mut stream = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut answered = None;
+    let mut settled = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while answered.is_none() || settled.len() < 3 {
+        let n = tokio::time::timeout_at(deadline, tls.read(&mut buf))
+            .await
+            .context("no attach answer and three dispositions within 15 s")??;
+        anyhow::ensure!(n > 0, "the float closed the connection");
+        stream.extend_from_slice(&buf[..n]);
+        // Skip the protocol headers and SASL frames, then walk the AMQP frames.
+        loop {
+            if stream.starts_with(b"AMQP") && stream.len() >= 8 {
+                stream.drain(..8);
+                continue;
+            }
+            if stream.len() < 8 {
+                break;
+            }
+            let size = u32::from_be_bytes([stream[0], stream[1], stream[2], stream[3]]) as usize;
+            if stream.len() < size {
+                break;
+            }
+            let doff = usize::from(stream[4]) * 4;
+            let sasl = stream[5] == 1;
+            let body = stream[doff..size].to_vec();
+            stream.drain(..size);
+            if sasl || body.is_empty() {
+                continue;
+            }
+            match serde_amqp::from_slice::<Performative>(&body) {
+                Ok(Performative::Attach(at)) => answered = Some(at.rcv_settle_mode),
+                Ok(Performative::Disposition(d)) => {
+                    for id in d.first..=d.last.unwrap_or(d.first) {
+                        settled.push((id, d.settled));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        answered,
+        Some(ReceiverSettleMode::First),
+        "the float answers the attach with settle mode first"
+    );
+    assert!(
+        settled.iter().all(|(_, s)| *s),
+        "every disposition settles its delivery: {settled:?}"
+    );
+    good_peer_delivers(&b, &a, "after-second", 3).await?;
+    Ok(())
+}
+
 /// 1,000 connections from one host that never finish a TLS handshake (slowloris): they take
 /// only that host's share of the handshake slots; a peer already connected keeps delivering
 /// and a peer on another address still connects. The flood is counted, not logged per

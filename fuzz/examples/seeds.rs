@@ -305,6 +305,147 @@ fn float() {
     }
 }
 
+/// What a float answers a bridge: SASL, open, begin, attach, flow, dispositions (accepted,
+/// rejected with an error and its info), detach, end, close.
+fn bridge() {
+    use drawbridge_runtime::frame_guard::PeerLimits;
+    use fe2o3_amqp::types::{
+        definitions::{self, AmqpError},
+        messaging::{Accepted, Rejected},
+        performatives::{Close, Detach, Disposition, End, Flow},
+        primitives::{OrderedMap, Symbol},
+        sasl::{SaslCode, SaslMechanisms, SaslOutcome},
+    };
+    let sasl = |body: Vec<u8>| {
+        let mut f = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&[2, 1, 0, 0]);
+        f.extend(body);
+        f
+    };
+    let mut info = OrderedMap::new();
+    info.insert(
+        Symbol::from("x-reason"),
+        Value::List(vec![Value::String("nested".into()), Value::Int(1)]),
+    );
+    let error = definitions::Error::new(
+        AmqpError::NotAllowed,
+        Some("refused".to_string()),
+        Some(info),
+    );
+    let mut out = b"AMQP\x03\x01\x00\x00".to_vec();
+    out.extend(sasl(
+        serde_amqp::to_vec(&SaslMechanisms {
+            sasl_server_mechanisms: vec![Symbol::from("EXTERNAL"), Symbol::from("ANONYMOUS")]
+                .into(),
+        })
+        .unwrap(),
+    ));
+    out.extend(sasl(
+        serde_amqp::to_vec(&SaslOutcome {
+            code: SaslCode::Ok,
+            additional_data: None,
+        })
+        .unwrap(),
+    ));
+    out.extend_from_slice(b"AMQP\x00\x01\x00\x00");
+    let answers = [
+        Performative::Open(Open {
+            container_id: "drawbridge-float".into(),
+            hostname: None,
+            max_frame_size: (256 * 1024).into(),
+            channel_max: 7.into(),
+            idle_time_out: Some(60_000),
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }),
+        Performative::Begin(Begin {
+            remote_channel: Some(0),
+            next_outgoing_id: 0,
+            incoming_window: 2048,
+            outgoing_window: 2048,
+            handle_max: 31.into(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }),
+        Performative::Attach(Attach {
+            name: "link".into(),
+            handle: Handle(0),
+            role: Role::Receiver,
+            snd_settle_mode: SenderSettleMode::Unsettled,
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: None,
+            target: None,
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: None,
+            max_message_size: Some(1 << 20),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        }),
+        Performative::Flow(Flow {
+            next_incoming_id: Some(0),
+            incoming_window: 2048,
+            next_outgoing_id: 0,
+            outgoing_window: 2048,
+            handle: Some(Handle(0)),
+            delivery_count: Some(0),
+            link_credit: Some(1000),
+            available: None,
+            drain: false,
+            echo: false,
+            properties: None,
+        }),
+        Performative::Disposition(Disposition {
+            role: Role::Receiver,
+            first: 0,
+            last: Some(3),
+            settled: true,
+            state: Some(Accepted {}.into()),
+            batchable: false,
+        }),
+        Performative::Disposition(Disposition {
+            role: Role::Receiver,
+            first: 4,
+            last: None,
+            settled: true,
+            state: Some(
+                Rejected {
+                    error: Some(error.clone()),
+                }
+                .into(),
+            ),
+            batchable: false,
+        }),
+        Performative::Detach(Detach {
+            handle: Handle(0),
+            closed: true,
+            error: Some(error.clone()),
+        }),
+        Performative::End(End {
+            error: Some(error.clone()),
+        }),
+        Performative::Close(Close { error: Some(error) }),
+    ];
+    for p in answers {
+        out.extend(frame(0, &performative(p)));
+    }
+    // A heartbeat.
+    out.extend(frame(0, &[]));
+    for i in 0..3u8 {
+        let mut input = vec![i * 41 + 3];
+        input.extend_from_slice(&out);
+        Frames::with_limits(256 * 1024, PeerLimits::FOR_A_FLOAT)
+            .feed(&input[1..])
+            .unwrap();
+        write("bridge_frames", &format!("float-answers-{i}"), &input);
+    }
+}
+
 fn legal_names() {
     for (i, n) in [
         "O=Bank A, L=London, C=GB",
@@ -324,6 +465,7 @@ fn legal_names() {
 fn main() {
     control();
     float();
+    bridge();
     legal_names();
     eprintln!("seeds written under fuzz/seeds/");
 }

@@ -1753,6 +1753,8 @@ mod tests {
         max_links: 3,
         min_idle_timeout_ms: 1000,
         max_message_size: 1000,
+        accept_transfers: true,
+        enforce_credit: false,
     };
 
     #[test]
@@ -1841,5 +1843,179 @@ mod tests {
             let r = feed_limited(&[frame(0, &open(idle), &[])], LIMITS);
             assert_eq!(r.is_ok(), ok, "{idle:?}: {r:?}");
         }
+    }
+
+    /// A transfer beginning delivery `id` on `handle` (single frame).
+    fn delivery(handle: u32, id: u32) -> Performative {
+        Performative::Transfer(Transfer {
+            handle: Handle(handle),
+            delivery_id: Some(id),
+            delivery_tag: Some(id.to_be_bytes().to_vec().into()),
+            message_format: Some(0),
+            settled: None,
+            more: false,
+            rcv_settle_mode: None,
+            state: None,
+            resume: false,
+            aborted: false,
+            batchable: false,
+        })
+    }
+
+    /// Our flow on our (channel, handle): delivery-count `count`, `credit`.
+    fn flow(handle: u32, count: u32, credit: u32) -> Performative {
+        Performative::Flow(fe2o3_amqp::types::performatives::Flow {
+            next_incoming_id: Some(0),
+            incoming_window: 100,
+            next_outgoing_id: 0,
+            outgoing_window: 100,
+            handle: Some(Handle(handle)),
+            delivery_count: Some(count),
+            link_credit: Some(credit),
+            available: None,
+            drain: false,
+            echo: false,
+            properties: None,
+        })
+    }
+
+    /// Our answers: begin on our channel 3 for the peer's 0, attach of `l0` as our handle 9.
+    fn our_answers() -> Vec<u8> {
+        let mut b = match begin() {
+            Performative::Begin(b) => b,
+            _ => unreachable!(),
+        };
+        b.remote_channel = Some(0);
+        let mut a = match attach(0) {
+            Performative::Attach(a) => a,
+            _ => unreachable!(),
+        };
+        a.handle = Handle(9);
+        a.role = fe2o3_amqp::types::definitions::Role::Receiver;
+        let mut out = b"AMQP\x00\x01\x00\x00".to_vec();
+        out.extend(frame(3, &Performative::Begin(b), &[]));
+        out.extend(frame(3, &Performative::Attach(a), &[]));
+        out
+    }
+
+    const CREDIT: PeerLimits = PeerLimits {
+        enforce_credit: true,
+        ..LIMITS
+    };
+
+    /// A peer's link, our answers fed in `piece`-byte writes, a flow granting `credit`.
+    fn credited(credit: u32, piece: usize) -> Frames {
+        let mut f = Frames::with_limits(256 * 1024, CREDIT);
+        f.feed(b"AMQP\x00\x01\x00\x00").unwrap();
+        f.feed(&frame(0, &begin(), &[])).unwrap();
+        f.feed(&frame(0, &attach(0), &[])).unwrap();
+        let mut ours = our_answers();
+        ours.extend(frame(3, &flow(9, 0, credit), &[]));
+        for chunk in ours.chunks(piece) {
+            f.outgoing(chunk);
+        }
+        f
+    }
+
+    #[test]
+    fn a_peer_is_held_to_the_credit_our_flows_granted() {
+        for piece in [1, 7, 4096] {
+            let mut f = credited(2, piece);
+            assert_eq!(f.feed(&frame(0, &delivery(0, 0), &[0x40])), Ok(()));
+            assert_eq!(f.feed(&frame(0, &delivery(0, 1), &[0x40])), Ok(()));
+            assert_eq!(
+                f.feed(&frame(0, &delivery(0, 2), &[0x40])),
+                Err(Violation::BeyondCredit),
+                "writes of {piece} bytes"
+            );
+        }
+        // A new grant (delivery-count 2, credit 1) allows one more.
+        let mut f = credited(2, 4096);
+        f.feed(&frame(0, &delivery(0, 0), &[0x40])).unwrap();
+        f.feed(&frame(0, &delivery(0, 1), &[0x40])).unwrap();
+        f.outgoing(&frame(3, &flow(9, 2, 1), &[]));
+        assert_eq!(f.feed(&frame(0, &delivery(0, 2), &[0x40])), Ok(()));
+        assert_eq!(
+            f.feed(&frame(0, &delivery(0, 3), &[0x40])),
+            Err(Violation::BeyondCredit)
+        );
+    }
+
+    #[test]
+    fn a_lower_grant_never_takes_back_credit_already_given() {
+        // Transfers the peer sent before it saw a lower grant are within what it was given.
+        let mut f = credited(3, 4096);
+        f.feed(&frame(0, &delivery(0, 0), &[0x40])).unwrap();
+        f.outgoing(&frame(3, &flow(9, 1, 0), &[]));
+        assert_eq!(f.feed(&frame(0, &delivery(0, 1), &[0x40])), Ok(()));
+        assert_eq!(f.feed(&frame(0, &delivery(0, 2), &[0x40])), Ok(()));
+        assert_eq!(
+            f.feed(&frame(0, &delivery(0, 3), &[0x40])),
+            Err(Violation::BeyondCredit)
+        );
+    }
+
+    #[test]
+    fn a_multi_frame_delivery_uses_one_credit_and_none_is_given_before_a_flow() {
+        let mut f = credited(1, 4096);
+        f.feed(&frame(0, &transfer(0, true), &[0x40])).unwrap();
+        f.feed(&frame(0, &transfer(0, true), &[0x40])).unwrap();
+        assert_eq!(f.feed(&frame(0, &transfer(0, false), &[0x40])), Ok(()));
+        assert_eq!(
+            f.feed(&frame(0, &delivery(0, 1), &[0x40])),
+            Err(Violation::BeyondCredit)
+        );
+        // No flow yet: no credit.
+        let mut f = Frames::with_limits(256 * 1024, CREDIT);
+        f.feed(b"AMQP\x00\x01\x00\x00").unwrap();
+        f.feed(&frame(0, &begin(), &[])).unwrap();
+        f.feed(&frame(0, &attach(0), &[])).unwrap();
+        f.outgoing(&our_answers());
+        assert_eq!(
+            f.feed(&frame(0, &delivery(0, 0), &[0x40])),
+            Err(Violation::BeyondCredit)
+        );
+    }
+
+    #[test]
+    fn a_reattached_link_starts_from_its_new_attach() {
+        let mut f = credited(1, 4096);
+        f.feed(&frame(0, &delivery(0, 0), &[0x40])).unwrap();
+        let detach = Performative::Detach(Detach {
+            handle: Handle(0),
+            closed: true,
+            error: None,
+        });
+        f.feed(&frame(0, &detach, &[])).unwrap();
+        f.outgoing(&frame(3, &detach_ours(), &[]));
+        f.feed(&frame(0, &attach(0), &[])).unwrap();
+        let mut a = match attach(0) {
+            Performative::Attach(a) => a,
+            _ => unreachable!(),
+        };
+        a.handle = Handle(9);
+        a.role = fe2o3_amqp::types::definitions::Role::Receiver;
+        f.outgoing(&frame(3, &Performative::Attach(a), &[]));
+        f.outgoing(&frame(3, &flow(9, 0, 1), &[]));
+        assert_eq!(f.feed(&frame(0, &delivery(0, 0), &[0x40])), Ok(()));
+    }
+
+    fn detach_ours() -> Performative {
+        Performative::Detach(Detach {
+            handle: Handle(9),
+            closed: true,
+            error: None,
+        })
+    }
+
+    #[test]
+    fn a_bridge_refuses_any_transfer_from_a_float() {
+        let mut f = Frames::with_limits(256 * 1024, PeerLimits::FOR_A_FLOAT);
+        f.feed(b"AMQP\x00\x01\x00\x00").unwrap();
+        f.feed(&frame(0, &begin(), &[])).unwrap();
+        assert_eq!(
+            f.feed(&frame(0, &delivery(0, 0), &[0x40])),
+            Err(Violation::UnexpectedTransfer)
+        );
     }
 }

@@ -1120,6 +1120,13 @@ impl Frames {
                 if left == 0 {
                     if last {
                         self.deliveries.remove(&key);
+                    } else {
+                        // An empty first frame still begins the delivery: its next frames
+                        // continue it (and use no more credit).
+                        let spare = &mut self.spare;
+                        self.deliveries
+                            .entry(key)
+                            .or_insert_with(|| std::mem::take(spare).recycled());
                     }
                     self.state = head;
                 } else {
@@ -1965,6 +1972,11 @@ mod tests {
             f.feed(&frame(0, &delivery(0, 1), &[0x40])),
             Err(Violation::BeyondCredit)
         );
+        // An empty first frame begins the delivery too.
+        let mut f = credited(1, 4096);
+        f.feed(&frame(0, &transfer(0, true), &[])).unwrap();
+        f.feed(&frame(0, &transfer(0, true), &[0x40])).unwrap();
+        assert_eq!(f.feed(&frame(0, &transfer(0, false), &[0x40])), Ok(()));
         // No flow yet: no credit.
         let mut f = Frames::with_limits(256 * 1024, CREDIT);
         f.feed(b"AMQP\x00\x01\x00\x00").unwrap();

@@ -34,6 +34,10 @@
 //!   is deleted (or, if that fails, the connection is closed, which deletes it too), and
 //!   this bridge does not contend for `ha_hold_off`.
 //!
+//! What follows what is one pure state machine, [`Election`] (events: connected, acquired,
+//! not acquired, released, waited; steps: connect, acquire, hold, wait, stop), tested without
+//! a broker; [`run`] only performs its steps.
+//!
 //! The fence stays single-active-consumer on the peer queues: a bridge that still believes
 //! it is active (it has not yet noticed a lost lock) cannot receive alongside the new one.
 //!
@@ -306,6 +310,7 @@ struct Lock {
 }
 
 /// Why an attempt to take the lock did not.
+#[derive(Debug)]
 enum Attempt {
     /// Another connection holds it (405): the normal answer for a standby.
     Held,
@@ -314,6 +319,7 @@ enum Attempt {
 }
 
 /// How holding the lock ended.
+#[derive(Debug)]
 enum Held {
     /// Our broker connection went away, and the lock with it.
     ConnectionLost,
@@ -330,128 +336,260 @@ enum Held {
 }
 
 /// How a wait between attempts ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wake {
     Timer,
     Lost,
     Shutdown,
 }
 
-/// Run the election until `shutdown` (only when `bridge.ha` is on).
+/// What happened, as the election's state machine sees it.
+#[derive(Debug)]
+enum Event {
+    /// A broker connection is up.
+    Connected,
+    /// Shutdown while waiting for a connection.
+    ShutdownWhileConnecting,
+    /// An attempt to take the lock took it.
+    Acquired,
+    /// An attempt did not (`lost`: the connection is gone too).
+    NotAcquired { attempt: Attempt, lost: bool },
+    /// Holding the lock ended.
+    Released(Held),
+    /// A wait between attempts ended.
+    Waited(Wake),
+}
+
+/// What the election loop does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// Wait for a broker connection newer than the last one.
+    Connect,
+    /// Try to take the lock.
+    Acquire,
+    /// Hold the lock (the links run) until something ends it.
+    Hold,
+    /// Stand by until `until`; step-down requests are answered "not active" with `why`.
+    Wait { until: Instant, why: &'static str },
+    /// The bridge is stopping.
+    Stop,
+}
+
+/// The election without the broker: events in, the next step and the state to announce out.
+/// No I/O and no clock (the caller passes `now`), so every path is tested without a broker;
+/// [`run`] performs the steps.
+#[derive(Debug)]
+struct Election {
+    /// The mean delay between attempts while another bridge holds the lock.
+    retry: Duration,
+    /// How long a bridge that stepped down stays out of the election.
+    hold_off: Duration,
+    /// Attempts that fail for another reason than "held" (no permission, timeouts) back off.
+    failures: Backoff,
+    /// A step-down's hold-off, while it runs.
+    hold_off_until: Option<Instant>,
+    /// The state last announced (a hold-off resumed after a reconnect announces `standby`
+    /// only if the bridge is not already standing by).
+    state: HaState,
+}
+
+/// A state change to announce: the state and its reason (one log line when either changes).
+type Announce = Option<(HaState, String)>;
+
+const LOST: &str = "disconnected: broker connection lost";
+const HELD_ELSEWHERE: &str = "another bridge holds the lock";
+const HOLDING_OFF: &str = "stepped down; holding off";
+
+impl Election {
+    fn new(retry: Duration, hold_off: Duration, state: HaState) -> Election {
+        Election {
+            retry,
+            hold_off,
+            failures: Backoff::new(retry, Duration::from_secs(30)),
+            hold_off_until: None,
+            state,
+        }
+    }
+
+    /// The step after `event`, and what to announce.
+    fn on(&mut self, event: Event, now: Instant) -> (Announce, Step) {
+        let (announce, step) = self.decide(event, now);
+        if let Some((state, _)) = &announce {
+            self.state = *state;
+        }
+        (announce, step)
+    }
+
+    fn decide(&mut self, event: Event, now: Instant) -> (Announce, Step) {
+        let say = |state: HaState, reason: &str| Some((state, reason.to_string()));
+        match event {
+            Event::Connected => self.contend(now),
+            Event::ShutdownWhileConnecting => (None, Step::Stop),
+            Event::Acquired => {
+                self.failures.reset();
+                (say(HaState::Active, "became active"), Step::Hold)
+            }
+            Event::NotAcquired {
+                attempt: Attempt::Held,
+                ..
+            } => {
+                self.failures.reset();
+                (
+                    say(HaState::Standby, "standing by: lock held by another bridge"),
+                    self.wait_retry(now),
+                )
+            }
+            Event::NotAcquired {
+                attempt: Attempt::Failed(_),
+                lost: true,
+            } => (say(HaState::Disconnected, LOST), Step::Connect),
+            Event::NotAcquired {
+                attempt: Attempt::Failed(reason),
+                lost: false,
+            } => (
+                say(
+                    HaState::Standby,
+                    &format!("standing by: cannot take the lock: {reason}"),
+                ),
+                Step::Wait {
+                    until: now + self.failures.next_delay(),
+                    why: HELD_ELSEWHERE,
+                },
+            ),
+            Event::Released(Held::ConnectionLost) => (
+                say(
+                    HaState::Disconnected,
+                    "lost the lock: broker connection lost",
+                ),
+                Step::Connect,
+            ),
+            Event::Released(Held::LockLost(reason)) => (
+                say(HaState::Standby, &format!("lost the lock: {reason}")),
+                self.wait_retry(now),
+            ),
+            Event::Released(Held::LeaseExpired(reason)) => (
+                say(HaState::Disconnected, &format!("lost the lock: {reason}")),
+                Step::Connect,
+            ),
+            // The step-down announced `standby` itself (with the hold-off in its reason).
+            Event::Released(Held::SteppedDown) => {
+                self.state = HaState::Standby;
+                self.hold_off_until = Some(now + self.hold_off);
+                self.contend(now)
+            }
+            Event::Released(Held::Shutdown) | Event::Waited(Wake::Shutdown) => (None, Step::Stop),
+            Event::Waited(Wake::Lost) => (say(HaState::Disconnected, LOST), Step::Connect),
+            Event::Waited(Wake::Timer) => self.contend(now),
+        }
+    }
+
+    /// Contend for the lock, unless a step-down's hold-off still runs.
+    fn contend(&mut self, now: Instant) -> (Announce, Step) {
+        match self.hold_off_until.filter(|t| *t > now) {
+            Some(until) => {
+                let announce = (self.state != HaState::Standby).then(|| {
+                    (
+                        HaState::Standby,
+                        "standing by: stepped down; not contending until the hold-off ends"
+                            .to_string(),
+                    )
+                });
+                (
+                    announce,
+                    Step::Wait {
+                        until,
+                        why: HOLDING_OFF,
+                    },
+                )
+            }
+            None => {
+                self.hold_off_until = None;
+                (None, Step::Acquire)
+            }
+        }
+    }
+
+    fn wait_retry(&self, now: Instant) -> Step {
+        Step::Wait {
+            until: now + jittered(self.retry),
+            why: HELD_ELSEWHERE,
+        }
+    }
+}
+
+/// Run the election until `shutdown` (only when `bridge.ha` is on): [`Election`] decides,
+/// this loop does the waiting, acquiring and holding.
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     mut requests: mpsc::Receiver<Request>,
     shutdown: CancellationToken,
 ) {
     let ha = &ctx.ha;
-    let retry = ctx.cfg.ha.retry;
+    let mut election = Election::new(ctx.cfg.ha.retry, ctx.cfg.ha.hold_off, ha.current());
     let mut generation = 0;
-    let mut hold_off_until: Option<Instant> = None;
-    // Attempts that fail for another reason than "held" (no permission, timeouts) back off.
-    let mut failures = Backoff::new(retry, Duration::from_secs(30));
-    'connections: while !shutdown.is_cancelled() {
-        let live = tokio::select! {
-            l = ctx.broker.connected(generation, Duration::from_secs(3600)) => l,
-            Some(reply) = requests.recv() => {
-                let _ = reply.send(StepDown::NotActive("not connected to the broker".into()));
-                continue;
+    let mut live: Option<Arc<Live>> = None;
+    let mut lock: Option<Lock> = None;
+    let mut step = Step::Connect;
+    loop {
+        let event = match step {
+            Step::Stop => return,
+            Step::Connect => {
+                tokio::select! {
+                    l = ctx.broker.connected(generation, Duration::from_secs(3600)) => match l {
+                        Some(l) => {
+                            generation = l.generation;
+                            live = Some(l);
+                            Event::Connected
+                        }
+                        // No connection within the hour: keep waiting.
+                        None => continue,
+                    },
+                    Some(reply) = requests.recv() => {
+                        let _ = reply.send(StepDown::NotActive("not connected to the broker".into()));
+                        continue;
+                    }
+                    _ = shutdown.cancelled() => Event::ShutdownWhileConnecting,
+                }
             }
-            _ = shutdown.cancelled() => break,
+            Step::Acquire => {
+                let Some(l) = &live else {
+                    step = Step::Connect;
+                    continue;
+                };
+                let op = ctx.broker.config().op_timeout;
+                match acquire(l, &ha.lock_queue, op).await {
+                    Ok(taken) => {
+                        lock = Some(taken);
+                        Event::Acquired
+                    }
+                    Err(attempt) => Event::NotAcquired {
+                        attempt,
+                        lost: l.is_lost(),
+                    },
+                }
+            }
+            Step::Hold => {
+                let (Some(l), Some(taken)) = (&live, lock.take()) else {
+                    step = Step::Connect;
+                    continue;
+                };
+                Event::Released(hold(&ctx, l, taken, &mut requests, &shutdown).await)
+            }
+            Step::Wait { until, why } => {
+                let Some(l) = &live else {
+                    step = Step::Connect;
+                    continue;
+                };
+                Event::Waited(wait(until, l, &mut requests, &shutdown, why).await)
+            }
         };
-        let Some(live) = live else { continue };
-        generation = live.generation;
-        loop {
-            if let Some(until) = hold_off_until.filter(|t| *t > Instant::now()) {
-                if ha.current() != HaState::Standby {
-                    ha.set(
-                        HaState::Standby,
-                        "standing by: stepped down; not contending until the hold-off ends",
-                    );
-                }
-                match wait(
-                    until,
-                    &live,
-                    &mut requests,
-                    &shutdown,
-                    "stepped down; holding off",
-                )
-                .await
-                {
-                    Wake::Timer => {}
-                    Wake::Lost => {
-                        ha.set(
-                            HaState::Disconnected,
-                            "disconnected: broker connection lost",
-                        );
-                        continue 'connections;
-                    }
-                    Wake::Shutdown => return,
-                }
-            }
-            hold_off_until = None;
-            *ha.hold_off_until.lock().expect("poisoned") = None;
-            let op = ctx.broker.config().op_timeout;
-            let delay = match acquire(&live, &ha.lock_queue, op).await {
-                Ok(lock) => {
-                    failures.reset();
-                    ha.set(HaState::Active, "became active");
-                    match hold(&ctx, &live, lock, &mut requests, &shutdown).await {
-                        Held::ConnectionLost => {
-                            ha.set(
-                                HaState::Disconnected,
-                                "lost the lock: broker connection lost",
-                            );
-                            continue 'connections;
-                        }
-                        Held::LockLost(reason) => {
-                            ha.set(HaState::Standby, &format!("lost the lock: {reason}"));
-                            jittered(retry)
-                        }
-                        Held::LeaseExpired(reason) => {
-                            ha.set(HaState::Disconnected, &format!("lost the lock: {reason}"));
-                            continue 'connections;
-                        }
-                        Held::SteppedDown => {
-                            let until = Instant::now() + ctx.cfg.ha.hold_off;
-                            hold_off_until = Some(until);
-                            *ha.hold_off_until.lock().expect("poisoned") = Some(until);
-                            continue;
-                        }
-                        Held::Shutdown => return,
-                    }
-                }
-                Err(Attempt::Held) => {
-                    failures.reset();
-                    ha.set(HaState::Standby, "standing by: lock held by another bridge");
-                    jittered(retry)
-                }
-                Err(Attempt::Failed(_)) if live.is_lost() => {
-                    ha.set(
-                        HaState::Disconnected,
-                        "disconnected: broker connection lost",
-                    );
-                    continue 'connections;
-                }
-                Err(Attempt::Failed(reason)) => {
-                    ha.set(
-                        HaState::Standby,
-                        &format!("standing by: cannot take the lock: {reason}"),
-                    );
-                    failures.next_delay()
-                }
-            };
-            let why = "another bridge holds the lock";
-            match wait(Instant::now() + delay, &live, &mut requests, &shutdown, why).await {
-                Wake::Timer => {}
-                Wake::Lost => {
-                    ha.set(
-                        HaState::Disconnected,
-                        "disconnected: broker connection lost",
-                    );
-                    continue 'connections;
-                }
-                Wake::Shutdown => return,
-            }
+        let (announce, next) = election.on(event, Instant::now());
+        if let Some((state, reason)) = announce {
+            ha.set(state, &reason);
         }
+        // The hold-off is shown in `/status` and keeps `/step-down` answers honest.
+        *ha.hold_off_until.lock().expect("poisoned") = election.hold_off_until;
+        step = next;
     }
 }
 
@@ -756,5 +894,130 @@ mod tests {
         let (ha, _rx) = Ha::new(false, "q".into());
         assert_eq!(ha.current(), HaState::Active);
         assert!(matches!(ha.step_down().await, StepDown::NotActive(_)));
+    }
+
+    fn election() -> (Election, Instant) {
+        (
+            Election::new(
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+                HaState::Disconnected,
+            ),
+            Instant::now(),
+        )
+    }
+
+    fn state(a: &Announce) -> Option<HaState> {
+        a.as_ref().map(|(s, _)| *s)
+    }
+
+    #[test]
+    fn a_standby_retries_jittered_until_it_takes_the_lock() {
+        let (mut e, now) = election();
+        assert_eq!(e.on(Event::Connected, now), (None, Step::Acquire));
+        let held = Event::NotAcquired {
+            attempt: Attempt::Held,
+            lost: false,
+        };
+        let (a, step) = e.on(held, now);
+        assert_eq!(state(&a), Some(HaState::Standby));
+        let Step::Wait { until, why } = step else {
+            panic!("{step:?}")
+        };
+        assert!(until >= now + Duration::from_secs(1) && until <= now + Duration::from_secs(3));
+        assert_eq!(why, HELD_ELSEWHERE);
+        assert_eq!(e.on(Event::Waited(Wake::Timer), now), (None, Step::Acquire));
+        let (a, step) = e.on(Event::Acquired, now);
+        assert_eq!(a, Some((HaState::Active, "became active".into())));
+        assert_eq!(step, Step::Hold);
+    }
+
+    #[test]
+    fn failed_attempts_back_off_and_a_lost_connection_reconnects() {
+        let (mut e, now) = election();
+        let failed = |lost| Event::NotAcquired {
+            attempt: Attempt::Failed("ACCESS_REFUSED".into()),
+            lost,
+        };
+        // 2, 4, 8, 16 s, each with up to as much jitter on top, capped at 30 s.
+        let mut last = Duration::ZERO;
+        for _ in 0..4 {
+            let (a, step) = e.on(failed(false), now);
+            assert!(a.is_some_and(|(s, r)| s == HaState::Standby && r.contains("ACCESS_REFUSED")));
+            let Step::Wait { until, .. } = step else {
+                panic!("{step:?}")
+            };
+            last = until - now;
+        }
+        assert!(last >= Duration::from_secs(16) && last <= Duration::from_secs(30));
+        let (a, step) = e.on(failed(true), now);
+        assert_eq!(state(&a), Some(HaState::Disconnected));
+        assert_eq!(step, Step::Connect);
+        // Taking the lock resets the backoff.
+        e.on(Event::Acquired, now);
+        let (_, step) = e.on(failed(false), now);
+        assert!(matches!(step, Step::Wait { until, .. } if until - now <= Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn how_holding_ends_decides_what_follows() {
+        let (mut e, now) = election();
+        e.on(Event::Acquired, now);
+        let (a, step) = e.on(Event::Released(Held::ConnectionLost), now);
+        assert_eq!(state(&a), Some(HaState::Disconnected));
+        assert_eq!(step, Step::Connect);
+        let (a, step) = e.on(Event::Released(Held::LockLost("deleted".into())), now);
+        assert_eq!(a, Some((HaState::Standby, "lost the lock: deleted".into())));
+        assert!(matches!(step, Step::Wait { why, .. } if why == HELD_ELSEWHERE));
+        let (a, step) = e.on(Event::Released(Held::LeaseExpired("silent".into())), now);
+        assert_eq!(state(&a), Some(HaState::Disconnected));
+        assert_eq!(step, Step::Connect);
+        assert_eq!(
+            e.on(Event::Released(Held::Shutdown), now),
+            (None, Step::Stop)
+        );
+        assert_eq!(e.on(Event::Waited(Wake::Shutdown), now), (None, Step::Stop));
+        assert_eq!(
+            e.on(Event::ShutdownWhileConnecting, now),
+            (None, Step::Stop)
+        );
+        let (a, step) = e.on(Event::Waited(Wake::Lost), now);
+        assert_eq!(state(&a), Some(HaState::Disconnected));
+        assert_eq!(step, Step::Connect);
+    }
+
+    #[test]
+    fn a_step_down_holds_off_across_reconnects_then_contends_again() {
+        let (mut e, now) = election();
+        e.on(Event::Acquired, now);
+        // The step-down announced `standby` itself: nothing more to say.
+        let (a, step) = e.on(Event::Released(Held::SteppedDown), now);
+        assert_eq!(a, None);
+        let until = now + Duration::from_secs(60);
+        assert_eq!(
+            step,
+            Step::Wait {
+                until,
+                why: HOLDING_OFF
+            }
+        );
+        assert_eq!(e.hold_off_until, Some(until));
+        // The connection drops during the hold-off and comes back: still holding off.
+        e.on(Event::Waited(Wake::Lost), now);
+        let (a, step) = e.on(Event::Connected, now + Duration::from_secs(5));
+        assert_eq!(state(&a), Some(HaState::Standby));
+        assert_eq!(
+            step,
+            Step::Wait {
+                until,
+                why: HOLDING_OFF
+            }
+        );
+        // Once it ends, contend.
+        assert_eq!(
+            e.on(Event::Waited(Wake::Timer), until),
+            (None, Step::Acquire)
+        );
+        assert_eq!(e.hold_off_until, None);
     }
 }

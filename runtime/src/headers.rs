@@ -25,17 +25,28 @@ pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
 /// Headers a sending node sets for the receiving node; a float passes them on.
 pub const SET_BY_SENDER: [&str; 2] = [DESTINATION, TOPIC];
 
+/// Headers RabbitMQ acts on when a message is published, beyond the `x-*` ones: `CC` and
+/// `BCC` are sender-selected distribution (each listed routing key is routed to as well, on
+/// the same exchange; `BCC` is removed before delivery).
+pub const BROKER_ACTS_ON: [&str; 2] = ["CC", "BCC"];
+
 /// Whether a float strips header `key` from what a peer sent: every `drawbridge-*` name but
-/// the two a sender sets ([`SET_BY_SENDER`], written exactly so), and every `x-*` name, in
-/// any letter case. Their meaning is asserted by the receiving side (the float's stamped
-/// sender, the bridge's dead-letter reason, the broker's `x-death`), so a peer that sets them
-/// would make its message look authenticated differently or dead-lettered by the receiver.
+/// the two a sender sets ([`SET_BY_SENDER`], written exactly so), every `x-*` name, and
+/// every header the broker acts on ([`BROKER_ACTS_ON`]), in any letter case. The meaning of
+/// the first two is asserted by the receiving side (the float's stamped sender, the bridge's
+/// dead-letter reason, the broker's `x-death`), so a peer that sets them would make its
+/// message look authenticated differently or dead-lettered by the receiver. `CC` and `BCC`
+/// would let a peer route its message into any queue bound to the inbox exchange (with
+/// `inbox_exchange = ""`, any queue of the vhost, peer queues included, and from there to a
+/// third organisation under this one's name).
 pub fn reserved(key: &str) -> bool {
     let prefixed = |p: &str| {
         key.get(..p.len())
             .is_some_and(|k| k.eq_ignore_ascii_case(p))
     };
-    (prefixed("drawbridge-") && !SET_BY_SENDER.contains(&key)) || prefixed("x-")
+    (prefixed("drawbridge-") && !SET_BY_SENDER.contains(&key))
+        || prefixed("x-")
+        || BROKER_ACTS_ON.iter().any(|h| key.eq_ignore_ascii_case(h))
 }
 
 #[cfg(test)]
@@ -58,6 +69,10 @@ mod tests {
             "X-Death",
             "x-first-death-reason",
             "x-",
+            "CC",
+            "cc",
+            "Bcc",
+            "BCC",
         ] {
             assert!(reserved(key), "{key}");
         }
@@ -67,6 +82,9 @@ mod tests {
             "trade-id",
             "drawbridge",
             "xdeath",
+            "CCC",
+            "BC",
+            "cc-list",
             "",
             "é-x-",
         ] {

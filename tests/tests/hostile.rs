@@ -679,6 +679,89 @@ async fn a_64_mib_streamed_delivery_is_cut_off_at_the_announced_size() -> Result
     Ok(())
 }
 
+/// Before: a peer that put `{"CC": ["<queue>"]}` (or `BCC`) in the headers annotation had
+/// RabbitMQ copy its message into that queue as well (sender-selected distribution): any
+/// queue bound to the inbox exchange, or with `inbox_exchange = ""` any queue of the vhost,
+/// peer queues included. Now `CC` and `BCC` are reserved like `x-*`: stripped and counted.
+#[tokio::test]
+async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Result<()> {
+    use fe2o3_amqp::types::{
+        messaging::{annotations::OwnedKey, MessageAnnotations},
+        primitives::OrderedMap,
+    };
+    use lapin::{
+        options::{QueueBindOptions, QueueDeclareOptions},
+        types::FieldTable,
+    };
+    let (a, b, _dir) = world().await?;
+    let (_conn, ch) = a.channel().await?;
+    let stolen = "somebody-elses-queue";
+    ch.queue_declare(
+        stolen.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        stolen.into(),
+        "drawbridge.inboxes".into(),
+        stolen.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let settings = attacker_settings(&b, &a)?;
+    let target = Target::new("127.0.0.1", a.float_port);
+    let mut c = peer::connect(&target, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;
+    for (i, key) in ["CC", "BCC", "cc", "Bcc"].iter().enumerate() {
+        let outcome = attacker_sends(&mut c, &a, &format!("cc-{i}"), |m| {
+            let mut headers = OrderedMap::new();
+            headers.insert(
+                Value::String((*key).into()),
+                Value::List(vec![Value::String(stolen.into())]),
+            );
+            let mut ann = OrderedMap::new();
+            ann.insert(
+                OwnedKey::from(drawbridge_runtime::mapping::ANN_HEADERS),
+                Value::Map(headers),
+            );
+            m.message_annotations = Some(MessageAnnotations(ann));
+        })
+        .await?;
+        anyhow::ensure!(outcome.contains("Accepted"), "{key}: {outcome}");
+    }
+    let node = shared_node().await;
+    let vhost = a
+        .broker_uri()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .replace("%2F", "/");
+    assert_eq!(
+        node.queue_depth(&vhost, INBOX).await?,
+        4,
+        "all four in the inbox"
+    );
+    assert_eq!(
+        node.queue_depth(&vhost, stolen).await?,
+        0,
+        "none copied into the queue the peer named"
+    );
+    let metrics = a.float.as_ref().context("float")?.metrics().await?;
+    let stripped: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("drawbridge_float_reserved_headers_stripped_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(stripped >= 4.0, "each stripped and counted: {stripped}");
+    Ok(())
+}
+
 /// A transfer frame of a whole delivery `id` on `handle`, carrying `payload`.
 fn raw_delivery(channel: u16, handle: u32, id: u32, payload: &[u8]) -> Vec<u8> {
     use fe2o3_amqp::types::{definitions::Handle, performatives::*};

@@ -116,6 +116,15 @@ pub enum Invalid {
     /// A header value nests tables/arrays deeper than [`mapping::MAX_DEPTH`].
     #[error("header `{0}` nests tables or arrays deeper than {max}", max = mapping::MAX_DEPTH)]
     TooDeep(String),
+    /// Headers and properties that would not fit one frame of the broker connection: one
+    /// such publish would make RabbitMQ close the float's whole broker connection.
+    #[error("headers and properties of {size} bytes exceed the maximum of {max} (the broker's frame size)")]
+    HeadersTooLarge {
+        /// Encoded size of the 0.9.1 property list.
+        size: usize,
+        /// What fits.
+        max: usize,
+    },
     /// A property, annotation or header value that is malformed or contradicts another.
     #[error("{field}: {why}")]
     BadField {
@@ -139,6 +148,7 @@ impl Invalid {
             Invalid::TooLong { .. } => "too_long",
             Invalid::TooDeep(_) => "too_deep",
             Invalid::BadField { .. } => "bad_field",
+            Invalid::HeadersTooLarge { .. } => "headers_too_large",
         }
     }
 }

@@ -46,7 +46,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
 };
@@ -121,6 +121,9 @@ pub(crate) struct Ctx {
     /// The canary queue is declared (and bound) on the current broker connection: canary
     /// links are served; without it they are refused with the reason.
     canary_ready: Arc<AtomicBool>,
+    /// The `frame_max` negotiated on the current broker connection: a message's properties
+    /// must fit one frame of it (see `drawbridge_runtime::mapping::max_properties_len`).
+    broker_frame_max: Arc<AtomicU32>,
 }
 
 impl Ctx {
@@ -287,7 +290,11 @@ pub async fn start_with_service(
     let canary_queue = cfg.canary_queue.clone();
     let canary_ready = Arc::new(AtomicBool::new(false));
     let canary_flag = canary_ready.clone();
+    let broker_frame_max = Arc::new(AtomicU32::new(cfg.broker.frame_max));
+    let frame_max_seen = broker_frame_max.clone();
     let setup: Setup = Arc::new(move |live: Arc<Live>| {
+        // The broker may have asked for less than we offered.
+        frame_max_seen.store(live.conn.configuration().frame_max(), Ordering::Relaxed);
         let inboxes = inboxes.clone();
         let queue_type = queue_type.clone();
         let exchange = exchange.clone();
@@ -367,6 +374,7 @@ pub async fn start_with_service(
         revocation,
         service: service.clone(),
         canary_ready,
+        broker_frame_max,
         cfg,
     });
     let admin_addr =

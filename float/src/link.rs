@@ -43,7 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drawbridge_runtime::headers;
+use drawbridge_runtime::{headers, mapping};
 use fe2o3_amqp::{
     link::{delivery::DeliveryInfo, receiver::CreditMode, DispositionError, Receiver, RecvError},
     types::{
@@ -214,6 +214,8 @@ struct Outbound {
     body: Vec<u8>,
     /// 0.9.1 properties, the authenticated sender stamped.
     properties: BasicProperties,
+    /// Their encoded size: counted in the byte budgets with the body.
+    header_bytes: usize,
     /// This copy's place in the dedup window; confirmed with the publish, dropped otherwise
     /// (`None`: a canary probe, which bypasses the window).
     ticket: Option<Ticket>,
@@ -426,7 +428,7 @@ impl Link {
             }
             Prepared::Publish(o) => *o,
         };
-        let len = outbound.body.len();
+        let len = outbound.body.len() + outbound.header_bytes;
         match self.budget.try_take(len) {
             Some(permit) => self.publish(info, outbound, permit).await,
             None => {
@@ -453,6 +455,7 @@ impl Link {
             body,
             properties,
             ticket,
+            ..
         } = outbound;
         let published = self
             .publisher
@@ -552,6 +555,19 @@ fn prepare(
         metrics::counter!("drawbridge_float_reserved_headers_stripped_total")
             .increment(inbound.stripped_headers as u64);
     }
+    // The properties travel in one frame to the broker: what would not fit is refused here,
+    // never published (RabbitMQ would close the whole broker connection over it).
+    let header_bytes = mapping::properties_len(&inbound.properties);
+    let max = mapping::max_properties_len(ctx.broker_frame_max.load(Ordering::Relaxed));
+    if header_bytes > max {
+        let e = convert::Invalid::HeadersTooLarge {
+            size: header_bytes,
+            max,
+        };
+        metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label(), "peer" => sender.to_string())
+            .increment(1);
+        return Prepared::Settle(Settle::Reject(e.to_string()));
+    }
     let Some(inbox) = routes.inbox(&ctx.identities, &inbound.destination) else {
         metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination", "peer" => sender.to_string())
             .increment(1);
@@ -581,6 +597,7 @@ fn prepare(
         inbox,
         properties: inbound.properties,
         body: inbound.body,
+        header_bytes,
         ticket: Some(ticket),
     }))
 }
@@ -615,11 +632,13 @@ fn prepare_probe(msg: Message<Body<Value>>, queue: &str, sender: &Arc<str>) -> P
         ShortString::from(headers::SENDER),
         AMQPValue::LongString(LongString::from(sender.to_string())),
     );
+    let properties = BasicProperties::default()
+        .with_delivery_mode(1)
+        .with_headers(hdrs);
     Prepared::Publish(Box::new(Outbound {
         inbox: Arc::from(queue),
-        properties: BasicProperties::default()
-            .with_delivery_mode(1)
-            .with_headers(hdrs),
+        header_bytes: mapping::properties_len(&properties),
+        properties,
         body,
         ticket: None,
     }))

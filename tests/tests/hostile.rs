@@ -762,6 +762,58 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
     Ok(())
 }
 
+/// Before: one message with a 40 KB application property made RabbitMQ close the float's
+/// broker connection (`frame_too_large 40176 > 32760`: a message's properties travel in one
+/// frame), `/readyz` went 503 and the transfer was released, so a conforming bridge resent it
+/// forever and every peer of that float stalled. Now the float measures the properties
+/// against the negotiated frame size and rejects what does not fit, with the reason.
+#[tokio::test]
+async fn a_header_bigger_than_a_broker_frame_is_rejected_and_the_float_stays_ready() -> Result<()> {
+    let (a, b, _dir) = world().await?;
+    let settings = attacker_settings(&b, &a)?;
+    let target = Target::new("127.0.0.1", a.float_port);
+    let mut c = peer::connect(&target, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;
+    let outcome = attacker_sends(&mut c, &a, "poison", |m| {
+        if let Some(app) = m.application_properties.as_mut() {
+            app.0
+                .insert("trade-blob".into(), SimpleValue::String("x".repeat(40_000)));
+        }
+    })
+    .await?;
+    assert!(
+        outcome.contains("Rejected") && outcome.contains("exceed the maximum"),
+        "the poison message is rejected with the reason: {outcome}"
+    );
+    // The broker connection is untouched: ready, and the next messages (one with a header
+    // that fits) are accepted on the same link.
+    let admin = a.float.as_ref().context("float")?.admin();
+    let (code, _) = drawbridge_testkit::daemon::http_get(admin, "/readyz").await?;
+    assert_eq!(code, 200, "the float stays ready");
+    let outcome = attacker_sends(&mut c, &a, "fits", |m| {
+        if let Some(app) = m.application_properties.as_mut() {
+            app.0
+                .insert("trade-blob".into(), SimpleValue::String("x".repeat(30_000)));
+        }
+    })
+    .await?;
+    assert!(
+        outcome.contains("Accepted"),
+        "a header that fits: {outcome}"
+    );
+    for i in 0..3 {
+        let outcome = attacker_sends(&mut c, &a, &format!("after-{i}"), |_| {}).await?;
+        assert!(outcome.contains("Accepted"), "{outcome}");
+    }
+    let float = a.float.as_ref().context("float")?;
+    assert!(
+        !float.log_contains("frame_too_large"),
+        "the broker connection never failed"
+    );
+    Ok(())
+}
+
 /// A transfer frame of a whole delivery `id` on `handle`, carrying `payload`.
 fn raw_delivery(channel: u16, handle: u32, id: u32, payload: &[u8]) -> Vec<u8> {
     use fe2o3_amqp::types::{definitions::Handle, performatives::*};

@@ -289,7 +289,12 @@ impl BridgeConfig {
                 "bridge.canary_address",
                 drawbridge_control_protocol::CANARY_ADDRESS.to_string(),
             ),
-            broker: BrokerConfig::read(&mut r, "broker", key_access),
+            broker: BrokerConfig::read_with(
+                &mut r,
+                "broker",
+                key_access,
+                drawbridge_runtime::broker::CONSUMER_FRAME_MAX,
+            ),
             admin_listen,
             admin_token,
             ha,

@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use drawbridge_node::topology::{self, QueueType};
-use drawbridge_runtime::{backoff::Backoff, broker::Live, headers};
+use drawbridge_runtime::{backoff::Backoff, broker::Live, headers, mapping, text};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::{AMQPValue, LongString, ShortString},
@@ -69,12 +69,19 @@ pub enum Interrupted {
     BrokerLost,
 }
 
-/// The properties of the dead-letter copy of a message with properties `p`.
+/// Longest `drawbridge-reason` kept, in bytes. A reason can quote what a float said (a
+/// rejection's description, as long as a frame); the header is for an operator to read.
+pub const MAX_REASON: usize = 1024;
+
+/// The properties of the dead-letter copy of a message with properties `p` (the reason cut
+/// to [`MAX_REASON`]).
 pub fn copy_properties(p: &BasicProperties, reason: &str, origin_queue: &str) -> BasicProperties {
     let mut hdrs = p.headers().clone().unwrap_or_default();
     hdrs.insert(
         ShortString::from(headers::REASON),
-        AMQPValue::LongString(LongString::from(reason)),
+        AMQPValue::LongString(LongString::from(
+            text::truncate(reason, MAX_REASON).as_ref(),
+        )),
     );
     hdrs.insert(
         ShortString::from(headers::ORIGIN_QUEUE),
@@ -128,6 +135,66 @@ pub fn copy_properties(p: &BasicProperties, reason: &str, origin_queue: &str) ->
     }
     out
 }
+
+/// `props` fitted into one frame of at most `max` bytes of properties.
+///
+/// A message delivered near the broker's frame size leaves no room for the headers a
+/// dead-letter copy adds, and a publish that does not fit would close the bridge's whole
+/// broker connection (the message would come back for ever). So what we added gives way, in
+/// this order, until the copy fits: the reason is cut to the room there is; then it becomes a
+/// short note and the origin queue goes; then the kept `user_id` and `expiration`; then the
+/// reason itself. The node's own headers and the body are never touched, and the full reason
+/// is in the bridge's log line. `None` if even the node's headers alone do not fit.
+pub fn fit(props: BasicProperties, max: usize) -> Option<BasicProperties> {
+    let len = mapping::properties_len(&props);
+    if len <= max {
+        return Some(props);
+    }
+    let mut hdrs = props.headers().clone().unwrap_or_default();
+    let with = |hdrs: &lapin::types::FieldTable| {
+        let p = props.clone().with_headers(hdrs.clone());
+        (mapping::properties_len(&p) <= max).then_some(p)
+    };
+    if let Some(AMQPValue::LongString(r)) = hdrs.inner().get(headers::REASON) {
+        let reason = String::from_utf8_lossy(r.as_bytes()).into_owned();
+        // The note `truncate` appends takes some room too.
+        if let Some(room) = reason.len().checked_sub(len - max + 32) {
+            hdrs.insert(
+                ShortString::from(headers::REASON),
+                AMQPValue::LongString(LongString::from(text::truncate(&reason, room).as_ref())),
+            );
+            if let Some(p) = with(&hdrs) {
+                return Some(p);
+            }
+        }
+    }
+    hdrs.insert(
+        ShortString::from(headers::REASON),
+        AMQPValue::LongString(LongString::from(NO_ROOM_FOR_REASON)),
+    );
+    // FieldTable has no `remove`: rebuilt without the keys.
+    let without = |hdrs: &lapin::types::FieldTable, keys: &[&str]| {
+        let kept: std::collections::BTreeMap<_, _> = hdrs
+            .inner()
+            .iter()
+            .filter(|(k, _)| !keys.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        lapin::types::FieldTable::from(kept)
+    };
+    let hdrs = without(&hdrs, &[headers::ORIGIN_QUEUE]);
+    if let Some(p) = with(&hdrs) {
+        return Some(p);
+    }
+    let hdrs = without(&hdrs, &[ORIGINAL_USER_ID, ORIGINAL_EXPIRATION]);
+    if let Some(p) = with(&hdrs) {
+        return Some(p);
+    }
+    with(&without(&hdrs, &[headers::REASON]))
+}
+
+/// The reason of a dead-letter copy whose headers leave no room for the real one.
+pub const NO_ROOM_FOR_REASON: &str = "no room for the reason in a broker frame: see the bridge log";
 
 /// A link's publisher into the dead-letter queue.
 #[derive(Debug)]
@@ -199,6 +266,12 @@ impl DeadLetterer {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), DeadLetterError> {
+        let max = mapping::max_properties_len(live.conn.configuration().frame_max());
+        let Some(props) = fit(props, max) else {
+            return Err(DeadLetterError::Refused(format!(
+                "the message's own headers do not fit one broker frame ({max} bytes of properties)"
+            )));
+        };
         let ch = match &self.channel {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
@@ -345,5 +418,62 @@ mod tests {
         let c = copy_properties(&BasicProperties::default(), "r", "q");
         assert_eq!(header(&c, ORIGINAL_USER_ID), None);
         assert_eq!(header(&c, ORIGINAL_EXPIRATION), None);
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_and_a_copy_near_the_frame_size_is_fitted() {
+        let huge = "r".repeat(200_000);
+        let c = copy_properties(&BasicProperties::default(), &huge, "q");
+        let Some(AMQPValue::LongString(r)) = header(&c, headers::REASON) else {
+            panic!("no reason")
+        };
+        assert!(
+            r.as_bytes().len() < MAX_REASON + 64,
+            "{}",
+            r.as_bytes().len()
+        );
+
+        // An original whose headers take nearly the whole frame: the reason shrinks to fit.
+        let max = mapping::max_properties_len(32 * 1024);
+        let mut h = lapin::types::FieldTable::default();
+        h.insert(
+            "blob".into(),
+            AMQPValue::LongString(vec![b'x'; max - 600].into()),
+        );
+        let p = BasicProperties::default().with_headers(h);
+        let c = copy_properties(&p, &"why ".repeat(200), "drawbridge.peers.b");
+        assert!(mapping::properties_len(&c) > max);
+        let fitted = fit(c, max).expect("fits once the reason is cut");
+        assert!(mapping::properties_len(&fitted) <= max);
+        let Some(AMQPValue::LongString(r)) = header(&fitted, headers::REASON) else {
+            panic!("no reason")
+        };
+        assert!(String::from_utf8_lossy(r.as_bytes()).starts_with("why why"));
+
+        // No room for the reason: a note instead, then the additions go; the node's own
+        // headers stay whole.
+        for blob in [max - 100, max - 60, max - 20] {
+            let mut h = lapin::types::FieldTable::default();
+            h.insert(
+                "blob".into(),
+                AMQPValue::LongString(vec![b'x'; blob].into()),
+            );
+            let p = BasicProperties::default()
+                .with_user_id("node".into())
+                .with_headers(h.clone());
+            let fitted = fit(copy_properties(&p, &"why ".repeat(50), "q"), max).expect("fits");
+            assert!(mapping::properties_len(&fitted) <= max, "{blob}");
+            assert_eq!(
+                header(&fitted, "blob"),
+                h.inner().get("blob").cloned(),
+                "the node's header is whole"
+            );
+        }
+        // The node's headers alone do not fit: nothing to publish (the caller retries with
+        // backoff and never kills the connection).
+        let mut h = lapin::types::FieldTable::default();
+        h.insert("blob".into(), AMQPValue::LongString(vec![b'x'; max].into()));
+        let p = BasicProperties::default().with_headers(h);
+        assert!(fit(copy_properties(&p, "why", "q"), max).is_none());
     }
 }

@@ -758,7 +758,7 @@ impl LinkSession<'_> {
                             }
                         }
                         Step::DeadLetter(reason) => {
-                            warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %reason, "message dead-lettered");
+                            warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %drawbridge_runtime::text::Untrusted(&reason), "message dead-lettered");
                             let props = copy_properties(&delivery.properties, &reason, &spec.queue);
                             // Boxed: a rare path, too large to keep room for in every link's task.
                             match Box::pin(dead_letters.publish(live, &delivery.data, props, &spec.queue, stop)).await {

@@ -34,10 +34,21 @@ use tracing::{info, warn};
 
 use crate::{backoff::Backoff, config::ConfigReader};
 
-/// Default `broker.frame_max`: 32 KiB, a quarter of RabbitMQ's default. It saves 6 MiB of
-/// resident buffers per broker connection (see [`BrokerConfig::frame_max`]), and a 1 MiB
-/// body is 32 frames instead of 8, which the bench does not tell apart (docs/performance.md).
+/// Default `broker.frame_max` of a daemon that only publishes (the float): 32 KiB, a quarter
+/// of RabbitMQ's default. It saves 6 MiB of resident buffers per broker connection (see
+/// [`BrokerConfig::frame_max`]), and a 1 MiB body is 32 frames instead of 8, which the bench
+/// does not tell apart (docs/performance.md). What it publishes is checked against it
+/// (`mapping::max_properties_len`).
 pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
+/// Default `broker.frame_max` of a daemon that consumes what others published (the bridge):
+/// RabbitMQ's own default, 128 KiB. A message's properties travel in one frame, and lapin
+/// refuses a frame over the negotiated `frame_max` by closing the whole connection: with a
+/// smaller frame than the broker's, one node message with large headers (which the node's own
+/// connection, at the broker's frame size, could publish) closed the bridge's broker
+/// connection on every delivery, for ever (found by
+/// `e2e::oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop`).
+pub const CONSUMER_FRAME_MAX: u32 = 128 * 1024;
 
 /// AMQP 0-9-1's smallest `frame_max` (`FRAME_MIN_SIZE`).
 const FRAME_MAX_MIN: u32 = 4096;
@@ -118,6 +129,17 @@ impl BrokerConfig {
     /// Read `{prefix}.uris`, `{prefix}.connect_timeout`, ... from `r`. Secret files
     /// (`password_file`, `tls_key`) are checked against `access`.
     pub fn read(r: &mut ConfigReader, prefix: &str, access: KeyFileAccess) -> BrokerConfig {
+        Self::read_with(r, prefix, access, DEFAULT_FRAME_MAX)
+    }
+
+    /// [`BrokerConfig::read`] with another default `frame_max` ([`CONSUMER_FRAME_MAX`] for a
+    /// daemon that consumes).
+    pub fn read_with(
+        r: &mut ConfigReader,
+        prefix: &str,
+        access: KeyFileAccess,
+        default_frame_max: u32,
+    ) -> BrokerConfig {
         let key = |k: &str| format!("{prefix}.{k}");
         let uris: Vec<String> = r.required(&key("uris")).unwrap_or_default();
         let mut parsed = Vec::new();
@@ -255,7 +277,7 @@ impl BrokerConfig {
             connect_timeout: r.duration(&key("connect_timeout"), Duration::from_secs(10)),
             op_timeout: r.duration(&key("op_timeout"), Duration::from_secs(15)),
             heartbeat: r.get(&key("heartbeat_secs"), 5u16),
-            frame_max: r.get(&key("frame_max"), DEFAULT_FRAME_MAX),
+            frame_max: r.get(&key("frame_max"), default_frame_max),
             reconnect_min: r.duration(&key("reconnect_min"), Duration::from_millis(500)),
             // A local broker is cheap to retry; a short cap bounds recovery after an outage.
             reconnect_max: r.duration(&key("reconnect_max"), Duration::from_secs(5)),

@@ -691,6 +691,105 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
     Ok(())
 }
 
+/// A node's own message whose headers do not fit the bridge's broker frames, or would not
+/// once the dead-letter reason is added, and a float that rejects with a 200 KB description:
+/// each is dead-lettered with a bounded reason, none is resent in a loop, and the rest of
+/// the queue keeps flowing.
+#[tokio::test]
+async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -> Result<()> {
+    use lapin::{options::*, types::*, BasicProperties};
+    let mut p = pair().await?;
+    p.b.start_float("").await?;
+    p.a.start_bridge("").await?;
+    let q = p.a.queue_to(&p.b);
+    // The node's own connection, with RabbitMQ's frame size (128 KiB): it may publish
+    // headers the daemons' 32 KiB frames cannot carry.
+    let conn = lapin::Connection::connect(p.a.broker_uri(), lapin::ConnectionProperties::default())
+        .await?;
+    let ch = conn.create_channel().await?;
+    world::declare_peer_queue(&ch, &q, "classic").await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let publish = |id: String, seq: u64, blob: usize| {
+        let mut h = FieldTable::default();
+        h.insert(
+            "drawbridge-destination".into(),
+            AMQPValue::LongString(BANK_B.into()),
+        );
+        if blob > 0 {
+            h.insert(
+                "blob".into(),
+                AMQPValue::LongString(vec![b'x'; blob].into()),
+            );
+        }
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(id.into())
+            .with_headers(h);
+        let ch = ch.clone();
+        let q = q.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                &stream::make_body(seq, 64),
+                props,
+            )
+            .await?
+            .await?;
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    for seq in 0..6u64 {
+        if seq == 2 {
+            publish("over-frame".into(), 90, 40_000).await?;
+        }
+        if seq == 4 {
+            // Fits the bridge's 128 KiB frames as delivered; its dead-letter copy has room for
+            // only part of the reason.
+            publish("near-frame".into(), 91, 130_800).await?;
+        }
+        publish(stream::message_id("ov", seq), seq, 0).await?;
+    }
+    p.a.create_link_to(&p.b).await?;
+    let r = receive(&p.b, "ov", 6, BANK_A).await?;
+    assert!(
+        r.complete() && r.duplicates == 0,
+        "{r:?}\nbridge log:\n{}",
+        p.a.bridge.as_ref().unwrap().log_tail(30)
+    );
+    let (_c2, ch2) = p.a.channel().await?;
+    let mut reasons = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while reasons.len() < 2 && tokio::time::Instant::now() < deadline {
+        match ch2
+            .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            Ok(Some(m)) => reasons.push(
+                stream::header_string(
+                    m.delivery.properties.headers().as_ref(),
+                    "drawbridge-reason",
+                )
+                .unwrap_or_default(),
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(reasons.len(), 2, "dead-letter queue: {reasons:?}");
+    assert!(reasons[0].contains("exceed the maximum"), "{reasons:?}");
+    assert!(
+        reasons[1].starts_with("rejected by peer") && reasons[1].contains("bytes in all"),
+        "the near-frame copy's reason is cut to fit: {reasons:?}"
+    );
+    let bridge = p.a.bridge.as_ref().unwrap();
+    assert!(
+        !bridge.log_contains("frame_too_large"),
+        "the bridge's broker connection never failed"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
     use drawbridge_testkit::daemon::{binary, Kind};

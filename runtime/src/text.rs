@@ -30,12 +30,10 @@ pub struct Untrusted<'a>(pub &'a str);
 
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut count = 0;
-        for c in self.0.chars() {
+        for (count, c) in self.0.chars().enumerate() {
             if count == LOG_MAX {
                 return write!(f, "… ({} bytes in all)", self.0.len());
             }
-            count += 1;
             match c {
                 '\n' => f.write_str("\\n")?,
                 '\r' => f.write_str("\\r")?,

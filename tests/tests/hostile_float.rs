@@ -54,6 +54,8 @@ enum Place {
     Detach,
     End,
     Close,
+    /// Not a nested value: every transfer is rejected with a 200 KB description.
+    LongDescription,
 }
 
 const PLACES: [Place; 8] = [
@@ -324,6 +326,27 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, place: Place) -> Res
                     0,
                     deep_error,
                 )?],
+                Place::LongDescription => {
+                    let Some(id) = t.delivery_id else { continue };
+                    let error = fe2o3_amqp::types::definitions::Error::new(
+                        fe2o3_amqp::types::definitions::AmqpError::NotAllowed,
+                        Some("z".repeat(200_000)),
+                        None,
+                    );
+                    vec![serde_amqp::to_vec(&Performative::Disposition(
+                        Disposition {
+                            role: Role::Receiver,
+                            first: id,
+                            last: None,
+                            settled: true,
+                            state: Some(
+                                fe2o3_amqp::types::messaging::Rejected { error: Some(error) }
+                                    .into(),
+                            ),
+                            batchable: false,
+                        },
+                    ))?]
+                }
                 // Place::Disposition (the places before it never see a transfer).
                 _ => {
                     let Some(id) = t.delivery_id else { continue };
@@ -358,8 +381,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, place: Place) -> Res
 fn spawn_fake_float(
     listener: std::net::TcpListener,
     b: &Org,
+    places: &'static [Place],
     place: Arc<AtomicUsize>,
-    served: Arc<[AtomicUsize; 8]>,
+    served: Arc<Vec<AtomicUsize>>,
 ) -> Result<()> {
     let identity = TlsIdentity::load(&b.files.tls_cert, &b.files.tls_key)?;
     let key: PrivateKeyDer<'static> = identity.key.clone_key();
@@ -382,12 +406,12 @@ fn spawn_fake_float(
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let i = place.load(Ordering::SeqCst).min(PLACES.len() - 1);
+                let i = place.load(Ordering::SeqCst).min(places.len() - 1);
                 served[i].fetch_add(1, Ordering::SeqCst);
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     continue;
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(20), serve(tls, PLACES[i])).await;
+                let _ = tokio::time::timeout(Duration::from_secs(20), serve(tls, places[i])).await;
             }
         });
     })?;
@@ -409,8 +433,9 @@ async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
     // The fake float takes Bank B's float port.
     let listener = std::net::TcpListener::bind(("127.0.0.1", b.float_port))?;
     let place = Arc::new(AtomicUsize::new(0));
-    let served: Arc<[AtomicUsize; 8]> = Arc::new(Default::default());
-    spawn_fake_float(listener, &b, place.clone(), served.clone())?;
+    let served: Arc<Vec<AtomicUsize>> =
+        Arc::new(PLACES.iter().map(|_| AtomicUsize::new(0)).collect());
+    spawn_fake_float(listener, &b, &PLACES, place.clone(), served.clone())?;
 
     a.start_bridge("reconnect_min = \"100ms\"\nreconnect_max = \"300ms\"")
         .await?;
@@ -480,5 +505,100 @@ async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
         .unwrap_or_default()
         .replace("%2F", "/");
     assert_eq!(node.queue_depth(&vhost, &queue).await?, 5, "nothing lost");
+    Ok(())
+}
+
+/// Before: a float's rejection description went whole into the dead-letter copy's
+/// `drawbridge-reason` header; 200 KB of it does not fit one broker frame, so the dead-letter
+/// publish closed the bridge's broker connection, the message came back, and so on for ever.
+/// Now the reason is cut to 1 KiB and each message is dead-lettered once.
+#[tokio::test]
+async fn a_200_kb_rejection_description_is_cut_in_the_dead_letter_reason() -> Result<()> {
+    use lapin::options::BasicGetOptions;
+    drawbridge_certs::install_crypto_provider();
+    let node = shared_node().await;
+    let dir = tempfile::tempdir()?;
+    let names = [BANK_A.parse()?, BANK_B.parse()?];
+    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
+    let va = node.fresh_vhost().await?;
+    let vb = node.fresh_vhost().await?;
+    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
+    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
+    let listener = std::net::TcpListener::bind(("127.0.0.1", b.float_port))?;
+    let served = Arc::new(vec![AtomicUsize::new(0)]);
+    spawn_fake_float(
+        listener,
+        &b,
+        &[Place::LongDescription],
+        Arc::new(AtomicUsize::new(0)),
+        served,
+    )?;
+    a.start_bridge("").await?;
+    a.create_link_to(&b).await?;
+    let queue = a.queue_to(&b);
+    let (_conn, ch) = a.channel().await?;
+    world::declare_peer_queue(&ch, &queue, "classic").await?;
+    stream::publish(
+        &ch,
+        &queue,
+        &PublishSpec {
+            run: "long-reason".into(),
+            from: 0,
+            to: 3,
+            size: 64,
+            destination: BANK_B.into(),
+            headers: vec![],
+        },
+        |_| {},
+    )
+    .await?;
+    let (_conn2, ch2) = a.channel().await?;
+    let mut reasons = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while reasons.len() < 3 && tokio::time::Instant::now() < deadline {
+        match ch2
+            .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            Ok(Some(m)) => reasons.push(
+                stream::header_string(
+                    m.delivery.properties.headers().as_ref(),
+                    "drawbridge-reason",
+                )
+                .unwrap_or_default(),
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let bridge = a.bridge.as_ref().context("bridge")?;
+    assert_eq!(
+        reasons.len(),
+        3,
+        "each dead-lettered; bridge log:\n{}",
+        bridge.log_tail(15)
+    );
+    for r in &reasons {
+        assert!(
+            r.starts_with("rejected by peer"),
+            "{}",
+            &r[..r.len().min(100)]
+        );
+        assert!(r.len() <= 1100, "the reason is cut: {} bytes", r.len());
+    }
+    assert!(
+        !bridge.log_contains("frame too large") && !bridge.log_contains("broker connection lost"),
+        "the broker connection never failed"
+    );
+    let vhost = a
+        .broker_uri()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .replace("%2F", "/");
+    assert_eq!(
+        node.queue_depth(&vhost, &queue).await?,
+        0,
+        "none left to loop"
+    );
     Ok(())
 }

@@ -51,11 +51,10 @@ fn declared_rust_version_covers_every_locked_dependency() -> Result<()> {
         .collect();
     let packages = meta["packages"].as_array().context("packages")?;
     let mut declared = None;
-    for p in packages.iter().filter(|p| {
-        p["id"]
-            .as_str()
-            .is_some_and(|id| members.contains(&id))
-    }) {
+    for p in packages
+        .iter()
+        .filter(|p| p["id"].as_str().is_some_and(|id| members.contains(&id)))
+    {
         let Some(v) = p["rust_version"].as_str() else {
             bail!(
                 "{} declares no rust-version (set rust-version.workspace = true)",
@@ -69,7 +68,8 @@ fn declared_rust_version_covers_every_locked_dependency() -> Result<()> {
         .iter()
         .filter_map(|p| {
             let v = p["rust_version"].as_str()?;
-            (version(v).ok()? > declared).then(|| format!("{} {} needs {v}", p["name"], p["version"]))
+            (version(v).ok()? > declared)
+                .then(|| format!("{} {} needs {v}", p["name"], p["version"]))
         })
         .collect();
     ensure!(

@@ -30,6 +30,8 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     PKCS_ECDSA_P256_SHA256,
 };
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
 
 use crate::{CertError, LegalName};
@@ -328,10 +330,13 @@ pub fn make_crl(ca_cert: &Path, ca_key: &Path, spec: &CrlSpec) -> Result<String,
     let issuer = Issuer::from_ca_cert_pem(&read(ca_cert)?, &key)?;
     let mut revoked_certs = Vec::new();
     for path in &spec.revoked {
-        let der = rustls_pemfile::certs(&mut read(path)?.as_bytes())
-            .next()
-            .ok_or_else(|| CertError::NoCertificates { path: path.clone() })?
-            .map_err(CertError::io(path))?;
+        let der = CertificateDer::from_pem_slice(read(path)?.as_bytes()).map_err(|e| match e {
+            pem::Error::NoItemsFound => CertError::NoCertificates { path: path.clone() },
+            e => CertError::Pem {
+                path: path.clone(),
+                reason: e.to_string(),
+            },
+        })?;
         let (_, cert) =
             X509Certificate::from_der(der.as_ref()).map_err(|e| CertError::X509(e.to_string()))?;
         revoked_certs.push(RevokedCertParams {

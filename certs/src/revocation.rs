@@ -42,6 +42,7 @@ use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, RootCertStore};
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -204,7 +205,7 @@ fn parse_crls(bytes: &[u8], source: &str) -> Result<Vec<Crl>, String> {
     let ders = if bytes.first() == Some(&0x30) {
         vec![CertificateRevocationListDer::from(bytes.to_vec())]
     } else {
-        let ders = rustls_pemfile::crls(&mut &*bytes)
+        let ders = <CertificateRevocationListDer as PemObject>::pem_slice_iter(bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         if ders.is_empty() {

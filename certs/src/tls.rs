@@ -13,6 +13,7 @@ use rustls::{
     CipherSuite, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
     SupportedCipherSuite, SupportedProtocolVersion,
 };
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName,
     SignatureVerificationAlgorithm, UnixTime,
@@ -111,7 +112,7 @@ fn parse_certs(
     pem: &mut dyn std::io::BufRead,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let certs = rustls_pemfile::certs(pem)
+    let certs = CertificateDer::pem_reader_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pem {
             path: path.to_owned(),
@@ -156,14 +157,15 @@ impl TlsIdentity {
         key_pem: &Path,
     ) -> Result<Self, CertError> {
         let cert_chain = parse_certs(&mut &*cert_bytes, cert_pem)?;
-        let key = rustls_pemfile::private_key(&mut &*key_bytes)
-            .map_err(|e| CertError::Pem {
+        let key = PrivateKeyDer::from_pem_slice(key_bytes).map_err(|e| match e {
+            pem::Error::NoItemsFound => CertError::NoPrivateKey {
+                path: key_pem.to_owned(),
+            },
+            e => CertError::Pem {
                 path: key_pem.to_owned(),
                 reason: e.to_string(),
-            })?
-            .ok_or_else(|| CertError::NoPrivateKey {
-                path: key_pem.to_owned(),
-            })?;
+            },
+        })?;
         let identity = Self {
             cert_chain,
             key: Arc::new(key),
@@ -301,7 +303,7 @@ pub fn load_crls(
             all.push(CertificateRevocationListDer::from(bytes));
             continue;
         }
-        let crls = rustls_pemfile::crls(&mut bytes.as_slice())
+        let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CertError::Pem {
                 path: path.clone(),

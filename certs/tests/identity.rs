@@ -17,6 +17,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     PKCS_ECDSA_P256_SHA256,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,10 +48,7 @@ fn pem(path: &Path) -> String {
 fn node_ca(node: &NodeFiles) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
     let key = KeyPair::from_pem(&pem(&node.dir.join("node-ca.key"))).unwrap();
     let cert_pem = pem(&node.node_ca_cert);
-    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-        .next()
-        .unwrap()
-        .unwrap();
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
     (der, Issuer::from_ca_cert_pem(&cert_pem, key).unwrap())
 }
 

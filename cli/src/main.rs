@@ -235,12 +235,19 @@ fn explain_tls_error(e: String) -> String {
     }
 }
 
+/// Where `certs init` writes the dev PKI unless `--dir` says otherwise: a directory of its
+/// own in the current one, named for what it holds. The old default, `certs`, was the
+/// `drawbridge-certs` crate's folder when run from the repository, so private keys landed
+/// among the sources, next to nothing that kept git from committing them.
+const DEFAULT_PKI_DIR: &str = "drawbridge-pki";
+
 #[derive(Debug, Subcommand)]
 enum CertsCmd {
     /// Generate a dev network: root CA, and per node a CA and a TLS certificate.
     Init {
-        /// Output directory.
-        #[arg(long, default_value = "certs")]
+        /// Output directory (private keys included). The default is not a folder of the
+        /// source tree, and the repository's .gitignore covers it.
+        #[arg(long, default_value = DEFAULT_PKI_DIR)]
         dir: PathBuf,
         /// Legal names, e.g. "O=Bank A, L=London, C=GB" (repeat).
         #[arg(long = "name", required = true)]
@@ -537,4 +544,43 @@ fn run_demo(args: &[String]) -> Result<i32> {
         .status()
         .with_context(|| format!("running {}", demo.display()))?;
     Ok(status.code().unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `certs init` without `--dir`, run from the repository root as the README does, writes
+    /// its keys where git ignores them and outside every crate's folder.
+    #[test]
+    fn the_default_pki_dir_is_ignored_by_git_and_no_crate_folder() {
+        let cli = Cli::try_parse_from(["drawbridge", "certs", "init", "--name", "O=A, L=B, C=GB"])
+            .unwrap();
+        let Cmd::Certs {
+            cmd: CertsCmd::Init { dir, .. },
+        } = cli.cmd
+        else {
+            panic!("parsed as {:?}", cli.cmd);
+        };
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap();
+        assert!(
+            !repo.join(&dir).join("Cargo.toml").exists() && !repo.join(&dir).join("src").exists(),
+            "{} is a crate folder",
+            dir.display()
+        );
+        let key = dir.join("bank-a-london-gb/tls.key");
+        let ignored = std::process::Command::new("git")
+            .current_dir(repo)
+            .args(["check-ignore", "--no-index", "-q"])
+            .arg(&key)
+            .status()
+            .expect("running git check-ignore");
+        assert!(
+            ignored.success(),
+            "{} is not ignored by .gitignore",
+            key.display()
+        );
+    }
 }

@@ -163,3 +163,31 @@ pub async fn connect_with(uri: &str, options: &ConnectOptions) -> Result<Connect
     let parsed: AMQPUri = uri.parse().map_err(NodeError::Uri)?;
     connect_uri(parsed, &redact_uri(uri), options).await
 }
+
+/// Connect to the first of `uris` that answers, starting at `start` and wrapping around: the
+/// connection and the index of its URI, or why each one failed (URIs redacted), `; `-joined.
+/// `connect_one` makes one attempt: the node library's [`connect_any_with`](crate::connect_any_with)
+/// passes its options, the daemons' broker session sets heartbeat, frame size and the password
+/// file's password. The one walk over a cluster's URI list, for both.
+pub async fn connect_first<F, Fut>(
+    uris: &[String],
+    start: usize,
+    mut connect_one: F,
+) -> Result<(Connection, usize), String>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Connection, String>>,
+{
+    if uris.is_empty() {
+        return Err("no broker URI given".into());
+    }
+    let mut errors = Vec::new();
+    for i in 0..uris.len() {
+        let idx = (start + i) % uris.len();
+        match connect_one(uris[idx].clone()).await {
+            Ok(c) => return Ok((c, idx)),
+            Err(e) => errors.push(format!("{}: {e}", redact_uri(&uris[idx]))),
+        }
+    }
+    Err(errors.join("; "))
+}

@@ -66,7 +66,7 @@ pub enum NodeError {
     #[error("control message not accepted by the broker: {0}")]
     NotConfirmed(String),
     /// None of the broker URIs could be reached.
-    #[error("no broker URI could be reached (last error: {0})")]
+    #[error("no broker URI could be reached ({0})")]
     NoBroker(String),
     /// The snapshot responder did not get going in time.
     #[error("the snapshot responder did not start within {0:?}")]
@@ -99,15 +99,16 @@ pub async fn connect_any_with(
     uris: &[String],
     options: &ConnectOptions,
 ) -> Result<Connection, NodeError> {
-    let mut last = String::from("no URI given");
-    for uri in uris {
-        match connect_with(uri, options).await {
-            Ok(c) => return Ok(c),
-            Err(e @ NodeError::ConnectTimeout { .. }) => last = e.to_string(),
-            Err(e) => last = format!("{}: {e}", redact_uri(uri)),
-        }
-    }
-    Err(NodeError::NoBroker(last))
+    connect::connect_first(uris, 0, |uri| async move {
+        connect_with(&uri, options).await.map_err(|e| match e {
+            // It names the URI already.
+            NodeError::ConnectTimeout { timeout, .. } => format!("no answer within {timeout:?}"),
+            e => e.to_string(),
+        })
+    })
+    .await
+    .map(|(c, _)| c)
+    .map_err(NodeError::NoBroker)
 }
 
 /// A URI with its password hidden, for logs and error messages. Every message that names a

@@ -254,10 +254,13 @@ impl Scanner {
                 0x00 => Err(Violation::DescribedArray),
                 // serde_amqp keeps one element constructor for the whole decoder and a list,
                 // map or array element clears it: from the second element on it would read
-                // each element's size byte as a constructor.
-                0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => Err(Violation::CompoundArray),
+                // each element's size byte as a constructor. Empty lists (0x45) too: they
+                // decode, but serde_amqp writes them back as another value than it read
+                // (fuzz target float_message, `[0x00, 0x53, 0x77, 0xe0, 2, 2, 0x45]`), and
+                // no one sends an array of empty lists.
+                0x45 | 0xc0 | 0xc1 | 0xd0 | 0xd1 | 0xe0 | 0xf0 => Err(Violation::CompoundArray),
                 _ if width_of(b) == Some(0) => {
-                    // Zero-width elements (null, true, false, empty list): no bytes at all.
+                    // Zero-width elements (null, true, false): no bytes at all.
                     if self.offset != end {
                         return Err(Violation::BadCount);
                     }
@@ -494,6 +497,9 @@ mod tests {
         // array8 of arrays of ints.
         let arr2 = [0xe0, 7, 1, 0xe0, 4, 2, 0x54, 1, 2];
         assert_eq!(scan(&arr2), Err(Violation::CompoundArray));
+        // An array of two empty lists, as an amqp-value body (found by fuzzing).
+        let empties = [0x00, 0x53, 0x77, 0xe0, 2, 2, 0x45];
+        assert_eq!(scan(&empties), Err(Violation::CompoundArray));
         // An empty array: without a constructor (as fe2o3 writes it) it passes, with one it
         // is refused (serde_amqp would read the constructor as the next value).
         assert_eq!(scan(&[0xe0, 1, 0]), Ok(1));

@@ -56,6 +56,21 @@ pub struct FloatConfig {
     pub max_pending_handshakes: usize,
     /// Connections in the handshake from one source address.
     pub max_pending_handshakes_per_address: usize,
+    /// Connections in the handshake from one address prefix (`pending_prefix_ipv4`,
+    /// `pending_prefix_ipv6`), for addresses that did not complete a handshake recently.
+    pub max_pending_handshakes_per_prefix: usize,
+    /// Prefix length that groups IPv4 sources for the per-prefix share.
+    pub pending_prefix_ipv4: u8,
+    /// Prefix length that groups IPv6 sources for the per-prefix share.
+    pub pending_prefix_ipv6: u8,
+    /// Handshake slots that only recently good addresses may take.
+    pub pending_reserved_for_recent: usize,
+    /// Handshake deadline of a stranger admitted while half the pool or more is taken.
+    pub handshake_timeout_under_pressure: Duration,
+    /// Recently good addresses remembered at most.
+    pub recent_peers: usize,
+    /// How long an address stays recently good after its last completed handshake.
+    pub recent_peer_ttl: Duration,
     /// Sessions one connection may have open at once.
     pub max_sessions_per_connection: u16,
     /// Links one connection may have attached at once, over all its sessions.
@@ -161,6 +176,59 @@ impl FloatConfig {
             max_pending_handshakes_per_address > 0,
             "must be at least 1",
         );
+        let max_pending_handshakes_per_prefix: usize =
+            r.get("float.max_pending_handshakes_per_prefix", 32);
+        r.check(
+            "float.max_pending_handshakes_per_prefix",
+            max_pending_handshakes_per_prefix > 0,
+            "must be at least 1",
+        );
+        let pending_prefix_ipv4: u8 = r.get("float.pending_prefix_ipv4", 24);
+        r.check(
+            "float.pending_prefix_ipv4",
+            (8..=32).contains(&pending_prefix_ipv4),
+            "must be 8..=32 (32: each address on its own)",
+        );
+        let pending_prefix_ipv6: u8 = r.get("float.pending_prefix_ipv6", 64);
+        r.check(
+            "float.pending_prefix_ipv6",
+            (16..=128).contains(&pending_prefix_ipv6),
+            "must be 16..=128 (128: each address on its own)",
+        );
+        let pending_reserved_for_recent: usize = r.get("float.pending_reserved_for_recent", 32);
+        r.check(
+            "float.pending_reserved_for_recent",
+            pending_reserved_for_recent < max_pending_handshakes.max(1),
+            "must be smaller than float.max_pending_handshakes (strangers need a slot too)",
+        );
+        let handshake_timeout = r.duration("float.handshake_timeout", Duration::from_secs(10));
+        r.check(
+            "float.handshake_timeout",
+            !handshake_timeout.is_zero(),
+            "must be more than 0",
+        );
+        let handshake_timeout_under_pressure = r.duration(
+            "float.handshake_timeout_under_pressure",
+            Duration::from_secs(2).min(handshake_timeout),
+        );
+        r.check(
+            "float.handshake_timeout_under_pressure",
+            !handshake_timeout_under_pressure.is_zero()
+                && handshake_timeout_under_pressure <= handshake_timeout,
+            "must be more than 0 and at most float.handshake_timeout",
+        );
+        let recent_peers: usize = r.get("float.recent_peers", 4096);
+        r.check(
+            "float.recent_peers",
+            recent_peers <= 1_000_000,
+            "must be 0..=1000000 (0: no address is preferred)",
+        );
+        let recent_peer_ttl = r.duration("float.recent_peer_ttl", Duration::from_secs(24 * 3600));
+        r.check(
+            "float.recent_peer_ttl",
+            recent_peer_ttl >= Duration::from_secs(1),
+            "must be at least 1s",
+        );
         let max_sessions_per_connection: u16 = r.get("float.max_sessions_per_connection", 8);
         r.check(
             "float.max_sessions_per_connection",
@@ -265,12 +333,19 @@ impl FloatConfig {
             } else {
                 TlsPolicy::Tls13Only
             },
-            handshake_timeout: r.duration("float.handshake_timeout", Duration::from_secs(10)),
+            handshake_timeout,
             max_connections,
             max_connections_per_peer,
             max_connections_per_address,
             max_pending_handshakes,
             max_pending_handshakes_per_address,
+            max_pending_handshakes_per_prefix,
+            pending_prefix_ipv4,
+            pending_prefix_ipv6,
+            pending_reserved_for_recent,
+            handshake_timeout_under_pressure,
+            recent_peers,
+            recent_peer_ttl,
             max_sessions_per_connection,
             max_links_per_connection,
             min_peer_idle_timeout,
@@ -347,6 +422,13 @@ mod tests {
 listen = "nowhere"
 max_connections = 0
 max_pending_handshakes_per_address = 0
+max_pending_handshakes_per_prefix = 0
+pending_prefix_ipv4 = 33
+pending_prefix_ipv6 = 8
+pending_reserved_for_recent = 128
+handshake_timeout = "5s"
+handshake_timeout_under_pressure = "6s"
+recent_peer_ttl = "0s"
 max_links_per_connection = 0
 max_message_size = 2048
 max_bytes_in_flight = 1024
@@ -363,6 +445,12 @@ uris = ["amqp://127.0.0.1:5672/%2f"]
             "float.listen",
             "float.max_connections",
             "float.max_pending_handshakes_per_address",
+            "float.max_pending_handshakes_per_prefix",
+            "float.pending_prefix_ipv4",
+            "float.pending_prefix_ipv6",
+            "float.pending_reserved_for_recent",
+            "float.handshake_timeout_under_pressure",
+            "float.recent_peer_ttl",
             "float.max_links_per_connection",
             "float.max_bytes_in_flight",
             "float.max_link_bytes_in_flight",

@@ -163,10 +163,12 @@ pub(crate) async fn serve_connection(
 ) {
     // Boxed: the handshake future (TLS, SASL, AMQP open) is ≈ 10 KiB and done once; inline,
     // every connection's task would keep room for it for the connection's whole life.
-    let (mut conn, peer, chain, _slot) = match Box::pin(handshake(tcp, addr, &ctx)).await {
+    let shaken = Box::pin(handshake(tcp, addr, pending.deadline(), &ctx)).await;
+    let (mut conn, peer, chain, _slot) = match shaken {
         Ok(v) => {
-            // The handshake slot goes back to the pool; the connection holds its own.
-            drop(pending);
+            // The handshake slot goes back to the pool (the connection holds its own), and
+            // the address is recently good: it gets priority if it has to reconnect.
+            pending.completed(std::time::Instant::now());
             v
         }
         Err((e, peer)) => {
@@ -243,6 +245,7 @@ pub(crate) async fn serve_connection(
 async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
+    timeout: Duration,
     ctx: &Ctx,
 ) -> Result<
     (
@@ -254,7 +257,6 @@ async fn handshake(
     (Refused, Option<LegalName>),
 > {
     let _ = tcp.set_nodelay(true);
-    let timeout = ctx.cfg.handshake_timeout;
     // The configuration in force now: a reload applies from the next handshake on.
     let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.current().built.clone());
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {

@@ -50,8 +50,13 @@ pub(crate) async fn serve(
             }
         };
         // Refused before any byte is read: closing the socket is all it costs.
-        let pending = match ctx.admission.pending(addr.ip()) {
-            Ok(t) => t,
+        let pending = match ctx.admission.pending(addr.ip(), std::time::Instant::now()) {
+            Ok(t) => {
+                if t.shortened() {
+                    metrics::counter!("drawbridge_float_handshakes_shortened_total").increment(1);
+                }
+                t
+            }
             Err(refusal) => {
                 metrics::counter!("drawbridge_float_connections_refused_total", "reason" => refusal.label()).increment(1);
                 if let Some(skipped) = refusals.hit() {

@@ -1089,3 +1089,157 @@ async fn a_thousand_half_open_handshakes_starve_no_one() -> Result<()> {
     drop(flood);
     Ok(())
 }
+
+/// Half-open handshakes from `ip` for as long as `stop` is not cancelled: TCP connections that
+/// send nothing, up to `hold` at a time, each reopened shortly after the float closes it (a
+/// refusal or the handshake deadline), so every slot the float frees is taken again at once.
+async fn half_open_flood(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    hold: usize,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::AsyncReadExt;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(hold));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.cancelled() => return,
+        };
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            return;
+        };
+        if socket.bind((ip, 0).into()).is_err() {
+            return;
+        }
+        let Ok(mut s) = socket.connect(([127, 0, 0, 1], port).into()).await else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            tokio::select! {
+                _ = s.read(&mut byte) => {}
+                _ = stop.cancelled() => {}
+            }
+            // Paced a little, so the flood holds every slot without spinning the machine.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Before: 127.0.0.2–.5 held all 128 handshake slots (32 per address) and took each one back
+/// as soon as it freed, so a partner's bridge whose connection broke could not reconnect for
+/// as long as the flood lasted. Now the four share one /24 and its share of the pool, and the
+/// partner's address completed a handshake recently, so it may use the reserved share: it
+/// reconnects within seconds and delivers.
+#[tokio::test]
+async fn a_partner_reconnects_through_a_handshake_flood_from_four_addresses() -> Result<()> {
+    use drawbridge_control_protocol::{ControlCommand, CreateLink};
+    use drawbridge_testkit::proxy::{FaultProxy, ProxyMode};
+    let (a, mut b, _dir) = world().await?;
+    // B's bridge reaches A's float through a proxy that can cut the connection (a network
+    // blip); A's float sees it come from 127.0.0.1 either way.
+    let proxy = FaultProxy::start(([127, 0, 0, 1], a.float_port).into()).await?;
+    b.start_bridge("reconnect_min = \"200ms\"\nreconnect_max = \"1s\"")
+        .await?;
+    let mut link = b.link_to(&a);
+    link.targets = vec![Target::new("127.0.0.1", proxy.addr().port())];
+    b.control(&ControlCommand::CreateLink(CreateLink {
+        node_identity: b.legal_name.clone(),
+        link,
+    }))
+    .await?;
+    let q = b.queue_to(&a);
+    b.wait_link_state(&q, "up", Duration::from_secs(20)).await?;
+    let (_cb, ch_b) = b.channel().await?;
+    let spec = |run: &str, to| PublishSpec {
+        run: run.into(),
+        from: 0,
+        to,
+        size: 256,
+        destination: a.legal_name.clone(),
+        headers: vec![],
+    };
+    stream::publish(&ch_b, &q, &spec("before-cut", 5), |_| {}).await?;
+    {
+        let (_ca, ch_a) = a.channel().await?;
+        world::declare_queue(&ch_a, INBOX).await?;
+        let mut tally = Tally::new("before-cut", 5, Some(BANK_B.to_string()));
+        stream::consume(&ch_a, INBOX, &mut tally, Duration::from_secs(30), |_| {}).await?;
+        assert!(tally.report().complete(), "{:?}", tally.report());
+    }
+
+    // The flood, from four addresses, until the float's handshake pool is as full as the
+    // flood can make it.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let floods: Vec<_> = (2..=5)
+        .map(|last| {
+            tokio::spawn(half_open_flood(
+                std::net::Ipv4Addr::new(127, 0, 0, last),
+                a.float_port,
+                40,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let float = a.float.as_ref().context("float")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let refused_before_handshake = {
+            let m = float.metrics().await?;
+            m.lines()
+                .filter(|l| {
+                    l.starts_with("drawbridge_float_connections_refused_total{reason=\"max_pending")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        if refused_before_handshake >= 200.0 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the flood was never refused: {}",
+            float.status().await?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The partner's connection breaks; it reconnects into the flood and delivers.
+    proxy.set_mode(ProxyMode::Reset);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set_mode(ProxyMode::Pass);
+    let cut = tokio::time::Instant::now();
+    stream::publish(&ch_b, &q, &spec("after-cut", 20), |_| {}).await?;
+    let (_ca, ch_a) = a.channel().await?;
+    let mut tally = Tally::new("after-cut", 20, Some(BANK_B.to_string()));
+    stream::consume(&ch_a, INBOX, &mut tally, Duration::from_secs(20), |_| {}).await?;
+    let status = float.status().await?;
+    stop.cancel();
+    for f in floods {
+        let _ = f.await;
+    }
+    let r = tally.report();
+    assert!(
+        r.complete(),
+        "the partner did not get back in within 20 s of the cut ({:?}): {r:?}\nfloat status: {status}\nbridge:\n{}",
+        cut.elapsed(),
+        b.bridge.as_ref().context("bridge")?.log_tail(20)
+    );
+    // The four addresses were held to their /24's share.
+    let by_prefix = refused(
+        &a,
+        "drawbridge_float_connections_refused_total",
+        "max_pending_handshakes_per_prefix",
+    )
+    .await?;
+    assert!(by_prefix > 0.0, "no per-prefix refusal: {status}");
+    println!(
+        "partner back and delivered {:?} after the cut; float status under the flood: {status}",
+        cut.elapsed()
+    );
+    Ok(())
+}

@@ -25,17 +25,30 @@ pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
 /// Headers a sending node sets for the receiving node; a float passes them on.
 pub const SET_BY_SENDER: [&str; 2] = [DESTINATION, TOPIC];
 
+/// Headers RabbitMQ routes by without an `x-` prefix: sender-selected distribution adds
+/// the values of `CC` and `BCC` as routing keys on the exchange of the publish
+/// (<https://www.rabbitmq.com/docs/sender-selected>). Every other header the broker acts on
+/// or writes (`x-death`, `x-first-death-*`, `x-delivery-count`, `x-received-from`,
+/// `x-stream-filter-value`, `x-delay`, ...) starts `x-`.
+pub const BROKER_ROUTING: [&str; 2] = ["CC", "BCC"];
+
 /// Whether a float strips header `key` from what a peer sent: every `drawbridge-*` name but
-/// the two a sender sets ([`SET_BY_SENDER`], written exactly so), and every `x-*` name, in
-/// any letter case. Their meaning is asserted by the receiving side (the float's stamped
-/// sender, the bridge's dead-letter reason, the broker's `x-death`), so a peer that sets them
-/// would make its message look authenticated differently or dead-lettered by the receiver.
+/// the two a sender sets ([`SET_BY_SENDER`], written exactly so), every `x-*` name, and the
+/// broker's routing headers [`BROKER_ROUTING`], in any letter case. The meaning of the first
+/// two is asserted by the receiving side (the float's stamped sender, the bridge's
+/// dead-letter reason, the broker's `x-death`), so a peer that sets them would make its
+/// message look authenticated differently or dead-lettered by the receiver. `CC`/`BCC` would
+/// let the peer, not the float, choose where its message goes: with the default exchange as
+/// the inbox exchange, into any queue of the vhost (another peer's queue included, which the
+/// bridge would forward to a third organisation under this one's name).
 pub fn reserved(key: &str) -> bool {
     let prefixed = |p: &str| {
         key.get(..p.len())
             .is_some_and(|k| k.eq_ignore_ascii_case(p))
     };
-    (prefixed("drawbridge-") && !SET_BY_SENDER.contains(&key)) || prefixed("x-")
+    (prefixed("drawbridge-") && !SET_BY_SENDER.contains(&key))
+        || prefixed("x-")
+        || BROKER_ROUTING.iter().any(|r| key.eq_ignore_ascii_case(r))
 }
 
 #[cfg(test)]
@@ -58,6 +71,10 @@ mod tests {
             "X-Death",
             "x-first-death-reason",
             "x-",
+            "CC",
+            "BCC",
+            "cc",
+            "Bcc",
         ] {
             assert!(reserved(key), "{key}");
         }
@@ -69,6 +86,9 @@ mod tests {
             "xdeath",
             "",
             "é-x-",
+            "ccc",
+            "bcc-list",
+            "C",
         ] {
             assert!(!reserved(key), "{key}");
         }

@@ -18,6 +18,7 @@ pub mod mapping;
 pub mod revocation;
 pub mod sd_notify;
 pub mod shutdown;
+pub mod text;
 pub mod tls_reload;
 
 /// Exit code for invalid configuration or command line (`EX_USAGE` from sysexits.h).

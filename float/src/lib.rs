@@ -119,9 +119,28 @@ pub(crate) struct Ctx {
     /// The canary queue is declared (and bound) on the current broker connection: canary
     /// links are served; without it they are refused with the reason.
     canary_ready: Arc<AtomicBool>,
+    /// Each peer's rate-limited "transfer rejected" log line, shared by its links: a peer
+    /// decides how often it is rejected, not how often the float writes about it. One entry
+    /// per member that was ever connected (bounded by the network).
+    rejection_logs: Mutex<HashMap<Arc<str>, Arc<drawbridge_runtime::lograte::Every>>>,
 }
 
 impl Ctx {
+    /// `peer`'s "transfer rejected" log line: at most one per 10 s.
+    pub(crate) fn rejection_log(&self, peer: &Arc<str>) -> Arc<drawbridge_runtime::lograte::Every> {
+        let mut logs = self
+            .rejection_logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        logs.entry(peer.clone())
+            .or_insert_with(|| {
+                Arc::new(drawbridge_runtime::lograte::Every::new(
+                    std::time::Duration::from_secs(10),
+                ))
+            })
+            .clone()
+    }
+
     /// What one connection may hold (enforced by its frame guard).
     pub(crate) fn peer_limits(&self) -> frame_guard::PeerLimits {
         frame_guard::PeerLimits {
@@ -363,6 +382,7 @@ pub async fn start_with_service(
         revocation,
         service: service.clone(),
         canary_ready,
+        rejection_logs: Mutex::default(),
         cfg,
     });
     let admin_addr =

@@ -22,10 +22,10 @@
 use std::time::Duration;
 
 use drawbridge_node::topology::{self, QueueType};
-use drawbridge_runtime::{backoff::Backoff, broker::Live, headers};
+use drawbridge_runtime::{backoff::Backoff, broker::Live, headers, mapping};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
-    types::{AMQPValue, LongString, ShortString},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties, Channel, Confirmation,
 };
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,42 @@ use tracing::{info, warn};
 pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
 /// Header keeping a dead-lettered message's original `expiration`.
 pub const ORIGINAL_EXPIRATION: &str = "drawbridge-original-expiration";
+/// Header of a dead-letter copy that left the message's own headers out because with them
+/// it would not fit one broker frame: the encoded size of the properties it would have had.
+pub const HEADERS_DROPPED: &str = "drawbridge-original-headers-dropped";
+
+/// `copy` (from [`copy_properties`]) if its properties fit one content header frame of a
+/// connection whose `frame_max` is `frame_max`; otherwise the copy with only the headers the
+/// copy itself adds, and [`HEADERS_DROPPED`]. The copy's headers are the message's plus the
+/// reason and origin: for a message whose headers nearly filled a frame, the copy would not
+/// fit, and publishing it would fail the bridge's whole broker connection (`frame_too_large`)
+/// and redeliver the message, to be dead-lettered again, forever. The body and the other
+/// properties are kept.
+pub fn fit_frame(copy: BasicProperties, frame_max: u32) -> BasicProperties {
+    let len = mapping::properties_len(&copy);
+    if mapping::fits_frame(len, frame_max) {
+        return copy;
+    }
+    let own = [
+        headers::REASON,
+        headers::ORIGIN_QUEUE,
+        ORIGINAL_USER_ID,
+        ORIGINAL_EXPIRATION,
+    ];
+    let mut kept = FieldTable::default();
+    if let Some(h) = copy.headers() {
+        for (k, v) in h.inner() {
+            if own.contains(&k.as_str()) {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    kept.insert(
+        ShortString::from(HEADERS_DROPPED),
+        AMQPValue::LongLongInt(i64::try_from(len).unwrap_or(i64::MAX)),
+    );
+    copy.with_headers(kept)
+}
 
 /// Why one attempt to dead-letter failed.
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +287,14 @@ impl DeadLetterer {
         link: &str,
         stop: &CancellationToken,
     ) -> Result<(), Interrupted> {
+        let props = fit_frame(props, live.conn.configuration().frame_max());
+        if props
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(HEADERS_DROPPED))
+        {
+            warn!(queue = %link, dead_letter_queue = %self.queue, "the dead-letter copy leaves the message's headers out: with them it would not fit a broker frame");
+        }
         let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
             match self.publish_once(live, body, props.clone()).await {
@@ -338,6 +382,40 @@ mod tests {
         assert_eq!(c.kind(), p.kind());
         assert_eq!(c.app_id(), p.app_id());
         assert_eq!(c.cluster_id(), p.cluster_id());
+    }
+
+    #[test]
+    fn a_copy_too_big_for_a_frame_leaves_the_messages_headers_out() {
+        let mut h = lapin::types::FieldTable::default();
+        h.insert(
+            "blob".into(),
+            AMQPValue::LongString("h".repeat(32_700).into()),
+        );
+        let p = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_user_id("node-a".into())
+            .with_headers(h);
+        let copy = copy_properties(&p, "too big", "drawbridge.peers.b");
+        assert!(!mapping::fits_frame(mapping::properties_len(&copy), 32_768));
+        let fitted = fit_frame(copy.clone(), 32_768);
+        assert!(mapping::fits_frame(
+            mapping::properties_len(&fitted),
+            32_768
+        ));
+        assert_eq!(header(&fitted, "blob"), None);
+        assert_eq!(
+            header(&fitted, headers::REASON),
+            Some(AMQPValue::LongString("too big".into()))
+        );
+        assert!(header(&fitted, headers::ORIGIN_QUEUE).is_some());
+        assert!(header(&fitted, ORIGINAL_USER_ID).is_some());
+        assert!(matches!(
+            header(&fitted, HEADERS_DROPPED),
+            Some(AMQPValue::LongLongInt(n)) if n as usize == mapping::properties_len(&copy)
+        ));
+        assert_eq!(fitted.message_id(), copy.message_id());
+        // A copy that fits is left alone.
+        assert_eq!(fit_frame(copy.clone(), 65_536), copy);
     }
 
     #[test]

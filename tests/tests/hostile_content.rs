@@ -509,3 +509,86 @@ async fn newlines_in_peer_strings_do_not_forge_log_lines() -> Result<()> {
     assert!(forged_lines.is_empty(), "forged lines: {forged_lines:?}");
     Ok(())
 }
+
+/// Item 2, the bridge's own broker. A node's message whose headers nearly fill a broker
+/// frame is dead-lettered by the bridge (too big to forward); the dead-letter copy adds
+/// `drawbridge-reason` and `drawbridge-origin-queue`, which must not push the copy past the
+/// bridge's broker frame (that would fail the bridge's broker connection and redeliver the
+/// message to be dead-lettered again, forever).
+#[tokio::test]
+async fn a_dead_letter_copy_never_outgrows_the_bridges_broker_frame() -> Result<()> {
+    use lapin::{options::*, types::*, BasicProperties};
+    let (mut a, mut b, _dir) = orgs().await?;
+    b.start_float("").await?;
+    a.start_bridge("").await?;
+    let q = a.queue_to(&b);
+    let (_c, ch) = a.channel().await?;
+    world::declare_peer_queue(&ch, &q, "classic").await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut h = FieldTable::default();
+    h.insert(
+        "drawbridge-destination".into(),
+        AMQPValue::LongString(BANK_B.into()),
+    );
+    // 32 KiB frames (the bridge's default) hold 32,748 bytes of properties.
+    h.insert(
+        "blob".into(),
+        AMQPValue::LongString("h".repeat(32_500).into()),
+    );
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id("nearly-a-frame".into())
+        .with_headers(h);
+    ch.basic_publish(
+        "".into(),
+        q.as_str().into(),
+        BasicPublishOptions::default(),
+        b"x",
+        props,
+    )
+    .await?
+    .await?;
+    a.create_link_to(&b).await?;
+    let (_c2, ch2) = a.channel().await?;
+    world::declare_queue(&ch2, world::DEAD_LETTER).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut got = None;
+    while got.is_none() && tokio::time::Instant::now() < deadline {
+        match ch2
+            .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
+            .await?
+        {
+            Some(m) => got = Some(m),
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let bridge = a.bridge.as_ref().context("bridge")?;
+    let m = got.with_context(|| format!("nothing dead-lettered:\n{}", bridge.log_tail(30)))?;
+    let reason = stream::header_string(
+        m.delivery.properties.headers().as_ref(),
+        "drawbridge-reason",
+    )
+    .unwrap_or_default();
+    assert!(reason.contains("headers and properties"), "{reason}");
+    let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+    assert!(headers
+        .inner()
+        .contains_key("drawbridge-original-headers-dropped"));
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("nearly-a-frame")
+    );
+    let log = std::fs::read_to_string(bridge.log_path())?;
+    assert!(!log.contains("frame_too_large"), "{}", bridge.log_tail(30));
+    assert_eq!(
+        log.matches("message dead-lettered").count(),
+        1,
+        "{}",
+        bridge.log_tail(30)
+    );
+    Ok(())
+}

@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use drawbridge_runtime::text;
 use fe2o3_amqp::{
     types::{
         messaging::{Message, Outcome, Properties},
@@ -154,7 +155,7 @@ async fn run(
                     let reason = format!("the float refused the canary link: {reason}");
                     let mut v = view.lock().expect("poisoned");
                     if v.canary_error.as_deref() != Some(reason.as_str()) {
-                        warn!(queue = %queue, reason = %reason, "link canary unavailable; the link forwards without it");
+                        warn!(queue = %queue, reason = %text::escape(&reason), "link canary unavailable; the link forwards without it");
                         v.canary_error = Some(reason);
                     }
                     return;
@@ -162,7 +163,7 @@ async fn run(
                 view.lock().expect("poisoned").canary_error = Some(reason.clone());
                 // One line per episode, not per probe.
                 if !std::mem::replace(&mut failing, true) {
-                    warn!(queue = %queue, reason = %reason, "link canary failed: the path to the float's broker does not take new work");
+                    warn!(queue = %queue, reason = %text::escape(&reason), "link canary failed: the path to the float's broker does not take new work");
                 }
                 if link_failed {
                     // The canary link is gone; the session's own link notices the rest.

@@ -64,7 +64,22 @@ pub enum Undeliverable {
     /// refuse it.
     #[error("header `{0}` nests tables or arrays deeper than {max}", max = mapping::MAX_DEPTH)]
     TooDeep(String),
+    /// The 0.9.1 properties (headers included) are larger than a float publishes
+    /// ([`mapping::MAX_PROPERTIES_BYTES`], less the room the float needs for its own
+    /// headers): the float would refuse the message, or, before it checked, lose its broker
+    /// connection over it and have it resent forever.
+    #[error("the message's headers and properties take {size} bytes encoded; at most {max} are forwarded")]
+    HeadersTooLarge {
+        /// Encoded size of the message's properties.
+        size: usize,
+        /// The bound.
+        max: usize,
+    },
 }
+
+/// Largest encoded 0.9.1 properties of a message the bridge forwards: what a float
+/// publishes, less the room it needs for the headers it adds.
+pub const MAX_PROPERTIES_BYTES: usize = mapping::MAX_PROPERTIES_BYTES - mapping::FLOAT_STAMP_ROOM;
 
 impl Undeliverable {
     /// Short label for metrics.
@@ -74,6 +89,7 @@ impl Undeliverable {
             Undeliverable::TooLarge { .. } => "too_large",
             Undeliverable::UnsupportedHeader { .. } => "unsupported_header",
             Undeliverable::TooDeep(_) => "too_deep",
+            Undeliverable::HeadersTooLarge { .. } => "headers_too_large",
         }
     }
 }
@@ -95,6 +111,13 @@ pub fn message_to_amqp(
         return Err(Undeliverable::TooLarge {
             size: body.len(),
             max: max_size,
+        });
+    }
+    let size = mapping::properties_len(p);
+    if size > MAX_PROPERTIES_BYTES {
+        return Err(Undeliverable::HeadersTooLarge {
+            size,
+            max: MAX_PROPERTIES_BYTES,
         });
     }
     let id = p
@@ -407,6 +430,25 @@ mod tests {
         );
         assert_eq!(ann(&m, mapping::ANN_EXPIRATION), None);
         assert_eq!(m.body.0.as_slice(), b"body");
+    }
+
+    #[test]
+    fn headers_no_float_would_publish_are_undeliverable() {
+        let with_blob = |n: usize| {
+            let mut t = FieldTable::default();
+            t.insert("blob".into(), AMQPValue::LongString("h".repeat(n).into()));
+            props().with_headers(t)
+        };
+        let err = message_to_amqp(&with_blob(20_000), b"", 1024).unwrap_err();
+        assert_eq!(err.label(), "headers_too_large");
+        assert!(matches!(
+            err,
+            Undeliverable::HeadersTooLarge {
+                max: MAX_PROPERTIES_BYTES,
+                ..
+            }
+        ));
+        assert!(message_to_amqp(&with_blob(10_000), b"", 1024).is_ok());
     }
 
     #[test]

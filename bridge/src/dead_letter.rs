@@ -25,7 +25,7 @@ use drawbridge_node::topology::{self, QueueType};
 use drawbridge_runtime::{backoff::Backoff, broker::Live, headers, mapping, text};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
-    types::{AMQPValue, LongString, ShortString},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties, Channel, Confirmation,
 };
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,42 @@ use tracing::{info, warn};
 pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
 /// Header keeping a dead-lettered message's original `expiration`.
 pub const ORIGINAL_EXPIRATION: &str = "drawbridge-original-expiration";
+/// Header of a dead-letter copy that left the message's own headers out because with them
+/// it would not fit one broker frame: the encoded size of the properties it would have had.
+pub const HEADERS_DROPPED: &str = "drawbridge-original-headers-dropped";
+
+/// `copy` (from [`copy_properties`]) if its properties fit one content header frame of a
+/// connection whose `frame_max` is `frame_max`; otherwise the copy with only the headers the
+/// copy itself adds, and [`HEADERS_DROPPED`]. The copy's headers are the message's plus the
+/// reason and origin: for a message whose headers nearly filled a frame, the copy would not
+/// fit, and publishing it would fail the bridge's whole broker connection (`frame_too_large`)
+/// and redeliver the message, to be dead-lettered again, forever. The body and the other
+/// properties are kept.
+pub fn fit_frame(copy: BasicProperties, frame_max: u32) -> BasicProperties {
+    let len = mapping::properties_len(&copy);
+    if mapping::fits_frame(len, frame_max) {
+        return copy;
+    }
+    let own = [
+        headers::REASON,
+        headers::ORIGIN_QUEUE,
+        ORIGINAL_USER_ID,
+        ORIGINAL_EXPIRATION,
+    ];
+    let mut kept = FieldTable::default();
+    if let Some(h) = copy.headers() {
+        for (k, v) in h.inner() {
+            if own.contains(&k.as_str()) {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    kept.insert(
+        ShortString::from(HEADERS_DROPPED),
+        AMQPValue::LongLongInt(i64::try_from(len).unwrap_or(i64::MAX)),
+    );
+    copy.with_headers(kept)
+}
 
 /// Why one attempt to dead-letter failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +109,25 @@ pub enum Interrupted {
 /// rejection's description, as long as a frame); the header is for an operator to read.
 pub const MAX_REASON: usize = 1024;
 
+/// `s` in at most `max` bytes: cut on a character boundary, with a note of how long it was.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let note = format!("… ({} bytes in all)", s.len());
+    format!(
+        "{}{note}",
+        text::truncate(s, max.saturating_sub(note.len()))
+    )
+}
+
 /// The properties of the dead-letter copy of a message with properties `p` (the reason cut
 /// to [`MAX_REASON`]).
 pub fn copy_properties(p: &BasicProperties, reason: &str, origin_queue: &str) -> BasicProperties {
     let mut hdrs = p.headers().clone().unwrap_or_default();
     hdrs.insert(
         ShortString::from(headers::REASON),
-        AMQPValue::LongString(LongString::from(
-            text::truncate(reason, MAX_REASON).as_ref(),
-        )),
+        AMQPValue::LongString(LongString::from(cut(reason, MAX_REASON).as_str())),
     );
     hdrs.insert(
         ShortString::from(headers::ORIGIN_QUEUE),
@@ -157,11 +203,10 @@ pub fn fit(props: BasicProperties, max: usize) -> Option<BasicProperties> {
     };
     if let Some(AMQPValue::LongString(r)) = hdrs.inner().get(headers::REASON) {
         let reason = String::from_utf8_lossy(r.as_bytes()).into_owned();
-        // The note `truncate` appends takes some room too.
-        if let Some(room) = reason.len().checked_sub(len - max + 32) {
+        if let Some(room) = reason.len().checked_sub(len - max) {
             hdrs.insert(
                 ShortString::from(headers::REASON),
-                AMQPValue::LongString(LongString::from(text::truncate(&reason, room).as_ref())),
+                AMQPValue::LongString(LongString::from(cut(&reason, room).as_str())),
             );
             if let Some(p) = with(&hdrs) {
                 return Some(p);
@@ -266,12 +311,6 @@ impl DeadLetterer {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), DeadLetterError> {
-        let max = mapping::max_properties_len(live.conn.configuration().frame_max());
-        let Some(props) = fit(props, max) else {
-            return Err(DeadLetterError::Refused(format!(
-                "the message's own headers do not fit one broker frame ({max} bytes of properties)"
-            )));
-        };
         let ch = match &self.channel {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
@@ -324,6 +363,21 @@ impl DeadLetterer {
         link: &str,
         stop: &CancellationToken,
     ) -> Result<(), Interrupted> {
+        // The copy must fit one frame of this connection: what we added gives way first
+        // ([`fit`]); only if the message's own headers alone do not fit are they left out
+        // ([`fit_frame`]), so that the body still reaches the dead-letter queue.
+        let frame_max = live.conn.configuration().frame_max();
+        let max = match frame_max {
+            0 => usize::MAX,
+            f => (f as usize).saturating_sub(mapping::CONTENT_HEADER_OVERHEAD),
+        };
+        let props = match fit(props.clone(), max) {
+            Some(p) => p,
+            None => {
+                warn!(queue = %link, dead_letter_queue = %self.queue, "the dead-letter copy leaves the message's headers out: with them it would not fit a broker frame");
+                fit_frame(props, frame_max)
+            }
+        };
         let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
             match self.publish_once(live, body, props.clone()).await {
@@ -414,6 +468,40 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_too_big_for_a_frame_leaves_the_messages_headers_out() {
+        let mut h = lapin::types::FieldTable::default();
+        h.insert(
+            "blob".into(),
+            AMQPValue::LongString("h".repeat(32_700).into()),
+        );
+        let p = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_user_id("node-a".into())
+            .with_headers(h);
+        let copy = copy_properties(&p, "too big", "drawbridge.peers.b");
+        assert!(!mapping::fits_frame(mapping::properties_len(&copy), 32_768));
+        let fitted = fit_frame(copy.clone(), 32_768);
+        assert!(mapping::fits_frame(
+            mapping::properties_len(&fitted),
+            32_768
+        ));
+        assert_eq!(header(&fitted, "blob"), None);
+        assert_eq!(
+            header(&fitted, headers::REASON),
+            Some(AMQPValue::LongString("too big".into()))
+        );
+        assert!(header(&fitted, headers::ORIGIN_QUEUE).is_some());
+        assert!(header(&fitted, ORIGINAL_USER_ID).is_some());
+        assert!(matches!(
+            header(&fitted, HEADERS_DROPPED),
+            Some(AMQPValue::LongLongInt(n)) if n as usize == mapping::properties_len(&copy)
+        ));
+        assert_eq!(fitted.message_id(), copy.message_id());
+        // A copy that fits is left alone.
+        assert_eq!(fit_frame(copy.clone(), 65_536), copy);
+    }
+
+    #[test]
     fn a_message_without_user_id_or_expiration_gets_no_original_headers() {
         let c = copy_properties(&BasicProperties::default(), "r", "q");
         assert_eq!(header(&c, ORIGINAL_USER_ID), None);
@@ -434,7 +522,7 @@ mod tests {
         );
 
         // An original whose headers take nearly the whole frame: the reason shrinks to fit.
-        let max = mapping::max_properties_len(32 * 1024);
+        let max = 32 * 1024 - mapping::CONTENT_HEADER_OVERHEAD;
         let mut h = lapin::types::FieldTable::default();
         h.insert(
             "blob".into(),

@@ -23,7 +23,7 @@ use std::{
 use drawbridge_certs::{pki_types::CertificateDer, PeerRole};
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
-use drawbridge_runtime::broker::Live;
+use drawbridge_runtime::{broker::Live, text};
 use fe2o3_amqp::{
     link::SendError,
     types::messaging::{Data, Message},
@@ -331,7 +331,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
             let reason = failures.join("; ");
             let delay = rotation.next_delay();
             if reason != last_reason {
-                warn!(queue = %spec.queue, reason = %reason, retry_in = ?delay, "link down: cannot connect");
+                warn!(queue = %spec.queue, reason = %text::escape(&reason), retry_in = ?delay, "link down: cannot connect");
                 set_state(&ctx, &view, &spec, LinkState::Down, "", &reason);
                 last_reason = reason;
             }
@@ -412,7 +412,7 @@ pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, 
                 metrics::gauge!("drawbridge_bridge_link_head_returns", "queue" => spec.queue.clone())
                     .set(f64::from(head.returns()));
                 let delay = rotation.next_delay();
-                warn!(queue = %spec.queue, target = %target, reason = %reason, retry_in = ?delay, "link down");
+                warn!(queue = %spec.queue, target = %target, reason = %text::escape(&reason), retry_in = ?delay, "link down");
                 set_state(&ctx, &view, &spec, LinkState::Down, &target, &reason);
                 last_reason = reason;
                 // The next attempt prefers the next target (failover).
@@ -577,7 +577,7 @@ impl LinkSession<'_> {
             Err(reason) => {
                 let mut v = self.view.lock().expect("poisoned");
                 if v.canary_error.as_deref() != Some(reason.as_str()) {
-                    warn!(queue = %self.spec.queue, target = %self.target, reason = %reason, "link canary unavailable; the link forwards without it");
+                    warn!(queue = %self.spec.queue, target = %self.target, reason = %text::escape(&reason), "link canary unavailable; the link forwards without it");
                     v.canary_error = Some(reason);
                 }
                 None
@@ -758,7 +758,7 @@ impl LinkSession<'_> {
                             }
                         }
                         Step::DeadLetter(reason) => {
-                            warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %drawbridge_runtime::text::Untrusted(&reason), "message dead-lettered");
+                            warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %text::escape(&reason), "message dead-lettered");
                             let props = copy_properties(&delivery.properties, &reason, &spec.queue);
                             // Boxed: a rare path, too large to keep room for in every link's task.
                             match Box::pin(dead_letters.publish(live, &delivery.data, props, &spec.queue, stop)).await {

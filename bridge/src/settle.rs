@@ -4,7 +4,13 @@
 
 use std::time::Duration;
 
+use drawbridge_runtime::text;
 use fe2o3_amqp::{link::SendError, types::messaging::Outcome};
+
+/// Longest part of a peer's rejection description kept in the dead-letter reason
+/// (`drawbridge-reason`), in bytes: the peer writes it, and it is copied into a header of
+/// every message it rejects and into the bridge's log.
+pub const MAX_PEER_REASON: usize = 1024;
 
 /// What a settled in-flight transfer means for its broker delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,12 +27,15 @@ pub enum Settled {
 pub fn classify(outcome: Option<Result<Outcome, SendError>>, timeout: Duration) -> Settled {
     match outcome {
         Some(Ok(Outcome::Accepted(_))) => Settled::Accepted,
-        Some(Ok(Outcome::Rejected(r))) => Settled::DeadLetter(format!(
-            "rejected by peer: {}",
-            r.error
+        Some(Ok(Outcome::Rejected(r))) => {
+            let why = r
+                .error
                 .and_then(|e| e.description)
-                .unwrap_or_else(|| "no reason given".into())
-        )),
+                .unwrap_or_else(|| "no reason given".into());
+            let kept = text::truncate(&why, MAX_PEER_REASON);
+            let cut = if kept.len() < why.len() { "…" } else { "" };
+            Settled::DeadLetter(format!("rejected by peer: {kept}{cut}"))
+        }
         Some(Ok(Outcome::Released(_))) => Settled::Retry("peer released a transfer".into()),
         Some(Ok(Outcome::Modified(_))) => Settled::Retry("peer modified a transfer".into()),
         #[allow(unreachable_patterns)]
@@ -279,6 +288,35 @@ mod tests {
         assert!(matches!(a.outcome(7, &released, false), Step::Recycle(_)));
         assert_eq!(a.take(), Some(6), "the retried delivery is not acked");
         assert_eq!(a.take(), None);
+    }
+
+    /// Before: the whole description went into `drawbridge-reason` (and the log), however
+    /// long the peer made it.
+    #[test]
+    fn a_peers_long_rejection_description_is_cut_on_a_character_boundary() {
+        let rejected = |d: String| {
+            Outcome::Rejected(Rejected {
+                error: Some(fe2o3_amqp::types::definitions::Error::new(
+                    fe2o3_amqp::types::definitions::AmqpError::PreconditionFailed,
+                    d,
+                    None,
+                )),
+            })
+        };
+        let Settled::DeadLetter(reason) = classify(Some(Ok(rejected("é".repeat(100_000)))), T)
+        else {
+            panic!()
+        };
+        let kept = reason
+            .strip_prefix("rejected by peer: ")
+            .and_then(|r| r.strip_suffix('…'))
+            .unwrap();
+        assert_eq!(kept, "é".repeat(MAX_PEER_REASON / 2));
+        let short = "x".repeat(MAX_PEER_REASON);
+        assert_eq!(
+            classify(Some(Ok(rejected(short.clone()))), T),
+            Settled::DeadLetter(format!("rejected by peer: {short}"))
+        );
     }
 
     #[test]

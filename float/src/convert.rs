@@ -10,7 +10,7 @@
 //! by [`mapping::MAX_DEPTH`], and whatever does not fit is refused with an [`Invalid`]
 //! reason rather than altered.
 
-use drawbridge_runtime::{headers, mapping};
+use drawbridge_runtime::{headers, mapping, text};
 use fe2o3_amqp::types::{
     messaging::{annotations::AnnotationKey, Body, Message, MessageAnnotations, MessageId},
     primitives::{SimpleValue, Value},
@@ -62,6 +62,10 @@ pub struct Inbound {
     pub properties: BasicProperties,
     /// How many reserved headers ([`headers::reserved`]) the peer sent and were dropped.
     pub stripped_headers: usize,
+    /// Encoded size of [`Inbound::properties`] ([`mapping::properties_len`]): checked against
+    /// the broker connection's frame size before publishing, and counted with the body in the
+    /// bytes in flight.
+    pub properties_len: usize,
 }
 
 impl Inbound {
@@ -96,9 +100,25 @@ pub enum Invalid {
     /// No `drawbridge-destination` application property.
     #[error("message has no drawbridge-destination application property")]
     NoDestination,
-    /// The destination is not served by this float.
+    /// The destination is not served by this float (the destination as written, cut to
+    /// [`MAX_ECHO`] bytes: it goes back to the peer and into logs).
     #[error("destination `{0}` is not served by this float")]
     UnknownDestination(String),
+    /// A `drawbridge-destination` longer than any legal name this float serves could be.
+    #[error("drawbridge-destination is {len} bytes; at most {max} are taken", max = MAX_DESTINATION_BYTES)]
+    DestinationTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The 0.9.1 properties (headers included) would not fit one broker frame.
+    #[error("the message's headers and properties take {size} bytes encoded; at most {max} fit")]
+    HeadersTooLarge {
+        /// Encoded size of the properties the float would publish.
+        size: usize,
+        /// The bound: [`mapping::MAX_PROPERTIES_BYTES`], or less when the broker's negotiated
+        /// frame size is smaller.
+        max: usize,
+    },
     /// Body is not `data` sections or a binary/string `amqp-value`.
     #[error("unsupported body: {0}")]
     UnsupportedBody(&'static str),
@@ -116,15 +136,6 @@ pub enum Invalid {
     /// A header value nests tables/arrays deeper than [`mapping::MAX_DEPTH`].
     #[error("header `{0}` nests tables or arrays deeper than {max}", max = mapping::MAX_DEPTH)]
     TooDeep(String),
-    /// Headers and properties that would not fit one frame of the broker connection: one
-    /// such publish would make RabbitMQ close the float's whole broker connection.
-    #[error("headers and properties of {size} bytes exceed the maximum of {max} (the broker's frame size)")]
-    HeadersTooLarge {
-        /// Encoded size of the 0.9.1 property list.
-        size: usize,
-        /// What fits.
-        max: usize,
-    },
     /// A property, annotation or header value that is malformed or contradicts another.
     #[error("{field}: {why}")]
     BadField {
@@ -143,13 +154,34 @@ impl Invalid {
             Invalid::NoMessageId => "no_message_id",
             Invalid::NoDestination => "no_destination",
             Invalid::UnknownDestination(_) => "unknown_destination",
+            Invalid::DestinationTooLong { .. } => "destination_too_long",
+            Invalid::HeadersTooLarge { .. } => "headers_too_large",
             Invalid::UnsupportedBody(_) => "unsupported_body",
             Invalid::UnsupportedProperty(_) => "unsupported_property",
             Invalid::TooLong { .. } => "too_long",
             Invalid::TooDeep(_) => "too_deep",
             Invalid::BadField { .. } => "bad_field",
-            Invalid::HeadersTooLarge { .. } => "headers_too_large",
         }
+    }
+}
+
+/// Longest `drawbridge-destination` taken, in bytes. A legal name is a handful of short
+/// attributes; a longer destination is refused by its length, without parsing it.
+pub const MAX_DESTINATION_BYTES: usize = 1024;
+
+/// Longest piece of a peer's own text echoed back in a rejection description, in bytes.
+pub const MAX_ECHO: usize = 256;
+
+impl Invalid {
+    /// [`Invalid::UnknownDestination`] for `destination` as the peer wrote it, cut to
+    /// [`MAX_ECHO`] bytes.
+    pub fn unknown_destination(destination: &str) -> Invalid {
+        let shown = text::truncate(destination, MAX_ECHO);
+        Invalid::UnknownDestination(if shown.len() < destination.len() {
+            format!("{shown}…")
+        } else {
+            shown.to_string()
+        })
     }
 }
 
@@ -295,12 +327,17 @@ fn translate(
             }
             if k == headers::DESTINATION {
                 if let SimpleValue::String(s) = &v {
+                    if s.len() > MAX_DESTINATION_BYTES {
+                        return Err(Invalid::DestinationTooLong { len: s.len() });
+                    }
                     destination = Some(s.clone());
                 }
             }
-            let value =
-                simple_to_field(v).ok_or_else(|| Invalid::UnsupportedProperty(k.clone()))?;
-            hdrs.insert(short_key(k)?, value);
+            // The key first: an unsupported value's error names it, so it must be short.
+            let key = short_key(k)?;
+            let value = simple_to_field(v)
+                .ok_or_else(|| Invalid::UnsupportedProperty(key.as_str().to_string()))?;
+            hdrs.insert(key, value);
         }
     }
     if let Some(rich) = annotation(&annotations, mapping::ANN_HEADERS) {
@@ -413,13 +450,22 @@ fn translate(
         );
     }
 
+    let properties = out.with_headers(hdrs);
+    let properties_len = mapping::properties_len(&properties);
+    if properties_len > mapping::MAX_PROPERTIES_BYTES {
+        return Err(Invalid::HeadersTooLarge {
+            size: properties_len,
+            max: mapping::MAX_PROPERTIES_BYTES,
+        });
+    }
     Ok(Inbound {
         message_id,
         message_id_type,
         body,
         destination,
-        properties: out.with_headers(hdrs),
+        properties,
         stripped_headers,
+        properties_len,
     })
 }
 
@@ -1002,6 +1048,83 @@ mod tests {
             [headers::DESTINATION, headers::TOPIC, "legs", "trade-id"]
         );
         assert_eq!(i.stripped_headers, 6);
+    }
+
+    #[test]
+    fn broker_routing_headers_are_dropped_from_either_place() {
+        let i = from_amqp(
+            msg(
+                with_id(MessageId::String("m".into())),
+                None,
+                &[(
+                    mapping::ANN_HEADERS,
+                    rich(&[
+                        ("CC", Value::List(vec![Value::String("side".into())])),
+                        ("BCC", Value::List(vec![Value::String("side".into())])),
+                    ]),
+                )],
+                app(&[("cc", SimpleValue::String("side".into()))]),
+            ),
+            1024,
+        )
+        .unwrap();
+        let h = i.properties.headers().as_ref().unwrap().inner();
+        assert!(!h.keys().any(|k| k.as_str().eq_ignore_ascii_case("cc")));
+        assert!(!h.keys().any(|k| k.as_str().eq_ignore_ascii_case("bcc")));
+        assert_eq!(i.stripped_headers, 3);
+    }
+
+    #[test]
+    fn headers_beyond_a_broker_frame_are_refused_with_their_size() {
+        for size in [40_000, 1_536 * 1024] {
+            let m = msg(
+                with_id(MessageId::String("m".into())),
+                None,
+                &[],
+                app(&[("blob", SimpleValue::String("h".repeat(size)))]),
+            );
+            let err = from_amqp(m, 1024).unwrap_err();
+            assert_eq!(err.label(), "headers_too_large", "{err}");
+            assert!(err.to_string().contains("headers and properties"), "{err}");
+        }
+        let ok = from_amqp_stamped(
+            msg(
+                with_id(MessageId::String("m".into())),
+                None,
+                &[],
+                app(&[("blob", SimpleValue::String("h".repeat(8_000)))]),
+            ),
+            1024,
+            DEST,
+        )
+        .unwrap();
+        assert_eq!(ok.properties_len, mapping::properties_len(&ok.properties));
+        assert!(ok.properties_len > 8_000);
+    }
+
+    #[test]
+    fn destinations_and_keys_are_bounded_before_they_are_echoed() {
+        let long = "z".repeat(64 * 1024);
+        let m = msg(
+            with_id(MessageId::String("m".into())),
+            None,
+            &[],
+            app(&[(headers::DESTINATION, SimpleValue::String(long.clone()))]),
+        );
+        let err = from_amqp(m, 1024).unwrap_err();
+        assert_eq!(err, Invalid::DestinationTooLong { len: long.len() });
+        let echoed = Invalid::unknown_destination(&"é".repeat(1000)).to_string();
+        assert!(echoed.len() < MAX_ECHO + 64, "{}", echoed.len());
+        // An unsupported value under a long key is refused for the key's length.
+        let m = msg(
+            with_id(MessageId::String("m".into())),
+            None,
+            &[],
+            app(&[(long.as_str(), SimpleValue::Uuid(Uuid::from([0u8; 16])))]),
+        );
+        let err = from_amqp(m, 1024).unwrap_err();
+        assert_eq!(err.label(), "too_long");
+        assert!(err.to_string().len() < 256, "{err}");
     }
 
     #[test]

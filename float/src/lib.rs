@@ -46,7 +46,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
 };
@@ -121,12 +121,28 @@ pub(crate) struct Ctx {
     /// The canary queue is declared (and bound) on the current broker connection: canary
     /// links are served; without it they are refused with the reason.
     canary_ready: Arc<AtomicBool>,
-    /// The `frame_max` negotiated on the current broker connection: a message's properties
-    /// must fit one frame of it (see `drawbridge_runtime::mapping::max_properties_len`).
-    broker_frame_max: Arc<AtomicU32>,
+    /// Each peer's rate-limited "transfer rejected" log line, shared by its links: a peer
+    /// decides how often it is rejected, not how often the float writes about it. One entry
+    /// per member that was ever connected (bounded by the network).
+    rejection_logs: Mutex<HashMap<Arc<str>, Arc<drawbridge_runtime::lograte::Every>>>,
 }
 
 impl Ctx {
+    /// `peer`'s "transfer rejected" log line: at most one per 10 s.
+    pub(crate) fn rejection_log(&self, peer: &Arc<str>) -> Arc<drawbridge_runtime::lograte::Every> {
+        let mut logs = self
+            .rejection_logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        logs.entry(peer.clone())
+            .or_insert_with(|| {
+                Arc::new(drawbridge_runtime::lograte::Every::new(
+                    std::time::Duration::from_secs(10),
+                ))
+            })
+            .clone()
+    }
+
     /// What one connection may hold (enforced by its frame guard).
     pub(crate) fn peer_limits(&self) -> frame_guard::PeerLimits {
         frame_guard::PeerLimits {
@@ -291,11 +307,7 @@ pub async fn start_with_service(
     let canary_queue = cfg.canary_queue.clone();
     let canary_ready = Arc::new(AtomicBool::new(false));
     let canary_flag = canary_ready.clone();
-    let broker_frame_max = Arc::new(AtomicU32::new(cfg.broker.frame_max));
-    let frame_max_seen = broker_frame_max.clone();
     let setup: Setup = Arc::new(move |live: Arc<Live>| {
-        // The broker may have asked for less than we offered.
-        frame_max_seen.store(live.conn.configuration().frame_max(), Ordering::Relaxed);
         let inboxes = inboxes.clone();
         let queue_type = queue_type.clone();
         let exchange = exchange.clone();
@@ -385,7 +397,7 @@ pub async fn start_with_service(
         revocation,
         service: service.clone(),
         canary_ready,
-        broker_frame_max,
+        rejection_logs: Mutex::default(),
         cfg,
     });
     let admin_addr =

@@ -43,7 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drawbridge_runtime::{headers, mapping};
+use drawbridge_runtime::{headers, lograte::Every, mapping, text};
 use fe2o3_amqp::{
     link::{delivery::DeliveryInfo, receiver::CreditMode, DispositionError, Receiver, RecvError},
     types::{
@@ -163,13 +163,14 @@ pub(crate) async fn serve_link(
         }
         Some(_) => None,
         None if address != ctx.cfg.address => Some(LinkRefusal::UnknownAddress {
-            address: address.clone(),
+            // Echoed to the peer and logged: cut to a bounded length.
+            address: text::truncate(&address, convert::MAX_ECHO).to_string(),
             expected: ctx.cfg.address.clone(),
         }),
         None => None,
     };
     if let Some(refusal) = refusal {
-        warn!(peer = %sender, address = %address, reason = %refusal, "link refused");
+        warn!(peer = %sender, address = %text::escape(&address), reason = %text::escape(&refusal.to_string()), "link refused");
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
             receiver.close_with_error(refusal.to_error()),
@@ -185,9 +186,9 @@ pub(crate) async fn serve_link(
         return;
     }
     if canary.is_some() {
-        debug!(peer = %sender, link = %receiver.name(), "link canary attached");
+        debug!(peer = %sender, link = %text::escape(receiver.name()), "link canary attached");
     } else {
-        info!(peer = %sender, link = %receiver.name(), "inbound link attached");
+        info!(peer = %sender, link = %text::escape(receiver.name()), "inbound link attached");
     }
     let mut link = Link::new(receiver, sender.clone(), connection_pool, ctx, canary);
     let end = link.run(&shutdown).await;
@@ -198,11 +199,13 @@ pub(crate) async fn serve_link(
     }
     match end.hostile() {
         Some(label) => {
-            warn!(peer = %sender, reason = %end, "inbound link refused: the peer broke the link's rules");
+            warn!(peer = %sender, reason = %text::escape(&end.to_string()), "inbound link refused: the peer broke the link's rules");
             metrics::counter!("drawbridge_float_links_refused_total", "reason" => label)
                 .increment(1);
         }
-        None => info!(peer = %sender, reason = %end, "inbound link closed"),
+        None => {
+            info!(peer = %sender, reason = %text::escape(&end.to_string()), "inbound link closed")
+        }
     }
 }
 
@@ -214,8 +217,9 @@ struct Outbound {
     body: Vec<u8>,
     /// 0.9.1 properties, the authenticated sender stamped.
     properties: BasicProperties,
-    /// Their encoded size: counted in the byte budgets with the body.
-    header_bytes: usize,
+    /// Their encoded size: checked against the broker's frame size, and counted with the
+    /// body in the bytes in flight (a peer's headers take memory too).
+    properties_len: usize,
     /// This copy's place in the dedup window; confirmed with the publish, dropped otherwise
     /// (`None`: a canary probe, which bypasses the window).
     ticket: Option<Ticket>,
@@ -284,6 +288,9 @@ struct Link {
     /// `drawbridge_float_accepted_total` for this peer, registered once: building the
     /// labelled key for each message cost about four allocations.
     accepted: metrics::Counter,
+    /// The peer's "transfer rejected" log line, at most one per interval for all its links
+    /// (a peer decides how often it is rejected).
+    rejections: Arc<Every>,
 }
 
 impl Link {
@@ -296,6 +303,7 @@ impl Link {
     ) -> Self {
         Link {
             accepted: metrics::counter!("drawbridge_float_accepted_total", "peer" => sender.to_string()),
+            rejections: ctx.rejection_log(&sender),
             canary,
             budget: LinkBudget::within(
                 ctx.cfg.max_link_bytes_in_flight,
@@ -343,7 +351,7 @@ impl Link {
                     for s in &batch {
                         observe(&mut self.pause, &s.settle, &self.sender);
                     }
-                    if let Err(e) = settle_batch(&self.receiver, batch, &self.sender, &self.ctx, &self.accepted).await {
+                    if let Err(e) = settle_batch(&self.receiver, batch, &self.sender, &self.ctx, &self.accepted, &self.rejections).await {
                         return LinkEnd::Disposition(e);
                     }
                 }
@@ -384,6 +392,7 @@ impl Link {
             &self.sender,
             &self.ctx,
             &self.accepted,
+            &self.rejections,
         )
         .await
         .map_err(LinkEnd::Disposition)
@@ -428,7 +437,7 @@ impl Link {
             }
             Prepared::Publish(o) => *o,
         };
-        let len = outbound.body.len() + outbound.header_bytes;
+        let len = outbound.body.len() + outbound.properties_len;
         match self.budget.try_take(len) {
             Some(permit) => self.publish(info, outbound, permit).await,
             None => {
@@ -454,6 +463,7 @@ impl Link {
             inbox,
             body,
             properties,
+            properties_len,
             ticket,
             ..
         } = outbound;
@@ -465,6 +475,7 @@ impl Link {
                 inbox,
                 body,
                 properties,
+                properties_len,
             )
             .await;
         match published {
@@ -488,13 +499,17 @@ impl Link {
                 );
                 Ok(())
             }
-            Err(transient) => {
-                let settle = Settle::Release(transient);
+            Err(settle) => {
+                if let Settle::Reject(_) = settle {
+                    // Headers that fit the float's bound but not this broker's frames.
+                    metrics::counter!("drawbridge_float_rejected_total", "reason" => "headers_too_large", "peer" => self.sender.to_string())
+                        .increment(1);
+                }
                 observe(&mut self.pause, &settle, &self.sender);
                 let done = Settled {
                     info,
+                    published: matches!(settle, Settle::Release(_)),
                     settle,
-                    published: true,
                     permit: Some(permit),
                 };
                 self.settle_now(done).await
@@ -555,29 +570,16 @@ fn prepare(
         metrics::counter!("drawbridge_float_reserved_headers_stripped_total")
             .increment(inbound.stripped_headers as u64);
     }
-    // The properties travel in one frame to the broker: what would not fit is refused here,
-    // never published (RabbitMQ would close the whole broker connection over it).
-    let header_bytes = mapping::properties_len(&inbound.properties);
-    let max = mapping::max_properties_len(ctx.broker_frame_max.load(Ordering::Relaxed));
-    if header_bytes > max {
-        let e = convert::Invalid::HeadersTooLarge {
-            size: header_bytes,
-            max,
-        };
-        metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label(), "peer" => sender.to_string())
-            .increment(1);
-        return Prepared::Settle(Settle::Reject(e.to_string()));
-    }
     let Some(inbox) = routes.inbox(&ctx.identities, &inbound.destination) else {
         metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination", "peer" => sender.to_string())
             .increment(1);
         return Prepared::Settle(Settle::Reject(
-            convert::Invalid::UnknownDestination(inbound.destination).to_string(),
+            convert::Invalid::unknown_destination(&inbound.destination).to_string(),
         ));
     };
     let ticket = match ctx
         .dedup
-        .begin(sender, &inbound.dedup_key(), Instant::now())
+        .begin(sender, &inbox, &inbound.dedup_key(), Instant::now())
     {
         Seen::Confirmed => {
             ctx.stats
@@ -596,8 +598,8 @@ fn prepare(
     Prepared::Publish(Box::new(Outbound {
         inbox,
         properties: inbound.properties,
+        properties_len: inbound.properties_len,
         body: inbound.body,
-        header_bytes,
         ticket: Some(ticket),
     }))
 }
@@ -637,7 +639,7 @@ fn prepare_probe(msg: Message<Body<Value>>, queue: &str, sender: &Arc<str>) -> P
         .with_headers(hdrs);
     Prepared::Publish(Box::new(Outbound {
         inbox: Arc::from(queue),
-        header_bytes: mapping::properties_len(&properties),
+        properties_len: mapping::properties_len(&properties),
         properties,
         body,
         ticket: None,
@@ -652,6 +654,7 @@ async fn settle_batch(
     sender: &str,
     ctx: &Ctx,
     accepted: &metrics::Counter,
+    rejections: &Every,
 ) -> Result<(), DispositionError> {
     let mut accepts = Vec::new();
     let mut permits = Vec::with_capacity(batch.len());
@@ -666,7 +669,7 @@ async fn settle_batch(
                 if !accepts.is_empty() {
                     receiver.accept_all(std::mem::take(&mut accepts)).await?;
                 }
-                settle_one(receiver, done, sender, ctx, accepted).await?;
+                settle_one(receiver, done, sender, ctx, accepted, rejections).await?;
             }
         }
     }
@@ -687,13 +690,16 @@ fn record_accept(published: bool, ctx: &Ctx, accepted: &metrics::Counter) {
     }
 }
 
-/// Settle one transfer; its bytes in flight are given back afterwards.
+/// Settle one transfer; its bytes in flight are given back afterwards. A rejection is
+/// logged through the peer's `rejections` (one line per interval; every one is counted in
+/// `drawbridge_float_rejected_total`).
 async fn settle_one(
     receiver: &Receiver,
     done: Settled,
     sender: &str,
     ctx: &Ctx,
     accepted: &metrics::Counter,
+    rejections: &Every,
 ) -> Result<(), DispositionError> {
     let Settled {
         info,
@@ -707,7 +713,9 @@ async fn settle_one(
             receiver.accept(info).await
         }
         Settle::Reject(why) => {
-            warn!(peer = %sender, reason = %why, "transfer rejected");
+            if let Some(skipped) = rejections.hit() {
+                warn!(peer = %sender, reason = %text::escape(&why), similar_rejections_not_logged = skipped, "transfer rejected");
+            }
             ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
             let err = AmqpErrorFrame::new(AmqpError::PreconditionFailed, why, None);
             receiver.reject(info, err).await

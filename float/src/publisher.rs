@@ -19,7 +19,10 @@ use std::sync::{
     Arc,
 };
 
-use drawbridge_runtime::broker::{BrokerSession, Live};
+use drawbridge_runtime::{
+    broker::{BrokerSession, Live},
+    mapping,
+};
 use futures::{future::BoxFuture, FutureExt};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -28,7 +31,10 @@ use lapin::{
 };
 use tracing::warn;
 
-use crate::settle::{self, BrokerAnswer, Settle, Transient};
+use crate::{
+    convert::Invalid,
+    settle::{self, BrokerAnswer, Settle, Transient},
+};
 
 /// Why the link has no channel to publish on.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +111,11 @@ impl Publisher {
     /// frames, and awaiting that per transfer costs two thread hand-offs per message (the
     /// largest cost in the float's profile, docs/performance.md). Not awaited, a link hands
     /// lapin its next transfers while the I/O thread writes, so one wake-up carries several.
+    ///
+    /// `properties_len` is the encoded size of `properties`: properties that do not fit one
+    /// frame of the connection (its negotiated `frame_max`) are never handed to lapin — the
+    /// broker would close the whole connection (`frame_too_large`) — and the transfer is
+    /// rejected instead. `Err` is how the transfer settles at once.
     pub(crate) async fn publish(
         &mut self,
         broker: &BrokerSession,
@@ -112,16 +123,27 @@ impl Publisher {
         inbox: Arc<str>,
         body: Vec<u8>,
         properties: BasicProperties,
-    ) -> Result<Confirm, Transient> {
+        properties_len: usize,
+    ) -> Result<Confirm, Settle> {
         let (live, channel) = match self.channel(broker).await {
             Ok(c) => c,
             Err(e) => {
                 if let ChannelError::Open(source) = &e {
                     warn!(reason = %source, "cannot open a broker channel");
                 }
-                return Err(Transient::BrokerUnavailable);
+                return Err(Settle::Release(Transient::BrokerUnavailable));
             }
         };
+        let frame_max = live.conn.configuration().frame_max();
+        if !mapping::fits_frame(properties_len, frame_max) {
+            return Err(Settle::Reject(
+                Invalid::HeadersTooLarge {
+                    size: properties_len,
+                    max: (frame_max as usize).saturating_sub(mapping::CONTENT_HEADER_OVERHEAD),
+                }
+                .to_string(),
+            ));
+        }
         let op = broker.config().op_timeout;
         let slot = self.slot.clone();
         let exchange = ShortString::from(exchange);

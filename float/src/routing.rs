@@ -3,7 +3,10 @@
 //!
 //! Legal names are compared as names (attribute order and spacing do not matter), so a
 //! destination is parsed once per distinct spelling; each inbound link keeps a small cache
-//! of spellings it has seen, including the ones this float does not serve.
+//! of the spellings it has seen of names this float serves. A destination it does not serve
+//! is not remembered: the peer chooses those freely, and each would otherwise hold its
+//! bytes until the cache starts over (its length is bounded before it gets here,
+//! `convert::MAX_DESTINATION_BYTES`).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -37,27 +40,28 @@ impl Identities {
 /// One inbound link's cache of destination spellings → inbox.
 #[derive(Debug, Default)]
 pub(crate) struct Routes {
-    /// `drawbridge-destination` as written → inbox (`None`: not served). Shared, so a hit
+    /// `drawbridge-destination` as written → inbox, for served names only. Shared, so a hit
     /// costs no allocation: every transfer looks its destination up here.
-    cache: HashMap<String, Option<Arc<str>>>,
+    cache: HashMap<String, Arc<str>>,
 }
 
 impl Routes {
-    /// Beyond this many spellings the cache starts over, so a peer cycling through made-up
-    /// destinations cannot grow it without bound.
-    const MAX_ENTRIES: usize = 1024;
+    /// Beyond this many spellings the cache starts over: a well-behaved sender writes each
+    /// served name one way, and a peer cycling through spellings of a served name (spacing,
+    /// attribute order) cannot grow it past this many destinations.
+    const MAX_ENTRIES: usize = 64;
 
     /// The inbox for `destination`, resolved through `identities` the first time.
     pub(crate) fn inbox(&mut self, identities: &Identities, destination: &str) -> Option<Arc<str>> {
         if let Some(hit) = self.cache.get(destination) {
-            return hit.clone();
+            return Some(hit.clone());
         }
+        let inbox: Arc<str> = identities.resolve(destination).map(Arc::from)?;
         if self.cache.len() >= Self::MAX_ENTRIES {
             self.cache.clear();
         }
-        let inbox: Option<Arc<str>> = identities.resolve(destination).map(Arc::from);
         self.cache.insert(destination.to_string(), inbox.clone());
-        inbox
+        Some(inbox)
     }
 }
 
@@ -92,17 +96,28 @@ mod tests {
     }
 
     #[test]
-    fn the_route_cache_remembers_misses_and_stays_bounded() {
+    fn the_route_cache_remembers_served_names_only_and_stays_bounded() {
         let ids = identities();
         let mut routes = Routes::default();
         assert_eq!(routes.inbox(&ids, "O=Bank Z, L=Oslo, C=NO"), None);
         assert_eq!(
+            routes.cache.len(),
+            0,
+            "a destination not served is not kept"
+        );
+        assert_eq!(
             routes.inbox(&ids, "O=Bank B, L=Paris, C=FR").as_deref(),
             Some("inbox.b")
         );
-        assert_eq!(routes.cache.len(), 2);
+        assert_eq!(routes.cache.len(), 1);
         for i in 0..3 * Routes::MAX_ENTRIES {
             let _ = routes.inbox(&ids, &format!("O=Made Up {i}, L=Nowhere, C=XX"));
+        }
+        assert_eq!(routes.cache.len(), 1, "misses never grow the cache");
+        // Spellings of a served name are kept, up to the bound.
+        for i in 0..3 * Routes::MAX_ENTRIES {
+            let spelling = format!("O=Bank B,{}L=Paris, C=FR", " ".repeat(i));
+            assert_eq!(routes.inbox(&ids, &spelling).as_deref(), Some("inbox.b"));
             assert!(routes.cache.len() <= Routes::MAX_ENTRIES);
         }
         assert_eq!(

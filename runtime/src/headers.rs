@@ -25,20 +25,22 @@ pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
 /// Headers a sending node sets for the receiving node; a float passes them on.
 pub const SET_BY_SENDER: [&str; 2] = [DESTINATION, TOPIC];
 
-/// Headers RabbitMQ acts on when a message is published, beyond the `x-*` ones: `CC` and
-/// `BCC` are sender-selected distribution (each listed routing key is routed to as well, on
-/// the same exchange; `BCC` is removed before delivery).
-pub const BROKER_ACTS_ON: [&str; 2] = ["CC", "BCC"];
+/// Headers RabbitMQ routes by without an `x-` prefix: sender-selected distribution adds
+/// the values of `CC` and `BCC` as routing keys on the exchange of the publish
+/// (<https://www.rabbitmq.com/docs/sender-selected>). Every other header the broker acts on
+/// or writes (`x-death`, `x-first-death-*`, `x-delivery-count`, `x-received-from`,
+/// `x-stream-filter-value`, `x-delay`, ...) starts `x-`.
+pub const BROKER_ROUTING: [&str; 2] = ["CC", "BCC"];
 
 /// Whether a float strips header `key` from what a peer sent: every `drawbridge-*` name but
-/// the two a sender sets ([`SET_BY_SENDER`], written exactly so), every `x-*` name, and
-/// every header the broker acts on ([`BROKER_ACTS_ON`]), in any letter case. The meaning of
-/// the first two is asserted by the receiving side (the float's stamped sender, the bridge's
+/// the two a sender sets ([`SET_BY_SENDER`], written exactly so), every `x-*` name, and the
+/// broker's routing headers [`BROKER_ROUTING`], in any letter case. The meaning of the first
+/// two is asserted by the receiving side (the float's stamped sender, the bridge's
 /// dead-letter reason, the broker's `x-death`), so a peer that sets them would make its
-/// message look authenticated differently or dead-lettered by the receiver. `CC` and `BCC`
-/// would let a peer route its message into any queue bound to the inbox exchange (with
-/// `inbox_exchange = ""`, any queue of the vhost, peer queues included, and from there to a
-/// third organisation under this one's name).
+/// message look authenticated differently or dead-lettered by the receiver. `CC`/`BCC` would
+/// let the peer, not the float, choose where its message goes: with the default exchange as
+/// the inbox exchange, into any queue of the vhost (another peer's queue included, which the
+/// bridge would forward to a third organisation under this one's name).
 pub fn reserved(key: &str) -> bool {
     let prefixed = |p: &str| {
         key.get(..p.len())
@@ -46,7 +48,7 @@ pub fn reserved(key: &str) -> bool {
     };
     (prefixed("drawbridge-") && !SET_BY_SENDER.contains(&key))
         || prefixed("x-")
-        || BROKER_ACTS_ON.iter().any(|h| key.eq_ignore_ascii_case(h))
+        || BROKER_ROUTING.iter().any(|r| key.eq_ignore_ascii_case(r))
 }
 
 #[cfg(test)]
@@ -70,9 +72,9 @@ mod tests {
             "x-first-death-reason",
             "x-",
             "CC",
+            "BCC",
             "cc",
             "Bcc",
-            "BCC",
         ] {
             assert!(reserved(key), "{key}");
         }
@@ -82,11 +84,11 @@ mod tests {
             "trade-id",
             "drawbridge",
             "xdeath",
-            "CCC",
-            "BC",
-            "cc-list",
             "",
             "é-x-",
+            "ccc",
+            "bcc-list",
+            "C",
         ] {
             assert!(!reserved(key), "{key}");
         }

@@ -49,36 +49,40 @@ pub const MAX_DEPTH: usize = 16;
 /// Longest AMQP 0.9.1 short string (message id, content type, header key, ...), in bytes.
 pub const MAX_SHORT_STRING: usize = 255;
 
-/// Bytes of a content header frame besides its property list: class id (2), weight (2), body
-/// size (8), property flags (2), and the frame's own header (7) and end octet (1).
-const CONTENT_HEADER_OVERHEAD: usize = 2 + 2 + 8 + 2 + 7 + 1;
+/// Largest encoded size, in bytes, of the AMQP 0.9.1 properties (headers included) of a
+/// message the float publishes. The broker takes a message's properties in one content
+/// header frame: a bigger one fails the whole broker connection (`frame_too_large`), not just
+/// the publish, so one peer message would stop every peer of the float and, released, be
+/// resent forever. Half of the default `broker.frame_max` (32 KiB): room for the float's own
+/// headers, and for the bridge's dead-letter headers on the way back.
+pub const MAX_PROPERTIES_BYTES: usize = 16 * 1024;
 
-/// Room kept below the limit: [`properties_len`] is exact, this is a margin against a
-/// miscount, not room for anything added later (what a daemon adds is counted).
-const PROPERTIES_SLACK: usize = 16;
+/// Room the bridge leaves below [`MAX_PROPERTIES_BYTES`] for the headers the float adds
+/// (`drawbridge-sender`, the id types, the original user id): the bridge dead-letters a
+/// node's message whose properties take more than the difference.
+pub const FLOAT_STAMP_ROOM: usize = 2 * 1024;
 
-/// The largest property list (headers included) a publish may carry on a broker connection
-/// whose negotiated `frame_max` is `frame_max`.
-///
-/// AMQP 0.9.1 carries a message's properties in one content header frame, which cannot be
-/// split: RabbitMQ answers a larger one by closing the whole connection (`frame_too_large`),
-/// which takes down every link publishing on it, and the message that caused it is
-/// released and resent forever. So a daemon checks a message's properties against this
-/// before it publishes, and refuses (the float) or dead-letters (the bridge) what does not
-/// fit, with the reason.
-pub fn max_properties_len(frame_max: u32) -> usize {
-    (frame_max as usize).saturating_sub(CONTENT_HEADER_OVERHEAD + PROPERTIES_SLACK)
+/// Bytes of a content header frame besides the properties: frame type, channel and size
+/// (7), class id, weight and body size (12), frame end (1).
+pub const CONTENT_HEADER_OVERHEAD: usize = 20;
+
+/// Whether properties of `properties_len` bytes ([`properties_len`]) fit one content header
+/// frame on a connection whose negotiated `frame_max` is `frame_max` (0: no limit).
+pub fn fits_frame(properties_len: usize, frame_max: u32) -> bool {
+    frame_max == 0 || properties_len + CONTENT_HEADER_OVERHEAD <= frame_max as usize
 }
 
-/// The encoded length of `p`'s property list (what [`max_properties_len`] bounds).
+/// The encoded size of `p` in a content header frame (property flags included), computed
+/// without encoding: it is checked for every message.
 pub fn properties_len(p: &lapin::BasicProperties) -> usize {
     let short =
         |s: &Option<lapin::types::ShortString>| s.as_ref().map_or(0, |s| 1 + s.as_str().len());
-    short(p.content_type())
+    let byte = |b: &Option<u8>| usize::from(b.is_some());
+    2 + short(p.content_type())
         + short(p.content_encoding())
         + p.headers().as_ref().map_or(0, table_len)
-        + p.delivery_mode().map_or(0, |_| 1)
-        + p.priority().map_or(0, |_| 1)
+        + byte(p.delivery_mode())
+        + byte(p.priority())
         + short(p.correlation_id())
         + short(p.reply_to())
         + short(p.expiration())
@@ -90,8 +94,8 @@ pub fn properties_len(p: &lapin::BasicProperties) -> usize {
         + short(p.cluster_id())
 }
 
-/// Encoded length of a field table (its 4-byte size included).
-pub fn table_len(t: &lapin::types::FieldTable) -> usize {
+/// Encoded size of a field table: its length prefix, then each key and typed value.
+fn table_len(t: &lapin::types::FieldTable) -> usize {
     4 + t
         .inner()
         .iter()
@@ -99,12 +103,12 @@ pub fn table_len(t: &lapin::types::FieldTable) -> usize {
         .sum::<usize>()
 }
 
-/// Encoded length of a field value, its type octet included. Recursion is bounded: the
-/// tables a daemon builds nest at most [`MAX_DEPTH`] levels, and what a broker delivered
-/// was decoded by lapin already.
+/// Encoded size of a typed field value (type octet included). Recursion is bounded by the
+/// nesting of values already decoded (or built) by the caller.
 fn value_len(v: &lapin::types::AMQPValue) -> usize {
     use lapin::types::AMQPValue as V;
     1 + match v {
+        V::Void => 0,
         V::Boolean(_) | V::ShortShortInt(_) | V::ShortShortUInt(_) => 1,
         V::ShortInt(_) | V::ShortUInt(_) => 2,
         V::LongInt(_) | V::LongUInt(_) | V::Float(_) => 4,
@@ -112,49 +116,95 @@ fn value_len(v: &lapin::types::AMQPValue) -> usize {
         V::DecimalValue(_) => 5,
         V::ShortString(s) => 1 + s.as_str().len(),
         V::LongString(s) => 4 + s.as_bytes().len(),
+        V::ByteArray(b) => 4 + b.len(),
         V::FieldArray(a) => 4 + a.as_slice().iter().map(value_len).sum::<usize>(),
         V::FieldTable(t) => table_len(t),
-        V::ByteArray(b) => 4 + b.as_slice().len(),
-        V::Void => 0,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use cookie_factory::{gen, sequence::tuple};
     use lapin::{
-        types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
+        protocol::basic::gen_properties,
+        types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString},
         BasicProperties,
     };
 
     use super::*;
 
+    fn encoded(p: &BasicProperties) -> usize {
+        let (buf, _) = gen(tuple((gen_properties(p),)), Vec::new()).unwrap();
+        buf.len()
+    }
+
     #[test]
-    fn the_properties_length_counts_every_field_and_nested_header() {
-        assert_eq!(properties_len(&BasicProperties::default()), 0);
+    fn properties_len_is_the_encoded_size() {
+        assert_eq!(properties_len(&BasicProperties::default()), 2);
+        assert_eq!(encoded(&BasicProperties::default()), 2);
         let mut inner = FieldTable::default();
-        inner.insert(ShortString::from("n"), AMQPValue::LongInt(7));
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from("k"),
-            AMQPValue::LongString(LongString::from(vec![b'x'; 40_000])),
-        );
-        headers.insert(
-            ShortString::from("arr"),
-            AMQPValue::FieldArray(FieldArray::from(vec![
-                AMQPValue::Boolean(true),
-                AMQPValue::FieldTable(inner),
-            ])),
-        );
+        inner.insert("k".into(), AMQPValue::Void);
+        let mut h = FieldTable::default();
+        for (k, v) in [
+            ("void", AMQPValue::Void),
+            ("b", AMQPValue::Boolean(true)),
+            ("i8", AMQPValue::ShortShortInt(-1)),
+            ("u8", AMQPValue::ShortShortUInt(1)),
+            ("i16", AMQPValue::ShortInt(-1)),
+            ("u16", AMQPValue::ShortUInt(1)),
+            ("i32", AMQPValue::LongInt(-1)),
+            ("u32", AMQPValue::LongUInt(1)),
+            ("i64", AMQPValue::LongLongInt(-1)),
+            ("f", AMQPValue::Float(1.5)),
+            ("d", AMQPValue::Double(1.5)),
+            (
+                "dec",
+                AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 3 }),
+            ),
+            ("ss", AMQPValue::ShortString("short".into())),
+            ("ls", AMQPValue::LongString(LongString::from("é long"))),
+            ("ts", AMQPValue::Timestamp(7)),
+            (
+                "bytes",
+                AMQPValue::ByteArray(ByteArray::from(vec![1u8, 2, 3])),
+            ),
+            (
+                "arr",
+                AMQPValue::FieldArray(FieldArray::from(vec![
+                    AMQPValue::LongInt(1),
+                    AMQPValue::FieldTable(inner.clone()),
+                ])),
+            ),
+            ("tbl", AMQPValue::FieldTable(inner)),
+        ] {
+            h.insert(k.into(), v);
+        }
         let p = BasicProperties::default()
-            .with_message_id(ShortString::from("m-1"))
+            .with_content_type("application/json".into())
+            .with_content_encoding("gzip".into())
+            .with_headers(h)
             .with_delivery_mode(2)
+            .with_priority(5)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_expiration("60000".into())
+            .with_message_id("m-1".into())
             .with_timestamp(1)
-            .with_headers(headers);
-        // message id 1+3, delivery mode 1, timestamp 8; headers: 4 + (1+1 + 1+4+40,000)
-        // + (1+3 + 1+4 + (1+1) + (1 + 4 + (1+1 + 1+4))).
-        let headers = 4 + (2 + 5 + 40_000) + (4 + 5 + 2 + (1 + 4 + (2 + 5)));
-        assert_eq!(properties_len(&p), 4 + 1 + 8 + headers);
-        assert!(properties_len(&p) > max_properties_len(32 * 1024));
-        assert_eq!(max_properties_len(32 * 1024), 32 * 1024 - 22 - 16);
+            .with_type("t".into())
+            .with_user_id("u".into())
+            .with_app_id("a".into())
+            .with_cluster_id("cl".into());
+        assert_eq!(properties_len(&p), encoded(&p));
+    }
+
+    #[test]
+    fn the_content_header_frame_fits_or_not() {
+        assert!(fits_frame(32_768 - CONTENT_HEADER_OVERHEAD, 32_768));
+        assert!(!fits_frame(32_768 - CONTENT_HEADER_OVERHEAD + 1, 32_768));
+        assert!(fits_frame(usize::MAX / 2, 0));
+        assert!(fits_frame(
+            MAX_PROPERTIES_BYTES,
+            crate::broker::DEFAULT_FRAME_MAX
+        ));
     }
 }

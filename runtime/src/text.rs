@@ -1,51 +1,67 @@
-//! Text a peer controls, made safe to store and to log.
+//! Peer-controlled text on its way into a log line or back to the peer.
 //!
-//! A peer chooses link names, addresses, destinations, message ids and the descriptions of
-//! its rejections. Stored as they are (in a header, a cache, a status page) they can be as
-//! long as a frame; logged as they are, a `\n` in one forges a second log line in the human
-//! format. [`truncate`] bounds what is kept; [`Untrusted`] is how such a string is logged.
+//! A peer chooses addresses, link and container names, message ids, destinations and the
+//! descriptions of its dispositions. Written as they are, a `\n` in one starts what looks like
+//! a new line of the daemon's own log (log forging), a megabyte-long one is echoed and logged
+//! whole per message. [`escape`] makes a string safe for one log line (control characters
+//! escaped, length bounded); [`truncate`] bounds a string at a character boundary.
 
-use std::{borrow::Cow, fmt};
+use std::fmt;
 
-/// `s` cut to at most `max` bytes (on a character boundary), with a note of how long it was.
-pub fn truncate(s: &str, max: usize) -> Cow<'_, str> {
+/// Longest peer string written into a log line, in bytes of the original (the rest is cut
+/// off and its length noted).
+pub const LOG_MAX: usize = 512;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
-        return Cow::Borrowed(s);
+        return s;
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    Cow::Owned(format!("{}… ({} bytes in all)", &s[..end], s.len()))
+    s.get(..end).unwrap_or_default()
 }
 
-/// Most characters of an untrusted string written to a log line.
-pub const LOG_MAX: usize = 256;
+/// `s` for one log line: see [`Escaped`].
+pub fn escape(s: &str) -> Escaped<'_> {
+    Escaped(s)
+}
 
-/// A peer-controlled string as it goes into a log line: control characters escaped (`\n`,
-/// `\r`, `\t`, others as `\u{..}`), so that it cannot start a line of its own, and cut after
-/// [`LOG_MAX`] characters.
-#[derive(Debug, Clone, Copy)]
-pub struct Untrusted<'a>(pub &'a str);
+/// A peer string displayed for a log line: control characters (`\n`, `\r`, escape
+/// sequences, ...) and the Unicode line separators and bidirectional overrides are written
+/// as `\n`, `\u{202e}` and so on, and only the first [`LOG_MAX`] bytes are shown, followed by
+/// `…(N bytes)`. Use it as a tracing field (`address = %escape(&address)`) wherever a peer
+/// string is logged.
+#[derive(Clone, Copy)]
+pub struct Escaped<'a>(&'a str);
 
-impl fmt::Display for Untrusted<'_> {
+/// Characters that are not control characters to Rust but end or reorder a line on screen.
+fn reorders_or_breaks(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (count, c) in self.0.chars().enumerate() {
-            if count == LOG_MAX {
-                return write!(f, "… ({} bytes in all)", self.0.len());
-            }
-            match c {
-                '\n' => f.write_str("\\n")?,
-                '\r' => f.write_str("\\r")?,
-                '\t' => f.write_str("\\t")?,
-                '\\' => f.write_str("\\\\")?,
-                c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{85}') => {
-                    write!(f, "\\u{{{:x}}}", c as u32)?
-                }
-                c => fmt::Write::write_char(f, c)?,
+        let shown = truncate(self.0, LOG_MAX);
+        for c in shown.chars() {
+            if c.is_control() || reorders_or_breaks(c) {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
             }
         }
+        if shown.len() < self.0.len() {
+            write!(f, "…({} bytes)", self.0.len())?;
+        }
         Ok(())
+    }
+}
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
     }
 }
 
@@ -54,27 +70,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn truncation_keeps_whole_characters_and_says_how_long_it_was() {
-        assert_eq!(truncate("short", 10), "short");
-        assert_eq!(truncate("abcdef", 3), "abc… (6 bytes in all)");
-        // 'é' is two bytes: a cut inside it moves back.
-        assert_eq!(truncate("aé", 2), "a… (3 bytes in all)");
-        assert!(truncate(&"x".repeat(200_000), 1024).len() < 1100);
+    fn truncates_on_a_character_boundary() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("abc", 2), "ab");
+        // "é" is two bytes: cutting inside it keeps the character out.
+        assert_eq!(truncate("aé", 2), "a");
+        assert_eq!(truncate("aé", 3), "aé");
+        assert_eq!(truncate("€", 0), "");
     }
 
     #[test]
-    fn an_untrusted_string_cannot_start_a_log_line_of_its_own() {
-        let forged = "O=Bank Z\n2026-12-05T00:00:00Z  INFO link up queue=x\r\u{1b}[31m\u{2028}";
-        let shown = Untrusted(forged).to_string();
-        assert!(!shown.contains('\n') && !shown.contains('\r') && !shown.contains('\u{1b}'));
-        assert!(!shown.contains('\u{2028}'));
-        assert!(shown.starts_with("O=Bank Z\\n2026"), "{shown}");
+    fn control_characters_and_line_breaks_are_escaped() {
+        let s = escape("a\nb\r\x1b[31mc\u{2028}d\u{202e}e\tf").to_string();
+        assert_eq!(s, "a\\nb\\r\\u{1b}[31mc\\u{2028}d\\u{202e}e\\tf");
+        assert!(!s.contains('\n'));
         assert_eq!(
-            Untrusted("a\\n").to_string(),
-            "a\\\\n",
-            "a literal backslash-n stays apart"
+            escape("O=Bank B, L=Paris, C=FR").to_string(),
+            "O=Bank B, L=Paris, C=FR"
         );
-        let long = Untrusted(&"y".repeat(10_000)).to_string();
-        assert!(long.len() < LOG_MAX + 40, "{}", long.len());
+        assert_eq!(escape("Zürich").to_string(), "Zürich");
+    }
+
+    #[test]
+    fn long_strings_are_cut_with_their_length_noted() {
+        let long = "x".repeat(100_000);
+        let s = escape(&long).to_string();
+        assert!(s.len() < LOG_MAX + 32, "{}", s.len());
+        assert!(s.ends_with("…(100000 bytes)"), "{s}");
     }
 }

@@ -24,12 +24,12 @@ impl Side {
     fn refused(self, peer: &str, v: &Violation) {
         match self {
             Side::Float => {
-                tracing::warn!(peer = %peer, reason = %v, "connection refused: malformed or hostile AMQP frames");
+                tracing::warn!(peer = %crate::text::escape(peer), reason = %v, "connection refused: malformed or hostile AMQP frames");
                 metrics::counter!("drawbridge_float_connections_refused_total", "reason" => v.label())
                     .increment(1);
             }
             Side::Bridge => {
-                tracing::warn!(target_addr = %peer, reason = %v, "float connection closed: malformed or hostile AMQP frames");
+                tracing::warn!(target_addr = %crate::text::escape(peer), reason = %v, "float connection closed: malformed or hostile AMQP frames");
                 metrics::counter!("drawbridge_bridge_peer_frames_refused_total", "reason" => v.label())
                     .increment(1);
             }

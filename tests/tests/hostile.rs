@@ -783,7 +783,7 @@ async fn a_header_bigger_than_a_broker_frame_is_rejected_and_the_float_stays_rea
     })
     .await?;
     assert!(
-        outcome.contains("Rejected") && outcome.contains("exceed the maximum"),
+        outcome.contains("Rejected") && outcome.contains("at most"),
         "the poison message is rejected with the reason: {outcome}"
     );
     // The broker connection is untouched: ready, and the next messages (one with a header
@@ -794,7 +794,7 @@ async fn a_header_bigger_than_a_broker_frame_is_rejected_and_the_float_stays_rea
     let outcome = attacker_sends(&mut c, &a, "fits", |m| {
         if let Some(app) = m.application_properties.as_mut() {
             app.0
-                .insert("trade-blob".into(), SimpleValue::String("x".repeat(30_000)));
+                .insert("trade-blob".into(), SimpleValue::String("x".repeat(10_000)));
         }
     })
     .await?;

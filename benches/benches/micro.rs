@@ -63,6 +63,7 @@ fn peer_link(i: usize) -> PeerLink {
 fn encoded_snapshot(links: usize) -> Vec<u8> {
     SequencedCommand {
         sequence: 42,
+        epoch: 0,
         command: ControlCommand::Snapshot(Snapshot {
             node_identity: NODE.into(),
             inbox_queues: vec!["drawbridge.inbox".into()],
@@ -90,6 +91,7 @@ mod control {
     fn decode_create_link(bencher: Bencher) {
         let bytes = SequencedCommand {
             sequence: 43,
+            epoch: 0,
             command: ControlCommand::CreateLink(CreateLink {
                 node_identity: NODE.into(),
                 link: peer_link(7),

@@ -564,6 +564,47 @@ mod tests {
         assert!(err.contains("is not a dotted OID"), "{err}");
     }
 
+    /// What `docs/security.md` (*Names the root may issue*) tells a network root, pinned: which
+    /// differences the comparison ignores (so two such names are one identity) and which it
+    /// keeps although an operator cannot see them.
+    #[test]
+    fn what_the_comparison_ignores_and_what_it_keeps() {
+        let a = name("O=Bank A, L=London, C=GB");
+        // Ignored: Unicode whitespace at either end of a value (NBSP, ideographic space).
+        assert_eq!(a, name("O=\u{a0}Bank A\u{3000}, L=London, C=GB"));
+        // Kept, though invisible or near-identical on screen: zero-width characters (not
+        // Unicode whitespace), inner spacing, case, composed vs decomposed accents, look-alike
+        // letters from another script.
+        for lookalike in [
+            "O=Bank A\u{200b}, L=London, C=GB",
+            "O=Bank\u{a0}A, L=London, C=GB",
+            "O=Bank  A, L=London, C=GB",
+            "O=BANK A, L=London, C=GB",
+            "O=B\u{430}nk A, L=London, C=GB",
+        ] {
+            assert_ne!(a, name(lookalike), "{lookalike:?}");
+        }
+        assert_ne!(
+            name("O=Soci\u{e9}t\u{e9}, C=FR"),
+            name("O=Socie\u{301}te\u{301}, C=FR")
+        );
+        // Encodings: the same text as UTF8String or BMPString is the same name.
+        use rcgen::{DnType, DnValue};
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::OrganizationName,
+            DnValue::BmpString("Soci\u{e9}t\u{e9}".try_into().unwrap()),
+        );
+        params.distinguished_name.push(
+            DnType::CountryName,
+            DnValue::PrintableString("FR".try_into().unwrap()),
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let bmp = read(params.self_signed(&key).unwrap().der()).unwrap();
+        assert_eq!(bmp, name("O=Soci\u{e9}t\u{e9}, C=FR"));
+    }
+
     #[test]
     fn dotted_oids() {
         assert!(is_dotted_oid("2.5.4.10"));

@@ -38,7 +38,9 @@ enum Cmd {
         #[arg(long)]
         node: String,
         /// Sequence number to send (default: from the wall clock in milliseconds, which
-        /// keeps a node's messages in order across runs).
+        /// keeps a node's messages in order across runs). Each run sends its own random
+        /// epoch, so a bridge applies the run's message whatever its number and orders
+        /// later messages after it.
         #[arg(long)]
         sequence: Option<u64>,
         #[command(subcommand)]
@@ -416,7 +418,11 @@ async fn run(cli: Cli) -> Result<i32> {
             let kind = command.kind();
             let sequence = match sequence {
                 Some(sequence) => {
-                    let msg = drawbridge_control_protocol::SequencedCommand { sequence, command };
+                    let msg = drawbridge_control_protocol::SequencedCommand {
+                        sequence,
+                        epoch: publisher.sequence.epoch(),
+                        command,
+                    };
                     publisher.publish_sequenced(&ch, &msg).await?;
                     sequence
                 }

@@ -24,10 +24,16 @@ pub enum ControlCommand {
 /// messages whose sequence is higher than the highest it has applied, so an older snapshot
 /// never undoes a newer create or delete. `0` means unsequenced (a sender that predates the
 /// field); bridges apply those as they arrive, with a warning.
+///
+/// The epoch says which run of the sender's sequence source the number comes from: a bridge
+/// restarts its ordering for a node at an epoch it has not seen, so a node whose sequence went
+/// wrong (a clock far ahead, `u64::MAX`) recovers by starting a new epoch (see the `.proto`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SequencedCommand {
     /// Per-node monotonic sequence number; `0` = unsequenced.
     pub sequence: u64,
+    /// Random id of the sender's sequence source; `0` = a sender without epochs.
+    pub epoch: u64,
     /// The command.
     pub command: ControlCommand,
 }
@@ -37,15 +43,17 @@ impl SequencedCommand {
     pub fn encode(&self) -> Vec<u8> {
         let mut p = proto::ControlMessage::from(self.command.clone());
         p.sequence = self.sequence;
+        p.epoch = self.epoch;
         p.encode_to_vec()
     }
 
     /// Parses and validates a message body received from the broker, keeping its sequence.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let p = decode_control(bytes)?;
-        let sequence = p.sequence;
+        let (sequence, epoch) = (p.sequence, p.epoch);
         Ok(Self {
             sequence,
+            epoch,
             command: p.try_into()?,
         })
     }
@@ -66,7 +74,7 @@ pub enum Notification {
 }
 
 /// Envelope field numbers `ControlMessage` has in this build's schema.
-const CONTROL_FIELDS: &[u32] = &[1, 2, 3, 4, 5];
+const CONTROL_FIELDS: &[u32] = &[1, 2, 3, 4, 5, 16];
 /// Envelope field numbers `NotifyMessage` has in this build's schema.
 const NOTIFY_FIELDS: &[u32] = &[1, 2, 3];
 
@@ -298,6 +306,7 @@ impl From<ControlCommand> for proto::ControlMessage {
             version: PROTOCOL_VERSION,
             body: Some(body),
             sequence: 0,
+            epoch: 0,
         }
     }
 }
@@ -358,6 +367,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             body: Some(body),
             sequence: 0,
+            epoch: 0,
         }
         .encode_to_vec()
     }
@@ -422,6 +432,7 @@ mod tests {
         });
         let sequenced = SequencedCommand {
             sequence: 1_700_000_000_123,
+            epoch: 0x5eed_0000_0000_0001,
             command: command.clone(),
         };
         let bytes = sequenced.encode();
@@ -431,7 +442,7 @@ mod tests {
         assert_eq!(ControlCommand::decode(&bytes).unwrap(), command);
         // A message from a sender without the field decodes as unsequenced.
         let legacy = SequencedCommand::decode(&command.encode()).unwrap();
-        assert_eq!(legacy.sequence, 0);
+        assert_eq!((legacy.sequence, legacy.epoch), (0, 0));
         assert!(!legacy.is_sequenced());
         assert_eq!(legacy.command, command);
     }
@@ -504,6 +515,7 @@ mod tests {
                 version,
                 body: body.clone(),
                 sequence: 0,
+                epoch: 0,
             }
             .encode_to_vec()
         };
@@ -553,6 +565,7 @@ mod tests {
             version: 1,
             body: None,
             sequence: 0,
+            epoch: 0,
         }
         .encode_to_vec();
         assert_eq!(decode_err(&empty_body), DecodeError::Missing("body"));
@@ -794,6 +807,7 @@ mod tests {
     fn unknown_fields_from_a_same_major_sender_are_ignored() {
         let msg = SequencedCommand {
             sequence: 42,
+            epoch: 0,
             command: ControlCommand::CreateLink(CreateLink {
                 node_identity: BANK_A.into(),
                 link: link("drawbridge.peers.b"),
@@ -819,6 +833,7 @@ mod tests {
                 version,
                 body: None,
                 sequence: 9,
+                epoch: 0,
             }
             .encode_to_vec()
         };
@@ -919,6 +934,7 @@ mod tests {
             version: 1,
             body: None,
             sequence: 0,
+            epoch: 0,
         }
         .encode_to_vec();
         assert_eq!(ControlCommand::sender_identity(&anonymous), None);

@@ -16,7 +16,9 @@ and prints one JSON line: {"published": n, "snapshots_answered": k, "sequences":
 
 Sequence rule (see control.proto): one source per node identity that never goes backwards,
 also across restarts: max(last + 1, wall clock in ms). A snapshot takes its sequence *before*
-the node reads the link set it lists; a create or delete takes it *after* the change.
+the node reads the link set it lists; a create or delete takes it *after* the change. Each
+source also sends its epoch, a random non-zero 64-bit id: a bridge starts its order again at an
+epoch it has not seen, so a restarted node is obeyed even if its old numbers ran ahead.
 
 Run with Debian's interpreter and packages (python3-pika, python3-protobuf):
     /usr/bin/python3 examples/node-python/node.py --broker amqp://node-a:secret@127.0.0.1:5672/%2f \
@@ -43,11 +45,12 @@ DESTINATION = "drawbridge-destination"
 
 
 class SequenceSource:
-    """Strictly increasing numbers, at least the wall clock in milliseconds."""
+    """Strictly increasing numbers, at least the wall clock in milliseconds, and an epoch."""
 
     def __init__(self):
         self._last = 0
         self._lock = threading.Lock()
+        self.epoch = (uuid.uuid4().int & (2**64 - 1)) or 1
 
     def next(self):
         with self._lock:
@@ -68,7 +71,9 @@ class Node:
         self.sequences = []
 
     def _publish(self, sequence, **body):
-        msg = pb.ControlMessage(version=PROTOCOL_VERSION, sequence=sequence, **body)
+        msg = pb.ControlMessage(
+            version=PROTOCOL_VERSION, sequence=sequence, epoch=self.sequence.epoch, **body
+        )
         self.channel.basic_publish(
             exchange=CONTROL_EXCHANGE,
             routing_key="",

@@ -71,6 +71,7 @@ fn control() {
         write("control_decode", &format!("unsequenced-{i}"), &c.encode());
         let s = SequencedCommand {
             sequence: 42 + i as u64,
+            epoch: 0x5eed + i as u64,
             command: c,
         };
         write("control_decode", &format!("sequenced-{i}"), &s.encode());

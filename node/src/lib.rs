@@ -151,23 +151,45 @@ pub fn broker_login(uri: &str) -> Result<String, NodeError> {
 ///
 /// `next()` returns `max(last + 1, now_ms)`. A node restarted within the same millisecond
 /// count still moves forward as long as its clock does not step back by more than it was down.
-#[derive(Debug, Default)]
+///
+/// Each source also has an [`epoch`](SequenceSource::epoch), a random id sent with every
+/// message: a bridge restarts its ordering for the node at an epoch it has not seen. So if the
+/// numbers ever went wrong (the clock was far ahead when a message went out, a persisted
+/// counter was corrupt), a new source (a restarted node) is obeyed again at once instead of
+/// being ignored until its numbers catch up. Bridges that predate epochs ignore it and rely on
+/// the numbers alone, which is why they still follow the wall clock.
+#[derive(Debug)]
 pub struct SequenceSource {
     /// The last number handed out.
     last: AtomicU64,
+    /// This source's epoch (non-zero).
+    epoch: u64,
+}
+
+impl Default for SequenceSource {
+    fn default() -> Self {
+        Self::starting_after(0)
+    }
 }
 
 impl SequenceSource {
-    /// A source seeded from the wall clock.
+    /// A source seeded from the wall clock, with a new epoch.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// A source whose next number is above `last` (e.g. persisted by the node).
+    /// A source whose next number is above `last` (e.g. persisted by the node), with a new
+    /// epoch.
     pub fn starting_after(last: u64) -> Self {
         SequenceSource {
             last: AtomicU64::new(last),
+            epoch: new_epoch(),
         }
+    }
+
+    /// This source's epoch: random, non-zero, sent with each of its numbers.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The next sequence number.
@@ -188,6 +210,12 @@ impl SequenceSource {
             }
         }
     }
+}
+
+/// A random non-zero 64-bit epoch (from a v4 UUID's random bits).
+fn new_epoch() -> u64 {
+    let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
+    (hi ^ lo).max(1)
 }
 
 fn unix_ms() -> u64 {
@@ -248,6 +276,7 @@ impl Node {
     pub async fn publish(&self, ch: &Channel, command: ControlCommand) -> Result<u64, NodeError> {
         let msg = SequencedCommand {
             sequence: self.sequence.next(),
+            epoch: self.sequence.epoch(),
             command,
         };
         self.publish_sequenced(ch, &msg).await?;
@@ -264,6 +293,7 @@ impl Node {
         let sequence = self.sequence.next();
         let msg = SequencedCommand {
             sequence,
+            epoch: self.sequence.epoch(),
             command: ControlCommand::Snapshot(snapshot()),
         };
         self.publish_sequenced(ch, &msg).await?;
@@ -435,6 +465,17 @@ mod tests {
         assert!(restarted.next() > 1_700_000_000_000);
         let persisted = SequenceSource::starting_after(u64::MAX - 1);
         assert_eq!(persisted.next_at(1), u64::MAX);
+    }
+
+    #[test]
+    fn every_source_has_its_own_non_zero_epoch() {
+        let epochs: std::collections::HashSet<u64> =
+            (0..100).map(|_| SequenceSource::new().epoch()).collect();
+        assert_eq!(epochs.len(), 100);
+        assert!(!epochs.contains(&0));
+        let s = SequenceSource::new();
+        s.next();
+        assert_eq!(s.epoch(), s.epoch(), "fixed for the source's life");
     }
 
     #[test]

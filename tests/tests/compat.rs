@@ -66,6 +66,7 @@ async fn a_newer_same_major_node_is_obeyed_and_its_additions_ignored() -> Result
             version: PROTOCOL_VERSION,
             body: None,
             sequence: 1,
+            epoch: 0,
         }
         .encode_to_vec();
         m.extend_from_slice(&[0x32, 0x02, 0x0a, 0x00]); // field 6, length-delimited, 2 bytes
@@ -77,6 +78,7 @@ async fn a_newer_same_major_node_is_obeyed_and_its_additions_ignored() -> Result
     // A create with an extra field number 99 (varint), as a newer node's library writes it.
     let create = SequencedCommand {
         sequence: 2,
+        epoch: 0,
         command: ControlCommand::CreateLink(CreateLink {
             node_identity: BANK_A.into(),
             link: a.link_to(&b),

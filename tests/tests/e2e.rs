@@ -225,6 +225,7 @@ async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
     let q = p.a.queue_to(&p.b);
     let snapshot = |sequence, links| SequencedCommand {
         sequence,
+        epoch: 0,
         command: ControlCommand::Snapshot(Snapshot {
             node_identity: BANK_A.into(),
             inbox_queues: vec![INBOX.into()],
@@ -233,6 +234,7 @@ async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
     };
     p.a.control_sequenced(&SequencedCommand {
         sequence: 2,
+        epoch: 0,
         command: ControlCommand::CreateLink(CreateLink {
             node_identity: BANK_A.into(),
             link: p.a.link_to(&p.b),
@@ -320,6 +322,7 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
     // 2. Without a user_id.
     let msg = SequencedCommand {
         sequence: u64::MAX / 2,
+        epoch: 0,
         command: create.clone(),
     };
     ch.basic_publish(

@@ -607,7 +607,12 @@ impl Drop for NewerNode {
 /// `cmd` as a newer minor release encodes it: this build's encoding plus an unknown field.
 fn newer_minor(sequence: u64, command: ControlCommand) -> Vec<u8> {
     world::append_varint_field(
-        SequencedCommand { sequence, command }.encode(),
+        SequencedCommand {
+            sequence,
+            epoch: 0,
+            command,
+        }
+        .encode(),
         99,
         sequence,
     )
@@ -706,6 +711,7 @@ impl NewerNode {
             version: PROTOCOL_VERSION,
             body: None,
             sequence: 0,
+            epoch: 0,
         }
         .encode_to_vec();
         m.extend_from_slice(&[0x32, 0x02, 0x0a, 0x00]);

@@ -88,25 +88,97 @@ pub(crate) struct Policy {
 
 /// Highest sequence applied, per node identity. Lives as long as the bridge process (across
 /// broker reconnects), so a control message from before a reconnect cannot win either.
+///
+/// Keyed by the node's legal name in its canonical form, so the same name written another way
+/// (attribute order, spacing, key case) shares one mark. Each node's epochs seen are kept too
+/// (the last [`MAX_EPOCHS`], least recently applied forgotten first): a message of an epoch not
+/// seen starts the order again from its sequence (see the `.proto`), which is how a node whose
+/// mark went wrong (`u64::MAX`, a clock far ahead) gets obeyed again without a bridge restart.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Sequences(HashMap<String, u64>);
+pub(crate) struct Sequences(HashMap<String, Mark>);
+
+/// How many epochs of one node are remembered. A node has one per process run (the CLI one per
+/// invocation), so this covers many restarts; an epoch forgotten and seen again just starts the
+/// order again, as a new one does.
+pub(crate) const MAX_EPOCHS: usize = 64;
+
+/// One node's ordering state.
+#[derive(Debug, Clone)]
+struct Mark {
+    /// Highest sequence applied since the last new epoch.
+    highest: u64,
+    /// Epochs applied, most recently applied last.
+    epochs: Vec<u64>,
+}
+
+/// The key of `node`: its canonical legal name, or the text as written if it is none (such a
+/// message is refused before it is recorded anyway).
+fn key(node: &str) -> String {
+    node.parse::<LegalName>()
+        .map(|n| n.canonical())
+        .unwrap_or_else(|_| node.to_string())
+}
 
 impl Sequences {
-    /// Highest sequence applied for `node`, if any.
+    /// Highest sequence applied for `node` (any spelling of its legal name), if any.
+    #[cfg(test)]
     pub(crate) fn applied(&self, node: &str) -> Option<u64> {
-        self.0.get(node).copied()
+        self.0.get(&key(node)).map(|m| m.highest)
+    }
+
+    /// The mark `msg` is checked against: `None` when nothing was applied for its node, or
+    /// when its epoch is new (the order starts again from it).
+    fn mark_for(&self, msg: &SequencedCommand) -> Option<u64> {
+        let mark = self.0.get(&key(msg.command.node_identity()))?;
+        mark.epochs.contains(&msg.epoch).then_some(mark.highest)
     }
 
     /// Remember that `msg` was applied. Unsequenced messages leave the mark where it is.
-    pub(crate) fn record(&mut self, msg: &SequencedCommand) {
+    /// Returns true when `msg` started a new epoch for a node that had a mark (the caller
+    /// logs it: the node's order starts again).
+    pub(crate) fn record(&mut self, msg: &SequencedCommand) -> bool {
         if !msg.is_sequenced() {
-            return;
+            return false;
         }
-        let mark = self
-            .0
-            .entry(msg.command.node_identity().to_string())
-            .or_default();
-        *mark = (*mark).max(msg.sequence);
+        let node = key(msg.command.node_identity());
+        let Some(mark) = self.0.get_mut(&node) else {
+            self.0.insert(
+                node,
+                Mark {
+                    highest: msg.sequence,
+                    epochs: vec![msg.epoch],
+                },
+            );
+            return false;
+        };
+        match mark.epochs.iter().position(|e| *e == msg.epoch) {
+            Some(i) => {
+                let e = mark.epochs.remove(i);
+                mark.epochs.push(e);
+                mark.highest = mark.highest.max(msg.sequence);
+                false
+            }
+            None => {
+                if mark.epochs.len() >= MAX_EPOCHS {
+                    mark.epochs.remove(0);
+                }
+                mark.epochs.push(msg.epoch);
+                mark.highest = msg.sequence;
+                true
+            }
+        }
+    }
+}
+
+/// The broker-validated `user_id` must be the node user (unless the operator turned the check
+/// off).
+fn check_user(user_id: Option<&str>, policy: &Policy) -> Result<(), Refusal> {
+    match &policy.node_user {
+        Some(want) if user_id != Some(want.as_str()) => Err(Refusal::WrongUser {
+            got: user_id.map(str::to_string),
+            want: want.clone(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -114,7 +186,8 @@ impl Sequences {
 ///
 /// Checks, in order: node user (unless the operator turned it off), node identity, queue
 /// prefix of every queue named, and ordering: a sequenced message must be newer than the
-/// highest sequence applied for its node. Unsequenced messages pass the ordering check (the
+/// highest sequence applied for its node in an epoch seen before (a new epoch starts the
+/// order again). Unsequenced messages pass the ordering check (the
 /// caller logs a warning).
 pub(crate) fn authorize(
     msg: &SequencedCommand,
@@ -122,14 +195,7 @@ pub(crate) fn authorize(
     policy: &Policy,
     applied: &Sequences,
 ) -> Result<(), Refusal> {
-    if let Some(want) = &policy.node_user {
-        if user_id != Some(want.as_str()) {
-            return Err(Refusal::WrongUser {
-                got: user_id.map(str::to_string),
-                want: want.clone(),
-            });
-        }
-    }
+    check_user(user_id, policy)?;
     let node = msg.command.node_identity();
     if node.parse::<LegalName>().ok().as_ref() != Some(&policy.node_identity) {
         return Err(Refusal::WrongNode {
@@ -152,7 +218,7 @@ pub(crate) fn authorize(
         });
     }
     if msg.is_sequenced() {
-        if let Some(applied) = applied.applied(node) {
+        if let Some(applied) = applied.mark_for(msg) {
             if msg.sequence <= applied {
                 return Err(Refusal::Stale {
                     node: node.to_string(),
@@ -163,6 +229,46 @@ pub(crate) fn authorize(
         }
     }
     Ok(())
+}
+
+/// What to do with one control message body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Apply it.
+    Apply(SequencedCommand),
+    /// A same-major node's command this bridge does not know (`field` is its body field
+    /// number): ignore it, not an error.
+    UnknownCommand {
+        /// The envelope field number of the unknown body.
+        field: u32,
+    },
+    /// Refused (logged and counted by the caller); [`Refusal::Decode`] with
+    /// [`DecodeError::UnsupportedVersion`] is also reported to the node.
+    Refused(Refusal),
+}
+
+/// Decides what to do with a control message `body` published with the broker-validated
+/// `user_id`: decode, then [`authorize`].
+pub(crate) fn decide(
+    body: &[u8],
+    user_id: Option<&str>,
+    policy: &Policy,
+    applied: &Sequences,
+) -> Verdict {
+    // Who sent it comes first: a sender other than the node gets no reply of any kind, even
+    // for a body this bridge cannot read.
+    if let Err(refusal) = check_user(user_id, policy) {
+        return Verdict::Refused(refusal);
+    }
+    let msg = match SequencedCommand::decode(body) {
+        Ok(msg) => msg,
+        Err(DecodeError::UnknownBody { field }) => return Verdict::UnknownCommand { field },
+        Err(e) => return Verdict::Refused(Refusal::Decode(e)),
+    };
+    match authorize(&msg, user_id, policy, applied) {
+        Ok(()) => Verdict::Apply(msg),
+        Err(refusal) => Verdict::Refused(refusal),
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +301,7 @@ mod tests {
     fn create(seq: u64, queue: &str) -> SequencedCommand {
         SequencedCommand {
             sequence: seq,
+            epoch: 0,
             command: ControlCommand::CreateLink(CreateLink {
                 node_identity: NODE.into(),
                 link: link(queue),
@@ -205,6 +312,7 @@ mod tests {
     fn snapshot(seq: u64, node: &str, queues: &[&str]) -> SequencedCommand {
         SequencedCommand {
             sequence: seq,
+            epoch: 0,
             command: ControlCommand::Snapshot(Snapshot {
                 node_identity: node.into(),
                 inbox_queues: vec![],
@@ -279,6 +387,7 @@ mod tests {
         assert!(ok(&create(1, "other.b"), &none).is_err());
         let delete = SequencedCommand {
             sequence: 1,
+            epoch: 0,
             command: ControlCommand::DeleteLink(DeleteLink {
                 node_identity: NODE.into(),
                 queue: "orders".into(),
@@ -353,6 +462,137 @@ mod tests {
         assert_eq!(
             Refusal::from(DecodeError::Missing("body")).label(),
             "decode"
+        );
+    }
+
+    /// Before: the mark was kept under the identity as written, so the same legal name
+    /// written another way (attribute order, spacing, key case) started from no mark and an
+    /// old message passed.
+    #[test]
+    fn the_mark_is_kept_per_legal_name_not_per_spelling() {
+        let mut applied = Sequences::default();
+        applied.record(&create(5, "drawbridge.peers.b"));
+        for spelling in ["C=GB, L=London, O=Bank A", "o=Bank A,l=London,  c=GB"] {
+            let old = snapshot(3, spelling, &[]);
+            assert!(
+                ok(&old, &applied).unwrap_err().is_stale(),
+                "{spelling} bypassed the mark"
+            );
+        }
+        applied.record(&snapshot(9, "C=GB, L=London, O=Bank A", &[]));
+        assert_eq!(applied.applied(NODE), Some(9));
+    }
+
+    /// Before: a body of a newer protocol version was answered (a `LinkStatus` on the notify
+    /// exchange, a log line) before the `user_id` was looked at, so anyone who could publish
+    /// to the control exchange got a reply. Now the sender is authenticated first.
+    #[test]
+    fn only_the_node_user_hears_about_a_newer_version_or_an_unknown_command() {
+        // A valid create, then field 1 (`version`) again: protobuf's last value wins.
+        let mut newer = create(1, "drawbridge.peers.b").encode();
+        let next = u8::try_from(drawbridge_control_protocol::PROTOCOL_VERSION + 1).unwrap();
+        newer.extend_from_slice(&[0x08, next]);
+        let none = Sequences::default();
+        let wrong_user = |v: &Verdict| {
+            matches!(
+                v,
+                Verdict::Refused(Refusal::WrongUser { got, .. }) if got.as_deref() == Some("guest")
+            )
+        };
+        let v = decide(&newer, Some("guest"), &policy(), &none);
+        assert!(wrong_user(&v), "{v:?}");
+        assert!(matches!(
+            decide(&newer, None, &policy(), &none),
+            Verdict::Refused(Refusal::WrongUser { got: None, .. })
+        ));
+        assert!(matches!(
+            decide(&newer, Some("node-a"), &policy(), &none),
+            Verdict::Refused(Refusal::Decode(DecodeError::UnsupportedVersion { .. }))
+        ));
+        // A body this build does not know, and bytes that are no protobuf at all: the same.
+        // Version 1 and field 99 (varint 1), no body this build knows.
+        let unknown = [0x08, 0x01, 0x98, 0x06, 0x01];
+        let v = decide(&unknown, Some("guest"), &policy(), &none);
+        assert!(wrong_user(&v), "{v:?}");
+        assert_eq!(
+            decide(&unknown, Some("node-a"), &policy(), &none),
+            Verdict::UnknownCommand { field: 99 }
+        );
+        let v = decide(b"\xff\xff garbage", Some("guest"), &policy(), &none);
+        assert!(wrong_user(&v), "{v:?}");
+        // With the check turned off (insecure), a newer version is reported as before.
+        let open = Policy {
+            node_user: None,
+            ..policy()
+        };
+        assert!(matches!(
+            decide(&newer, Some("guest"), &open, &none),
+            Verdict::Refused(Refusal::Decode(DecodeError::UnsupportedVersion { .. }))
+        ));
+    }
+
+    fn in_epoch(mut msg: SequencedCommand, epoch: u64) -> SequencedCommand {
+        msg.epoch = epoch;
+        msg
+    }
+
+    /// Before: once `u64::MAX` (or a clock far ahead) was applied, nothing the node sent was
+    /// newer, until the bridge restarted. Now a new epoch (a restarted node) starts the order
+    /// again, and the order holds within and across the epochs seen.
+    #[test]
+    fn a_new_epoch_recovers_a_node_from_a_sequence_it_cannot_beat() {
+        let (e1, e2) = (0x1111, 0x2222);
+        let mut applied = Sequences::default();
+        let max = in_epoch(create(u64::MAX, "drawbridge.peers.b"), e1);
+        assert_eq!(ok(&max, &applied), Ok(()));
+        assert!(!applied.record(&max), "the first mark is no reset");
+        let next = in_epoch(snapshot(1_800_000_000_000, NODE, &[]), e1);
+        assert!(ok(&next, &applied).unwrap_err().is_stale(), "locked in e1");
+
+        // The node restarts: a new epoch, with a sequence far below the mark.
+        let restarted = in_epoch(
+            snapshot(1_800_000_000_000, "C=GB, L=London, O=Bank A", &[]),
+            e2,
+        );
+        assert_eq!(ok(&restarted, &applied), Ok(()));
+        assert!(applied.record(&restarted), "a new epoch resets the mark");
+        assert_eq!(applied.applied(NODE), Some(1_800_000_000_000));
+        // Ordered again: older or equal in e2 is stale, newer passes.
+        let older = in_epoch(create(1_799_999_999_999, "drawbridge.peers.b"), e2);
+        assert!(ok(&older, &applied).unwrap_err().is_stale());
+        let newer = in_epoch(create(1_800_000_000_001, "drawbridge.peers.b"), e2);
+        assert_eq!(ok(&newer, &applied), Ok(()));
+        assert!(!applied.record(&newer));
+        // A late message of the old epoch is judged against the new mark: not a reset.
+        let late = in_epoch(snapshot(5, NODE, &[]), e1);
+        assert!(ok(&late, &applied).unwrap_err().is_stale());
+    }
+
+    #[test]
+    fn epochs_remembered_are_bounded_least_recently_applied_first() {
+        let mut applied = Sequences::default();
+        let live = 7_000;
+        applied.record(&in_epoch(create(100, "drawbridge.peers.b"), live));
+        for e in 0..MAX_EPOCHS as u64 - 1 {
+            applied.record(&in_epoch(create(200 + e, "drawbridge.peers.b"), e + 1));
+        }
+        // The live epoch is applied again (most recent), then one more epoch comes in: the
+        // oldest (epoch 1) is forgotten, the live one stays.
+        applied.record(&in_epoch(create(1_000, "drawbridge.peers.b"), live));
+        applied.record(&in_epoch(create(2_000, "drawbridge.peers.b"), 9_999));
+        let m = &applied.0[&key(NODE)];
+        assert_eq!(m.epochs.len(), MAX_EPOCHS);
+        assert!(m.epochs.contains(&live) && !m.epochs.contains(&1));
+        assert!(ok(
+            &in_epoch(create(1_500, "drawbridge.peers.b"), live),
+            &applied
+        )
+        .unwrap_err()
+        .is_stale());
+        // Forgotten: treated as new.
+        assert_eq!(
+            ok(&in_epoch(create(1, "drawbridge.peers.b"), 1), &applied),
+            Ok(())
         );
     }
 }

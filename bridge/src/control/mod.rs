@@ -15,8 +15,7 @@ use std::{
 };
 
 use drawbridge_control_protocol::{
-    ControlCommand, DecodeError, LinkState, LinkStatus, Notification, PeerLink, SequencedCommand,
-    SnapshotRequest,
+    ControlCommand, DecodeError, LinkState, LinkStatus, Notification, PeerLink, SnapshotRequest,
 };
 use drawbridge_node::topology;
 use drawbridge_runtime::{backoff::Backoff, broker::Live, lograte::Every};
@@ -30,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub(crate) use authorize::{authorize, Policy, Refusal, Sequences};
+pub(crate) use authorize::{decide, Policy, Refusal, Sequences, Verdict};
 pub(crate) use plan::{plan, Action};
 
 use crate::{
@@ -221,9 +220,10 @@ async fn stop_link(queue: String, mut link: RunningLink, deadline: Duration) {
 #[cfg(test)]
 mod tests {
     use drawbridge_control_protocol::{
-        CreateLink, PeerLink, Snapshot, Target, DEFAULT_TARGET_ADDRESS,
+        CreateLink, PeerLink, SequencedCommand, Snapshot, Target, DEFAULT_TARGET_ADDRESS,
     };
 
+    use super::authorize::authorize;
     use super::*;
 
     const NODE: &str = "O=Bank A, L=London, C=GB";
@@ -268,6 +268,7 @@ mod tests {
     fn snapshot(sequence: u64, queues: &[&str]) -> SequencedCommand {
         SequencedCommand {
             sequence,
+            epoch: 0,
             command: ControlCommand::Snapshot(Snapshot {
                 node_identity: NODE.into(),
                 inbox_queues: vec![],
@@ -279,6 +280,7 @@ mod tests {
     fn create(sequence: u64, queue: &str) -> SequencedCommand {
         SequencedCommand {
             sequence,
+            epoch: 0,
             command: ControlCommand::CreateLink(CreateLink {
                 node_identity: NODE.into(),
                 link: link(queue),
@@ -557,9 +559,10 @@ async fn control_session(
 /// snapshot that was applied.
 async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
     let user_id = d.properties.user_id().as_ref().map(|s| s.as_str());
-    let decoded = match SequencedCommand::decode(&d.data) {
+    let msg = match decide(&d.data, user_id, &state.policy, &state.applied) {
+        Verdict::Apply(msg) => msg,
         // A newer node's new command (same major): not for this bridge, and not an error.
-        Err(DecodeError::UnknownBody { field }) => {
+        Verdict::UnknownCommand { field } => {
             if state.unknown_logged.len() < MAX_UNKNOWN_LOGGED && state.unknown_logged.insert(field)
             {
                 warn!(
@@ -572,19 +575,13 @@ async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
                 .increment(1);
             return false;
         }
-        other => other,
-    };
-    let verdict = decoded
-        .map_err(Refusal::from)
-        .and_then(|msg| authorize(&msg, user_id, &state.policy, &state.applied).map(|()| msg));
-    let msg = match verdict {
-        Ok(msg) => msg,
-        Err(refusal) if refusal.is_stale() => {
+        Verdict::Refused(refusal) if refusal.is_stale() => {
             warn!(reason = %refusal, "stale control message ignored");
             metrics::counter!("drawbridge_bridge_control_stale_total").increment(1);
             return false;
         }
-        Err(Refusal::Decode(DecodeError::UnsupportedVersion { found, supported })) => {
+        // Only from the node user (`decide` checks it first): anyone else gets no reply.
+        Verdict::Refused(Refusal::Decode(DecodeError::UnsupportedVersion { found, supported })) => {
             let node = ControlCommand::sender_identity(&d.data);
             if let Some(skipped) = state.newer_version_log.hit() {
                 error!(
@@ -600,7 +597,7 @@ async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
             count_refusal(state, "newer_version");
             return false;
         }
-        Err(refusal) => {
+        Verdict::Refused(refusal) => {
             warn!(user_id = %user_id.unwrap_or("<none>"), reason = %refusal, "control message refused");
             count_refusal(state, refusal.label());
             return false;
@@ -614,12 +611,20 @@ async fn handle(d: &Delivery, state: &mut ControlState) -> bool {
         );
         metrics::counter!("drawbridge_bridge_control_unsequenced_total").increment(1);
     }
-    state.applied.record(&msg);
+    if state.applied.record(&msg) {
+        info!(
+            node = %msg.command.node_identity(),
+            epoch = msg.epoch,
+            sequence = msg.sequence,
+            "control order restarted: a new epoch of the node (restarted?); its sequence is the new mark"
+        );
+    }
     let is_snapshot = matches!(msg.command, ControlCommand::Snapshot(_));
     info!(
         node = %msg.command.node_identity(),
         kind = msg.command.kind(),
         sequence = msg.sequence,
+        epoch = msg.epoch,
         "applying control message"
     );
     state.links.apply(&msg.command).await;

@@ -99,6 +99,22 @@ pub struct ControlMessage {
     /// clock in milliseconds)). Then whichever message arrives last, the newer state wins.
     #[prost(uint64, tag = "5")]
     pub sequence: u64,
+    /// The sender's epoch: a random non-zero number its sequence source picks when it is created
+    /// (the node library: once per process), sent with every sequenced message; 0 (unset) is the
+    /// epoch of senders older than the field. Never reuse one.
+    ///
+    /// Reset rule: the bridge remembers, per node identity, the epochs it has applied messages of
+    /// (the last 64). A sequenced message of an epoch it has not seen is applied whatever its
+    /// sequence, and its sequence becomes the mark, also when that is lower; the ordering rule
+    /// above then holds again, for every epoch. So a node whose mark went wrong (a clock far in the
+    /// future, a corrupt persisted counter, u64 max) recovers by starting a new epoch (restarting),
+    /// not by restarting its bridges. The first message of a new epoch is not checked against
+    /// older ones: a node runs one publishing process per identity, or follows a restart with a
+    /// snapshot.
+    ///
+    /// Field 16: 6 to 15 (one-byte keys) are left for new commands of the body.
+    #[prost(uint64, tag = "16")]
+    pub epoch: u64,
     #[prost(oneof = "control_message::Body", tags = "2, 3, 4")]
     pub body: ::core::option::Option<control_message::Body>,
 }

@@ -27,8 +27,8 @@
 #
 # A failure is an exit with a non-zero status or a hung daemon (killed). The back-off
 # resets after the daemon ran for a whole window. Exit status: the daemon's own when it
-# exits 0 (not restarted, as systemd's Restart=on-failure), 64 at once if it exits 64
-# (invalid configuration: restarting cannot fix it), 0 after SIGTERM/SIGINT (forwarded to
+# exits 0 (not restarted, as systemd's Restart=on-failure), 78 at once if it exits 78
+# (EX_CONFIG, invalid configuration: restarting cannot fix it), 0 after SIGTERM/SIGINT (forwarded to
 # the daemon, which drains), 1 when giving up, 2 on bad usage.
 
 set -u
@@ -145,9 +145,9 @@ while [ "$stopping" -eq 0 ]; do
                 log "daemon exited with status 0; not restarting"
                 exit 0
             fi
-            if [ "$rc" -eq 64 ]; then
-                log "daemon exited with status 64 (invalid configuration); not restarting: fix the configuration"
-                exit 64
+            if [ "$rc" -eq 78 ]; then
+                log "daemon exited with status 78 (invalid configuration); not restarting: fix the configuration"
+                exit 78
             fi
             reason="exited with status $rc"
             break

@@ -692,7 +692,7 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
 }
 
 #[tokio::test]
-async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
+async fn bad_config_lists_every_problem_and_exits_78_ex_config() -> Result<()> {
     use drawbridge_testkit::daemon::{binary, Kind};
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("bad.toml");
@@ -706,7 +706,7 @@ async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
         .env_remove("DRAWBRIDGE_FLOAT__LISTEN")
         .output()
         .await?;
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     for key in [
         "float.listen",
@@ -720,7 +720,7 @@ async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
         .env("DRAWBRIDGE_BRIDGE__WINDOW", "0")
         .output()
         .await?;
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("bridge.window") && err.contains("bridge.tls_cert"),

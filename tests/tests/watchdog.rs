@@ -41,7 +41,8 @@ fn watchdog(dir: &Path, port: u16, mode: &str, flags: &[&str]) -> Result<Child> 
     let log = std::fs::File::create(dir.join("watchdog.log"))?;
     let mut cmd = Command::new("bash");
     cmd.arg(repo().join("scripts/watchdog.sh"))
-        .args(["--admin", &format!("127.0.0.1:{port}")])
+        // A port alone: the admin address forms of `drawbridge status`.
+        .args(["--admin", &port.to_string()])
         .args(flags)
         .arg("--")
         .arg("python3")

@@ -15,7 +15,7 @@ async fn main() {
         &["broker.uris", "float.crls", "float.crl_urls"],
         FloatConfig::from_reader,
     );
-    logging::init(cfg.log_format, "info");
+    logging::init(cfg.log_format, &cfg.log_level);
     let shutdown = shutdown::on_signal();
     // systemd (Type=notify): readiness, status, watchdog; a no-op elsewhere.
     let service = Service::from_env();

@@ -698,7 +698,7 @@ async fn bad_config_lists_every_problem_and_exits_78_ex_config() -> Result<()> {
     let cfg = dir.path().join("bad.toml");
     std::fs::write(
         &cfg,
-        "[float]\nlisten = \"nowhere\"\nmax_conections = 5\n[broker]\nuris = []\n",
+        "[float]\nlisten = \"nowhere\"\nmax_conections = 5\n[broker]\nuris = []\n[log]\nlevel = \"verbose\"\n",
     )?;
     let out = tokio::process::Command::new(binary(Kind::Float)?)
         .arg("--config")
@@ -713,6 +713,7 @@ async fn bad_config_lists_every_problem_and_exits_78_ex_config() -> Result<()> {
         "float.max_conections: unknown key",
         "float.tls_cert",
         "broker.uris",
+        "log.level: `verbose` names no level",
     ] {
         assert!(err.contains(key), "{key} missing from:\n{err}");
     }

@@ -159,6 +159,14 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         .ok()
 }
 
+/// [`install_metrics`] for `daemon`, with every metric it exports described (`# HELP`),
+/// `drawbridge_build_info` set and the process metrics on ([`crate::metrics_catalog`]).
+pub fn install_metrics_for(daemon: crate::metrics_catalog::Daemon) -> Option<PrometheusHandle> {
+    let handle = install_metrics()?;
+    crate::metrics_catalog::describe(daemon);
+    Some(handle)
+}
+
 /// Serve the admin port on `addr` until `shutdown`. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
@@ -227,7 +235,10 @@ async fn status(State(s): State<Shared>) -> impl IntoResponse {
 
 async fn render_metrics(State(s): State<Shared>) -> impl IntoResponse {
     match s.metrics {
-        Some(h) => (StatusCode::OK, h.render()),
+        Some(h) => {
+            crate::metrics_catalog::collect_process();
+            (StatusCode::OK, h.render())
+        }
         None => (
             StatusCode::NOT_FOUND,
             "metrics recorder not installed\n".to_string(),

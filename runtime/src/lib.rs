@@ -15,6 +15,7 @@ pub mod headers;
 pub mod logging;
 pub mod lograte;
 pub mod mapping;
+pub mod metrics_catalog;
 pub mod revocation;
 pub mod sd_notify;
 pub mod shutdown;

@@ -974,6 +974,50 @@ async fn metrics_count_what_was_sent_per_link_and_per_peer() -> Result<()> {
         2.0,
         "{fm}"
     );
+    // As Prometheus users expect: a `# HELP` for every metric, the build, the process.
+    for m in [&bm, &fm] {
+        let types: Vec<&str> = m
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(types.len() > 5, "{m}");
+        for name in types {
+            assert!(
+                m.lines()
+                    .any(|l| l.starts_with(&format!("# HELP {name} ")) && l.len() > name.len() + 12),
+                "no HELP for {name}:\n{m}"
+            );
+        }
+        let build = samples(m)
+            .into_iter()
+            .find(|(n, _, _)| n == "drawbridge_build_info")
+            .unwrap_or_else(|| panic!("no drawbridge_build_info:\n{m}"));
+        assert_eq!(build.2, 1.0, "{m}");
+        assert_eq!(
+            build.1.get("version").map(String::as_str),
+            Some(env!("CARGO_PKG_VERSION")),
+            "{m}"
+        );
+        let commit = build.1.get("commit").cloned().unwrap_or_default();
+        assert!(
+            commit == "unknown"
+                || (commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "commit {commit:?}"
+        );
+        // CPU time is whole seconds (a counter): present, maybe 0 this early.
+        assert!(
+            samples(m).iter().any(|(n, _, _)| n == "process_cpu_seconds_total"),
+            "{m}"
+        );
+        for process in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(sample(m, process, &[]) > 0.0, "{process}:\n{m}");
+        }
+    }
     Ok(())
 }
 

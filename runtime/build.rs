@@ -14,23 +14,16 @@ fn git(args: &[&str]) -> Option<String> {
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DRAWBRIDGE_BUILD_COMMIT");
-    // HEAD (a branch switch) and the branch's ref (a commit) of this work tree; packed-refs
-    // for refs git packed. Paths from git itself, so linked work trees work too.
-    if let Some(head) = git(&["rev-parse", "--path-format=absolute", "--git-path", "HEAD"]) {
-        println!("cargo:rerun-if-changed={head}");
-    }
-    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(r) = git(&["rev-parse", "--path-format=absolute", "--git-path", &branch]) {
-            println!("cargo:rerun-if-changed={r}");
+    // HEAD (a branch switch), the branch's ref (a commit) and packed-refs, those that exist
+    // (cargo re-runs a script whose watched path is missing on every build). Paths from git
+    // itself, so linked work trees work too.
+    let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+    for name in ["HEAD", "packed-refs"].into_iter().chain(branch.as_deref()) {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", name])
+            .filter(|p| std::path::Path::new(p).exists())
+        {
+            println!("cargo:rerun-if-changed={path}");
         }
-    }
-    if let Some(packed) = git(&[
-        "rev-parse",
-        "--path-format=absolute",
-        "--git-path",
-        "packed-refs",
-    ]) {
-        println!("cargo:rerun-if-changed={packed}");
     }
     let commit = std::env::var("DRAWBRIDGE_BUILD_COMMIT")
         .ok()

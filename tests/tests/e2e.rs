@@ -1007,7 +1007,9 @@ async fn metrics_count_what_was_sent_per_link_and_per_peer() -> Result<()> {
         );
         // CPU time is whole seconds (a counter): present, maybe 0 this early.
         assert!(
-            samples(m).iter().any(|(n, _, _)| n == "process_cpu_seconds_total"),
+            samples(m)
+                .iter()
+                .any(|(n, _, _)| n == "process_cpu_seconds_total"),
             "{m}"
         );
         for process in [

@@ -99,7 +99,13 @@ fn toolchain_file_names_stable_with_fmt_and_clippy() -> Result<()> {
 fn every_emitted_metric_has_a_help_text() -> Result<()> {
     use drawbridge_runtime::metrics_catalog::CATALOG;
     let mut emitted = std::collections::BTreeSet::new();
-    for dir in ["bridge/src", "float/src", "runtime/src", "certs/src", "node/src"] {
+    for dir in [
+        "bridge/src",
+        "float/src",
+        "runtime/src",
+        "certs/src",
+        "node/src",
+    ] {
         let mut stack = vec![repo().join(dir)];
         while let Some(d) = stack.pop() {
             for entry in std::fs::read_dir(&d)? {

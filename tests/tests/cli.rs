@@ -57,6 +57,9 @@ async fn cli(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
         .with_context(|| format!("{} (build it with cargo build --bins)", path.display()))
 }
 
+/// Arguments naming the admin address, and environment variables.
+type AddressForm<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -92,7 +95,7 @@ async fn status_check_exits_non_zero_until_ready_at_every_address_form() -> Resu
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("NOT READY"), "{}", text(&out));
 
-    let forms: [(&[&str], &[(&str, &str)]); 4] = [
+    let forms: [AddressForm; 4] = [
         (&["--admin", &port], &[]),
         (&["--admin", &url], &[]),
         (&["--admin", &addr.to_string()], &[]),
@@ -167,7 +170,7 @@ async fn step_down_takes_the_same_address_forms() -> Result<()> {
     drawbridge_testkit::rabbit::write_private(&token, "secret\n")?;
     let token = token.to_str().context("token path")?;
     let url = format!("http://{addr}");
-    let forms: [(&[&str], &[(&str, &str)]); 4] = [
+    let forms: [AddressForm; 4] = [
         (&["--admin", &addr.port().to_string()], &[]),
         (&["--admin", &url], &[]),
         (&["--admin", &addr.to_string()], &[]),

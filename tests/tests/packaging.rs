@@ -124,7 +124,7 @@ fn packages_install_what_the_units_expect() -> Result<()> {
             "drawbridge: {installed} differs from {source}"
         );
     }
-    for (name, _) in &debs {
+    for name in debs.keys() {
         check_doc_links(&scratch.path().join(name), name)?;
     }
     for page in [

@@ -6,6 +6,9 @@
 #   (tests/tests/packaging.rs).
 #   DRAWBRIDGE_FUZZ_SMOKE=1 (or CI=true) also runs each fuzz target briefly (scripts/fuzz.sh),
 #   if the nightly toolchain and cargo-fuzz are installed.
+#   DRAWBRIDGE_DENY=1 (or CI=true) also checks the dependencies with cargo-deny (deny.toml:
+#   bans, licenses, sources; advisories when the RustSec database is at hand), installing
+#   cargo-deny if missing (skipped, saying why, when it cannot be installed).
 # RabbitMQ nodes are private (started by the tests on free loopback ports); the system
 # RabbitMQ service is neither needed nor touched.
 set -euo pipefail
@@ -60,6 +63,30 @@ if [[ "${DRAWBRIDGE_FUZZ_SMOKE:-}" == "1" || "${CI:-}" == "true" ]]; then
         echo "test.sh: fuzz smoke run (${DRAWBRIDGE_FUZZ_SECONDS:-20} s per target)"
         if ! ./scripts/fuzz.sh "${DRAWBRIDGE_FUZZ_SECONDS:-20}"; then
             failed+=("fuzz smoke run")
+        fi
+    fi
+fi
+
+# Supply chain (docs/security.md, "Supply chain"): cargo-deny against deny.toml. Advisories
+# need the RustSec database, fetched from the network: checked only when a copy is present
+# (~/.cargo/advisory-dbs), without fetching; otherwise skipped with a message.
+if [[ "${DRAWBRIDGE_DENY:-}" == "1" || "${CI:-}" == "true" ]]; then
+    if ! cargo deny --version >/dev/null 2>&1; then
+        echo "test.sh: installing cargo-deny (cargo install cargo-deny --locked)"
+        cargo install cargo-deny --locked --quiet || true
+    fi
+    if ! cargo deny --version >/dev/null 2>&1; then
+        echo "test.sh: cargo-deny check skipped: cargo-deny is not installed and could not be"
+    else
+        checks=(bans licenses sources)
+        if compgen -G "${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/*" >/dev/null; then
+            checks+=(advisories)
+        else
+            echo "test.sh: cargo-deny: advisories skipped: no RustSec database at hand (offline)"
+        fi
+        echo "test.sh: cargo deny check ${checks[*]}"
+        if ! cargo deny --offline check --disable-fetch "${checks[@]}"; then
+            failed+=("cargo deny")
         fi
     fi
 fi

@@ -9,7 +9,9 @@
 #   scripts/watchdog.sh --admin 127.0.0.1:9101 -- drawbridge-bridge --config /etc/drawbridge/bridge.toml
 #
 # Options (each also as an environment variable; flags win). Times are whole seconds.
-#   --admin HOST:PORT    WATCHDOG_ADMIN          admin port to probe (http://HOST:PORT/healthz)
+#   --admin ADDR         WATCHDOG_ADMIN          admin port to probe (http://ADDR/healthz); the
+#                        or DRAWBRIDGE_ADMIN     forms `drawbridge status` takes: HOST:PORT, a port
+#                        =127.0.0.1:9101         (on 127.0.0.1), http://HOST:PORT
 #   --url URL            WATCHDOG_URL            probe this URL instead
 #   --interval S         WATCHDOG_INTERVAL=5     time between probes
 #   --probe-timeout S    WATCHDOG_PROBE_TIMEOUT=3  curl --max-time of one probe
@@ -27,8 +29,8 @@
 #
 # A failure is an exit with a non-zero status or a hung daemon (killed). The back-off
 # resets after the daemon ran for a whole window. Exit status: the daemon's own when it
-# exits 0 (not restarted, as systemd's Restart=on-failure), 64 at once if it exits 64
-# (invalid configuration: restarting cannot fix it), 0 after SIGTERM/SIGINT (forwarded to
+# exits 0 (not restarted, as systemd's Restart=on-failure), 78 at once if it exits 78
+# (EX_CONFIG, invalid configuration: restarting cannot fix it), 0 after SIGTERM/SIGINT (forwarded to
 # the daemon, which drains), 1 when giving up, 2 on bad usage.
 
 set -u
@@ -38,7 +40,7 @@ usage() {
     exit 2
 }
 
-admin=${WATCHDOG_ADMIN:-}
+admin=${WATCHDOG_ADMIN:-${DRAWBRIDGE_ADMIN:-127.0.0.1:9101}}
 url=${WATCHDOG_URL:-}
 interval=${WATCHDOG_INTERVAL:-5}
 probe_timeout=${WATCHDOG_PROBE_TIMEOUT:-3}
@@ -52,7 +54,7 @@ stop_timeout=${WATCHDOG_STOP_TIMEOUT:-45}
 
 while [ $# -gt 0 ]; do
     case $1 in
-        --admin) admin=${2:?--admin needs HOST:PORT}; shift 2 ;;
+        --admin) admin=${2:?--admin needs HOST:PORT, a port or http://HOST:PORT}; shift 2 ;;
         --url) url=${2:?--url needs a URL}; shift 2 ;;
         --interval) interval=${2:?}; shift 2 ;;
         --probe-timeout) probe_timeout=${2:?}; shift 2 ;;
@@ -77,8 +79,15 @@ for n in "$interval" "$probe_timeout" "$probe_failures" "$start_grace" "$backoff
     esac
 done
 if [ -z "$url" ]; then
-    [ -n "$admin" ] || { echo "watchdog: give --admin HOST:PORT or --url URL" >&2; exit 2; }
-    url="http://$admin/healthz"
+    # The admin address forms of the CLI (runtime/src/admin.rs, AdminAddress).
+    addr=${admin#http://}
+    addr=${addr%/}
+    case $addr in
+        '' | *://* | */* | :* | *:) echo "watchdog: --admin '$admin': expected HOST:PORT, a port or http://HOST:PORT" >&2; exit 2 ;;
+        *[!0-9]*) ;;
+        *) addr=127.0.0.1:$addr ;;
+    esac
+    url="http://$addr/healthz"
 fi
 command -v curl >/dev/null || { echo "watchdog: curl is required" >&2; exit 2; }
 
@@ -145,9 +154,9 @@ while [ "$stopping" -eq 0 ]; do
                 log "daemon exited with status 0; not restarting"
                 exit 0
             fi
-            if [ "$rc" -eq 64 ]; then
-                log "daemon exited with status 64 (invalid configuration); not restarting: fix the configuration"
-                exit 64
+            if [ "$rc" -eq 78 ]; then
+                log "daemon exited with status 78 (invalid configuration); not restarting: fix the configuration"
+                exit 78
             fi
             reason="exited with status $rc"
             break

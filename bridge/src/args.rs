@@ -9,9 +9,9 @@ use std::path::PathBuf;
 #[derive(Debug, clap::Parser)]
 #[command(name = "drawbridge-bridge", version)]
 #[command(
-    after_help = "Exit status: 0 after a clean drain (SIGTERM), 64 on invalid \
+    after_help = "Exit status: 0 after a clean drain (SIGTERM), 78 (EX_CONFIG) on invalid \
 configuration (every bad key is logged), 1 when it cannot start.\n\
-Documentation: /usr/share/doc/drawbridge-bridge/ (operations.md, configuration.md, runbooks.md)."
+Documentation: /usr/share/doc/drawbridge-bridge/docs/ (operations.md, configuration.md, runbooks.md)."
 )]
 pub struct Args {
     /// Configuration file (TOML). Every key can also be set as DRAWBRIDGE_SECTION__KEY.

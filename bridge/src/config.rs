@@ -122,6 +122,8 @@ pub struct BridgeConfig {
     pub ha: HaConfig,
     /// Log format.
     pub log_format: LogFormat,
+    /// Log level or filter (`log.level`); `RUST_LOG` wins when set.
+    pub log_level: String,
 }
 
 impl BridgeConfig {
@@ -299,6 +301,7 @@ impl BridgeConfig {
             admin_token,
             ha,
             log_format: r.get("log.format", LogFormat::Human),
+            log_level: drawbridge_runtime::logging::read_level(&mut r),
         };
         r.check(
             "bridge.reconnect_max",

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use drawbridge_bridge::{Args, BridgeConfig};
-use drawbridge_runtime::{admin, daemon, logging, sd_notify::Service, shutdown};
+use drawbridge_runtime::{admin, daemon, logging, metrics_catalog, sd_notify::Service, shutdown};
 
 #[tokio::main]
 async fn main() {
@@ -15,12 +15,17 @@ async fn main() {
         &["broker.uris", "bridge.crls", "bridge.crl_urls"],
         BridgeConfig::from_reader,
     );
-    logging::init(cfg.log_format, "info");
+    logging::init(cfg.log_format, &cfg.log_level);
     let shutdown = shutdown::on_signal();
     // systemd (Type=notify): readiness, status, watchdog; a no-op elsewhere.
     let service = Service::from_env();
-    match drawbridge_bridge::start_with_service(cfg, admin::install_metrics(), shutdown, service)
-        .await
+    match drawbridge_bridge::start_with_service(
+        cfg,
+        admin::install_metrics_for(metrics_catalog::Daemon::Bridge),
+        shutdown,
+        service,
+    )
+    .await
     {
         Ok(running) => {
             let _ = running.done.await;

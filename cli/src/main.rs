@@ -15,7 +15,9 @@ mod generate;
 mod status;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Drawbridge operator CLI")]
+// `name`: the installed binary's name (the crate is drawbridge-cli), so `--version` prints
+// `drawbridge <version>` like other tools.
+#[command(name = "drawbridge", version, about = "Drawbridge operator CLI")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -94,21 +96,26 @@ enum Cmd {
     /// Show a daemon's status (its admin port's /status) as a table: a bridge's role
     /// (active / standby), readiness and links (state, since, peer, in flight, forwarded,
     /// canary, last error); a float's peers.
+    ///
+    /// With --check, the exit code answers a readiness question (like `rabbitmq-diagnostics
+    /// check_running`): 0 when it holds, 1 when it does not or the daemon cannot be reached.
     Status {
-        /// Admin address, e.g. 127.0.0.1:9090.
-        #[arg(long)]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminArg,
         /// Print the /status JSON instead of the table.
         #[arg(long)]
         json: bool,
+        /// Exit 1 unless the daemon is ready (`/readyz`); `converged` or `links` ask the
+        /// stricter questions (`/readyz?converged`, `/readyz?links`).
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "ready", value_name = "QUESTION")]
+        check: Option<Check>,
     },
     /// Ask the active bridge to step down (`POST /step-down` on its admin port): it drains its
     /// links, releases the leader lock and stays standby for `bridge.ha_hold_off`, so another
     /// bridge takes over. A standby answers "not active" (exit code 3).
     StepDown {
-        /// Admin address of the bridge, e.g. http://127.0.0.1:9101 (or 127.0.0.1:9101).
-        #[arg(long)]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArg,
         /// File holding the bearer token (the bridge's `admin.token_file`; owner-only).
         #[arg(long)]
         token_file: PathBuf,
@@ -138,6 +145,35 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// A daemon's admin port, the same forms for every subcommand (and `scripts/watchdog.sh`).
+#[derive(Debug, clap::Args)]
+struct AdminArg {
+    /// Admin address: host:port, a port alone (127.0.0.1), or http://host:port.
+    #[arg(long = "admin", env = "DRAWBRIDGE_ADMIN", default_value = drawbridge_runtime::admin::DEFAULT_ADMIN)]
+    address: drawbridge_runtime::admin::AdminAddress,
+}
+
+/// `status --check`'s readiness questions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Check {
+    /// `/readyz`: serving (a bridge: broker connected, control queue consumed).
+    Ready,
+    /// `/readyz?converged`: a bridge doing what its node asked (links started).
+    Converged,
+    /// `/readyz?links`: converged and every link up.
+    Links,
+}
+
+impl Check {
+    fn path(self) -> &'static str {
+        match self {
+            Check::Ready => "/readyz",
+            Check::Converged => "/readyz?converged",
+            Check::Links => "/readyz?links",
+        }
+    }
 }
 
 /// How to reach the node's broker: the URI and, for `amqps://`, the TLS material (the same
@@ -486,7 +522,9 @@ async fn run(cli: Cli) -> Result<i32> {
             );
             Ok(if r.complete() { 0 } else { 1 })
         }
-        Cmd::Status { admin, json } => {
+        Cmd::Status { admin, json, check } => {
+            let name = admin.address;
+            let admin = name.resolve().with_context(|| format!("--admin {name}"))?;
             let (code, body) = drawbridge_runtime::admin::fetch(admin, "/status").await?;
             if code != 200 {
                 bail!("{admin} answered {code}");
@@ -500,15 +538,25 @@ async fn run(cli: Cli) -> Result<i32> {
                     status::render(&v, drawbridge_runtime::daemon::unix_ms())
                 );
             }
-            Ok(0)
+            let Some(check) = check else {
+                return Ok(0);
+            };
+            let (code, why) = drawbridge_runtime::admin::fetch(admin, check.path()).await?;
+            if code == 200 {
+                Ok(0)
+            } else {
+                eprintln!("drawbridge: {name} {}: {}", check.path(), why.trim());
+                Ok(1)
+            }
         }
         Cmd::StepDown { admin, token_file } => {
+            let admin = admin.address;
             let token = drawbridge_runtime::broker::read_password_file(
                 &token_file,
                 drawbridge_certs::KeyFileAccess::OwnerOnly,
             )
             .map_err(|e| anyhow::anyhow!("--token-file: {e}"))?;
-            let (code, body) = drawbridge_runtime::admin::post_step_down(&admin, &token)
+            let (code, body) = drawbridge_runtime::admin::post_step_down(&admin.base_url(), &token)
                 .await
                 .map_err(|e| anyhow::anyhow!("{admin}: {e}"))?;
             print!("{body}");

@@ -128,6 +128,8 @@ pub struct FloatConfig {
     pub drain_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Log level or filter (`log.level`); `RUST_LOG` wins when set.
+    pub log_level: String,
 }
 
 impl FloatConfig {
@@ -370,6 +372,7 @@ impl FloatConfig {
             admin_listen: parse_addr(&mut r, "admin.listen", false),
             drain_grace: r.duration("float.drain_grace", Duration::from_secs(10)),
             log_format: r.get("log.format", LogFormat::Human),
+            log_level: drawbridge_runtime::logging::read_level(&mut r),
         };
         r.check(
             "float.canary_address",

@@ -159,6 +159,14 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         .ok()
 }
 
+/// [`install_metrics`] for `daemon`, with every metric it exports described (`# HELP`),
+/// `drawbridge_build_info` set and the process metrics on ([`crate::metrics_catalog`]).
+pub fn install_metrics_for(daemon: crate::metrics_catalog::Daemon) -> Option<PrometheusHandle> {
+    let handle = install_metrics()?;
+    crate::metrics_catalog::describe(daemon);
+    Some(handle)
+}
+
 /// Serve the admin port on `addr` until `shutdown`. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
@@ -227,7 +235,10 @@ async fn status(State(s): State<Shared>) -> impl IntoResponse {
 
 async fn render_metrics(State(s): State<Shared>) -> impl IntoResponse {
     match s.metrics {
-        Some(h) => (StatusCode::OK, h.render()),
+        Some(h) => {
+            crate::metrics_catalog::collect_process();
+            (StatusCode::OK, h.render())
+        }
         None => (
             StatusCode::NOT_FOUND,
             "metrics recorder not installed\n".to_string(),
@@ -301,6 +312,82 @@ pub enum FetchError {
     /// The blocking request task could not be run to its end.
     #[error("admin request to {0} was cancelled")]
     Cancelled(SocketAddr),
+}
+
+/// The admin address every operator tool takes when none is given (`--admin`,
+/// `DRAWBRIDGE_ADMIN`): the bridge's admin port in the example configuration.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9101";
+
+/// An admin port as operators write it, the same everywhere (`drawbridge status`,
+/// `drawbridge step-down`, `scripts/watchdog.sh`): `host:port`, a port alone (on
+/// 127.0.0.1, where the examples listen), or `http://host:port` (a trailing `/` allowed).
+/// The port speaks plain HTTP, so `https://` is refused rather than silently downgraded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminAddress {
+    host: String,
+    port: u16,
+}
+
+impl std::str::FromStr for AdminAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let form = "expected host:port, a port, or http://host:port";
+        let rest = match s.split_once("://") {
+            None => s,
+            Some(("http", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "`{s}`: the admin port speaks plain http, not {scheme} ({form})"
+                ))
+            }
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') {
+            return Err(format!("`{s}`: no path allowed ({form})"));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            _ if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) => {
+                ("127.0.0.1", rest)
+            }
+            Some((host, port)) if !host.is_empty() => (host, port),
+            _ => return Err(format!("`{s}`: {form}")),
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{s}`: `{port}` is not a port ({form})"))?;
+        Ok(AdminAddress {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for AdminAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl AdminAddress {
+    /// `http://host:port`, what [`post_step_down`] takes.
+    pub fn base_url(&self) -> String {
+        format!("http://{self}")
+    }
+
+    /// The first socket address the host resolves to, what [`fetch`] takes.
+    pub fn resolve(&self) -> std::io::Result<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        (host, self.port).to_socket_addrs()?.next().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{self}: the host has no address"),
+            )
+        })
+    }
 }
 
 /// How long [`fetch`] waits for a complete answer.
@@ -497,6 +584,41 @@ mod tests {
             .unwrap();
         assert_eq!(r.0, 404, "{r:?}");
         stop.cancel();
+    }
+
+    #[test]
+    fn admin_addresses_take_the_same_forms_everywhere() {
+        for (given, want) in [
+            ("127.0.0.1:9101", "127.0.0.1:9101"),
+            ("9102", "127.0.0.1:9102"),
+            ("http://127.0.0.1:9101", "127.0.0.1:9101"),
+            ("http://localhost:9101/", "localhost:9101"),
+            ("[::1]:9101", "[::1]:9101"),
+            (DEFAULT_ADMIN, "127.0.0.1:9101"),
+        ] {
+            let a: AdminAddress = given.parse().unwrap_or_else(|e| panic!("{given}: {e}"));
+            assert_eq!(a.to_string(), want, "{given}");
+            assert_eq!(a.base_url(), format!("http://{want}"));
+        }
+        assert_eq!(
+            "[::1]:9101"
+                .parse::<AdminAddress>()
+                .unwrap()
+                .resolve()
+                .unwrap(),
+            "[::1]:9101".parse::<SocketAddr>().unwrap()
+        );
+        for bad in [
+            "",
+            "https://127.0.0.1:9101",
+            "host",
+            "host:0",
+            "host:99999",
+            "http://h:1/status",
+            ":9101",
+        ] {
+            assert!(bad.parse::<AdminAddress>().is_err(), "{bad} accepted");
+        }
     }
 
     #[tokio::test]

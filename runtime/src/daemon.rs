@@ -1,4 +1,4 @@
-//! What both daemon binaries do around their own logic: load the config (exit 64 with
+//! What both daemon binaries do around their own logic: load the config (exit 78 with
 //! every problem listed), set up logging, turn SIGTERM into a shutdown token, and report
 //! start-up failures.
 
@@ -27,7 +27,8 @@ pub enum StartError {
 }
 
 /// Load the configuration from `file` and the `DRAWBRIDGE_...` environment and build it
-/// with `build`; on any problem print them all, prefixed with `name`, and exit with 64.
+/// with `build`; on any problem print them all, prefixed with `name`, and exit with
+/// [`EXIT_CONFIG`] (78).
 pub fn load_config_or_exit<T>(
     name: &str,
     file: Option<&Path>,

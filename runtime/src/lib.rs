@@ -16,11 +16,14 @@ pub mod headers;
 pub mod logging;
 pub mod lograte;
 pub mod mapping;
+pub mod metrics_catalog;
 pub mod revocation;
 pub mod sd_notify;
 pub mod shutdown;
 pub mod text;
 pub mod tls_reload;
 
-/// Exit code for invalid configuration or command line (`EX_USAGE` from sysexits.h).
-pub const EXIT_CONFIG: i32 = 64;
+/// Exit code for invalid configuration (`EX_CONFIG` from sysexits.h, 78, which systemd also
+/// names `CONFIG`): the units' `RestartPreventExitStatus=78` and `scripts/watchdog.sh` do not
+/// restart a daemon that exits with it, since restarting cannot fix the file.
+pub const EXIT_CONFIG: i32 = 78;

@@ -15,10 +15,56 @@ pub enum LogFormat {
     Json,
 }
 
-/// Install the global subscriber. `RUST_LOG` wins over `default_filter`.
-pub fn init(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+/// The level when neither `log.level` nor `RUST_LOG` says one.
+pub const DEFAULT_LEVEL: &str = "info";
+
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Read `log.level`: a level (`info`), or a level and per-target levels as `RUST_LOG` takes
+/// them (`info,lapin=warn`). Checked here rather than left to the filter parser, which takes
+/// any bare word as a target name: `level = "verbose"` would silently log only a target
+/// called `verbose`.
+pub fn read_level(r: &mut crate::config::ConfigReader) -> String {
+    let level: String = r.get("log.level", DEFAULT_LEVEL.to_string());
+    if let Err(why) = check_level(&level) {
+        r.invalid("log.level", why);
+    }
+    level
+}
+
+fn check_level(level: &str) -> Result<(), String> {
+    let form = "write a level (trace, debug, info, warn, error, off), optionally with per-target levels: info,lapin=warn";
+    if level.trim().is_empty() {
+        return Err(format!("empty ({form})"));
+    }
+    for directive in level.split(',').map(str::trim) {
+        let lvl = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
+            return Err(format!("`{directive}` names no level ({form})"));
+        }
+    }
+    EnvFilter::builder()
+        .parse(level)
+        .map(drop)
+        .map_err(|e| format!("`{level}`: {e} ({form})"))
+}
+
+/// The filter that applies: `RUST_LOG` when set (non-empty), so an operator can turn on
+/// debug logging for one run without editing the file; else `log.level`.
+pub fn effective_filter<'a>(config_level: &'a str, rust_log: Option<&'a str>) -> &'a str {
+    match rust_log {
+        Some(env) if !env.trim().is_empty() => env,
+        _ => config_level,
+    }
+}
+
+/// Install the global subscriber, filtered by `RUST_LOG` if set, else by `config_level`
+/// (`log.level`; see [`effective_filter`]). An unparsable `RUST_LOG` falls back to
+/// `config_level`.
+pub fn init(format: LogFormat, config_level: &str) {
+    let rust_log = std::env::var(EnvFilter::DEFAULT_ENV).ok();
+    let wanted = effective_filter(config_level, rust_log.as_deref());
+    let filter = EnvFilter::try_new(wanted).unwrap_or_else(|_| EnvFilter::new(config_level));
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -27,4 +73,37 @@ pub fn init(format: LogFormat, default_filter: &str) {
         LogFormat::Human => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigReader;
+
+    fn level(toml: &str) -> Result<String, String> {
+        let mut r = ConfigReader::from_toml(toml).unwrap();
+        let level = read_level(&mut r);
+        r.finish().map(|()| level).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn log_level_takes_levels_and_per_target_levels() {
+        assert_eq!(level("").unwrap(), "info");
+        assert_eq!(level("[log]\nlevel = \"debug\"").unwrap(), "debug");
+        assert_eq!(
+            level("[log]\nlevel = \"info,lapin=warn\"").unwrap(),
+            "info,lapin=warn"
+        );
+        for bad in ["verbose", "", "info,lapin=loud", "debug,"] {
+            let err = level(&format!("[log]\nlevel = \"{bad}\"")).unwrap_err();
+            assert!(err.contains("log.level"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn rust_log_wins_over_the_configured_level_when_set() {
+        assert_eq!(effective_filter("warn", Some("debug")), "debug");
+        assert_eq!(effective_filter("warn", Some("")), "warn");
+        assert_eq!(effective_filter("warn", None), "warn");
+    }
 }

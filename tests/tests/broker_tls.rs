@@ -364,7 +364,7 @@ async fn a_world_readable_password_file_stops_the_daemon() -> Result<()> {
         .output()
         .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("broker.password_file"), "{stderr}");
     assert!(stderr.contains("mode 0644"), "{stderr}");
     assert!(
@@ -380,7 +380,7 @@ async fn a_world_readable_password_file_stops_the_daemon() -> Result<()> {
         .output()
         .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("allow_group_readable_key"), "{stderr}");
     let mut float = Daemon::start(
         Kind::Float,

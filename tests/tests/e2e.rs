@@ -797,13 +797,13 @@ async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -
 }
 
 #[tokio::test]
-async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
+async fn bad_config_lists_every_problem_and_exits_78_ex_config() -> Result<()> {
     use drawbridge_testkit::daemon::{binary, Kind};
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("bad.toml");
     std::fs::write(
         &cfg,
-        "[float]\nlisten = \"nowhere\"\nmax_conections = 5\n[broker]\nuris = []\n",
+        "[float]\nlisten = \"nowhere\"\nmax_conections = 5\n[broker]\nuris = []\n[log]\nlevel = \"verbose\"\n",
     )?;
     let out = tokio::process::Command::new(binary(Kind::Float)?)
         .arg("--config")
@@ -811,13 +811,14 @@ async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
         .env_remove("DRAWBRIDGE_FLOAT__LISTEN")
         .output()
         .await?;
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     for key in [
         "float.listen",
         "float.max_conections: unknown key",
         "float.tls_cert",
         "broker.uris",
+        "log.level: `verbose` names no level",
     ] {
         assert!(err.contains(key), "{key} missing from:\n{err}");
     }
@@ -825,7 +826,7 @@ async fn bad_config_lists_every_problem_and_exits_64() -> Result<()> {
         .env("DRAWBRIDGE_BRIDGE__WINDOW", "0")
         .output()
         .await?;
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("bridge.window") && err.contains("bridge.tls_cert"),
@@ -1080,6 +1081,52 @@ async fn metrics_count_what_was_sent_per_link_and_per_peer() -> Result<()> {
         2.0,
         "{fm}"
     );
+    // As Prometheus users expect: a `# HELP` for every metric, the build, the process.
+    for m in [&bm, &fm] {
+        let types: Vec<&str> = m
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(types.len() > 5, "{m}");
+        for name in types {
+            assert!(
+                m.lines()
+                    .any(|l| l.starts_with(&format!("# HELP {name} ")) && l.len() > name.len() + 12),
+                "no HELP for {name}:\n{m}"
+            );
+        }
+        let build = samples(m)
+            .into_iter()
+            .find(|(n, _, _)| n == "drawbridge_build_info")
+            .unwrap_or_else(|| panic!("no drawbridge_build_info:\n{m}"));
+        assert_eq!(build.2, 1.0, "{m}");
+        assert_eq!(
+            build.1.get("version").map(String::as_str),
+            Some(env!("CARGO_PKG_VERSION")),
+            "{m}"
+        );
+        let commit = build.1.get("commit").cloned().unwrap_or_default();
+        assert!(
+            commit == "unknown"
+                || (commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "commit {commit:?}"
+        );
+        // CPU time is whole seconds (a counter): present, maybe 0 this early.
+        assert!(
+            samples(m)
+                .iter()
+                .any(|(n, _, _)| n == "process_cpu_seconds_total"),
+            "{m}"
+        );
+        for process in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(sample(m, process, &[]) > 0.0, "{process}:\n{m}");
+        }
+    }
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //! from this tree, unpacked into a scratch root with `dpkg -x`, and checked against what the
 //! systemd units expect of the file system — the binary of `ExecStart=` (runnable), the user
 //! of `User=` (created by the postinst), the pages of `Documentation=`, the example
-//! configuration, man pages and completions — and that no two packages own the same file.
+//! configuration (with /etc/drawbridge paths), man pages and completions, the /etc/default
+//! file, the documentation with every page's links resolving inside the package, the
+//! monitoring files under /usr/share/drawbridge/ — and that no two packages own the same file.
 //!
 //! Ignored by default: it builds the release binaries and needs `cargo-deb` (package.sh
 //! installs it). `scripts/test.sh` runs it in CI:
@@ -101,9 +103,30 @@ fn packages_install_what_the_units_expect() -> Result<()> {
     let cli_root = scratch.path().join("drawbridge");
     let version = run(Command::new(cli_root.join("usr/bin/drawbridge")).arg("--version"))?;
     ensure!(
-        version.contains(env!("CARGO_PKG_VERSION")),
+        version == format!("drawbridge {}\n", env!("CARGO_PKG_VERSION")),
         "drawbridge --version: {version}"
     );
+    // The monitoring files, under /usr/share/drawbridge/ as they are in deploy/.
+    for (installed, source) in [
+        (
+            "usr/share/drawbridge/prometheus/alerts.yml",
+            "deploy/prometheus/alerts.yml",
+        ),
+        (
+            "usr/share/drawbridge/grafana/drawbridge.json",
+            "deploy/grafana/drawbridge.json",
+        ),
+    ] {
+        let text = fs::read_to_string(cli_root.join(installed))
+            .with_context(|| format!("drawbridge: {installed}"))?;
+        ensure!(
+            text == fs::read_to_string(repo().join(source))?,
+            "drawbridge: {installed} differs from {source}"
+        );
+    }
+    for name in debs.keys() {
+        check_doc_links(&scratch.path().join(name), name)?;
+    }
     for page in [
         "drawbridge.1.gz",
         "drawbridge-status.1.gz",
@@ -162,6 +185,35 @@ fn packages_install_what_the_units_expect() -> Result<()> {
         ensure!(
             example_text == fs::read_to_string(repo().join(format!("examples/{daemon}.toml")))?,
             "{package}: packaged example differs from examples/{daemon}.toml"
+        );
+        // Its files are where a packaged install keeps them.
+        for key in ["tls_cert", "tls_key", "trust_roots"] {
+            let value = example_text
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.trim_start().strip_prefix('='))
+                .with_context(|| format!("{package}: example has no {key}"))?;
+            ensure!(
+                value.trim().starts_with("\"/etc/drawbridge/"),
+                "{package}: example {key} ={value} is not under /etc/drawbridge"
+            );
+        }
+
+        // /etc/default/drawbridge-<daemon>: the unit's optional EnvironmentFile=, shipped as a
+        // conffile with nothing set (installing it changes nothing).
+        let default = format!("etc/default/{package}");
+        ensure!(
+            unit_values(&unit, "EnvironmentFile") == [format!("-/{default}")],
+            "{package}: EnvironmentFile {:?}",
+            unit_values(&unit, "EnvironmentFile")
+        );
+        let default_text = fs::read_to_string(root.join(&default))
+            .with_context(|| format!("{package}: /{default} not installed"))?;
+        ensure!(
+            default_text
+                .lines()
+                .all(|l| l.trim().is_empty() || l.starts_with('#'))
+                && default_text.contains("#RUST_LOG="),
+            "{package}: /{default} sets something or lacks RUST_LOG:\n{default_text}"
         );
 
         // Documentation= pages exist in the package (man pages gzipped, as Debian has them).
@@ -231,11 +283,62 @@ fn packages_install_what_the_units_expect() -> Result<()> {
             "{package}: the unit would be started or enabled before it is configured:\n{postinst}"
         );
         run(Command::new("sh").arg("-n").arg(control.join("postinst")))?;
+        let conffiles = fs::read_to_string(control.join("conffiles")).unwrap_or_default();
+        ensure!(
+            conffiles
+                .lines()
+                .any(|l| l == format!("/etc/default/{package}")),
+            "{package}: /etc/default/{package} is not a conffile: {conffiles:?}"
+        );
         let fields = fs::read_to_string(control.join("control"))?;
         ensure!(
             fields.contains("adduser") && fields.contains("libc6"),
             "{package}: Depends: {fields}"
         );
     }
+    Ok(())
+}
+
+/// Every relative link of every Markdown page a package installs leads to a file or
+/// directory the same package installs: the pages are read where they are installed
+/// (`/usr/share/doc/<package>/`), with no repository around them.
+fn check_doc_links(root: &Path, package: &str) -> Result<()> {
+    let doc = root.join("usr/share/doc").join(package);
+    let mut pages = Vec::new();
+    let mut stack = vec![doc.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("{package}: {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "md") {
+                pages.push(path);
+            }
+        }
+    }
+    ensure!(
+        pages.iter().any(|p| p.ends_with("docs/operations.md")),
+        "{package}: docs/operations.md not installed"
+    );
+    let mut broken = Vec::new();
+    for page in &pages {
+        let text = fs::read_to_string(page)?;
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = rest[..end].split('#').next().unwrap_or_default();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = page.parent().unwrap_or(&doc).join(target);
+            if !resolved.exists() {
+                broken.push(format!(
+                    "{} -> {target}",
+                    page.strip_prefix(root).unwrap_or(page).display()
+                ));
+            }
+        }
+    }
+    ensure!(broken.is_empty(), "{package}: broken links: {broken:#?}");
     Ok(())
 }

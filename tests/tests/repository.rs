@@ -91,3 +91,63 @@ fn toolchain_file_names_stable_with_fmt_and_clippy() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every metric the daemons' sources emit (`counter!`, `gauge!`, `histogram!` with a literal
+/// name, and the TLS reload counters passed by name) has a help text in the catalog, so
+/// `/metrics` has a `# HELP` line for it.
+#[test]
+fn every_emitted_metric_has_a_help_text() -> Result<()> {
+    use drawbridge_runtime::metrics_catalog::CATALOG;
+    let mut emitted = std::collections::BTreeSet::new();
+    for dir in [
+        "bridge/src",
+        "float/src",
+        "runtime/src",
+        "certs/src",
+        "node/src",
+    ] {
+        let mut stack = vec![repo().join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path)?;
+                for mac in ["counter!(", "gauge!(", "histogram!("] {
+                    for (i, _) in text.match_indices(mac) {
+                        let rest = text[i + mac.len()..].trim_start();
+                        if let Some(lit) = rest.strip_prefix('"') {
+                            let name = &lit[..lit.find('"').unwrap_or(0)];
+                            if !name.is_empty() {
+                                emitted.insert(name.to_string());
+                            }
+                        }
+                    }
+                }
+                for word in text.split('"') {
+                    if word.starts_with("drawbridge_")
+                        && word.ends_with("_tls_reload_total")
+                        && !word.contains("_test_")
+                    {
+                        emitted.insert(word.to_string());
+                    }
+                }
+            }
+        }
+    }
+    ensure!(emitted.len() > 20, "found only {emitted:?}");
+    let missing: Vec<&String> = emitted
+        .iter()
+        .filter(|name| !CATALOG.iter().any(|(n, _, _)| n == name))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "no help text in runtime/src/metrics_catalog.rs for {missing:?}"
+    );
+    Ok(())
+}

@@ -91,6 +91,11 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "Messages sent to the dead-letter queue (reason in the drawbridge-reason header).",
     ),
     (
+        "drawbridge_bridge_peer_frames_refused_total",
+        Counter,
+        "Float connections closed by the frame guard (malformed or hostile AMQP frames), by reason.",
+    ),
+    (
         "drawbridge_bridge_dead_letter_failures_total",
         Counter,
         "Failed attempts to publish to the dead-letter queue (the link holds the message and retries).",
@@ -205,6 +210,11 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "drawbridge_float_connections_refused_total",
         Counter,
         "Connections refused, by reason.",
+    ),
+    (
+        "drawbridge_float_handshakes_shortened_total",
+        Counter,
+        "Handshakes given the shorter deadline because the handshake pool was over half full.",
     ),
     (
         "drawbridge_float_connections_revoked_total",

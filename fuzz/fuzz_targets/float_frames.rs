@@ -18,29 +18,6 @@ fuzz_target!(|data: &[u8]| {
     };
     let stream = stream.to_vec();
     common::on_worker_stack(move || {
-        let whole = Frames::new(MAX_FRAME).feed(&stream);
-
-        // The same bytes in chunks of 1..=max bytes, sizes from a small xorshift generator.
-        let max = 1 + usize::from(seed & 0x3f);
-        let mut state = u32::from(seed) | 0x100;
-        let mut frames = Frames::new(MAX_FRAME);
-        let mut chunked = Ok(());
-        let mut rest = stream.as_slice();
-        while !rest.is_empty() {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            let n = (1 + state as usize % max).min(rest.len());
-            let (chunk, tail) = rest.split_at(n);
-            chunked = frames.feed(chunk);
-            if chunked.is_err() {
-                break;
-            }
-            rest = tail;
-        }
-        assert_eq!(
-            whole, chunked,
-            "the verdict depends on how the bytes were chunked"
-        );
+        common::same_verdict_in_chunks(seed, &stream, || Frames::new(MAX_FRAME));
     });
 });

@@ -195,6 +195,31 @@ impl Org {
         }
     }
 
+    /// The `drawbridge-reason` of each message taken from this org's dead-letter queue, until
+    /// `n` were taken or `within` ran out ("" for a copy without a reason).
+    pub async fn dead_letter_reasons(&self, n: usize, within: Duration) -> Result<Vec<String>> {
+        use lapin::options::BasicGetOptions;
+        let (_conn, ch) = self.channel().await?;
+        let mut reasons = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        while reasons.len() < n && tokio::time::Instant::now() < deadline {
+            match ch
+                .basic_get(DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
+                .await
+            {
+                Ok(Some(m)) => reasons.push(
+                    drawbridge_stream::header_string(
+                        m.delivery.properties.headers().as_ref(),
+                        drawbridge_runtime::headers::REASON,
+                    )
+                    .unwrap_or_default(),
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        Ok(reasons)
+    }
+
     /// The first broker URI.
     pub fn broker_uri(&self) -> &str {
         &self.broker_uris[0]

@@ -651,25 +651,7 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
         "{r:?}"
     );
 
-    let (_c2, ch2) = p.a.channel().await?;
-    let mut reasons = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while reasons.len() < 4 && tokio::time::Instant::now() < deadline {
-        match ch2
-            .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
-            .await
-        {
-            Ok(Some(m)) => {
-                let reason = stream::header_string(
-                    m.delivery.properties.headers().as_ref(),
-                    "drawbridge-reason",
-                )
-                .unwrap_or_default();
-                reasons.push(reason);
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    let reasons = p.a.dead_letter_reasons(4, Duration::from_secs(30)).await?;
     assert_eq!(reasons.len(), 4, "dead-letter queue: {reasons:?}");
     assert!(
         reasons.iter().any(|r| r.contains("exceeds the maximum")),
@@ -761,24 +743,7 @@ async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -
         "{r:?}\nbridge log:\n{}",
         p.a.bridge.as_ref().unwrap().log_tail(30)
     );
-    let (_c2, ch2) = p.a.channel().await?;
-    let mut reasons = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while reasons.len() < 2 && tokio::time::Instant::now() < deadline {
-        match ch2
-            .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
-            .await
-        {
-            Ok(Some(m)) => reasons.push(
-                stream::header_string(
-                    m.delivery.properties.headers().as_ref(),
-                    "drawbridge-reason",
-                )
-                .unwrap_or_default(),
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    let reasons = p.a.dead_letter_reasons(2, Duration::from_secs(30)).await?;
     assert_eq!(reasons.len(), 2, "dead-letter queue: {reasons:?}");
     assert!(
         reasons[0].contains("at most 14336 are forwarded"),

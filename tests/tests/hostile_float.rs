@@ -514,7 +514,6 @@ async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
 /// Now the reason is cut to 1 KiB and each message is dead-lettered once.
 #[tokio::test]
 async fn a_200_kb_rejection_description_is_cut_in_the_dead_letter_reason() -> Result<()> {
-    use lapin::options::BasicGetOptions;
     drawbridge_certs::install_crypto_provider();
     let node = shared_node().await;
     let dir = tempfile::tempdir()?;
@@ -552,24 +551,7 @@ async fn a_200_kb_rejection_description_is_cut_in_the_dead_letter_reason() -> Re
         |_| {},
     )
     .await?;
-    let (_conn2, ch2) = a.channel().await?;
-    let mut reasons = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while reasons.len() < 3 && tokio::time::Instant::now() < deadline {
-        match ch2
-            .basic_get(world::DEAD_LETTER.into(), BasicGetOptions { no_ack: true })
-            .await
-        {
-            Ok(Some(m)) => reasons.push(
-                stream::header_string(
-                    m.delivery.properties.headers().as_ref(),
-                    "drawbridge-reason",
-                )
-                .unwrap_or_default(),
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    let reasons = a.dead_letter_reasons(3, Duration::from_secs(30)).await?;
     let bridge = a.bridge.as_ref().context("bridge")?;
     assert_eq!(
         reasons.len(),

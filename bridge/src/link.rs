@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drawbridge_certs::{pki_types::CertificateDer, PeerRole};
+use drawbridge_certs::{pki_types::CertificateDer, PeerRefusal, PeerRole};
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::{broker::Live, text};
@@ -211,6 +211,14 @@ pub enum Broken {
         /// The float's legal name.
         peer: String,
         /// Why its chain is refused now.
+        reason: String,
+    },
+    /// A certificate of the float's chain passed its `notAfter` while the link was up.
+    #[error("float `{peer}` disconnected: {reason}")]
+    Expired {
+        /// The float's legal name.
+        peer: String,
+        /// Which certificate expired, and when.
         reason: String,
     },
     /// Our broker connection is gone.
@@ -621,15 +629,22 @@ impl LinkSession<'_> {
         let mut waiting: Option<Box<(Delivery, Message<Data>)>> = None;
         let budget_kib = ctx.bytes_total_kib;
         // The CRLs may change while the link is up: the float is re-checked each time (and
-        // once now, for a change between its handshake and this point).
+        // once now, for a change between its handshake and this point); so it is when a
+        // certificate of its chain reaches its notAfter. The verdict is kept in between.
         let mut crl_changes = ctx.revocation.subscribe();
         let mut crl_open = true;
-        let revoked = || {
-            let chain = self.peer_chain?;
-            let reason = ctx.revocation.is_revoked(chain, PeerRole::Server)?;
-            let peer = drawbridge_certs::peer_legal_name(chain)
+        let mut peer_check = self
+            .peer_chain
+            .map(|chain| ctx.revocation.established(chain.to_vec(), PeerRole::Server));
+        let refused = |peer_check: &mut Option<drawbridge_certs::EstablishedPeer>| {
+            let check = peer_check.as_mut()?;
+            let refusal = check.check()?;
+            let peer = drawbridge_certs::peer_legal_name(check.chain())
                 .map_or_else(|_| self.target.to_string(), |n| n.to_string());
-            Some(Broken::Revoked { peer, reason })
+            Some(match refusal {
+                PeerRefusal::Revoked(reason) => Broken::Revoked { peer, reason },
+                PeerRefusal::Expired(reason) => Broken::Expired { peer, reason },
+            })
         };
         // Every way out of the loop below except a lost broker connection goes through
         // `broken`: first ack what the peer has already accepted (its settlements may be
@@ -724,9 +739,18 @@ impl LinkSession<'_> {
                 }
             }};
         }
-        if let Some(why) = revoked() {
+        if let Some(why) = refused(&mut peer_check) {
             broken!(why);
         }
+        // Fires when a certificate of the float's chain reaches its notAfter (or after an
+        // hour, to look again). Boxed: a timer is ≈ 100 bytes every link's task would keep.
+        let next_expiry = |c: &Option<drawbridge_certs::EstablishedPeer>| {
+            c.as_ref().and_then(|c| c.until_next_expiry())
+        };
+        let mut expiry_armed = next_expiry(&peer_check).is_some();
+        let mut expiry_timer = Box::pin(tokio::time::sleep(
+            next_expiry(&peer_check).unwrap_or(Duration::from_secs(3600)),
+        ));
         loop {
             let need_kib = waiting
                 .as_ref()
@@ -878,8 +902,17 @@ impl LinkSession<'_> {
                 }
                 changed = crl_changes.changed(), if crl_open => {
                     crl_open = changed.is_ok();
-                    if let Some(why) = revoked() {
+                    if let Some(why) = refused(&mut peer_check) {
                         broken!(why);
+                    }
+                }
+                _ = &mut expiry_timer, if expiry_armed => {
+                    if let Some(why) = refused(&mut peer_check) {
+                        broken!(why);
+                    }
+                    match next_expiry(&peer_check) {
+                        Some(wait) => expiry_timer.as_mut().reset(tokio::time::Instant::now() + wait),
+                        None => expiry_armed = false,
                     }
                 }
                 _ = live.lost() => {

@@ -194,12 +194,24 @@ pub fn issue_tls_cert(
     key_out: &Path,
     valid_days: i64,
 ) -> Result<(), CertError> {
+    let not_after = OffsetDateTime::now_utc() + Duration::days(valid_days);
+    issue_tls_cert_until(node, cert_out, key_out, not_after.into())
+}
+
+/// [`issue_tls_cert`] with an exact `notAfter` (whole seconds): a certificate that expires a
+/// few seconds from now, to test what happens to connections that use it at that moment.
+pub fn issue_tls_cert_until(
+    node: &NodeFiles,
+    cert_out: &Path,
+    key_out: &Path,
+    not_after: std::time::SystemTime,
+) -> Result<(), CertError> {
     let read = |p: &Path| fs::read_to_string(p).map_err(CertError::io(p));
     let ca_pem = read(&node.node_ca_cert)?;
     let ca_key = KeyPair::from_pem(&read(&node.dir.join("node-ca.key"))?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)?;
     let now = OffsetDateTime::now_utc();
-    let not_after = now + Duration::days(valid_days);
+    let not_after = OffsetDateTime::from(not_after);
     let not_before = (now - Duration::days(1)).min(not_after - Duration::days(1));
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = leaf_params(&node.legal_name, not_before, not_after)?.signed_by(&key, &issuer)?;

@@ -30,7 +30,9 @@ pub use binding::IdentityRefused;
 pub use error::CertError;
 pub use keyfile::{check_secret_file, KeyFileAccess};
 pub use legal_name::LegalName;
-pub use revocation::{PeerRole, Revocation, RevocationMode, RevocationSettings};
+pub use revocation::{
+    EstablishedPeer, PeerRefusal, PeerRole, Revocation, RevocationMode, RevocationSettings,
+};
 pub use tls::{
     client_config, client_config_with, install_crypto_provider, load_crls, load_trust_roots,
     peer_legal_name, server_config, server_config_with, trust_roots_from_pem, CertInfo,

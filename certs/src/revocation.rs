@@ -22,17 +22,27 @@
 //! | `soft-fail` | refused | accepted | still applied (listed ones refused), warning logged |
 //! | `off` | not checked | — | — |
 //!
-//! CRL signatures are verified by rustls-webpki against the issuing CA on the verified path:
-//! a CRL that does not verify fails the handshakes of that issuer's certificates.
+//! Sources are not trusted (a URL is plain HTTP; a revoked member holds genuine old CRLs of
+//! its node CA), so they are not merged: per issuer, the CRL in force is the newest one whose
+//! signature verifies with the key of a CA of that name — a trust root, or a node CA learned
+//! from a verified path (`Revocation::learn_issuers`) — and it is only ever replaced by a
+//! newer one (CRL number and `thisUpdate` never go back). A CRL that does not verify, or is
+//! older than the one in force, is ignored (logged once per change, counted in
+//! `drawbridge_crl_ignored_total`): one bad source refuses nobody and cuts nobody.
 //!
 //! Whenever the CRLs in force change — a file or URL brings new content, or a CRL crosses its
 //! `nextUpdate` — the [`Revocation::subscribe`] generation counter moves. Connections watch it
-//! and call [`Revocation::is_revoked`] with their peer's chain; a `Some(reason)` means the
-//! peer would now be refused and must be disconnected.
+//! and re-check their peer with an [`EstablishedPeer`] (kept per connection: it verifies the
+//! chain again only after such a change, or when a certificate of the chain passes its
+//! `notAfter`); a [`PeerRefusal`] means the peer must be disconnected.
 
+use std::cell::RefCell;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,7 +53,10 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, ServerName, SignatureVerificationAlgorithm,
+    UnixTime,
+};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -158,6 +171,10 @@ struct Crl {
     issuer: String,
     /// `nextUpdate` as Unix seconds.
     next_update: Option<i64>,
+    /// `thisUpdate` as Unix seconds.
+    this_update: i64,
+    /// The CRL number, big-endian without leading zeros (empty if the CRL has none).
+    number: Vec<u8>,
     /// Raw serial numbers listed.
     revoked: Vec<Vec<u8>>,
     /// File or URL it came from.
@@ -172,18 +189,57 @@ impl Crl {
     fn expired_at(&self, now: i64) -> Option<i64> {
         self.next_update.filter(|&t| t < now)
     }
+
+    /// Whether this CRL goes back from `held` in CRL number or in `thisUpdate`: a source
+    /// offering it is ignored (a revoked member could serve the list from before its
+    /// revocation, genuine and signed).
+    fn older_than(&self, held: &Crl) -> bool {
+        compare_numbers(&self.number, &held.number) == CmpOrdering::Less
+            || self.this_update < held.this_update
+    }
+
+    /// Whether this CRL may replace `held`: neither goes back, and one moves forward.
+    fn newer_than(&self, held: &Crl) -> bool {
+        !self.older_than(held)
+            && (compare_numbers(&self.number, &held.number) == CmpOrdering::Greater
+                || self.this_update > held.this_update)
+    }
+
+    fn version(&self) -> String {
+        let number = if self.number.is_empty() {
+            "none".to_string()
+        } else {
+            self.number.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        format!("number 0x{number}, thisUpdate (unix) {}", self.this_update)
+    }
+}
+
+/// Orders two big-endian unsigned integers without leading zeros.
+fn compare_numbers(a: &[u8], b: &[u8]) -> CmpOrdering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 fn parse_one(der: CertificateRevocationListDer<'static>, source: &str) -> Result<Crl, String> {
     webpki::BorrowedCertRevocationList::from_der(der.as_ref())
         .map_err(|e| format!("not a usable CRL: {e:?}"))?;
-    let (issuer_raw, issuer, next_update, revoked) = {
+    let (issuer_raw, issuer, next_update, this_update, number, revoked) = {
         let (_, parsed) =
             x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| format!("not a CRL: {e}"))?;
+        let number = parsed
+            .crl_number()
+            .map(|n| {
+                let bytes = n.to_bytes_be();
+                let zeros = bytes.iter().take_while(|&&b| b == 0).count();
+                bytes[zeros..].to_vec()
+            })
+            .unwrap_or_default();
         (
             parsed.issuer().as_raw().to_vec(),
             parsed.issuer().to_string(),
             parsed.next_update().map(|t| t.timestamp()),
+            parsed.last_update().timestamp(),
+            number,
             parsed
                 .iter_revoked_certificates()
                 .map(|r| r.raw_serial().to_vec())
@@ -195,6 +251,8 @@ fn parse_one(der: CertificateRevocationListDer<'static>, source: &str) -> Result
         issuer_raw,
         issuer,
         next_update,
+        this_update,
+        number,
         revoked,
         source: source.to_string(),
     })
@@ -251,11 +309,38 @@ struct UrlSource {
     failing: bool,
 }
 
+/// A CA whose key CRLs of its name are checked against.
+#[derive(Clone, PartialEq, Eq)]
+struct KnownCa {
+    /// Its subject, DER with the outer SEQUENCE (as a CRL's issuer is kept).
+    subject: Vec<u8>,
+    /// Contents of its SubjectPublicKeyInfo, without the outer SEQUENCE (as a trust anchor
+    /// holds it).
+    spki: Vec<u8>,
+}
+
+/// Node CAs learned from verified paths are capped (they are only learned for issuers that
+/// have a CRL waiting, so a real network stays far below).
+const MAX_LEARNED_CAS: usize = 4096;
+
 struct Sources {
     files: Vec<FileSource>,
     urls: Vec<UrlSource>,
     /// Labels of the CRLs that were past `nextUpdate` at the last check.
     expired: Vec<String>,
+    /// Node CAs seen on verified paths (leaf → node CA → trust root) whose name issues a CRL
+    /// of a source; with the trust anchors, the keys CRL signatures are checked against.
+    learned: Vec<KnownCa>,
+    /// Per issuer (DER name), the CRL in force: the newest valid one any source offered. It
+    /// is only ever replaced by a newer one, whatever the sources offer later.
+    held: BTreeMap<Vec<u8>, Crl>,
+    /// Issuers with a CRL that no known key verifies (yet): a handshake presenting a node
+    /// CA of that name teaches its key (`Revocation::learn_issuers`).
+    wanted: HashSet<Vec<u8>>,
+    /// Per (source, issuer), why its CRL is not used, as last logged (logged once each).
+    problems: HashMap<(String, Vec<u8>), String>,
+    /// CRLs whose issuer's key has not been seen yet (status pages).
+    pending: Vec<String>,
 }
 
 impl Sources {
@@ -267,6 +352,218 @@ impl Sources {
             .cloned()
             .collect()
     }
+
+    /// The CRLs in force, one per issuer.
+    fn in_force(&self) -> Vec<Crl> {
+        self.held.values().cloned().collect()
+    }
+
+    fn knows(&self, ca: &KnownCa) -> bool {
+        self.learned.contains(ca)
+    }
+
+    /// Chooses, per issuer, the CRL in force: the newest of those whose signature verifies
+    /// with the key of a trust anchor or of a learned node CA of that name, never older
+    /// than the one held. Sources whose CRL does not verify, or goes back, are ignored
+    /// (logged once per change, counted). Returns whether the CRLs in force changed.
+    fn select(
+        &mut self,
+        roots: &RootCertStore,
+        algs: &[&dyn SignatureVerificationAlgorithm],
+        ignored: &AtomicU64,
+    ) -> bool {
+        let known: Vec<KnownCa> = roots
+            .roots
+            .iter()
+            .map(|ta| KnownCa {
+                subject: der_sequence(ta.subject.as_ref()),
+                spki: ta.subject_public_key_info.as_ref().to_vec(),
+            })
+            .chain(self.learned.iter().cloned())
+            .collect();
+        let verifies = |crl: &Crl| {
+            known
+                .iter()
+                .filter(|k| k.subject == crl.issuer_raw)
+                .any(|k| crl_signed_by(crl.der.as_ref(), &k.spki, algs))
+        };
+        let before: Vec<CertificateRevocationListDer<'static>> =
+            self.held.values().map(|c| c.der.clone()).collect();
+        // A held CRL no known key verifies any more (the trust roots were replaced) leaves.
+        self.held.retain(|_, crl| verifies(crl));
+
+        let mut by_issuer: BTreeMap<Vec<u8>, Vec<Crl>> = BTreeMap::new();
+        for crl in self.all() {
+            by_issuer
+                .entry(crl.issuer_raw.clone())
+                .or_default()
+                .push(crl);
+        }
+        let mut wanted = HashSet::new();
+        let mut problems = HashMap::new();
+        let mut pending = Vec::new();
+        for (issuer, candidates) in by_issuer {
+            let has_key = known.iter().any(|k| k.subject == issuer);
+            let mut valid = Vec::new();
+            for crl in candidates {
+                if !has_key {
+                    pending.push(crl.label());
+                    wanted.insert(issuer.clone());
+                } else if verifies(&crl) {
+                    valid.push(crl);
+                } else {
+                    wanted.insert(issuer.clone());
+                    problems.insert(
+                        (crl.source.clone(), issuer.clone()),
+                        ("signature", format!(
+                            "its signature does not verify with the key of any CA named `{}` (trust roots, or node CAs seen on a verified path)",
+                            crl.issuer
+                        )),
+                    );
+                }
+            }
+            let newest = valid.iter().max_by(|a, b| {
+                compare_numbers(&a.number, &b.number).then(a.this_update.cmp(&b.this_update))
+            });
+            if let Some(newest) = newest {
+                let replace = self
+                    .held
+                    .get(&issuer)
+                    .is_none_or(|held| newest.newer_than(held));
+                if replace {
+                    self.held.insert(issuer.clone(), newest.clone());
+                }
+            }
+            if let Some(held) = self.held.get(&issuer) {
+                for crl in valid.iter().filter(|c| c.older_than(held)) {
+                    problems.insert(
+                        (crl.source.clone(), issuer.clone()),
+                        (
+                            "older",
+                            format!(
+                                "it goes back from the CRL in force ({}; this one: {})",
+                                held.version(),
+                                crl.version()
+                            ),
+                        ),
+                    );
+                }
+            }
+        }
+        for ((source, issuer), (reason, problem)) in &problems {
+            let key = (source.clone(), issuer.clone());
+            if self.problems.get(&key) != Some(problem) {
+                warn!(source = %source, problem = %problem, "CRL ignored; the CRL in force for its issuer (if any) stays");
+                ignored.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("drawbridge_crl_ignored_total", "reason" => *reason).increment(1);
+            }
+        }
+        for (source, _) in self.problems.keys().filter(|k| !problems.contains_key(*k)) {
+            info!(source = %source, "CRL source no longer ignored");
+        }
+        self.problems = problems
+            .into_iter()
+            .map(|(k, (_, problem))| (k, problem))
+            .collect();
+        if !pending.is_empty() && pending != self.pending {
+            debug!(crls = ?pending, "CRLs wait for their issuer's certificate on a verified path (the first handshake of a peer of that CA)");
+        }
+        self.pending = pending;
+        self.wanted = wanted;
+        let after: Vec<_> = self.held.values().map(|c| c.der.clone()).collect();
+        before != after
+    }
+}
+
+/// A DER element: its tag, its contents, the whole element, and what follows it.
+type DerElement<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+/// One DER element at the start of `input`. `None` if it does not parse (short input,
+/// indefinite or huge length, a high tag number).
+fn der_element(input: &[u8]) -> Option<DerElement<'_>> {
+    let (&tag, rest) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let header = input.len() - rest.len();
+    Some((tag, &rest[..len], &input[..header + len], &rest[len..]))
+}
+
+/// `contents` wrapped in a DER SEQUENCE.
+fn der_sequence(contents: &[u8]) -> Vec<u8> {
+    let len = contents.len();
+    let mut out = vec![0x30];
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|&&b| b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(contents);
+    out
+}
+
+/// Whether the CRL `crl_der` is signed by the key in `spki` (SubjectPublicKeyInfo contents,
+/// without the outer SEQUENCE), as rustls-webpki checks it during a handshake: the same
+/// algorithms, matched by their DER identifiers.
+fn crl_signed_by(
+    crl_der: &[u8],
+    spki: &[u8],
+    algs: &[&dyn SignatureVerificationAlgorithm],
+) -> bool {
+    let check = || -> Option<bool> {
+        let (0x30, crl, _, _) = der_element(crl_der)? else {
+            return None;
+        };
+        let (0x30, _, tbs, rest) = der_element(crl)? else {
+            return None;
+        };
+        let (0x30, signature_alg, _, rest) = der_element(rest)? else {
+            return None;
+        };
+        let (0x03, signature_bits, _, _) = der_element(rest)? else {
+            return None;
+        };
+        let (0, signature) = signature_bits.split_first().map(|(u, s)| (*u, s))? else {
+            return None;
+        };
+        let (0x30, key_alg, _, rest) = der_element(spki)? else {
+            return None;
+        };
+        let (0x03, key_bits, _, _) = der_element(rest)? else {
+            return None;
+        };
+        let (0, key) = key_bits.split_first().map(|(u, s)| (*u, s))? else {
+            return None;
+        };
+        Some(
+            algs.iter()
+                .filter(|a| {
+                    a.signature_alg_id().as_ref() == signature_alg
+                        && a.public_key_alg_id().as_ref() == key_alg
+                })
+                .any(|a| a.verify_signature(key, tbs, signature).is_ok()),
+        )
+    };
+    check().unwrap_or(false)
 }
 
 /// The trust roots and CRLs in force and the verifiers built from them.
@@ -394,6 +691,8 @@ struct Inner {
     swap: Mutex<()>,
     sources: Mutex<Sources>,
     generation: watch::Sender<u64>,
+    /// CRLs ignored (bad signature, or older than the one in force), once per change.
+    ignored: AtomicU64,
 }
 
 /// The revocation state of one daemon: current CRLs, mode, reload and the change signal.
@@ -490,12 +789,23 @@ impl Revocation {
         urls: Vec<UrlSource>,
     ) -> Result<Self, CertError> {
         let provider = Arc::new(aws_lc_rs::default_provider());
-        let sources = Sources {
+        let mut sources = Sources {
             files,
             urls,
             expired: Vec::new(),
+            learned: Vec::new(),
+            held: BTreeMap::new(),
+            wanted: HashSet::new(),
+            problems: HashMap::new(),
+            pending: Vec::new(),
         };
-        let snapshot = Snapshot::build(settings.mode, &roots, &provider, sources.all())?;
+        let ignored = AtomicU64::new(0);
+        sources.select(
+            &roots,
+            provider.signature_verification_algorithms.all,
+            &ignored,
+        );
+        let snapshot = Snapshot::build(settings.mode, &roots, &provider, sources.in_force())?;
         let (generation, _) = watch::channel(0);
         let revocation = Self {
             inner: Arc::new(Inner {
@@ -505,6 +815,7 @@ impl Revocation {
                 swap: Mutex::new(()),
                 sources: Mutex::new(sources),
                 generation,
+                ignored,
             }),
         };
         // Note the CRLs already expired at start (and say so), without a generation bump.
@@ -528,11 +839,16 @@ impl Revocation {
     /// must not cut the peers that are already authenticated). On error the previous roots
     /// stay in force.
     pub fn replace_roots(&self, roots: Arc<RootCertStore>) -> Result<(), CertError> {
-        let _swap = self.inner.swap.lock().expect("poisoned");
-        let crls = self.current().crls.clone();
-        let snapshot =
-            Snapshot::build(self.inner.settings.mode, &roots, &self.inner.provider, crls)?;
-        *self.inner.current.write().expect("poisoned") = Arc::new(snapshot);
+        {
+            let _swap = self.inner.swap.lock().expect("poisoned");
+            let crls = self.current().crls.clone();
+            let snapshot =
+                Snapshot::build(self.inner.settings.mode, &roots, &self.inner.provider, crls)?;
+            *self.inner.current.write().expect("poisoned") = Arc::new(snapshot);
+        }
+        // CRL signatures are checked against the trust anchors: choose again with the new
+        // ones (a re-check this may cause judges revocation only, never the new roots).
+        self.rebuild("trust roots replaced", false);
         Ok(())
     }
 
@@ -541,11 +857,18 @@ impl Revocation {
         self.current().crls.len()
     }
 
-    /// One line per CRL in force: issuer, source, `nextUpdate` and whether it has expired
-    /// (for status pages).
+    /// How many times a source's CRL was ignored (its signature does not verify, or it is
+    /// older than the CRL in force for its issuer); counted once per change of a source.
+    pub fn ignored_crls(&self) -> u64 {
+        self.inner.ignored.load(Ordering::Relaxed)
+    }
+
+    /// One line per CRL in force: issuer, source, `nextUpdate` and whether it has expired;
+    /// then one per CRL a source offers that is not in force, and why (for status pages).
     pub fn describe_crls(&self) -> Vec<String> {
         let now = unix_now();
-        self.current()
+        let mut lines: Vec<String> = self
+            .current()
             .crls
             .iter()
             .map(|c| {
@@ -557,9 +880,28 @@ impl Revocation {
                 } else {
                     ""
                 };
-                format!("{}; nextUpdate (unix) {next}{expired}", c.label())
+                format!(
+                    "{}; {}; nextUpdate (unix) {next}{expired}",
+                    c.label(),
+                    c.version()
+                )
             })
-            .collect()
+            .collect();
+        let sources = self.inner.sources.lock().expect("poisoned");
+        lines.extend(
+            sources
+                .pending
+                .iter()
+                .map(|l| format!("{l}: not in force until a peer of its CA connects (its issuer's key is learned from a verified path)")),
+        );
+        let mut ignored: Vec<String> = sources
+            .problems
+            .iter()
+            .map(|((source, _), problem)| format!("CRL from {source}: ignored: {problem}"))
+            .collect();
+        ignored.sort();
+        lines.extend(ignored);
+        lines
     }
 
     pub(crate) fn current(&self) -> Arc<Snapshot> {
@@ -586,9 +928,44 @@ impl Revocation {
         if self.mode() == RevocationMode::Off {
             return None;
         }
+        match self.verdict(chain, role) {
+            Some(PeerRefusal::Revoked(reason)) => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The state of an established connection's peer presenting `chain` (leaf first): ask
+    /// it with [`EstablishedPeer::check`] whenever something may have changed.
+    pub fn established(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        role: PeerRole,
+    ) -> EstablishedPeer {
+        let mut expiries: Vec<i64> = chain
+            .iter()
+            .filter_map(|c| crate::CertInfo::of(c).ok())
+            .map(|i| i.not_after)
+            .collect();
+        expiries.sort_unstable();
+        expiries.dedup();
+        EstablishedPeer {
+            revocation: self.clone(),
+            chain,
+            role,
+            checked: None,
+            expiries,
+            verifications: 0,
+        }
+    }
+
+    /// Verifies `chain` now, with the CRLs in force: why an established peer presenting it
+    /// must be disconnected, if it must. Other failures (e.g. a chain to trust roots that
+    /// were replaced since its handshake) do not disconnect an authenticated peer.
+    fn verdict(&self, chain: &[CertificateDer<'_>], role: PeerRole) -> Option<PeerRefusal> {
         let (end_entity, intermediates) = chain.split_first()?;
-        let snapshot = self.current();
         let now = UnixTime::now();
+        self.learn_issuers(end_entity, intermediates, role, now);
+        let snapshot = self.current();
         let result = match role {
             PeerRole::Client => snapshot.verify_client(end_entity, intermediates, now),
             PeerRole::Server => {
@@ -598,8 +975,102 @@ impl Revocation {
         };
         match result {
             Ok(()) => None,
-            Err(e) if is_revocation_error(&e) => Some(describe_refusal(&snapshot, chain, &e)),
+            Err(e) if is_expiry_error(&e) => Some(PeerRefusal::Expired(describe_expiry(chain))),
+            Err(e) if self.mode() != RevocationMode::Off && is_revocation_error(&e) => {
+                Some(PeerRefusal::Revoked(describe_refusal(&snapshot, chain, &e)))
+            }
             Err(_) => None,
+        }
+    }
+
+    /// Learns the key of the node CA on a verified path of `chain` if a CRL of its name is
+    /// waiting to be checked (its signature can only be checked with its issuer's key, and
+    /// node CAs are not trust roots: the first handshake of one of its peers shows it).
+    /// Only a CA directly under a trust root, on a path rustls-webpki verified, is learned;
+    /// a CA the peer merely sent along is not. Called before every verification; costs
+    /// nothing while no CRL is waiting.
+    pub(crate) fn learn_issuers(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        role: PeerRole,
+        now: UnixTime,
+    ) {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        if self.mode() == RevocationMode::Off {
+            return;
+        }
+        {
+            let sources = self.inner.sources.lock().expect("poisoned");
+            if sources.wanted.is_empty() {
+                return;
+            }
+            let any_wanted = intermediates.iter().any(|der| {
+                X509Certificate::from_der(der.as_ref()).is_ok_and(|(_, cert)| {
+                    sources.wanted.contains(cert.subject().as_raw())
+                        && !sources.knows(&KnownCa {
+                            subject: cert.subject().as_raw().to_vec(),
+                            spki: der_element(cert.public_key().raw)
+                                .map(|(_, contents, _, _)| contents.to_vec())
+                                .unwrap_or_default(),
+                        })
+                })
+            });
+            if !any_wanted {
+                return;
+            }
+        }
+        let Ok(cert) = webpki::EndEntityCert::try_from(end_entity) else {
+            return;
+        };
+        let snapshot = self.current();
+        let found = RefCell::new(Vec::new());
+        let hook = |path: &webpki::VerifiedPath<'_>| {
+            let mut cas = path.intermediate_certificates();
+            match (cas.next(), cas.next()) {
+                (Some(ca), None) => {
+                    let spki = ca.subject_public_key_info();
+                    if let Some((_, contents, _, _)) = der_element(spki.as_ref()) {
+                        found.borrow_mut().push(KnownCa {
+                            subject: der_sequence(ca.subject()),
+                            spki: contents.to_vec(),
+                        });
+                    }
+                    Ok(())
+                }
+                _ => Err(webpki::Error::UnknownIssuer),
+            }
+        };
+        let usage = match role {
+            PeerRole::Client => webpki::KeyUsage::client_auth(),
+            PeerRole::Server => webpki::KeyUsage::server_auth(),
+        };
+        let _ = cert.verify_for_usage(
+            self.inner.provider.signature_verification_algorithms.all,
+            &snapshot.roots.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            Some(&hook),
+        );
+        let learned = {
+            let mut sources = self.inner.sources.lock().expect("poisoned");
+            let mut learned = false;
+            for ca in found.into_inner() {
+                if sources.wanted.contains(&ca.subject)
+                    && !sources.knows(&ca)
+                    && sources.learned.len() < MAX_LEARNED_CAS
+                {
+                    sources.learned.push(ca);
+                    learned = true;
+                }
+            }
+            learned
+        };
+        if learned {
+            debug!("learned a node CA's key from a verified path; checking the CRLs of its name");
+            self.rebuild("a waiting CRL's issuer was seen on a verified path", false);
         }
     }
 
@@ -608,7 +1079,7 @@ impl Revocation {
     /// `reload_interval`; tests may call it directly.
     pub fn reload_now(&self) -> bool {
         let changed = self.poll_files();
-        let rebuilt = changed && self.rebuild("file");
+        let rebuilt = changed && self.rebuild("file", true);
         let expiry = self.check_expiry(!rebuilt);
         rebuilt || expiry
     }
@@ -696,16 +1167,31 @@ impl Revocation {
 
     /// Builds new verifiers from the sources and moves the generation; false (and logged)
     /// if they cannot be built, the previous ones staying in force.
-    fn rebuild(&self, cause: &str) -> bool {
+    ///
+    /// The CRLs in force are chosen again from the sources (`Sources::select`). The
+    /// generation moves if they changed, or if `sources_changed` and a CRL waits for its
+    /// issuer's key: re-checking established peers then teaches it.
+    fn rebuild(&self, cause: &str, sources_changed: bool) -> bool {
         let _swap = self.inner.swap.lock().expect("poisoned");
-        let crls = self.inner.sources.lock().expect("poisoned").all();
+        let roots = self.current().roots.clone();
+        let (crls, changed, waiting) = {
+            let mut sources = self.inner.sources.lock().expect("poisoned");
+            let changed = sources.select(
+                &roots,
+                self.inner.provider.signature_verification_algorithms.all,
+                &self.inner.ignored,
+            );
+            (sources.in_force(), changed, !sources.pending.is_empty())
+        };
+        if !changed {
+            if sources_changed && waiting {
+                self.inner.generation.send_modify(|g| *g += 1);
+                return true;
+            }
+            return false;
+        }
         let count = crls.len();
-        match Snapshot::build(
-            self.inner.settings.mode,
-            &self.current().roots,
-            &self.inner.provider,
-            crls,
-        ) {
+        match Snapshot::build(self.inner.settings.mode, &roots, &self.inner.provider, crls) {
             Ok(snapshot) => {
                 *self.inner.current.write().expect("poisoned") = Arc::new(snapshot);
                 self.inner.generation.send_modify(|g| *g += 1);
@@ -805,9 +1291,98 @@ impl Revocation {
             }
         }
         if changed {
-            let rebuilt = self.rebuild("url");
+            let rebuilt = self.rebuild("url", true);
             self.check_expiry(!rebuilt);
         }
+    }
+}
+
+/// Why an established peer must be disconnected now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerRefusal {
+    /// A CRL in force refuses its chain (the reason names the certificate and the CRL).
+    Revoked(String),
+    /// A certificate of its chain is past its `notAfter` (the reason names it).
+    Expired(String),
+}
+
+impl fmt::Display for PeerRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Revoked(reason) | Self::Expired(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Longest wait of [`EstablishedPeer::until_next_expiry`]: a far `notAfter` is approached in
+/// steps, so that a changed wall clock cannot make the wait much too long.
+const MAX_EXPIRY_WAIT: Duration = Duration::from_secs(3600);
+
+/// The verdict on one established connection's peer, kept for the connection's life.
+///
+/// Verifying a chain (signatures, validity, every CRL) is the expensive part of a
+/// handshake; a connection needs it again only when its answer can change: when the CRLs
+/// in force change (the [`Revocation::generation`] moves) or when a certificate of the
+/// chain reaches its `notAfter`. [`EstablishedPeer::check`] verifies then and only then, so
+/// a peer that begins and ends sessions at any rate costs one verification per connection.
+#[derive(Debug)]
+pub struct EstablishedPeer {
+    revocation: Revocation,
+    chain: Vec<CertificateDer<'static>>,
+    role: PeerRole,
+    /// The CRL generation of the last verification.
+    checked: Option<u64>,
+    /// `notAfter` (Unix seconds) of the chain's certificates not passed at the last
+    /// verification, earliest first.
+    expiries: Vec<i64>,
+    verifications: u64,
+}
+
+impl EstablishedPeer {
+    /// Why the peer must be disconnected now, if it must: verifies the chain if this is the
+    /// first check, the CRLs changed since the last one, or a certificate of the chain
+    /// passed its `notAfter`; otherwise answers from the last verification (which passed).
+    pub fn check(&mut self) -> Option<PeerRefusal> {
+        // Read before verifying: a change that lands meanwhile is verified next time.
+        let generation = self.revocation.generation();
+        let now = unix_now();
+        let expiry_due = self.expiries.first().is_some_and(|&t| now > t);
+        if self.checked == Some(generation) && !expiry_due {
+            return None;
+        }
+        self.expiries.retain(|&t| t >= now);
+        self.verifications += 1;
+        // Learning a node CA's key here may bring a CRL into force and move the generation:
+        // this verification uses it already, so it counts as checked.
+        if let Some((end_entity, intermediates)) = self.chain.split_first() {
+            self.revocation
+                .learn_issuers(end_entity, intermediates, self.role, UnixTime::now());
+        }
+        self.checked = Some(self.revocation.generation().max(generation));
+        self.revocation.verdict(&self.chain, self.role)
+    }
+
+    /// How long until a certificate of the chain passes its `notAfter` (then call
+    /// [`EstablishedPeer::check`]); at most an hour, `None` if none is left.
+    pub fn until_next_expiry(&self) -> Option<Duration> {
+        let not_after = u64::try_from(*self.expiries.first()?).unwrap_or(0);
+        // Strictly after notAfter (whole seconds), when the verifier calls it expired.
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.saturating_add(1));
+        Some(
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .min(MAX_EXPIRY_WAIT),
+        )
+    }
+
+    /// How many times the chain was verified (the first check included).
+    pub fn verifications(&self) -> u64 {
+        self.verifications
+    }
+
+    /// The peer's chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
     }
 }
 
@@ -859,6 +1434,41 @@ fn is_revocation_error(e: &rustls::Error) -> bool {
                 | CertificateError::ExpiredRevocationListContext { .. }
         ) | rustls::Error::InvalidCertRevocationList(_)
     )
+}
+
+fn is_expiry_error(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. }
+        )
+    )
+}
+
+/// An operator's explanation of an expiry: which certificate of the chain, and when.
+fn describe_expiry(chain: &[CertificateDer<'_>]) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let now = unix_now();
+    for (i, der) in chain.iter().enumerate() {
+        let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+            continue;
+        };
+        let not_after = cert.validity().not_after.timestamp();
+        if not_after < now {
+            let what = if i == 0 {
+                "its TLS certificate"
+            } else {
+                "a CA certificate of its chain"
+            };
+            return format!(
+                "certificate expired: {what} `{}` (serial {}) expired at {}",
+                cert.subject(),
+                cert.raw_serial_as_string(),
+                crate::CertInfo::rfc3339(not_after)
+            );
+        }
+    }
+    "certificate expired: a certificate of its chain is past its notAfter".into()
 }
 
 /// An operator's explanation of a revocation refusal: which certificate, and which CRL.
@@ -924,6 +1534,31 @@ mod tests {
         assert!("hard".parse::<RevocationMode>().is_err());
         assert_eq!(RevocationMode::default_for(true), RevocationMode::SoftFail);
         assert_eq!(RevocationMode::default_for(false), RevocationMode::Off);
+    }
+
+    #[test]
+    fn der_helpers_and_crl_order() {
+        for len in [0usize, 1, 127, 128, 255, 256, 70_000] {
+            let contents = vec![7u8; len];
+            let wrapped = der_sequence(&contents);
+            let (tag, inner, whole, rest) = der_element(&wrapped).unwrap();
+            assert_eq!(
+                (tag, inner, whole, rest.len()),
+                (0x30, &contents[..], &wrapped[..], 0)
+            );
+        }
+        // Truncated or garbage input never parses (nor panics), and verifies nothing.
+        assert!(der_element(&[0x30, 0x82, 0x01]).is_none());
+        assert!(der_element(&[0x30, 0x05, 1, 2]).is_none());
+        assert!(der_element(&[0x1f, 0x00]).is_none());
+        let algs = aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .all;
+        assert!(!crl_signed_by(&[], &[], algs));
+        assert!(!crl_signed_by(&der_sequence(&[0x30, 0x00]), &[], algs));
+        assert_eq!(compare_numbers(&[2], &[1]), CmpOrdering::Greater);
+        assert_eq!(compare_numbers(&[1, 0], &[0xff]), CmpOrdering::Greater);
+        assert_eq!(compare_numbers(&[], &[1]), CmpOrdering::Less);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use rustls_pki_types::{
 
 use crate::binding::verify_bound_to_node_ca;
 use crate::keyfile::{check_secret_file, KeyFileAccess};
-use crate::revocation::{Revocation, RevocationMode};
+use crate::revocation::{PeerRole, Revocation, RevocationMode};
 use crate::{CertError, LegalName};
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider.
@@ -403,6 +403,9 @@ impl ServerCertVerifier for PinnedSubjectVerifier {
         // Chain, validity and revocation (current CRLs, per the mode) first; then who the
         // certificate speaks for, if anyone: the subject, bound to its node CA; then the pin.
         // One snapshot for both checks: the same roots even if they are being replaced.
+        // First, a CRL waiting for this chain's node CA learns its key (see `Revocation`).
+        self.revocation
+            .learn_issuers(end_entity, intermediates, PeerRole::Server, now);
         let snapshot = self.revocation.current();
         snapshot.verify_server(end_entity, intermediates, server_name, now)?;
         let subject = verify_bound_to_node_ca(
@@ -552,6 +555,8 @@ impl ClientCertVerifier for NodeCaBoundClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        self.revocation
+            .learn_issuers(end_entity, intermediates, PeerRole::Client, now);
         let snapshot = self.revocation.current();
         snapshot.verify_client(end_entity, intermediates, now)?;
         verify_bound_to_node_ca(

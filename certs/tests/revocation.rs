@@ -482,3 +482,230 @@ fn a_bad_crl_file_is_a_load_error_naming_it() {
     .unwrap_err();
     assert!(err.to_string().contains("bad.crl"), "{err}");
 }
+
+/// What the switchable server answers (`None`: 503).
+type Body = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
+
+/// Serves whatever `body` holds (503 while it holds nothing) and counts the requests.
+fn serve_switchable() -> (String, Body, Arc<std::sync::atomic::AtomicUsize>) {
+    let body = Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = {
+        let (body, served) = (body.clone(), served.clone());
+        serve_http(move || {
+            served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            body.lock().unwrap().clone()
+        })
+    };
+    (url, body, served)
+}
+
+/// Waits until the URL has answered `n` more requests: the fetch thread takes one answer in
+/// before it asks again, so after two the first one is in.
+async fn fetched_twice(served: &std::sync::atomic::AtomicUsize) {
+    let start = served.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while served.load(std::sync::atomic::Ordering::SeqCst) < start + 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the URL was not fetched twice within 20 s");
+}
+
+fn url_settings(mode: RevocationMode, files: &[&Path], url: &str) -> RevocationSettings {
+    RevocationSettings {
+        mode,
+        crl_files: files.iter().map(|p| p.to_path_buf()).collect(),
+        crl_urls: vec![url.to_string()],
+        fetch_interval: Duration::from_secs(1),
+        fetch_timeout: Duration::from_secs(2),
+        ..RevocationSettings::default()
+    }
+}
+
+/// Issue 21 item 4 (shadow). Before: every source was merged and the first CRL of an issuer
+/// won, files before URLs, so a stale file kept A accepted although the URL served a newer
+/// list revoking it.
+#[tokio::test]
+async fn a_stale_file_does_not_shadow_a_newer_crl_from_a_url() {
+    let net = Net::new();
+    let stale = net.node_crl(net.a(), "a-stale.crl", &CrlSpec::current(&[], 1));
+    let newer = net.node_crl(
+        net.a(),
+        "a-newer.crl",
+        &CrlSpec::current(&[&net.a().tls_cert], 2),
+    );
+    let (url, body, served) = serve_switchable();
+    *body.lock().unwrap() = Some(std::fs::read(&newer).unwrap());
+    let r = Revocation::load(
+        load_trust_roots(&net.net.root_cert).unwrap(),
+        url_settings(RevocationMode::SoftFail, &[&stale], &url),
+    )
+    .unwrap();
+    r.spawn_refresh().unwrap();
+    fetched_twice(&served).await;
+    assert_refused(float_says(&net, net.a(), &r).await, "Revoked");
+    assert_refused(bridge_says(&net, net.a(), &r).await, "Revoked");
+    let reason = r.is_revoked(&chain(net.a()), PeerRole::Client).unwrap();
+    assert!(reason.contains(&url), "{reason}");
+}
+
+/// Issue 21 item 4 (poison). Before: a CRL bearing the root's name but signed by another key
+/// (anyone can serve one on a plain-HTTP path, or drop one in a file) was taken as the root's
+/// CRL; its signature failed the check of every node CA, so everyone was refused and
+/// established peers were cut.
+#[tokio::test]
+async fn a_forged_crl_in_the_roots_name_is_ignored_and_cuts_no_one() {
+    let net = Net::new();
+    let other_dir = tempfile::tempdir().unwrap();
+    // Another dev network: its root has the same name as ours, and another key.
+    let other = generate_network(other_dir.path(), &[name(BANK_A)]).unwrap();
+    let other_root = other.root_cert.parent().unwrap();
+    let forged_pem = make_crl(
+        &other.root_cert,
+        &other_root.join("ca.key"),
+        &CrlSpec::current(&[&net.a().node_ca_cert], 99),
+    )
+    .unwrap();
+    let forged = net.dir.join("forged-root.crl");
+    replace_file(&forged, &forged_pem).unwrap();
+    let a_crl = net.node_crl(net.a(), "a.crl", &CrlSpec::current(&[], 1));
+
+    // Served over HTTP, next to a genuine node CA CRL (soft-fail).
+    let (url, body, served) = serve_switchable();
+    *body.lock().unwrap() = Some(forged_pem.clone().into_bytes());
+    let r = Revocation::load(
+        load_trust_roots(&net.net.root_cert).unwrap(),
+        url_settings(RevocationMode::SoftFail, &[&a_crl], &url),
+    )
+    .unwrap();
+    r.spawn_refresh().unwrap();
+    fetched_twice(&served).await;
+    float_says(&net, net.a(), &r).await.unwrap();
+    bridge_says(&net, net.a(), &r).await.unwrap();
+    assert_eq!(r.is_revoked(&chain(net.a()), PeerRole::Client), None);
+    assert_eq!(r.is_revoked(&chain(net.b()), PeerRole::Server), None);
+    // Ignored, said once and counted once, however often it is fetched again.
+    fetched_twice(&served).await;
+    assert_eq!(r.ignored_crls(), 1);
+    assert!(
+        r.describe_crls()
+            .iter()
+            .any(|l| l.contains(&url) && l.contains("does not verify")),
+        "{:?}",
+        r.describe_crls()
+    );
+
+    // A file listed before the genuine root CRL (hard-fail): the genuine one is in force.
+    let root = net.root_crl("root.crl", &CrlSpec::current(&[], 1));
+    let r = net.revocation(RevocationMode::HardFail, &[&forged, &root, &a_crl]);
+    float_says(&net, net.a(), &r).await.unwrap();
+    bridge_says(&net, net.a(), &r).await.unwrap();
+    assert_eq!(r.is_revoked(&chain(net.a()), PeerRole::Client), None);
+    // And what the genuine root CRL lists is still refused, whatever the forged one says.
+    let root = net.root_crl("root2.crl", &CrlSpec::current(&[&net.a().node_ca_cert], 2));
+    let r = net.revocation(RevocationMode::HardFail, &[&forged, &root, &a_crl]);
+    assert_refused(float_says(&net, net.a(), &r).await, "Revoked");
+}
+
+/// Issue 21 item 4 (rollback). Before: a source that went back to an older genuine CRL (one
+/// from before the member was revoked, which the revoked member can serve itself) replaced
+/// the newer one, and the revoked member was accepted again.
+#[tokio::test]
+async fn a_revoked_member_cannot_roll_the_crl_back() {
+    let net = Net::new();
+    let old = net.node_crl(net.a(), "a-old.crl", &CrlSpec::current(&[], 1));
+    let new = net.node_crl(
+        net.a(),
+        "a-new.crl",
+        &CrlSpec::current(&[&net.a().tls_cert], 2),
+    );
+    let (url, body, served) = serve_switchable();
+    *body.lock().unwrap() = Some(std::fs::read(&new).unwrap());
+    let r = Revocation::load(
+        load_trust_roots(&net.net.root_cert).unwrap(),
+        url_settings(RevocationMode::SoftFail, &[], &url),
+    )
+    .unwrap();
+    r.spawn_refresh().unwrap();
+    fetched_twice(&served).await;
+    assert_refused(float_says(&net, net.a(), &r).await, "Revoked");
+    assert!(r.is_revoked(&chain(net.a()), PeerRole::Client).is_some());
+
+    // The URL now serves the older list (genuine, number 1, A not listed).
+    *body.lock().unwrap() = Some(std::fs::read(&old).unwrap());
+    fetched_twice(&served).await;
+    assert_refused(float_says(&net, net.a(), &r).await, "Revoked");
+    assert_refused(bridge_says(&net, net.a(), &r).await, "Revoked");
+    assert!(r.is_revoked(&chain(net.a()), PeerRole::Client).is_some());
+    assert_eq!(r.ignored_crls(), 1);
+    assert!(
+        r.describe_crls().iter().any(|l| l.contains("goes back")),
+        "{:?}",
+        r.describe_crls()
+    );
+    // A newer list (number 3, A no longer listed) is taken.
+    let newer = net.node_crl(net.a(), "a-3.crl", &CrlSpec::current(&[], 3));
+    *body.lock().unwrap() = Some(std::fs::read(&newer).unwrap());
+    fetched_twice(&served).await;
+    float_says(&net, net.a(), &r).await.unwrap();
+}
+
+/// Issue 21 items 10 and 13, at the level of the revocation state: an established peer's
+/// chain is verified once, again only when the CRLs change, and a certificate passing its
+/// notAfter is reported as expired (what both daemons disconnect on).
+#[tokio::test]
+async fn an_established_peer_is_verified_once_per_change_and_expires_at_not_after() {
+    let net = Net::new();
+    let a_crl = net.node_crl(net.a(), "a.crl", &CrlSpec::current(&[], 1));
+    let r = net.revocation(RevocationMode::SoftFail, &[&a_crl]);
+    let mut peer = r.established(chain(net.a()), PeerRole::Client);
+    for _ in 0..100 {
+        assert_eq!(peer.check(), None);
+    }
+    assert_eq!(peer.verifications(), 1);
+    // A's certificate is revoked: the generation moves, the next check verifies and refuses.
+    net.node_crl(net.a(), "a.crl", &CrlSpec::current(&[&net.a().tls_cert], 2));
+    assert!(r.reload_now());
+    match peer.check() {
+        Some(drawbridge_certs::PeerRefusal::Revoked(reason)) => {
+            assert!(reason.contains("Bank A"), "{reason}")
+        }
+        other => panic!("expected a revocation, got {other:?}"),
+    }
+    assert_eq!(peer.verifications(), 2);
+
+    // A certificate of B's that expires in two seconds (no CRL involved: mode off).
+    let short = NodeFiles {
+        tls_cert: net.dir.join("b-short.crt"),
+        tls_key: net.dir.join("b-short.key"),
+        ..net.b().clone()
+    };
+    let not_after = std::time::SystemTime::now() + Duration::from_secs(2);
+    drawbridge_certs::devpki::issue_tls_cert_until(
+        &short,
+        &short.tls_cert,
+        &short.tls_key,
+        not_after,
+    )
+    .unwrap();
+    let off = off(&net);
+    let mut peer = off.established(identity(&short).cert_chain, PeerRole::Server);
+    assert_eq!(peer.check(), None);
+    let wait = peer.until_next_expiry().unwrap();
+    assert!(wait <= Duration::from_secs(3), "{wait:?}");
+    assert_eq!(peer.check(), None, "nothing changed yet");
+    assert_eq!(peer.verifications(), 1);
+    tokio::time::sleep(wait).await;
+    assert!(std::time::SystemTime::now() > not_after);
+    match peer.check() {
+        Some(drawbridge_certs::PeerRefusal::Expired(reason)) => assert!(
+            reason.contains("its TLS certificate") && reason.contains("expired at"),
+            "{reason}"
+        ),
+        other => panic!("expected an expiry, got {other:?}"),
+    }
+    // Revocation only is what `is_revoked` reports.
+    assert_eq!(off.is_revoked(peer.chain(), PeerRole::Server), None);
+}

@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use drawbridge_certs::pki_types::CertificateDer;
-use drawbridge_certs::{peer_legal_name, CertError, CertInfo, LegalName};
+use drawbridge_certs::{peer_legal_name, CertError, CertInfo, LegalName, PeerRefusal};
 use drawbridge_runtime::lograte::Every;
 use fe2o3_amqp::{
     acceptor::{
@@ -150,6 +150,9 @@ pub(crate) enum ConnectionEnd {
     /// A CRL that changed while the peer was connected revokes its certificate chain.
     #[error("revoked after a CRL change: {0}")]
     Revoked(String),
+    /// A certificate of the peer's chain passed its `notAfter` while it was connected.
+    #[error("{0}")]
+    Expired(String),
 }
 
 /// Serve one TCP connection until the peer leaves or the float shuts down.
@@ -203,8 +206,10 @@ pub(crate) async fn serve_connection(
     metrics::gauge!("drawbridge_float_connections").increment(1.0);
     // Ends this connection's sessions and links (they drain as on shutdown).
     let stop = shutdown.child_token();
-    // Established peers are re-checked whenever the CRLs change; the first check covers a
-    // change between the handshake and subscribing.
+    // Established peers are re-checked whenever the CRLs change (the first check covers a
+    // change between the handshake and subscribing) and when a certificate of the chain
+    // reaches its notAfter; the verdict is kept for the connection, not redone per session.
+    let mut peer_check = ctx.established_peer(chain);
     let mut crl = ctx.crl_changes();
     let mut crl_open = true;
     let mut sessions = JoinSet::new();
@@ -215,9 +220,12 @@ pub(crate) async fn serve_connection(
         .handle_max(ctx.peer_limits().max_links.saturating_sub(1))
         .build();
     let end = loop {
-        if let Some(reason) = ctx.revoked_peer(&chain) {
-            break ConnectionEnd::Revoked(reason);
+        match ctx.recheck_peer(&mut peer_check) {
+            Some(PeerRefusal::Revoked(reason)) => break ConnectionEnd::Revoked(reason),
+            Some(PeerRefusal::Expired(reason)) => break ConnectionEnd::Expired(reason),
+            None => {}
         }
+        let expiry = peer_check.until_next_expiry();
         tokio::select! {
             s = session_acceptor.accept(&mut conn) => match s {
                 Ok(session) => {
@@ -226,12 +234,20 @@ pub(crate) async fn serve_connection(
                 Err(e) => break ConnectionEnd::Session(e),
             },
             changed = crl.changed(), if crl_open => crl_open = changed.is_ok(),
+            _ = tokio::time::sleep(expiry.unwrap_or_default()), if expiry.is_some() => {}
             _ = shutdown.cancelled() => break ConnectionEnd::Shutdown,
         }
     };
-    if let ConnectionEnd::Revoked(reason) = &end {
-        warn!(peer = %sender, peer_addr = %addr, reason = %reason, "peer disconnected: revoked after a CRL change");
-        metrics::counter!("drawbridge_float_connections_revoked_total").increment(1);
+    match &end {
+        ConnectionEnd::Revoked(reason) => {
+            warn!(peer = %sender, peer_addr = %addr, reason = %reason, "peer disconnected: revoked after a CRL change");
+            metrics::counter!("drawbridge_float_connections_revoked_total").increment(1);
+        }
+        ConnectionEnd::Expired(reason) => {
+            warn!(peer = %sender, peer_addr = %addr, reason = %reason, "peer disconnected: certificate expired");
+            metrics::counter!("drawbridge_float_connections_expired_total").increment(1);
+        }
+        _ => {}
     }
     stop.cancel();
     while sessions.join_next().await.is_some() {}

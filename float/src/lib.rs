@@ -51,7 +51,10 @@ use std::{
     },
 };
 
-use drawbridge_certs::{pki_types::CertificateDer, rustls, LegalName, PeerRole, Revocation};
+use drawbridge_certs::{
+    pki_types::CertificateDer, rustls, EstablishedPeer, LegalName, PeerRefusal, PeerRole,
+    Revocation,
+};
 use drawbridge_node::topology;
 use drawbridge_runtime::{
     admin::{self, AdminState},
@@ -163,11 +166,24 @@ impl Ctx {
         self.revocation.subscribe()
     }
 
-    /// Why a connected client presenting `chain` (leaf first, as
-    /// `tls.get_ref().1.peer_certificates()` gives it) would be refused now for
-    /// revocation reasons, if it would; the connection must then be closed.
-    pub(crate) fn revoked_peer(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
-        self.revocation.is_revoked(chain, PeerRole::Client)
+    /// The re-check state of a connected client presenting `chain` (leaf first, as
+    /// `tls.get_ref().1.peer_certificates()` gives it), kept for the connection's life.
+    pub(crate) fn established_peer(&self, chain: Vec<CertificateDer<'static>>) -> EstablishedPeer {
+        self.revocation.established(chain, PeerRole::Client)
+    }
+
+    /// Why a connected peer must be disconnected now (revoked, or a certificate of its
+    /// chain expired), if it must. Its chain is verified again only when the answer can
+    /// have changed (a CRL change, a `notAfter` passed), not per session it begins; each
+    /// verification counts in `drawbridge_float_peer_verifications_total`.
+    pub(crate) fn recheck_peer(&self, peer: &mut EstablishedPeer) -> Option<PeerRefusal> {
+        let before = peer.verifications();
+        let verdict = peer.check();
+        let ran = peer.verifications().saturating_sub(before);
+        if ran > 0 {
+            metrics::counter!("drawbridge_float_peer_verifications_total").increment(ran);
+        }
+        verdict
     }
 }
 

@@ -50,6 +50,11 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "Always 1; the labels say which build runs (version, git commit).",
     ),
     (
+        "drawbridge_crl_ignored_total",
+        Counter,
+        "CRLs a source offered and that were not taken: reason signature (does not verify) or older (would roll the list back).",
+    ),
+    (
         "drawbridge_broker_connected",
         Gauge,
         "1 while connected to the broker, 0 while reconnecting.",
@@ -220,6 +225,16 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "drawbridge_float_connections_revoked_total",
         Counter,
         "Connections closed because a CRL change revoked the peer's certificate.",
+    ),
+    (
+        "drawbridge_float_connections_expired_total",
+        Counter,
+        "Connections closed because a certificate of the peer's chain passed its notAfter.",
+    ),
+    (
+        "drawbridge_float_peer_verifications_total",
+        Counter,
+        "Full chain and CRL verifications of established peers (once per connection and per CRL change, not per session).",
     ),
     (
         "drawbridge_float_links_refused_total",

@@ -1091,6 +1091,9 @@ async fn flush(channel: &Channel, acks: &mut AckBatch, op: Duration) -> Result<(
     }
 }
 
+/// Longest link reason kept in `/status` and sent in a link status event, in bytes.
+const MAX_STATUS_REASON: usize = 1024;
+
 fn set_state(
     ctx: &Ctx,
     view: &SharedView,
@@ -1099,6 +1102,20 @@ fn set_state(
     target: &str,
     reason: &str,
 ) {
+    // The reason can quote a float (a detach's or a rejection's description, as long as a
+    // frame): what `/status` keeps and the link status event carries is bounded here, the
+    // one place both are set.
+    let bounded;
+    let reason = if reason.len() > MAX_STATUS_REASON {
+        bounded = format!(
+            "{}… ({} bytes in all)",
+            text::truncate(reason, MAX_STATUS_REASON),
+            reason.len()
+        );
+        bounded.as_str()
+    } else {
+        reason
+    };
     {
         let mut v = view.lock().expect("poisoned");
         v.state = state.to_string();

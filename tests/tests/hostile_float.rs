@@ -377,7 +377,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, place: Place) -> Res
 
 /// The fake float: accepts connections on `listener` with Bank B's float certificate, serves
 /// each with the place `place` currently says, and counts connections per place. Runs on a
-/// thread of its own, one connection at a time.
+/// thread of its own.
 fn spawn_fake_float(
     listener: std::net::TcpListener,
     b: &Org,
@@ -408,18 +408,24 @@ fn spawn_fake_float(
                 };
                 let i = place.load(Ordering::SeqCst).min(places.len() - 1);
                 served[i].fetch_add(1, Ordering::SeqCst);
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    continue;
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(20), serve(tls, places[i])).await;
+                // Each connection on a task of its own: a bridge that reconnects must not wait
+                // for the fake float to give up on the connection before.
+                let (acceptor, place) = (acceptor.clone(), places[i]);
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(20), serve(tls, place)).await;
+                    }
+                });
             }
         });
     })?;
     Ok(())
 }
 
-#[tokio::test]
-async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
+/// Bank A (whose bridge is under test) and Bank B (whose float port the fake float takes),
+/// each on a vhost of its own.
+async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
     drawbridge_certs::install_crypto_provider();
     let node = shared_node().await;
     let dir = tempfile::tempdir()?;
@@ -427,8 +433,15 @@ async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
     let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
     let va = node.fresh_vhost().await?;
     let vb = node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
+    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
     let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
+    Ok((a, b, dir))
+}
+
+#[tokio::test]
+async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
+    let (mut a, b, _dir) = orgs().await?;
+    let node = shared_node().await;
 
     // The fake float takes Bank B's float port.
     let listener = std::net::TcpListener::bind(("127.0.0.1", b.float_port))?;
@@ -514,15 +527,8 @@ async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
 /// Now the reason is cut to 1 KiB and each message is dead-lettered once.
 #[tokio::test]
 async fn a_200_kb_rejection_description_is_cut_in_the_dead_letter_reason() -> Result<()> {
-    drawbridge_certs::install_crypto_provider();
+    let (mut a, b, _dir) = orgs().await?;
     let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
     let listener = std::net::TcpListener::bind(("127.0.0.1", b.float_port))?;
     let served = Arc::new(vec![AtomicUsize::new(0)]);
     spawn_fake_float(
@@ -551,7 +557,7 @@ async fn a_200_kb_rejection_description_is_cut_in_the_dead_letter_reason() -> Re
         |_| {},
     )
     .await?;
-    let reasons = a.dead_letter_reasons(3, Duration::from_secs(30)).await?;
+    let reasons = a.dead_letter_reasons(3, Duration::from_secs(60)).await?;
     let bridge = a.bridge.as_ref().context("bridge")?;
     assert_eq!(
         reasons.len(),

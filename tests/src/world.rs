@@ -199,7 +199,10 @@ impl Org {
     /// `n` were taken or `within` ran out ("" for a copy without a reason).
     pub async fn dead_letter_reasons(&self, n: usize, within: Duration) -> Result<Vec<String>> {
         use lapin::options::BasicGetOptions;
-        let (_conn, ch) = self.channel().await?;
+        // The dead-letter queue may not exist yet when this starts (the bridge declares it):
+        // a `basic_get` on a missing queue closes the channel, so a failed get opens a new one
+        // instead of polling a dead channel until the deadline.
+        let (mut _conn, mut ch) = self.channel().await?;
         let mut reasons = Vec::new();
         let deadline = tokio::time::Instant::now() + within;
         while reasons.len() < n && tokio::time::Instant::now() < deadline {
@@ -214,7 +217,11 @@ impl Org {
                     )
                     .unwrap_or_default(),
                 ),
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    (_conn, ch) = self.channel().await?;
+                }
             }
         }
         Ok(reasons)

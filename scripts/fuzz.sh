@@ -14,7 +14,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-    targets=(control_decode float_message float_frames bridge_frames legal_name legal_name_der)
+    targets=(control_decode float_message mapping_round_trip float_frames bridge_frames legal_name legal_name_der)
 fi
 if ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
     echo "fuzz.sh: seconds per target must be a whole number, got '$seconds'" >&2

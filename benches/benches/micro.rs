@@ -4,9 +4,9 @@
 //! - `control`: decoding a node's control envelope (`SequencedCommand::decode`, what the
 //!   bridge's control loop calls) for a `Snapshot` of 1, 100 and 1000 links and a `CreateLink`,
 //!   the inputs built with the protocol crate's own encoder.
-//! - `bridge`: `convert::to_amqp`, AMQP 0.9.1 delivery → AMQP 1.0 message, for bodies of
+//! - `bridge`: `outbound::to_amqp`, AMQP 0.9.1 delivery → AMQP 1.0 message, for bodies of
 //!   128 B, 1 KiB and 64 KiB with a realistic set of properties and headers.
-//! - `float`: `convert::from_amqp`, AMQP 1.0 message → what the float publishes, same sizes,
+//! - `float`: `inbound::from_amqp`, AMQP 1.0 message → what the float publishes, same sizes,
 //!   plus decoding the transfer payload into a message (what fe2o3 does before it) and the
 //!   frame guard (`frame_guard::Frames`, `frame_guard::Scanner`) on a 1 KiB transfer.
 //!
@@ -151,7 +151,7 @@ fn delivery(size: usize) -> Delivery {
 
 /// The AMQP 1.0 message the bridge sends for a body of `size` bytes.
 fn bridge_message(size: usize) -> Message<Data> {
-    drawbridge_bridge::convert::to_amqp(&delivery(size), MAX_SIZE).expect("convertible")
+    drawbridge_mapping::outbound::to_amqp(&delivery(size), MAX_SIZE).expect("convertible")
 }
 
 /// That message encoded, as it travels in the transfer frames.
@@ -169,13 +169,13 @@ fn decode_message(bytes: &[u8]) -> Message<Body<Value>> {
 mod bridge {
     use super::*;
 
-    /// `convert::to_amqp`: 0.9.1 delivery → AMQP 1.0 message (body copied once).
+    /// `outbound::to_amqp`: 0.9.1 delivery → AMQP 1.0 message (body copied once).
     #[divan::bench(args = SIZES)]
     fn to_amqp(bencher: Bencher, size: usize) {
         let d = delivery(size);
         bencher
             .counter(BytesCount::new(size))
-            .bench(|| drawbridge_bridge::convert::to_amqp(black_box(&d), MAX_SIZE).expect("ok"));
+            .bench(|| drawbridge_mapping::outbound::to_amqp(black_box(&d), MAX_SIZE).expect("ok"));
     }
 
     /// The same message encoded to the bytes of its transfer (fe2o3's `serde_amqp` encoding,
@@ -194,14 +194,14 @@ mod float {
 
     use super::*;
 
-    /// `convert::from_amqp`: AMQP 1.0 message → validated 0.9.1 properties and body.
+    /// `inbound::from_amqp`: AMQP 1.0 message → validated 0.9.1 properties and body.
     #[divan::bench(args = SIZES)]
     fn from_amqp(bencher: Bencher, size: usize) {
         let bytes = encoded_message(size);
         bencher
             .counter(BytesCount::new(size))
             .with_inputs(|| decode_message(&bytes))
-            .bench_values(|msg| drawbridge_float::convert::from_amqp(msg, MAX_SIZE).expect("ok"));
+            .bench_values(|msg| drawbridge_mapping::inbound::from_amqp(msg, MAX_SIZE).expect("ok"));
     }
 
     /// Transfer payload bytes → `Message<Body<Value>>` (the decoding fe2o3 does for the

@@ -21,8 +21,9 @@
 
 use std::time::Duration;
 
+use drawbridge_mapping::{self as mapping, headers};
 use drawbridge_node::topology::{self, QueueType};
-use drawbridge_runtime::{backoff::Backoff, broker::Live, headers, mapping, text};
+use drawbridge_runtime::{backoff::Backoff, broker::Live, text};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},

@@ -10,7 +10,6 @@ pub mod budget;
 mod canary;
 pub mod config;
 mod control;
-pub mod convert;
 pub mod dead_letter;
 pub mod ha;
 pub mod link;

@@ -42,9 +42,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use drawbridge_mapping::outbound;
+
 use crate::{
     budget::{kib, Prefetch},
-    convert,
     dead_letter::{copy_properties, DeadLetterError, DeadLetterer, Interrupted},
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
     rotation::TargetRotation,
@@ -878,7 +879,7 @@ impl LinkSession<'_> {
                         }
                         resize!();
                     }
-                    match convert::to_amqp(&delivery, cfg.max_message_size) {
+                    match outbound::to_amqp(&delivery, cfg.max_message_size) {
                         Err(u) => {
                             metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
                             let reason = u.to_string();

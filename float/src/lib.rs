@@ -30,7 +30,6 @@ mod args;
 pub mod budget;
 pub mod config;
 mod connection;
-pub mod convert;
 pub mod dedup;
 /// The frame guard lives in the runtime (the bridge guards its peer connections too); the
 /// path stays for the benches, the fuzz targets and the tests.

@@ -43,7 +43,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drawbridge_runtime::{headers, lograte::Every, mapping, text};
+use drawbridge_mapping::{self as mapping, headers, inbound};
+use drawbridge_runtime::{lograte::Every, text};
 use fe2o3_amqp::{
     link::{delivery::DeliveryInfo, receiver::CreditMode, DispositionError, Receiver, RecvError},
     types::{
@@ -62,7 +63,6 @@ use tracing::{debug, info, warn};
 
 use crate::{
     budget::{self, LinkBudget, Permit},
-    convert,
     dedup::{Seen, Ticket},
     publisher::Publisher,
     routing::Routes,
@@ -164,7 +164,7 @@ pub(crate) async fn serve_link(
         Some(_) => None,
         None if address != ctx.cfg.address => Some(LinkRefusal::UnknownAddress {
             // Echoed to the peer and logged: cut to a bounded length.
-            address: text::truncate(&address, convert::MAX_ECHO).to_string(),
+            address: text::truncate(&address, inbound::MAX_ECHO).to_string(),
             expected: ctx.cfg.address.clone(),
         }),
         None => None,
@@ -558,7 +558,7 @@ fn prepare(
     ctx: &Ctx,
     routes: &mut Routes,
 ) -> Prepared {
-    let inbound = match convert::from_amqp_stamped(msg, ctx.cfg.max_message_size, sender) {
+    let inbound = match inbound::from_amqp_stamped(msg, ctx.cfg.max_message_size, sender) {
         Ok(m) => m,
         Err(e) => {
             metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label(), "peer" => sender.to_string())
@@ -574,7 +574,7 @@ fn prepare(
         metrics::counter!("drawbridge_float_rejected_total", "reason" => "unknown_destination", "peer" => sender.to_string())
             .increment(1);
         return Prepared::Settle(Settle::Reject(
-            convert::Invalid::unknown_destination(&inbound.destination).to_string(),
+            inbound::Invalid::unknown_destination(&inbound.destination).to_string(),
         ));
     };
     let ticket = match ctx

@@ -19,10 +19,8 @@ use std::sync::{
     Arc,
 };
 
-use drawbridge_runtime::{
-    broker::{BrokerSession, Live},
-    mapping,
-};
+use drawbridge_mapping::{self as mapping, inbound::Invalid};
+use drawbridge_runtime::broker::{BrokerSession, Live};
 use futures::{future::BoxFuture, FutureExt};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -31,10 +29,7 @@ use lapin::{
 };
 use tracing::warn;
 
-use crate::{
-    convert::Invalid,
-    settle::{self, BrokerAnswer, Settle, Transient},
-};
+use crate::settle::{self, BrokerAnswer, Settle, Transient};
 
 /// Why the link has no channel to publish on.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@
 //! of the spellings it has seen of names this float serves. A destination it does not serve
 //! is not remembered: the peer chooses those freely, and each would otherwise hold its
 //! bytes until the cache starts over (its length is bounded before it gets here,
-//! `convert::MAX_DESTINATION_BYTES`).
+//! `drawbridge_mapping::inbound::MAX_DESTINATION_BYTES`).
 
 use std::{collections::HashMap, sync::Arc};
 

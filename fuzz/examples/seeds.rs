@@ -5,16 +5,13 @@
 
 use std::{fs, path::Path};
 
-use drawbridge_bridge::convert::message_to_amqp;
+use drawbridge_mapping::outbound::message_to_amqp;
 use drawbridge_control_protocol::{
     ControlCommand, CreateLink, DeleteLink, LinkState, LinkStatus, Notification, PeerLink,
     SequencedCommand, Snapshot, SnapshotRequest,
 };
-use drawbridge_float::{
-    convert::from_amqp,
-    frame_guard::{Frames, Scanner},
-};
-use drawbridge_runtime::headers;
+use drawbridge_float::frame_guard::{Frames, Scanner};
+use drawbridge_mapping::{headers, inbound::from_amqp};
 use fe2o3_amqp::types::{
     definitions::{Fields, Handle, ReceiverSettleMode, Role, SenderSettleMode},
     messaging::{

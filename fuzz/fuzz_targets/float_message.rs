@@ -9,7 +9,8 @@
 
 mod common;
 
-use drawbridge_float::{convert::from_amqp, frame_guard::Scanner};
+use drawbridge_mapping::inbound::from_amqp;
+use drawbridge_runtime::frame_guard::Scanner;
 use fe2o3_amqp::types::{
     messaging::{
         message::__private::{Deserializable, Serializable},

@@ -213,7 +213,7 @@ impl Org {
                 Ok(Some(m)) => reasons.push(
                     drawbridge_stream::header_string(
                         m.delivery.properties.headers().as_ref(),
-                        drawbridge_runtime::headers::REASON,
+                        drawbridge_mapping::headers::REASON,
                     )
                     .unwrap_or_default(),
                 ),

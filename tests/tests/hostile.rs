@@ -727,7 +727,7 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
             );
             let mut ann = OrderedMap::new();
             ann.insert(
-                OwnedKey::from(drawbridge_runtime::mapping::ANN_HEADERS),
+                OwnedKey::from(drawbridge_mapping::ANN_HEADERS),
                 Value::Map(headers),
             );
             m.message_annotations = Some(MessageAnnotations(ann));

@@ -112,7 +112,7 @@ fn rich_headers(entries: Vec<(&'static str, Value)>) -> impl FnOnce(&mut Message
         }
         let mut anns = OrderedMap::new();
         anns.insert(
-            OwnedKey::from(drawbridge_runtime::mapping::ANN_HEADERS),
+            OwnedKey::from(drawbridge_mapping::ANN_HEADERS),
             Value::Map(rich),
         );
         m.message_annotations = Some(MessageAnnotations(anns));

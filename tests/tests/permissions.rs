@@ -17,7 +17,7 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use drawbridge_certs::devpki;
 use drawbridge_control_protocol::{LinkState, Notification};
-use drawbridge_runtime::headers;
+use drawbridge_mapping::headers;
 use drawbridge_testkit::{
     daemon::bin_dir,
     rabbit::{NodeOptions, RabbitNode},

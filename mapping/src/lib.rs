@@ -1,11 +1,22 @@
-//! Names and limits of the AMQP 0.9.1 ↔ AMQP 1.0 message mapping.
+//! The AMQP 0.9.1 ↔ AMQP 1.0 message mapping, in one place for both daemons.
 //!
-//! The bridge encodes a 0.9.1 delivery with these names and the float decodes with the same
-//! ones, so they live in one place. The full table, with the exceptions and the reasons
-//! for them, is in docs/architecture.md, section "Message mapping (AMQP 0.9.1 ↔ AMQP 1.0)".
+//! The bridge turns a broker delivery into an AMQP 1.0 message ([`outbound`]); the float turns
+//! what a peer sent back into a 0.9.1 publish ([`inbound`]); both use the names and limits
+//! below and the header contract in [`headers`]. A message the bridge built comes back from the
+//! float as it was sent, except the documented exceptions: [`check`] says exactly what the
+//! receiving side must see, and the round-trip property test (`tests/round_trip.rs`) and the
+//! `mapping_round_trip` fuzz target hold both directions to it. The full table, with the
+//! exceptions and the reasons for them, is in docs/architecture.md, section "Message mapping
+//! (AMQP 0.9.1 ↔ AMQP 1.0)".
 //!
 //! Message-annotation keys start `x-opt-`: AMQP 1.0 lets a receiver that does not know an
 //! `x-opt-` annotation ignore it, so a foreign AMQP 1.0 consumer still reads the message.
+#![forbid(unsafe_code)]
+
+pub mod check;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
 
 /// Message annotation (string): the 0.9.1 `app-id`. AMQP 1.0 has no application-id field;
 /// RabbitMQ maps it to `group-id`, which means message grouping in AMQP 1.0, so we don't.
@@ -204,7 +215,7 @@ mod tests {
         assert!(fits_frame(usize::MAX / 2, 0));
         assert!(fits_frame(
             MAX_PROPERTIES_BYTES,
-            crate::broker::DEFAULT_FRAME_MAX
+            drawbridge_runtime::broker::DEFAULT_FRAME_MAX
         ));
     }
 }

@@ -10,7 +10,8 @@
 //! by [`mapping::MAX_DEPTH`], and whatever does not fit is refused with an [`Invalid`]
 //! reason rather than altered.
 
-use drawbridge_runtime::{headers, mapping, text};
+use crate::{self as mapping, headers};
+use drawbridge_runtime::text;
 use fe2o3_amqp::types::{
     messaging::{annotations::AnnotationKey, Body, Message, MessageAnnotations, MessageId},
     primitives::{SimpleValue, Value},

@@ -1,10 +1,10 @@
 //! AMQP 0.9.1 delivery → AMQP 1.0 message, with the bridge's validation.
 //!
-//! The mapping is lossless: the float's `convert::from_amqp` turns the result back into the
+//! The mapping is lossless: [`crate::inbound::from_amqp`] turns the result back into the
 //! same 0.9.1 properties, headers and body (the few documented exceptions are the float's:
 //! delivery mode, user id). The table and the reasons are in docs/architecture.md,
 //! "Message mapping (AMQP 0.9.1 ↔ AMQP 1.0)"; the annotation names are in
-//! [`drawbridge_runtime::mapping`].
+//! the crate root.
 
 #![deny(
     clippy::unwrap_used,
@@ -22,7 +22,7 @@
     )
 )]
 
-use drawbridge_runtime::mapping;
+use crate as mapping;
 use fe2o3_amqp::types::{
     messaging::{
         ApplicationProperties, Data, Header, Message, MessageAnnotations, MessageId, Properties,

@@ -31,7 +31,8 @@ pub use error::CertError;
 pub use keyfile::{check_secret_file, KeyFileAccess};
 pub use legal_name::LegalName;
 pub use revocation::{
-    EstablishedPeer, PeerRefusal, PeerRole, Revocation, RevocationMode, RevocationSettings,
+    EstablishedPeer, FetchesDue, PeerRefusal, PeerRole, Revocation, RevocationMode,
+    RevocationSettings, WeakRevocation,
 };
 pub use tls::{
     client_config, client_config_with, install_crypto_provider, load_crls, load_trust_roots,

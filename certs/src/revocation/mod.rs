@@ -13,6 +13,11 @@
 //!   waits for a fetch. A failing URL is logged once per episode and retried with backoff;
 //!   its last good CRLs stay in force.
 //!
+//! This crate does no waiting of its own: the polling and fetching threads are the
+//! runtime's (`drawbridge_runtime::revocation`), which call [`Revocation::reload_now`],
+//! [`Revocation::fetches_due`] and [`Revocation::apply_fetched`] and hold a
+//! [`WeakRevocation`] so that they end with the daemon's last clone.
+//!
 //! Modes ([`RevocationMode`]): every certificate of the peer's chain (TLS certificate and
 //! node CA) is checked against its issuer's CRL in both checking modes.
 //!
@@ -47,7 +52,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Instant, SystemTime};
 
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
@@ -58,6 +63,7 @@ use tracing::{info, warn};
 
 pub use mode::{PeerRole, RevocationMode, RevocationSettings};
 pub use peer::{EstablishedPeer, PeerRefusal};
+pub use refresh::FetchesDue;
 pub(crate) use snapshot::Snapshot;
 
 use crate::CertError;
@@ -79,11 +85,32 @@ struct Inner {
 
 /// The revocation state of one daemon: current CRLs, mode, reload and the change signal.
 ///
-/// Cheap to clone (shared). The background refresh started by [`Revocation::spawn_refresh`]
+/// Cheap to clone (shared). A background refresh holds a [`WeakRevocation`] instead, so it
 /// stops by itself once every clone is dropped.
 #[derive(Clone)]
 pub struct Revocation {
     inner: Arc<Inner>,
+}
+
+/// A [`Revocation`] that does not keep it alive: what a refresh loop holds between rounds.
+#[derive(Clone)]
+pub struct WeakRevocation {
+    inner: Weak<Inner>,
+}
+
+impl WeakRevocation {
+    /// The revocation state, unless every [`Revocation`] clone has been dropped.
+    pub fn upgrade(&self) -> Option<Revocation> {
+        self.inner.upgrade().map(|inner| Revocation { inner })
+    }
+}
+
+impl fmt::Debug for WeakRevocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakRevocation")
+            .field("alive", &(self.inner.strong_count() > 0))
+            .finish()
+    }
 }
 
 impl fmt::Debug for Revocation {
@@ -126,7 +153,8 @@ impl Revocation {
     }
 
     /// Reads the configured CRL files now (any unreadable or malformed one is an error) and
-    /// builds the verifiers. URLs are not fetched here: call [`Revocation::spawn_refresh`].
+    /// builds the verifiers. URLs are not fetched here: the runtime's fetch loop does it
+    /// (see [`Revocation::fetches_due`]).
     pub fn load(
         roots: Arc<RootCertStore>,
         settings: RevocationSettings,
@@ -208,6 +236,18 @@ impl Revocation {
     /// The mode in force.
     pub fn mode(&self) -> RevocationMode {
         self.inner.settings.mode
+    }
+
+    /// The settings it was created with (the refresh loops read their intervals here).
+    pub fn settings(&self) -> &RevocationSettings {
+        &self.inner.settings
+    }
+
+    /// A handle that does not keep this state alive (see [`WeakRevocation`]).
+    pub fn downgrade(&self) -> WeakRevocation {
+        WeakRevocation {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// The trust roots the verifiers use now.

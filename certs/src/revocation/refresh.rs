@@ -1,56 +1,36 @@
-//! Reloading the sources: polling the files, fetching the URLs, noticing CRL expiry.
+//! Reloading the sources: re-reading changed files, taking in fetched URLs, noticing CRL
+//! expiry.
+//!
+//! Only the synchronous steps live here. The loops that call them — a thread polling the
+//! files every `reload_interval`, one fetching the URLs over HTTP — are the daemons'
+//! (`drawbridge_runtime::revocation`), so this crate holds no thread, timer or HTTP client.
 
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
 use super::crl::{parse_crls, Crl};
 use super::sources::{stamp, FETCH_RETRY_MIN};
-use super::{unix_now, Inner, Revocation, RevocationMode};
+use super::{unix_now, Revocation, RevocationMode};
 
-/// Largest CRL accepted from a URL.
-const MAX_FETCHED_CRL_BYTES: u64 = 32 * 1024 * 1024;
+/// The URLs to fetch now, and when the next fetch is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchesDue {
+    /// Due now (or overdue), in configuration order.
+    pub urls: Vec<String>,
+    /// The earliest due time of any URL, as of this call (`None`: no URLs configured).
+    pub next: Option<Instant>,
+}
 
 impl Revocation {
     /// Poll the files once: re-read those that changed, re-evaluate CRL expiry. Returns
-    /// whether the generation moved. The background refresh calls this every
+    /// whether the generation moved. The runtime's polling thread calls this every
     /// `reload_interval`; tests may call it directly.
     pub fn reload_now(&self) -> bool {
         let changed = self.poll_files();
         let rebuilt = changed && self.rebuild("file", true);
         let expiry = self.check_expiry(!rebuilt);
         rebuilt || expiry
-    }
-
-    /// Start the background refresh: a thread polling the files (and CRL expiry) every
-    /// `reload_interval`, and one fetching the URLs. Does nothing in mode `off`. The threads
-    /// end once every clone of this `Revocation` is dropped.
-    pub fn spawn_refresh(&self) -> std::io::Result<()> {
-        if self.mode() == RevocationMode::Off {
-            return Ok(());
-        }
-        let weak = Arc::downgrade(&self.inner);
-        let interval = self
-            .inner
-            .settings
-            .reload_interval
-            .max(Duration::from_millis(10));
-        std::thread::Builder::new()
-            .name("crl-reload".into())
-            .spawn(move || loop {
-                std::thread::sleep(interval);
-                let Some(inner) = weak.upgrade() else { return };
-                Revocation { inner }.reload_now();
-            })?;
-        if !self.inner.settings.crl_urls.is_empty() {
-            let weak = Arc::downgrade(&self.inner);
-            let timeout = self.inner.settings.fetch_timeout;
-            std::thread::Builder::new()
-                .name("crl-fetch".into())
-                .spawn(move || fetch_loop(weak, timeout))?;
-        }
-        Ok(())
     }
 
     /// Re-reads changed files; true if any file's CRLs changed.
@@ -137,22 +117,25 @@ impl Revocation {
         bump
     }
 
-    /// URLs due for a fetch now, and when the next one is due.
-    fn due_urls(&self) -> (Vec<String>, Option<Instant>) {
+    /// The URLs due for a fetch now, and when the next one is due: the fetch loop fetches
+    /// these, hands each outcome to [`Revocation::apply_fetched`], and asks again.
+    pub fn fetches_due(&self) -> FetchesDue {
         let sources = self.inner.sources.lock().expect("poisoned");
         let now = Instant::now();
-        let due = sources
+        let urls = sources
             .urls
             .iter()
             .filter(|u| u.next_due <= now)
             .map(|u| u.url.clone())
             .collect();
         let next = sources.urls.iter().map(|u| u.next_due).min();
-        (due, next)
+        FetchesDue { urls, next }
     }
 
-    /// Records the outcome of one fetch.
-    fn fetched(&self, url: &str, result: Result<Vec<u8>, String>) {
+    /// Records the outcome of one fetch of `url` (the body, or why there is none): a new
+    /// body's CRLs are parsed and may come into force; a failure schedules the retry with
+    /// backoff. Unknown URLs are ignored.
+    pub fn apply_fetched(&self, url: &str, result: Result<Vec<u8>, String>) {
         let fetch_interval = self.inner.settings.fetch_interval;
         let mut changed = false;
         {
@@ -194,36 +177,4 @@ impl Revocation {
             self.check_expiry(!rebuilt);
         }
     }
-}
-
-fn fetch_loop(weak: Weak<Inner>, timeout: Duration) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .proxy(None)
-        .build()
-        .into();
-    loop {
-        let Some(inner) = weak.upgrade() else { return };
-        let (due, next) = Revocation { inner }.due_urls();
-        for url in due {
-            let result = fetch(&agent, &url);
-            let Some(inner) = weak.upgrade() else { return };
-            Revocation { inner }.fetched(&url, result);
-        }
-        let wait = next
-            .map(|n| n.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(1))
-            .clamp(Duration::from_millis(50), Duration::from_secs(1));
-        std::thread::sleep(wait);
-    }
-}
-
-fn fetch(agent: &ureq::Agent, url: &str) -> Result<Vec<u8>, String> {
-    let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
-    response
-        .body_mut()
-        .with_config()
-        .limit(MAX_FETCHED_CRL_BYTES)
-        .read_to_vec()
-        .map_err(|e| e.to_string())
 }

@@ -7,7 +7,7 @@
 //! a reloaded CRL applies to the next handshake without a restart. Sources:
 //!
 //! * files (`crls`), PEM (`X509 CRL` blocks) or one DER CRL each, polled every
-//!   `crl_reload_interval` (metadata: modification time, size, inode) and re-read when they
+//!   `crl_reload_interval` (metadata: [`crate::FileStamp`]) and re-read when they
 //!   change; a file that disappears or stops parsing keeps its last good CRLs (logged once);
 //! * optional `http://` URLs (`crl_urls`), fetched by a background thread: a handshake never
 //!   waits for a fetch. A failing URL is logged once per episode and retried with backoff;
@@ -66,9 +66,9 @@ pub use peer::{EstablishedPeer, PeerRefusal};
 pub use refresh::FetchesDue;
 pub(crate) use snapshot::Snapshot;
 
-use crate::CertError;
+use crate::{CertError, FileStamp};
 use crl::{parse_crls, parse_one};
-use sources::{stamp, FileSource, Sources, UrlSource, FETCH_RETRY_MIN};
+use sources::{FileSource, Sources, UrlSource, FETCH_RETRY_MIN};
 
 struct Inner {
     settings: RevocationSettings,
@@ -161,7 +161,7 @@ impl Revocation {
     ) -> Result<Self, CertError> {
         let mut files = Vec::new();
         for path in &settings.crl_files {
-            let st = stamp(path).map_err(CertError::io(path))?;
+            let st = FileStamp::of(path).map_err(CertError::io(path))?;
             let bytes = std::fs::read(path).map_err(CertError::io(path))?;
             let crls = parse_crls(&bytes, &path.display().to_string()).map_err(|reason| {
                 CertError::Pem {

@@ -10,8 +10,9 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::crl::{parse_crls, Crl};
-use super::sources::{stamp, FETCH_RETRY_MIN};
+use super::sources::FETCH_RETRY_MIN;
 use super::{unix_now, Revocation, RevocationMode};
+use crate::FileStamp;
 
 /// The URLs to fetch now, and when the next fetch is due.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,7 @@ impl Revocation {
             .iter_mut()
             .filter(|f| !f.path.as_os_str().is_empty())
         {
-            let problem = match stamp(&file.path) {
+            let problem = match FileStamp::of(&file.path) {
                 Err(e) => Some(format!("cannot access it: {e}")),
                 Ok(st) if Some(&st) == file.stamp.as_ref() => None,
                 Ok(st) => match std::fs::read(&file.path) {

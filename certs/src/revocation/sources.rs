@@ -1,40 +1,23 @@
 //! Where CRLs come from (files and URLs) and choosing, per issuer, the one in force.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateRevocationListDer, SignatureVerificationAlgorithm};
 use tracing::{debug, info, warn};
 
 use super::crl::{compare_numbers, crl_signed_by, der_sequence, Crl};
+use crate::FileStamp;
 
 /// First retry delay of a failing URL (doubles up to the fetch interval).
 pub(super) const FETCH_RETRY_MIN: Duration = Duration::from_secs(5);
 
-/// Identity of a file's current version, as far as polling can tell.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    ino: u64,
-}
-
-pub(super) fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path)?;
-    Ok(Stamp {
-        modified: m.modified().ok(),
-        len: m.len(),
-        ino: m.ino(),
-    })
-}
-
 pub(super) struct FileSource {
     pub(super) path: PathBuf,
-    pub(super) stamp: Option<Stamp>,
+    pub(super) stamp: Option<FileStamp>,
     pub(super) crls: Vec<Crl>,
     /// The problem last logged, so each is logged once.
     pub(super) problem: Option<String>,

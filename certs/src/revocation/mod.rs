@@ -92,6 +92,16 @@ pub struct Revocation {
     inner: Arc<Inner>,
 }
 
+impl fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Revocation")
+            .field("mode", &self.inner.settings.mode)
+            .field("crls", &self.current().crls.len())
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
 /// A [`Revocation`] that does not keep it alive: what a refresh loop holds between rounds.
 #[derive(Clone)]
 pub struct WeakRevocation {
@@ -109,16 +119,6 @@ impl fmt::Debug for WeakRevocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WeakRevocation")
             .field("alive", &(self.inner.strong_count() > 0))
-            .finish()
-    }
-}
-
-impl fmt::Debug for Revocation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Revocation")
-            .field("mode", &self.inner.settings.mode)
-            .field("crls", &self.current().crls.len())
-            .field("generation", &self.generation())
             .finish()
     }
 }

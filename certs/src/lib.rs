@@ -21,6 +21,7 @@
 pub mod binding;
 pub mod devpki;
 mod error;
+mod file_stamp;
 pub mod keyfile;
 mod legal_name;
 pub mod revocation;
@@ -28,10 +29,12 @@ mod tls;
 
 pub use binding::IdentityRefused;
 pub use error::CertError;
+pub use file_stamp::FileStamp;
 pub use keyfile::{check_secret_file, KeyFileAccess};
 pub use legal_name::LegalName;
 pub use revocation::{
-    EstablishedPeer, PeerRefusal, PeerRole, Revocation, RevocationMode, RevocationSettings,
+    EstablishedPeer, FetchesDue, PeerRefusal, PeerRole, Revocation, RevocationMode,
+    RevocationSettings, WeakRevocation,
 };
 pub use tls::{
     client_config, client_config_with, install_crypto_provider, load_crls, load_trust_roots,

@@ -6,7 +6,7 @@
 //!
 //! * on **SIGHUP**, at once (always re-read and re-validated, changed or not);
 //! * when the files **change**: their metadata (modification and change time, size, inode,
-//!   mode) is polled every `tls_reload_interval` (default 30 s); a change is acted on once
+//!   mode: [`FileStamp`]) is polled every `tls_reload_interval` (default 30 s); a change is acted on once
 //!   the metadata has stayed the same for one more interval, so writing the certificate and
 //!   then the key is not caught half done. Contents are compared by SHA-256: a `touch`
 //!   reloads nothing.
@@ -28,11 +28,11 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use drawbridge_certs::{
-    check_secret_file, rustls::RootCertStore, trust_roots_from_pem, CertError, CertInfo,
+    check_secret_file, rustls::RootCertStore, trust_roots_from_pem, CertError, CertInfo, FileStamp,
     KeyFileAccess, LegalName, Revocation, TlsIdentity,
 };
 use sha2::{Digest as _, Sha256};
@@ -261,44 +261,11 @@ fn file_mode(_path: &Path) -> Option<u32> {
     None
 }
 
-/// What polling can tell about one file's version without reading it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    #[cfg(unix)]
-    ino: u64,
-    /// Change time: a `chmod` (fixing a key's permissions) changes only this and the mode.
-    #[cfg(unix)]
-    ctime: (i64, i64),
-    #[cfg(unix)]
-    mode: u32,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let m = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    use std::os::unix::fs::MetadataExt as _;
-    Some(Stamp {
-        modified: m.modified().ok(),
-        len: m.len(),
-        #[cfg(unix)]
-        ino: m.ino(),
-        #[cfg(unix)]
-        ctime: (m.ctime(), m.ctime_nsec()),
-        #[cfg(unix)]
-        mode: m.mode(),
-    })
-}
-
-type Stamps = [Option<Stamp>; 3];
+/// The three files' stamps (`None`: cannot be read; that is a state too).
+type Stamps = [Option<FileStamp>; 3];
 
 fn stamps(source: &TlsSource) -> Stamps {
-    [
-        stamp(&source.cert),
-        stamp(&source.key),
-        stamp(&source.trust_roots),
-    ]
+    [&source.cert, &source.key, &source.trust_roots].map(|p| FileStamp::of(p).ok())
 }
 
 /// What the material in force was built into, and about it.

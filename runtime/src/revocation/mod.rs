@@ -10,6 +10,10 @@
 //! | `crl_fetch_interval` | `5m` | how often each URL is fetched after a success |
 //! | `crl_fetch_timeout` | `10s` | deadline of one fetch |
 
+mod refresh;
+
+pub use refresh::SpawnRefresh;
+
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use drawbridge_certs::{

@@ -11,6 +11,7 @@ use drawbridge_testkit::{
     rabbit::{shared_node, RabbitNode},
     stream::{self, PublishSpec, Tally},
     world::{self, Org, DEAD_LETTER, INBOX},
+    BANK_A, BANK_B,
 };
 use lapin::{
     message::BasicGetMessage,
@@ -18,9 +19,6 @@ use lapin::{
     types::AMQPValue,
     BasicProperties, Channel,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 struct Pair {
     node: &'static RabbitNode,

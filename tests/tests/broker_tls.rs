@@ -23,10 +23,8 @@ use drawbridge_testkit::{
     rabbit::{self, BrokerPki, NodeOptions, RabbitNode},
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// One RabbitMQ node per test process with a plain listener (the test acts as the nodes
 /// through it) and a TLS listener (the daemons use it). Client certificates are optional at

@@ -13,11 +13,9 @@ use drawbridge_control_protocol::{
 use drawbridge_testkit::{
     rabbit::shared_node,
     world::{self, Org},
+    BANK_A, BANK_B,
 };
 use prost::Message as _;
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// Bank A (bridge) and Bank B (float), each on its own vhost.
 async fn pair() -> Result<(Org, Org, tempfile::TempDir)> {

@@ -17,6 +17,7 @@ use drawbridge_runtime::{headers, mapping};
 use drawbridge_testkit::{
     rabbit::shared_node,
     world::{self, Org, INBOX},
+    BANK_A,
 };
 use fe2o3_amqp::types::{
     messaging::{
@@ -417,8 +418,6 @@ fn nesting_limit_is_the_same_on_both_sides() {
 
 // ---------------------------------------------------------------------------------------
 // End to end
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
 
 /// One message with every basic property and a rich header table, published on A, read
 /// from B's inbox: property by property as sent (except the documented exceptions).

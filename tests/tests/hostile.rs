@@ -12,14 +12,12 @@ use drawbridge_testkit::{
     rabbit::shared_node,
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
 use fe2o3_amqp::types::{
     messaging::{AmqpValue, ApplicationProperties, Body, Message, MessageId, Properties},
     primitives::{SimpleValue, Value},
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// How Bank B (the attacker, a genuine member) connects to Bank A's float.
 fn attacker_settings(b: &Org, a: &Org) -> Result<PeerSettings> {

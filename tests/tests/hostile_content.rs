@@ -14,6 +14,7 @@ use drawbridge_testkit::{
     rabbit::shared_node,
     stream,
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
 use fe2o3_amqp::types::{
     messaging::{
@@ -23,9 +24,6 @@ use fe2o3_amqp::types::{
     primitives::{OrderedMap, SimpleValue, Value},
 };
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// How Bank B (the attacker, a genuine member) connects to Bank A's float.
 fn attacker_settings(b: &Org, a: &Org, link_name: &str) -> Result<PeerSettings> {

@@ -24,6 +24,7 @@ use drawbridge_testkit::{
     rabbit::shared_node,
     stream::{self, PublishSpec},
     world::{self, Org},
+    BANK_A, BANK_B,
 };
 use fe2o3_amqp::types::{
     definitions::{Handle, ReceiverSettleMode, Role},
@@ -35,9 +36,6 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// Nesting of the hostile value: tens of thousands of levels, as in the report, and still
 /// within the bridge's maximum frame of 256 KiB (9 bytes a level).

@@ -9,10 +9,8 @@ use drawbridge_testkit::{
     rabbit::shared_node,
     stream,
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 fn tls(org: &Org) -> TlsFiles {
     TlsFiles {

@@ -11,6 +11,7 @@ use drawbridge_testkit::{
     rabbit::{encode_vhost, shared_node},
     stream::header_string,
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
 use futures::StreamExt;
 use lapin::{
@@ -18,8 +19,6 @@ use lapin::{
     types::FieldTable,
 };
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 const PYTHON: &str = "/usr/bin/python3";
 
 fn example_dir() -> PathBuf {

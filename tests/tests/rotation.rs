@@ -21,10 +21,8 @@ use drawbridge_testkit::{
     rabbit::shared_node,
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// SIGHUP only: the files are not polled within a test's lifetime, so a reload proves the
 /// signal was handled.

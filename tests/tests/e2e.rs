@@ -6,94 +6,19 @@ use std::time::Duration;
 use anyhow::Result;
 use drawbridge_certs::devpki;
 use drawbridge_testkit::{
+    fixtures::{
+        link_up, links_up_both_ways, receive, send, send_sized, send_with_headers, two_orgs,
+    },
     rabbit::shared_node,
-    stream::{self, PublishSpec, Tally},
+    stream::{self, PublishSpec},
     world::{self, Org, INBOX},
     BANK_A, BANK_B,
 };
 
-struct Pair {
-    a: Org,
-    b: Org,
-    /// A's vhost.
-    va: String,
-    /// B's vhost.
-    vb: String,
-    _dir: tempfile::TempDir,
-}
-
-async fn pair() -> Result<Pair> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok(Pair {
-        a,
-        b,
-        va,
-        vb,
-        _dir: dir,
-    })
-}
-
-async fn send(
-    from: &Org,
-    to: &Org,
-    run: &str,
-    n: u64,
-    extra_headers: Vec<(String, String)>,
-) -> Result<()> {
-    send_sized(from, to, run, n, 256, extra_headers).await
-}
-
-async fn send_sized(
-    from: &Org,
-    to: &Org,
-    run: &str,
-    n: u64,
-    size: usize,
-    extra_headers: Vec<(String, String)>,
-) -> Result<()> {
-    let (_c, ch) = from.channel().await?;
-    let q = from.queue_to(to);
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    let spec = PublishSpec {
-        run: run.to_string(),
-        from: 0,
-        to: n,
-        size,
-        destination: to.legal_name.clone(),
-        headers: extra_headers,
-    };
-    stream::publish(&ch, &q, &spec, |_| {}).await
-}
-
-async fn receive(at: &Org, run: &str, n: u64, sender: &str) -> Result<stream::Report> {
-    let (_c, ch) = at.channel().await?;
-    world::declare_queue(&ch, INBOX).await?;
-    let mut tally = Tally::new(run, n, Some(sender.to_string()));
-    stream::consume(&ch, INBOX, &mut tally, Duration::from_secs(30), |_| {}).await?;
-    Ok(tally.report())
-}
-
 #[tokio::test]
 async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
-    let mut p = pair().await?;
-    p.a.start_float("").await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.b.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    p.b.create_link_to(&p.a).await?;
-    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
-        .await?;
-    p.b.wait_link_state(&p.b.queue_to(&p.a), "up", Duration::from_secs(20))
-        .await?;
+    let mut p = two_orgs().await?;
+    links_up_both_ways(&mut p.a, &mut p.b, Duration::from_secs(20)).await?;
 
     // A forges the sender and every other header the receiving side asserts, in any case;
     // the float drops them and stamps A's certificate subject in its canonical form.
@@ -113,11 +38,11 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
     let n = 500;
     let (ra, rb) = tokio::join!(
         async {
-            send(&p.a, &p.b, "ab", n, forged.clone()).await?;
+            send_with_headers(&p.a, &p.b, "ab", n, forged.clone()).await?;
             receive(&p.b, "ab", n, BANK_A).await
         },
         async {
-            send(&p.b, &p.a, "ba", n, vec![]).await?;
+            send(&p.b, &p.a, "ba", n).await?;
             receive(&p.a, "ba", n, BANK_B).await
         }
     );
@@ -150,12 +75,8 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
 /// once, arrives in the order it was queued.
 #[tokio::test]
 async fn a_peer_queue_arrives_in_the_order_it_was_queued() -> Result<()> {
-    let mut p = pair().await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
-        .await?;
+    let mut p = two_orgs().await?;
+    link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
     let n = 5_000;
     let (sent, r) = tokio::join!(
         send_sized(&p.a, &p.b, "fifo", n, 64, vec![]),
@@ -191,7 +112,7 @@ async fn count_snapshot_requests(ch: &lapin::Channel, q: &str) -> Result<usize> 
 
 #[tokio::test]
 async fn snapshot_request_repeats_until_a_snapshot_arrives() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let (_c, ch, q) = notify_listener(&p.a).await?;
     p.a.start_bridge("snapshot_retry_min = \"200ms\"\nsnapshot_retry_max = \"400ms\"")
         .await?;
@@ -215,7 +136,7 @@ async fn snapshot_request_repeats_until_a_snapshot_arrives() -> Result<()> {
 #[tokio::test]
 async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
     use drawbridge_control_protocol::{ControlCommand, CreateLink, SequencedCommand, Snapshot};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     // The node library sets user_id to the broker login (guest here) and the bridge checks
     // both it and the node identity (by default its own certificate's legal name).
@@ -257,7 +178,7 @@ async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
         p.a.wait_link_state(&q, "up", Duration::from_secs(5))
             .await?;
     assert_eq!(status["connects"], 1, "the link must not restart: {status}");
-    send(&p.a, &p.b, "stale", 20, vec![]).await?;
+    send(&p.a, &p.b, "stale", 20).await?;
     let r = receive(&p.b, "stale", 20, BANK_A).await?;
     assert!(r.complete() && r.duplicates == 0, "{r:?}");
 
@@ -289,7 +210,7 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
     use drawbridge_testkit::rabbit::encode_vhost;
     use lapin::{options::*, BasicProperties};
 
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let bridge = p.a.bridge.as_ref().unwrap();
@@ -388,7 +309,7 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
     let s = bridge.status().await?;
     assert_eq!(s["control_refused"], 3, "{s}");
     assert!(bridge.log_contains("is not the configured node identity"));
-    send(&p.a, &p.b, "authz", 10, vec![]).await?;
+    send(&p.a, &p.b, "authz", 10).await?;
     let r = receive(&p.b, "authz", 10, BANK_A).await?;
     assert!(r.complete() && r.duplicates == 0, "{r:?}");
     Ok(())
@@ -396,7 +317,7 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
 
 #[tokio::test]
 async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let q = p.a.queue_to(&p.b);
@@ -404,7 +325,7 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
     p.a.create_link_to(&p.b).await?;
     p.a.wait_link_state(&q, "up", Duration::from_secs(20))
         .await?;
-    send(&p.a, &p.b, "c1", 100, vec![]).await?;
+    send(&p.a, &p.b, "c1", 100).await?;
     let r = receive(&p.b, "c1", 100, BANK_A).await?;
     assert!(r.complete() && r.duplicates == 0, "{r:?}");
     let status =
@@ -429,7 +350,7 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    send(&p.a, &p.b, "c2", 50, vec![]).await?;
+    send(&p.a, &p.b, "c2", 50).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let node = shared_node().await;
     let vhost_a = p.a.broker_uri().rsplit('/').next().unwrap().to_string();
@@ -449,7 +370,7 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
 
 #[tokio::test]
 async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let mut link = p.a.link_to(&p.b);
@@ -461,7 +382,7 @@ async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
         },
     ))
     .await?;
-    send(&p.a, &p.b, "pin", 20, vec![]).await?;
+    send(&p.a, &p.b, "pin", 20).await?;
     let status =
         p.a.wait_link_state(&link.queue, "down", Duration::from_secs(20))
             .await?;
@@ -522,7 +443,7 @@ async fn float_accepts(port: u16, client: std::sync::Arc<rustls::ClientConfig>) 
 
 #[tokio::test]
 async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     let roots = drawbridge_certs::load_trust_roots(&p.a.files.root_cert)?;
     let expected = vec![BANK_B.parse()?];
@@ -580,7 +501,7 @@ async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<(
 #[tokio::test]
 async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() -> Result<()> {
     use lapin::{options::*, types::*, BasicProperties};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     // The float takes bodies of up to 4 KiB: it announces 4 KiB + 64 KiB (the whole encoded
     // message) on attach. The bridge takes up to 256 KiB itself.
     p.b.start_float("max_message_size = 4096").await?;
@@ -681,7 +602,7 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
 #[tokio::test]
 async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -> Result<()> {
     use lapin::{options::*, types::*, BasicProperties};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let q = p.a.queue_to(&p.b);
@@ -801,14 +722,9 @@ async fn bad_config_lists_every_problem_and_exits_78_ex_config() -> Result<()> {
 #[tokio::test]
 async fn link_state_changes_are_published_as_link_status_events() -> Result<()> {
     use drawbridge_control_protocol::{LinkState, Notification};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let (_c, ch, q) = notify_listener(&p.a).await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    let queue = p.a.queue_to(&p.b);
-    p.a.wait_link_state(&queue, "up", Duration::from_secs(20))
-        .await?;
+    let queue = link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
     p.a.delete_link_to(&p.b).await?;
     let mut states = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -845,15 +761,15 @@ async fn link_state_changes_are_published_as_link_status_events() -> Result<()> 
 /// and resumes as confirms come back, and every byte is given back at the end.
 #[tokio::test]
 async fn messages_bigger_than_the_link_budget_all_arrive() -> Result<()> {
-    let mut p = pair().await?;
-    p.b.start_float(
+    let mut p = two_orgs().await?;
+    link_up(
+        &mut p.a,
+        &mut p.b,
         "max_message_size = 1048576\nmax_link_bytes_in_flight = 65536\nmax_bytes_in_flight = 1048576",
+        "",
+        Duration::from_secs(20),
     )
     .await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
-        .await?;
     let n = 40;
     send_sized(&p.a, &p.b, "big", n, 200 * 1024, vec![]).await?;
     let r = receive(&p.b, "big", n, BANK_A).await?;
@@ -950,15 +866,10 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// link (queue label) on the bridge, per authenticated peer on the float, rejects counted.
 #[tokio::test]
 async fn metrics_count_what_was_sent_per_link_and_per_peer() -> Result<()> {
-    let mut p = pair().await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    let q = p.a.queue_to(&p.b);
-    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
-        .await?;
+    let mut p = two_orgs().await?;
+    let q = link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
     let n = 120;
-    send(&p.a, &p.b, "metrics", n, vec![]).await?;
+    send(&p.a, &p.b, "metrics", n).await?;
     let report = receive(&p.b, "metrics", n, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     // Two for a legal name B's float does not serve: rejected there, dead-lettered here.
@@ -1172,7 +1083,7 @@ async fn wait_http(
 /// - `drawbridge status` renders the link as a table row; `--json` is the document.
 #[tokio::test]
 async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("canary_interval = \"1s\"").await?;
     let bridge_admin = p.a.bridge.as_ref().expect("bridge").admin();
@@ -1209,7 +1120,7 @@ async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Re
     assert!(body.contains("links up"), "{body}");
 
     let n = 200;
-    send(&p.a, &p.b, "canary", n, vec![]).await?;
+    send(&p.a, &p.b, "canary", n).await?;
     let report = receive(&p.b, "canary", n, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     assert_eq!(
@@ -1325,7 +1236,7 @@ async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Re
         200,
         "a failing canary does not undo convergence"
     );
-    send(&p.a, &p.b, "after", 20, vec![]).await?;
+    send(&p.a, &p.b, "after", 20).await?;
     let report = receive(&p.b, "after", 20, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     assert!(
@@ -1341,7 +1252,7 @@ async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Re
 /// canary, and `/readyz?links` names it instead of pretending the path was proven.
 #[tokio::test]
 async fn a_float_without_canary_costs_the_link_nothing() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("canary_queue = \"\"").await?;
     p.a.start_bridge("canary_interval = \"1s\"").await?;
     let bridge_admin = p.a.bridge.as_ref().expect("bridge").admin();
@@ -1350,7 +1261,7 @@ async fn a_float_without_canary_costs_the_link_nothing() -> Result<()> {
     p.a.wait_link_state(&q, "up", Duration::from_secs(20))
         .await?;
     let n = 50;
-    send(&p.a, &p.b, "nocanary", n, vec![]).await?;
+    send(&p.a, &p.b, "nocanary", n).await?;
     let report = receive(&p.b, "nocanary", n, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     let body = wait_http(bridge_admin, "/readyz?links", 503, Duration::from_secs(20)).await?;

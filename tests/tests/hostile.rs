@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use drawbridge_bridge::peer::{self, PeerSettings};
-use drawbridge_certs::{devpki, TlsIdentity, TlsPolicy};
+use drawbridge_certs::{TlsIdentity, TlsPolicy};
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
+    fixtures::two_orgs,
     rabbit::shared_node,
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
-    BANK_A, BANK_B,
+    BANK_B,
 };
 use fe2o3_amqp::types::{
     messaging::{AmqpValue, ApplicationProperties, Body, Message, MessageId, Properties},
@@ -87,15 +88,8 @@ fn send_nested_body(b: &Org, a: &Org, depth: usize) -> Result<String> {
 
 /// Bank A runs a float; Bank B (the attacker) holds genuine member files.
 async fn world() -> Result<(Org, Org, tempfile::TempDir)> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
+    let w = two_orgs().await?;
+    let (mut a, b, dir) = (w.a, w.b, w.dir);
     a.start_float("").await?;
     Ok((a, b, dir))
 }

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use drawbridge_bridge::peer::{self, PeerSettings};
-use drawbridge_certs::{devpki, TlsIdentity, TlsPolicy};
+use drawbridge_certs::{TlsIdentity, TlsPolicy};
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     daemon::http_get,
-    rabbit::shared_node,
+    fixtures::two_orgs,
     stream,
     world::{self, Org, INBOX},
-    BANK_A, BANK_B,
+    BANK_B,
 };
 use fe2o3_amqp::types::{
     messaging::{
@@ -48,16 +48,8 @@ fn attacker_settings(b: &Org, a: &Org, link_name: &str) -> Result<PeerSettings> 
 
 /// Two organisations on fresh vhosts of the shared broker; nothing started.
 async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok((a, b, dir))
+    let w = two_orgs().await?;
+    Ok((w.a, w.b, w.dir))
 }
 
 /// Bank A runs a float (extra `[float]` lines); Bank B is the attacker.

@@ -19,12 +19,13 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use drawbridge_certs::{devpki, pki_types::PrivateKeyDer, TlsIdentity};
+use drawbridge_certs::{pki_types::PrivateKeyDer, TlsIdentity};
 use drawbridge_testkit::{
+    fixtures::two_orgs,
     rabbit::shared_node,
     stream::{self, PublishSpec},
     world::{self, Org},
-    BANK_A, BANK_B,
+    BANK_B,
 };
 use fe2o3_amqp::types::{
     definitions::{Handle, ReceiverSettleMode, Role},
@@ -424,16 +425,8 @@ fn spawn_fake_float(
 /// Bank A (whose bridge is under test) and Bank B (whose float port the fake float takes),
 /// each on a vhost of its own.
 async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok((a, b, dir))
+    let w = two_orgs().await?;
+    Ok((w.a, w.b, w.dir))
 }
 
 #[tokio::test]

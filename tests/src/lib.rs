@@ -2,13 +2,15 @@
 //! TCP proxy, Qpid Proton peers, the daemons as child processes, and a small world of
 //! organisations wired together. The fixtures the integration tests share are in
 //! [`fixtures`]: the banks' legal names (re-exported here), the two-organisation world, a
-//! link brought up, message streams sent and counted. What a node does comes from
-//! `drawbridge-node`, the verifiable message stream from `drawbridge-stream` (re-exported as
-//! [`stream`]). The `drawbridge-demo` binary (`drawbridge demo`) is built on this kit.
+//! link brought up, message streams sent and counted; a member's own AMQP 1.0 connection to
+//! a float is in [`peer_client`]. What a node does comes from `drawbridge-node`, the
+//! verifiable message stream from `drawbridge-stream` (re-exported as [`stream`]). The
+//! `drawbridge-demo` binary (`drawbridge demo`) is built on this kit.
 #![forbid(unsafe_code)]
 
 pub mod daemon;
 pub mod fixtures;
+pub mod peer_client;
 pub mod proton;
 pub mod proxy;
 pub mod rabbit;

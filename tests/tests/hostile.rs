@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_bridge::peer::{self, PeerSettings};
-use drawbridge_certs::{TlsIdentity, TlsPolicy};
+use drawbridge_bridge::peer;
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     fixtures::two_orgs,
+    peer_client::{attacker_sends, attacker_settings},
     rabbit::shared_node,
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
@@ -20,32 +20,11 @@ use fe2o3_amqp::types::{
     primitives::{SimpleValue, Value},
 };
 
-/// How Bank B (the attacker, a genuine member) connects to Bank A's float.
-fn attacker_settings(b: &Org, a: &Org) -> Result<PeerSettings> {
-    let identity = TlsIdentity::load(&b.files.tls_cert, &b.files.tls_key)?;
-    let roots = drawbridge_certs::load_trust_roots(&b.files.root_cert)?;
-    let tls = drawbridge_certs::client_config(
-        &identity,
-        roots,
-        vec![a.legal_name.parse()?],
-        TlsPolicy::Tls13Only,
-    )?;
-    Ok(PeerSettings {
-        tls,
-        connect_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(30),
-        container_id: "mallory".into(),
-        link_name: "hostile".into(),
-        address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into(),
-        canary_address: None,
-    })
-}
-
 /// Bank B sends one message to Bank A's float whose body is `depth` nested lists. Runs on its
 /// own thread with a big stack: encoding (and dropping) the value recurses once per level on
 /// the sending side too.
 fn send_nested_body(b: &Org, a: &Org, depth: usize) -> Result<String> {
-    let settings = attacker_settings(b, a)?;
+    let settings = attacker_settings(b, a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let destination = a.legal_name.clone();
     let worker =
@@ -94,33 +73,6 @@ async fn world() -> Result<(Org, Org, tempfile::TempDir)> {
     Ok((a, b, dir))
 }
 
-/// A message from the attacker to A, with `edit` applied; returns the float's outcome.
-async fn attacker_sends(
-    c: &mut peer::PeerConnection,
-    a: &Org,
-    id: &str,
-    edit: impl FnOnce(&mut Message<Body<Value>>),
-) -> Result<String> {
-    let mut app = ApplicationProperties::default();
-    app.0.insert(
-        "drawbridge-destination".into(),
-        SimpleValue::String(a.legal_name.clone()),
-    );
-    let mut msg = Message::builder()
-        .properties(Properties {
-            message_id: Some(MessageId::String(id.into())),
-            ..Default::default()
-        })
-        .application_properties(app)
-        .body(Body::Value(AmqpValue(Value::Binary(vec![1, 2, 3].into()))))
-        .build();
-    edit(&mut msg);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), c.sender.send(msg))
-        .await
-        .context("no disposition within 10 s")??;
-    Ok(format!("{outcome:?}"))
-}
-
 /// Before: a 300-byte message-id or header key panicked the link task in the AMQP 0.9.1
 /// short-string conversion, and the sender never got a disposition. Now each is rejected
 /// with a reason and the link goes on.
@@ -128,7 +80,7 @@ async fn attacker_sends(
 async fn long_ids_header_keys_and_content_types_are_rejected_with_a_reason() -> Result<()> {
     let (a, b, _dir) = world().await?;
     let target = Target::new("127.0.0.1", a.float_port);
-    let mut c = peer::connect(&target, &attacker_settings(&b, &a)?)
+    let mut c = peer::connect(&target, &attacker_settings(&b, &a, "hostile")?)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let long = "x".repeat(300);
@@ -441,7 +393,7 @@ async fn raw_connect(
     a: &Org,
     source: std::net::Ipv4Addr,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let settings = attacker_settings(b, a)?;
+    let settings = attacker_settings(b, a, "hostile")?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind((source, 0).into())?;
     let tcp = socket
@@ -489,7 +441,7 @@ async fn refused(a: &Org, name: &str, reason: &str) -> Result<f64> {
 
 /// A well-behaved Bank B connection delivers `n` messages to A.
 async fn good_peer_delivers(b: &Org, a: &Org, tag: &str, n: usize) -> Result<()> {
-    let settings = attacker_settings(b, a)?;
+    let settings = attacker_settings(b, a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let mut c = peer::connect(&target, &settings)
         .await
@@ -705,7 +657,7 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
         FieldTable::default(),
     )
     .await?;
-    let settings = attacker_settings(&b, &a)?;
+    let settings = attacker_settings(&b, &a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let mut c = peer::connect(&target, &settings)
         .await
@@ -762,7 +714,7 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
 #[tokio::test]
 async fn a_header_bigger_than_a_broker_frame_is_rejected_and_the_float_stays_ready() -> Result<()> {
     let (a, b, _dir) = world().await?;
-    let settings = attacker_settings(&b, &a)?;
+    let settings = attacker_settings(&b, &a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let mut c = peer::connect(&target, &settings)
         .await
@@ -1026,7 +978,7 @@ async fn rcv_settle_mode_second_is_answered_with_first() -> Result<()> {
 async fn a_thousand_half_open_handshakes_starve_no_one() -> Result<()> {
     let (a, b, _dir) = world().await?;
     // Connected before the flood.
-    let settings = attacker_settings(&b, &a)?;
+    let settings = attacker_settings(&b, &a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let mut established = peer::connect(&target, &settings)
         .await

@@ -6,45 +6,21 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_bridge::peer::{self, PeerSettings};
-use drawbridge_certs::{TlsIdentity, TlsPolicy};
+use drawbridge_bridge::peer;
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     daemon::http_get,
     fixtures::two_orgs,
+    peer_client::{attacker_sends, attacker_settings},
     stream,
     world::{self, Org, INBOX},
     BANK_B,
 };
 use fe2o3_amqp::types::{
-    messaging::{
-        annotations::OwnedKey, AmqpValue, ApplicationProperties, Body, Message, MessageAnnotations,
-        MessageId, Properties,
-    },
+    messaging::{annotations::OwnedKey, Body, Message, MessageAnnotations},
     primitives::{OrderedMap, SimpleValue, Value},
 };
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-
-/// How Bank B (the attacker, a genuine member) connects to Bank A's float.
-fn attacker_settings(b: &Org, a: &Org, link_name: &str) -> Result<PeerSettings> {
-    let identity = TlsIdentity::load(&b.files.tls_cert, &b.files.tls_key)?;
-    let roots = drawbridge_certs::load_trust_roots(&b.files.root_cert)?;
-    let tls = drawbridge_certs::client_config(
-        &identity,
-        roots,
-        vec![a.legal_name.parse()?],
-        TlsPolicy::Tls13Only,
-    )?;
-    Ok(PeerSettings {
-        tls,
-        connect_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(30),
-        container_id: "mallory".into(),
-        link_name: link_name.into(),
-        address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into(),
-        canary_address: None,
-    })
-}
 
 /// Two organisations on fresh vhosts of the shared broker; nothing started.
 async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
@@ -64,33 +40,6 @@ async fn connect(b: &Org, a: &Org, link_name: &str) -> Result<peer::PeerConnecti
     peer::connect(&target, &attacker_settings(b, a, link_name)?)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))
-}
-
-/// A message from the attacker to A, with `edit` applied; returns the float's outcome.
-async fn attacker_sends(
-    c: &mut peer::PeerConnection,
-    a: &Org,
-    id: &str,
-    edit: impl FnOnce(&mut Message<Body<Value>>),
-) -> Result<String> {
-    let mut app = ApplicationProperties::default();
-    app.0.insert(
-        "drawbridge-destination".into(),
-        SimpleValue::String(a.legal_name.clone()),
-    );
-    let mut msg = Message::builder()
-        .properties(Properties {
-            message_id: Some(MessageId::String(id.into())),
-            ..Default::default()
-        })
-        .application_properties(app)
-        .body(Body::Value(AmqpValue(Value::Binary(vec![1, 2, 3].into()))))
-        .build();
-    edit(&mut msg);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), c.sender.send(msg))
-        .await
-        .context("no disposition within 10 s")??;
-    Ok(format!("{outcome:?}"))
 }
 
 /// `edit` that sets the `x-opt-drawbridge-headers` annotation to `entries`.

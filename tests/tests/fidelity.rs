@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use drawbridge_bridge::convert::message_to_amqp;
-use drawbridge_certs::devpki;
 use drawbridge_float::convert::from_amqp;
 use drawbridge_runtime::{headers, mapping};
 use drawbridge_testkit::{
+    fixtures::{link_up, two_orgs_named},
     rabbit::shared_node,
-    world::{self, Org, INBOX},
+    world::{self, INBOX},
     BANK_A,
 };
 use fe2o3_amqp::types::{
@@ -423,20 +423,9 @@ fn nesting_limit_is_the_same_on_both_sides() {
 /// from B's inbox: property by property as sent (except the documented exceptions).
 #[tokio::test]
 async fn every_property_and_header_type_arrives_end_to_end() -> Result<()> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, DEST.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let mut b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    b.start_float("").await?;
-    a.start_bridge("").await?;
-    a.create_link_to(&b).await?;
-    a.wait_link_state(&a.queue_to(&b), "up", Duration::from_secs(20))
-        .await?;
+    let w = two_orgs_named(BANK_A, DEST).await?;
+    let (mut a, mut b) = (w.a, w.b);
+    link_up(&mut a, &mut b, "", "", Duration::from_secs(20)).await?;
 
     let mut nested = FieldTable::default();
     nested.insert("level".into(), AMQPValue::LongInt(2));

@@ -9,6 +9,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use drawbridge_certs::devpki::{self, DevNetwork};
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Connection,
+};
 
 use crate::{
     rabbit::{shared_node, RabbitNode},
@@ -202,4 +207,46 @@ pub async fn send_and_receive(
     };
     stream::publish(&ch, &from.queue_to(to), &spec, |_| {}).await?;
     receive_within(to, run, count, &from.legal_name, idle).await
+}
+
+/// A header table holding only `drawbridge-destination` = `destination`, what a node puts on
+/// each message for a peer.
+pub fn destination_headers(destination: &str) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(
+        "drawbridge-destination".into(),
+        AMQPValue::LongString(destination.into()),
+    );
+    h
+}
+
+/// A channel of `from`'s node for publishing by hand on its peer queue for `to`: connects,
+/// declares that queue (classic) and puts the channel in confirm mode. Returns the
+/// connection (keep it while the channel is used), the channel and the queue.
+pub async fn peer_queue_channel(from: &Org, to: &Org) -> Result<(Connection, Channel, String)> {
+    let q = from.queue_to(to);
+    let (c, ch) = from.channel().await?;
+    world::declare_peer_queue(&ch, &q, "classic").await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((c, ch, q))
+}
+
+/// Publish `body` with `props` to `queue` through the default exchange and wait for the
+/// broker's confirmation (on a channel in confirm mode; otherwise there is none to wait for).
+pub async fn publish_raw(
+    ch: &Channel,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<()> {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await?
+    .await?;
+    Ok(())
 }

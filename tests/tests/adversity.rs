@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use drawbridge_testkit::{
-    fixtures::{link_up, two_orgs},
+    fixtures::{link_up, publish_raw, two_orgs},
     stream::{self, PublishSpec, Tally},
     world::{self, DEAD_LETTER, INBOX},
     BANK_A, BANK_B,
 };
 use lapin::{
     message::BasicGetMessage,
-    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions},
+    options::{BasicGetOptions, ConfirmSelectOptions, QueueDeleteOptions},
     types::AMQPValue,
     BasicProperties, Channel,
 };
@@ -34,16 +34,7 @@ async fn publish_one(
     );
     let props = props.with_headers(h).with_delivery_mode(2);
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await?
-    .await?;
-    Ok(())
+    publish_raw(ch, queue, body, props).await
 }
 
 /// Take up to `n` messages from `queue` within `within`.

@@ -7,7 +7,8 @@ use anyhow::Result;
 use drawbridge_certs::devpki;
 use drawbridge_testkit::{
     fixtures::{
-        link_up, links_up_both_ways, receive, send, send_sized, send_with_headers, two_orgs,
+        destination_headers, link_up, links_up_both_ways, peer_queue_channel, publish_raw, receive,
+        send, send_sized, send_with_headers, two_orgs,
     },
     rabbit::shared_node,
     stream::{self, PublishSpec},
@@ -353,8 +354,7 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
     send(&p.a, &p.b, "c2", 50).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let node = shared_node().await;
-    let vhost_a = p.a.broker_uri().rsplit('/').next().unwrap().to_string();
-    let vhost_a = vhost_a.replace("%2F", "/");
+    let vhost_a = p.a.vhost();
     assert_eq!(
         node.queue_depth(&vhost_a, &q).await?,
         50,
@@ -397,12 +397,7 @@ async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let node = shared_node().await;
-    let vhost_a =
-        p.a.broker_uri()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .replace("%2F", "/");
+    let vhost_a = p.a.vhost();
     assert_eq!(
         node.queue_depth(&vhost_a, &link.queue).await?,
         20,
@@ -500,42 +495,23 @@ async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<(
 
 #[tokio::test]
 async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() -> Result<()> {
-    use lapin::{options::*, types::*, BasicProperties};
+    use lapin::BasicProperties;
     let mut p = two_orgs().await?;
     // The float takes bodies of up to 4 KiB: it announces 4 KiB + 64 KiB (the whole encoded
     // message) on attach. The bridge takes up to 256 KiB itself.
     p.b.start_float("max_message_size = 4096").await?;
     p.a.start_bridge("max_message_size = 262144").await?;
-    let q = p.a.queue_to(&p.b);
-    let (_c, ch) = p.a.channel().await?;
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (_c, ch, q) = peer_queue_channel(&p.a, &p.b).await?;
     let publish = |id: Option<String>, body: Vec<u8>, dest: &str| {
-        let mut h = FieldTable::default();
-        h.insert(
-            "drawbridge-destination".into(),
-            AMQPValue::LongString(dest.into()),
-        );
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_headers(h);
+            .with_headers(destination_headers(dest));
         if let Some(id) = id {
             props = props.with_message_id(id.into());
         }
         let ch = ch.clone();
         let q = q.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await?
-            .await?;
-            Ok::<_, anyhow::Error>(())
-        }
+        async move { publish_raw(&ch, &q, &body, props).await }
     };
     // seq 0..10 valid, with four bad ones in between.
     for seq in 0..10u64 {
@@ -614,11 +590,7 @@ async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -
     world::declare_peer_queue(&ch, &q, "classic").await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let publish = |id: String, seq: u64, blob: usize| {
-        let mut h = FieldTable::default();
-        h.insert(
-            "drawbridge-destination".into(),
-            AMQPValue::LongString(BANK_B.into()),
-        );
+        let mut h = destination_headers(BANK_B);
         if blob > 0 {
             h.insert(
                 "blob".into(),
@@ -631,18 +603,7 @@ async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -
             .with_headers(h);
         let ch = ch.clone();
         let q = q.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                &stream::make_body(seq, 64),
-                props,
-            )
-            .await?
-            .await?;
-            Ok::<_, anyhow::Error>(())
-        }
+        async move { publish_raw(&ch, &q, &stream::make_body(seq, 64), props).await }
     };
     for seq in 0..6u64 {
         if seq == 2 {

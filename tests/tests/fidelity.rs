@@ -14,7 +14,7 @@ use drawbridge_bridge::convert::message_to_amqp;
 use drawbridge_float::convert::from_amqp;
 use drawbridge_runtime::{headers, mapping};
 use drawbridge_testkit::{
-    fixtures::{link_up, two_orgs_named},
+    fixtures::{link_up, peer_queue_channel, publish_raw, two_orgs_named},
     rabbit::shared_node,
     world::{self, INBOX},
     BANK_A,
@@ -495,19 +495,8 @@ async fn every_property_and_header_type_arrives_end_to_end() -> Result<()> {
         .with_cluster_id("eu-1".into());
     let body: Vec<u8> = (0..=255u8).chain(*b"payload").collect();
 
-    let (_ca, cha) = a.channel().await?;
-    let q = a.queue_to(&b);
-    world::declare_peer_queue(&cha, &q, "classic").await?;
-    cha.confirm_select(ConfirmSelectOptions::default()).await?;
-    cha.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        &body,
-        sent.clone(),
-    )
-    .await?
-    .await?;
+    let (_ca, cha, q) = peer_queue_channel(&a, &b).await?;
+    publish_raw(&cha, &q, &body, sent.clone()).await?;
 
     let (_cb, chb) = b.channel().await?;
     world::declare_queue(&chb, INBOX).await?;

@@ -332,19 +332,35 @@ fn raw_begin(channel: u16) -> Vec<u8> {
 }
 
 fn raw_attach(channel: u16, handle: u32) -> Vec<u8> {
+    raw_attach_as(
+        channel,
+        handle,
+        &format!("raw-{channel}-{handle}"),
+        fe2o3_amqp::types::definitions::ReceiverSettleMode::First,
+    )
+}
+
+/// An attach frame of a sending link `name` on `handle` (unsettled, to the default target
+/// address) asking for `rcv_settle_mode`.
+fn raw_attach_as(
+    channel: u16,
+    handle: u32,
+    name: &str,
+    rcv_settle_mode: fe2o3_amqp::types::definitions::ReceiverSettleMode,
+) -> Vec<u8> {
     use fe2o3_amqp::types::{
-        definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode},
+        definitions::{Handle, Role, SenderSettleMode},
         messaging::{Source, Target},
         performatives::*,
     };
     performative(
         channel,
         &Performative::Attach(Attach {
-            name: format!("raw-{channel}-{handle}"),
+            name: name.into(),
             handle: Handle(handle),
             role: Role::Sender,
             snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::First,
+            rcv_settle_mode,
             source: Some(Box::new(Source::default())),
             target: Some(Box::new(
                 Target::builder()
@@ -680,12 +696,7 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
         anyhow::ensure!(outcome.contains("Accepted"), "{key}: {outcome}");
     }
     let node = shared_node().await;
-    let vhost = a
-        .broker_uri()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .replace("%2F", "/");
+    let vhost = a.vhost();
     assert_eq!(
         node.queue_depth(&vhost, INBOX).await?,
         4,
@@ -868,40 +879,13 @@ async fn a_peer_that_ignores_credit_is_cut_off_at_the_credit_granted() -> Result
 /// disposition it sends.
 #[tokio::test]
 async fn rcv_settle_mode_second_is_answered_with_first() -> Result<()> {
-    use fe2o3_amqp::types::{
-        definitions::{ReceiverSettleMode, Role, SenderSettleMode},
-        messaging::{Source, Target as AmqpTarget},
-        performatives::{Attach, Performative},
-    };
+    use fe2o3_amqp::types::{definitions::ReceiverSettleMode, performatives::Performative};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (a, b, _dir) = world().await?;
     let mut tls = raw_connect(&b, &a, std::net::Ipv4Addr::LOCALHOST).await?;
     let mut hello = raw_preamble(None);
     hello.extend(raw_begin(0));
-    hello.extend(performative(
-        0,
-        &Performative::Attach(Attach {
-            name: "second".into(),
-            handle: fe2o3_amqp::types::definitions::Handle(0),
-            role: Role::Sender,
-            snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::Second,
-            source: Some(Box::new(Source::default())),
-            target: Some(Box::new(
-                AmqpTarget::builder()
-                    .address(drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS)
-                    .build()
-                    .into(),
-            )),
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: Some(0),
-            max_message_size: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        }),
-    ));
+    hello.extend(raw_attach_as(0, 0, "second", ReceiverSettleMode::Second));
     tls.write_all(&hello).await?;
     tls.flush().await?;
     // Transfers only once the float granted credit (the guard holds a peer to it).

@@ -10,7 +10,7 @@ use drawbridge_bridge::peer;
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     daemon::http_get,
-    fixtures::two_orgs,
+    fixtures::{destination_headers, peer_queue_channel, publish_raw, two_orgs},
     peer_client::{attacker_sends, attacker_settings},
     stream,
     world::{self, Org, INBOX},
@@ -248,16 +248,9 @@ async fn a_nodes_message_with_oversize_headers_is_dead_lettered_not_resent() -> 
     b.daemon_broker = Some(format!("uris = [{:?}]\nframe_max = 8192", b.broker_uris[0]));
     b.start_float("").await?;
     a.start_bridge("").await?;
-    let q = a.queue_to(&b);
-    let (_c, ch) = a.channel().await?;
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (_c, ch, q) = peer_queue_channel(&a, &b).await?;
     let publish = |id: String, blob: usize| {
-        let mut h = FieldTable::default();
-        h.insert(
-            "drawbridge-destination".into(),
-            AMQPValue::LongString(BANK_B.into()),
-        );
+        let mut h = destination_headers(BANK_B);
         if blob > 0 {
             h.insert(
                 "blob".into(),
@@ -270,18 +263,7 @@ async fn a_nodes_message_with_oversize_headers_is_dead_lettered_not_resent() -> 
             .with_headers(h);
         let ch = ch.clone();
         let q = q.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                &stream::make_body(0, 64),
-                props,
-            )
-            .await?
-            .await?;
-            Ok::<_, anyhow::Error>(())
-        }
+        async move { publish_raw(&ch, &q, &stream::make_body(0, 64), props).await }
     };
     // 20 KB: beyond what the bridge forwards at all. 10 KB: fits the bridge's bound, not
     // B's 8 KiB broker frames.
@@ -460,15 +442,8 @@ async fn a_dead_letter_copy_never_outgrows_the_bridges_broker_frame() -> Result<
     let (mut a, mut b, _dir) = orgs().await?;
     b.start_float("").await?;
     a.start_bridge("").await?;
-    let q = a.queue_to(&b);
-    let (_c, ch) = a.channel().await?;
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut h = FieldTable::default();
-    h.insert(
-        "drawbridge-destination".into(),
-        AMQPValue::LongString(BANK_B.into()),
-    );
+    let (_c, ch, q) = peer_queue_channel(&a, &b).await?;
+    let mut h = destination_headers(BANK_B);
     // 128 KiB frames (the bridge's default, RabbitMQ's) hold 131,052 bytes of properties:
     // this message fits one as delivered, its dead-letter copy with a full reason would not.
     h.insert(
@@ -479,15 +454,7 @@ async fn a_dead_letter_copy_never_outgrows_the_bridges_broker_frame() -> Result<
         .with_delivery_mode(2)
         .with_message_id("nearly-a-frame".into())
         .with_headers(h);
-    ch.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        b"x",
-        props,
-    )
-    .await?
-    .await?;
+    publish_raw(&ch, &q, b"x", props).await?;
     a.create_link_to(&b).await?;
     let (_c2, ch2) = a.channel().await?;
     world::declare_queue(&ch2, world::DEAD_LETTER).await?;

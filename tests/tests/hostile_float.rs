@@ -502,12 +502,7 @@ async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
         "each refusal counted: {refused}"
     );
     // A refused disposition settles nothing: the messages are all still queued.
-    let vhost = a
-        .broker_uri()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .replace("%2F", "/");
+    let vhost = a.vhost();
     assert_eq!(node.queue_depth(&vhost, &queue).await?, 5, "nothing lost");
     Ok(())
 }
@@ -568,12 +563,7 @@ async fn a_200_kb_rejection_description_is_cut_in_the_dead_letter_reason() -> Re
         !bridge.log_contains("frame too large") && !bridge.log_contains("broker connection lost"),
         "the broker connection never failed"
     );
-    let vhost = a
-        .broker_uri()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .replace("%2F", "/");
+    let vhost = a.vhost();
     assert_eq!(
         node.queue_depth(&vhost, &queue).await?,
         0,

@@ -5,8 +5,9 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use drawbridge_bridge::peer::{PeerConnection, PeerSettings};
+use drawbridge_bridge::peer::{self, PeerConnection, PeerSettings};
 use drawbridge_certs::{TlsIdentity, TlsPolicy};
+use drawbridge_control_protocol::Target;
 use fe2o3_amqp::types::{
     messaging::{AmqpValue, ApplicationProperties, Body, Message, MessageId, Properties},
     primitives::{SimpleValue, Value},
@@ -56,6 +57,14 @@ pub fn attacker_settings(b: &Org, a: &Org, link_name: &str) -> Result<PeerSettin
         "mallory",
         link_name,
     )
+}
+
+/// `b`, the attacker, connected to `a`'s float ([`attacker_settings`] with link `link_name`).
+pub async fn attacker_connects(b: &Org, a: &Org, link_name: &str) -> Result<PeerConnection> {
+    let target = Target::new("127.0.0.1", a.float_port);
+    peer::connect(&target, &attacker_settings(b, a, link_name)?)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 /// A message from the attacker to `a` on `c`: message id `id`, `drawbridge-destination`

@@ -9,7 +9,7 @@ use drawbridge_bridge::peer;
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     fixtures::two_orgs,
-    peer_client::{attacker_sends, attacker_settings},
+    peer_client::{attacker_connects, attacker_sends, attacker_settings},
     rabbit::shared_node,
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
@@ -79,10 +79,7 @@ async fn world() -> Result<(Org, Org, tempfile::TempDir)> {
 #[tokio::test]
 async fn long_ids_header_keys_and_content_types_are_rejected_with_a_reason() -> Result<()> {
     let (a, b, _dir) = world().await?;
-    let target = Target::new("127.0.0.1", a.float_port);
-    let mut c = peer::connect(&target, &attacker_settings(&b, &a, "hostile")?)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     let long = "x".repeat(300);
 
     let r = attacker_sends(&mut c, &a, &long, |_| {}).await?;
@@ -962,11 +959,7 @@ async fn rcv_settle_mode_second_is_answered_with_first() -> Result<()> {
 async fn a_thousand_half_open_handshakes_starve_no_one() -> Result<()> {
     let (a, b, _dir) = world().await?;
     // Connected before the flood.
-    let settings = attacker_settings(&b, &a, "hostile")?;
-    let target = Target::new("127.0.0.1", a.float_port);
-    let mut established = peer::connect(&target, &settings)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut established = attacker_connects(&b, &a, "hostile").await?;
     attacker_sends(&mut established, &a, "before-flood", |_| {}).await?;
 
     // The flood, from 127.0.0.2: TCP connections that send nothing.

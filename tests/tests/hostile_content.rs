@@ -11,7 +11,7 @@ use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     daemon::http_get,
     fixtures::{destination_headers, peer_queue_channel, publish_raw, two_orgs},
-    peer_client::{attacker_sends, attacker_settings},
+    peer_client::{attacker_connects, attacker_sends, attacker_settings},
     stream,
     world::{self, Org, INBOX},
     BANK_B,
@@ -33,13 +33,6 @@ async fn world(extra: &str) -> Result<(Org, Org, tempfile::TempDir)> {
     let (mut a, b, dir) = orgs().await?;
     a.start_float(extra).await?;
     Ok((a, b, dir))
-}
-
-async fn connect(b: &Org, a: &Org, link_name: &str) -> Result<peer::PeerConnection> {
-    let target = Target::new("127.0.0.1", a.float_port);
-    peer::connect(&target, &attacker_settings(b, a, link_name)?)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 /// `edit` that sets the `x-opt-drawbridge-headers` annotation to `entries`.
@@ -118,7 +111,7 @@ async fn cc_and_bcc_headers_copy_a_message_nowhere_but_the_inbox() -> Result<()>
         side_queue(&ch, q, drawbridge_node::topology::INBOX_EXCHANGE).await?;
     }
     let before = metric(&a, "drawbridge_float_reserved_headers_stripped_total").await?;
-    let mut c = connect(&b, &a, "hostile").await?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     let r = attacker_sends(
         &mut c,
         &a,
@@ -191,7 +184,7 @@ async fn cc_and_bcc_headers_copy_a_message_nowhere_but_the_inbox() -> Result<()>
 #[tokio::test]
 async fn headers_too_big_for_a_broker_frame_are_rejected_and_the_float_stays_ready() -> Result<()> {
     let (a, b, _dir) = world("").await?;
-    let mut c = connect(&b, &a, "hostile").await?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     for (id, size) in [("big-40k", 40_000), ("big-1m5", 1_536 * 1024)] {
         let r = attacker_sends(&mut c, &a, id, move |m| {
             if let Some(app) = m.application_properties.as_mut() {
@@ -353,7 +346,7 @@ async fn a_nodes_message_with_oversize_headers_is_dead_lettered_not_resent() -> 
 #[tokio::test]
 async fn long_destinations_are_refused_short_and_rejections_do_not_flood_the_log() -> Result<()> {
     let (a, b, _dir) = world("").await?;
-    let mut c = connect(&b, &a, "hostile").await?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     let long = format!("O={},L=Nowhere,C=XX", "z".repeat(64 * 1024));
     let dest = long.clone();
     let r = attacker_sends(&mut c, &a, "long-dest", move |m| {
@@ -401,7 +394,7 @@ async fn long_destinations_are_refused_short_and_rejections_do_not_flood_the_log
 async fn newlines_in_peer_strings_do_not_forge_log_lines() -> Result<()> {
     let (a, b, _dir) = world("").await?;
     let forged = "2030-01-01T00:00:00.000000Z ERROR FORGED";
-    let mut c = connect(&b, &a, &format!("hostile\n{forged} link")).await?;
+    let mut c = attacker_connects(&b, &a, &format!("hostile\n{forged} link")).await?;
     let dest = format!("O=X\n{forged} destination,L=Y,C=ZZ");
     let r = attacker_sends(&mut c, &a, "forge", move |m| {
         if let Some(app) = m.application_properties.as_mut() {

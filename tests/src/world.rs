@@ -232,6 +232,16 @@ impl Org {
         &self.broker_uris[0]
     }
 
+    /// The vhost of the first broker URI (its last path segment, `%2F` decoded to `/`): what
+    /// the broker's management commands name, e.g. for a queue depth.
+    pub fn vhost(&self) -> String {
+        self.broker_uri()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .replace("%2F", "/")
+    }
+
     /// A channel on this org's broker (first URI that answers).
     pub async fn channel(&self) -> Result<(lapin::Connection, Channel)> {
         let conn = drawbridge_node::connect_any(&self.broker_uris).await?;

@@ -6,58 +6,18 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use drawbridge_certs::devpki;
 use drawbridge_testkit::{
-    rabbit::{shared_node, RabbitNode},
+    fixtures::{link_up, publish_raw, two_orgs},
     stream::{self, PublishSpec, Tally},
-    world::{self, Org, DEAD_LETTER, INBOX},
+    world::{self, DEAD_LETTER, INBOX},
+    BANK_A, BANK_B,
 };
 use lapin::{
     message::BasicGetMessage,
-    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions},
+    options::{BasicGetOptions, ConfirmSelectOptions, QueueDeleteOptions},
     types::AMQPValue,
     BasicProperties, Channel,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
-
-struct Pair {
-    node: &'static RabbitNode,
-    vhost_a: String,
-    vhost_b: String,
-    a: Org,
-    b: Org,
-    _dir: tempfile::TempDir,
-}
-
-async fn pair() -> Result<Pair> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let vhost_a = node.fresh_vhost().await?;
-    let vhost_b = node.fresh_vhost().await?;
-    let a = Org::new(
-        net.nodes[0].clone(),
-        vec![node.amqp_uri(&vhost_a)],
-        dir.path(),
-    );
-    let b = Org::new(
-        net.nodes[1].clone(),
-        vec![node.amqp_uri(&vhost_b)],
-        dir.path(),
-    );
-    Ok(Pair {
-        node,
-        vhost_a,
-        vhost_b,
-        a,
-        b,
-        _dir: dir,
-    })
-}
 
 /// Publish one message to `queue` with `props` (destination header added), confirmed.
 async fn publish_one(
@@ -74,16 +34,7 @@ async fn publish_one(
     );
     let props = props.with_headers(h).with_delivery_mode(2);
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await?
-    .await?;
-    Ok(())
+    publish_raw(ch, queue, body, props).await
 }
 
 /// Take up to `n` messages from `queue` within `within`.
@@ -112,18 +63,13 @@ fn header(m: &BasicGetMessage, key: &str) -> Option<String> {
 /// the broker) and without the copy expiring; the next message must still flow.
 #[tokio::test]
 async fn a_dead_letter_copy_never_asserts_the_node_user_nor_expires() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let user = format!("node-{}", uuid::Uuid::new_v4().simple());
     p.node.ctl(&["add_user", &user, "secret"]).await?;
     p.node
-        .ctl(&["set_permissions", "-p", &p.vhost_a, &user, ".*", ".*", ".*"])
+        .ctl(&["set_permissions", "-p", &p.va, &user, ".*", ".*", ".*"])
         .await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    let q = p.a.queue_to(&p.b);
-    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
-        .await?;
+    let q = link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
 
     let uri =
         p.a.broker_uri()
@@ -183,13 +129,8 @@ async fn a_dead_letter_copy_never_asserts_the_node_user_nor_expires() -> Result<
 /// message must land in a declared-again dead-letter queue, not loop on redelivery.
 #[tokio::test]
 async fn a_deleted_dead_letter_queue_is_declared_again() -> Result<()> {
-    let mut p = pair().await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    let q = p.a.queue_to(&p.b);
-    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
-        .await?;
+    let mut p = two_orgs().await?;
+    let q = link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
     let (_ca, cha) = p.a.channel().await?;
     cha.queue_delete(DEAD_LETTER.into(), QueueDeleteOptions::default())
         .await?;
@@ -221,12 +162,12 @@ async fn a_deleted_dead_letter_queue_is_declared_again() -> Result<()> {
 /// arrive once the node drains its inbox — none dead-lettered.
 #[tokio::test]
 async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.node
         .ctl(&[
             "set_policy",
             "-p",
-            &p.vhost_b,
+            &p.vb,
             "inbox-full",
             "^drawbridge\\.inbox$",
             r#"{"max-length": 40, "overflow": "reject-publish"}"#,
@@ -254,7 +195,7 @@ async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
     // Let the inbox fill and the refusals happen.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let depth = p.node.queue_depth(&p.vhost_b, INBOX).await.unwrap_or(0);
+        let depth = p.node.queue_depth(&p.vb, INBOX).await.unwrap_or(0);
         if depth >= 40 {
             break;
         }
@@ -270,10 +211,7 @@ async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
         "the float must have been refused: {float}"
     );
     assert_eq!(
-        p.node
-            .queue_depth(&p.vhost_a, DEAD_LETTER)
-            .await
-            .unwrap_or(0),
+        p.node.queue_depth(&p.va, DEAD_LETTER).await.unwrap_or(0),
         0,
         "nothing dead-lettered while the inbox is full"
     );
@@ -285,10 +223,7 @@ async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
     let r = tally.report();
     assert!(r.complete() && r.unexpected == 0, "{r:?}");
     assert_eq!(
-        p.node
-            .queue_depth(&p.vhost_a, DEAD_LETTER)
-            .await
-            .unwrap_or(0),
+        p.node.queue_depth(&p.va, DEAD_LETTER).await.unwrap_or(0),
         0,
         "nothing dead-lettered"
     );
@@ -304,7 +239,7 @@ async fn a_full_inbox_makes_messages_wait_not_dead_letter() -> Result<()> {
 async fn older_peer_queue_arguments_keep_the_fence_strict() -> Result<()> {
     use drawbridge_node::topology::{fenced_queue_args, plain_queue_args, QueueType};
     use lapin::options::QueueDeclareOptions;
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let (_ca, cha) = p.a.channel().await?;
     let q = p.a.queue_to(&p.b);
     let durable = QueueDeclareOptions {
@@ -380,7 +315,7 @@ async fn older_peer_queue_arguments_keep_the_fence_strict() -> Result<()> {
 /// `window` × message size.)
 #[tokio::test]
 async fn the_prefetch_follows_message_sizes_within_the_link_budget() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let (_ca, cha) = p.a.channel().await?;
     let q = p.a.queue_to(&p.b);
     world::declare_peer_queue(&cha, &q, "classic").await?;
@@ -441,20 +376,21 @@ async fn the_prefetch_follows_message_sizes_within_the_link_budget() -> Result<(
 #[tokio::test]
 async fn a_stalled_channel_close_reports_the_broker_connection_broken() -> Result<()> {
     use drawbridge_testkit::proxy::{FaultProxy, ProxyMode};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let proxy = FaultProxy::start(p.node.amqp_addr()).await?;
     p.a.daemon_broker = Some(format!(
         "uris = [\"amqp://guest:guest@{}/{}\"]\nop_timeout = \"2s\"\nheartbeat_secs = 60\nconnect_timeout = \"2s\"",
         proxy.addr(),
-        drawbridge_testkit::rabbit::encode_vhost(&p.vhost_a)
+        drawbridge_testkit::rabbit::encode_vhost(&p.va)
     ));
-    p.b.start_float("").await?;
-    p.a.start_bridge("reconnect_min = \"200ms\"\nreconnect_max = \"1s\"")
-        .await?;
-    p.a.create_link_to(&p.b).await?;
-    let q = p.a.queue_to(&p.b);
-    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
-        .await?;
+    let q = link_up(
+        &mut p.a,
+        &mut p.b,
+        "",
+        "reconnect_min = \"200ms\"\nreconnect_max = \"1s\"",
+        Duration::from_secs(20),
+    )
+    .await?;
     let (_ca, ch_a) = p.a.channel().await?;
     let spec = |from, to| PublishSpec {
         run: "stall".into(),

@@ -20,13 +20,11 @@ use drawbridge_runtime::{
 };
 use drawbridge_testkit::{
     daemon::{bin_dir, free_port, Daemon, Kind},
+    fixtures::{links_up_both_ways, receive, send, two_orgs_on},
     rabbit::{self, BrokerPki, NodeOptions, RabbitNode},
-    stream::{self, PublishSpec, Tally},
-    world::{self, Org, INBOX},
+    world::{self, Org},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// One RabbitMQ node per test process with a plain listener (the test acts as the nodes
 /// through it) and a TLS listener (the daemons use it). Client certificates are optional at
@@ -94,29 +92,6 @@ fn q(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-async fn send(from: &Org, to: &Org, run: &str, n: u64) -> Result<()> {
-    let (_c, ch) = from.channel().await?;
-    let queue = from.queue_to(to);
-    world::declare_peer_queue(&ch, &queue, "classic").await?;
-    let spec = PublishSpec {
-        run: run.to_string(),
-        from: 0,
-        to: n,
-        size: 256,
-        destination: to.legal_name.clone(),
-        headers: vec![],
-    };
-    stream::publish(&ch, &queue, &spec, |_| {}).await
-}
-
-async fn receive(at: &Org, run: &str, n: u64, sender: &str) -> Result<stream::Report> {
-    let (_c, ch) = at.channel().await?;
-    world::declare_queue(&ch, INBOX).await?;
-    let mut tally = Tally::new(run, n, Some(sender.to_string()));
-    stream::consume(&ch, INBOX, &mut tally, Duration::from_secs(30), |_| {}).await?;
-    Ok(tally.report())
-}
-
 /// The runtime's broker session connects over amqps with a password from a file, and the
 /// broker sees a TLS connection from that user.
 #[tokio::test]
@@ -167,13 +142,9 @@ async fn the_broker_session_connects_over_amqps_with_a_password_file() -> Result
 async fn bridge_and_float_over_amqps_with_password_file_and_sasl_external() -> Result<()> {
     drawbridge_certs::install_crypto_provider();
     let b = tls_broker().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = b.node.fresh_vhost().await?;
-    let vb = b.node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![b.node.amqp_uri(&va)], dir.path());
-    let mut bb = Org::new(net.nodes[1].clone(), vec![b.node.amqp_uri(&vb)], dir.path());
+    let w = two_orgs_on(&b.node, BANK_A, BANK_B).await?;
+    let (va, vb, mut a, mut bb) = (w.va, w.vb, w.a, w.b);
+    let dir = &w.dir;
 
     // A: password from a file.
     let user_a = format!("a-{}", uuid::Uuid::new_v4().simple());
@@ -200,16 +171,7 @@ async fn bridge_and_float_over_amqps_with_password_file_and_sasl_external() -> R
         key = q(&key_b),
     ));
 
-    a.start_float("").await?;
-    bb.start_float("").await?;
-    a.start_bridge("").await?;
-    bb.start_bridge("").await?;
-    a.create_link_to(&bb).await?;
-    bb.create_link_to(&a).await?;
-    a.wait_link_state(&a.queue_to(&bb), "up", Duration::from_secs(30))
-        .await?;
-    bb.wait_link_state(&bb.queue_to(&a), "up", Duration::from_secs(30))
-        .await?;
+    links_up_both_ways(&mut a, &mut bb, Duration::from_secs(30)).await?;
 
     let n = 300;
     let (ra, rb) = tokio::join!(

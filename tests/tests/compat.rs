@@ -6,31 +6,20 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use drawbridge_certs::devpki;
 use drawbridge_control_protocol::{
     proto, ControlCommand, CreateLink, LinkState, Notification, SequencedCommand, PROTOCOL_VERSION,
 };
 use drawbridge_testkit::{
-    rabbit::shared_node,
+    fixtures::two_orgs,
     world::{self, Org},
+    BANK_A,
 };
 use prost::Message as _;
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
-
 /// Bank A (bridge) and Bank B (float), each on its own vhost.
 async fn pair() -> Result<(Org, Org, tempfile::TempDir)> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok((a, b, dir))
+    let w = two_orgs().await?;
+    Ok((w.a, w.b, w.dir))
 }
 
 /// Wait until `ok` holds for the bridge's `/status`.

@@ -6,96 +6,20 @@ use std::time::Duration;
 use anyhow::Result;
 use drawbridge_certs::devpki;
 use drawbridge_testkit::{
+    fixtures::{
+        destination_headers, link_up, links_up_both_ways, peer_queue_channel, publish_raw, receive,
+        send, send_sized, send_with_headers, two_orgs,
+    },
     rabbit::shared_node,
-    stream::{self, PublishSpec, Tally},
+    stream::{self, PublishSpec},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
-
-struct Pair {
-    a: Org,
-    b: Org,
-    /// A's vhost.
-    va: String,
-    /// B's vhost.
-    vb: String,
-    _dir: tempfile::TempDir,
-}
-
-async fn pair() -> Result<Pair> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok(Pair {
-        a,
-        b,
-        va,
-        vb,
-        _dir: dir,
-    })
-}
-
-async fn send(
-    from: &Org,
-    to: &Org,
-    run: &str,
-    n: u64,
-    extra_headers: Vec<(String, String)>,
-) -> Result<()> {
-    send_sized(from, to, run, n, 256, extra_headers).await
-}
-
-async fn send_sized(
-    from: &Org,
-    to: &Org,
-    run: &str,
-    n: u64,
-    size: usize,
-    extra_headers: Vec<(String, String)>,
-) -> Result<()> {
-    let (_c, ch) = from.channel().await?;
-    let q = from.queue_to(to);
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    let spec = PublishSpec {
-        run: run.to_string(),
-        from: 0,
-        to: n,
-        size,
-        destination: to.legal_name.clone(),
-        headers: extra_headers,
-    };
-    stream::publish(&ch, &q, &spec, |_| {}).await
-}
-
-async fn receive(at: &Org, run: &str, n: u64, sender: &str) -> Result<stream::Report> {
-    let (_c, ch) = at.channel().await?;
-    world::declare_queue(&ch, INBOX).await?;
-    let mut tally = Tally::new(run, n, Some(sender.to_string()));
-    stream::consume(&ch, INBOX, &mut tally, Duration::from_secs(30), |_| {}).await?;
-    Ok(tally.report())
-}
 
 #[tokio::test]
 async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
-    let mut p = pair().await?;
-    p.a.start_float("").await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.b.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    p.b.create_link_to(&p.a).await?;
-    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
-        .await?;
-    p.b.wait_link_state(&p.b.queue_to(&p.a), "up", Duration::from_secs(20))
-        .await?;
+    let mut p = two_orgs().await?;
+    links_up_both_ways(&mut p.a, &mut p.b, Duration::from_secs(20)).await?;
 
     // A forges the sender and every other header the receiving side asserts, in any case;
     // the float drops them and stamps A's certificate subject in its canonical form.
@@ -115,11 +39,11 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
     let n = 500;
     let (ra, rb) = tokio::join!(
         async {
-            send(&p.a, &p.b, "ab", n, forged.clone()).await?;
+            send_with_headers(&p.a, &p.b, "ab", n, forged.clone()).await?;
             receive(&p.b, "ab", n, BANK_A).await
         },
         async {
-            send(&p.b, &p.a, "ba", n, vec![]).await?;
+            send(&p.b, &p.a, "ba", n).await?;
             receive(&p.a, "ba", n, BANK_B).await
         }
     );
@@ -152,12 +76,8 @@ async fn messages_flow_both_ways_with_authenticated_sender() -> Result<()> {
 /// once, arrives in the order it was queued.
 #[tokio::test]
 async fn a_peer_queue_arrives_in_the_order_it_was_queued() -> Result<()> {
-    let mut p = pair().await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
-        .await?;
+    let mut p = two_orgs().await?;
+    link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
     let n = 5_000;
     let (sent, r) = tokio::join!(
         send_sized(&p.a, &p.b, "fifo", n, 64, vec![]),
@@ -193,7 +113,7 @@ async fn count_snapshot_requests(ch: &lapin::Channel, q: &str) -> Result<usize> 
 
 #[tokio::test]
 async fn snapshot_request_repeats_until_a_snapshot_arrives() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let (_c, ch, q) = notify_listener(&p.a).await?;
     p.a.start_bridge("snapshot_retry_min = \"200ms\"\nsnapshot_retry_max = \"400ms\"")
         .await?;
@@ -217,7 +137,7 @@ async fn snapshot_request_repeats_until_a_snapshot_arrives() -> Result<()> {
 #[tokio::test]
 async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
     use drawbridge_control_protocol::{ControlCommand, CreateLink, SequencedCommand, Snapshot};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     // The node library sets user_id to the broker login (guest here) and the bridge checks
     // both it and the node identity (by default its own certificate's legal name).
@@ -259,7 +179,7 @@ async fn a_stale_snapshot_after_a_create_keeps_the_link() -> Result<()> {
         p.a.wait_link_state(&q, "up", Duration::from_secs(5))
             .await?;
     assert_eq!(status["connects"], 1, "the link must not restart: {status}");
-    send(&p.a, &p.b, "stale", 20, vec![]).await?;
+    send(&p.a, &p.b, "stale", 20).await?;
     let r = receive(&p.b, "stale", 20, BANK_A).await?;
     assert!(r.complete() && r.duplicates == 0, "{r:?}");
 
@@ -291,7 +211,7 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
     use drawbridge_testkit::rabbit::encode_vhost;
     use lapin::{options::*, BasicProperties};
 
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let bridge = p.a.bridge.as_ref().unwrap();
@@ -390,7 +310,7 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
     let s = bridge.status().await?;
     assert_eq!(s["control_refused"], 3, "{s}");
     assert!(bridge.log_contains("is not the configured node identity"));
-    send(&p.a, &p.b, "authz", 10, vec![]).await?;
+    send(&p.a, &p.b, "authz", 10).await?;
     let r = receive(&p.b, "authz", 10, BANK_A).await?;
     assert!(r.complete() && r.duplicates == 0, "{r:?}");
     Ok(())
@@ -398,7 +318,7 @@ async fn control_from_another_broker_user_is_refused_and_the_nodes_is_obeyed() -
 
 #[tokio::test]
 async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let q = p.a.queue_to(&p.b);
@@ -406,7 +326,7 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
     p.a.create_link_to(&p.b).await?;
     p.a.wait_link_state(&q, "up", Duration::from_secs(20))
         .await?;
-    send(&p.a, &p.b, "c1", 100, vec![]).await?;
+    send(&p.a, &p.b, "c1", 100).await?;
     let r = receive(&p.b, "c1", 100, BANK_A).await?;
     assert!(r.complete() && r.duplicates == 0, "{r:?}");
     let status =
@@ -431,11 +351,10 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    send(&p.a, &p.b, "c2", 50, vec![]).await?;
+    send(&p.a, &p.b, "c2", 50).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let node = shared_node().await;
-    let vhost_a = p.a.broker_uri().rsplit('/').next().unwrap().to_string();
-    let vhost_a = vhost_a.replace("%2F", "/");
+    let vhost_a = p.a.vhost();
     assert_eq!(
         node.queue_depth(&vhost_a, &q).await?,
         50,
@@ -451,7 +370,7 @@ async fn create_and_delete_are_idempotent_and_delete_leaves_messages_queued() ->
 
 #[tokio::test]
 async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let mut link = p.a.link_to(&p.b);
@@ -463,7 +382,7 @@ async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
         },
     ))
     .await?;
-    send(&p.a, &p.b, "pin", 20, vec![]).await?;
+    send(&p.a, &p.b, "pin", 20).await?;
     let status =
         p.a.wait_link_state(&link.queue, "down", Duration::from_secs(20))
             .await?;
@@ -478,12 +397,7 @@ async fn float_subject_not_in_legal_names_moves_nothing() -> Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let node = shared_node().await;
-    let vhost_a =
-        p.a.broker_uri()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .replace("%2F", "/");
+    let vhost_a = p.a.vhost();
     assert_eq!(
         node.queue_depth(&vhost_a, &link.queue).await?,
         20,
@@ -524,7 +438,7 @@ async fn float_accepts(port: u16, client: std::sync::Arc<rustls::ClientConfig>) 
 
 #[tokio::test]
 async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     let roots = drawbridge_certs::load_trust_roots(&p.a.files.root_cert)?;
     let expected = vec![BANK_B.parse()?];
@@ -581,42 +495,23 @@ async fn float_refuses_client_certificates_from_another_ca_or_none() -> Result<(
 
 #[tokio::test]
 async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() -> Result<()> {
-    use lapin::{options::*, types::*, BasicProperties};
-    let mut p = pair().await?;
+    use lapin::BasicProperties;
+    let mut p = two_orgs().await?;
     // The float takes bodies of up to 4 KiB: it announces 4 KiB + 64 KiB (the whole encoded
     // message) on attach. The bridge takes up to 256 KiB itself.
     p.b.start_float("max_message_size = 4096").await?;
     p.a.start_bridge("max_message_size = 262144").await?;
-    let q = p.a.queue_to(&p.b);
-    let (_c, ch) = p.a.channel().await?;
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (_c, ch, q) = peer_queue_channel(&p.a, &p.b).await?;
     let publish = |id: Option<String>, body: Vec<u8>, dest: &str| {
-        let mut h = FieldTable::default();
-        h.insert(
-            "drawbridge-destination".into(),
-            AMQPValue::LongString(dest.into()),
-        );
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_headers(h);
+            .with_headers(destination_headers(dest));
         if let Some(id) = id {
             props = props.with_message_id(id.into());
         }
         let ch = ch.clone();
         let q = q.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await?
-            .await?;
-            Ok::<_, anyhow::Error>(())
-        }
+        async move { publish_raw(&ch, &q, &body, props).await }
     };
     // seq 0..10 valid, with four bad ones in between.
     for seq in 0..10u64 {
@@ -683,7 +578,7 @@ async fn undeliverable_messages_are_dead_lettered_and_the_rest_keep_flowing() ->
 #[tokio::test]
 async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -> Result<()> {
     use lapin::{options::*, types::*, BasicProperties};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("").await?;
     let q = p.a.queue_to(&p.b);
@@ -695,11 +590,7 @@ async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -
     world::declare_peer_queue(&ch, &q, "classic").await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let publish = |id: String, seq: u64, blob: usize| {
-        let mut h = FieldTable::default();
-        h.insert(
-            "drawbridge-destination".into(),
-            AMQPValue::LongString(BANK_B.into()),
-        );
+        let mut h = destination_headers(BANK_B);
         if blob > 0 {
             h.insert(
                 "blob".into(),
@@ -712,18 +603,7 @@ async fn oversize_headers_and_reasons_are_dead_lettered_not_resent_in_a_loop() -
             .with_headers(h);
         let ch = ch.clone();
         let q = q.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                &stream::make_body(seq, 64),
-                props,
-            )
-            .await?
-            .await?;
-            Ok::<_, anyhow::Error>(())
-        }
+        async move { publish_raw(&ch, &q, &stream::make_body(seq, 64), props).await }
     };
     for seq in 0..6u64 {
         if seq == 2 {
@@ -803,14 +683,9 @@ async fn bad_config_lists_every_problem_and_exits_78_ex_config() -> Result<()> {
 #[tokio::test]
 async fn link_state_changes_are_published_as_link_status_events() -> Result<()> {
     use drawbridge_control_protocol::{LinkState, Notification};
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     let (_c, ch, q) = notify_listener(&p.a).await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    let queue = p.a.queue_to(&p.b);
-    p.a.wait_link_state(&queue, "up", Duration::from_secs(20))
-        .await?;
+    let queue = link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
     p.a.delete_link_to(&p.b).await?;
     let mut states = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -847,15 +722,15 @@ async fn link_state_changes_are_published_as_link_status_events() -> Result<()> 
 /// and resumes as confirms come back, and every byte is given back at the end.
 #[tokio::test]
 async fn messages_bigger_than_the_link_budget_all_arrive() -> Result<()> {
-    let mut p = pair().await?;
-    p.b.start_float(
+    let mut p = two_orgs().await?;
+    link_up(
+        &mut p.a,
+        &mut p.b,
         "max_message_size = 1048576\nmax_link_bytes_in_flight = 65536\nmax_bytes_in_flight = 1048576",
+        "",
+        Duration::from_secs(20),
     )
     .await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(20))
-        .await?;
     let n = 40;
     send_sized(&p.a, &p.b, "big", n, 200 * 1024, vec![]).await?;
     let r = receive(&p.b, "big", n, BANK_A).await?;
@@ -952,15 +827,10 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// link (queue label) on the bridge, per authenticated peer on the float, rejects counted.
 #[tokio::test]
 async fn metrics_count_what_was_sent_per_link_and_per_peer() -> Result<()> {
-    let mut p = pair().await?;
-    p.b.start_float("").await?;
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    let q = p.a.queue_to(&p.b);
-    p.a.wait_link_state(&q, "up", Duration::from_secs(20))
-        .await?;
+    let mut p = two_orgs().await?;
+    let q = link_up(&mut p.a, &mut p.b, "", "", Duration::from_secs(20)).await?;
     let n = 120;
-    send(&p.a, &p.b, "metrics", n, vec![]).await?;
+    send(&p.a, &p.b, "metrics", n).await?;
     let report = receive(&p.b, "metrics", n, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     // Two for a legal name B's float does not serve: rejected there, dead-lettered here.
@@ -1174,7 +1044,7 @@ async fn wait_http(
 /// - `drawbridge status` renders the link as a table row; `--json` is the document.
 #[tokio::test]
 async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("").await?;
     p.a.start_bridge("canary_interval = \"1s\"").await?;
     let bridge_admin = p.a.bridge.as_ref().expect("bridge").admin();
@@ -1211,7 +1081,7 @@ async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Re
     assert!(body.contains("links up"), "{body}");
 
     let n = 200;
-    send(&p.a, &p.b, "canary", n, vec![]).await?;
+    send(&p.a, &p.b, "canary", n).await?;
     let report = receive(&p.b, "canary", n, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     assert_eq!(
@@ -1327,7 +1197,7 @@ async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Re
         200,
         "a failing canary does not undo convergence"
     );
-    send(&p.a, &p.b, "after", 20, vec![]).await?;
+    send(&p.a, &p.b, "after", 20).await?;
     let report = receive(&p.b, "after", 20, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     assert!(
@@ -1343,7 +1213,7 @@ async fn readiness_canary_latency_and_status_tell_an_operator_what_works() -> Re
 /// canary, and `/readyz?links` names it instead of pretending the path was proven.
 #[tokio::test]
 async fn a_float_without_canary_costs_the_link_nothing() -> Result<()> {
-    let mut p = pair().await?;
+    let mut p = two_orgs().await?;
     p.b.start_float("canary_queue = \"\"").await?;
     p.a.start_bridge("canary_interval = \"1s\"").await?;
     let bridge_admin = p.a.bridge.as_ref().expect("bridge").admin();
@@ -1352,7 +1222,7 @@ async fn a_float_without_canary_costs_the_link_nothing() -> Result<()> {
     p.a.wait_link_state(&q, "up", Duration::from_secs(20))
         .await?;
     let n = 50;
-    send(&p.a, &p.b, "nocanary", n, vec![]).await?;
+    send(&p.a, &p.b, "nocanary", n).await?;
     let report = receive(&p.b, "nocanary", n, BANK_A).await?;
     assert!(report.complete(), "{report:?}");
     let body = wait_http(bridge_admin, "/readyz?links", 503, Duration::from_secs(20)).await?;

@@ -33,13 +33,10 @@ use drawbridge_testkit::{
     rabbit::{NodeOptions, RabbitCluster, RabbitNode},
     stream::{self, PublishSpec, Report, Tally},
     world::{self, Org, SnapshotResponder, INBOX},
+    BANK_A, BANK_B, BANK_C,
 };
 use futures::future::LocalBoxFuture;
 use lapin::{options::QueueDeclareOptions, types::FieldTable};
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
-const BANK_C: &str = "O=Bank C, L=Berlin, C=DE";
 
 /// Bridge settings that make failures show quickly (the defaults suit WAN links).
 const FAST_BRIDGE: &str = "reconnect_max = \"2s\"\nidle_timeout = \"5s\"\nsettle_timeout = \"10s\"\nconnect_timeout = \"3s\"\ndrain_grace = \"10s\"";

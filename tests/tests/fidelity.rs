@@ -9,11 +9,12 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_certs::devpki;
 use drawbridge_mapping::{check::same_value, headers};
 use drawbridge_testkit::{
+    fixtures::{link_up, peer_queue_channel, publish_raw, two_orgs_named},
     rabbit::shared_node,
-    world::{self, Org, INBOX},
+    world::{self, INBOX},
+    BANK_A,
 };
 use lapin::{
     options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
@@ -23,26 +24,13 @@ use lapin::{
 
 const DEST: &str = "O=Bank B, L=Paris, C=FR";
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-
 /// One message with every basic property and a rich header table, published on A, read
 /// from B's inbox: property by property as sent (except the documented exceptions).
 #[tokio::test]
 async fn every_property_and_header_type_arrives_end_to_end() -> Result<()> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, DEST.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let mut b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    b.start_float("").await?;
-    a.start_bridge("").await?;
-    a.create_link_to(&b).await?;
-    a.wait_link_state(&a.queue_to(&b), "up", Duration::from_secs(20))
-        .await?;
+    let w = two_orgs_named(BANK_A, DEST).await?;
+    let (mut a, mut b) = (w.a, w.b);
+    link_up(&mut a, &mut b, "", "", Duration::from_secs(20)).await?;
 
     let mut nested = FieldTable::default();
     nested.insert("level".into(), AMQPValue::LongInt(2));
@@ -112,19 +100,8 @@ async fn every_property_and_header_type_arrives_end_to_end() -> Result<()> {
         .with_cluster_id("eu-1".into());
     let body: Vec<u8> = (0..=255u8).chain(*b"payload").collect();
 
-    let (_ca, cha) = a.channel().await?;
-    let q = a.queue_to(&b);
-    world::declare_peer_queue(&cha, &q, "classic").await?;
-    cha.confirm_select(ConfirmSelectOptions::default()).await?;
-    cha.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        &body,
-        sent.clone(),
-    )
-    .await?
-    .await?;
+    let (_ca, cha, q) = peer_queue_channel(&a, &b).await?;
+    publish_raw(&cha, &q, &body, sent.clone()).await?;
 
     let (_cb, chb) = b.channel().await?;
     world::declare_queue(&chb, INBOX).await?;

@@ -25,13 +25,11 @@ use drawbridge_testkit::{
     rabbit::{shared_node, write_private, NodeOptions, RabbitCluster, RabbitNode},
     stream::{self, PublishSpec, Tally},
     world::{self, Org, SnapshotResponder, INBOX},
+    BANK_A, BANK_B,
 };
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::time::Instant;
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 struct Pair {
     /// The sending organisation: two bridges, no float.

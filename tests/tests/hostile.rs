@@ -5,48 +5,26 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_bridge::peer::{self, PeerSettings};
-use drawbridge_certs::{devpki, TlsIdentity, TlsPolicy};
+use drawbridge_bridge::peer;
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
+    fixtures::two_orgs,
+    peer_client::{attacker_connects, attacker_sends, attacker_settings},
     rabbit::shared_node,
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
+    BANK_B,
 };
 use fe2o3_amqp::types::{
     messaging::{AmqpValue, ApplicationProperties, Body, Message, MessageId, Properties},
     primitives::{SimpleValue, Value},
 };
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
-
-/// How Bank B (the attacker, a genuine member) connects to Bank A's float.
-fn attacker_settings(b: &Org, a: &Org) -> Result<PeerSettings> {
-    let identity = TlsIdentity::load(&b.files.tls_cert, &b.files.tls_key)?;
-    let roots = drawbridge_certs::load_trust_roots(&b.files.root_cert)?;
-    let tls = drawbridge_certs::client_config(
-        &identity,
-        roots,
-        vec![a.legal_name.parse()?],
-        TlsPolicy::Tls13Only,
-    )?;
-    Ok(PeerSettings {
-        tls,
-        connect_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(30),
-        container_id: "mallory".into(),
-        link_name: "hostile".into(),
-        address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into(),
-        canary_address: None,
-    })
-}
-
 /// Bank B sends one message to Bank A's float whose body is `depth` nested lists. Runs on its
 /// own thread with a big stack: encoding (and dropping) the value recurses once per level on
 /// the sending side too.
 fn send_nested_body(b: &Org, a: &Org, depth: usize) -> Result<String> {
-    let settings = attacker_settings(b, a)?;
+    let settings = attacker_settings(b, a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let destination = a.legal_name.clone();
     let worker =
@@ -89,44 +67,10 @@ fn send_nested_body(b: &Org, a: &Org, depth: usize) -> Result<String> {
 
 /// Bank A runs a float; Bank B (the attacker) holds genuine member files.
 async fn world() -> Result<(Org, Org, tempfile::TempDir)> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
+    let w = two_orgs().await?;
+    let (mut a, b, dir) = (w.a, w.b, w.dir);
     a.start_float("").await?;
     Ok((a, b, dir))
-}
-
-/// A message from the attacker to A, with `edit` applied; returns the float's outcome.
-async fn attacker_sends(
-    c: &mut peer::PeerConnection,
-    a: &Org,
-    id: &str,
-    edit: impl FnOnce(&mut Message<Body<Value>>),
-) -> Result<String> {
-    let mut app = ApplicationProperties::default();
-    app.0.insert(
-        "drawbridge-destination".into(),
-        SimpleValue::String(a.legal_name.clone()),
-    );
-    let mut msg = Message::builder()
-        .properties(Properties {
-            message_id: Some(MessageId::String(id.into())),
-            ..Default::default()
-        })
-        .application_properties(app)
-        .body(Body::Value(AmqpValue(Value::Binary(vec![1, 2, 3].into()))))
-        .build();
-    edit(&mut msg);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), c.sender.send(msg))
-        .await
-        .context("no disposition within 10 s")??;
-    Ok(format!("{outcome:?}"))
 }
 
 /// Before: a 300-byte message-id or header key panicked the link task in the AMQP 0.9.1
@@ -135,10 +79,7 @@ async fn attacker_sends(
 #[tokio::test]
 async fn long_ids_header_keys_and_content_types_are_rejected_with_a_reason() -> Result<()> {
     let (a, b, _dir) = world().await?;
-    let target = Target::new("127.0.0.1", a.float_port);
-    let mut c = peer::connect(&target, &attacker_settings(&b, &a)?)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     let long = "x".repeat(300);
 
     let r = attacker_sends(&mut c, &a, &long, |_| {}).await?;
@@ -388,19 +329,35 @@ fn raw_begin(channel: u16) -> Vec<u8> {
 }
 
 fn raw_attach(channel: u16, handle: u32) -> Vec<u8> {
+    raw_attach_as(
+        channel,
+        handle,
+        &format!("raw-{channel}-{handle}"),
+        fe2o3_amqp::types::definitions::ReceiverSettleMode::First,
+    )
+}
+
+/// An attach frame of a sending link `name` on `handle` (unsettled, to the default target
+/// address) asking for `rcv_settle_mode`.
+fn raw_attach_as(
+    channel: u16,
+    handle: u32,
+    name: &str,
+    rcv_settle_mode: fe2o3_amqp::types::definitions::ReceiverSettleMode,
+) -> Vec<u8> {
     use fe2o3_amqp::types::{
-        definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode},
+        definitions::{Handle, Role, SenderSettleMode},
         messaging::{Source, Target},
         performatives::*,
     };
     performative(
         channel,
         &Performative::Attach(Attach {
-            name: format!("raw-{channel}-{handle}"),
+            name: name.into(),
             handle: Handle(handle),
             role: Role::Sender,
             snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::First,
+            rcv_settle_mode,
             source: Some(Box::new(Source::default())),
             target: Some(Box::new(
                 Target::builder()
@@ -449,7 +406,7 @@ async fn raw_connect(
     a: &Org,
     source: std::net::Ipv4Addr,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let settings = attacker_settings(b, a)?;
+    let settings = attacker_settings(b, a, "hostile")?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind((source, 0).into())?;
     let tcp = socket
@@ -497,7 +454,7 @@ async fn refused(a: &Org, name: &str, reason: &str) -> Result<f64> {
 
 /// A well-behaved Bank B connection delivers `n` messages to A.
 async fn good_peer_delivers(b: &Org, a: &Org, tag: &str, n: usize) -> Result<()> {
-    let settings = attacker_settings(b, a)?;
+    let settings = attacker_settings(b, a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let mut c = peer::connect(&target, &settings)
         .await
@@ -713,7 +670,7 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
         FieldTable::default(),
     )
     .await?;
-    let settings = attacker_settings(&b, &a)?;
+    let settings = attacker_settings(&b, &a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let mut c = peer::connect(&target, &settings)
         .await
@@ -736,12 +693,7 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
         anyhow::ensure!(outcome.contains("Accepted"), "{key}: {outcome}");
     }
     let node = shared_node().await;
-    let vhost = a
-        .broker_uri()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .replace("%2F", "/");
+    let vhost = a.vhost();
     assert_eq!(
         node.queue_depth(&vhost, INBOX).await?,
         4,
@@ -770,7 +722,7 @@ async fn cc_and_bcc_headers_cannot_route_a_message_into_another_queue() -> Resul
 #[tokio::test]
 async fn a_header_bigger_than_a_broker_frame_is_rejected_and_the_float_stays_ready() -> Result<()> {
     let (a, b, _dir) = world().await?;
-    let settings = attacker_settings(&b, &a)?;
+    let settings = attacker_settings(&b, &a, "hostile")?;
     let target = Target::new("127.0.0.1", a.float_port);
     let mut c = peer::connect(&target, &settings)
         .await
@@ -924,40 +876,13 @@ async fn a_peer_that_ignores_credit_is_cut_off_at_the_credit_granted() -> Result
 /// disposition it sends.
 #[tokio::test]
 async fn rcv_settle_mode_second_is_answered_with_first() -> Result<()> {
-    use fe2o3_amqp::types::{
-        definitions::{ReceiverSettleMode, Role, SenderSettleMode},
-        messaging::{Source, Target as AmqpTarget},
-        performatives::{Attach, Performative},
-    };
+    use fe2o3_amqp::types::{definitions::ReceiverSettleMode, performatives::Performative};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (a, b, _dir) = world().await?;
     let mut tls = raw_connect(&b, &a, std::net::Ipv4Addr::LOCALHOST).await?;
     let mut hello = raw_preamble(None);
     hello.extend(raw_begin(0));
-    hello.extend(performative(
-        0,
-        &Performative::Attach(Attach {
-            name: "second".into(),
-            handle: fe2o3_amqp::types::definitions::Handle(0),
-            role: Role::Sender,
-            snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::Second,
-            source: Some(Box::new(Source::default())),
-            target: Some(Box::new(
-                AmqpTarget::builder()
-                    .address(drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS)
-                    .build()
-                    .into(),
-            )),
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: Some(0),
-            max_message_size: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        }),
-    ));
+    hello.extend(raw_attach_as(0, 0, "second", ReceiverSettleMode::Second));
     tls.write_all(&hello).await?;
     tls.flush().await?;
     // Transfers only once the float granted credit (the guard holds a peer to it).
@@ -1034,11 +959,7 @@ async fn rcv_settle_mode_second_is_answered_with_first() -> Result<()> {
 async fn a_thousand_half_open_handshakes_starve_no_one() -> Result<()> {
     let (a, b, _dir) = world().await?;
     // Connected before the flood.
-    let settings = attacker_settings(&b, &a)?;
-    let target = Target::new("127.0.0.1", a.float_port);
-    let mut established = peer::connect(&target, &settings)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut established = attacker_connects(&b, &a, "hostile").await?;
     attacker_sends(&mut established, &a, "before-flood", |_| {}).await?;
 
     // The flood, from 127.0.0.2: TCP connections that send nothing.

@@ -6,60 +6,26 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_bridge::peer::{self, PeerSettings};
-use drawbridge_certs::{devpki, TlsIdentity, TlsPolicy};
+use drawbridge_bridge::peer;
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     daemon::http_get,
-    rabbit::shared_node,
+    fixtures::{destination_headers, peer_queue_channel, publish_raw, two_orgs},
+    peer_client::{attacker_connects, attacker_sends, attacker_settings},
     stream,
     world::{self, Org, INBOX},
+    BANK_B,
 };
 use fe2o3_amqp::types::{
-    messaging::{
-        annotations::OwnedKey, AmqpValue, ApplicationProperties, Body, Message, MessageAnnotations,
-        MessageId, Properties,
-    },
+    messaging::{annotations::OwnedKey, Body, Message, MessageAnnotations},
     primitives::{OrderedMap, SimpleValue, Value},
 };
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
-
-/// How Bank B (the attacker, a genuine member) connects to Bank A's float.
-fn attacker_settings(b: &Org, a: &Org, link_name: &str) -> Result<PeerSettings> {
-    let identity = TlsIdentity::load(&b.files.tls_cert, &b.files.tls_key)?;
-    let roots = drawbridge_certs::load_trust_roots(&b.files.root_cert)?;
-    let tls = drawbridge_certs::client_config(
-        &identity,
-        roots,
-        vec![a.legal_name.parse()?],
-        TlsPolicy::Tls13Only,
-    )?;
-    Ok(PeerSettings {
-        tls,
-        connect_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(30),
-        container_id: "mallory".into(),
-        link_name: link_name.into(),
-        address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into(),
-        canary_address: None,
-    })
-}
-
 /// Two organisations on fresh vhosts of the shared broker; nothing started.
 async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok((a, b, dir))
+    let w = two_orgs().await?;
+    Ok((w.a, w.b, w.dir))
 }
 
 /// Bank A runs a float (extra `[float]` lines); Bank B is the attacker.
@@ -67,40 +33,6 @@ async fn world(extra: &str) -> Result<(Org, Org, tempfile::TempDir)> {
     let (mut a, b, dir) = orgs().await?;
     a.start_float(extra).await?;
     Ok((a, b, dir))
-}
-
-async fn connect(b: &Org, a: &Org, link_name: &str) -> Result<peer::PeerConnection> {
-    let target = Target::new("127.0.0.1", a.float_port);
-    peer::connect(&target, &attacker_settings(b, a, link_name)?)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-}
-
-/// A message from the attacker to A, with `edit` applied; returns the float's outcome.
-async fn attacker_sends(
-    c: &mut peer::PeerConnection,
-    a: &Org,
-    id: &str,
-    edit: impl FnOnce(&mut Message<Body<Value>>),
-) -> Result<String> {
-    let mut app = ApplicationProperties::default();
-    app.0.insert(
-        "drawbridge-destination".into(),
-        SimpleValue::String(a.legal_name.clone()),
-    );
-    let mut msg = Message::builder()
-        .properties(Properties {
-            message_id: Some(MessageId::String(id.into())),
-            ..Default::default()
-        })
-        .application_properties(app)
-        .body(Body::Value(AmqpValue(Value::Binary(vec![1, 2, 3].into()))))
-        .build();
-    edit(&mut msg);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), c.sender.send(msg))
-        .await
-        .context("no disposition within 10 s")??;
-    Ok(format!("{outcome:?}"))
 }
 
 /// `edit` that sets the `x-opt-drawbridge-headers` annotation to `entries`.
@@ -179,7 +111,7 @@ async fn cc_and_bcc_headers_copy_a_message_nowhere_but_the_inbox() -> Result<()>
         side_queue(&ch, q, drawbridge_node::topology::INBOX_EXCHANGE).await?;
     }
     let before = metric(&a, "drawbridge_float_reserved_headers_stripped_total").await?;
-    let mut c = connect(&b, &a, "hostile").await?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     let r = attacker_sends(
         &mut c,
         &a,
@@ -252,7 +184,7 @@ async fn cc_and_bcc_headers_copy_a_message_nowhere_but_the_inbox() -> Result<()>
 #[tokio::test]
 async fn headers_too_big_for_a_broker_frame_are_rejected_and_the_float_stays_ready() -> Result<()> {
     let (a, b, _dir) = world("").await?;
-    let mut c = connect(&b, &a, "hostile").await?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     for (id, size) in [("big-40k", 40_000), ("big-1m5", 1_536 * 1024)] {
         let r = attacker_sends(&mut c, &a, id, move |m| {
             if let Some(app) = m.application_properties.as_mut() {
@@ -309,16 +241,9 @@ async fn a_nodes_message_with_oversize_headers_is_dead_lettered_not_resent() -> 
     b.daemon_broker = Some(format!("uris = [{:?}]\nframe_max = 8192", b.broker_uris[0]));
     b.start_float("").await?;
     a.start_bridge("").await?;
-    let q = a.queue_to(&b);
-    let (_c, ch) = a.channel().await?;
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (_c, ch, q) = peer_queue_channel(&a, &b).await?;
     let publish = |id: String, blob: usize| {
-        let mut h = FieldTable::default();
-        h.insert(
-            "drawbridge-destination".into(),
-            AMQPValue::LongString(BANK_B.into()),
-        );
+        let mut h = destination_headers(BANK_B);
         if blob > 0 {
             h.insert(
                 "blob".into(),
@@ -331,18 +256,7 @@ async fn a_nodes_message_with_oversize_headers_is_dead_lettered_not_resent() -> 
             .with_headers(h);
         let ch = ch.clone();
         let q = q.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                &stream::make_body(0, 64),
-                props,
-            )
-            .await?
-            .await?;
-            Ok::<_, anyhow::Error>(())
-        }
+        async move { publish_raw(&ch, &q, &stream::make_body(0, 64), props).await }
     };
     // 20 KB: beyond what the bridge forwards at all. 10 KB: fits the bridge's bound, not
     // B's 8 KiB broker frames.
@@ -432,7 +346,7 @@ async fn a_nodes_message_with_oversize_headers_is_dead_lettered_not_resent() -> 
 #[tokio::test]
 async fn long_destinations_are_refused_short_and_rejections_do_not_flood_the_log() -> Result<()> {
     let (a, b, _dir) = world("").await?;
-    let mut c = connect(&b, &a, "hostile").await?;
+    let mut c = attacker_connects(&b, &a, "hostile").await?;
     let long = format!("O={},L=Nowhere,C=XX", "z".repeat(64 * 1024));
     let dest = long.clone();
     let r = attacker_sends(&mut c, &a, "long-dest", move |m| {
@@ -480,7 +394,7 @@ async fn long_destinations_are_refused_short_and_rejections_do_not_flood_the_log
 async fn newlines_in_peer_strings_do_not_forge_log_lines() -> Result<()> {
     let (a, b, _dir) = world("").await?;
     let forged = "2030-01-01T00:00:00.000000Z ERROR FORGED";
-    let mut c = connect(&b, &a, &format!("hostile\n{forged} link")).await?;
+    let mut c = attacker_connects(&b, &a, &format!("hostile\n{forged} link")).await?;
     let dest = format!("O=X\n{forged} destination,L=Y,C=ZZ");
     let r = attacker_sends(&mut c, &a, "forge", move |m| {
         if let Some(app) = m.application_properties.as_mut() {
@@ -521,15 +435,8 @@ async fn a_dead_letter_copy_never_outgrows_the_bridges_broker_frame() -> Result<
     let (mut a, mut b, _dir) = orgs().await?;
     b.start_float("").await?;
     a.start_bridge("").await?;
-    let q = a.queue_to(&b);
-    let (_c, ch) = a.channel().await?;
-    world::declare_peer_queue(&ch, &q, "classic").await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut h = FieldTable::default();
-    h.insert(
-        "drawbridge-destination".into(),
-        AMQPValue::LongString(BANK_B.into()),
-    );
+    let (_c, ch, q) = peer_queue_channel(&a, &b).await?;
+    let mut h = destination_headers(BANK_B);
     // 128 KiB frames (the bridge's default, RabbitMQ's) hold 131,052 bytes of properties:
     // this message fits one as delivered, its dead-letter copy with a full reason would not.
     h.insert(
@@ -540,15 +447,7 @@ async fn a_dead_letter_copy_never_outgrows_the_bridges_broker_frame() -> Result<
         .with_delivery_mode(2)
         .with_message_id("nearly-a-frame".into())
         .with_headers(h);
-    ch.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        b"x",
-        props,
-    )
-    .await?
-    .await?;
+    publish_raw(&ch, &q, b"x", props).await?;
     a.create_link_to(&b).await?;
     let (_c2, ch2) = a.channel().await?;
     world::declare_queue(&ch2, world::DEAD_LETTER).await?;

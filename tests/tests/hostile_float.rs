@@ -19,11 +19,13 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use drawbridge_certs::{devpki, pki_types::PrivateKeyDer, TlsIdentity};
+use drawbridge_certs::{pki_types::PrivateKeyDer, TlsIdentity};
 use drawbridge_testkit::{
+    fixtures::two_orgs,
     rabbit::shared_node,
     stream::{self, PublishSpec},
     world::{self, Org},
+    BANK_B,
 };
 use fe2o3_amqp::types::{
     definitions::{Handle, ReceiverSettleMode, Role},
@@ -35,9 +37,6 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// Nesting of the hostile value: tens of thousands of levels, as in the report, and still
 /// within the bridge's maximum frame of 256 KiB (9 bytes a level).
@@ -426,16 +425,8 @@ fn spawn_fake_float(
 /// Bank A (whose bridge is under test) and Bank B (whose float port the fake float takes),
 /// each on a vhost of its own.
 async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let names = [BANK_A.parse()?, BANK_B.parse()?];
-    let net = devpki::generate_network(&dir.path().join("pki"), &names)?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok((a, b, dir))
+    let w = two_orgs().await?;
+    Ok((w.a, w.b, w.dir))
 }
 
 #[tokio::test]
@@ -511,12 +502,7 @@ async fn a_hostile_float_cannot_bring_the_bridge_down() -> Result<()> {
         "each refusal counted: {refused}"
     );
     // A refused disposition settles nothing: the messages are all still queued.
-    let vhost = a
-        .broker_uri()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .replace("%2F", "/");
+    let vhost = a.vhost();
     assert_eq!(node.queue_depth(&vhost, &queue).await?, 5, "nothing lost");
     Ok(())
 }
@@ -577,12 +563,7 @@ async fn a_200_kb_rejection_description_is_cut_in_the_dead_letter_reason() -> Re
         !bridge.log_contains("frame too large") && !bridge.log_contains("broker connection lost"),
         "the broker connection never failed"
     );
-    let vhost = a
-        .broker_uri()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .replace("%2F", "/");
+    let vhost = a.vhost();
     assert_eq!(
         node.queue_depth(&vhost, &queue).await?,
         0,

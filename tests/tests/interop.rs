@@ -3,16 +3,13 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use drawbridge_certs::devpki;
 use drawbridge_testkit::{
+    fixtures::two_orgs,
     proton::{self, ReceiverOptions, SendOptions, TlsFiles},
-    rabbit::shared_node,
     stream,
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 fn tls(org: &Org) -> TlsFiles {
     TlsFiles {
@@ -28,21 +25,8 @@ async fn orgs() -> Result<(Org, Org, tempfile::TempDir)> {
         proton::available(),
         "python3-qpid-proton is missing: run scripts/install-deps.sh"
     );
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let a = Org::new(
-        net.nodes[0].clone(),
-        vec![node.amqp_uri(&node.fresh_vhost().await?)],
-        dir.path(),
-    );
-    let b = Org::new(
-        net.nodes[1].clone(),
-        vec![node.amqp_uri(&node.fresh_vhost().await?)],
-        dir.path(),
-    );
-    Ok((a, b, dir))
+    let w = two_orgs().await?;
+    Ok((w.a, w.b, w.dir))
 }
 
 #[tokio::test]

@@ -11,10 +11,8 @@ use drawbridge_testkit::{
     rabbit::{NodeOptions, RabbitNode},
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 fn peak_rss_mib(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };

@@ -6,11 +6,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
-use drawbridge_certs::devpki;
 use drawbridge_testkit::{
-    rabbit::{encode_vhost, shared_node},
+    fixtures::two_orgs,
+    rabbit::encode_vhost,
     stream::header_string,
-    world::{self, Org, INBOX},
+    world::{self, INBOX},
+    BANK_A, BANK_B,
 };
 use futures::StreamExt;
 use lapin::{
@@ -18,8 +19,6 @@ use lapin::{
     types::FieldTable,
 };
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 const PYTHON: &str = "/usr/bin/python3";
 
 fn example_dir() -> PathBuf {
@@ -41,14 +40,8 @@ async fn python_node_drives_the_bridge_and_its_messages_arrive() -> Result<()> {
         python_deps_available(),
         "python3-pika / python3-protobuf are missing: run scripts/install-deps.sh"
     );
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let mut a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let mut b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
+    let w = two_orgs().await?;
+    let (node, va, mut a, mut b) = (w.node, w.va, w.a, w.b);
 
     // The node logs in as its own broker user; the bridge accepts control messages only with
     // that user_id and that node identity.

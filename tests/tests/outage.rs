@@ -9,10 +9,8 @@ use drawbridge_testkit::{
     rabbit::{NodeOptions, RabbitNode},
     stream::{self, PublishSpec, Tally},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 #[tokio::test]
 async fn float_broker_stopped_mid_stream_loses_nothing() -> Result<()> {

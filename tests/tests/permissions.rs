@@ -22,6 +22,7 @@ use drawbridge_testkit::{
     daemon::bin_dir,
     rabbit::{NodeOptions, RabbitNode},
     world::{self, Org, DEAD_LETTER, INBOX},
+    BANK_A, BANK_B,
 };
 use lapin::{
     options::{
@@ -32,8 +33,6 @@ use lapin::{
     BasicProperties, Channel, Connection,
 };
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 /// The users the definitions must hold, by the part that logs in as each.
 const NODE_USER: &str = "drawbridge-node";
 const BRIDGE_USER: &str = "drawbridge-bridge";

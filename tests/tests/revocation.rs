@@ -17,17 +17,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use drawbridge_bridge::peer::{self, PeerSettings};
 use drawbridge_certs::devpki::{self, make_crl, replace_file, CrlSpec, DevNetwork, NodeFiles};
-use drawbridge_certs::{TlsIdentity, TlsPolicy};
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     daemon::Daemon,
-    rabbit::shared_node,
-    stream::{self, PublishSpec, Tally},
-    world::{self, Org, INBOX},
+    fixtures::{send_and_receive, two_orgs},
+    peer_client::peer_settings,
+    world::Org,
+    BANK_B,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 struct World {
     a: Org,
@@ -38,23 +35,15 @@ struct World {
 }
 
 async fn world() -> Result<World> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    let crl_dir = dir.path().join("crls");
+    let w = two_orgs().await?;
+    let crl_dir = w.dir.path().join("crls");
     std::fs::create_dir_all(&crl_dir)?;
     Ok(World {
-        a,
-        b,
-        net,
+        a: w.a,
+        b: w.b,
+        net: w.net,
         crl_dir,
-        _dir: dir,
+        _dir: w.dir,
     })
 }
 
@@ -91,21 +80,7 @@ fn crl_lines(files: &[&Path]) -> String {
 /// Sends `count` messages from `from` to `to` (through `from`'s bridge and `to`'s float) and
 /// returns how many reached `to`'s inbox within `idle` of silence.
 async fn send(from: &Org, to: &Org, run: &str, count: u64, idle: Duration) -> Result<u64> {
-    let (_c, ch) = from.channel().await?;
-    let spec = PublishSpec {
-        run: run.into(),
-        from: 0,
-        to: count,
-        size: 256,
-        destination: to.legal_name.clone(),
-        headers: vec![],
-    };
-    stream::publish(&ch, &from.queue_to(to), &spec, |_| {}).await?;
-    let (_c, ch) = to.channel().await?;
-    world::declare_queue(&ch, INBOX).await?;
-    let mut tally = Tally::new(run, count, Some(from.legal_name.clone()));
-    stream::consume(&ch, INBOX, &mut tally, idle, |_| {}).await?;
-    let r = tally.report();
+    let r = send_and_receive(from, to, run, count, idle).await?;
     assert_eq!(r.duplicates + r.corrupted + r.unexpected, 0, "{r:?}");
     Ok(r.received)
 }
@@ -246,23 +221,7 @@ async fn the_bridge_disconnects_a_float_revoked_at_runtime() -> Result<()> {
 
 /// How `from` connects to `to`'s float as a bridge would, presenting `cert` + `key`.
 fn client_settings(from: &Org, to: &Org, cert: &Path, key: &Path) -> Result<PeerSettings> {
-    let identity = TlsIdentity::load(cert, key)?;
-    let roots = drawbridge_certs::load_trust_roots(&from.files.root_cert)?;
-    let tls = drawbridge_certs::client_config(
-        &identity,
-        roots,
-        vec![to.legal_name.parse()?],
-        TlsPolicy::Tls13Only,
-    )?;
-    Ok(PeerSettings {
-        tls,
-        connect_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(30),
-        container_id: "revocation-test".into(),
-        link_name: "revocation-test".into(),
-        address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into(),
-        canary_address: None,
-    })
+    peer_settings(from, to, cert, key, "revocation-test", "revocation-test")
 }
 
 /// The value of the unlabelled metric `name` (0 when absent).

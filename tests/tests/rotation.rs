@@ -18,13 +18,9 @@ use anyhow::{Context, Result};
 use drawbridge_certs::{client_config, devpki, load_trust_roots, CertInfo, TlsIdentity, TlsPolicy};
 use drawbridge_testkit::{
     daemon::Daemon,
-    rabbit::shared_node,
-    stream::{self, PublishSpec, Tally},
-    world::{self, Org, INBOX},
+    fixtures::{send_and_receive, two_orgs},
+    world::Org,
 };
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 /// SIGHUP only: the files are not polled within a test's lifetime, so a reload proves the
 /// signal was handled.
@@ -37,36 +33,18 @@ struct World {
 }
 
 async fn world() -> Result<World> {
-    drawbridge_certs::install_crypto_provider();
-    let node = shared_node().await;
-    let dir = tempfile::tempdir()?;
-    let net =
-        devpki::generate_network(&dir.path().join("pki"), &[BANK_A.parse()?, BANK_B.parse()?])?;
-    let va = node.fresh_vhost().await?;
-    let vb = node.fresh_vhost().await?;
-    let a = Org::new(net.nodes[0].clone(), vec![node.amqp_uri(&va)], dir.path());
-    let b = Org::new(net.nodes[1].clone(), vec![node.amqp_uri(&vb)], dir.path());
-    Ok(World { a, b, dir })
+    let w = two_orgs().await?;
+    Ok(World {
+        a: w.a,
+        b: w.b,
+        dir: w.dir,
+    })
 }
 
 /// Sends `count` messages from `from` to `to` and returns how many reached `to`'s inbox
 /// within `idle` of silence; fails on any duplicate or corrupted one.
 async fn send(from: &Org, to: &Org, run: &str, count: u64, idle: Duration) -> Result<u64> {
-    let (_c, ch) = from.channel().await?;
-    let spec = PublishSpec {
-        run: run.into(),
-        from: 0,
-        to: count,
-        size: 256,
-        destination: to.legal_name.clone(),
-        headers: vec![],
-    };
-    stream::publish(&ch, &from.queue_to(to), &spec, |_| {}).await?;
-    let (_c, ch) = to.channel().await?;
-    world::declare_queue(&ch, INBOX).await?;
-    let mut tally = Tally::new(run, count, Some(from.legal_name.clone()));
-    stream::consume(&ch, INBOX, &mut tally, idle, |_| {}).await?;
-    let r = tally.report();
+    let r = send_and_receive(from, to, run, count, idle).await?;
     anyhow::ensure!(
         r.duplicates + r.corrupted + r.unexpected == 0,
         "run {run}: {r:?}"

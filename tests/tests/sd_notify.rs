@@ -20,10 +20,9 @@ use drawbridge_testkit::{
     daemon::{free_port, http_get, Daemon, Kind},
     rabbit::shared_node,
     world::Org,
+    BANK_A,
 };
 use tokio::{net::UnixDatagram, sync::mpsc, time::Instant};
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
 
 /// A bound notify socket and the messages read from it.
 struct Notify {

@@ -21,14 +21,14 @@ use drawbridge_testkit::{
     rabbit::{shared_node, RabbitNode},
     stream::{self, PublishSpec},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
+/// The identity Bank B forges: not the kit's `BANK_C` (Berlin), kept as this file wrote it.
 const BANK_C: &str = "O=Bank C, L=New York, C=US";
 
 struct World {

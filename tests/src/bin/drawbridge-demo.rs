@@ -24,6 +24,7 @@ use drawbridge_testkit::{
     rabbit::{NodeOptions, RabbitNode},
     stream::{self, progress_bar, PublishSpec, Report, Tally},
     world::{self, Org, INBOX},
+    BANK_A, BANK_B,
 };
 use indicatif::MultiProgress;
 
@@ -45,9 +46,6 @@ struct DemoArgs {
     #[arg(long, default_value = ".drawbridge/demo")]
     dir: PathBuf,
 }
-
-const BANK_A: &str = "O=Bank A, L=London, C=GB";
-const BANK_B: &str = "O=Bank B, L=Paris, C=FR";
 
 #[tokio::main]
 async fn main() {

@@ -67,7 +67,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::Ctx;
+use crate::{control, Ctx};
 
 /// The election state of this bridge (`ha_state` in `/status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -789,8 +789,9 @@ async fn step_down(ctx: &Ctx, live: &Live, lock: Lock) -> StepDown {
     let hold_off = ctx.cfg.ha.hold_off;
     ha.set(HaState::SteppingDown, "stepping down: draining links");
     let mut running = ha.links_running.subscribe();
-    // The control plane aborts a link that does not stop within drain_grace + 5 s.
-    let deadline = ctx.cfg.drain_grace + Duration::from_secs(15);
+    // The control plane aborts a link that has not stopped by its stop deadline; one more
+    // margin for the aborted links to be reported stopped.
+    let deadline = control::stop_deadline(ctx.cfg.drain_grace) + control::STOP_MARGIN;
     if tokio::time::timeout(deadline, running.wait_for(|r| !*r))
         .await
         .is_err()

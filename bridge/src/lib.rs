@@ -31,8 +31,8 @@ use drawbridge_control_protocol::Notification;
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Setup},
-    sd_notify::{Heartbeat, Service},
     tls_reload::{TlsMaterial, TlsReload, TlsSource},
+    watchdog::{Heartbeat, Service},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use drawbridge_bridge::{Args, BridgeConfig};
-use drawbridge_runtime::{admin, daemon, logging, metrics_catalog, sd_notify::Service, shutdown};
+use drawbridge_runtime::{admin, daemon, logging, metrics_catalog, shutdown, watchdog::Service};
 
 #[tokio::main]
 async fn main() {

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
-use drawbridge_node::topology::INBOX_EXCHANGE;
+use drawbridge_node::topology::{QueueType, INBOX_EXCHANGE};
 use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
@@ -107,7 +107,7 @@ pub struct FloatConfig {
     /// Inbox used when `identities` is empty.
     pub default_inbox: String,
     /// `x-queue-type` for inboxes we declare (`classic` or `quorum`).
-    pub inbox_queue_type: String,
+    pub inbox_queue_type: QueueType,
     /// Declare the inboxes on connect (off if the node owns their declaration).
     pub declare_inboxes: bool,
     /// Direct exchange the float publishes through, each inbox bound with its own name as
@@ -316,12 +316,9 @@ impl FloatConfig {
                 }
             }
         }
-        let inbox_queue_type: String = r.get("float.inbox_queue_type", "classic".to_string());
-        r.check(
-            "float.inbox_queue_type",
-            inbox_queue_type == "classic" || inbox_queue_type == "quorum",
-            "must be `classic` or `quorum`",
-        );
+        // Parsed as the node library's `QueueType`, as the bridge's queue types are: anything
+        // but `classic` / `quorum` is reported by key.
+        let inbox_queue_type: QueueType = r.get("float.inbox_queue_type", QueueType::Classic);
         let cfg = FloatConfig {
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_cert,

@@ -54,12 +54,12 @@ use drawbridge_certs::{
     pki_types::CertificateDer, rustls, EstablishedPeer, LegalName, PeerRefusal, PeerRole,
     Revocation,
 };
-use drawbridge_node::topology;
+use drawbridge_node::topology::{self, plain_queue_args};
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Live, Setup},
-    sd_notify::Service,
     tls_reload::{TlsMaterial, TlsReload, TlsSource},
+    watchdog::Service,
 };
 use lapin::{
     options::QueueDeclareOptions,
@@ -316,7 +316,7 @@ pub async fn start_with_service(
     })?;
 
     let inboxes: Vec<String> = identities.iter().map(|(_, q)| q.clone()).collect();
-    let queue_type = cfg.inbox_queue_type.clone();
+    let queue_type = cfg.inbox_queue_type;
     let declare = cfg.declare_inboxes;
     let exchange = cfg.inbox_exchange.clone();
     let canary_queue = cfg.canary_queue.clone();
@@ -324,7 +324,6 @@ pub async fn start_with_service(
     let canary_flag = canary_ready.clone();
     let setup: Setup = Arc::new(move |live: Arc<Live>| {
         let inboxes = inboxes.clone();
-        let queue_type = queue_type.clone();
         let exchange = exchange.clone();
         let canary_queue = canary_queue.clone();
         let canary_flag = canary_flag.clone();
@@ -345,18 +344,13 @@ pub async fn start_with_service(
                 .map_err(|e| e.to_string())?;
             for q in &inboxes {
                 if declare {
-                    let mut args = FieldTable::default();
-                    args.insert(
-                        ShortString::from("x-queue-type"),
-                        AMQPValue::LongString(LongString::from(queue_type.clone())),
-                    );
                     ch.queue_declare(
                         ShortString::from(q.as_str()),
                         QueueDeclareOptions {
                             durable: true,
                             ..Default::default()
                         },
-                        args,
+                        plain_queue_args(queue_type),
                     )
                     .await
                     .map_err(|e| format!("declaring inbox `{q}`: {e}"))?;

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use drawbridge_runtime::backoff::Backoff;
 use drawbridge_runtime::lograte::Every;
-use drawbridge_runtime::sd_notify::Heartbeat;
+use drawbridge_runtime::watchdog::Heartbeat;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

@@ -38,8 +38,14 @@ use crate::{
     Ctx,
 };
 
-/// How much longer than `drain_grace` a stopping link may take before it is aborted.
-const STOP_MARGIN: Duration = Duration::from_secs(5);
+/// How much longer than `drain_grace` a stopping link may take before it is aborted; also
+/// what HA's step-down allows on top of that for the aborted links to be reported stopped.
+pub(crate) const STOP_MARGIN: Duration = Duration::from_secs(5);
+
+/// When the control plane aborts a link it asked to stop.
+pub(crate) fn stop_deadline(drain_grace: Duration) -> Duration {
+    drain_grace + STOP_MARGIN
+}
 
 /// A running link.
 struct RunningLink {
@@ -99,7 +105,7 @@ impl Links {
             // Bounded by the links' stop deadline: the control loop is busy, not wedged.
             self.ctx
                 .heartbeat
-                .busy_for(self.ctx.cfg.drain_grace + STOP_MARGIN);
+                .busy_for(stop_deadline(self.ctx.cfg.drain_grace));
             self.stop_all().await;
             self.ctx.views.lock().expect("poisoned").clear();
         }
@@ -143,7 +149,7 @@ impl Links {
             .filter(|a| a.stops())
             .filter_map(|a| self.running.remove_entry(a.queue()))
             .collect();
-        let deadline = self.ctx.cfg.drain_grace + STOP_MARGIN;
+        let deadline = stop_deadline(self.ctx.cfg.drain_grace);
         // Bounded by the deadline: the control loop is busy, not wedged.
         self.ctx.heartbeat.busy_for(deadline);
         futures::future::join_all(
@@ -188,7 +194,7 @@ impl Links {
 
     /// Stop every link concurrently (shutdown).
     pub(crate) async fn stop_all(&mut self) {
-        let deadline = self.ctx.cfg.drain_grace + STOP_MARGIN;
+        let deadline = stop_deadline(self.ctx.cfg.drain_grace);
         futures::future::join_all(
             std::mem::take(&mut self.running)
                 .into_iter()

@@ -89,7 +89,11 @@ pub mod alloc_slot {
         Server = 2,
     }
 
-    static LIVE: [AtomicIsize; 3] = [AtomicIsize::new(0), AtomicIsize::new(0), AtomicIsize::new(0)];
+    static LIVE: [AtomicIsize; 3] = [
+        AtomicIsize::new(0),
+        AtomicIsize::new(0),
+        AtomicIsize::new(0),
+    ];
 
     thread_local! {
         static SLOT: Cell<usize> = const { Cell::new(0) };

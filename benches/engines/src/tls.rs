@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-use rustls::{
-    server::WebPkiClientVerifier, ClientConfig, RootCertStore, ServerConfig,
-};
+use rustls::{server::WebPkiClientVerifier, ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Both ends' TLS configurations.
@@ -28,11 +26,15 @@ impl Tls {
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        ca_params.distinguished_name.push(DnType::CommonName, "engine bench CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "engine bench CA");
         let ca = ca_params.self_signed(&ca_key)?;
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
 
-        let leaf = |names: Vec<String>, cn: &str| -> anyhow::Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+        let leaf = |names: Vec<String>,
+                    cn: &str|
+         -> anyhow::Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(names)?;
             params.distinguished_name.push(DnType::CommonName, cn);

@@ -24,7 +24,11 @@ static ALLOC: Counting = Counting;
 const IDLE: Duration = Duration::from_secs(10);
 
 fn main() -> anyhow::Result<()> {
-    let links: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(500);
+    let links: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(500);
     let only = std::env::args().nth(2);
     println!("engine | links | bridge side heap KiB/link | float side heap KiB/link | process RSS KiB/link | idle CPU % of a core");
     println!("---|---|---|---|---|---");
@@ -60,20 +64,31 @@ fn measure<E: IdleLinks>(links: usize) -> anyhow::Result<()> {
         .name(format!("{}-client", E::NAME))
         .spawn(move || -> anyhow::Result<()> {
             alloc_slot::tag(Slot::Client);
-            let before = (alloc_slot::live(Slot::Client), alloc_slot::live(Slot::Server), rss_kib());
+            let before = (
+                alloc_slot::live(Slot::Client),
+                alloc_slot::live(Slot::Server),
+                rss_kib(),
+            );
             E::hold(&client_tls, port, links, &mut || {
                 // Let both sides settle (attach answers, first flows) before measuring.
                 thread::sleep(Duration::from_secs(2));
-                let after = (alloc_slot::live(Slot::Client), alloc_slot::live(Slot::Server), rss_kib());
+                let after = (
+                    alloc_slot::live(Slot::Client),
+                    alloc_slot::live(Slot::Server),
+                    rss_kib(),
+                );
                 let cpu0 = cpu_ticks();
                 let t0 = Instant::now();
                 thread::sleep(IDLE);
-                let cpu = (cpu_ticks() - cpu0) as f64 / ticks_per_second() / t0.elapsed().as_secs_f64();
+                let cpu =
+                    (cpu_ticks() - cpu0) as f64 / ticks_per_second() / t0.elapsed().as_secs_f64();
                 let _ = result_tx.send((before, after, cpu));
             })
         })?;
     let (before, after, cpu) = result_rx.recv_timeout(Duration::from_secs(600))?;
-    client.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     let n = links as f64;
     println!(
         "{} | {} | {:.1} | {:.1} | {:.1} | {:.2}",
@@ -89,7 +104,11 @@ fn measure<E: IdleLinks>(links: usize) -> anyhow::Result<()> {
 
 fn rss_kib() -> i64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: i64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: i64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4
 }
 

@@ -259,8 +259,10 @@ struct Session {
     channel: u16,
     remote_channel: Option<u16>,
     links: Vec<Link>,
-    /// Transfer ids.
+    /// Transfer ids (one per transfer frame; the session window counts these).
     next_outgoing_id: u32,
+    /// Delivery ids (one per delivery, whatever its frames).
+    next_delivery_id: u32,
     next_incoming_id: u32,
     /// How many more transfer frames the peer takes (its incoming window, as we track it).
     remote_incoming_window: u32,
@@ -467,7 +469,12 @@ impl Connection {
                 }
                 if self.state == ConnState::SaslAwaitHeader {
                     self.out.extend_from_slice(&SASL_HEADER);
-                    let m = Sasl::Mechanisms(vec![Bytes::from_static(b"EXTERNAL")]);
+                    // ANONYMOUS too: some clients insist on it, and the identity is the TLS
+                    // client certificate either way (verified before a byte of AMQP).
+                    let m = Sasl::Mechanisms(vec![
+                        Bytes::from_static(b"EXTERNAL"),
+                        Bytes::from_static(b"ANONYMOUS"),
+                    ]);
                     write_frame(&mut self.out, TYPE_SASL, 0, |b| m.encode(b));
                     self.state = ConnState::SaslAwaitInit;
                 } else {
@@ -595,14 +602,17 @@ impl Connection {
                 Ok(())
             }
             (ConnState::SaslAwaitInit, Sasl::Init { mechanism, .. }) => {
-                let ok = mechanism.as_ref() == b"EXTERNAL";
+                let ok = matches!(mechanism.as_ref(), b"EXTERNAL" | b"ANONYMOUS");
                 write_frame(&mut self.out, TYPE_SASL, 0, |b| {
                     Sasl::Outcome(if ok { 0 } else { 1 }).encode(b)
                 });
                 if !ok {
                     self.state = ConnState::Closed;
                     self.events.push_back(Event::Closed {
-                        error: Some(Error::new("amqp:unauthorized-access", "only SASL EXTERNAL")),
+                        error: Some(Error::new(
+                            "amqp:unauthorized-access",
+                            "only SASL EXTERNAL or ANONYMOUS",
+                        )),
                         by_us: true,
                     });
                     return Ok(());
@@ -793,6 +803,7 @@ impl Connection {
             remote_channel: None,
             links: Vec::new(),
             next_outgoing_id: 0,
+            next_delivery_id: 0,
             next_incoming_id: 0,
             remote_incoming_window: 0,
             incoming_window: self.config.incoming_window,
@@ -1385,7 +1396,7 @@ impl Connection {
         let s = &mut self.sessions[i];
         let ch = s.channel;
         let window = s.remote_incoming_window;
-        let next_id = s.next_outgoing_id;
+        let next_id = s.next_delivery_id;
         let l = s
             .links
             .iter_mut()
@@ -1435,6 +1446,7 @@ impl Connection {
         }
         let s = &mut self.sessions[i];
         s.next_outgoing_id = s.next_outgoing_id.wrapping_add(frames);
+        s.next_delivery_id = s.next_delivery_id.wrapping_add(1);
         s.remote_incoming_window -= frames;
         s.unsettled.push_back((id, link.handle));
         Ok(id)

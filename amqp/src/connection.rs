@@ -57,7 +57,9 @@ pub struct Config {
     pub max_sessions: u16,
     /// Links a peer may attach per session (announced as `handle-max` + 1).
     pub max_links_per_session: u32,
-    /// Our idle timeout: the peer must send something this often (announced in `open`).
+    /// Our idle timeout: the connection is closed when the peer sent nothing for this long
+    /// (half of it is announced in `open`, so that a peer heartbeating at the announced
+    /// period still arrives in time).
     pub idle_timeout: Duration,
     /// Shortest idle timeout a peer may ask of us.
     pub min_peer_idle_timeout: Duration,
@@ -633,9 +635,10 @@ impl Connection {
             hostname: self.config.hostname.clone(),
             max_frame_size: self.config.max_frame_size,
             channel_max: self.config.max_sessions.saturating_sub(1),
+            // Half of what we wait, as Qpid Proton does: some peers send heartbeats at the
+            // period we announce, not within it, and one a little late must not be cut off.
             idle_timeout_ms: Some(
-                self.config
-                    .idle_timeout
+                (self.config.idle_timeout / 2)
                     .as_millis()
                     .min(u128::from(u32::MAX)) as u32,
             ),

@@ -14,7 +14,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-    targets=(control_decode float_message mapping_round_trip float_frames bridge_frames legal_name legal_name_der)
+    targets=(control_decode float_message mapping_round_trip float_frames bridge_frames amqp_decode amqp_connection legal_name legal_name_der)
 fi
 if ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
     echo "fuzz.sh: seconds per target must be a whole number, got '$seconds'" >&2
@@ -43,6 +43,7 @@ max_len() {
         legal_name) echo 1024 ;;
         float_message) echo 16384 ;;
         float_frames) echo 32768 ;;
+        amqp_connection) echo 32768 ;;
         *) echo 4096 ;;
     esac
 }

@@ -245,6 +245,9 @@ impl<'a> Reader<'a> {
                 if matches!(c, code::MAP8 | code::MAP32) && count % 2 != 0 {
                     return Err(DecodeError::BadSize);
                 }
+                // The elements are read within the container: none may run past its end.
+                let outer = self.buf;
+                self.buf = &outer[..end];
                 for _ in 0..count {
                     if self.pos >= end {
                         return Err(DecodeError::BadSize);
@@ -252,6 +255,7 @@ impl<'a> Reader<'a> {
                     let e = self.u8()?;
                     self.skip_body(e, depth)?;
                 }
+                self.buf = outer;
                 if self.pos != end {
                     return Err(DecodeError::BadSize);
                 }
@@ -259,6 +263,8 @@ impl<'a> Reader<'a> {
             code::ARRAY8 | code::ARRAY32 => {
                 let depth = self.deeper(depth)?;
                 let (end, count) = self.compound_header(c)?;
+                let outer = self.buf;
+                self.buf = &outer[..end];
                 if count > 0 {
                     let mut e = self.u8()?;
                     if e == code::DESCRIBED {
@@ -273,12 +279,10 @@ impl<'a> Reader<'a> {
                         return Err(DecodeError::BadSize);
                     }
                     for _ in 0..count {
-                        if self.pos > end {
-                            return Err(DecodeError::BadSize);
-                        }
                         self.skip_body(e, depth)?;
                     }
                 }
+                self.buf = outer;
                 if self.pos != end {
                     return Err(DecodeError::BadSize);
                 }
@@ -859,6 +863,33 @@ mod tests {
             skip(&[code::ARRAY32, 0, 0, 0, 5, 0x40, 0, 0, 0, 0x40]),
             Err(DecodeError::BadSize)
         );
+    }
+
+    #[test]
+    fn an_element_cannot_run_past_its_container() {
+        // A list8 of size 3 (count 1) whose element is a described value whose descriptor
+        // is a vbin8 reaching past the list (the fuzzer's first find).
+        assert!(skip(&[code::LIST8, 3, 1, 0x00, 0xa0, 5, 1, 2, 3, 4, 5, 0x40]).is_err());
+        // An array whose descriptor runs past it.
+        assert!(skip(&[
+            code::ARRAY8,
+            3,
+            1,
+            0x00,
+            0xa0,
+            9,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0x40
+        ])
+        .is_err());
     }
 
     #[test]

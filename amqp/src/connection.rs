@@ -447,17 +447,24 @@ impl Connection {
 
     /// Feeds bytes read from the stream; consumes what forms whole headers and frames.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) {
+        while self.handle_one(buf, now) {}
+    }
+
+    /// Like [`Connection::handle_input`], but consumes at most one protocol header or frame;
+    /// returns whether it did. For callers that act on each frame's events before the next
+    /// (a test or a fuzz target comparing two chunkings of one stream).
+    pub fn handle_one(&mut self, buf: &mut BytesMut, now: Instant) -> bool {
         if !buf.is_empty() {
             self.last_read = Some(now);
         }
-        while self.state != ConnState::Closed {
-            match self.step(buf) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(v) => {
-                    self.violation(v);
-                    break;
-                }
+        if self.state == ConnState::Closed {
+            return false;
+        }
+        match self.step(buf) {
+            Ok(progress) => progress,
+            Err(v) => {
+                self.violation(v);
+                false
             }
         }
     }
@@ -590,6 +597,11 @@ impl Connection {
                 self.out.extend_from_slice(&AMQP_HEADER);
                 self.send_open();
                 self.state = ConnState::AwaitHeader;
+                // What was asked before SASL ended (begin, attach) follows the open at once:
+                // anything written later (a transfer) must not overtake it.
+                for (ch, f) in std::mem::take(&mut self.early) {
+                    write_frame(&mut self.out, TYPE_AMQP, ch, |b| f.encode(b));
+                }
                 Ok(())
             }
             (ConnState::SaslOutcome, Sasl::Outcome(code)) => {
@@ -1507,21 +1519,13 @@ impl Connection {
         for i in 0..self.sessions.len() {
             self.flush_disposition(i);
         }
-        if !self.early.is_empty()
-            && matches!(
-                self.state,
-                ConnState::Opened | ConnState::AwaitHeader | ConnState::AwaitOpen
-            )
-        {
-            for (ch, f) in std::mem::take(&mut self.early) {
-                write_frame(&mut self.out, TYPE_AMQP, ch, |b| f.encode(b));
-            }
-        }
     }
 
     /// Detaches a link (closing it) with an optional error.
     pub fn detach(&mut self, link: LinkId, error: Option<Error>) -> Result<(), CommandError> {
         let i = self.session_index(link.session)?;
+        // Outcomes already decided leave before the detach.
+        self.flush_disposition(i);
         let ch = self.sessions[i].channel;
         let l = self.sessions[i]
             .link(link.handle)

@@ -5,12 +5,12 @@
 
 use std::{fs, path::Path};
 
-use drawbridge_mapping::outbound::message_to_amqp;
 use drawbridge_control_protocol::{
     ControlCommand, CreateLink, DeleteLink, LinkState, LinkStatus, Notification, PeerLink,
     SequencedCommand, Snapshot, SnapshotRequest,
 };
 use drawbridge_float::frame_guard::{Frames, Scanner};
+use drawbridge_mapping::outbound::message_to_amqp;
 use drawbridge_mapping::{headers, inbound::from_amqp};
 use fe2o3_amqp::types::{
     definitions::{Fields, Handle, ReceiverSettleMode, Role, SenderSettleMode},
@@ -460,7 +460,194 @@ fn legal_names() {
     }
 }
 
+/// Seeds for the engine's targets, written with its own encoder: performative bodies for
+/// `amqp_decode`, whole conversations for `amqp_connection` (a peer of each side).
+fn amqp() {
+    use bytes::{Bytes, BytesMut};
+    use drawbridge_amqp::{
+        frame::{AMQP_HEADER, SASL_HEADER, TYPE_AMQP, TYPE_SASL},
+        message::write_data_message,
+        performatives as p,
+    };
+    let error = Some(p::Error::new("amqp:not-allowed", "no"));
+    let frames = vec![
+        p::Performative::Open(p::Open {
+            container_id: "bridge".into(),
+            hostname: Some("float".into()),
+            max_frame_size: 4096,
+            channel_max: 3,
+            idle_timeout_ms: Some(15_000),
+            properties: None,
+        }),
+        p::Performative::Begin(p::Begin {
+            remote_channel: Some(0),
+            next_outgoing_id: 0,
+            incoming_window: 100,
+            outgoing_window: 100,
+            handle_max: 7,
+            properties: None,
+        }),
+        p::Performative::Attach(p::Attach {
+            name: "l".into(),
+            handle: 0,
+            role: p::Role::Sender,
+            snd_settle_mode: 0,
+            rcv_settle_mode: 0,
+            source: Some(p::Terminus {
+                address: Some("q".into()),
+            }),
+            target: Some(p::Terminus {
+                address: Some("drawbridge.inbox".into()),
+            }),
+            initial_delivery_count: Some(0),
+            max_message_size: Some(65_536),
+            properties: None,
+        }),
+        p::Performative::Attach(p::Attach {
+            name: "l".into(),
+            handle: 0,
+            role: p::Role::Receiver,
+            snd_settle_mode: 0,
+            rcv_settle_mode: 0,
+            source: Some(p::Terminus::default()),
+            target: Some(p::Terminus::default()),
+            initial_delivery_count: None,
+            max_message_size: Some(65_536),
+            properties: None,
+        }),
+        p::Performative::Flow(p::Flow {
+            next_incoming_id: Some(0),
+            incoming_window: 100,
+            next_outgoing_id: 0,
+            outgoing_window: 100,
+            handle: Some(0),
+            delivery_count: Some(0),
+            link_credit: Some(8),
+            available: None,
+            drain: false,
+            echo: false,
+        }),
+        p::Performative::Transfer(p::Transfer {
+            handle: 0,
+            delivery_id: Some(0),
+            delivery_tag: Some(Bytes::from_static(b"t0")),
+            message_format: Some(0),
+            settled: Some(false),
+            more: false,
+            ..p::Transfer::default()
+        }),
+        p::Performative::Disposition(p::Disposition {
+            role: p::Role::Receiver,
+            first: 0,
+            last: Some(3),
+            settled: true,
+            state: Some(p::Outcome::Accepted),
+            batchable: false,
+        }),
+        p::Performative::Disposition(p::Disposition {
+            role: p::Role::Receiver,
+            first: 4,
+            last: None,
+            settled: true,
+            state: Some(p::Outcome::Rejected(error.clone())),
+            batchable: false,
+        }),
+        p::Performative::Detach(p::Detach {
+            handle: 0,
+            closed: true,
+            error: error.clone(),
+        }),
+        p::Performative::End(None),
+        p::Performative::Close(error),
+    ];
+    for (i, f) in frames.iter().enumerate() {
+        let mut b = Vec::new();
+        f.encode(&mut b);
+        write("amqp_decode", &format!("performative-{i}"), &b);
+    }
+    let frame = |out: &mut BytesMut, ch: u16, f: &p::Performative, payload: &[u8]| {
+        p::write_frame(out, TYPE_AMQP, ch, |b| {
+            f.encode(b);
+            b.extend_from_slice(payload);
+        });
+    };
+    let mut body = Vec::new();
+    write_data_message(&mut body, b"id-1", b"hello");
+    // A bridge talking to the float (server side; first byte: chunking seed, bit 7 clear).
+    let mut s = BytesMut::from(&[0x11u8][..]);
+    s.extend_from_slice(&SASL_HEADER);
+    p::write_frame(&mut s, TYPE_SASL, 0, |b| {
+        p::Sasl::Init {
+            mechanism: Bytes::from_static(b"EXTERNAL"),
+            initial_response: None,
+            hostname: None,
+        }
+        .encode(b)
+    });
+    s.extend_from_slice(&AMQP_HEADER);
+    frame(&mut s, 0, &frames[0], &[]);
+    frame(
+        &mut s,
+        0,
+        &p::Performative::Begin(p::Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window: 100,
+            outgoing_window: 100,
+            handle_max: 7,
+            properties: None,
+        }),
+        &[],
+    );
+    frame(&mut s, 0, &frames[2], &[]);
+    for i in 0..3u32 {
+        let t = p::Performative::Transfer(p::Transfer {
+            handle: 0,
+            delivery_id: Some(i),
+            delivery_tag: Some(Bytes::from(i.to_be_bytes().to_vec())),
+            message_format: Some(0),
+            settled: Some(false),
+            more: false,
+            ..p::Transfer::default()
+        });
+        frame(&mut s, 0, &t, &body);
+    }
+    frame(&mut s, 0, &frames[8], &[]);
+    frame(&mut s, 0, &frames[9], &[]);
+    frame(&mut s, 0, &p::Performative::Close(None), &[]);
+    write("amqp_connection", "bridge-to-float", &s);
+    // A float answering a bridge (client side; bit 7 set).
+    let mut c = BytesMut::from(&[0x93u8][..]);
+    c.extend_from_slice(&SASL_HEADER);
+    p::write_frame(&mut c, TYPE_SASL, 0, |b| {
+        p::Sasl::Mechanisms(vec![
+            Bytes::from_static(b"EXTERNAL"),
+            Bytes::from_static(b"ANONYMOUS"),
+        ])
+        .encode(b)
+    });
+    p::write_frame(&mut c, TYPE_SASL, 0, |b| p::Sasl::Outcome(0).encode(b));
+    c.extend_from_slice(&AMQP_HEADER);
+    frame(&mut c, 0, &frames[0], &[]);
+    frame(&mut c, 0, &frames[1], &[]);
+    let answer = p::Performative::Attach(p::Attach {
+        name: "fuzz".into(),
+        ..match &frames[3] {
+            p::Performative::Attach(a) => a.clone(),
+            _ => unreachable!(),
+        }
+    });
+    frame(&mut c, 0, &answer, &[]);
+    frame(&mut c, 0, &frames[4], &[]);
+    frame(&mut c, 0, &frames[6], &[]);
+    frame(&mut c, 0, &frames[7], &[]);
+    frame(&mut c, 0, &frames[8], &[]);
+    frame(&mut c, 0, &p::Performative::Close(None), &[]);
+    write("amqp_connection", "float-to-bridge", &c);
+}
+
 fn main() {
+    amqp();
     control();
     float();
     bridge();

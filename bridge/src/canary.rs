@@ -25,7 +25,7 @@ use fe2o3_amqp::{
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::link::SharedView;
+use crate::view::SharedView;
 
 /// A running canary; stopped (its task aborted) when dropped with its session.
 pub(crate) struct Canary {

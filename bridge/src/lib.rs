@@ -13,9 +13,11 @@ mod control;
 pub mod dead_letter;
 pub mod ha;
 pub mod link;
+mod notify;
 pub mod peer;
 pub mod rotation;
 pub mod settle;
+pub mod view;
 
 use std::{
     collections::BTreeMap,
@@ -42,7 +44,7 @@ pub use args::Args;
 pub use config::BridgeConfig;
 
 /// Shared state of a running bridge: plain data. What acts on it lives with its users
-/// (`link::settings`, `control::notify_link`, `control::request_snapshot`).
+/// (`link::settings`, `notify::link_status`, `control::request_snapshot`).
 pub(crate) struct Ctx {
     cfg: BridgeConfig,
     /// Our certificate chain and key in force (reloaded on SIGHUP and file changes): each
@@ -64,7 +66,7 @@ pub(crate) struct Ctx {
     /// when they change.
     revocation: Revocation,
     broker: BrokerSession,
-    views: Mutex<BTreeMap<String, link::SharedView>>,
+    views: Mutex<BTreeMap<String, view::SharedView>>,
     notify: mpsc::Sender<Notification>,
     /// Process-wide budget of bytes sent and not yet settled, in KiB permits (see `budget`).
     bytes_in_flight: Arc<tokio::sync::Semaphore>,
@@ -113,7 +115,7 @@ impl AdminState for Ctx {
             return Err("active, waiting for the node's snapshot".to_string());
         }
         let wanted = self.wanted.lock().expect("poisoned").clone();
-        let views: Vec<link::LinkView> = self
+        let views: Vec<view::LinkView> = self
             .views
             .lock()
             .expect("poisoned")
@@ -172,7 +174,7 @@ impl AdminState for Ctx {
     }
 
     fn status(&self) -> serde_json::Value {
-        let links: Vec<link::LinkView> = self
+        let links: Vec<view::LinkView> = self
             .views
             .lock()
             .expect("poisoned")

@@ -15,7 +15,7 @@ use std::{
 };
 
 use drawbridge_control_protocol::{
-    ControlCommand, DecodeError, LinkState, LinkStatus, Notification, PeerLink, SnapshotRequest,
+    ControlCommand, DecodeError, LinkState, LinkStatus, Notification, PeerLink,
 };
 use drawbridge_node::topology;
 use drawbridge_runtime::{backoff::Backoff, broker::Live, lograte::Every};
@@ -34,7 +34,9 @@ pub(crate) use plan::{plan, Action};
 
 use crate::{
     ha::HaState,
-    link::{self, SharedView},
+    link,
+    notify::snapshot_request,
+    view::{self, SharedView},
     Ctx,
 };
 
@@ -175,7 +177,7 @@ impl Links {
 
     fn start(&mut self, spec: PeerLink) {
         info!(queue = %spec.queue, targets = ?spec.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(), legal_names = ?spec.legal_names, "link created");
-        let view: SharedView = link::new_view(&spec);
+        let view: SharedView = view::new_view(&spec);
         self.ctx
             .views
             .lock()
@@ -707,30 +709,7 @@ pub(crate) async fn notifier(ctx: Arc<Ctx>, mut rx: tokio::sync::mpsc::Receiver<
     }
 }
 
-/// A snapshot request for this bridge.
-/// Tell the node about a link's new state (a `LinkStatus` event on the notify exchange). A full
-/// notification queue drops it and counts the drop: status events are advisory.
-pub(crate) fn notify_link(ctx: &Ctx, spec: &PeerLink, state: LinkState, peer: &str, reason: &str) {
-    let n = Notification::LinkStatus(LinkStatus {
-        bridge_id: ctx.cfg.id.clone(),
-        queue: spec.queue.clone(),
-        state,
-        peer: peer.to_string(),
-        reason: reason.to_string(),
-        timestamp_ms: drawbridge_runtime::daemon::unix_ms(),
-    });
-    if ctx.notify.try_send(n).is_err() {
-        metrics::counter!("drawbridge_bridge_notifications_dropped_total").increment(1);
-    }
-}
-
 /// Ask the node for a snapshot (repeated with backoff until one arrives).
 fn request_snapshot(ctx: &Ctx) {
     let _ = ctx.notify.try_send(snapshot_request(ctx));
-}
-
-pub(crate) fn snapshot_request(ctx: &Ctx) -> Notification {
-    Notification::SnapshotRequest(SnapshotRequest {
-        bridge_id: ctx.cfg.id.clone(),
-    })
 }

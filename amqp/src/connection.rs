@@ -180,6 +180,11 @@ pub enum Event {
         error: Option<Error>,
         /// Whether we closed it (a protocol violation of the peer, or [`Connection::close`]).
         by_us: bool,
+        /// What the peer violated, when that is why we closed it: `frames` (malformed,
+        /// too deep, too big, out of order), `credit`, `message_size`, `max_sessions`,
+        /// `max_links`, `idle_timeout` (asked for heartbeats too often) or `silent` (sent
+        /// nothing for our idle timeout). The float counts refusals by it.
+        violation: Option<&'static str>,
     },
 }
 
@@ -291,11 +296,35 @@ impl Session {
 
 /// Why the engine closes the connection (becomes the `close` error).
 #[derive(Debug)]
-struct Violation(&'static str, String);
+struct Violation {
+    condition: &'static str,
+    text: String,
+    label: &'static str,
+}
+
+impl Violation {
+    fn new(condition: &'static str, text: impl Into<String>) -> Self {
+        let label = match condition {
+            "amqp:link:transfer-limit-exceeded" | "amqp:session:window-violation" => "credit",
+            "amqp:link:message-size-exceeded" => "message_size",
+            _ => "frames",
+        };
+        Violation {
+            condition,
+            text: text.into(),
+            label,
+        }
+    }
+
+    fn label(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
+    }
+}
 
 impl From<DecodeError> for Violation {
     fn from(e: DecodeError) -> Self {
-        Violation("amqp:decode-error", e.to_string())
+        Violation::new("amqp:decode-error", e.to_string())
     }
 }
 
@@ -303,9 +332,9 @@ impl From<FrameError> for Violation {
     fn from(e: FrameError) -> Self {
         match e {
             FrameError::TooLarge { .. } => {
-                Violation("amqp:connection:framing-error", e.to_string())
+                Violation::new("amqp:connection:framing-error", e.to_string())
             }
-            _ => Violation("amqp:connection:framing-error", e.to_string()),
+            _ => Violation::new("amqp:connection:framing-error", e.to_string()),
         }
     }
 }
@@ -429,10 +458,13 @@ impl Connection {
         }
         if let Some(t) = self.last_read {
             if now >= t + self.config.idle_timeout {
-                self.violation(Violation(
-                    "amqp:resource-limit-exceeded",
-                    format!("nothing received for {:?}", self.config.idle_timeout),
-                ));
+                self.violation(
+                    Violation::new(
+                        "amqp:resource-limit-exceeded",
+                        format!("nothing received for {:?}", self.config.idle_timeout),
+                    )
+                    .label("silent"),
+                );
                 return;
             }
         }
@@ -523,10 +555,7 @@ impl Connection {
         match self.state {
             ConnState::SaslAwaitMechanisms | ConnState::SaslOutcome | ConnState::SaslAwaitInit => {
                 if f.frame_type != TYPE_SASL {
-                    return Err(Violation(
-                        "amqp:not-allowed",
-                        "expected a SASL frame".into(),
-                    ));
+                    return Err(Violation::new("amqp:not-allowed", "expected a SASL frame"));
                 }
                 let sasl = Sasl::decode(&f.body, self.config.limits)?;
                 return self.sasl(sasl);
@@ -534,9 +563,9 @@ impl Connection {
             _ => {}
         }
         if f.frame_type != TYPE_AMQP {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:not-allowed",
-                "a SASL frame after SASL".into(),
+                "a SASL frame after SASL",
             ));
         }
         if f.body.is_empty() {
@@ -545,16 +574,16 @@ impl Connection {
         let (p, used) = Performative::decode(&f.body, self.config.limits)?;
         let payload = f.body.slice(used..);
         if !payload.is_empty() && !matches!(p, Performative::Transfer(_)) {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:decode-error",
-                "a payload on a frame that is no transfer".into(),
+                "a payload on a frame that is no transfer",
             ));
         }
         match (self.state, p) {
             (ConnState::AwaitOpen, Performative::Open(o)) => self.on_open(o),
-            (ConnState::AwaitOpen, _) => Err(Violation("amqp:not-allowed", "expected open".into())),
+            (ConnState::AwaitOpen, _) => Err(Violation::new("amqp:not-allowed", "expected open")),
             (ConnState::Opened, Performative::Open(_)) => {
-                Err(Violation("amqp:not-allowed", "a second open".into()))
+                Err(Violation::new("amqp:not-allowed", "a second open"))
             }
             (ConnState::Opened | ConnState::CloseSent, Performative::Close(error)) => {
                 if self.state == ConnState::Opened {
@@ -566,12 +595,13 @@ impl Connection {
                 self.events.push_back(Event::Closed {
                     error,
                     by_us: false,
+                    violation: None,
                 });
                 Ok(())
             }
             (ConnState::CloseSent, _) => Ok(()), // discarded until the peer's close
             (ConnState::Opened, p) => self.on_session_frame(f.channel, p, payload),
-            _ => Err(Violation("amqp:not-allowed", "unexpected frame".into())),
+            _ => Err(Violation::new("amqp:not-allowed", "unexpected frame")),
         }
     }
 
@@ -579,9 +609,9 @@ impl Connection {
         match (self.state, sasl) {
             (ConnState::SaslAwaitMechanisms, Sasl::Mechanisms(m)) => {
                 if !m.iter().any(|m| m.as_ref() == b"EXTERNAL") {
-                    return Err(Violation(
+                    return Err(Violation::new(
                         "amqp:not-implemented",
-                        "the peer does not offer SASL EXTERNAL".into(),
+                        "the peer does not offer SASL EXTERNAL",
                     ));
                 }
                 let init = Sasl::Init {
@@ -612,6 +642,7 @@ impl Connection {
                         format!("SASL outcome {code}"),
                     )),
                     by_us: false,
+                    violation: None,
                 });
                 Ok(())
             }
@@ -628,16 +659,14 @@ impl Connection {
                             "only SASL EXTERNAL or ANONYMOUS",
                         )),
                         by_us: true,
+                        violation: Some("sasl"),
                     });
                     return Ok(());
                 }
                 self.state = ConnState::AwaitHeader;
                 Ok(())
             }
-            _ => Err(Violation(
-                "amqp:not-allowed",
-                "unexpected SASL frame".into(),
-            )),
+            _ => Err(Violation::new("amqp:not-allowed", "unexpected SASL frame")),
         }
     }
 
@@ -661,7 +690,7 @@ impl Connection {
 
     fn on_open(&mut self, o: Open) -> Result<(), Violation> {
         if o.max_frame_size < frame::MIN_MAX_FRAME_SIZE {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:invalid-field",
                 format!("max-frame-size {} is below 512", o.max_frame_size),
             ));
@@ -669,13 +698,14 @@ impl Connection {
         if let Some(ms) = o.idle_timeout_ms.filter(|ms| *ms > 0) {
             let asked = Duration::from_millis(u64::from(ms));
             if asked < self.config.min_peer_idle_timeout {
-                return Err(Violation(
+                return Err(Violation::new(
                     "amqp:resource-limit-exceeded",
                     format!(
                         "idle timeout of {ms} ms is below the minimum of {} ms",
                         self.config.min_peer_idle_timeout.as_millis()
                     ),
-                ));
+                )
+                .label("idle_timeout"));
             }
             self.peer_idle = Some(asked);
         }
@@ -696,7 +726,7 @@ impl Connection {
             .iter()
             .position(|s| s.remote_channel == Some(channel) && !s.ended)
             .ok_or_else(|| {
-                Violation(
+                Violation::new(
                     "amqp:connection:framing-error",
                     format!("no session on channel {channel}"),
                 )
@@ -745,7 +775,7 @@ impl Connection {
                     .iter_mut()
                     .find(|s| s.channel == ours && !s.remote_begun)
                     .ok_or_else(|| {
-                        Violation(
+                        Violation::new(
                             "amqp:not-allowed",
                             format!("begin answers no session of ours ({ours})"),
                         )
@@ -758,15 +788,15 @@ impl Connection {
                 self.events.push_back(Event::SessionReady(id));
                 Ok(())
             }
-            Some(_) => Err(Violation(
+            Some(_) => Err(Violation::new(
                 "amqp:not-allowed",
-                "a begin answering nothing".into(),
+                "a begin answering nothing",
             )),
             None => {
                 if self.side == Side::Client {
-                    return Err(Violation(
+                    return Err(Violation::new(
                         "amqp:not-allowed",
-                        "a float begins no sessions".into(),
+                        "a float begins no sessions",
                     ));
                 }
                 if self
@@ -774,19 +804,20 @@ impl Connection {
                     .iter()
                     .any(|s| s.remote_channel == Some(channel))
                 {
-                    return Err(Violation(
+                    return Err(Violation::new(
                         "amqp:connection:framing-error",
                         format!("channel {channel} in use"),
                     ));
                 }
                 if self.sessions.len() >= usize::from(self.config.max_sessions) {
-                    return Err(Violation(
+                    return Err(Violation::new(
                         "amqp:resource-limit-exceeded",
                         format!(
                             "more than {} sessions on one connection",
                             self.config.max_sessions
                         ),
-                    ));
+                    )
+                    .label("max_sessions"));
                 }
                 let ours = (0..self.config.max_sessions)
                     .find(|c| !self.sessions.iter().any(|s| s.channel == *c))
@@ -838,7 +869,7 @@ impl Connection {
             .iter()
             .any(|l| l.remote_handle == Some(a.handle) && !l.detached)
         {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:session:handle-in-use",
                 format!("handle {} in use", a.handle),
             ));
@@ -851,10 +882,7 @@ impl Connection {
                 .iter_mut()
                 .find(|l| l.name == a.name && !l.remote_attached && !l.detached)
                 .ok_or_else(|| {
-                    Violation(
-                        "amqp:not-allowed",
-                        "an attach answering none of ours".into(),
-                    )
+                    Violation::new("amqp:not-allowed", "an attach answering none of ours")
                 })?;
             l.remote_handle = Some(a.handle);
             l.remote_attached = true;
@@ -872,14 +900,17 @@ impl Connection {
             return Ok(());
         }
         if s.links.iter().filter(|l| !l.detached).count() as u32 >= max_links {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:resource-limit-exceeded",
                 format!("more than {max_links} links on one session"),
-            ));
+            )
+            .label("max_links"));
         }
         let handle = (0..max_links)
             .find(|h| !s.links.iter().any(|l| l.handle == *h))
-            .ok_or_else(|| Violation("amqp:resource-limit-exceeded", "no handle free".into()))?;
+            .ok_or_else(|| {
+                Violation::new("amqp:resource-limit-exceeded", "no handle free").label("max_links")
+            })?;
         let role = a.role;
         s.links.push(Link {
             handle,
@@ -939,7 +970,7 @@ impl Connection {
             return Ok(());
         };
         let l = s.link_by_remote(h).ok_or_else(|| {
-            Violation(
+            Violation::new(
                 "amqp:session:unattached-handle",
                 format!("flow for handle {h}"),
             )
@@ -1009,24 +1040,24 @@ impl Connection {
         let max_message = self.config.max_message_size;
         let s = &mut self.sessions[i];
         if s.incoming_window == 0 {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:session:window-violation",
-                "a transfer beyond the session window".into(),
+                "a transfer beyond the session window",
             ));
         }
         s.incoming_window -= 1;
         s.next_incoming_id = s.next_incoming_id.wrapping_add(1);
         let session = SessionId(s.channel);
         let l = s.link_by_remote(t.handle).ok_or_else(|| {
-            Violation(
+            Violation::new(
                 "amqp:session:unattached-handle",
                 format!("transfer on handle {}", t.handle),
             )
         })?;
         if l.role != Role::Receiver {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:not-allowed",
-                "a transfer to a sending link".into(),
+                "a transfer to a sending link",
             ));
         }
         let link = LinkId {
@@ -1040,22 +1071,22 @@ impl Connection {
         let mut partial = match l.partial.take() {
             Some(p) => {
                 if t.delivery_id.is_some_and(|id| id != p.id) {
-                    return Err(Violation(
+                    return Err(Violation::new(
                         "amqp:not-allowed",
-                        "a new delivery before the last one ended".into(),
+                        "a new delivery before the last one ended",
                     ));
                 }
                 p
             }
             None => {
-                let id = t.delivery_id.ok_or(Violation(
+                let id = t.delivery_id.ok_or(Violation::new(
                     "amqp:invalid-field",
-                    "the first transfer of a delivery needs a delivery-id".into(),
+                    "the first transfer of a delivery needs a delivery-id",
                 ))?;
                 if l.credit == 0 {
-                    return Err(Violation(
+                    return Err(Violation::new(
                         "amqp:link:transfer-limit-exceeded",
-                        "a delivery beyond the link credit granted".into(),
+                        "a delivery beyond the link credit granted",
                     ));
                 }
                 l.credit -= 1;
@@ -1073,7 +1104,7 @@ impl Connection {
         if !t.more && partial.buf.is_empty() {
             // The whole delivery in one frame: no copy.
             if payload.len() as u64 > max_message {
-                return Err(Violation(
+                return Err(Violation::new(
                     "amqp:link:message-size-exceeded",
                     format!("a delivery exceeds {max_message} bytes"),
                 ));
@@ -1086,7 +1117,7 @@ impl Connection {
             });
         } else {
             if (partial.buf.len() + payload.len()) as u64 > max_message {
-                return Err(Violation(
+                return Err(Violation::new(
                     "amqp:link:message-size-exceeded",
                     format!("a delivery exceeds {max_message} bytes"),
                 ));
@@ -1131,9 +1162,9 @@ impl Connection {
         let session = SessionId(s.channel);
         let last = d.last.unwrap_or(d.first);
         if last.wrapping_sub(d.first) > u32::MAX / 2 {
-            return Err(Violation(
+            return Err(Violation::new(
                 "amqp:invalid-field",
-                "disposition range backwards".into(),
+                "disposition range backwards",
             ));
         }
         if !d.settled {
@@ -1213,12 +1244,13 @@ impl Connection {
     }
 
     fn violation(&mut self, v: Violation) {
-        let error = Error::new(v.0, v.1);
+        let error = Error::new(v.condition, v.text);
         self.close_with(Some(error.clone()));
         self.state = ConnState::Closed;
         self.events.push_back(Event::Closed {
             error: Some(error),
             by_us: true,
+            violation: Some(v.label),
         });
     }
 
@@ -1555,7 +1587,11 @@ impl Connection {
             self.state = ConnState::CloseSent;
         } else {
             self.state = ConnState::Closed;
-            self.events.push_back(Event::Closed { error, by_us: true });
+            self.events.push_back(Event::Closed {
+                error,
+                by_us: true,
+                violation: None,
+            });
         }
     }
 }

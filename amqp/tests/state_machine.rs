@@ -161,11 +161,20 @@ fn server_with_link(credit: u32) -> (Connection, LinkId) {
     (c, link)
 }
 
+/// The violation label the float counts refusals by.
+fn violation(events: &[Event]) -> Option<&'static str> {
+    events.iter().find_map(|e| match e {
+        Event::Closed { violation, .. } => *violation,
+        _ => None,
+    })
+}
+
 fn closed_with(events: &[Event]) -> Option<String> {
     events.iter().find_map(|e| match e {
         Event::Closed {
             error: Some(e),
             by_us: true,
+            ..
         } => Some(String::from_utf8_lossy(&e.condition).into_owned()),
         _ => None,
     })
@@ -190,6 +199,7 @@ fn a_delivery_beyond_the_credit_granted_closes_the_connection() {
         closed_with(&events).as_deref(),
         Some("amqp:link:transfer-limit-exceeded")
     );
+    assert_eq!(violation(&events), Some("credit"));
     assert!(c.is_closed());
 }
 
@@ -205,6 +215,7 @@ fn a_delivery_over_the_max_message_size_is_refused_while_it_is_assembled() {
         closed_with(&events).as_deref(),
         Some("amqp:link:message-size-exceeded")
     );
+    assert_eq!(violation(&events), Some("message_size"));
 }
 
 #[test]
@@ -269,10 +280,12 @@ fn sessions_and_links_past_the_limits_close_the_connection() {
     for ch in 0..3 {
         p.frame(ch, begin());
     }
+    let events = p.feed(&mut c);
     assert_eq!(
-        closed_with(&p.feed(&mut c)).as_deref(),
+        closed_with(&events).as_deref(),
         Some("amqp:resource-limit-exceeded")
     );
+    assert_eq!(violation(&events), Some("max_sessions"));
 
     let (mut c, _) = server_with_link(1);
     let events = Peer::new()
@@ -302,6 +315,7 @@ fn an_idle_timeout_below_the_minimum_is_refused() {
         closed_with(&events).as_deref(),
         Some("amqp:resource-limit-exceeded")
     );
+    assert_eq!(violation(&events), Some("idle_timeout"));
 }
 
 #[test]
@@ -313,6 +327,7 @@ fn a_frame_over_the_maximum_is_refused_from_its_header() {
         closed_with(&events).as_deref(),
         Some("amqp:connection:framing-error")
     );
+    assert_eq!(violation(&events), Some("frames"));
 }
 
 #[test]
@@ -368,6 +383,7 @@ fn a_nested_disposition_from_a_hostile_float_is_refused_and_the_client_closes() 
     // Bigger than the default 256 KiB frame? 10,000 levels × 9 bytes = 90 KB: within.
     let events = Peer::new().frame(0, d).feed(&mut c);
     assert_eq!(closed_with(&events).as_deref(), Some("amqp:decode-error"));
+    assert_eq!(violation(&events), Some("frames"));
     assert!(c.is_closed());
 }
 
@@ -398,7 +414,11 @@ fn heartbeats_go_out_at_half_the_peers_timeout_and_silence_closes() {
     c.handle_timeout(t0 + Duration::from_secs(11));
     assert!(matches!(
         c.poll_event(),
-        Some(Event::Closed { by_us: true, .. })
+        Some(Event::Closed {
+            by_us: true,
+            violation: Some("silent"),
+            ..
+        })
     ));
 }
 

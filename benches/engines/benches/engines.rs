@@ -3,7 +3,9 @@
 //! ends share one thread (so time per message is both ends' CPU; see the crate docs).
 
 use divan::{counter::ItemsCount, AllocProfiler, Bencher};
-use drawbridge_engine_bench::{fe2o3::Fe2o3, own::Own, tls::Tls, Contender, BODY, ROUND};
+use drawbridge_engine_bench::{
+    fe2o3::Fe2o3, ntex::Ntex, own::Own, tls::Tls, Contender, BODY, ROUND,
+};
 
 #[global_allocator]
 static ALLOC: AllocProfiler = AllocProfiler::system();
@@ -26,6 +28,11 @@ fn run<C: Contender>(bencher: Bencher) {
 #[divan::bench(sample_count = 20, sample_size = 1)]
 fn fe2o3(bencher: Bencher) {
     run::<Fe2o3>(bencher);
+}
+
+#[divan::bench(sample_count = 20, sample_size = 1)]
+fn ntex(bencher: Bencher) {
+    run::<Ntex>(bencher);
 }
 
 #[divan::bench(sample_count = 20, sample_size = 1)]

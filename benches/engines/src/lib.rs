@@ -14,6 +14,7 @@
 //! broker's confirm), and the round ends when the client has seen every outcome.
 
 pub mod fe2o3;
+pub mod ntex;
 pub mod own;
 pub mod tls;
 

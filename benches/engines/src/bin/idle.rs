@@ -12,6 +12,7 @@ use std::{
 use drawbridge_engine_bench::{
     alloc_slot::{self, Counting, Slot},
     fe2o3::Fe2o3,
+    ntex::Ntex,
     own::Own,
     tls::Tls,
     IdleLinks,
@@ -34,6 +35,9 @@ fn main() -> anyhow::Result<()> {
     println!("---|---|---|---|---|---");
     if only.as_deref().is_none_or(|o| o == Fe2o3::NAME) {
         measure::<Fe2o3>(links)?;
+    }
+    if only.as_deref().is_none_or(|o| o == Ntex::NAME) {
+        measure::<Ntex>(links)?;
     }
     if only.as_deref().is_none_or(|o| o == Own::NAME) {
         measure::<Own>(links)?;

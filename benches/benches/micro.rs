@@ -5,15 +5,19 @@
 //!   bridge's control loop calls) for a `Snapshot` of 1, 100 and 1000 links and a `CreateLink`,
 //!   the inputs built with the protocol crate's own encoder.
 //! - `bridge`: `outbound::to_amqp`, AMQP 0.9.1 delivery → AMQP 1.0 message, for bodies of
-//!   128 B, 1 KiB and 64 KiB with a realistic set of properties and headers.
+//!   128 B, 1 KiB and 64 KiB with a realistic set of properties and headers; that message's
+//!   fe2o3 encoding; both together (the fe2o3 path); and `wire_out::encode`, the same bytes
+//!   written directly into a reused buffer.
 //! - `float`: `inbound::from_amqp`, AMQP 1.0 message → what the float publishes, same sizes,
 //!   plus decoding the transfer payload into a message (what fe2o3 does before it) and the
 //!   frame guard (`frame_guard::Frames`, `frame_guard::Scanner`) on a 1 KiB transfer.
 //!
 //! Run with `cargo bench -p drawbridge-benches --bench micro` (add a filter such as `float` to
-//! run a part). The end-to-end benchmark is `--bench e2e` (see `e2e.rs`).
+//! run a part). Allocations are counted (divan's `AllocProfiler`), so each row also shows
+//! allocations and bytes allocated per iteration. The end-to-end benchmark is `--bench e2e`
+//! (see `e2e.rs`).
 
-use divan::{black_box, counter::BytesCount, Bencher};
+use divan::{black_box, counter::BytesCount, AllocProfiler, Bencher};
 use drawbridge_control_protocol::{
     ControlCommand, CreateLink, PeerLink, SequencedCommand, Snapshot, Target,
     DEFAULT_TARGET_ADDRESS,
@@ -32,6 +36,9 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties,
 };
+
+#[global_allocator]
+static ALLOC: AllocProfiler = AllocProfiler::system();
 
 fn main() {
     divan::main();
@@ -186,6 +193,29 @@ mod bridge {
         bencher
             .counter(BytesCount::new(size))
             .bench(|| serde_amqp::to_vec(&Serializable(black_box(&msg))).expect("ok"));
+    }
+
+    /// `to_amqp` then the fe2o3 encoding: delivery → transfer payload bytes on the fe2o3 path.
+    #[divan::bench(args = SIZES)]
+    fn to_amqp_and_encode(bencher: Bencher, size: usize) {
+        let d = delivery(size);
+        bencher.counter(BytesCount::new(size)).bench(|| {
+            let msg = drawbridge_mapping::outbound::to_amqp(black_box(&d), MAX_SIZE).expect("ok");
+            serde_amqp::to_vec(&Serializable(msg)).expect("ok")
+        });
+    }
+
+    /// `wire_out::encode`: delivery → the same payload bytes, written directly into a buffer
+    /// the link reuses (cleared, with room: as the bridge's sender holds one).
+    #[divan::bench(args = SIZES)]
+    fn encode_bytes(bencher: Bencher, size: usize) {
+        let d = delivery(size);
+        let mut out = Vec::with_capacity(size + 1024);
+        bencher.counter(BytesCount::new(size)).bench_local(|| {
+            out.clear();
+            drawbridge_mapping::wire_out::encode(black_box(&d), MAX_SIZE, &mut out).expect("ok");
+            out.len()
+        });
     }
 }
 

@@ -45,6 +45,27 @@ impl Peer {
         });
         self
     }
+    /// What a bridge sends a float up to its `open`: SASL with `mechanism`, then AMQP.
+    fn bridge_hello(&mut self, mechanism: &'static [u8], idle_ms: u32) -> &mut Self {
+        self.raw(&SASL_HEADER)
+            .sasl(Sasl::Init {
+                mechanism: Bytes::from_static(mechanism),
+                initial_response: None,
+                hostname: None,
+            })
+            .raw(&AMQP_HEADER)
+            .frame(0, open(idle_ms))
+    }
+
+    /// What a float answers a bridge up to its `open`.
+    fn float_hello(&mut self, idle_ms: u32) -> &mut Self {
+        self.raw(&SASL_HEADER)
+            .sasl(Sasl::Mechanisms(vec![Bytes::from_static(b"EXTERNAL")]))
+            .sasl(Sasl::Outcome(0))
+            .raw(&AMQP_HEADER)
+            .frame(0, open(idle_ms))
+    }
+
     fn feed(&mut self, c: &mut Connection) -> Vec<Event> {
         c.handle_input(&mut self.bytes, Instant::now());
         let mut events = Vec::new();
@@ -138,14 +159,7 @@ fn config() -> Config {
 fn server_with_link(credit: u32) -> (Connection, LinkId) {
     let mut c = Connection::server(config());
     let events = Peer::new()
-        .raw(&SASL_HEADER)
-        .sasl(Sasl::Init {
-            mechanism: Bytes::from_static(b"EXTERNAL"),
-            initial_response: None,
-            hostname: None,
-        })
-        .raw(&AMQP_HEADER)
-        .frame(0, open(30_000))
+        .bridge_hello(b"EXTERNAL", 30_000)
         .frame(0, begin())
         .frame(0, attach_sender(0, 0))
         .feed(&mut c);
@@ -222,14 +236,7 @@ fn a_delivery_over_the_max_message_size_is_refused_while_it_is_assembled() {
 fn settle_mode_second_is_answered_with_first() {
     let mut c = Connection::server(config());
     let events = Peer::new()
-        .raw(&SASL_HEADER)
-        .sasl(Sasl::Init {
-            mechanism: Bytes::from_static(b"ANONYMOUS"),
-            initial_response: None,
-            hostname: None,
-        })
-        .raw(&AMQP_HEADER)
-        .frame(0, open(30_000))
+        .bridge_hello(b"ANONYMOUS", 30_000)
         .frame(0, begin())
         .frame(0, attach_sender(0, 1))
         .feed(&mut c);
@@ -269,14 +276,7 @@ fn sessions_and_links_past_the_limits_close_the_connection() {
         ..config()
     });
     let mut p = Peer::new();
-    p.raw(&SASL_HEADER)
-        .sasl(Sasl::Init {
-            mechanism: Bytes::from_static(b"EXTERNAL"),
-            initial_response: None,
-            hostname: None,
-        })
-        .raw(&AMQP_HEADER)
-        .frame(0, open(30_000));
+    p.bridge_hello(b"EXTERNAL", 30_000);
     for ch in 0..3 {
         p.frame(ch, begin());
     }
@@ -301,16 +301,7 @@ fn sessions_and_links_past_the_limits_close_the_connection() {
 #[test]
 fn an_idle_timeout_below_the_minimum_is_refused() {
     let mut c = Connection::server(config());
-    let events = Peer::new()
-        .raw(&SASL_HEADER)
-        .sasl(Sasl::Init {
-            mechanism: Bytes::from_static(b"EXTERNAL"),
-            initial_response: None,
-            hostname: None,
-        })
-        .raw(&AMQP_HEADER)
-        .frame(0, open(1))
-        .feed(&mut c);
+    let events = Peer::new().bridge_hello(b"EXTERNAL", 1).feed(&mut c);
     assert_eq!(
         closed_with(&events).as_deref(),
         Some("amqp:resource-limit-exceeded")
@@ -337,11 +328,7 @@ fn a_nested_disposition_from_a_hostile_float_is_refused_and_the_client_closes() 
     let s = c.begin().unwrap();
     let _ = c.attach_sender(s, "l", "inbox").unwrap();
     let events = Peer::new()
-        .raw(&SASL_HEADER)
-        .sasl(Sasl::Mechanisms(vec![Bytes::from_static(b"EXTERNAL")]))
-        .sasl(Sasl::Outcome(0))
-        .raw(&AMQP_HEADER)
-        .frame(0, open(30_000))
+        .float_hello(30_000)
         .frame(
             0,
             Performative::Begin(Begin {
@@ -396,13 +383,7 @@ fn heartbeats_go_out_at_half_the_peers_timeout_and_silence_closes() {
     let t0 = Instant::now();
     let n = c.transmit().len();
     c.written(n, t0);
-    let events = Peer::new()
-        .raw(&SASL_HEADER)
-        .sasl(Sasl::Mechanisms(vec![Bytes::from_static(b"EXTERNAL")]))
-        .sasl(Sasl::Outcome(0))
-        .raw(&AMQP_HEADER)
-        .frame(0, open(4_000))
-        .feed(&mut c);
+    let events = Peer::new().float_hello(4_000).feed(&mut c);
     assert!(matches!(events[..], [Event::Opened(_)]));
     let n = c.transmit().len();
     c.written(n, t0);

@@ -798,6 +798,12 @@ impl<'b, B: Buf> Writer<'b, B> {
 
     /// An array of symbols (`symbol multiple` fields with several values).
     pub fn symbol_array(&mut self, syms: &[&[u8]]) {
+        if syms.is_empty() {
+            // No element constructor in an empty array: the decoder (like serde_amqp) reads
+            // none, and refuses the byte it would leave over (the fuzzer's find).
+            self.buf.put_slice(&[code::ARRAY8, 1, 0]);
+            return;
+        }
         self.buf.put_u8(code::ARRAY32);
         let at = self.buf.len_written();
         self.buf.put_u32(0);

@@ -879,6 +879,8 @@ mod tests {
     fn sasl_frames_read_back() {
         for s in [
             Sasl::Mechanisms(vec![Bytes::from_static(b"EXTERNAL")]),
+            // An empty array is written without an element constructor.
+            Sasl::Mechanisms(Vec::new()),
             Sasl::Init {
                 mechanism: Bytes::from_static(b"EXTERNAL"),
                 initial_response: Some(Bytes::new()),

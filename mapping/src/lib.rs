@@ -17,6 +17,7 @@ pub mod check;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
+pub mod wire_in;
 
 /// Message annotation (string): the 0.9.1 `app-id`. AMQP 1.0 has no application-id field;
 /// RabbitMQ maps it to `group-id`, which means message grouping in AMQP 1.0, so we don't.

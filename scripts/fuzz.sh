@@ -14,7 +14,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-    targets=(control_decode float_message mapping_round_trip float_frames bridge_frames amqp_decode amqp_connection legal_name legal_name_der)
+    targets=(control_decode float_message mapping_round_trip mapping_wire_in float_frames bridge_frames amqp_decode amqp_connection legal_name legal_name_der)
 fi
 if ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
     echo "fuzz.sh: seconds per target must be a whole number, got '$seconds'" >&2
@@ -41,7 +41,7 @@ cargo +nightly fuzz build "${build_flags[@]}"
 max_len() {
     case "$1" in
         legal_name) echo 1024 ;;
-        float_message) echo 16384 ;;
+        float_message | mapping_wire_in) echo 16384 ;;
         float_frames) echo 32768 ;;
         amqp_connection) echo 32768 ;;
         *) echo 4096 ;;

@@ -128,7 +128,7 @@ pub(crate) mod code {
 
 /// The width of a fixed-width value's data, `None` for variable-width and compound codes,
 /// an error for codes that are no AMQP 1.0 format code.
-fn fixed_width(c: u8) -> Result<Option<usize>, DecodeError> {
+pub(crate) fn fixed_width(c: u8) -> Result<Option<usize>, DecodeError> {
     Ok(Some(match c {
         0x40..=0x45 => 0,
         0x50..=0x56 => 1,

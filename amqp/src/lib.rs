@@ -8,6 +8,8 @@
 //! - [`codec`]: one decoder that enforces the limits (depth, sizes, counts, string lengths)
 //!   while it decodes, and the one-pass encoder.
 //! - [`performatives`]: the frames as typed structs.
+//! - [`value`]: a pull reader of encoded values under the same limits, for the callers that
+//!   interpret message sections.
 //! - [`frame`]: cutting a byte stream into frames, bounded by the negotiated maximum.
 //! - [`connection`]: the connection, session and link state machines.
 //! - [`driver`]: moves bytes between a [`connection::Connection`] and a tokio stream, in the
@@ -20,5 +22,6 @@ pub mod driver;
 pub mod frame;
 pub mod message;
 pub mod performatives;
+pub mod value;
 
 pub use codec::{DecodeError, Limits};

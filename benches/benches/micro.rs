@@ -10,7 +10,9 @@
 //!   written directly into a reused buffer.
 //! - `float`: `inbound::from_amqp`, AMQP 1.0 message → what the float publishes, same sizes,
 //!   plus decoding the transfer payload into a message (what fe2o3 does before it) and the
-//!   frame guard (`frame_guard::Frames`, `frame_guard::Scanner`) on a 1 KiB transfer.
+//!   frame guard (`frame_guard::Frames`, `frame_guard::Scanner`) on a 1 KiB transfer; the
+//!   three together (`old_path`) against `wire_in::from_bytes`, which does their work in one
+//!   pass over the payload (time and allocations per message).
 //!
 //! Run with `cargo bench -p drawbridge-benches --bench micro` (add a filter such as `float` to
 //! run a part). Allocations are counted (divan's `AllocProfiler`), so each row also shows
@@ -37,6 +39,7 @@ use lapin::{
     BasicProperties,
 };
 
+// Allocations per message are part of what the rows compare.
 #[global_allocator]
 static ALLOC: AllocProfiler = AllocProfiler::system();
 
@@ -242,6 +245,30 @@ mod float {
         bencher
             .counter(BytesCount::of_slice(&bytes))
             .bench(|| super::decode_message(black_box(&bytes)));
+    }
+
+    /// The float's whole old path for a transfer payload: the frame guard's scanner,
+    /// fe2o3's decoding into `Message<Body<Value>>`, `inbound::from_amqp`.
+    #[divan::bench(args = SIZES)]
+    fn old_path(bencher: Bencher, size: usize) {
+        let bytes = encoded_message(size);
+        bencher.counter(BytesCount::new(size)).bench(|| {
+            let mut s = Scanner::new();
+            s.feed(black_box(&bytes), None).expect("clean");
+            assert!(s.at_boundary());
+            drawbridge_mapping::inbound::from_amqp(super::decode_message(&bytes), MAX_SIZE)
+                .expect("ok")
+        });
+    }
+
+    /// `wire_in::from_bytes`: the same, in one pass from the payload bytes (what replaces
+    /// the three above).
+    #[divan::bench(args = SIZES)]
+    fn from_bytes(bencher: Bencher, size: usize) {
+        let bytes = encoded_message(size);
+        bencher.counter(BytesCount::new(size)).bench(|| {
+            drawbridge_mapping::wire_in::from_bytes(black_box(&bytes), MAX_SIZE).expect("ok")
+        });
     }
 
     /// The frame guard's value scanner over the encoded 1 KiB message (the depth check on

@@ -145,6 +145,11 @@ pub enum Invalid {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// The payload is no AMQP 1.0 message: its encoding breaks the limits (nesting, sizes,
+    /// counts, format codes) or it does not decode as message sections
+    /// ([`crate::wire_in::from_bytes`]; fe2o3's receiver ended the link for these instead).
+    #[error("malformed message: {0}")]
+    Malformed(String),
 }
 
 impl Invalid {
@@ -162,6 +167,7 @@ impl Invalid {
             Invalid::TooLong { .. } => "too_long",
             Invalid::TooDeep(_) => "too_deep",
             Invalid::BadField { .. } => "bad_field",
+            Invalid::Malformed(_) => "malformed",
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod check;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
+pub mod wire_in;
 pub mod wire_out;
 
 /// Message annotation (string): the 0.9.1 `app-id`. AMQP 1.0 has no application-id field;

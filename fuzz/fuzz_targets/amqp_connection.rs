@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use drawbridge_amqp::{
-    connection::{Config, Connection, Event},
+    connection::{CommandError, Config, Connection, Event},
     performatives::Outcome,
 };
 use libfuzzer_sys::fuzz_target;
@@ -58,11 +58,26 @@ fn run(client: bool, stream: &[u8], chunk: impl FnMut() -> usize) -> (Vec<u8>, b
                         link, id, payload, ..
                     } => {
                         assert!(payload.len() <= 64 * 1024);
-                        let _ = c.settle(link, id, Outcome::Accepted);
+                        // Only a link the peer already detached can refuse the settle.
+                        match c.settle(link, id, Outcome::Accepted) {
+                            Ok(()) | Err(CommandError::NotOpen) => {}
+                            Err(e) => panic!("settle refused: {e}"),
+                        }
                     }
                     Event::Credit { .. } | Event::LinkReady { .. } => {
                         if let Some(l) = link {
-                            let _ = c.send(l, b"t", &[0x00, 0x53, 0x75, 0xa0, 0x01, 0x2a]);
+                            // The peer decides credit, window, link state and its
+                            // max-message-size: only those may refuse the message (the bridge
+                            // waits for credit, reconnects, or dead-letters what is too big).
+                            match c.send(l, b"t", &[0x00, 0x53, 0x75, 0xa0, 0x01, 0x2a]) {
+                                Ok(_)
+                                | Err(
+                                    CommandError::NoCredit
+                                    | CommandError::NotOpen
+                                    | CommandError::TooLarge { .. },
+                                ) => {}
+                                Err(e) => panic!("send refused: {e}"),
+                            }
                         }
                     }
                     _ => {}

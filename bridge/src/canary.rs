@@ -1,10 +1,13 @@
 //! The link canary: the design's watchdog "verifies that messaging is able to process new
-//! work". While a link is up, a task of its session sends a small probe every
+//! work". While a link is up, its task sends a small probe every
 //! `bridge.canary_interval` on a second sending link of the same AMQP session, to the
 //! float's `canary_address`. The float publishes the probe to a transient queue of its own
 //! broker (never an inbox) with a confirm and only then accepts it, so an accepted probe
 //! proves the whole path — this bridge, TLS, the float, the float's broker — and its round
 //! trip is the path's latency without any queueing behind the link's backlog.
+//!
+//! The canary runs in the link's own task, on the link's connection: a probe and its
+//! disposition cross no task boundary, and a stopped session stops its canary with it.
 //!
 //! A probe is never on the message path: it holds no delivery and no broker ack, and a
 //! failed probe does not recycle the link (the link's own transfers do that when the path is
@@ -14,40 +17,185 @@
 
 use std::time::{Duration, Instant};
 
-use drawbridge_runtime::text;
-use fe2o3_amqp::{
-    types::{
-        messaging::{Message, Outcome, Properties},
-        primitives::Binary,
-    },
-    Sender,
+use drawbridge_amqp::{
+    connection::{CommandError, Connection, LinkId},
+    message::write_data_message,
+    performatives::Outcome,
 };
-use tokio::task::JoinHandle;
+use drawbridge_runtime::text;
 use tracing::{info, warn};
 
 use crate::view::SharedView;
 
-/// A running canary; stopped (its task aborted) when dropped with its session.
+/// A link's canary: its sending link, its timer and the probe in flight.
 pub(crate) struct Canary {
-    task: JoinHandle<()>,
-}
-
-impl Drop for Canary {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Start probing on `sender` every `interval`; a probe not settled within `timeout` failed.
-pub(crate) fn start(
-    sender: Sender,
+    link: LinkId,
     queue: String,
-    interval: Duration,
     timeout: Duration,
     view: SharedView,
-) -> Canary {
-    Canary {
-        task: tokio::spawn(run(sender, queue, interval, timeout, view)),
+    ticker: tokio::time::Interval,
+    probe: Option<Probe>,
+    sent: u64,
+    failing: bool,
+    rtt_seconds: metrics::Histogram,
+    last_ok: metrics::Gauge,
+}
+
+/// The probe in flight: sent (its delivery id) or waiting for the float's credit.
+struct Probe {
+    id: Option<u32>,
+    started: Instant,
+    deadline: tokio::time::Instant,
+}
+
+/// What [`Canary::due`] waited for.
+pub(crate) enum Due {
+    /// Time for the next probe.
+    Tick,
+    /// The probe in flight was not settled in time.
+    Deadline,
+}
+
+impl Canary {
+    /// Probe on `link` every `interval`; a probe not settled within `timeout` failed.
+    pub(crate) fn new(
+        link: LinkId,
+        queue: String,
+        interval: Duration,
+        timeout: Duration,
+        view: SharedView,
+    ) -> Canary {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Canary {
+            link,
+            timeout,
+            view,
+            ticker,
+            probe: None,
+            sent: 0,
+            failing: false,
+            rtt_seconds: metrics::histogram!("drawbridge_bridge_link_canary_rtt_seconds", "queue" => queue.clone()),
+            last_ok: metrics::gauge!("drawbridge_bridge_link_canary_last_ok_timestamp_seconds", "queue" => queue.clone()),
+            queue,
+        }
+    }
+
+    /// The canary's link.
+    pub(crate) fn link(&self) -> LinkId {
+        self.link
+    }
+
+    /// Waits for the next probe's time, or for the probe in flight's deadline. Cancel-safe.
+    pub(crate) async fn due(&mut self) -> Due {
+        match &self.probe {
+            Some(p) => {
+                tokio::time::sleep_until(p.deadline).await;
+                Due::Deadline
+            }
+            None => {
+                self.ticker.tick().await;
+                Due::Tick
+            }
+        }
+    }
+
+    /// Acts on what [`Canary::due`] returned.
+    pub(crate) fn on_due(&mut self, due: Due, conn: &mut Connection) {
+        match due {
+            Due::Tick => {
+                self.probe = Some(Probe {
+                    id: None,
+                    started: Instant::now(),
+                    deadline: tokio::time::Instant::now() + self.timeout,
+                });
+                self.send(conn);
+            }
+            Due::Deadline => {
+                self.probe = None;
+                self.judged(judge(None));
+            }
+        }
+    }
+
+    /// The float granted the canary's link credit: a probe waiting for it goes now.
+    pub(crate) fn on_credit(&mut self, conn: &mut Connection) {
+        self.send(conn);
+    }
+
+    /// Deliveries `first..=last` of the canary's link were settled.
+    pub(crate) fn on_settled(&mut self, first: u32, last: u32, outcome: Option<Outcome>) {
+        let Some(id) = self.probe.as_ref().and_then(|p| p.id) else {
+            return;
+        };
+        if id.wrapping_sub(first) <= last.wrapping_sub(first) {
+            let started = self.probe.take().map(|p| p.started);
+            let verdict = judge(Some(Ok(outcome.unwrap_or(Outcome::Released))));
+            if verdict.is_ok() {
+                if let Some(started) = started {
+                    self.record_ok(started.elapsed());
+                }
+            } else {
+                self.judged(verdict);
+            }
+        }
+    }
+
+    /// The float detached the canary's link: reported, and the link forwards without it.
+    pub(crate) fn on_detached(&mut self, reason: String) {
+        self.probe = None;
+        self.judged(judge(Some(Err(reason))));
+    }
+
+    fn send(&mut self, conn: &mut Connection) {
+        let Some(probe) = self.probe.as_mut().filter(|p| p.id.is_none()) else {
+            return;
+        };
+        let n = self.sent + 1;
+        let id = format!("drawbridge-canary-{n}");
+        let now_ms = drawbridge_runtime::daemon::unix_ms();
+        let mut payload = Vec::with_capacity(64);
+        write_data_message(&mut payload, id.as_bytes(), &now_ms.to_be_bytes());
+        match conn.send(self.link, &n.to_be_bytes(), &payload) {
+            Ok(delivery) => {
+                self.sent = n;
+                probe.id = Some(delivery);
+            }
+            // Sent when the float grants credit (or failed at the deadline).
+            Err(CommandError::NoCredit) => {}
+            Err(e) => {
+                self.probe = None;
+                self.judged(judge(Some(Err(format!("cannot send a probe: {e}")))));
+            }
+        }
+    }
+
+    fn record_ok(&mut self, rtt: Duration) {
+        self.rtt_seconds.record(rtt.as_secs_f64());
+        let at = drawbridge_runtime::daemon::unix_ms();
+        self.last_ok.set(at as f64 / 1000.0);
+        {
+            let mut v = self.view.lock().expect("poisoned");
+            v.canary_rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+            v.canary_ok_unix_ms = Some(at);
+            v.canary_error = None;
+        }
+        if std::mem::take(&mut self.failing) {
+            info!(queue = %self.queue, rtt = ?rtt, "link canary answers again");
+        }
+    }
+
+    fn judged(&mut self, verdict: Result<(), (Failure, String)>) {
+        let Err((failure, reason)) = verdict else {
+            return;
+        };
+        metrics::counter!("drawbridge_bridge_link_canary_failures_total", "queue" => self.queue.clone(), "reason" => failure.label())
+            .increment(1);
+        self.view.lock().expect("poisoned").canary_error = Some(reason.clone());
+        // One line per episode, not per probe.
+        if !std::mem::replace(&mut self.failing, true) {
+            warn!(queue = %self.queue, reason = %text::escape(&reason), "link canary failed: the path to the float's broker does not take new work");
+        }
     }
 }
 
@@ -79,130 +227,49 @@ impl Failure {
 pub(crate) fn judge(outcome: Option<Result<Outcome, String>>) -> Result<(), (Failure, String)> {
     match outcome {
         None => Err((Failure::Timeout, "not settled in time".to_string())),
-        Some(Ok(Outcome::Accepted(_))) => Ok(()),
-        Some(Ok(Outcome::Rejected(r))) => Err((
+        Some(Ok(Outcome::Accepted)) => Ok(()),
+        Some(Ok(Outcome::Rejected(error))) => Err((
             Failure::Rejected,
             format!(
                 "rejected by the float: {}",
-                r.error
+                error
                     .and_then(|e| e.description)
                     .unwrap_or_else(|| "no reason given".into())
             ),
         )),
-        Some(Ok(Outcome::Released(_) | Outcome::Modified(_))) => Err((
+        Some(Ok(Outcome::Released | Outcome::Modified { .. })) => Err((
             Failure::Released,
             "released by the float (its broker did not take the probe)".to_string(),
         )),
-        #[allow(unreachable_patterns)]
-        Some(Ok(other)) => Err((Failure::Released, format!("unexpected outcome {other:?}"))),
+        Some(Ok(Outcome::Received)) => Err((
+            Failure::Released,
+            "unexpected outcome `received`".to_string(),
+        )),
         Some(Err(e)) => Err((Failure::Link, format!("canary link failed: {e}"))),
-    }
-}
-
-async fn run(
-    mut sender: Sender,
-    queue: String,
-    interval: Duration,
-    timeout: Duration,
-    view: SharedView,
-) {
-    let rtt_seconds =
-        metrics::histogram!("drawbridge_bridge_link_canary_rtt_seconds", "queue" => queue.clone());
-    let last_ok = metrics::gauge!("drawbridge_bridge_link_canary_last_ok_timestamp_seconds", "queue" => queue.clone());
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    for n in 1u64.. {
-        ticker.tick().await;
-        let now_ms = drawbridge_runtime::daemon::unix_ms();
-        let probe = Message::builder()
-            .properties(
-                Properties::builder()
-                    .message_id(format!("drawbridge-canary-{n}"))
-                    .build(),
-            )
-            .data(Binary::from(now_ms.to_be_bytes().to_vec()))
-            .build();
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(timeout, sender.send(probe))
-            .await
-            .ok()
-            .map(|r| r.map_err(|e| e.to_string()));
-        let link_failed = matches!(outcome, Some(Err(_)));
-        match judge(outcome) {
-            Ok(()) => {
-                let rtt = started.elapsed();
-                rtt_seconds.record(rtt.as_secs_f64());
-                let at = drawbridge_runtime::daemon::unix_ms();
-                last_ok.set(at as f64 / 1000.0);
-                {
-                    let mut v = view.lock().expect("poisoned");
-                    v.canary_rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
-                    v.canary_ok_unix_ms = Some(at);
-                    v.canary_error = None;
-                }
-                if std::mem::take(&mut failing) {
-                    info!(queue = %queue, rtt = ?rtt, "link canary answers again");
-                }
-            }
-            Err((failure, reason)) => {
-                metrics::counter!("drawbridge_bridge_link_canary_failures_total", "queue" => queue.clone(), "reason" => failure.label())
-                    .increment(1);
-                if link_failed && n == 1 {
-                    // The float detached the canary link at once: it does not take probes
-                    // (an older float, or its canary is off). Said once per reason, not at
-                    // every reconnect; the link forwards without a canary.
-                    let reason = format!("the float refused the canary link: {reason}");
-                    let mut v = view.lock().expect("poisoned");
-                    if v.canary_error.as_deref() != Some(reason.as_str()) {
-                        warn!(queue = %queue, reason = %text::escape(&reason), "link canary unavailable; the link forwards without it");
-                        v.canary_error = Some(reason);
-                    }
-                    return;
-                }
-                view.lock().expect("poisoned").canary_error = Some(reason.clone());
-                // One line per episode, not per probe.
-                if !std::mem::replace(&mut failing, true) {
-                    warn!(queue = %queue, reason = %text::escape(&reason), "link canary failed: the path to the float's broker does not take new work");
-                }
-                if link_failed {
-                    // The canary link is gone; the session's own link notices the rest.
-                    return;
-                }
-            }
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use fe2o3_amqp::types::{
-        definitions::{AmqpError, Error},
-        messaging::{Accepted, Rejected, Released},
-    };
+    use drawbridge_amqp::performatives::Error;
 
     use super::*;
 
     #[test]
     fn outcomes_are_judged_with_a_reason() {
-        assert_eq!(judge(Some(Ok(Outcome::Accepted(Accepted {})))), Ok(()));
+        assert_eq!(judge(Some(Ok(Outcome::Accepted))), Ok(()));
         let (f, why) = judge(None).unwrap_err();
         assert_eq!(f, Failure::Timeout);
         assert!(why.contains("not settled"));
-        let rejected = Outcome::Rejected(Rejected {
-            error: Some(Error::new(
-                AmqpError::NotFound,
-                "canary queue unavailable".to_string(),
-                None,
-            )),
-        });
+        let rejected = Outcome::Rejected(Some(Error::new(
+            "amqp:not-found",
+            "canary queue unavailable",
+        )));
         let (f, why) = judge(Some(Ok(rejected))).unwrap_err();
         assert_eq!(f, Failure::Rejected);
         assert!(why.contains("canary queue unavailable"), "{why}");
         assert_eq!(
-            judge(Some(Ok(Outcome::Released(Released {}))))
-                .unwrap_err()
-                .0,
+            judge(Some(Ok(Outcome::Released))).unwrap_err().0,
             Failure::Released
         );
         assert_eq!(

@@ -16,6 +16,7 @@
 //!   delivery limit).
 
 use std::{
+    collections::VecDeque,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -24,11 +25,8 @@ use drawbridge_certs::{pki_types::CertificateDer, PeerRefusal, PeerRole};
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::{broker::Live, text};
-use fe2o3_amqp::{
-    link::SendError,
-    types::messaging::{Data, Message},
-};
-use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
+use drawbridge_amqp::connection::{CommandError, Event};
+use futures::StreamExt;
 use lapin::{
     message::Delivery,
     options::{
@@ -42,10 +40,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use drawbridge_mapping::outbound;
+use drawbridge_mapping::wire_out;
 
 use crate::{
     budget::{kib, Prefetch},
+    canary::Canary,
     dead_letter::{copy_properties, DeadLetterError, DeadLetterer, Interrupted},
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
     rotation::TargetRotation,
@@ -436,8 +435,8 @@ impl LinkSession<'_> {
         } else {
             info!(queue = %self.spec.queue, target = %self.target, prefetch = first_prefetch, "link up");
         }
-        // Dropped (its task stopped) when this session ends.
-        let _canary = self.start_canary(&mut pc);
+        // Runs in this task, on this connection; ends with the session.
+        let canary = self.start_canary(&mut pc);
         let consuming = Consuming {
             consumer,
             prefetch: first_prefetch,
@@ -452,6 +451,7 @@ impl LinkSession<'_> {
                 stats,
                 prefetch,
                 probe,
+                canary,
             )
             .await;
         // Closing the channel returns every unacked delivery to the queue, in order. A close
@@ -475,16 +475,16 @@ impl LinkSession<'_> {
 
     /// Start the link canary on the session's canary link, if there is one; a float that
     /// refused the canary link is reported (once per reason), and the link forwards anyway.
-    fn start_canary(&self, pc: &mut PeerConnection) -> Option<crate::canary::Canary> {
+    fn start_canary(&self, pc: &mut PeerConnection) -> Option<Box<Canary>> {
         let interval = self.ctx.cfg.canary_interval?;
         match pc.canary.take()? {
-            Ok(sender) => Some(crate::canary::start(
-                sender,
+            Ok(link) => Some(Box::new(Canary::new(
+                link,
                 self.spec.queue.clone(),
                 interval,
                 self.ctx.cfg.settle_timeout,
                 self.view.clone(),
-            )),
+            ))),
             Err(reason) => {
                 let mut v = self.view.lock().expect("poisoned");
                 if v.canary_error.as_deref() != Some(reason.as_str()) {
@@ -506,12 +506,16 @@ impl LinkSession<'_> {
         stats: &mut SessionStats,
         prefetch: &mut Prefetch,
         mut probe: bool,
+        mut canary: Option<Box<Canary>>,
     ) -> End {
         let (spec, ctx, view, live, stop) = (self.spec, self.ctx, self.view, self.live, self.stop);
         let cfg = &ctx.cfg;
         let op = ctx.broker.config().op_timeout;
         let window = cfg.window as usize;
-        let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+        let settle_timeout = cfg.settle_timeout;
+        // The deliveries in flight, in queue order; bounded by the window (the consumer's
+        // prefetch), each settled by the peer's disposition or here.
+        let mut inflight: VecDeque<InFlight> = VecDeque::with_capacity(window.min(64));
         let mut acks = AckBatch::new(64);
         let mut draining = false;
         let mut drain_deadline = None;
@@ -526,10 +530,15 @@ impl LinkSession<'_> {
         let in_flight_gauge =
             metrics::gauge!("drawbridge_bridge_link_in_flight", "queue" => spec.queue.clone());
         let mut in_flight_seen = 0usize;
-        // A converted delivery waiting for room in the process-wide byte budget.
-        // Boxed: a delivery and its conversion are ≈ 1 KiB, rarely waiting (the budget is
-        // exhausted), and inline every link's task would keep room for them.
-        let mut waiting: Option<Box<(Delivery, Message<Data>)>> = None;
+        // A converted delivery waiting for room in the process-wide byte budget, or (with its
+        // share) for the peer's credit. Boxed: rarely waiting, and inline every link's task
+        // would keep room for it.
+        let mut waiting: Option<Box<(Delivery, Vec<u8>)>> = None;
+        let mut waiting_credit: Option<Box<(Delivery, Vec<u8>, OwnedSemaphorePermit)>> = None;
+        // The peer's credit ran out at this instant: it has `settle_timeout` to grant more.
+        let mut credit_deadline: Option<tokio::time::Instant> = None;
+        // The encoded message of the delivery being sent, reused from one to the next.
+        let mut encoded: Vec<u8> = Vec::new();
         let budget_kib = ctx.bytes_total_kib;
         // The CRLs may change while the link is up: the float is re-checked each time (and
         // once now, for a change between its handshake and this point); so it is when a
@@ -551,16 +560,16 @@ impl LinkSession<'_> {
         };
         // Every way out of the loop below except a lost broker connection goes through
         // `broken`: first ack what the peer has already accepted (its settlements may be
-        // ready but not yet taken, e.g. while a send waited for credit), then give up the
-        // rest. Without it, a peer that settles and then closes makes the link resend
-        // messages the peer already has.
+        // on their way, e.g. in the stream not read yet), then give up the rest. Without it,
+        // a peer that settles and then closes makes the link resend messages the peer
+        // already has.
         macro_rules! broken {
             ($reason:expr) => {{
                 let reason: Broken = $reason;
                 // Boxed: expanded at every way out, and each expansion's room would be kept
                 // in every link's task.
                 let flushed = Box::pin(async {
-                    salvage(&mut inflight, &mut acks, stats, view, &age, SALVAGE_WAIT).await;
+                    salvage(&mut inflight, pc, &mut acks, stats, view, &age, SALVAGE_WAIT).await;
                     flush(channel, &mut acks, op).await
                 })
                 .await;
@@ -593,52 +602,39 @@ impl LinkSession<'_> {
                 }
             }};
         }
-        // Send one converted delivery holding its share of the process budget; the share is
-        // released when the peer settles it.
+        // Send one encoded delivery holding its share of the process budget; the share is
+        // given back when the peer settles it. Without credit it waits for the peer's next
+        // grant (the consumer is not read meanwhile).
         macro_rules! send {
-            ($delivery:expr, $msg:expr, $permit:expr) => {{
-                let (delivery, msg, permit): (Delivery, Message<Data>, OwnedSemaphorePermit) =
-                    ($delivery, $msg, $permit);
-                // Boxed: fe2o3's send future is ≈ 4 KiB, and inline the link's task would keep
-                // room for it (twice, one per expansion) while the link idles; one short-lived
-                // allocation per message is the cheaper side.
-                let sent = Box::pin(tokio::time::timeout(
-                    cfg.settle_timeout,
-                    pc.sender.send_batchable(msg),
-                ))
-                .await;
-                let timeout = cfg.settle_timeout;
-                match sent {
-                    Ok(Ok(fut)) => inflight.push_back(
-                        async move {
-                            let settled =
-                                classify(tokio::time::timeout(timeout, fut).await.ok(), timeout);
-                            drop(permit);
-                            (delivery, settled)
-                        }
-                        .boxed(),
-                    ),
+            ($delivery:expr, $bytes:expr, $permit:expr) => {{
+                let (delivery, bytes, permit): (Delivery, &[u8], OwnedSemaphorePermit) =
+                    ($delivery, $bytes, $permit);
+                let tag = delivery.delivery_tag.to_be_bytes();
+                match pc.driver.conn().send(pc.link, &tag, bytes) {
+                    Ok(id) => {
+                        credit_deadline = None;
+                        inflight.push_back(InFlight {
+                            delivery,
+                            id: Some(id),
+                            permit: Some(permit),
+                            settled: None,
+                            deadline: tokio::time::Instant::now() + settle_timeout,
+                        });
+                    }
+                    Err(CommandError::NoCredit) => {
+                        credit_deadline.get_or_insert_with(|| tokio::time::Instant::now() + settle_timeout);
+                        waiting_credit = Some(Box::new((delivery, bytes.to_vec(), permit)));
+                    }
                     // The float announced a smaller max-message-size on attach: it will never
                     // take this message, so it is dead-lettered in its turn (no transfer was
                     // sent), never resent in a loop.
-                    Ok(Err(SendError::MessageSizeExceeded(e))) => {
+                    Err(CommandError::TooLarge { len, max }) => {
                         let reason = format!(
-                            "the peer accepts messages of at most {} bytes (encoded); this one is {} bytes",
-                            e.max_size, e.size
+                            "the peer accepts messages of at most {max} bytes (encoded); this one is {len} bytes"
                         );
-                        inflight.push_back(
-                            async move {
-                                drop(permit);
-                                (delivery, Settled::DeadLetter(reason))
-                            }
-                            .boxed(),
-                        )
+                        inflight.push_back(InFlight::settled_here(delivery, Settled::DeadLetter(reason)));
                     }
-                    Ok(Err(e)) => broken!(Broken::Send(e.to_string())),
-                    Err(_) => {
-                        stats.transfer_failed = true;
-                        broken!(Broken::NoCredit(cfg.settle_timeout))
-                    }
+                    Err(e @ CommandError::NotOpen) => broken!(Broken::Send(e.to_string())),
                 }
             }};
         }
@@ -655,72 +651,137 @@ impl LinkSession<'_> {
             next_expiry(&peer_check).unwrap_or(Duration::from_secs(3600)),
         ));
         loop {
-            let need_kib = waiting
-                .as_ref()
-                .map(|w| kib(w.0.data.len(), budget_kib))
-                .unwrap_or(0);
-            if draining && inflight.is_empty() {
+            // The head of the window settled: its broker delivery is acked, dead-lettered or
+            // the link recycles, in queue order.
+            if inflight.front().is_some_and(|f| f.settled.is_some()) {
+                let InFlight {
+                    delivery, settled, ..
+                } = inflight.pop_front().expect("front");
+                let settled = settled.expect("settled");
+                let tag = delivery.delivery_tag;
+                match acks.outcome(tag, &settled, inflight.is_empty()) {
+                    Step::Ack { flush_now } => {
+                        stats.accepted += 1;
+                        stats.acked += 1;
+                        count_forwarded(view, &delivery, &age);
+                        if flush_now {
+                            if let Err(e) = flush(channel, &mut acks, op).await {
+                                return End::Broken(Broken::Ack(e));
+                            }
+                        }
+                        if std::mem::take(&mut probe) {
+                            info!(queue = %spec.queue, prefetch = prefetch.current(), "probe accepted; forwarding with the full window");
+                            resize!();
+                        }
+                    }
+                    Step::DeadLetter(reason) => {
+                        warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %text::escape(&reason), "message dead-lettered");
+                        let props = copy_properties(&delivery.properties, &reason, &spec.queue);
+                        // Boxed: a rare path, too large to keep room for in every link's task.
+                        match Box::pin(dead_letters.publish(live, &delivery.data, props, &spec.queue, stop)).await {
+                            Ok(()) => {
+                                metrics::counter!("drawbridge_bridge_dead_lettered_total", "queue" => spec.queue.clone()).increment(1);
+                                view.lock().expect("poisoned").dead_lettered += 1;
+                                stats.acked += 1;
+                                if acks.settled(tag, inflight.is_empty()) {
+                                    if let Err(e) = flush(channel, &mut acks, op).await {
+                                        return End::Broken(Broken::Ack(e));
+                                    }
+                                }
+                                if std::mem::take(&mut probe) {
+                                    resize!();
+                                }
+                            }
+                            Err(Interrupted::Stopped) => {
+                                let _ = flush(channel, &mut acks, op).await;
+                                return End::Stopped;
+                            }
+                            Err(Interrupted::BrokerLost) => {
+                                return End::Broken(Broken::BrokerLost(" while dead-lettering"));
+                            }
+                        }
+                    }
+                    Step::Recycle(reason) => {
+                        stats.transfer_failed = true;
+                        // Ack the settled prefix, nothing after it.
+                        if let Err(e) = flush(channel, &mut acks, op).await {
+                            return End::Broken(Broken::Ack(e));
+                        }
+                        return End::Broken(Broken::Transfer(reason));
+                    }
+                }
+                continue;
+            }
+            if draining && inflight.is_empty() && waiting.is_none() && waiting_credit.is_none() {
                 return match flush(channel, &mut acks, op).await {
                     Ok(()) => End::Stopped,
                     Err(e) => End::Broken(Broken::Ack(e)),
                 };
             }
+            let need_kib = waiting
+                .as_ref()
+                .map(|w| kib(w.0.data.len(), budget_kib))
+                .unwrap_or(0);
+            // The oldest transfer the peer has not settled yet has until its deadline.
+            let settle_deadline = inflight
+                .iter()
+                .find(|f| f.settled.is_none())
+                .map(|f| f.deadline);
             tokio::select! {
                 biased;
-                Some((delivery, settled)) = inflight.next(), if !inflight.is_empty() => {
-                    let tag = delivery.delivery_tag;
-                    match acks.outcome(tag, &settled, inflight.is_empty()) {
-                        Step::Ack { flush_now } => {
-                            stats.accepted += 1;
-                            stats.acked += 1;
-                            count_forwarded(view, &delivery, &age);
-                            if flush_now {
-                                if let Err(e) = flush(channel, &mut acks, op).await {
-                                    return End::Broken(Broken::Ack(e));
-                                }
+                // First, so that what the engine queued leaves at once: its frames are
+                // written while it is polled.
+                ev = pc.driver.next_event() => match ev {
+                    Ok(Event::Settled { link, first, last, outcome }) if link == pc.link => {
+                        let settled = classify(Some(outcome), settle_timeout);
+                        for f in inflight.iter_mut() {
+                            let Some(id) = f.id else { continue };
+                            if id.wrapping_sub(first) <= last.wrapping_sub(first) && f.settled.is_none() {
+                                f.settled = Some(settled.clone());
+                                f.permit = None;
                             }
-                            if std::mem::take(&mut probe) {
-                                info!(queue = %spec.queue, prefetch = prefetch.current(), "probe accepted; forwarding with the full window");
-                                resize!();
-                            }
-                        }
-                        Step::DeadLetter(reason) => {
-                            warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %text::escape(&reason), "message dead-lettered");
-                            let props = copy_properties(&delivery.properties, &reason, &spec.queue);
-                            // Boxed: a rare path, too large to keep room for in every link's task.
-                            match Box::pin(dead_letters.publish(live, &delivery.data, props, &spec.queue, stop)).await {
-                                Ok(()) => {
-                                    metrics::counter!("drawbridge_bridge_dead_lettered_total", "queue" => spec.queue.clone()).increment(1);
-                                    view.lock().expect("poisoned").dead_lettered += 1;
-                                    stats.acked += 1;
-                                    if acks.settled(tag, inflight.is_empty()) {
-                                        if let Err(e) = flush(channel, &mut acks, op).await {
-                                            return End::Broken(Broken::Ack(e));
-                                        }
-                                    }
-                                    if std::mem::take(&mut probe) {
-                                        resize!();
-                                    }
-                                }
-                                Err(Interrupted::Stopped) => {
-                                    let _ = flush(channel, &mut acks, op).await;
-                                    return End::Stopped;
-                                }
-                                Err(Interrupted::BrokerLost) => {
-                                    return End::Broken(Broken::BrokerLost(" while dead-lettering"));
-                                }
-                            }
-                        }
-                        Step::Recycle(reason) => {
-                            stats.transfer_failed = true;
-                            // Ack the settled prefix, nothing after it.
-                            if let Err(e) = flush(channel, &mut acks, op).await {
-                                return End::Broken(Broken::Ack(e));
-                            }
-                            return End::Broken(Broken::Transfer(reason));
                         }
                     }
-                }
+                    Ok(Event::Credit { link, .. }) if link == pc.link => {
+                        if let Some(w) = waiting_credit.take() {
+                            let (delivery, bytes, permit) = *w;
+                            send!(delivery, &bytes, permit);
+                        }
+                    }
+                    Ok(Event::Detached { link, error }) if link == pc.link => {
+                        broken!(Broken::PeerLost(format!("the float detached the link: {}", peer::describe(error.as_ref()))));
+                    }
+                    Ok(Event::Settled { link, first, last, outcome }) => {
+                        if let Some(c) = canary.as_mut().filter(|c| c.link() == link) {
+                            c.on_settled(first, last, outcome);
+                        }
+                    }
+                    Ok(Event::Credit { link, .. }) => {
+                        if let Some(c) = canary.as_mut().filter(|c| c.link() == link) {
+                            c.on_credit(pc.driver.conn());
+                        }
+                    }
+                    Ok(Event::Detached { link, error }) => {
+                        if let Some(mut c) = canary.take_if(|c| c.link() == link) {
+                            c.on_detached(format!("the float detached it: {}", peer::describe(error.as_ref())));
+                        }
+                    }
+                    Ok(Event::Ended { error, .. }) => {
+                        broken!(Broken::PeerLost(format!("the float ended the session: {}", peer::describe(error.as_ref()))));
+                    }
+                    Ok(Event::Closed { error, by_us, violation }) => {
+                        if let Some(label) = violation {
+                            peer::hostile(&pc.target, label, error.as_ref());
+                        }
+                        let why = match (&error, by_us) {
+                            (None, false) => Broken::PeerClosed,
+                            _ => Broken::PeerLost(peer::describe(error.as_ref())),
+                        };
+                        broken!(why);
+                    }
+                    Ok(_) => {}
+                    Err(e) => broken!(Broken::PeerLost(e.to_string())),
+                },
                 _ = stop.cancelled(), if !draining => {
                     draining = true;
                     drain_deadline = Some(tokio::time::Instant::now() + cfg.drain_grace);
@@ -733,14 +794,27 @@ impl LinkSession<'_> {
                 _ = async { tokio::time::sleep_until(drain_deadline.expect("set")).await }, if drain_deadline.is_some() => {
                     broken!(Broken::DrainGrace);
                 }
+                _ = async { tokio::time::sleep_until(settle_deadline.expect("set")).await }, if settle_deadline.is_some() => {
+                    // The oldest unsettled transfer timed out: it recycles the link when it
+                    // reaches the head of the window.
+                    if let Some(f) = inflight.iter_mut().find(|f| f.settled.is_none()) {
+                        f.settled = Some(classify(None, settle_timeout));
+                        f.permit = None;
+                    }
+                }
+                _ = async { tokio::time::sleep_until(credit_deadline.expect("set")).await }, if credit_deadline.is_some() && waiting_credit.is_some() => {
+                    stats.transfer_failed = true;
+                    broken!(Broken::NoCredit(settle_timeout));
+                }
                 permit = async { ctx.bytes_in_flight.clone().acquire_many_owned(need_kib).await }, if waiting.is_some() => {
                     let Ok(permit) = permit else {
                         broken!(Broken::BudgetClosed);
                     };
-                    let (delivery, msg) = *waiting.take().expect("waiting");
-                    send!(delivery, msg, permit);
+                    let (delivery, bytes) = *waiting.take().expect("waiting");
+                    send!(delivery, &bytes, permit);
+                    encoded = bytes;
                 }
-                d = consuming.consumer.next(), if !draining && waiting.is_none() && inflight.len() < window => {
+                d = consuming.consumer.next(), if !draining && waiting.is_none() && waiting_credit.is_none() && inflight.len() < window => {
                     let delivery = match d {
                         Some(Ok(d)) => d,
                         Some(Err(e)) => broken!(Broken::Consumer(e)),
@@ -781,27 +855,27 @@ impl LinkSession<'_> {
                         }
                         resize!();
                     }
-                    match outbound::to_amqp(&delivery, cfg.max_message_size) {
+                    // Encoded straight from the broker delivery into the link's buffer.
+                    encoded.clear();
+                    match wire_out::encode(&delivery, cfg.max_message_size, &mut encoded) {
                         Err(u) => {
                             metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
                             let reason = u.to_string();
-                            inflight.push_back(async move { (delivery, Settled::DeadLetter(reason)) }.boxed());
+                            inflight.push_back(InFlight::settled_here(delivery, Settled::DeadLetter(reason)));
                         }
-                        Ok(msg) => {
+                        Ok(()) => {
                             let need = kib(delivery.data.len(), budget_kib);
                             match ctx.bytes_in_flight.clone().try_acquire_many_owned(need) {
-                                Ok(permit) => send!(delivery, msg, permit),
-                                Err(_) => waiting = Some(Box::new((delivery, msg))),
+                                Ok(permit) => send!(delivery, &encoded, permit),
+                                Err(_) => waiting = Some(Box::new((delivery, std::mem::take(&mut encoded)))),
                             }
                         }
                     }
                 }
-                closed = pc.conn.on_close() => {
-                    let why = match closed {
-                        Ok(()) => Broken::PeerClosed,
-                        Err(e) => Broken::PeerLost(e.to_string()),
-                    };
-                    broken!(why);
+                due = async { match canary.as_deref_mut() { Some(c) => c.due().await, None => std::future::pending().await } } => {
+                    if let Some(c) = canary.as_mut() {
+                        c.on_due(due, pc.driver.conn());
+                    }
                 }
                 changed = crl_changes.changed(), if crl_open => {
                     crl_open = changed.is_ok();
@@ -835,6 +909,31 @@ impl LinkSession<'_> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A broker delivery in the window: sent and not yet settled, settled and waiting for those
+/// before it, or settled here without a transfer (it cannot be delivered).
+struct InFlight {
+    delivery: Delivery,
+    /// The engine's delivery id; `None`: settled here, never sent.
+    id: Option<u32>,
+    /// Its share of the process byte budget, given back when the peer settles it.
+    permit: Option<OwnedSemaphorePermit>,
+    settled: Option<Settled>,
+    /// When it counts as not settled in time.
+    deadline: tokio::time::Instant,
+}
+
+impl InFlight {
+    fn settled_here(delivery: Delivery, settled: Settled) -> Self {
+        InFlight {
+            delivery,
+            id: None,
+            permit: None,
+            settled: Some(settled),
+            deadline: tokio::time::Instant::now(),
         }
     }
 }
@@ -875,10 +974,12 @@ impl Forwarded {
     }
 }
 
-/// Take, in queue order, the acceptances that are ready within `wait`; stop at the first
-/// transfer that is not (yet) accepted. What is taken is recorded in `acks`.
+/// Take, in queue order, the acceptances that arrive within `wait` (the peer's dispositions
+/// still in the stream); stop at the first transfer that is not accepted. What is taken is
+/// recorded in `acks`.
 async fn salvage(
-    inflight: &mut FuturesOrdered<InFlight>,
+    inflight: &mut VecDeque<InFlight>,
+    pc: &mut PeerConnection,
     acks: &mut AckBatch,
     stats: &mut SessionStats,
     view: &SharedView,
@@ -886,15 +987,37 @@ async fn salvage(
     wait: Duration,
 ) {
     let deadline = tokio::time::Instant::now() + wait;
-    while !inflight.is_empty() {
-        match tokio::time::timeout_at(deadline, inflight.next()).await {
-            Ok(Some((delivery, Settled::Accepted))) => {
-                acks.settled(delivery.delivery_tag, false);
-                stats.accepted += 1;
-                stats.acked += 1;
-                count_forwarded(view, &delivery, age);
+    loop {
+        while inflight
+            .front()
+            .is_some_and(|f| f.settled == Some(Settled::Accepted))
+        {
+            let f = inflight.pop_front().expect("front");
+            acks.settled(f.delivery.delivery_tag, false);
+            stats.accepted += 1;
+            stats.acked += 1;
+            count_forwarded(view, &f.delivery, age);
+        }
+        if inflight.front().is_none_or(|f| f.settled.is_some()) {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, pc.driver.next_event()).await {
+            Ok(Ok(Event::Settled {
+                link,
+                first,
+                last,
+                outcome,
+            })) if link == pc.link => {
+                let settled = classify(Some(outcome), wait);
+                for f in inflight.iter_mut() {
+                    let Some(id) = f.id else { continue };
+                    if id.wrapping_sub(first) <= last.wrapping_sub(first) && f.settled.is_none() {
+                        f.settled = Some(settled.clone());
+                    }
+                }
             }
-            _ => break,
+            Ok(Ok(Event::Closed { .. })) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
         }
     }
 }
@@ -975,8 +1098,6 @@ async fn start_consumer(
 fn consumer_tag(ctx: &Ctx) -> String {
     format!("drawbridge-{}", ctx.cfg.id)
 }
-
-type InFlight = BoxFuture<'static, (Delivery, Settled)>;
 
 async fn flush(channel: &Channel, acks: &mut AckBatch, op: Duration) -> Result<(), String> {
     let Some(tag) = acks.take() else {

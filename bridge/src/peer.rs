@@ -3,9 +3,11 @@
 use std::{sync::Arc, time::Duration};
 
 use drawbridge_control_protocol::Target;
-use drawbridge_runtime::frame_guard::{FrameGuard, PeerLimits, Side};
-use fe2o3_amqp::{
-    connection::ConnectionHandle, session::SessionHandle, Connection, Sender, Session,
+use drawbridge_amqp::{
+    self as amqp,
+    connection::{Config, Connection, Event, LinkId},
+    driver::Driver,
+    Limits,
 };
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -33,18 +35,22 @@ impl ConnectFailure {
     }
 }
 
-/// One open peer connection with a sending link.
+/// The stream a peer connection runs on.
+pub type PeerStream =
+    tokio_rustls::client::TlsStream<drawbridge_runtime::coalesce::Coalesce<TcpStream>>;
+
+/// One open peer connection with a sending link, driven by the link's own task: the
+/// engine (`drawbridge_amqp`) is a state machine, so a transfer and its disposition cross no
+/// task boundary.
 #[derive(Debug)]
 pub struct PeerConnection {
-    /// The AMQP connection.
-    pub conn: ConnectionHandle<()>,
-    /// Its one session.
-    pub session: SessionHandle<()>,
+    /// The connection and its stream.
+    pub driver: Driver<PeerStream>,
     /// The sending link to the target address.
-    pub sender: Sender,
+    pub link: LinkId,
     /// The canary's sending link (with `canary_address` set), or why the float refused it:
     /// a float without canary support must not cost the link its messages.
-    pub canary: Option<Result<Sender, String>>,
+    pub canary: Option<Result<LinkId, String>>,
     /// Which target this is.
     pub target: Target,
 }
@@ -68,8 +74,8 @@ pub struct PeerSettings {
     pub canary_address: Option<String>,
 }
 
-/// Connect to `target`: TCP (NODELAY) → direct TLS → frame guard → SASL EXTERNAL → session
-/// → sender.
+/// Connect to `target`: TCP (NODELAY) → direct TLS → SASL EXTERNAL → open → session →
+/// sender (and the canary's sender).
 pub async fn connect(target: &Target, s: &PeerSettings) -> Result<PeerConnection, ConnectFailure> {
     match tokio::time::timeout(s.connect_timeout, connect_inner(target, s)).await {
         Ok(r) => r,
@@ -77,6 +83,26 @@ pub async fn connect(target: &Target, s: &PeerSettings) -> Result<PeerConnection
             "{target}: no answer within {:?}",
             s.connect_timeout
         ))),
+    }
+}
+
+/// What a float may hold the bridge to: one session, two links (the link and its canary);
+/// the decoder's limits bound everything it sends (depth, sizes, counts), so a hostile float
+/// is refused while its frames are read, never after.
+fn engine_config(target: &Target, s: &PeerSettings) -> Config {
+    Config {
+        container_id: s.container_id.clone(),
+        hostname: Some(target.host.clone()),
+        max_frame_size: MAX_FRAME,
+        max_sessions: 1,
+        max_links_per_session: 2,
+        idle_timeout: s.idle_timeout,
+        min_peer_idle_timeout: Duration::from_secs(1),
+        incoming_window: 2048,
+        // The bridge receives no messages.
+        max_message_size: 0,
+        sasl_external: true,
+        limits: Limits::DEFAULT,
     }
 }
 
@@ -88,170 +114,163 @@ async fn connect_inner(
         .await
         .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?;
     let _ = tcp.set_nodelay(true);
-    // TLS here rather than inside fe2o3, so that the frame guard can sit between TLS and the
-    // AMQP engine: what a float answers is scanned before fe2o3 decodes it (see
-    // `drawbridge_runtime::frame_guard`). The host name is not what is verified (the link's
-    // legal names are), but rustls needs one for SNI.
+    // The host name is not what is verified (the link's legal names are), but rustls needs
+    // one for SNI.
     let name = ServerName::try_from(target.host.clone())
         .map_err(|e| ConnectFailure::Tls(format!("{target}: {e}")))?;
-    // Frames written while the connection engine is busy leave in one write (and TLS records
-    // in one segment) instead of one `writev` per frame: see `Coalesce`.
+    // What the engine queued in one step leaves in one write; `Coalesce` keeps TLS records
+    // of one flush in one segment.
     let tls = tokio_rustls::TlsConnector::from(s.tls.clone())
         .connect(name, drawbridge_runtime::coalesce::Coalesce::new(tcp))
         .await
         .map_err(|e| classify_tls(target, &e))?;
-    let mut guarded = FrameGuard::new(
-        tls,
-        MAX_FRAME,
-        PeerLimits::FOR_A_FLOAT,
-        target.to_string(),
-        Side::Bridge,
-    );
-    sasl_external(&mut guarded, &target.host)
-        .await
-        .map_err(|e| ConnectFailure::Amqp(format!("{target}: SASL: {e}")))?;
-    let mut conn = Connection::builder()
-        .container_id(s.container_id.clone())
-        .scheme("amqp")
-        .hostname(target.host.as_str())
-        .max_frame_size(MAX_FRAME)
-        .idle_time_out(s.idle_timeout.as_millis() as u32)
-        .open_with_stream(guarded)
-        .await
-        .map_err(|e| ConnectFailure::Amqp(format!("{target}: {e}")))?;
-    let mut session = match Session::begin(&mut conn).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = conn.close().await;
-            return Err(ConnectFailure::Amqp(format!("{target}: session: {e}")));
-        }
+    let mut driver = Driver::new(tls, Connection::client(engine_config(target, s)));
+    let amqp = |e: String| ConnectFailure::Amqp(format!("{target}: {e}"));
+    let session = driver.conn().begin().map_err(|e| amqp(e.to_string()))?;
+    let link = driver
+        .conn()
+        .attach_sender(session, &s.link_name, &s.address)
+        .map_err(|e| amqp(e.to_string()))?;
+    let canary_name = format!("{}-canary", s.link_name);
+    let canary_link = match &s.canary_address {
+        Some(address) => Some(
+            driver
+                .conn()
+                .attach_sender(session, &canary_name, address)
+                .map_err(|e| amqp(e.to_string()))?,
+        ),
+        None => None,
     };
-    let sender = match Sender::attach(&mut session, s.link_name.clone(), s.address.clone()).await {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = session.end().await;
-            let _ = conn.close().await;
-            return Err(ConnectFailure::Amqp(format!(
-                "{target}: attach to `{}`: {e}",
-                s.address
-            )));
+    // The link itself: attached when the float answers with a target, refused when it
+    // answers without one (and detaches with its reason).
+    let mut refused = false;
+    let mut canary: Option<Result<LinkId, String>> = None;
+    loop {
+        match next(&mut driver, target).await? {
+            Event::LinkReady { link: l, attach } if l == link => {
+                if attach.target.is_some() {
+                    break;
+                }
+                refused = true;
+            }
+            Event::Detached { link: l, error } if l == link => {
+                let why = if refused { "refused" } else { "detached" };
+                return Err(amqp(format!(
+                    "attach to `{}` {why}: {}",
+                    s.address,
+                    describe(error.as_ref())
+                )));
+            }
+            e => note_canary(e, canary_link, &mut canary, s),
         }
-    };
+    }
     // Bounded on its own (half the connect deadline): a float that does not answer the
     // canary's attach must not keep the link itself from coming up.
-    let canary = match &s.canary_address {
-        None => None,
-        Some(address) => {
-            let name = format!("{}-canary", s.link_name);
-            let wait = s.connect_timeout / 2;
-            Some(
-                match tokio::time::timeout(
-                    wait,
-                    Sender::attach(&mut session, name, address.clone()),
-                )
-                .await
-                {
-                    Ok(Ok(sender)) => Ok(sender),
-                    Ok(Err(e)) => Err(format!(
-                        "the float refused the canary link to `{address}`: {e}"
-                    )),
-                    Err(_) => Err(format!(
-                        "the float did not answer the canary link to `{address}` within {wait:?}"
-                    )),
-                },
-            )
+    if let (Some(c), None) = (canary_link, &canary) {
+        let wait = s.connect_timeout / 2;
+        let address = s.canary_address.as_deref().unwrap_or_default();
+        let answered = tokio::time::timeout(wait, async {
+            while canary.is_none() {
+                let e = next(&mut driver, target).await?;
+                note_canary(e, Some(c), &mut canary, s);
+            }
+            Ok::<_, ConnectFailure>(())
+        })
+        .await;
+        match answered {
+            Ok(r) => r?,
+            Err(_) => {
+                canary = Some(Err(format!(
+                    "the float did not answer the canary link to `{address}` within {wait:?}"
+                )))
+            }
         }
-    };
+    }
     Ok(PeerConnection {
-        conn,
-        session,
-        sender,
+        driver,
+        link,
         canary,
         target: target.clone(),
     })
 }
 
-/// Largest frame the float may send (announced in `open`, enforced by the frame guard).
+/// The next event while connecting; a closed connection or a failed stream is the
+/// connect's failure.
+async fn next(driver: &mut Driver<PeerStream>, target: &Target) -> Result<Event, ConnectFailure> {
+    match driver.next_event().await {
+        Ok(Event::Closed {
+            error, violation, ..
+        }) => {
+            if let Some(label) = violation {
+                hostile(target, label, error.as_ref());
+            }
+            Err(ConnectFailure::Amqp(format!(
+                "{target}: connection closed: {}",
+                describe(error.as_ref())
+            )))
+        }
+        Ok(Event::Ended { error, .. }) => Err(ConnectFailure::Amqp(format!(
+            "{target}: session ended: {}",
+            describe(error.as_ref())
+        ))),
+        Ok(e) => Ok(e),
+        Err(e) => Err(ConnectFailure::Network(format!("{target}: {e}"))),
+    }
+}
+
+/// Takes what an event says about the canary's attach.
+fn note_canary(
+    e: Event,
+    canary_link: Option<LinkId>,
+    canary: &mut Option<Result<LinkId, String>>,
+    s: &PeerSettings,
+) {
+    let Some(c) = canary_link else { return };
+    let address = s.canary_address.as_deref().unwrap_or_default();
+    match e {
+        Event::LinkReady { link, attach } if link == c && canary.is_none() => {
+            if attach.target.is_some() {
+                *canary = Some(Ok(c));
+            }
+        }
+        Event::Detached { link, error } if link == c => {
+            *canary = Some(Err(format!(
+                "the float refused the canary link to `{address}`: {}",
+                describe(error.as_ref())
+            )));
+        }
+        _ => {}
+    }
+}
+
+/// An AMQP error as one line of text.
+pub(crate) fn describe(error: Option<&amqp::performatives::Error>) -> String {
+    match error {
+        None => "no error given".into(),
+        Some(e) => {
+            let condition = String::from_utf8_lossy(&e.condition);
+            match &e.description {
+                Some(d) => format!("{condition}: {d}"),
+                None => condition.into_owned(),
+            }
+        }
+    }
+}
+
+/// A float that broke the protocol or the decoder's limits: one line and a count, as the
+/// runbooks say (`drawbridge_bridge_peer_frames_refused_total{reason}`). A float that fell
+/// silent is no attacker: that is a lost connection, said where it ends the link.
+pub(crate) fn hostile(target: &Target, label: &'static str, error: Option<&amqp::performatives::Error>) {
+    if label == "silent" {
+        return;
+    }
+    tracing::warn!(target_addr = %drawbridge_runtime::text::escape(&target.to_string()), reason = %drawbridge_runtime::text::escape(&describe(error)), "float connection closed: malformed or hostile AMQP frames");
+    metrics::counter!("drawbridge_bridge_peer_frames_refused_total", "reason" => label)
+        .increment(1);
+}
+
+/// Largest frame the float may send (announced in `open`, enforced by the decoder).
 const MAX_FRAME: u32 = 256 * 1024;
-
-/// Largest SASL frame read (the mechanisms and the outcome; AMQP's minimum max-frame-size is
-/// 512 bytes, and SASL frames must fit it).
-const MAX_SASL_FRAME: usize = 512;
-
-/// The SASL layer, EXTERNAL (the identity is the TLS client certificate), done here because
-/// fe2o3 0.18 refuses EXTERNAL on a stream it did not encrypt itself. Reads through the frame
-/// guard; each read has the connect deadline of the caller.
-async fn sasl_external<S>(io: &mut S, host: &str) -> Result<(), String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use fe2o3_amqp::types::{
-        primitives::Symbol,
-        sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome},
-    };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
-    io.write_all(&SASL_HEADER)
-        .await
-        .map_err(|e| e.to_string())?;
-    io.flush().await.map_err(|e| e.to_string())?;
-    let mut header = [0u8; 8];
-    io.read_exact(&mut header)
-        .await
-        .map_err(|e| e.to_string())?;
-    if header != SASL_HEADER {
-        return Err(format!(
-            "the float answered with protocol header {header:02x?}"
-        ));
-    }
-    let mechanisms: SaslMechanisms = serde_amqp::from_slice(&read_sasl_frame(io).await?)
-        .map_err(|e| format!("sasl-mechanisms: {e}"))?;
-    if !mechanisms
-        .sasl_server_mechanisms
-        .0
-        .iter()
-        .any(|m| m.0 == "EXTERNAL")
-    {
-        return Err("the float does not offer EXTERNAL".into());
-    }
-    let init = SaslInit {
-        mechanism: Symbol::from("EXTERNAL"),
-        initial_response: None,
-        hostname: Some(host.to_string()),
-    };
-    let body = serde_amqp::to_vec(&init).map_err(|e| e.to_string())?;
-    let mut frame = Vec::with_capacity(8 + body.len());
-    frame.extend_from_slice(&(8 + body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&[2, 1, 0, 0]);
-    frame.extend_from_slice(&body);
-    io.write_all(&frame).await.map_err(|e| e.to_string())?;
-    io.flush().await.map_err(|e| e.to_string())?;
-    let outcome: SaslOutcome = serde_amqp::from_slice(&read_sasl_frame(io).await?)
-        .map_err(|e| format!("sasl-outcome: {e}"))?;
-    match outcome.code {
-        SaslCode::Ok => Ok(()),
-        code => Err(format!("the float refused EXTERNAL ({code:?})")),
-    }
-}
-
-/// One SASL frame's body (after the extended header).
-async fn read_sasl_frame<S>(io: &mut S) -> Result<Vec<u8>, String>
-where
-    S: tokio::io::AsyncRead + Unpin,
-{
-    use tokio::io::AsyncReadExt;
-    let mut head = [0u8; 8];
-    io.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-    let size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    let doff = usize::from(head[4]) * 4;
-    if head[5] != 1 || size > MAX_SASL_FRAME || doff < 8 || doff > size {
-        return Err(format!("not a SASL frame: header {head:02x?}"));
-    }
-    let mut rest = vec![0u8; size - 8];
-    io.read_exact(&mut rest).await.map_err(|e| e.to_string())?;
-    Ok(rest.split_off(doff - 8))
-}
 
 /// A TLS handshake's failure: verification problems are `Tls` (retried later), the rest
 /// network trouble.
@@ -268,30 +287,20 @@ fn classify_tls(target: &Target, io: &std::io::Error) -> ConnectFailure {
 }
 
 impl PeerConnection {
-    /// Close link, session and connection, each with a short deadline (the peer may be
-    /// gone already).
-    ///
-    /// The closing futures are boxed: together they are several KiB, awaited once per
-    /// connection, and a caller's task would otherwise keep room for them for its whole life
-    /// (1,000 idle links, 1,000 such tasks).
-    pub async fn close(self) {
-        Box::pin(self.close_inner()).await;
-    }
-
-    async fn close_inner(self) {
+    /// Close the connection with a short deadline (the peer may be gone already): our
+    /// `close`, the float's answer, then the stream's end.
+    pub async fn close(mut self) {
         let d = Duration::from_secs(2);
-        let PeerConnection {
-            mut conn,
-            mut session,
-            sender,
-            canary,
-            ..
-        } = self;
-        if let Some(Ok(canary)) = canary {
-            let _ = tokio::time::timeout(d, canary.close()).await;
-        }
-        let _ = tokio::time::timeout(d, sender.close()).await;
-        let _ = tokio::time::timeout(d, session.end()).await;
-        let _ = tokio::time::timeout(d, conn.close()).await;
+        self.driver.conn().close(None);
+        let _ = tokio::time::timeout(d, async {
+            loop {
+                match self.driver.next_event().await {
+                    Ok(Event::Closed { .. }) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(d, self.driver.finish()).await;
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use drawbridge_runtime::text;
-use fe2o3_amqp::{link::SendError, types::messaging::Outcome};
+use drawbridge_amqp::performatives::Outcome;
 
 /// Longest part of a peer's rejection description kept in the dead-letter reason
 /// (`drawbridge-reason`), in bytes: the peer writes it, and it is copied into a header of
@@ -23,24 +23,27 @@ pub enum Settled {
     Retry(String),
 }
 
-/// Map the peer's outcome (`None`: no disposition within `timeout`) to a [`Settled`].
-pub fn classify(outcome: Option<Result<Outcome, SendError>>, timeout: Duration) -> Settled {
+/// Map the peer's outcome to a [`Settled`]: `None` when no disposition came within
+/// `timeout`, `Some(None)` when the peer settled without an outcome (taken as released).
+pub fn classify(outcome: Option<Option<Outcome>>, timeout: Duration) -> Settled {
     match outcome {
-        Some(Ok(Outcome::Accepted(_))) => Settled::Accepted,
-        Some(Ok(Outcome::Rejected(r))) => {
-            let why = r
-                .error
+        Some(Some(Outcome::Accepted)) => Settled::Accepted,
+        Some(Some(Outcome::Rejected(error))) => {
+            let why = error
                 .and_then(|e| e.description)
                 .unwrap_or_else(|| "no reason given".into());
             let kept = text::truncate(&why, MAX_PEER_REASON);
             let cut = if kept.len() < why.len() { "…" } else { "" };
             Settled::DeadLetter(format!("rejected by peer: {kept}{cut}"))
         }
-        Some(Ok(Outcome::Released(_))) => Settled::Retry("peer released a transfer".into()),
-        Some(Ok(Outcome::Modified(_))) => Settled::Retry("peer modified a transfer".into()),
-        #[allow(unreachable_patterns)]
-        Some(Ok(other)) => Settled::Retry(format!("unexpected outcome {other:?}")),
-        Some(Err(e)) => Settled::Retry(format!("transfer failed: {e}")),
+        Some(Some(Outcome::Released)) => Settled::Retry("peer released a transfer".into()),
+        Some(None) => Settled::Retry("peer settled a transfer without an outcome".into()),
+        Some(Some(Outcome::Modified { .. })) => {
+            Settled::Retry("peer modified a transfer".into())
+        }
+        Some(Some(Outcome::Received)) => {
+            Settled::Retry("peer settled a transfer as `received`".into())
+        }
         None => Settled::Retry(format!("peer did not settle within {timeout:?}")),
     }
 }
@@ -205,10 +208,7 @@ impl HeadWatch {
 
 #[cfg(test)]
 mod tests {
-    use fe2o3_amqp::types::{
-        definitions::{AmqpError, Error},
-        messaging::{Accepted, Modified, Rejected, Released},
-    };
+    use drawbridge_amqp::performatives::Error;
 
     use super::*;
 
@@ -217,39 +217,35 @@ mod tests {
     #[test]
     fn outcomes_map_to_ack_dead_letter_or_retry() {
         assert_eq!(
-            classify(Some(Ok(Outcome::Accepted(Accepted {}))), T),
+            classify(Some(Some(Outcome::Accepted)), T),
             Settled::Accepted
         );
-        let rejected = Rejected {
-            error: Some(Error::new(
-                AmqpError::PreconditionFailed,
-                "destination `X` is not served".to_string(),
-                None,
-            )),
-        };
+        let rejected = Some(Error::new(
+            "amqp:precondition-failed",
+            "destination `X` is not served",
+        ));
         assert_eq!(
-            classify(Some(Ok(Outcome::Rejected(rejected))), T),
+            classify(Some(Some(Outcome::Rejected(rejected))), T),
             Settled::DeadLetter("rejected by peer: destination `X` is not served".into())
         );
         assert_eq!(
-            classify(Some(Ok(Outcome::Rejected(Rejected { error: None }))), T),
+            classify(Some(Some(Outcome::Rejected(None))), T),
             Settled::DeadLetter("rejected by peer: no reason given".into())
         );
         assert!(matches!(
-            classify(Some(Ok(Outcome::Released(Released {}))), T),
+            classify(Some(Some(Outcome::Released)), T),
             Settled::Retry(_)
         ));
-        let modified = Modified {
-            delivery_failed: Some(true),
-            undeliverable_here: None,
-            message_annotations: None,
+        let modified = Outcome::Modified {
+            delivery_failed: true,
+            undeliverable_here: false,
         };
         assert!(matches!(
-            classify(Some(Ok(Outcome::Modified(modified))), T),
+            classify(Some(Some(modified)), T),
             Settled::Retry(_)
         ));
         assert!(matches!(
-            classify(Some(Err(SendError::MessageEncodeError)), T),
+            classify(Some(None), T),
             Settled::Retry(_)
         ));
         assert_eq!(
@@ -276,7 +272,7 @@ mod tests {
         // 5 and 6 accepted, 7 released, 8 accepted after it: the link acks up to 6 only.
         let mut a = AckBatch::new(64);
         let accepted = Settled::Accepted;
-        let released = classify(Some(Ok(Outcome::Released(Released {}))), T);
+        let released = classify(Some(Some(Outcome::Released)), T);
         assert_eq!(
             a.outcome(5, &accepted, false),
             Step::Ack { flush_now: false }
@@ -295,15 +291,9 @@ mod tests {
     #[test]
     fn a_peers_long_rejection_description_is_cut_on_a_character_boundary() {
         let rejected = |d: String| {
-            Outcome::Rejected(Rejected {
-                error: Some(fe2o3_amqp::types::definitions::Error::new(
-                    fe2o3_amqp::types::definitions::AmqpError::PreconditionFailed,
-                    d,
-                    None,
-                )),
-            })
+            Outcome::Rejected(Some(Error::new("amqp:precondition-failed", d)))
         };
-        let Settled::DeadLetter(reason) = classify(Some(Ok(rejected("é".repeat(100_000)))), T)
+        let Settled::DeadLetter(reason) = classify(Some(Some(rejected("é".repeat(100_000)))), T)
         else {
             panic!()
         };
@@ -314,7 +304,7 @@ mod tests {
         assert_eq!(kept, "é".repeat(MAX_PEER_REASON / 2));
         let short = "x".repeat(MAX_PEER_REASON);
         assert_eq!(
-            classify(Some(Ok(rejected(short.clone()))), T),
+            classify(Some(Some(rejected(short.clone()))), T),
             Settled::DeadLetter(format!("rejected by peer: {short}"))
         );
     }

@@ -37,6 +37,8 @@ pub(crate) struct Canary {
     probe: Option<Probe>,
     sent: u64,
     failing: bool,
+    /// The float settled a probe on this connection.
+    answered: bool,
     rtt_seconds: metrics::Histogram,
     last_ok: metrics::Gauge,
 }
@@ -75,6 +77,7 @@ impl Canary {
             probe: None,
             sent: 0,
             failing: false,
+            answered: false,
             rtt_seconds: metrics::histogram!("drawbridge_bridge_link_canary_rtt_seconds", "queue" => queue.clone()),
             last_ok: metrics::gauge!("drawbridge_bridge_link_canary_last_ok_timestamp_seconds", "queue" => queue.clone()),
             queue,
@@ -129,6 +132,7 @@ impl Canary {
             return;
         };
         if id.wrapping_sub(first) <= last.wrapping_sub(first) {
+            self.answered = true;
             let started = self.probe.take().map(|p| p.started);
             let verdict = judge(Some(Ok(outcome.unwrap_or(Outcome::Released))));
             if verdict.is_ok() {
@@ -142,9 +146,23 @@ impl Canary {
     }
 
     /// The float detached the canary's link: reported, and the link forwards without it.
+    /// Detached before it settled any probe, the float does not take probes (an older
+    /// float, or its canary is off; some answer the attach and detach at once): said once
+    /// per reason, not at every reconnect.
     pub(crate) fn on_detached(&mut self, reason: String) {
         self.probe = None;
-        self.judged(judge(Some(Err(reason))));
+        if self.answered {
+            self.judged(judge(Some(Err(reason))));
+            return;
+        }
+        metrics::counter!("drawbridge_bridge_link_canary_failures_total", "queue" => self.queue.clone(), "reason" => Failure::Link.label())
+            .increment(1);
+        let reason = format!("the float refused the canary link: {reason}");
+        let mut v = self.view.lock().expect("poisoned");
+        if v.canary_error.as_deref() != Some(reason.as_str()) {
+            warn!(queue = %self.queue, reason = %text::escape(&reason), "link canary unavailable; the link forwards without it");
+            v.canary_error = Some(reason);
+        }
     }
 
     fn send(&mut self, conn: &mut Connection) {

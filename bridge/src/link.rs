@@ -763,7 +763,7 @@ impl LinkSession<'_> {
                     }
                     Ok(Event::Detached { link, error }) => {
                         if let Some(mut c) = canary.take_if(|c| c.link() == link) {
-                            c.on_detached(format!("the float detached it: {}", peer::describe(error.as_ref())));
+                            c.on_detached(peer::describe(error.as_ref()));
                         }
                     }
                     Ok(Event::Ended { error, .. }) => {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod daemon;
+pub mod fe2o3_peer;
 pub mod fixtures;
 pub mod peer_client;
 pub mod proton;

@@ -5,7 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use drawbridge_bridge::peer::{self, PeerConnection, PeerSettings};
+use crate::fe2o3_peer::{self as peer, PeerConnection, PeerSettings};
 use drawbridge_certs::{TlsIdentity, TlsPolicy};
 use drawbridge_control_protocol::Target;
 use fe2o3_amqp::types::{

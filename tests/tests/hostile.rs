@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_bridge::peer;
+use drawbridge_testkit::fe2o3_peer as peer;
 use drawbridge_control_protocol::Target;
 use drawbridge_testkit::{
     fixtures::two_orgs,

@@ -531,6 +531,16 @@ impl<'a> Fields<'a> {
         codes: (u8, u8),
         expected: &'static str,
     ) -> Result<Option<&'a [u8]>, DecodeError> {
+        self.variable_within(field, codes, expected, self.r.limits.max_string)
+    }
+
+    fn variable_within(
+        &mut self,
+        field: &'static str,
+        codes: (u8, u8),
+        expected: &'static str,
+        max: usize,
+    ) -> Result<Option<&'a [u8]>, DecodeError> {
         match self.next_code()? {
             None => Ok(None),
             Some(c) if c == codes.0 || c == codes.1 => {
@@ -539,12 +549,8 @@ impl<'a> Fields<'a> {
                 } else {
                     self.r.be(4)? as usize
                 };
-                if n > self.r.limits.max_string {
-                    return Err(DecodeError::TooLong {
-                        field,
-                        len: n,
-                        max: self.r.limits.max_string,
-                    });
+                if n > max {
+                    return Err(DecodeError::TooLong { field, len: n, max });
                 }
                 Ok(Some(self.r.take(n)?))
             }
@@ -565,6 +571,28 @@ impl<'a> Fields<'a> {
                     .map_err(|_| DecodeError::Utf8(field))
             })
             .transpose()
+    }
+
+    /// A `string` field of free text, e.g. an error's description: any length the frame
+    /// holds (the frame size bounds it), kept to [`Limits::max_string`] bytes, cut on a
+    /// character boundary and marked with `…`. A peer's long explanation costs it its
+    /// tail, not the connection: refusing it would make a float that rejects with 200 KB of
+    /// text recycle the link for ever.
+    pub fn text(&mut self, field: &'static str) -> Result<Option<String>, DecodeError> {
+        let max = self.r.limits.max_string;
+        let Some(b) = self.variable_within(field, (code::STR8, code::STR32), "string", usize::MAX)?
+        else {
+            return Ok(None);
+        };
+        let s = std::str::from_utf8(b).map_err(|_| DecodeError::Utf8(field))?;
+        if s.len() <= max {
+            return Ok(Some(s.to_owned()));
+        }
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        Ok(Some(format!("{}…", &s[..end])))
     }
 
     /// A `symbol` field (ASCII; kept as bytes).

@@ -55,7 +55,7 @@ pub mod descriptor {
 pub struct Error {
     /// e.g. `amqp:not-allowed`.
     pub condition: Bytes,
-    /// Free text (bounded by [`Limits::max_string`]).
+    /// Free text (cut to [`Limits::max_string`] bytes, see [`Fields::text`]).
     pub description: Option<String>,
     /// The info map, as sent.
     pub info: Option<Raw>,
@@ -76,7 +76,7 @@ impl Error {
             condition: f
                 .symbol("error.condition")?
                 .ok_or(DecodeError::Missing("error.condition"))?,
-            description: f.string("error.description")?,
+            description: f.text("error.description")?,
             info: f.raw()?,
         };
         f.finish()?;
@@ -757,6 +757,37 @@ pub fn write_frame<B: Buf>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rejection's description longer than `max_string` (a float's 200 KB explanation)
+    /// is cut on a character boundary, not refused: refusing it would close the connection
+    /// and bring the same rejection back at every reconnect.
+    #[test]
+    fn a_long_error_description_is_cut_not_refused() {
+        let d = Performative::Disposition(Disposition {
+            role: Role::Receiver,
+            first: 0,
+            last: None,
+            settled: true,
+            state: Some(Outcome::Rejected(Some(Error::new(
+                "amqp:precondition-failed",
+                "é".repeat(100_000),
+            )))),
+            batchable: false,
+        });
+        let mut buf = Vec::new();
+        d.encode(&mut buf);
+        let (back, _) = Performative::decode(&buf, Limits::DEFAULT).unwrap();
+        let Performative::Disposition(Disposition {
+            state: Some(Outcome::Rejected(Some(e))),
+            ..
+        }) = back
+        else {
+            panic!("{back:?}")
+        };
+        let text = e.description.unwrap();
+        let kept = text.strip_suffix('…').unwrap();
+        assert_eq!(kept, "é".repeat(Limits::DEFAULT.max_string / 2));
+    }
 
     fn round_trip(p: Performative) {
         let mut buf = Vec::new();

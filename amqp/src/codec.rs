@@ -580,7 +580,8 @@ impl<'a> Fields<'a> {
     /// text recycle the link for ever.
     pub fn text(&mut self, field: &'static str) -> Result<Option<String>, DecodeError> {
         let max = self.r.limits.max_string;
-        let Some(b) = self.variable_within(field, (code::STR8, code::STR32), "string", usize::MAX)?
+        let Some(b) =
+            self.variable_within(field, (code::STR8, code::STR32), "string", usize::MAX)?
         else {
             return Ok(None);
         };

@@ -21,11 +21,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use drawbridge_amqp::connection::{CommandError, Event};
 use drawbridge_certs::{pki_types::CertificateDer, PeerRefusal, PeerRole};
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
 use drawbridge_runtime::{broker::Live, text};
-use drawbridge_amqp::connection::{CommandError, Event};
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
@@ -569,7 +569,16 @@ impl LinkSession<'_> {
                 // Boxed: expanded at every way out, and each expansion's room would be kept
                 // in every link's task.
                 let flushed = Box::pin(async {
-                    salvage(&mut inflight, pc, &mut acks, stats, view, &age, SALVAGE_WAIT).await;
+                    salvage(
+                        &mut inflight,
+                        pc,
+                        &mut acks,
+                        stats,
+                        view,
+                        &age,
+                        SALVAGE_WAIT,
+                    )
+                    .await;
                     flush(channel, &mut acks, op).await
                 })
                 .await;
@@ -678,7 +687,15 @@ impl LinkSession<'_> {
                         warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %text::escape(&reason), "message dead-lettered");
                         let props = copy_properties(&delivery.properties, &reason, &spec.queue);
                         // Boxed: a rare path, too large to keep room for in every link's task.
-                        match Box::pin(dead_letters.publish(live, &delivery.data, props, &spec.queue, stop)).await {
+                        match Box::pin(dead_letters.publish(
+                            live,
+                            &delivery.data,
+                            props,
+                            &spec.queue,
+                            stop,
+                        ))
+                        .await
+                        {
                             Ok(()) => {
                                 metrics::counter!("drawbridge_bridge_dead_lettered_total", "queue" => spec.queue.clone()).increment(1);
                                 view.lock().expect("poisoned").dead_lettered += 1;

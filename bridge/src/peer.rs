@@ -2,13 +2,13 @@
 
 use std::{sync::Arc, time::Duration};
 
-use drawbridge_control_protocol::Target;
 use drawbridge_amqp::{
     self as amqp,
     connection::{Config, Connection, Event, LinkId},
     driver::Driver,
     Limits,
 };
+use drawbridge_control_protocol::Target;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -228,10 +228,10 @@ fn note_canary(
     let Some(c) = canary_link else { return };
     let address = s.canary_address.as_deref().unwrap_or_default();
     match e {
-        Event::LinkReady { link, attach } if link == c && canary.is_none() => {
-            if attach.target.is_some() {
-                *canary = Some(Ok(c));
-            }
+        Event::LinkReady { link, attach }
+            if link == c && canary.is_none() && attach.target.is_some() =>
+        {
+            *canary = Some(Ok(c));
         }
         Event::Detached { link, error } if link == c => {
             *canary = Some(Err(format!(
@@ -260,7 +260,11 @@ pub(crate) fn describe(error: Option<&amqp::performatives::Error>) -> String {
 /// A float that broke the protocol or the decoder's limits: one line and a count, as the
 /// runbooks say (`drawbridge_bridge_peer_frames_refused_total{reason}`). A float that fell
 /// silent is no attacker: that is a lost connection, said where it ends the link.
-pub(crate) fn hostile(target: &Target, label: &'static str, error: Option<&amqp::performatives::Error>) {
+pub(crate) fn hostile(
+    target: &Target,
+    label: &'static str,
+    error: Option<&amqp::performatives::Error>,
+) {
     if label == "silent" {
         return;
     }

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use drawbridge_runtime::text;
 use drawbridge_amqp::performatives::Outcome;
+use drawbridge_runtime::text;
 
 /// Longest part of a peer's rejection description kept in the dead-letter reason
 /// (`drawbridge-reason`), in bytes: the peer writes it, and it is copied into a header of
@@ -38,9 +38,7 @@ pub fn classify(outcome: Option<Option<Outcome>>, timeout: Duration) -> Settled 
         }
         Some(Some(Outcome::Released)) => Settled::Retry("peer released a transfer".into()),
         Some(None) => Settled::Retry("peer settled a transfer without an outcome".into()),
-        Some(Some(Outcome::Modified { .. })) => {
-            Settled::Retry("peer modified a transfer".into())
-        }
+        Some(Some(Outcome::Modified { .. })) => Settled::Retry("peer modified a transfer".into()),
         Some(Some(Outcome::Received)) => {
             Settled::Retry("peer settled a transfer as `received`".into())
         }
@@ -244,10 +242,7 @@ mod tests {
             classify(Some(Some(modified)), T),
             Settled::Retry(_)
         ));
-        assert!(matches!(
-            classify(Some(None), T),
-            Settled::Retry(_)
-        ));
+        assert!(matches!(classify(Some(None), T), Settled::Retry(_)));
         assert_eq!(
             classify(None, T),
             Settled::Retry("peer did not settle within 30s".into())
@@ -290,9 +285,8 @@ mod tests {
     /// long the peer made it.
     #[test]
     fn a_peers_long_rejection_description_is_cut_on_a_character_boundary() {
-        let rejected = |d: String| {
-            Outcome::Rejected(Some(Error::new("amqp:precondition-failed", d)))
-        };
+        let rejected =
+            |d: String| Outcome::Rejected(Some(Error::new("amqp:precondition-failed", d)));
         let Settled::DeadLetter(reason) = classify(Some(Some(rejected("é".repeat(100_000)))), T)
         else {
             panic!()

@@ -4,8 +4,8 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result};
 use crate::fe2o3_peer::{self as peer, PeerConnection, PeerSettings};
+use anyhow::{Context, Result};
 use drawbridge_certs::{TlsIdentity, TlsPolicy};
 use drawbridge_control_protocol::Target;
 use fe2o3_amqp::types::{

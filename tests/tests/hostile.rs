@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_testkit::fe2o3_peer as peer;
 use drawbridge_control_protocol::Target;
+use drawbridge_testkit::fe2o3_peer as peer;
 use drawbridge_testkit::{
     fixtures::two_orgs,
     peer_client::{attacker_connects, attacker_sends, attacker_settings},

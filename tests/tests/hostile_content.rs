@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_testkit::fe2o3_peer as peer;
 use drawbridge_control_protocol::Target;
+use drawbridge_testkit::fe2o3_peer as peer;
 use drawbridge_testkit::{
     daemon::http_get,
     fixtures::{destination_headers, peer_queue_channel, publish_raw, two_orgs},

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use drawbridge_testkit::fe2o3_peer::{self as peer, PeerSettings};
 use drawbridge_certs::devpki::{self, make_crl, replace_file, CrlSpec, DevNetwork, NodeFiles};
 use drawbridge_control_protocol::Target;
+use drawbridge_testkit::fe2o3_peer::{self as peer, PeerSettings};
 use drawbridge_testkit::{
     daemon::Daemon,
     fixtures::{send_and_receive, two_orgs},

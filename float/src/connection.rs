@@ -21,13 +21,13 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use drawbridge_certs::pki_types::CertificateDer;
-use drawbridge_certs::{peer_legal_name, CertError, CertInfo, LegalName, PeerRefusal};
 use drawbridge_amqp::{
     connection::{Connection, Event, LinkId},
     driver::Driver,
     performatives::{Error as AmqpError, Role},
 };
+use drawbridge_certs::pki_types::CertificateDer;
+use drawbridge_certs::{peer_legal_name, CertError, CertInfo, LegalName, PeerRefusal};
 use drawbridge_runtime::{lograte::Every, text};
 use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use tokio::net::TcpStream;
@@ -445,12 +445,8 @@ impl Served {
         loop {
             if self.stopping.is_none() {
                 match self.ctx.recheck_peer(&mut peer_check) {
-                    Some(PeerRefusal::Revoked(reason)) => {
-                        self.stop(ConnectionEnd::Revoked(reason))
-                    }
-                    Some(PeerRefusal::Expired(reason)) => {
-                        self.stop(ConnectionEnd::Expired(reason))
-                    }
+                    Some(PeerRefusal::Revoked(reason)) => self.stop(ConnectionEnd::Revoked(reason)),
+                    Some(PeerRefusal::Expired(reason)) => self.stop(ConnectionEnd::Expired(reason)),
                     None => {}
                 }
             }
@@ -491,8 +487,7 @@ impl Served {
                         l.confirmed(seq, done, driver.conn(), &sh);
                     }
                     // Whatever else is confirmed already, in the same go: one write.
-                    while let Some(Some((link, seq, done))) = self.confirms.next().now_or_never()
-                    {
+                    while let Some(Some((link, seq, done))) = self.confirms.next().now_or_never() {
                         if let Some(l) = self.links.get_mut(&link) {
                             l.confirmed(seq, done, driver.conn(), &sh);
                         }
@@ -580,7 +575,10 @@ impl Served {
                         return None;
                     }
                 };
-                if conn.accept_link(link, self.ctx.cfg.link_credit, None).is_err() {
+                if conn
+                    .accept_link(link, self.ctx.cfg.link_credit, None)
+                    .is_err()
+                {
                     return None;
                 }
                 if canary.is_some() {
@@ -588,13 +586,7 @@ impl Served {
                 } else {
                     info!(peer = %self.sender, link = %text::escape(&attach.name), "inbound link attached");
                 }
-                let l = Link::new(
-                    link,
-                    attach.name,
-                    self.budget.clone(),
-                    &self.ctx,
-                    canary,
-                );
+                let l = Link::new(link, attach.name, self.budget.clone(), &self.ctx, canary);
                 self.links.insert(link, l);
             }
             Event::Delivery {

@@ -444,7 +444,11 @@ impl Link {
         };
         slot.done = Some(done);
         while self.inflight.front().is_some_and(|s| s.done.is_some()) {
-            let Some(Slot { id, done: Some(done) }) = self.inflight.pop_front() else {
+            let Some(Slot {
+                id,
+                done: Some(done),
+            }) = self.inflight.pop_front()
+            else {
                 break;
             };
             self.front += 1;
@@ -658,7 +662,10 @@ mod tests {
     #[test]
     fn a_probe_is_exactly_one_data_section() {
         use drawbridge_amqp::message::write_data_message;
-        assert_eq!(probe_body(&[0x00, 0x53, 0x75, 0xa0, 2, 7, 8]), Some(&[7u8, 8][..]));
+        assert_eq!(
+            probe_body(&[0x00, 0x53, 0x75, 0xa0, 2, 7, 8]),
+            Some(&[7u8, 8][..])
+        );
         assert_eq!(
             probe_body(&[0x00, 0x53, 0x75, 0xb0, 0, 0, 0, 1, 9]),
             Some(&[9u8][..])

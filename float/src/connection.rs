@@ -268,6 +268,10 @@ pub(crate) async fn serve_connection(
     info!(peer = %sender, peer_addr = %addr, reason = %end, "peer disconnected");
 }
 
+/// Events taken in one go before the links take their deliveries (bounds the time the
+/// connection's other work waits; what it holds is bounded by credit either way).
+const EVENT_BATCH: usize = 1024;
+
 /// How long a peer has to answer our close (and to take its last bytes).
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -479,6 +483,23 @@ impl Served {
                 Step::Event(Ok(event)) => {
                     if let Some(end) = self.event(event, driver.conn()) {
                         return self.stopping.take().unwrap_or(end);
+                    }
+                    // Read on while the peer's bytes are there (`next_event` is cancel-safe):
+                    // its deliveries are held within the credit granted, and taken together
+                    // (their publishes pipelined) once the batch is read. A peer that sends
+                    // beyond its credit meets the engine's check here, not a full socket.
+                    for _ in 0..EVENT_BATCH {
+                        match driver.next_event().now_or_never() {
+                            None => break,
+                            Some(Err(e)) => {
+                                return self.stopping.take().unwrap_or(ConnectionEnd::Io(e))
+                            }
+                            Some(Ok(event)) => {
+                                if let Some(end) = self.event(event, driver.conn()) {
+                                    return self.stopping.take().unwrap_or(end);
+                                }
+                            }
+                        }
                     }
                 }
                 Step::Confirmed(link, seq, done) => {

@@ -173,6 +173,9 @@ pub(crate) enum ConnectionEnd {
     /// The peer broke one of the engine's rules (see the module doc).
     #[error("{0}")]
     Hostile(String),
+    /// The peer sent nothing for our idle timeout.
+    #[error("{0}")]
+    Silent(String),
     /// The stream broke, or the peer ended it without a close.
     #[error("{0}")]
     Io(#[source] std::io::Error),
@@ -651,6 +654,14 @@ impl Served {
                 by_us,
                 violation,
             } => {
+                if violation == Some("silent") {
+                    // Nothing received for our idle timeout: a peer gone (a partition, a
+                    // crash), not a hostile one.
+                    let reason = error
+                        .and_then(|e| e.description)
+                        .unwrap_or_else(|| "idle timeout".to_string());
+                    return Some(ConnectionEnd::Silent(reason));
+                }
                 if let Some(label) = violation {
                     let reason = describe(
                         &self.ctx,

@@ -5,8 +5,8 @@
 //! `max_message_size` each (1000 × 10 MiB by default), and every link at once. Here:
 //!
 //! - [`LinkBudget`] counts the bytes of one link's pending publishes. While they reach
-//!   `float.max_link_bytes_in_flight` the link takes no further transfer (it does not call
-//!   `recv`); a link with nothing pending always takes one, however big, so a message larger
+//!   `float.max_link_bytes_in_flight` the link takes no further delivery (it holds them, each
+//!   keeping its unit of credit); a link with nothing pending always takes one, however big, so a message larger
 //!   than the budget still gets through, alone. A link's pending bytes therefore stay below
 //!   its limit plus one message.
 //! - [`Pool`] is a shared budget, a semaphore counted in KiB: one per connection
@@ -14,20 +14,18 @@
 //!   the process (`float.max_bytes_in_flight`). A transfer publishes only once it holds its
 //!   share of both (taken in that order, so a connection waiting for the process pool holds
 //!   only its own connection's units); links wait in arrival order (the semaphores are fair),
-//!   taking no further transfer meanwhile.
+//!   taking no further delivery meanwhile.
 //! - A [`Permit`] is both: it lives in the pending publish and gives its bytes back to the
 //!   link and the pool when it is dropped — once the transfer's disposition went out, or
 //!   when the link ends with it unsettled — so nothing can leak whatever path a transfer
 //!   takes.
 //!
-//! What these budgets do *not* cover is what the AMQP library holds before the link takes
-//! it: the peer's credit is left to fe2o3's automatic mode (`link.rs` says why), so
-//! a peer may have sent transfers the link has not received yet. fe2o3 keeps each of them,
-//! whole, in the link's incoming queue. There are at most `max(link_credit, 200)` of them
-//! (200 is fe2o3's default credit, granted by its link acceptor at attach, before the link
-//! sets `link_credit`), each as big as the peer made it (`max_message_size` is checked once
-//! the link has taken the transfer). An operator who must bound the float's memory tightly
-//! lowers `link_credit` as well.
+//! What these budgets do *not* cover is what a link holds before it takes it: deliveries
+//! that arrived while the link was paused or over its budget. The engine tops a link's
+//! credit up only as deliveries are settled, so there are at most `link_credit` of them per
+//! link, each at most the announced max-message-size (checked by the engine while the
+//! delivery is assembled). An operator who must bound the float's memory tightly lowers
+//! `link_credit` as well.
 //!
 //! No sockets and no clock: the link drives these types, tests drive them directly.
 

@@ -31,14 +31,14 @@ pub mod budget;
 pub mod config;
 mod connection;
 pub mod dedup;
-/// The frame guard lives in the runtime (the bridge guards its peer connections too); the
-/// path stays for the benches, the fuzz targets and the tests.
+/// The frame guard lives in the runtime (the bridge guards its peer connections too). The
+/// float no longer uses it (the engine enforces its limits); the path stays for the benches
+/// and the fuzz targets (`float_frames`), which still exercise it.
 pub use drawbridge_runtime::frame_guard;
 mod link;
 mod listener;
 mod publisher;
 mod routing;
-mod sasl;
 pub mod settle;
 
 use std::{
@@ -145,16 +145,22 @@ impl Ctx {
             .clone()
     }
 
-    /// What one connection may hold (enforced by its frame guard).
-    pub(crate) fn peer_limits(&self) -> frame_guard::PeerLimits {
-        frame_guard::PeerLimits {
+    /// The AMQP 1.0 engine's settings for a peer connection: the float's limits, announced
+    /// to the peer and enforced by the engine (a peer that breaks one loses the connection).
+    /// Links are limited per session by the engine and per connection by the connection's
+    /// task (`max_links_per_connection` both).
+    pub(crate) fn engine_config(&self) -> drawbridge_amqp::connection::Config {
+        drawbridge_amqp::connection::Config {
+            container_id: format!("drawbridge-float-{}", std::process::id()),
+            hostname: None,
+            max_frame_size: connection::MAX_FRAME,
             max_sessions: self.cfg.max_sessions_per_connection,
-            max_links: self.cfg.max_links_per_connection,
-            min_idle_timeout_ms: u32::try_from(self.cfg.min_peer_idle_timeout.as_millis())
-                .unwrap_or(u32::MAX),
+            max_links_per_session: self.cfg.max_links_per_connection,
+            idle_timeout: self.cfg.idle_timeout,
+            min_peer_idle_timeout: self.cfg.min_peer_idle_timeout,
             max_message_size: connection::announced_max_message_size(self.cfg.max_message_size),
-            accept_transfers: true,
-            enforce_credit: true,
+            sasl_external: true,
+            ..drawbridge_amqp::connection::Config::default()
         }
     }
 

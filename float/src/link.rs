@@ -1,64 +1,52 @@
-//! One inbound link: receive transfers, validate them, hand them to the link's publisher,
-//! and settle each one — `accepted` only after the broker's confirm — in the order they
-//! were received, batching consecutive accepts into one disposition.
+//! One inbound link of a peer connection, as the connection's task ([`crate::connection`])
+//! keeps it: what it does with each delivery — convert, route, check the dedup window,
+//! publish — and how it settles them: `accepted` only after the broker's confirm, in the
+//! order the link received them.
 //!
 //! # What bounds the work of a link
 //!
-//! The link grants `link_credit` at attach and leaves the credit to fe2o3's automatic mode
-//! (`CreditMode::Auto`: a flow restoring the full credit after every `link_credit / 2`
-//! settlements). It bounds its work by when it *takes* the next transfer (`recv`), never by
-//! withholding credit: it takes none
+//! The engine grants the link `link_credit` at attach and tops it up as deliveries are
+//! *settled*, never as they arrive: a delivery the float has not settled yet holds one unit
+//! of credit. A peer that sends beyond its credit loses its connection (`credit`). So the
+//! deliveries a link holds — waiting for their turn, for budget, or for their confirms —
+//! are at most `link_credit`, each at most the announced max-message-size; nothing else
+//! queues them (there is no incoming queue in the engine, unlike fe2o3's, which took up to
+//! 65,535 frames per link before it looked at credit).
 //!
-//! - while the broker refuses publishes (a growing pause, [`Pause`]),
-//! - while `link_credit` transfers await their confirms,
-//! - while the bytes of its pending publishes reach `max_link_bytes_in_flight`
+//! Within that, the link takes the next held delivery (converts and publishes it) only
+//!
+//! - while the broker does not refuse publishes (a growing pause, [`Pause`]),
+//! - while the bytes of its pending publishes stay below `max_link_bytes_in_flight`
 //!   ([`LinkBudget`]; with nothing pending it always takes one, so a bigger message passes
 //!   alone),
-//! - while the transfer in hand waits for room in the float's `max_bytes_in_flight`.
+//! - and when the delivery before it has found room in the connection's
+//!   `max_connection_bytes_in_flight` and the float's `max_bytes_in_flight`.
 //!
-//! What the peer sent meanwhile waits, whole, in fe2o3's incoming queue of the link: at most
-//! `max(link_credit, 200)` transfers (200 is the credit fe2o3's link acceptor grants at attach,
-//! before this link sets its own), each as big as the peer made it — `max_message_size` is
-//! checked once the link has taken the transfer. That is the part of the float's memory
-//! these budgets do not cover; `link_credit` bounds it.
+//! A delivery held back keeps its credit, so a link that holds back stops its peer after at
+//! most `link_credit` deliveries: the budgets hold the peer back through credit, without a
+//! grant the peer could miss (the reason the fe2o3 version kept credit automatic).
 //!
-//! Why not credit sized to the byte budget (manual credit, tried and reverted): the peer
-//! would often run out of credit and wait for a grant, and fe2o3 0.18's sender — the bridge's
-//! — can miss the grant. It waits by checking its credit and only then creating a
-//! `Notify::notified()` future, and the session wakes it with `notify_waiters()`, which keeps
-//! no permit (`SenderFlowState::consume` in fe2o3's `link/state.rs`, the flow handling in
-//! `acceptor/session.rs`): a flow arriving between the two is lost. With automatic credit a
-//! sender that ran out still has `link_credit / 2` or more transfers the float has to settle,
-//! so another flow follows. With grants made only as transfers are taken, none follows: the
-//! float waits for transfers, the bridge for credit, until the bridge's `settle_timeout`
-//! recycles the link — and the resends after a recycle are mostly duplicates the float
-//! suppresses, so a busy link can go long without a new message. That is the likeliest cause
-//! found for fault scenario e failing with budget-sized credit (it did not fail here in six
-//! runs, so it is not proven); keeping the credit automatic removes the question.
-//!
-//! On shutdown the link stops taking transfers, settles what is in flight, and closes.
+//! On shutdown the link takes no more deliveries; what is published is settled once
+//! confirmed; what was never published stays unsettled and the peer resends it.
 
 use std::{
+    collections::VecDeque,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
-use drawbridge_mapping::{self as mapping, headers, inbound};
-use drawbridge_runtime::{lograte::Every, text};
-use fe2o3_amqp::{
-    link::{delivery::DeliveryInfo, receiver::CreditMode, DispositionError, Receiver, RecvError},
-    types::{
-        definitions::{AmqpError, Error as AmqpErrorFrame},
-        messaging::{Body, Message},
-        primitives::Value,
-    },
+use bytes::Bytes;
+use drawbridge_amqp::{
+    connection::{Connection, LinkId},
+    performatives::{Error as AmqpError, Outcome},
 };
-use futures::{future::BoxFuture, stream::FuturesOrdered, FutureExt, StreamExt};
+use drawbridge_mapping::{self as mapping, headers, inbound, wire_in};
+use drawbridge_runtime::{lograte::Every, text};
+use futures::{future::BoxFuture, FutureExt};
 use lapin::{
     types::{AMQPValue, LongString, ShortString},
     BasicProperties,
 };
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -92,125 +80,44 @@ pub(crate) enum LinkRefusal {
 
 impl LinkRefusal {
     /// The AMQP error condition this refusal goes out as.
-    pub(crate) fn condition(&self) -> AmqpError {
+    pub(crate) fn condition(&self) -> &'static str {
         match self {
             LinkRefusal::UnknownAddress { .. } | LinkRefusal::CanaryUnavailable(_) => {
-                AmqpError::NotFound
+                "amqp:not-found"
             }
-            LinkRefusal::NotReceiving => AmqpError::NotAllowed,
+            LinkRefusal::NotReceiving => "amqp:not-allowed",
         }
     }
 
-    /// The detach error frame: the condition with this refusal as its description.
-    pub(crate) fn to_error(&self) -> AmqpErrorFrame {
-        AmqpErrorFrame::new(self.condition(), self.to_string(), None)
+    /// The detach error: the condition with this refusal as its description.
+    pub(crate) fn to_error(&self) -> AmqpError {
+        AmqpError::new(self.condition(), self.to_string())
     }
 }
 
-/// Why an inbound link that was attached ended.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub(crate) enum LinkEnd {
-    /// The peer detached, or the session or connection ended, or a transfer was malformed.
-    #[error("{0}")]
-    Receive(#[source] RecvError),
-    /// A disposition could not be sent: the link is already gone.
-    #[error("disposition failed: {0}")]
-    Disposition(#[source] DispositionError),
-    /// Shutdown: no new transfers, and everything in flight settled.
-    #[error("drained for shutdown")]
-    Drained,
-}
-
-impl LinkEnd {
-    /// For an end the peer's misbehaviour caused: the `reason` label of
-    /// `drawbridge_float_links_refused_total`.
-    fn hostile(&self) -> Option<&'static str> {
-        match self {
-            LinkEnd::Receive(RecvError::MessageSizeExceeded(_)) => Some("message_size"),
-            LinkEnd::Receive(RecvError::TransferLimitExceeded) => Some("credit"),
-            LinkEnd::Receive(
-                RecvError::DeliveryIdIsNone
-                | RecvError::DeliveryTagIsNone
-                | RecvError::InconsistentFieldInMultiFrameDelivery
-                | RecvError::IllegalRcvSettleModeInTransfer
-                | RecvError::MessageDecode(_),
-            ) => Some("malformed"),
-            _ => None,
-        }
-    }
-}
-
-/// Serve one inbound link until the peer detaches, it fails, or the float shuts down.
-pub(crate) async fn serve_link(
-    mut receiver: Receiver,
-    sender: Arc<str>,
-    connection_pool: budget::Pool,
-    ctx: Arc<Ctx>,
-    shutdown: CancellationToken,
-) {
-    let address = receiver
-        .target()
-        .as_ref()
-        .and_then(|t| t.address.clone())
-        .unwrap_or_default();
+/// Decide about a peer's attach to `address`: the canary queue a link canary's probes go to
+/// (`Ok(Some)`), an ordinary inbound link (`Ok(None)`), or the refusal.
+pub(crate) fn admit(address: &str, ctx: &Ctx) -> Result<Option<String>, LinkRefusal> {
     // A link canary's probes go to the canary queue (see the bridge's `canary` module).
-    let canary = (address == ctx.cfg.canary_address && !ctx.cfg.canary_queue.is_empty())
-        .then(|| ctx.cfg.canary_queue.clone());
-    let refusal = match &canary {
-        Some(queue) if !ctx.canary_ready.load(Ordering::Relaxed) => {
-            Some(LinkRefusal::CanaryUnavailable(queue.clone()))
+    if address == ctx.cfg.canary_address && !ctx.cfg.canary_queue.is_empty() {
+        let queue = ctx.cfg.canary_queue.clone();
+        if !ctx.canary_ready.load(Ordering::Relaxed) {
+            return Err(LinkRefusal::CanaryUnavailable(queue));
         }
-        Some(_) => None,
-        None if address != ctx.cfg.address => Some(LinkRefusal::UnknownAddress {
+        return Ok(Some(queue));
+    }
+    if address != ctx.cfg.address {
+        return Err(LinkRefusal::UnknownAddress {
             // Echoed to the peer and logged: cut to a bounded length.
-            address: text::truncate(&address, inbound::MAX_ECHO).to_string(),
+            address: text::truncate(address, inbound::MAX_ECHO).to_string(),
             expected: ctx.cfg.address.clone(),
-        }),
-        None => None,
-    };
-    if let Some(refusal) = refusal {
-        warn!(peer = %sender, address = %text::escape(&address), reason = %text::escape(&refusal.to_string()), "link refused");
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            receiver.close_with_error(refusal.to_error()),
-        )
-        .await;
-        return;
+        });
     }
-    // Automatic credit, topped up by fe2o3 as transfers are settled; see the module doc.
-    let credit = ctx.cfg.link_credit;
-    receiver.set_credit_mode(CreditMode::Auto(credit));
-    if let Err(e) = receiver.set_credit(credit).await {
-        warn!(peer = %sender, reason = %e, "link failed before it started");
-        return;
-    }
-    if canary.is_some() {
-        debug!(peer = %sender, link = %text::escape(receiver.name()), "link canary attached");
-    } else {
-        info!(peer = %sender, link = %text::escape(receiver.name()), "inbound link attached");
-    }
-    let mut link = Link::new(receiver, sender.clone(), connection_pool, ctx, canary);
-    let end = link.run(&shutdown).await;
-    let draining = link.draining;
-    let receiver = link.finish().await;
-    if draining {
-        let _ = tokio::time::timeout(Duration::from_secs(2), receiver.close()).await;
-    }
-    match end.hostile() {
-        Some(label) => {
-            warn!(peer = %sender, reason = %text::escape(&end.to_string()), "inbound link refused: the peer broke the link's rules");
-            metrics::counter!("drawbridge_float_links_refused_total", "reason" => label)
-                .increment(1);
-        }
-        None => {
-            info!(peer = %sender, reason = %text::escape(&end.to_string()), "inbound link closed")
-        }
-    }
+    Ok(None)
 }
 
 /// A transfer that is valid, routed and past the dedup window: ready to publish.
-struct Outbound {
+pub(crate) struct Outbound {
     /// Inbox it goes to.
     inbox: Arc<str>,
     /// Opaque payload.
@@ -225,6 +132,13 @@ struct Outbound {
     ticket: Option<Ticket>,
 }
 
+impl Outbound {
+    /// What it counts in the bytes in flight.
+    fn len(&self) -> usize {
+        self.body.len() + self.properties_len
+    }
+}
+
 /// What the link decided about a received transfer before publishing.
 enum Prepared {
     /// Settle now without publishing (invalid, not served, or a confirmed duplicate).
@@ -233,40 +147,52 @@ enum Prepared {
     Publish(Box<Outbound>),
 }
 
-/// A transfer waiting for its share of the process-wide budget.
-struct Waiting {
-    /// Its delivery, settled once published and confirmed.
-    info: DeliveryInfo,
-    /// The transfer.
-    outbound: Outbound,
-    /// Completes when the pool has room.
-    permit: BoxFuture<'static, Permit>,
-}
-
 /// A transfer whose fate is known, ready for its disposition.
-struct Settled {
-    /// Its delivery.
-    info: DeliveryInfo,
+pub(crate) struct Settled {
     /// How it settles.
     settle: Settle,
     /// Whether it was published (only those count as accepted; a confirmed duplicate is
     /// accepted without being counted).
     published: bool,
-    /// Its bytes in flight, given back once the disposition went out.
+    /// Its bytes in flight, given back once the disposition is queued.
     permit: Option<Permit>,
 }
 
-/// A published transfer waiting for its confirm.
-type Pending = BoxFuture<'static, Settled>;
+/// A published delivery's confirm: its link, its place in the link's order, the result.
+pub(crate) type Confirm = BoxFuture<'static, (LinkId, u64, Settled)>;
+
+/// A prepared delivery's share of the budgets: its link, and the permit once there is room.
+pub(crate) type Room = BoxFuture<'static, (LinkId, Permit)>;
+
+/// A published delivery in the link's order: its delivery id and, once confirmed, how it
+/// settles.
+struct Slot {
+    /// The engine's delivery id (`None`: the peer settled it itself).
+    id: Option<u32>,
+    /// `None` until its confirm came.
+    done: Option<Settled>,
+}
+
+/// The peer-independent parts the link's work needs, borrowed from the connection's task.
+pub(crate) struct Shared<'a> {
+    /// The float.
+    pub ctx: &'a Arc<Ctx>,
+    /// The peer's legal name, from its certificate.
+    pub sender: &'a Arc<str>,
+    /// `drawbridge_float_accepted_total` for this peer, registered once: building the
+    /// labelled key for each message cost about four allocations.
+    pub accepted: &'a metrics::Counter,
+    /// The peer's "transfer rejected" log line, at most one per interval for all its links
+    /// (a peer decides how often it is rejected).
+    pub rejections: &'a Every,
+}
 
 /// The state of one inbound link.
-struct Link {
-    /// The float.
-    ctx: Arc<Ctx>,
-    /// The peer's legal name, from its certificate.
-    sender: Arc<str>,
-    /// The AMQP 1.0 link.
-    receiver: Receiver,
+pub(crate) struct Link {
+    /// The engine's id of the link.
+    id: LinkId,
+    /// Its name, for the log lines.
+    pub(crate) name: String,
     /// Its broker channel.
     publisher: Publisher,
     /// Destination → inbox cache.
@@ -275,36 +201,34 @@ struct Link {
     budget: LinkBudget,
     /// Backoff while the broker refuses publishes.
     pause: Pause,
-    /// Published transfers, in receive order, waiting for their confirms.
-    pending: FuturesOrdered<Pending>,
-    /// A transfer waiting for room in the process-wide budget; none is taken meanwhile.
-    waiting: Option<Waiting>,
+    /// Deliveries received and not taken yet (paused, or over the budget), in order. At most
+    /// the link's credit: each holds its unit until settled.
+    held: VecDeque<(Option<u32>, Bytes)>,
+    /// A prepared delivery waiting for room in the budgets (the connection's task polls its
+    /// [`Room`]); nothing else is taken meanwhile.
+    waiting: Option<(Option<u32>, Outbound)>,
+    /// Published deliveries in receive order, waiting for their confirms; settled from the
+    /// front as the confirms come, so they are settled in the order received.
+    inflight: VecDeque<Slot>,
+    /// Order number of `inflight`'s front.
+    front: u64,
     /// Whether the link is holding back for lack of budget (one count per episode).
     held_back: bool,
-    /// Shutdown: no new transfers; the link closes once what is in flight is settled.
-    draining: bool,
     /// A link canary's: the canary queue its probes go to (not an inbox).
     canary: Option<String>,
-    /// `drawbridge_float_accepted_total` for this peer, registered once: building the
-    /// labelled key for each message cost about four allocations.
-    accepted: metrics::Counter,
-    /// The peer's "transfer rejected" log line, at most one per interval for all its links
-    /// (a peer decides how often it is rejected).
-    rejections: Arc<Every>,
 }
 
 impl Link {
-    fn new(
-        receiver: Receiver,
-        sender: Arc<str>,
+    pub(crate) fn new(
+        id: LinkId,
+        name: String,
         connection_pool: budget::Pool,
-        ctx: Arc<Ctx>,
+        ctx: &Ctx,
         canary: Option<String>,
     ) -> Self {
         Link {
-            accepted: metrics::counter!("drawbridge_float_accepted_total", "peer" => sender.to_string()),
-            rejections: ctx.rejection_log(&sender),
-            canary,
+            id,
+            name,
             budget: LinkBudget::within(
                 ctx.cfg.max_link_bytes_in_flight,
                 vec![connection_pool, ctx.pool.clone()],
@@ -312,166 +236,149 @@ impl Link {
             pause: Pause::new(Duration::from_millis(100), Duration::from_secs(5)),
             publisher: ctx.channels.publisher(),
             routes: Routes::default(),
-            pending: FuturesOrdered::new(),
+            held: VecDeque::new(),
             waiting: None,
+            inflight: VecDeque::new(),
+            front: 0,
             held_back: false,
-            draining: false,
-            receiver,
-            sender,
-            ctx,
+            canary,
         }
     }
 
-    /// Whether the link takes the next transfer now (see the module doc).
-    fn may_receive(&self, paused: bool) -> bool {
-        !self.draining
-            && !paused
-            && self.waiting.is_none()
-            && self.budget.has_room()
-            && self.pending.len() < self.ctx.cfg.link_credit as usize
+    /// Whether it is a link canary's.
+    pub(crate) fn is_canary(&self) -> bool {
+        self.canary.is_some()
     }
 
-    async fn run(&mut self, shutdown: &CancellationToken) -> LinkEnd {
+    /// Published deliveries not settled yet.
+    pub(crate) fn unsettled(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// A delivery arrived: held until the link takes it ([`Link::pump`]). `id` is its
+    /// delivery id, `None` when the peer sent it settled (it gets no disposition).
+    pub(crate) fn hold(&mut self, id: Option<u32>, payload: Bytes) {
+        self.held.push_back((id, payload));
+    }
+
+    /// Until when the link is paused, if it holds deliveries it would take but for the pause.
+    pub(crate) fn paused_until(&self) -> Option<tokio::time::Instant> {
+        if self.held.is_empty() || self.waiting.is_some() {
+            return None;
+        }
+        self.pause.until(tokio::time::Instant::now())
+    }
+
+    /// Shutdown: take nothing more. What was not published stays unsettled (the peer resends
+    /// it; a dedup ticket is dropped with it).
+    pub(crate) fn drain(&mut self) {
+        self.held.clear();
+        self.waiting = None;
+    }
+
+    /// Take held deliveries while the link may (see the module doc): each is settled at
+    /// once, published (its confirm joins `confirms`), or parked until the budgets have room
+    /// (its wait joins `rooms`).
+    pub(crate) async fn pump(
+        &mut self,
+        conn: &mut Connection,
+        sh: &Shared<'_>,
+        confirms: &mut Vec<Confirm>,
+        rooms: &mut Vec<Room>,
+    ) {
         loop {
-            let paused = self.pause.until(tokio::time::Instant::now());
-            let may_receive = self.may_receive(paused.is_some());
-            self.note_budget();
-            tokio::select! {
-                biased;
-                Some(first) = self.pending.next(), if !self.pending.is_empty() => {
-                    // Settle whatever else is already done in the same go: consecutive
-                    // accepts become one disposition frame instead of one frame each.
-                    let mut batch = vec![first];
-                    while batch.len() < 256 {
-                        match self.pending.next().now_or_never() {
-                            Some(Some(item)) => batch.push(item),
-                            _ => break,
-                        }
-                    }
-                    for s in &batch {
-                        observe(&mut self.pause, &s.settle, &self.sender);
-                    }
-                    if let Err(e) = settle_batch(&self.receiver, batch, &self.sender, &self.ctx, &self.accepted, &self.rejections).await {
-                        return LinkEnd::Disposition(e);
-                    }
-                }
-                permit = wait_for(&mut self.waiting), if self.waiting.is_some() => {
-                    if let Some(w) = self.waiting.take() {
-                        if let Err(e) = self.publish(w.info, w.outbound, permit).await {
-                            return e;
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(paused.unwrap_or_else(tokio::time::Instant::now)), if paused.is_some() && !self.draining => {}
-                _ = shutdown.cancelled(), if !self.draining => {
-                    self.draining = true;
-                    // Not published yet: left unsettled, the peer resends it (its dedup
-                    // ticket is dropped with it).
-                    self.waiting = None;
-                }
-                d = self.receiver.recv::<Body<Value>>(), if may_receive => {
-                    let (info, msg) = match d {
-                        Ok(delivery) => delivery.into_parts(),
-                        Err(e) => return LinkEnd::Receive(e),
+            let paused = self.pause.until(tokio::time::Instant::now()).is_some();
+            self.note_budget(sh);
+            if paused || self.waiting.is_some() || !self.budget.has_room() {
+                return;
+            }
+            let Some((id, payload)) = self.held.pop_front() else {
+                return;
+            };
+            let prepared = match &self.canary {
+                Some(queue) => prepare_probe(&payload, queue, sh.sender),
+                None => prepare(&payload, sh.sender, sh.ctx, &mut self.routes),
+            };
+            drop(payload);
+            let outbound = match prepared {
+                Prepared::Settle(settle) => {
+                    observe(&mut self.pause, &settle, sh.sender);
+                    let done = Settled {
+                        settle,
+                        published: false,
+                        permit: None,
                     };
-                    if let Err(e) = self.received(info, msg).await {
-                        return e;
+                    settle_one(conn, self.id, id, done, sh);
+                    continue;
+                }
+                Prepared::Publish(o) => *o,
+            };
+            let len = outbound.len();
+            match self.budget.try_take(len) {
+                Some(permit) => {
+                    if let Some(c) = self.publish(conn, id, outbound, permit, sh).await {
+                        confirms.push(c);
                     }
                 }
-                else => return LinkEnd::Drained,
+                None => {
+                    let link = self.id;
+                    rooms.push(self.budget.take(len).map(move |p| (link, p)).boxed());
+                    self.waiting = Some((id, outbound));
+                }
             }
         }
     }
 
-    /// Settle one transfer at once (not published, or its publish failed before a confirm).
-    /// `&mut`: the link is `Send` but not `Sync`, and this is held across an await.
-    async fn settle_now(&mut self, done: Settled) -> Result<(), LinkEnd> {
-        settle_one(
-            &self.receiver,
-            done,
-            &self.sender,
-            &self.ctx,
-            &self.accepted,
-            &self.rejections,
-        )
-        .await
-        .map_err(LinkEnd::Disposition)
+    /// The budgets have room for the waiting delivery: publish it. `None` when it is gone
+    /// (drained): the permit is given back.
+    pub(crate) async fn room(
+        &mut self,
+        permit: Permit,
+        conn: &mut Connection,
+        sh: &Shared<'_>,
+    ) -> Option<Confirm> {
+        let (id, outbound) = self.waiting.take()?;
+        self.publish(conn, id, outbound, permit, sh).await
     }
 
     /// Count and log the start of each episode of holding back for lack of budget.
-    fn note_budget(&mut self) {
+    fn note_budget(&mut self, sh: &Shared<'_>) {
         let short = !self.budget.has_room() || self.waiting.is_some();
         if short && !self.held_back {
-            self.ctx.stats.budget_holds.fetch_add(1, Ordering::Relaxed);
+            sh.ctx.stats.budget_holds.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("drawbridge_float_budget_holds_total").increment(1);
             debug!(
-                peer = %self.sender,
+                peer = %sh.sender,
                 link_bytes = self.budget.in_flight(),
-                float_bytes = self.ctx.pool.in_flight(),
+                float_bytes = sh.ctx.pool.in_flight(),
                 "inbound link holding back: bytes in flight at the budget"
             );
         }
         self.held_back = short;
     }
 
-    /// A transfer arrived: settle it now, publish it, or park it until the pool has room.
-    async fn received(
-        &mut self,
-        info: DeliveryInfo,
-        msg: Message<Body<Value>>,
-    ) -> Result<(), LinkEnd> {
-        let prepared = match &self.canary {
-            Some(queue) => prepare_probe(msg, queue, &self.sender),
-            None => prepare(msg, &self.sender, &self.ctx, &mut self.routes),
-        };
-        let outbound = match prepared {
-            Prepared::Settle(settle) => {
-                observe(&mut self.pause, &settle, &self.sender);
-                let done = Settled {
-                    info,
-                    settle,
-                    published: false,
-                    permit: None,
-                };
-                return self.settle_now(done).await;
-            }
-            Prepared::Publish(o) => *o,
-        };
-        let len = outbound.body.len() + outbound.properties_len;
-        match self.budget.try_take(len) {
-            Some(permit) => self.publish(info, outbound, permit).await,
-            None => {
-                self.waiting = Some(Waiting {
-                    info,
-                    outbound,
-                    permit: self.budget.take(len).boxed(),
-                });
-                Ok(())
-            }
-        }
-    }
-
-    /// Publish a transfer holding its bytes: its confirm joins the pending ones, or a
-    /// failure settles it at once.
+    /// Publish a delivery holding its bytes: returns its confirm, or settles it at once when
+    /// the publish failed before one.
     async fn publish(
         &mut self,
-        info: DeliveryInfo,
+        conn: &mut Connection,
+        id: Option<u32>,
         outbound: Outbound,
         permit: Permit,
-    ) -> Result<(), LinkEnd> {
+        sh: &Shared<'_>,
+    ) -> Option<Confirm> {
         let Outbound {
             inbox,
             body,
             properties,
             properties_len,
             ticket,
-            ..
         } = outbound;
         let published = self
             .publisher
             .publish(
-                &self.ctx.broker,
-                &self.ctx.cfg.inbox_exchange,
+                &sh.ctx.broker,
+                &sh.ctx.cfg.inbox_exchange,
                 inbox,
                 body,
                 properties,
@@ -480,61 +387,74 @@ impl Link {
             .await;
         match published {
             Ok(confirm) => {
-                self.pending.push_back(
+                let seq = self.front + self.inflight.len() as u64;
+                self.inflight.push_back(Slot { id, done: None });
+                let link = self.id;
+                Some(
                     confirm
                         .map(move |settle| {
                             let probe = ticket.is_none();
                             if let (Settle::Accept, Some(ticket)) = (&settle, ticket) {
                                 ticket.confirmed(Instant::now());
                             }
-                            Settled {
-                                info,
+                            let done = Settled {
                                 settle,
                                 // A probe is not a message: not counted as accepted.
                                 published: !probe,
                                 permit: Some(permit),
-                            }
+                            };
+                            (link, seq, done)
                         })
                         .boxed(),
-                );
-                Ok(())
+                )
             }
             Err(settle) => {
                 if let Settle::Reject(_) = settle {
                     // Headers that fit the float's bound but not this broker's frames.
-                    metrics::counter!("drawbridge_float_rejected_total", "reason" => "headers_too_large", "peer" => self.sender.to_string())
+                    metrics::counter!("drawbridge_float_rejected_total", "reason" => "headers_too_large", "peer" => sh.sender.to_string())
                         .increment(1);
                 }
-                observe(&mut self.pause, &settle, &self.sender);
+                observe(&mut self.pause, &settle, sh.sender);
                 let done = Settled {
-                    info,
                     published: matches!(settle, Settle::Release(_)),
                     settle,
                     permit: Some(permit),
                 };
-                self.settle_now(done).await
+                settle_one(conn, self.id, id, done, sh);
+                None
             }
         }
     }
 
-    /// After the loop: whatever is still pending was never settled, so the peer resends it.
-    /// Wait for the confirms anyway: a confirmed one is safely in the broker, and its dedup
-    /// ticket lets the window suppress the resend.
-    async fn finish(mut self) -> Receiver {
-        self.waiting = None;
-        if !self.pending.is_empty() {
-            warn!(peer = %self.sender, unsettled = self.pending.len(), "link ended with unsettled transfers; the peer will resend them");
-            while self.pending.next().await.is_some() {}
+    /// The confirm of the delivery at order number `seq` came: settle it and every one
+    /// after it already confirmed (consecutive accepts leave as one ranged disposition).
+    pub(crate) fn confirmed(
+        &mut self,
+        seq: u64,
+        done: Settled,
+        conn: &mut Connection,
+        sh: &Shared<'_>,
+    ) {
+        let Some(slot) = seq
+            .checked_sub(self.front)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.inflight.get_mut(i))
+        else {
+            return;
+        };
+        slot.done = Some(done);
+        while self.inflight.front().is_some_and(|s| s.done.is_some()) {
+            let Some(Slot {
+                id,
+                done: Some(done),
+            }) = self.inflight.pop_front()
+            else {
+                break;
+            };
+            self.front += 1;
+            observe(&mut self.pause, &done.settle, sh.sender);
+            settle_one(conn, self.id, id, done, sh);
         }
-        self.receiver
-    }
-}
-
-/// The permit of the waiting transfer (never completes without one).
-async fn wait_for(waiting: &mut Option<Waiting>) -> Permit {
-    match waiting {
-        Some(w) => w.permit.as_mut().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -551,14 +471,9 @@ fn observe(pause: &mut Pause, settle: &Settle, sender: &str) {
     }
 }
 
-/// Validate, route and check the dedup window; stamp the authenticated sender.
-fn prepare(
-    msg: Message<Body<Value>>,
-    sender: &Arc<str>,
-    ctx: &Ctx,
-    routes: &mut Routes,
-) -> Prepared {
-    let inbound = match inbound::from_amqp_stamped(msg, ctx.cfg.max_message_size, sender) {
+/// Convert (validate, stamp the authenticated sender), route and check the dedup window.
+fn prepare(payload: &[u8], sender: &Arc<str>, ctx: &Ctx, routes: &mut Routes) -> Prepared {
+    let inbound = match wire_in::from_bytes_stamped(payload, ctx.cfg.max_message_size, sender) {
         Ok(m) => m,
         Err(e) => {
             metrics::counter!("drawbridge_float_rejected_total", "reason" => e.label(), "peer" => sender.to_string())
@@ -610,12 +525,10 @@ const MAX_PROBE_SIZE: usize = 1024;
 /// A link canary's probe: one data section of at most [`MAX_PROBE_SIZE`] bytes, published
 /// as it is (transient, stamped with the sender) to the canary queue; nothing of it reaches
 /// an inbox or the dedup window.
-fn prepare_probe(msg: Message<Body<Value>>, queue: &str, sender: &Arc<str>) -> Prepared {
-    let body = match msg.body {
-        Body::Data(mut sections) if sections.len() == 1 => {
-            sections.pop().map(|d| d.0.into_vec()).unwrap_or_default()
-        }
-        _ => {
+fn prepare_probe(payload: &[u8], queue: &str, sender: &Arc<str>) -> Prepared {
+    let body = match probe_body(payload) {
+        Some(body) => body,
+        None => {
             return Prepared::Settle(Settle::Reject(
                 "a canary probe is one data section".to_string(),
             ))
@@ -641,47 +554,42 @@ fn prepare_probe(msg: Message<Body<Value>>, queue: &str, sender: &Arc<str>) -> P
         inbox: Arc::from(queue),
         properties_len: mapping::properties_len(&properties),
         properties,
-        body,
+        body: body.to_vec(),
         ticket: None,
     }))
 }
 
-/// Settle `batch` in order: runs of accepts with one `accept_all`, the rest one by one.
-/// The bytes in flight are given back once every disposition went out.
-async fn settle_batch(
-    receiver: &Receiver,
-    batch: Vec<Settled>,
-    sender: &str,
-    ctx: &Ctx,
-    accepted: &metrics::Counter,
-    rejections: &Every,
-) -> Result<(), DispositionError> {
-    let mut accepts = Vec::new();
-    let mut permits = Vec::with_capacity(batch.len());
-    for mut done in batch {
-        permits.push(done.permit.take());
-        match done.settle {
-            Settle::Accept => {
-                record_accept(done.published, ctx, accepted);
-                accepts.push(done.info);
+/// The body of a probe: the payload's one data section (any other sections, such as the
+/// properties the bridge's canary writes, are only checked). `None` for anything else: no
+/// data section, several, an `amqp-value` or `amqp-sequence` body, or malformed bytes.
+fn probe_body(payload: &[u8]) -> Option<&[u8]> {
+    use drawbridge_amqp::{codec::Reader, message::section, Limits};
+    let mut r = Reader::new(payload, Limits::DEFAULT);
+    let mut body = None;
+    while r.remaining() > 0 {
+        let descriptor = r.descriptor().ok()?;
+        let value = r.skip().ok()?;
+        if descriptor != section::DATA {
+            // amqp-sequence, amqp-value: not a data body.
+            if descriptor == 0x76 || descriptor == 0x77 {
+                return None;
             }
-            _ => {
-                if !accepts.is_empty() {
-                    receiver.accept_all(std::mem::take(&mut accepts)).await?;
-                }
-                settle_one(receiver, done, sender, ctx, accepted, rejections).await?;
-            }
+            continue;
         }
+        if body.is_some() {
+            return None;
+        }
+        body = Some(match value.first()? {
+            0xa0 => value.get(2..)?,
+            0xb0 => value.get(5..)?,
+            _ => return None,
+        });
     }
-    if !accepts.is_empty() {
-        receiver.accept_all(accepts).await?;
-    }
-    drop(permits);
-    Ok(())
+    body
 }
 
 /// Counters for an accepted transfer that was published (not a suppressed duplicate);
-/// `accepted` is the link's counter, labelled by the authenticated sender (bounded by the
+/// `accepted` is the peer's counter, labelled by the authenticated sender (bounded by the
 /// network's members).
 fn record_accept(published: bool, ctx: &Ctx, accepted: &metrics::Counter) {
     if published {
@@ -690,46 +598,47 @@ fn record_accept(published: bool, ctx: &Ctx, accepted: &metrics::Counter) {
     }
 }
 
-/// Settle one transfer; its bytes in flight are given back afterwards. A rejection is
+/// Settle one delivery; its bytes in flight are given back afterwards. A rejection is
 /// logged through the peer's `rejections` (one line per interval; every one is counted in
-/// `drawbridge_float_rejected_total`).
-async fn settle_one(
-    receiver: &Receiver,
+/// `drawbridge_float_rejected_total`). The engine joins consecutive settlements with one
+/// outcome into one disposition and tops the link's credit up.
+fn settle_one(
+    conn: &mut Connection,
+    link: LinkId,
+    id: Option<u32>,
     done: Settled,
-    sender: &str,
-    ctx: &Ctx,
-    accepted: &metrics::Counter,
-    rejections: &Every,
-) -> Result<(), DispositionError> {
+    sh: &Shared<'_>,
+) {
     let Settled {
-        info,
         settle,
         published,
         permit,
     } = done;
-    let sent = match settle {
+    let outcome = match settle {
         Settle::Accept => {
-            record_accept(published, ctx, accepted);
-            receiver.accept(info).await
+            record_accept(published, sh.ctx, sh.accepted);
+            Outcome::Accepted
         }
         Settle::Reject(why) => {
-            if let Some(skipped) = rejections.hit() {
-                warn!(peer = %sender, reason = %text::escape(&why), similar_rejections_not_logged = skipped, "transfer rejected");
+            if let Some(skipped) = sh.rejections.hit() {
+                warn!(peer = %sh.sender, reason = %text::escape(&why), similar_rejections_not_logged = skipped, "transfer rejected");
             }
-            ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            let err = AmqpErrorFrame::new(AmqpError::PreconditionFailed, why, None);
-            receiver.reject(info, err).await
+            sh.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            Outcome::Rejected(Some(AmqpError::new("amqp:precondition-failed", why)))
         }
         Settle::Release(why) => {
-            debug!(peer = %sender, reason = %why, "transfer released");
-            ctx.stats.released.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("drawbridge_float_released_total", "reason" => why.label(), "peer" => sender.to_string())
+            debug!(peer = %sh.sender, reason = %why, "transfer released");
+            sh.ctx.stats.released.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("drawbridge_float_released_total", "reason" => why.label(), "peer" => sh.sender.to_string())
                 .increment(1);
-            receiver.release(info).await
+            Outcome::Released
         }
     };
+    // Only fails when the link or its session is gone: nothing left to settle then.
+    if let Some(id) = id {
+        let _ = conn.settle(link, id, outcome);
+    }
     drop(permit);
-    sent
 }
 
 #[cfg(test)]
@@ -742,11 +651,35 @@ mod tests {
             address: "elsewhere".into(),
             expected: "drawbridge.inbound".into(),
         };
-        assert_eq!(unknown.condition(), AmqpError::NotFound);
+        assert_eq!(unknown.condition(), "amqp:not-found");
         assert_eq!(
             unknown.to_error().description.as_deref(),
             Some("unknown address `elsewhere`; this float receives on `drawbridge.inbound`")
         );
-        assert_eq!(LinkRefusal::NotReceiving.condition(), AmqpError::NotAllowed);
+        assert_eq!(LinkRefusal::NotReceiving.condition(), "amqp:not-allowed");
+    }
+
+    #[test]
+    fn a_probe_is_exactly_one_data_section() {
+        use drawbridge_amqp::message::write_data_message;
+        assert_eq!(
+            probe_body(&[0x00, 0x53, 0x75, 0xa0, 2, 7, 8]),
+            Some(&[7u8, 8][..])
+        );
+        assert_eq!(
+            probe_body(&[0x00, 0x53, 0x75, 0xb0, 0, 0, 0, 1, 9]),
+            Some(&[9u8][..])
+        );
+        assert_eq!(probe_body(&[0x00, 0x53, 0x75, 0xa0, 2, 7]), None, "short");
+        assert_eq!(
+            probe_body(&[0x00, 0x53, 0x75, 0xa0, 1, 7, 0x00, 0x53, 0x75, 0xa0, 0]),
+            None,
+            "two data sections"
+        );
+        assert_eq!(probe_body(&[0x00, 0x53, 0x77, 0x40]), None, "amqp-value");
+        assert_eq!(probe_body(&[]), None, "no body");
+        let mut with_properties = Vec::new();
+        write_data_message(&mut with_properties, b"id", b"probe");
+        assert_eq!(probe_body(&with_properties), Some(&b"probe"[..]));
     }
 }

@@ -223,7 +223,7 @@ mod bridge {
 }
 
 mod float {
-    use drawbridge_float::frame_guard::{Frames, Scanner};
+    use drawbridge_runtime::frame_guard::{Frames, Scanner};
 
     use super::*;
 

@@ -31,10 +31,6 @@ pub mod budget;
 pub mod config;
 mod connection;
 pub mod dedup;
-/// The frame guard lives in the runtime (the bridge guards its peer connections too). The
-/// float no longer uses it (the engine enforces its limits); the path stays for the benches
-/// and the fuzz targets (`float_frames`), which still exercise it.
-pub use drawbridge_runtime::frame_guard;
 mod link;
 mod listener;
 mod publisher;

@@ -1,8 +1,8 @@
 //! The mapping's promise for messages a fuzzer builds: a 0.9.1 message a node publishes is
 //! either refused by the bridge (it is dead-lettered with a reason) or comes out of the float
 //! as it went in, except the documented exceptions ([`drawbridge_mapping::check::holds`]):
-//! through the bridge's conversion, the AMQP 1.0 wire encoding, the float's frame guard and
-//! the float's conversion. A difference, or something the bridge sent that the float refuses,
+//! through the bridge's encoding (`wire_out`) and the float's one-pass parse (`wire_in`), as
+//! the daemons do it. A difference, or something the bridge sent that the float refuses,
 //! is a crash.
 //!
 //! The input drives the choice of every property and header (values of every 0.9.1 field

@@ -1,47 +1,33 @@
 //! The mapping's promise, as code: what a receiving node must see for a message a sending node
-//! published, and a round trip through both directions and the AMQP 1.0 wire encoding.
+//! published, and a round trip through both directions and the AMQP 1.0 wire encoding, as
+//! the daemons do it.
 //!
 //! The round-trip property test (`tests/round_trip.rs`), the `mapping_round_trip` fuzz target
 //! and the end-to-end fidelity test (through brokers and daemons) all hold the mapping to
 //! [`expected`], so the documented exceptions are written down once.
 
-use drawbridge_runtime::frame_guard::Scanner;
-use fe2o3_amqp::types::{
-    messaging::{
-        message::__private::{Deserializable, Serializable},
-        Body, Message,
-    },
-    primitives::Value,
-};
 use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties,
 };
 
-use crate::{headers, inbound, outbound};
+use crate::{headers, inbound, wire_in, wire_out};
 
-/// Bridge conversion, AMQP 1.0 wire encoding, the float's frame guard, decoding, float
-/// conversion. `Ok(None)`: the bridge refused the message (it dead-letters it, with a reason);
-/// `Err`: something the bridge sent did not come through the float, a broken promise.
+/// The daemons' path: the bridge's encoding straight from the 0.9.1 message
+/// ([`wire_out::encode_message`]), then the float's one-pass parse of those bytes
+/// ([`wire_in::from_bytes`]). `Ok(None)`: the bridge refused the message (it dead-letters it,
+/// with a reason); `Err`: something the bridge sent did not come through the float, a broken
+/// promise.
 pub fn round_trip(
     p: &BasicProperties,
     body: &[u8],
     max_size: usize,
 ) -> Result<Option<inbound::Inbound>, String> {
-    let Ok(msg) = outbound::message_to_amqp(p, body, max_size) else {
+    let mut wire = Vec::new();
+    if wire_out::encode_message(p, body, max_size, &mut wire).is_err() {
         return Ok(None);
-    };
-    let wire = serde_amqp::to_vec(&Serializable(msg)).map_err(|e| format!("encode: {e}"))?;
-    let mut guard = Scanner::new();
-    guard
-        .feed(&wire, None)
-        .map_err(|e| format!("the float's guard refused the bridge's message: {e}"))?;
-    if !guard.at_boundary() {
-        return Err("the float's guard did not end between values".into());
     }
-    let back: Deserializable<Message<Body<Value>>> =
-        serde_amqp::from_slice(&wire).map_err(|e| format!("decode: {e}"))?;
-    inbound::from_amqp(back.0, max_size)
+    wire_in::from_bytes(&wire, max_size)
         .map(Some)
         .map_err(|e| format!("the float refused the bridge's message: {e}"))
 }

@@ -10,16 +10,19 @@
 //! by [`mapping::MAX_DEPTH`], and whatever does not fit is refused with an [`Invalid`]
 //! reason rather than altered.
 
-use crate::{self as mapping, headers};
+#[cfg(feature = "fe2o3")]
+use crate::headers;
+use crate::{self as mapping};
 use drawbridge_runtime::text;
+#[cfg(feature = "fe2o3")]
 use fe2o3_amqp::types::{
     messaging::{annotations::AnnotationKey, Body, Message, MessageAnnotations, MessageId},
     primitives::{SimpleValue, Value},
 };
-use lapin::{
-    types::{AMQPValue, DecimalValue, FieldArray, FieldTable, LongString, ShortString},
-    BasicProperties,
-};
+#[cfg(feature = "fe2o3")]
+use lapin::types::{AMQPValue, DecimalValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+#[cfg(feature = "fe2o3")]
 use serde_amqp::descriptor::Descriptor;
 
 /// The AMQP 1.0 type of a message id (or correlation id).
@@ -192,6 +195,7 @@ impl Invalid {
     }
 }
 
+#[cfg(feature = "fe2o3")]
 fn bad(field: impl Into<String>, why: &'static str) -> Invalid {
     Invalid::BadField {
         field: field.into(),
@@ -200,6 +204,7 @@ fn bad(field: impl Into<String>, why: &'static str) -> Invalid {
 }
 
 /// `s` as a 0.9.1 short string, refused (never a panic) when over 255 bytes.
+#[cfg(feature = "fe2o3")]
 fn short(field: &str, s: String) -> Result<ShortString, Invalid> {
     let len = s.len();
     ShortString::try_new(s).map_err(|_| Invalid::TooLong {
@@ -209,6 +214,7 @@ fn short(field: &str, s: String) -> Result<ShortString, Invalid> {
 }
 
 /// A header key as a short string; the error names the key by its first characters.
+#[cfg(feature = "fe2o3")]
 fn short_key(k: String) -> Result<ShortString, Invalid> {
     if k.len() > mapping::MAX_SHORT_STRING {
         let preview: String = k.chars().take(32).collect();
@@ -222,6 +228,7 @@ fn short_key(k: String) -> Result<ShortString, Invalid> {
 
 /// String rendering and type of an AMQP 1.0 message id. The type must travel with the
 /// rendering: ulong 5 and string "5" render the same.
+#[cfg(feature = "fe2o3")]
 pub fn render_id(id: &MessageId) -> (String, IdType) {
     match id {
         MessageId::String(s) => (s.clone(), IdType::String),
@@ -247,6 +254,7 @@ pub fn render_id(id: &MessageId) -> (String, IdType) {
 /// Validate and convert. Reserved headers ([`headers::reserved`]: `drawbridge-*` but
 /// destination and topic, `x-*`, any case) are dropped from the peer's; the caller stamps the
 /// authenticated sender.
+#[cfg(feature = "fe2o3")]
 pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, Invalid> {
     translate(msg, max_size, None)
 }
@@ -255,6 +263,7 @@ pub fn from_amqp(msg: Message<Body<Value>>, max_size: usize) -> Result<Inbound, 
 ///
 /// What the float's links call: stamping here, while the header table is still being built,
 /// spares a copy of the whole table per message (it lives inside the finished properties).
+#[cfg(feature = "fe2o3")]
 pub fn from_amqp_stamped(
     msg: Message<Body<Value>>,
     max_size: usize,
@@ -263,6 +272,7 @@ pub fn from_amqp_stamped(
     translate(msg, max_size, Some(sender))
 }
 
+#[cfg(feature = "fe2o3")]
 fn translate(
     msg: Message<Body<Value>>,
     max_size: usize,
@@ -478,18 +488,21 @@ fn translate(
 
 /// Looked up by `&str`, not by a built `OwnedKey`: a message is looked up for six
 /// annotations, and building the key allocated each time.
+#[cfg(feature = "fe2o3")]
 fn annotation<'a>(a: &'a MessageAnnotations, name: &str) -> Option<&'a Value> {
     a.0.get(&name as &dyn AnnotationKey)
 }
 
 /// AMQP 1.0 milliseconds → 0.9.1 seconds. Sub-second precision (only a foreign AMQP 1.0
 /// sender has it) is cut off; negative times do not exist in 0.9.1.
+#[cfg(feature = "fe2o3")]
 fn millis_to_seconds(ms: i64) -> Option<u64> {
     u64::try_from(ms.div_euclid(1000)).ok()
 }
 
 /// The 0.9.1 priority: the annotation if present (it must agree with the header), else a
 /// header priority other than AMQP 1.0's default 4 (a foreign sender that set one).
+#[cfg(feature = "fe2o3")]
 fn priority(
     a: &MessageAnnotations,
     header: Option<&fe2o3_amqp::types::messaging::Header>,
@@ -510,6 +523,7 @@ fn priority(
 /// annotation. Either way the receiving broker must accept it: it closes the channel on a
 /// publish whose expiration is not an integer in 0..=u32::MAX, which would turn this message
 /// into an endless release-and-resend loop.
+#[cfg(feature = "fe2o3")]
 fn expiration(
     a: &MessageAnnotations,
     header: Option<&fe2o3_amqp::types::messaging::Header>,
@@ -534,6 +548,7 @@ fn expiration(
 
 /// What RabbitMQ accepts as an expiration: an optionally signed decimal integer whose value
 /// is in 0..=u32::MAX (leading zeros allowed).
+#[cfg(feature = "fe2o3")]
 fn expiration_is_valid(s: &str) -> bool {
     let (negative, digits) = match s.as_bytes().first() {
         Some(b'+') => (false, &s[1..]),
@@ -552,6 +567,7 @@ fn expiration_is_valid(s: &str) -> bool {
 
 /// A 0.9.1 field value for an application property. The bridge's mapping is exact for every
 /// type it sends; the rest are what a foreign AMQP 1.0 sender may use.
+#[cfg(feature = "fe2o3")]
 fn simple_to_field(v: SimpleValue) -> Option<AMQPValue> {
     Some(match v {
         SimpleValue::Null => AMQPValue::Void,
@@ -576,12 +592,14 @@ fn simple_to_field(v: SimpleValue) -> Option<AMQPValue> {
 }
 
 /// Why one (possibly nested) annotation value cannot be decoded.
+#[cfg(feature = "fe2o3")]
 enum FieldError {
     Unsupported,
     TooDeep,
     LongKey(usize),
 }
 
+#[cfg(feature = "fe2o3")]
 impl FieldError {
     fn at(self, key: &str) -> Invalid {
         match self {
@@ -598,6 +616,7 @@ impl FieldError {
 /// Decode a value of the headers annotation into the 0.9.1 field value the bridge encoded.
 /// `depth` is the number of lists/maps around `v`; deeper than [`mapping::MAX_DEPTH`] is
 /// refused.
+#[cfg(feature = "fe2o3")]
 fn value_to_field(v: &Value, depth: usize) -> Result<AMQPValue, FieldError> {
     Ok(match v {
         Value::Null => AMQPValue::Void,
@@ -676,7 +695,7 @@ fn value_to_field(v: &Value, depth: usize) -> Result<AMQPValue, FieldError> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "fe2o3"))]
 mod tests {
     use super::*;
     use fe2o3_amqp::types::{

@@ -23,17 +23,20 @@
 )]
 
 use crate as mapping;
+#[cfg(feature = "fe2o3")]
 use fe2o3_amqp::types::{
     messaging::{
         ApplicationProperties, Data, Header, Message, MessageAnnotations, MessageId, Properties,
     },
     primitives::{Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value},
 };
+#[cfg(feature = "fe2o3")]
 use lapin::{
     message::Delivery,
     types::{AMQPValue, FieldTable},
     BasicProperties,
 };
+#[cfg(feature = "fe2o3")]
 use serde_amqp::{described::Described, descriptor::Descriptor};
 
 /// Why a message can never be forwarded (it goes to the dead-letter queue).
@@ -95,6 +98,7 @@ impl Undeliverable {
 }
 
 /// Build the AMQP 1.0 message for `d`.
+#[cfg(feature = "fe2o3")]
 pub fn to_amqp(d: &Delivery, max_size: usize) -> Result<Message<Data>, Undeliverable> {
     message_to_amqp(&d.properties, &d.data, max_size)
 }
@@ -102,6 +106,7 @@ pub fn to_amqp(d: &Delivery, max_size: usize) -> Result<Message<Data>, Undeliver
 /// Build the AMQP 1.0 message for a 0.9.1 message with properties `p` and body `body`.
 ///
 /// Separate from [`to_amqp`] so tests can convert properties without a broker delivery.
+#[cfg(feature = "fe2o3")]
 pub fn message_to_amqp(
     p: &BasicProperties,
     body: &[u8],
@@ -214,21 +219,25 @@ pub fn message_to_amqp(
 
 /// `s` as a `u32` if `s` is exactly the decimal rendering of that number (no sign, no
 /// leading zeros), so that rendering the number again gives `s` back.
+#[cfg(feature = "fe2o3")]
 fn canonical_u32(s: &str) -> Option<u32> {
     let n: u32 = s.parse().ok()?;
     (n.to_string() == s).then_some(n)
 }
 
 /// 0.9.1 timestamp (seconds) → AMQP 1.0 timestamp (milliseconds), if it fits.
+#[cfg(feature = "fe2o3")]
 fn seconds_to_millis(secs: u64) -> Option<i64> {
     i64::try_from(secs).ok()?.checked_mul(1000)
 }
 
+#[cfg(feature = "fe2o3")]
 type AppMap = OrderedMap<String, SimpleValue>;
 
 /// Split 0.9.1 headers into AMQP 1.0 application properties (every value that has an exact
 /// simple-type counterpart) and the rest, encoded for the [`mapping::ANN_HEADERS`]
 /// annotation.
+#[cfg(feature = "fe2o3")]
 fn split_headers(
     headers: &FieldTable,
 ) -> Result<(AppMap, OrderedMap<Value, Value>), Undeliverable> {
@@ -251,6 +260,7 @@ fn split_headers(
 
 /// The application-property value for a 0.9.1 field value, if one maps back to exactly that
 /// field value. `None`: it goes into the headers annotation instead.
+#[cfg(feature = "fe2o3")]
 fn field_to_simple(v: &AMQPValue) -> Option<SimpleValue> {
     Some(match v {
         AMQPValue::Boolean(b) => SimpleValue::Bool(*b),
@@ -281,11 +291,13 @@ fn field_to_simple(v: &AMQPValue) -> Option<SimpleValue> {
 }
 
 /// Why one (possibly nested) field value cannot be encoded.
+#[cfg(feature = "fe2o3")]
 enum FieldError {
     Unsupported(&'static str),
     TooDeep,
 }
 
+#[cfg(feature = "fe2o3")]
 impl FieldError {
     fn at(self, key: &str) -> Undeliverable {
         match self {
@@ -298,6 +310,7 @@ impl FieldError {
     }
 }
 
+#[cfg(feature = "fe2o3")]
 fn described(descriptor: &str, value: Value) -> Value {
     Value::Described(Box::new(Described {
         descriptor: Descriptor::Name(Symbol::from(descriptor)),
@@ -307,6 +320,7 @@ fn described(descriptor: &str, value: Value) -> Value {
 
 /// Encode any 0.9.1 field value as an AMQP 1.0 value that decodes back to exactly it.
 /// `depth` is the number of tables/arrays around `v`.
+#[cfg(feature = "fe2o3")]
 fn field_to_value(v: &AMQPValue, depth: usize) -> Result<Value, FieldError> {
     Ok(match v {
         AMQPValue::Boolean(b) => Value::Bool(*b),
@@ -372,7 +386,7 @@ fn field_to_value(v: &AMQPValue, depth: usize) -> Result<Value, FieldError> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "fe2o3"))]
 mod tests {
     use super::*;
     use lapin::types::{DecimalValue, FieldArray, LongString, ShortString};

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod coalesce;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "frame-guard")]
 pub mod frame_guard;
 pub mod logging;
 pub mod lograte;

@@ -237,11 +237,6 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "Full chain and CRL verifications of established peers (once per connection and per CRL change, not per session).",
     ),
     (
-        "drawbridge_float_links_refused_total",
-        Counter,
-        "Links ended because the peer broke the link's rules, by reason.",
-    ),
-    (
         "drawbridge_float_budget_holds_total",
         Counter,
         "Times a link waited for room in the float's bytes-in-flight budget.",

@@ -18,6 +18,7 @@ pub mod peer;
 pub mod rotation;
 pub mod settle;
 pub mod view;
+mod window;
 
 use std::{
     collections::BTreeMap,

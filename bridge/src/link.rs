@@ -16,7 +16,6 @@
 //!   delivery limit).
 
 use std::{
-    collections::VecDeque,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -50,6 +49,7 @@ use crate::{
     rotation::TargetRotation,
     settle::{classify, AckBatch, HeadEvent, HeadWatch, Settled, Step},
     view::{set_state, SharedView},
+    window::Window,
     Ctx,
 };
 
@@ -514,8 +514,8 @@ impl LinkSession<'_> {
         let window = cfg.window as usize;
         let settle_timeout = cfg.settle_timeout;
         // The deliveries in flight, in queue order; bounded by the window (the consumer's
-        // prefetch), each settled by the peer's disposition or here.
-        let mut inflight: VecDeque<InFlight> = VecDeque::with_capacity(window.min(64));
+        // prefetch), each settled by the peer's disposition or here (`window.rs`).
+        let mut inflight: Window<Delivery, OwnedSemaphorePermit> = Window::new();
         let mut acks = AckBatch::new(64);
         let mut draining = false;
         let mut drain_deadline = None;
@@ -622,13 +622,7 @@ impl LinkSession<'_> {
                 match pc.driver.conn().send(pc.link, &tag, bytes) {
                     Ok(id) => {
                         credit_deadline = None;
-                        inflight.push_back(InFlight {
-                            delivery,
-                            id: Some(id),
-                            permit: Some(permit),
-                            settled: None,
-                            deadline: tokio::time::Instant::now() + settle_timeout,
-                        });
+                        inflight.sent(delivery, id, permit, tokio::time::Instant::now() + settle_timeout);
                     }
                     Err(CommandError::NoCredit) => {
                         credit_deadline.get_or_insert_with(|| tokio::time::Instant::now() + settle_timeout);
@@ -641,7 +635,7 @@ impl LinkSession<'_> {
                         let reason = format!(
                             "the peer accepts messages of at most {max} bytes (encoded); this one is {len} bytes"
                         );
-                        inflight.push_back(InFlight::settled_here(delivery, Settled::DeadLetter(reason)));
+                        inflight.settled_here(delivery, Settled::DeadLetter(reason));
                     }
                     Err(e @ CommandError::NotOpen) => broken!(Broken::Send(e.to_string())),
                 }
@@ -662,11 +656,7 @@ impl LinkSession<'_> {
         loop {
             // The head of the window settled: its broker delivery is acked, dead-lettered or
             // the link recycles, in queue order.
-            if inflight.front().is_some_and(|f| f.settled.is_some()) {
-                let InFlight {
-                    delivery, settled, ..
-                } = inflight.pop_front().expect("front");
-                let settled = settled.expect("settled");
+            if let Some((delivery, settled)) = inflight.pop_settled() {
                 let tag = delivery.delivery_tag;
                 match acks.outcome(tag, &settled, inflight.is_empty()) {
                     Step::Ack { flush_now } => {
@@ -740,24 +730,14 @@ impl LinkSession<'_> {
                 .map(|w| kib(w.0.data.len(), budget_kib))
                 .unwrap_or(0);
             // The oldest transfer the peer has not settled yet has until its deadline.
-            let settle_deadline = inflight
-                .iter()
-                .find(|f| f.settled.is_none())
-                .map(|f| f.deadline);
+            let settle_deadline = inflight.next_deadline();
             tokio::select! {
                 biased;
                 // First, so that what the engine queued leaves at once: its frames are
                 // written while it is polled.
                 ev = pc.driver.next_event() => match ev {
                     Ok(Event::Settled { link, first, last, outcome }) if link == pc.link => {
-                        let settled = classify(Some(outcome), settle_timeout);
-                        for f in inflight.iter_mut() {
-                            let Some(id) = f.id else { continue };
-                            if id.wrapping_sub(first) <= last.wrapping_sub(first) && f.settled.is_none() {
-                                f.settled = Some(settled.clone());
-                                f.permit = None;
-                            }
-                        }
+                        inflight.settle(first, last, &classify(Some(outcome), settle_timeout));
                     }
                     Ok(Event::Credit { link, .. }) if link == pc.link => {
                         if let Some(w) = waiting_credit.take() {
@@ -814,10 +794,7 @@ impl LinkSession<'_> {
                 _ = async { tokio::time::sleep_until(settle_deadline.expect("set")).await }, if settle_deadline.is_some() => {
                     // The oldest unsettled transfer timed out: it recycles the link when it
                     // reaches the head of the window.
-                    if let Some(f) = inflight.iter_mut().find(|f| f.settled.is_none()) {
-                        f.settled = Some(classify(None, settle_timeout));
-                        f.permit = None;
-                    }
+                    inflight.expire_oldest(classify(None, settle_timeout));
                 }
                 _ = async { tokio::time::sleep_until(credit_deadline.expect("set")).await }, if credit_deadline.is_some() && waiting_credit.is_some() => {
                     stats.transfer_failed = true;
@@ -878,7 +855,7 @@ impl LinkSession<'_> {
                         Err(u) => {
                             metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
                             let reason = u.to_string();
-                            inflight.push_back(InFlight::settled_here(delivery, Settled::DeadLetter(reason)));
+                            inflight.settled_here(delivery, Settled::DeadLetter(reason));
                         }
                         Ok(()) => {
                             let need = kib(delivery.data.len(), budget_kib);
@@ -930,31 +907,6 @@ impl LinkSession<'_> {
     }
 }
 
-/// A broker delivery in the window: sent and not yet settled, settled and waiting for those
-/// before it, or settled here without a transfer (it cannot be delivered).
-struct InFlight {
-    delivery: Delivery,
-    /// The engine's delivery id; `None`: settled here, never sent.
-    id: Option<u32>,
-    /// Its share of the process byte budget, given back when the peer settles it.
-    permit: Option<OwnedSemaphorePermit>,
-    settled: Option<Settled>,
-    /// When it counts as not settled in time.
-    deadline: tokio::time::Instant,
-}
-
-impl InFlight {
-    fn settled_here(delivery: Delivery, settled: Settled) -> Self {
-        InFlight {
-            delivery,
-            id: None,
-            permit: None,
-            settled: Some(settled),
-            deadline: tokio::time::Instant::now(),
-        }
-    }
-}
-
 /// One message accepted by the peer and acked. Labelled by peer queue (bounded by the links
 /// the node creates), so an operator can alert per link; the timestamp gauge gives the age of
 /// the last acceptance (`time() - drawbridge_bridge_link_last_accepted_timestamp_seconds`).
@@ -995,7 +947,7 @@ impl Forwarded {
 /// still in the stream); stop at the first transfer that is not accepted. What is taken is
 /// recorded in `acks`.
 async fn salvage(
-    inflight: &mut VecDeque<InFlight>,
+    inflight: &mut Window<Delivery, OwnedSemaphorePermit>,
     pc: &mut PeerConnection,
     acks: &mut AckBatch,
     stats: &mut SessionStats,
@@ -1005,17 +957,13 @@ async fn salvage(
 ) {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        while inflight
-            .front()
-            .is_some_and(|f| f.settled == Some(Settled::Accepted))
-        {
-            let f = inflight.pop_front().expect("front");
-            acks.settled(f.delivery.delivery_tag, false);
+        while let Some(delivery) = inflight.pop_accepted() {
+            acks.settled(delivery.delivery_tag, false);
             stats.accepted += 1;
             stats.acked += 1;
-            count_forwarded(view, &f.delivery, age);
+            count_forwarded(view, &delivery, age);
         }
-        if inflight.front().is_none_or(|f| f.settled.is_some()) {
+        if !inflight.head_waits() {
             return;
         }
         match tokio::time::timeout_at(deadline, pc.driver.next_event()).await {
@@ -1025,13 +973,7 @@ async fn salvage(
                 last,
                 outcome,
             })) if link == pc.link => {
-                let settled = classify(Some(outcome), wait);
-                for f in inflight.iter_mut() {
-                    let Some(id) = f.id else { continue };
-                    if id.wrapping_sub(first) <= last.wrapping_sub(first) && f.settled.is_none() {
-                        f.settled = Some(settled.clone());
-                    }
-                }
+                inflight.settle(first, last, &classify(Some(outcome), wait));
             }
             Ok(Ok(Event::Closed { .. })) | Ok(Err(_)) | Err(_) => return,
             Ok(Ok(_)) => {}

@@ -110,9 +110,7 @@ impl<T, H> Window<T, H> {
 
     /// The head of the window, if it is settled.
     pub(crate) fn pop_settled(&mut self) -> Option<(T, Settled)> {
-        if self.q.front()?.settled.is_none() {
-            return None;
-        }
+        self.q.front()?.settled.as_ref()?;
         let e = self.q.pop_front()?;
         Some((e.item, e.settled?))
     }
@@ -247,8 +245,8 @@ mod tests {
             let mut w = Window::new();
             let mut ids = Vec::new();
             let mut id = start;
-            for tag in 0..n {
-                if here[tag] {
+            for (tag, &settled_here) in here.iter().enumerate().take(n) {
+                if settled_here {
                     w.settled_here(tag, Settled::DeadLetter("x".into()));
                 } else {
                     w.sent(tag, id, Hold::new(&alive), later());

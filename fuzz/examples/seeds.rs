@@ -9,7 +9,7 @@ use drawbridge_control_protocol::{
     ControlCommand, CreateLink, DeleteLink, LinkState, LinkStatus, Notification, PeerLink,
     SequencedCommand, Snapshot, SnapshotRequest,
 };
-use drawbridge_float::frame_guard::{Frames, Scanner};
+use drawbridge_runtime::frame_guard::{Frames, Scanner};
 use drawbridge_mapping::outbound::message_to_amqp;
 use drawbridge_mapping::{headers, inbound::from_amqp};
 use fe2o3_amqp::types::{

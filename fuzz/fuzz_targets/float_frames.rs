@@ -6,7 +6,7 @@
 
 mod common;
 
-use drawbridge_float::frame_guard::Frames;
+use drawbridge_runtime::frame_guard::Frames;
 use libfuzzer_sys::fuzz_target;
 
 /// The float's maximum frame size.

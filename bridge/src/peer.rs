@@ -106,10 +106,12 @@ fn engine_config(target: &Target, s: &PeerSettings) -> Config {
     }
 }
 
-async fn connect_inner(
+/// TCP (NODELAY) and the TLS handshake to `target` with `tls`; failures classified for the
+/// retry policy.
+pub async fn connect_tls(
     target: &Target,
-    s: &PeerSettings,
-) -> Result<PeerConnection, ConnectFailure> {
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<PeerStream, ConnectFailure> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?;
@@ -120,10 +122,17 @@ async fn connect_inner(
         .map_err(|e| ConnectFailure::Tls(format!("{target}: {e}")))?;
     // What the engine queued in one step leaves in one write; `Coalesce` keeps TLS records
     // of one flush in one segment.
-    let tls = tokio_rustls::TlsConnector::from(s.tls.clone())
+    tokio_rustls::TlsConnector::from(tls.clone())
         .connect(name, drawbridge_runtime::coalesce::Coalesce::new(tcp))
         .await
-        .map_err(|e| classify_tls(target, &e))?;
+        .map_err(|e| classify_tls(target, &e))
+}
+
+async fn connect_inner(
+    target: &Target,
+    s: &PeerSettings,
+) -> Result<PeerConnection, ConnectFailure> {
+    let tls = connect_tls(target, &s.tls).await?;
     let mut driver = Driver::new(tls, Connection::client(engine_config(target, s)));
     let amqp = |e: String| ConnectFailure::Amqp(format!("{target}: {e}"));
     let session = driver.conn().begin().map_err(|e| amqp(e.to_string()))?;

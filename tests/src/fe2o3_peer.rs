@@ -2,37 +2,14 @@
 //! the second implementation the hostile-member, revocation and interop tests drive a float
 //! with, so that the float is not only tested against its own engine's client.
 
-use std::{sync::Arc, time::Duration};
+use drawbridge_bridge::peer;
+pub use drawbridge_bridge::peer::{ConnectFailure, PeerSettings};
+use std::time::Duration;
 
 use drawbridge_control_protocol::Target;
 use fe2o3_amqp::{
     connection::ConnectionHandle, session::SessionHandle, Connection, Sender, Session,
 };
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-
-/// Why connecting to a target failed; the kind decides how soon it is retried.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnectFailure {
-    /// TCP refused, unreachable or timed out: retry on the normal backoff.
-    Network(String),
-    /// TLS verification failed (wrong CA, subject not in `legal_names`, expired...): a
-    /// configuration problem, retried later than network trouble.
-    Tls(String),
-    /// AMQP open, SASL, session or attach failed.
-    Amqp(String),
-}
-
-impl ConnectFailure {
-    /// The reason, for logs and status.
-    pub fn reason(&self) -> String {
-        match self {
-            ConnectFailure::Network(s) => format!("network: {s}"),
-            ConnectFailure::Tls(s) => format!("TLS: {s}"),
-            ConnectFailure::Amqp(s) => format!("AMQP: {s}"),
-        }
-    }
-}
 
 /// One open peer connection with a sending link.
 #[derive(Debug)]
@@ -48,25 +25,6 @@ pub struct PeerConnection {
     pub canary: Option<Result<Sender, String>>,
     /// Which target this is.
     pub target: Target,
-}
-
-/// Settings for connecting.
-#[derive(Debug, Clone)]
-pub struct PeerSettings {
-    /// Client TLS config pinning the link's legal names.
-    pub tls: Arc<rustls::ClientConfig>,
-    /// Deadline for the whole connect.
-    pub connect_timeout: Duration,
-    /// AMQP idle timeout.
-    pub idle_timeout: Duration,
-    /// Container id announced in Open.
-    pub container_id: String,
-    /// Link name.
-    pub link_name: String,
-    /// AMQP 1.0 target address.
-    pub address: String,
-    /// Target address of the link canary; `None` attaches no canary link.
-    pub canary_address: Option<String>,
 }
 
 /// Connect to `target`: TCP (NODELAY) → direct TLS → SASL EXTERNAL → session
@@ -85,21 +43,8 @@ async fn connect_inner(
     target: &Target,
     s: &PeerSettings,
 ) -> Result<PeerConnection, ConnectFailure> {
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    // TLS here rather than inside fe2o3, as the bridge did. The host name is not what is verified (the link's
-    // legal names are), but rustls needs one for SNI.
-    let name = ServerName::try_from(target.host.clone())
-        .map_err(|e| ConnectFailure::Tls(format!("{target}: {e}")))?;
-    // Frames written while the connection engine is busy leave in one write (and TLS records
-    // in one segment) instead of one `writev` per frame: see `Coalesce`.
-    let tls = tokio_rustls::TlsConnector::from(s.tls.clone())
-        .connect(name, drawbridge_runtime::coalesce::Coalesce::new(tcp))
-        .await
-        .map_err(|e| classify_tls(target, &e))?;
-    let mut tls = tls;
+    // TLS here rather than inside fe2o3, as the bridge does (`peer::connect_tls`).
+    let mut tls = peer::connect_tls(target, &s.tls).await?;
     sasl_external(&mut tls, &target.host)
         .await
         .map_err(|e| ConnectFailure::Amqp(format!("{target}: SASL: {e}")))?;
@@ -243,20 +188,6 @@ where
     let mut rest = vec![0u8; size - 8];
     io.read_exact(&mut rest).await.map_err(|e| e.to_string())?;
     Ok(rest.split_off(doff - 8))
-}
-
-/// A TLS handshake's failure: verification problems are `Tls` (retried later), the rest
-/// network trouble.
-fn classify_tls(target: &Target, io: &std::io::Error) -> ConnectFailure {
-    if let Some(inner) = io.get_ref() {
-        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
-            return ConnectFailure::Tls(format!("{target}: {tls}"));
-        }
-    }
-    match io.kind() {
-        std::io::ErrorKind::InvalidData => ConnectFailure::Tls(format!("{target}: {io}")),
-        _ => ConnectFailure::Network(format!("{target}: {io}")),
-    }
 }
 
 impl PeerConnection {

@@ -619,10 +619,21 @@ impl Served {
                 settled,
                 payload,
             } => {
+                if settled {
+                    // Sent settled (at most once): the float has no disposition to hold it
+                    // by, so the engine's credit would come back before the float took it,
+                    // and what a peer sends this way could pile up while the link waits for
+                    // its broker. Drawbridge's promise needs unsettled transfers; a peer that
+                    // sends otherwise loses the connection (it resends nothing it settled).
+                    let reason = "a transfer sent settled (at most once): the float takes unsettled transfers only".to_string();
+                    self.hostile("presettled", &reason);
+                    conn.close(Some(AmqpError::new("amqp:not-implemented", reason.clone())));
+                    self.stop(ConnectionEnd::Hostile(reason));
+                    return None;
+                }
                 if !self.draining {
                     if let Some(l) = self.links.get_mut(&link) {
-                        // A delivery the peer settled itself gets no disposition.
-                        l.hold((!settled).then_some(id), payload);
+                        l.hold(Some(id), payload);
                     }
                 }
             }

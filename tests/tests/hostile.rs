@@ -776,13 +776,24 @@ async fn a_header_bigger_than_a_broker_frame_is_rejected_and_the_float_stays_rea
 
 /// A transfer frame of a whole delivery `id` on `handle`, carrying `payload`.
 fn raw_delivery(channel: u16, handle: u32, id: u32, payload: &[u8]) -> Vec<u8> {
+    raw_delivery_as(channel, handle, id, payload, None)
+}
+
+/// [`raw_delivery`] with the transfer's `settled` flag.
+fn raw_delivery_as(
+    channel: u16,
+    handle: u32,
+    id: u32,
+    payload: &[u8],
+    settled: Option<bool>,
+) -> Vec<u8> {
     use fe2o3_amqp::types::{definitions::Handle, performatives::*};
     let t = Performative::Transfer(Transfer {
         handle: Handle(handle),
         delivery_id: Some(id),
         delivery_tag: Some(id.to_be_bytes().to_vec().into()),
         message_format: Some(0),
-        settled: None,
+        settled,
         more: false,
         rcv_settle_mode: None,
         state: None,
@@ -958,6 +969,55 @@ async fn rcv_settle_mode_second_is_answered_with_first() -> Result<()> {
         "every disposition settles its delivery: {settled:?}"
     );
     good_peer_delivers(&b, &a, "after-second", 3).await?;
+    Ok(())
+}
+
+/// A peer that sends transfers settled (at most once) gives the float no disposition to hold
+/// them by: with the engine topping credit up as unsettled deliveries are settled, settled
+/// ones could be sent faster than the float takes them and pile up while its link waits for
+/// the broker. Before: they were taken and published with nothing to bound them. Now the
+/// connection is closed at the first one, counted, and nothing of it is published.
+#[tokio::test]
+async fn transfers_sent_settled_close_the_connection_and_nothing_is_published() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (a, b, _dir) = world().await?;
+    let mut tls = raw_connect(&b, &a, std::net::Ipv4Addr::LOCALHOST).await?;
+    let mut hello = raw_preamble(None);
+    hello.extend(raw_begin(0));
+    hello.extend(raw_attach(0, 0));
+    tls.write_all(&hello).await?;
+    tls.flush().await?;
+    // Transfers only once the float granted credit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut deliveries = Vec::new();
+    for id in 0..50u32 {
+        let m = encoded_message(&a, &format!("presettled-{id}"), 16);
+        deliveries.extend(raw_delivery_as(0, 0, id, &m, Some(true)));
+    }
+    until_closed(&mut tls, &deliveries, Duration::from_secs(15)).await?;
+    assert!(
+        refused(
+            &a,
+            "drawbridge_float_connections_refused_total",
+            "presettled"
+        )
+        .await?
+            >= 1.0,
+        "counted"
+    );
+    let float = a.float.as_ref().context("float")?;
+    assert!(
+        float.log_contains("a transfer sent settled"),
+        "{}",
+        float.log_tail(10)
+    );
+    let node = shared_node().await;
+    assert_eq!(
+        node.queue_depth(&a.vhost(), INBOX).await?,
+        0,
+        "nothing of it published"
+    );
+    good_peer_delivers(&b, &a, "after-presettled", 3).await?;
     Ok(())
 }
 

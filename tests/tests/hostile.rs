@@ -829,13 +829,20 @@ fn encoded_message(a: &Org, id: &str, size: usize) -> Vec<u8> {
 }
 
 /// Before: fe2o3 queues a link's transfers (up to 65,535 frames) before the link checks its
-/// credit, so a peer that ignores credit could pile them up while the link waits for broker
-/// confirms. Now the frame guard holds the peer to the credit the float's own flows granted
-/// and ends the connection at the first delivery beyond it.
+/// credit, so a peer that ignores credit could pile them up while the link waits for its
+/// broker. Now the engine holds the peer to the credit the float granted and ends the
+/// connection at the first delivery beyond it.
+///
+/// The link is made to wait for its broker for sure: A's inbox is deleted, so every publish
+/// comes back unroutable, is released and pauses the link; nothing is accepted meanwhile, so
+/// no credit is given back. (With a working inbox the float may settle as fast as the peer
+/// writes, and a peer that ignores credit is then never beyond it: a race, not a test.)
 #[tokio::test]
 async fn a_peer_that_ignores_credit_is_cut_off_at_the_credit_granted() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (a, b, _dir) = world().await?;
+    let (_conn, ch) = a.channel().await?;
+    ch.queue_delete(INBOX.into(), Default::default()).await?;
     let rss_before = float_rss_kib(&a)?;
     let tls = raw_connect(&b, &a, std::net::Ipv4Addr::LOCALHOST).await?;
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -855,9 +862,7 @@ async fn a_peer_that_ignores_credit_is_cut_off_at_the_credit_granted() -> Result
     wr.flush().await?;
     // Let the float attach the link and grant its credit (1,000 by default).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    // 5,000 deliveries of 64 KiB (320 MiB), without waiting for credit. Each its own message:
-    // copies of one would be confirmed duplicates, which the float settles as fast as it
-    // reads them, giving the credit back before the peer could overrun it.
+    // 5,000 deliveries of 64 KiB (320 MiB), without waiting for credit, each its own message.
     let mut peak = rss_before;
     for id in 0..5_000u32 {
         let body = encoded_message(&a, &format!("ignores-credit-{id}"), 64 * 1024);
@@ -887,6 +892,14 @@ async fn a_peer_that_ignores_credit_is_cut_off_at_the_credit_granted() -> Result
             .log_contains("a delivery beyond the link credit granted"),
         "the log says why"
     );
+    // The inbox back, with the binding the float made at its broker connect.
+    world::declare_queue(&ch, INBOX).await?;
+    drawbridge_node::topology::bind_to_direct(
+        &ch,
+        drawbridge_node::topology::INBOX_EXCHANGE,
+        INBOX,
+    )
+    .await?;
     good_peer_delivers(&b, &a, "after-credit", 5).await?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Memory budgets of the bridge, apart from any I/O.
 //!
-//! A link holds every delivery the broker prefetched for it, and every transfer it sent
-//! but the peer has not settled yet (fe2o3 keeps the encoded copy of each until then). With
-//! a fixed prefetch of 1,000 and 10 MiB messages that is ~20 GiB per link. So:
+//! A link holds every delivery the broker prefetched for it, including every transfer it sent
+//! but the peer has not settled yet (the broker delivery is kept until then, to be acked or
+//! returned; the engine writes the transfer once and keeps no copy). With a fixed prefetch
+//! of 1,000 and 10 MiB messages that is ~10 GiB per link. So:
 //!
 //! - **per link**, the prefetch follows the sizes seen ([`Prefetch`]): at most
 //!   `budget / largest recent size` deliveries, between 1 and the configured window.

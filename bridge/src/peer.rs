@@ -253,18 +253,34 @@ fn note_canary(
 }
 
 /// An AMQP error as one line of text.
+/// The float writes both parts: each is cut to [`MAX_FLOAT_TEXT`] bytes (the engine keeps up
+/// to 64 KiB of a description), since the result goes into the log, `/status` and the
+/// `LinkStatus` event at every reconnect.
 pub(crate) fn describe(error: Option<&amqp::performatives::Error>) -> String {
+    use drawbridge_runtime::text::truncate;
+    let cut = |s: &str| {
+        let kept = truncate(s, MAX_FLOAT_TEXT);
+        if kept.len() < s.len() {
+            format!("{kept}…")
+        } else {
+            kept.to_string()
+        }
+    };
     match error {
         None => "no error given".into(),
         Some(e) => {
-            let condition = String::from_utf8_lossy(&e.condition);
+            let condition = cut(&String::from_utf8_lossy(&e.condition));
             match &e.description {
-                Some(d) => format!("{condition}: {d}"),
-                None => condition.into_owned(),
+                Some(d) => format!("{condition}: {}", cut(d)),
+                None => condition,
             }
         }
     }
 }
+
+/// Longest part of a float's error kept in a link's reason (as the dead-letter reason keeps
+/// of a rejection, `settle::MAX_PEER_REASON`).
+const MAX_FLOAT_TEXT: usize = crate::settle::MAX_PEER_REASON;
 
 /// A float that broke the protocol or the decoder's limits: one line and a count, as the
 /// runbooks say (`drawbridge_bridge_peer_frames_refused_total{reason}`). A float that fell
@@ -315,5 +331,20 @@ impl PeerConnection {
         })
         .await;
         let _ = tokio::time::timeout(d, self.driver.finish()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_floats_long_error_is_cut_in_the_links_reason() {
+        let e = amqp::performatives::Error::new("amqp:internal-error", "é".repeat(30_000));
+        let d = describe(Some(&e));
+        assert!(d.starts_with("amqp:internal-error: é"), "{d}");
+        assert!(d.ends_with('…'));
+        assert!(d.len() <= MAX_FLOAT_TEXT + 64, "{} bytes", d.len());
+        assert_eq!(describe(None), "no error given");
     }
 }

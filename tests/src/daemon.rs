@@ -90,21 +90,31 @@ pub fn free_port() -> u16 {
 /// tests might meet, e.g. epmd's 4369).
 const POOL_MIN: u16 = 10_000;
 
+/// One past the highest port handed out by [`free_ports`].
+///
+/// `rabbitmqctl` binds its own Erlang distribution port in `RABBITMQ_DIST_PORT + 10000 ..=
+/// + 10010`. With node distribution ports taken from this pool, those land in `20_000..30_011`,
+/// above the pool and below the usual ephemeral range (32768), so a `rabbitmqctl` call can no
+/// longer take the port a daemon is about to listen on (CI once failed with "cannot listen on
+/// 127.0.0.1:25820: Address already in use" while `import_definitions` ran).
+const POOL_END: u16 = 20_000;
+
 /// `N` distinct free loopback ports, bound together and then released.
 ///
-/// They are taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), where
-/// `bind(:0)` would pick them: a port from that range can go to any outgoing connection of a
-/// concurrent test while its listener is down, and the restarted daemon then fails with
-/// "address already in use" (seen once when a test restarted a float). Falls back to the
-/// kernel's choice when the range leaves no room below it.
+/// They are taken from `POOL_MIN..POOL_END`, below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), where `bind(:0)` would pick them: a port from that range can
+/// go to any outgoing connection of a concurrent test while its listener is down, and the
+/// restarted daemon then fails with "address already in use" (seen once when a test restarted a
+/// float). Falls back to the kernel's choice when the range leaves no room below it.
 pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(0);
+    let end = low.min(POOL_END);
     let mut held = Vec::with_capacity(N);
-    if low > POOL_MIN + 1_000 {
-        let span = u32::from(low - POOL_MIN);
+    if end > POOL_MIN + 1_000 {
+        let span = u32::from(end - POOL_MIN);
         let start = rand::random_range(0..span);
         for i in 0..span {
             if held.len() == N {
@@ -363,7 +373,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+    fn free_ports_are_distinct_bindable_and_clear_of_ephemeral_and_rabbitmqctl_ports() {
         let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .unwrap()
             .split_whitespace()
@@ -377,8 +387,10 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), 3, "{ports:?}");
         for p in ports {
-            if low > POOL_MIN + 1_000 {
-                assert!((POOL_MIN..low).contains(&p), "{p} (ephemeral from {low})");
+            let end = low.min(POOL_END);
+            if end > POOL_MIN + 1_000 {
+                // Also clear of rabbitmqctl's own ports (dist port + 10000 ..= + 10010).
+                assert!((POOL_MIN..end).contains(&p), "{p} (ephemeral from {low})");
             }
             TcpListener::bind(("127.0.0.1", p)).unwrap();
         }

@@ -16,6 +16,7 @@ pub mod link;
 mod notify;
 pub mod peer;
 pub mod rotation;
+mod session;
 pub mod settle;
 pub mod view;
 mod window;

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drawbridge_amqp::connection::{CommandError, Event};
+use drawbridge_amqp::connection::{CommandError, Event as DriverEvent};
 use drawbridge_certs::{pki_types::CertificateDer, PeerRefusal, PeerRole};
 use drawbridge_control_protocol::{LinkState, PeerLink};
 use drawbridge_node::topology;
@@ -42,121 +42,18 @@ use tracing::{debug, info, warn};
 use drawbridge_mapping::wire_out;
 
 use crate::{
-    budget::{kib, Prefetch},
+    budget::Prefetch,
     canary::Canary,
-    dead_letter::{copy_properties, DeadLetterError, DeadLetterer, Interrupted},
+    dead_letter::{copy_properties, DeadLetterer},
     peer::{self, ConnectFailure, PeerConnection, PeerSettings},
     rotation::TargetRotation,
-    settle::{classify, AckBatch, HeadEvent, HeadWatch, Settled, Step},
+    session::{Action, End, Event, Limits, SendError, Session, SessionStats},
+    settle::{classify, HeadEvent, HeadWatch},
     view::{set_state, SharedView},
-    window::Window,
     Ctx,
 };
 
-/// How a forwarding session ended.
-enum End {
-    /// Stopped on request (DeleteLink / shutdown) after settling what was in flight.
-    Stopped,
-    /// Something failed; reconnect.
-    Broken(Broken),
-}
-
-/// Why a forwarding session broke. The text is what the log, `/status` and the
-/// `LinkStatus` event show, so each says what an operator should look at.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Broken {
-    /// The peer released, modified or failed a transfer, or did not settle it in time.
-    #[error("{0}")]
-    Transfer(String),
-    /// The dead-letter queue could not be prepared, so nothing is consumed.
-    #[error(transparent)]
-    DeadLetterQueue(#[from] DeadLetterError),
-    /// Declaring or consuming the peer queue failed (e.g. other queue arguments).
-    #[error("cannot consume `{queue}`: {source}")]
-    Consume {
-        /// Peer queue.
-        queue: String,
-        /// Broker error.
-        source: lapin::Error,
-    },
-    /// A consumer operation did not finish within the broker operation timeout.
-    #[error("{0} timed out")]
-    ConsumerTimeout(&'static str),
-    /// Restarting the consumer with a new prefetch failed.
-    #[error("cannot restart the consumer: {0}")]
-    Restart(lapin::Error),
-    /// The broker ended the consumer (queue deleted, node down).
-    #[error("consumer cancelled by the broker")]
-    ConsumerCancelled,
-    /// The consumer reported an error.
-    #[error("consumer failed: {0}")]
-    Consumer(lapin::Error),
-    /// An ack failed or timed out; the session cannot go on.
-    #[error("{0}")]
-    Ack(String),
-    /// Sending a transfer failed.
-    #[error("send failed: {0}")]
-    Send(String),
-    /// The peer gave no credit for the settle timeout.
-    #[error("peer granted no credit for {0:?}")]
-    NoCredit(Duration),
-    /// The peer closed the connection cleanly.
-    #[error("peer closed the connection")]
-    PeerClosed,
-    /// The peer connection failed.
-    #[error("peer connection lost: {0}")]
-    PeerLost(String),
-    /// The CRLs changed and the float's certificate chain is now refused.
-    #[error("float `{peer}` disconnected after a CRL change: {reason}")]
-    Revoked {
-        /// The float's legal name.
-        peer: String,
-        /// Why its chain is refused now.
-        reason: String,
-    },
-    /// A certificate of the float's chain passed its `notAfter` while the link was up.
-    #[error("float `{peer}` disconnected: {reason}")]
-    Expired {
-        /// The float's legal name.
-        peer: String,
-        /// Which certificate expired, and when.
-        reason: String,
-    },
-    /// Our broker connection is gone.
-    #[error("broker connection lost{0}")]
-    BrokerLost(&'static str),
-    /// SIGTERM / DeleteLink drain took longer than `drain_grace`.
-    #[error("drain grace period over; unsettled transfers will be resent")]
-    DrainGrace,
-    /// The process byte budget was closed (shutting down).
-    #[error("the byte budget was closed")]
-    BudgetClosed,
-    /// A failure, then acking the settled prefix failed too.
-    #[error("{first}; then {then}")]
-    Then {
-        /// What broke the session.
-        first: Box<Broken>,
-        /// Why the final ack failed as well.
-        then: String,
-    },
-}
-
-/// What one forwarding session achieved; decides the next backoff and feeds the head watch.
-#[derive(Debug, Default)]
-struct SessionStats {
-    /// Transfers the peer accepted in this session.
-    accepted: u64,
-    /// Deliveries acked in this session (accepted or dead-lettered): the queue moved.
-    acked: u64,
-    /// A transfer was released, modified, failed or not settled in time (the peer takes
-    /// the connection but not the messages: the case that must not recycle quickly).
-    transfer_failed: bool,
-    /// Message id of the session's first delivery, if the broker marked it redelivered.
-    first_redelivered: Option<String>,
-    /// Whether the session has seen a delivery yet.
-    seen_delivery: bool,
-}
+pub use crate::session::Broken;
 
 /// Run the link until `stop` is cancelled.
 pub(crate) async fn run(spec: PeerLink, ctx: Arc<Ctx>, stop: CancellationToken, view: SharedView) {
@@ -357,15 +254,6 @@ const HEAD_RETURNS_REPORTED: u32 = 3;
 /// settled prefix and gives up the rest (they are requeued and resent).
 const SALVAGE_WAIT: Duration = Duration::from_millis(500);
 
-/// The consumer of a session and the prefetch it was started with.
-struct Consuming {
-    consumer: Consumer,
-    /// Prefetch the consumer was started with.
-    prefetch: u16,
-    /// Cancelled, its last deliveries still arriving; a new consumer follows.
-    switching: bool,
-}
-
 /// One forwarding session: a peer connection fed from one broker connection.
 struct LinkSession<'a> {
     live: &'a Arc<Live>,
@@ -378,6 +266,9 @@ struct LinkSession<'a> {
     peer_chain: Option<&'a [CertificateDer<'static>]>,
 }
 
+/// A session's rules, over lapin's deliveries holding shares of the process byte budget.
+type Rules = Session<Delivery, OwnedSemaphorePermit>;
+
 impl LinkSession<'_> {
     async fn run(
         &self,
@@ -387,6 +278,7 @@ impl LinkSession<'_> {
         prefetch: &mut Prefetch,
         probe: bool,
     ) -> End {
+        let cfg = &self.ctx.cfg;
         let op = self.ctx.broker.config().op_timeout;
         // Nothing is taken from the peer queue while there is nowhere to put what cannot be
         // delivered.
@@ -394,7 +286,16 @@ impl LinkSession<'_> {
             pc.close().await;
             return End::Broken(e.into());
         }
-        let first_prefetch = if probe { 1 } else { prefetch.current() };
+        let limits = Limits {
+            window: usize::from(cfg.window),
+            settle_timeout: cfg.settle_timeout,
+            drain_grace: cfg.drain_grace,
+            salvage_wait: SALVAGE_WAIT,
+            budget_kib: self.ctx.bytes_total_kib,
+            ack_batch: 64,
+        };
+        let mut rules: Rules = Session::new(limits, prefetch.clone(), probe);
+        let first_prefetch = rules.first_prefetch();
         let opened = tokio::time::timeout(
             op,
             open_consumer(self.live, self.spec, self.ctx, self.view, first_prefetch),
@@ -437,23 +338,17 @@ impl LinkSession<'_> {
         }
         // Runs in this task, on this connection; ends with the session.
         let canary = self.start_canary(&mut pc);
-        let consuming = Consuming {
-            consumer,
-            prefetch: first_prefetch,
-            switching: false,
-        };
         let end = self
             .forward(
                 &mut pc,
                 &channel,
-                consuming,
+                consumer,
                 dead_letters,
-                stats,
-                prefetch,
-                probe,
+                &mut rules,
                 canary,
             )
             .await;
+        (*stats, *prefetch) = rules.finish();
         // Closing the channel returns every unacked delivery to the queue, in order. A close
         // that does not complete leaves them held by a channel nobody reads: only closing
         // the whole connection frees them, so report it broken.
@@ -496,50 +391,36 @@ impl LinkSession<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The session's driver: feeds `rules` what happens (the peer's frames, the consumer's
+    /// deliveries, timers, the CRLs, a stop) and performs what it asks, in order, answering
+    /// each action that wants an answer before the next event (`session.rs`).
     async fn forward(
         &self,
         pc: &mut PeerConnection,
         channel: &Channel,
-        mut consuming: Consuming,
+        mut consumer: Consumer,
         dead_letters: &mut DeadLetterer,
-        stats: &mut SessionStats,
-        prefetch: &mut Prefetch,
-        mut probe: bool,
+        rules: &mut Rules,
         mut canary: Option<Box<Canary>>,
     ) -> End {
         let (spec, ctx, view, live, stop) = (self.spec, self.ctx, self.view, self.live, self.stop);
         let cfg = &ctx.cfg;
         let op = ctx.broker.config().op_timeout;
-        let window = cfg.window as usize;
         let settle_timeout = cfg.settle_timeout;
-        // The deliveries in flight, in queue order; bounded by the window (the consumer's
-        // prefetch), each settled by the peer's disposition or here (`window.rs`).
-        let mut inflight: Window<Delivery, OwnedSemaphorePermit> = Window::new();
-        let mut acks = AckBatch::new(64);
-        let mut draining = false;
-        let mut drain_deadline = None;
-        // Flushes a pending ack batch and samples the in-flight count. It runs only while there
-        // is something to flush or sample (see its arm below): an idle link sleeps until a
-        // delivery or its peer wakes it (1,000 idle links ticking 20 times a second cost
-        // 8.8 % of a core; `drawbridge-bench --idle-links`).
+        // Flushes a pending ack and samples the in-flight count. It runs only while there is
+        // something to flush or sample (`wants_tick`): an idle link sleeps until a delivery or
+        // its peer wakes it (1,000 idle links ticking 20 times a second cost 8.8 % of a core;
+        // `drawbridge-bench --idle-links`).
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Registered once per session: the per-message cost is a record, not a lookup.
         let age = Forwarded::register(&spec.queue);
         let in_flight_gauge =
             metrics::gauge!("drawbridge_bridge_link_in_flight", "queue" => spec.queue.clone());
-        let mut in_flight_seen = 0usize;
-        // A converted delivery waiting for room in the process-wide byte budget, or (with its
-        // share) for the peer's credit. Boxed: rarely waiting, and inline every link's task
-        // would keep room for it.
-        let mut waiting: Option<Box<(Delivery, Vec<u8>)>> = None;
-        let mut waiting_credit: Option<Box<(Delivery, Vec<u8>, OwnedSemaphorePermit)>> = None;
-        // The peer's credit ran out at this instant: it has `settle_timeout` to grant more.
-        let mut credit_deadline: Option<tokio::time::Instant> = None;
-        // The encoded message of the delivery being sent, reused from one to the next.
+        // The encoded message of the delivery the rules hold between the consumer and the
+        // window (at most one), reused from one to the next.
         let mut encoded: Vec<u8> = Vec::new();
-        let budget_kib = ctx.bytes_total_kib;
+        let mut stopping = false;
         // The CRLs may change while the link is up: the float is re-checked each time (and
         // once now, for a change between its handshake and this point); so it is when a
         // certificate of its chain reaches its notAfter. The verdict is kept in between.
@@ -558,91 +439,8 @@ impl LinkSession<'_> {
                 PeerRefusal::Expired(reason) => Broken::Expired { peer, reason },
             })
         };
-        // Every way out of the loop below except a lost broker connection goes through
-        // `broken`: first ack what the peer has already accepted (its settlements may be
-        // on their way, e.g. in the stream not read yet), then give up the rest. Without it,
-        // a peer that settles and then closes makes the link resend messages the peer
-        // already has.
-        macro_rules! broken {
-            ($reason:expr) => {{
-                let reason: Broken = $reason;
-                // Boxed: expanded at every way out, and each expansion's room would be kept
-                // in every link's task.
-                let flushed = Box::pin(async {
-                    salvage(
-                        &mut inflight,
-                        pc,
-                        &mut acks,
-                        stats,
-                        view,
-                        &age,
-                        SALVAGE_WAIT,
-                    )
-                    .await;
-                    flush(channel, &mut acks, op).await
-                })
-                .await;
-                return match flushed {
-                    Ok(()) => End::Broken(reason),
-                    Err(e) => End::Broken(Broken::Then {
-                        first: Box::new(reason),
-                        then: e,
-                    }),
-                };
-            }};
-        }
-        // Start moving to the prefetch `prefetch.current()` (or out of a probe): cancel the
-        // consumer; what it already received still arrives and is forwarded, and when its
-        // stream ends a new consumer starts (see the `None` arm below).
-        macro_rules! resize {
-            () => {{
-                if !consuming.switching && consuming.prefetch != prefetch.current() {
-                    let cancel = tokio::time::timeout(
-                        op,
-                        channel
-                            .basic_cancel(consuming.consumer.tag(), BasicCancelOptions::default()),
-                    )
-                    .await;
-                    match cancel {
-                        Ok(Ok(())) => consuming.switching = true,
-                        Ok(Err(e)) => broken!(Broken::Restart(e)),
-                        Err(_) => broken!(Broken::ConsumerTimeout("cancelling the consumer")),
-                    }
-                }
-            }};
-        }
-        // Send one encoded delivery holding its share of the process budget; the share is
-        // given back when the peer settles it. Without credit it waits for the peer's next
-        // grant (the consumer is not read meanwhile).
-        macro_rules! send {
-            ($delivery:expr, $bytes:expr, $permit:expr) => {{
-                let (delivery, bytes, permit): (Delivery, &[u8], OwnedSemaphorePermit) =
-                    ($delivery, $bytes, $permit);
-                let tag = delivery.delivery_tag.to_be_bytes();
-                match pc.driver.conn().send(pc.link, &tag, bytes) {
-                    Ok(id) => {
-                        credit_deadline = None;
-                        inflight.sent(delivery, id, permit, tokio::time::Instant::now() + settle_timeout);
-                    }
-                    Err(CommandError::NoCredit) => {
-                        credit_deadline.get_or_insert_with(|| tokio::time::Instant::now() + settle_timeout);
-                        waiting_credit = Some(Box::new((delivery, bytes.to_vec(), permit)));
-                    }
-                    // The float announced a smaller max-message-size on attach: it will never
-                    // take this message, so it is dead-lettered in its turn (no transfer was
-                    // sent), never resent in a loop.
-                    Err(CommandError::TooLarge { len, max }) => {
-                        let reason = format!(
-                            "the peer accepts messages of at most {max} bytes (encoded); this one is {len} bytes"
-                        );
-                        inflight.settled_here(delivery, Settled::DeadLetter(reason));
-                    }
-                    Err(e @ CommandError::NotOpen) => broken!(Broken::Send(e.to_string())),
-                }
-            }};
-        }
         if let Some(why) = refused(&mut peer_check) {
-            broken!(why);
+            rules.handle(tokio::time::Instant::now(), Event::Failed(why));
         }
         // Fires when a certificate of the float's chain reaches its notAfter (or after an
         // hour, to look again). Boxed: a timer is ≈ 100 bytes every link's task would keep.
@@ -654,254 +452,208 @@ impl LinkSession<'_> {
             next_expiry(&peer_check).unwrap_or(Duration::from_secs(3600)),
         ));
         loop {
-            // The head of the window settled: its broker delivery is acked, dead-lettered or
-            // the link recycles, in queue order.
-            if let Some((delivery, settled)) = inflight.pop_settled() {
-                let tag = delivery.delivery_tag;
-                match acks.outcome(tag, &settled, inflight.is_empty()) {
-                    Step::Ack { flush_now } => {
-                        stats.accepted += 1;
-                        stats.acked += 1;
-                        count_forwarded(view, &delivery, &age);
-                        if flush_now {
-                            if let Err(e) = flush(channel, &mut acks, op).await {
-                                return End::Broken(Broken::Ack(e));
-                            }
-                        }
-                        if std::mem::take(&mut probe) {
-                            info!(queue = %spec.queue, prefetch = prefetch.current(), "probe accepted; forwarding with the full window");
-                            resize!();
-                        }
+            // What the rules ask, in order; each answer is fed back before anything else.
+            while let Some(action) = rules.poll_action() {
+                let answer = match action {
+                    Action::Send { tag } => {
+                        let sent = pc
+                            .driver
+                            .conn()
+                            .send(pc.link, &tag.to_be_bytes(), &encoded)
+                            .map_err(|e| match e {
+                                CommandError::NoCredit => SendError::NoCredit,
+                                CommandError::TooLarge { len, max } => {
+                                    SendError::TooLarge { len, max }
+                                }
+                                e @ CommandError::NotOpen => SendError::NotOpen(e.to_string()),
+                            });
+                        Some(Event::Sent(sent))
                     }
-                    Step::DeadLetter(reason) => {
+                    Action::Ack { upto } => Some(Event::Acked(ack(channel, upto, op).await)),
+                    Action::DeadLetter { delivery, reason } => {
                         warn!(queue = %spec.queue, message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str()), reason = %text::escape(&reason), "message dead-lettered");
                         let props = copy_properties(&delivery.properties, &reason, &spec.queue);
                         // Boxed: a rare path, too large to keep room for in every link's task.
-                        match Box::pin(dead_letters.publish(
+                        let published = Box::pin(dead_letters.publish(
                             live,
                             &delivery.data,
                             props,
                             &spec.queue,
                             stop,
                         ))
-                        .await
-                        {
-                            Ok(()) => {
-                                metrics::counter!("drawbridge_bridge_dead_lettered_total", "queue" => spec.queue.clone()).increment(1);
-                                view.lock().expect("poisoned").dead_lettered += 1;
-                                stats.acked += 1;
-                                if acks.settled(tag, inflight.is_empty()) {
-                                    if let Err(e) = flush(channel, &mut acks, op).await {
-                                        return End::Broken(Broken::Ack(e));
-                                    }
-                                }
-                                if std::mem::take(&mut probe) {
-                                    resize!();
-                                }
-                            }
-                            Err(Interrupted::Stopped) => {
-                                let _ = flush(channel, &mut acks, op).await;
-                                return End::Stopped;
-                            }
-                            Err(Interrupted::BrokerLost) => {
-                                return End::Broken(Broken::BrokerLost(" while dead-lettering"));
-                            }
+                        .await;
+                        if published.is_ok() {
+                            metrics::counter!("drawbridge_bridge_dead_lettered_total", "queue" => spec.queue.clone()).increment(1);
+                            view.lock().expect("poisoned").dead_lettered += 1;
                         }
+                        Some(Event::DeadLettered(published))
                     }
-                    Step::Recycle(reason) => {
-                        stats.transfer_failed = true;
-                        // Ack the settled prefix, nothing after it.
-                        if let Err(e) = flush(channel, &mut acks, op).await {
-                            return End::Broken(Broken::Ack(e));
+                    Action::CancelConsumer => {
+                        let cancel = tokio::time::timeout(
+                            op,
+                            channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+                        )
+                        .await;
+                        Some(Event::ConsumerCancelled(match cancel {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err(Broken::Restart(e)),
+                            Err(_) => Err(Broken::ConsumerTimeout("cancelling the consumer")),
+                        }))
+                    }
+                    Action::StartConsumer { prefetch } => {
+                        let started =
+                            tokio::time::timeout(op, start_consumer(channel, spec, ctx, prefetch))
+                                .await;
+                        Some(Event::ConsumerStarted(match started {
+                            Ok(Ok(c)) => {
+                                consumer = c;
+                                Ok(())
+                            }
+                            Ok(Err(e)) => Err(Broken::Restart(e)),
+                            Err(_) => Err(Broken::ConsumerTimeout("restarting the consumer")),
+                        }))
+                    }
+                    Action::Forwarded(delivery) => {
+                        count_forwarded(view, &delivery, &age);
+                        None
+                    }
+                    Action::Redelivered => {
+                        view.lock().expect("poisoned").redelivered += 1;
+                        metrics::counter!("drawbridge_bridge_redelivered_total", "queue" => spec.queue.clone()).increment(1);
+                        None
+                    }
+                    Action::PrefetchChanged { prefetch, narrowed } => {
+                        debug!(queue = %spec.queue, prefetch, narrowed, "the prefetch follows the message sizes");
+                        let mut v = view.lock().expect("poisoned");
+                        if narrowed {
+                            v.prefetch_narrowed += 1;
+                        } else {
+                            v.prefetch_widened += 1;
                         }
-                        return End::Broken(Broken::Transfer(reason));
+                        None
                     }
-                }
-                continue;
-            }
-            if draining && inflight.is_empty() && waiting.is_none() && waiting_credit.is_none() {
-                return match flush(channel, &mut acks, op).await {
-                    Ok(()) => End::Stopped,
-                    Err(e) => End::Broken(Broken::Ack(e)),
+                    Action::ProbeAccepted { prefetch } => {
+                        info!(queue = %spec.queue, prefetch, "probe accepted; forwarding with the full window");
+                        None
+                    }
+                    Action::ConsumerRestarted { prefetch } => {
+                        view.lock().expect("poisoned").prefetch = prefetch;
+                        debug!(queue = %spec.queue, prefetch, "consumer restarted with a new prefetch");
+                        None
+                    }
+                    Action::InFlight(n) => {
+                        in_flight_gauge.set(n as f64);
+                        view.lock().expect("poisoned").in_flight = n as u32;
+                        None
+                    }
+                    Action::End(end) => return end,
                 };
+                if let Some(event) = answer {
+                    rules.handle(tokio::time::Instant::now(), event);
+                }
             }
-            let need_kib = waiting
-                .as_ref()
-                .map(|w| kib(w.0.data.len(), budget_kib))
-                .unwrap_or(0);
-            // The oldest transfer the peer has not settled yet has until its deadline.
-            let settle_deadline = inflight.next_deadline();
-            tokio::select! {
+            // Budget at hand is taken without a wait.
+            let need_kib = rules.wants_budget();
+            if let Some(need) = need_kib {
+                if let Ok(permit) = ctx.bytes_in_flight.clone().try_acquire_many_owned(need) {
+                    rules.handle(tokio::time::Instant::now(), Event::Budget(Some(permit)));
+                    continue;
+                }
+            }
+            let timeout = rules.poll_timeout();
+            let wants_delivery = rules.wants_delivery();
+            let event = tokio::select! {
                 biased;
                 // First, so that what the engine queued leaves at once: its frames are
                 // written while it is polled.
                 ev = pc.driver.next_event() => match ev {
-                    Ok(Event::Settled { link, first, last, outcome }) if link == pc.link => {
-                        inflight.settle(first, last, &classify(Some(outcome), settle_timeout));
+                    Ok(DriverEvent::Settled { link, first, last, outcome }) if link == pc.link => {
+                        Some(Event::Settled { first, last, settled: classify(Some(outcome), settle_timeout) })
                     }
-                    Ok(Event::Credit { link, .. }) if link == pc.link => {
-                        if let Some(w) = waiting_credit.take() {
-                            let (delivery, bytes, permit) = *w;
-                            send!(delivery, &bytes, permit);
-                        }
+                    Ok(DriverEvent::Credit { link, .. }) if link == pc.link => Some(Event::Credit),
+                    Ok(DriverEvent::Detached { link, error }) if link == pc.link => {
+                        Some(Event::Failed(Broken::PeerLost(format!("the float detached the link: {}", peer::describe(error.as_ref())))))
                     }
-                    Ok(Event::Detached { link, error }) if link == pc.link => {
-                        broken!(Broken::PeerLost(format!("the float detached the link: {}", peer::describe(error.as_ref()))));
-                    }
-                    Ok(Event::Settled { link, first, last, outcome }) => {
+                    Ok(DriverEvent::Settled { link, first, last, outcome }) => {
                         if let Some(c) = canary.as_mut().filter(|c| c.link() == link) {
                             c.on_settled(first, last, outcome);
                         }
+                        None
                     }
-                    Ok(Event::Credit { link, .. }) => {
+                    Ok(DriverEvent::Credit { link, .. }) => {
                         if let Some(c) = canary.as_mut().filter(|c| c.link() == link) {
                             c.on_credit(pc.driver.conn());
                         }
+                        None
                     }
-                    Ok(Event::Detached { link, error }) => {
+                    Ok(DriverEvent::Detached { link, error }) => {
                         if let Some(mut c) = canary.take_if(|c| c.link() == link) {
                             c.on_detached(peer::describe(error.as_ref()));
                         }
+                        None
                     }
-                    Ok(Event::Ended { error, .. }) => {
-                        broken!(Broken::PeerLost(format!("the float ended the session: {}", peer::describe(error.as_ref()))));
+                    Ok(DriverEvent::Ended { error, .. }) => {
+                        Some(Event::Failed(Broken::PeerLost(format!("the float ended the session: {}", peer::describe(error.as_ref())))))
                     }
-                    Ok(Event::Closed { error, by_us, violation }) => {
+                    Ok(DriverEvent::Closed { error, by_us, violation }) => {
                         if let Some(label) = violation {
                             peer::hostile(&pc.target, label, error.as_ref());
                         }
-                        let why = match (&error, by_us) {
+                        Some(Event::Failed(match (&error, by_us) {
                             (None, false) => Broken::PeerClosed,
                             _ => Broken::PeerLost(peer::describe(error.as_ref())),
-                        };
-                        broken!(why);
+                        }))
                     }
-                    Ok(_) => {}
-                    Err(e) => broken!(Broken::PeerLost(e.to_string())),
+                    Ok(_) => None,
+                    Err(e) => Some(Event::Failed(Broken::PeerLost(e.to_string()))),
                 },
-                _ = stop.cancelled(), if !draining => {
-                    draining = true;
-                    drain_deadline = Some(tokio::time::Instant::now() + cfg.drain_grace);
-                    // Stop new deliveries; those already prefetched but not sent are requeued
-                    // when the channel closes.
-                    if !consuming.switching {
-                        let _ = tokio::time::timeout(op, channel.basic_cancel(consuming.consumer.tag(), BasicCancelOptions::default())).await;
+                _ = live.lost() => Some(Event::BrokerLost),
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    Some(Event::Stop)
+                }
+                _ = async { tokio::time::sleep_until(timeout.expect("set")).await }, if timeout.is_some() => {
+                    Some(Event::Timeout)
+                }
+                permit = async { ctx.bytes_in_flight.clone().acquire_many_owned(need_kib.expect("set")).await }, if need_kib.is_some() => {
+                    Some(Event::Budget(permit.ok()))
+                }
+                d = consumer.next(), if wants_delivery => Some(match d {
+                    Some(Ok(delivery)) => {
+                        // Encoded straight from the broker delivery into the link's buffer.
+                        encoded.clear();
+                        let result = wire_out::encode(&delivery, cfg.max_message_size, &mut encoded)
+                            .map_err(|u| {
+                                metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
+                                u.to_string()
+                            });
+                        Event::Delivery(delivery, result)
                     }
-                }
-                _ = async { tokio::time::sleep_until(drain_deadline.expect("set")).await }, if drain_deadline.is_some() => {
-                    broken!(Broken::DrainGrace);
-                }
-                _ = async { tokio::time::sleep_until(settle_deadline.expect("set")).await }, if settle_deadline.is_some() => {
-                    // The oldest unsettled transfer timed out: it recycles the link when it
-                    // reaches the head of the window.
-                    inflight.expire_oldest(classify(None, settle_timeout));
-                }
-                _ = async { tokio::time::sleep_until(credit_deadline.expect("set")).await }, if credit_deadline.is_some() && waiting_credit.is_some() => {
-                    stats.transfer_failed = true;
-                    broken!(Broken::NoCredit(settle_timeout));
-                }
-                permit = async { ctx.bytes_in_flight.clone().acquire_many_owned(need_kib).await }, if waiting.is_some() => {
-                    let Ok(permit) = permit else {
-                        broken!(Broken::BudgetClosed);
-                    };
-                    let (delivery, bytes) = *waiting.take().expect("waiting");
-                    send!(delivery, &bytes, permit);
-                    encoded = bytes;
-                }
-                d = consuming.consumer.next(), if !draining && waiting.is_none() && waiting_credit.is_none() && inflight.len() < window => {
-                    let delivery = match d {
-                        Some(Ok(d)) => d,
-                        Some(Err(e)) => broken!(Broken::Consumer(e)),
-                        None if consuming.switching => {
-                            // The old consumer delivered all it had: start the new one.
-                            let want = if probe { 1 } else { prefetch.current() };
-                            let started = tokio::time::timeout(op, start_consumer(channel, spec, ctx, want)).await;
-                            consuming = match started {
-                                Ok(Ok(consumer)) => Consuming { consumer, prefetch: want, switching: false },
-                                Ok(Err(e)) => broken!(Broken::Restart(e)),
-                                Err(_) => broken!(Broken::ConsumerTimeout("restarting the consumer")),
-                            };
-                            view.lock().expect("poisoned").prefetch = want;
-                            debug!(queue = %spec.queue, prefetch = want, "consumer restarted with a new prefetch");
-                            continue;
-                        }
-                        None => broken!(Broken::ConsumerCancelled),
-                    };
-                    if !stats.seen_delivery {
-                        stats.seen_delivery = true;
-                        if delivery.redelivered {
-                            stats.first_redelivered = delivery.properties.message_id().as_ref().map(|s| s.to_string());
-                        }
-                    }
-                    if delivery.redelivered {
-                        view.lock().expect("poisoned").redelivered += 1;
-                        metrics::counter!("drawbridge_bridge_redelivered_total", "queue" => spec.queue.clone()).increment(1);
-                    }
-                    let before = prefetch.current();
-                    if let (false, Some(after)) = (probe, prefetch.observe(delivery.data.len() as u64)) {
-                        {
-                            let mut v = view.lock().expect("poisoned");
-                            if after < before {
-                                v.prefetch_narrowed += 1;
-                            } else {
-                                v.prefetch_widened += 1;
-                            }
-                        }
-                        resize!();
-                    }
-                    // Encoded straight from the broker delivery into the link's buffer.
-                    encoded.clear();
-                    match wire_out::encode(&delivery, cfg.max_message_size, &mut encoded) {
-                        Err(u) => {
-                            metrics::counter!("drawbridge_bridge_undeliverable_total", "reason" => u.label()).increment(1);
-                            let reason = u.to_string();
-                            inflight.settled_here(delivery, Settled::DeadLetter(reason));
-                        }
-                        Ok(()) => {
-                            let need = kib(delivery.data.len(), budget_kib);
-                            match ctx.bytes_in_flight.clone().try_acquire_many_owned(need) {
-                                Ok(permit) => send!(delivery, &encoded, permit),
-                                Err(_) => waiting = Some(Box::new((delivery, std::mem::take(&mut encoded)))),
-                            }
-                        }
-                    }
-                }
+                    Some(Err(e)) => Event::Failed(Broken::Consumer(e)),
+                    None => Event::ConsumerEnded,
+                }),
                 due = async { match canary.as_deref_mut() { Some(c) => c.due().await, None => std::future::pending().await } } => {
                     if let Some(c) = canary.as_mut() {
                         c.on_due(due, pc.driver.conn());
                     }
+                    None
                 }
                 changed = crl_changes.changed(), if crl_open => {
                     crl_open = changed.is_ok();
-                    if let Some(why) = refused(&mut peer_check) {
-                        broken!(why);
-                    }
+                    refused(&mut peer_check).map(Event::Failed)
                 }
                 _ = &mut expiry_timer, if expiry_armed => {
-                    if let Some(why) = refused(&mut peer_check) {
-                        broken!(why);
-                    }
+                    let why = refused(&mut peer_check);
                     match next_expiry(&peer_check) {
                         Some(wait) => expiry_timer.as_mut().reset(tokio::time::Instant::now() + wait),
                         None => expiry_armed = false,
                     }
+                    why.map(Event::Failed)
                 }
-                _ = live.lost() => {
-                    // Never ack deliveries of a dead connection.
-                    return End::Broken(Broken::BrokerLost(""));
-                }
-                _ = tick.tick(), if acks.is_pending() || !inflight.is_empty() || in_flight_seen != 0 => {
-                    if inflight.len() != in_flight_seen {
-                        in_flight_seen = inflight.len();
-                        in_flight_gauge.set(in_flight_seen as f64);
-                        view.lock().expect("poisoned").in_flight = in_flight_seen as u32;
-                    }
-                    if acks.is_pending() {
-                        if let Err(e) = flush(channel, &mut acks, op).await {
-                            return End::Broken(Broken::Ack(e));
-                        }
-                    }
-                }
+                _ = tick.tick(), if rules.wants_tick() => Some(Event::Tick),
+            };
+            if let Some(event) = event {
+                rules.handle(tokio::time::Instant::now(), event);
             }
         }
     }
@@ -939,44 +691,6 @@ impl Forwarded {
             age: metrics::histogram!("drawbridge_bridge_delivery_age_seconds", "queue" => queue.to_string()),
             total: metrics::counter!("drawbridge_bridge_forwarded_total", "queue" => queue.to_string()),
             last_accepted: metrics::gauge!("drawbridge_bridge_link_last_accepted_timestamp_seconds", "queue" => queue.to_string()),
-        }
-    }
-}
-
-/// Take, in queue order, the acceptances that arrive within `wait` (the peer's dispositions
-/// still in the stream); stop at the first transfer that is not accepted. What is taken is
-/// recorded in `acks`.
-async fn salvage(
-    inflight: &mut Window<Delivery, OwnedSemaphorePermit>,
-    pc: &mut PeerConnection,
-    acks: &mut AckBatch,
-    stats: &mut SessionStats,
-    view: &SharedView,
-    age: &Forwarded,
-    wait: Duration,
-) {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        while let Some(delivery) = inflight.pop_accepted() {
-            acks.settled(delivery.delivery_tag, false);
-            stats.accepted += 1;
-            stats.acked += 1;
-            count_forwarded(view, &delivery, age);
-        }
-        if !inflight.head_waits() {
-            return;
-        }
-        match tokio::time::timeout_at(deadline, pc.driver.next_event()).await {
-            Ok(Ok(Event::Settled {
-                link,
-                first,
-                last,
-                outcome,
-            })) if link == pc.link => {
-                inflight.settle(first, last, &classify(Some(outcome), wait));
-            }
-            Ok(Ok(Event::Closed { .. })) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(_)) => {}
         }
     }
 }
@@ -1058,13 +772,11 @@ fn consumer_tag(ctx: &Ctx) -> String {
     format!("drawbridge-{}", ctx.cfg.id)
 }
 
-async fn flush(channel: &Channel, acks: &mut AckBatch, op: Duration) -> Result<(), String> {
-    let Some(tag) = acks.take() else {
-        return Ok(());
-    };
+/// Ack every delivery up to `upto` (`multiple = true`), within `op`.
+async fn ack(channel: &Channel, upto: u64, op: Duration) -> Result<(), String> {
     match tokio::time::timeout(
         op,
-        channel.basic_ack(tag, BasicAckOptions { multiple: true }),
+        channel.basic_ack(upto, BasicAckOptions { multiple: true }),
     )
     .await
     {

@@ -519,11 +519,13 @@ impl Served {
                 }
                 Step::Room(link, permit) => {
                     let sh = shared!(self);
+                    let mut rooms = Vec::new();
                     if let Some(l) = self.links.get_mut(&link) {
-                        if let Some(c) = l.room(permit, driver.conn(), &sh).await {
+                        if let Some(c) = l.room(permit, driver.conn(), &sh, &mut rooms) {
                             self.confirms.push(c);
                         }
                     }
+                    self.rooms.extend(rooms);
                 }
                 Step::Wake => {}
                 Step::Stop(end) => self.stop(end),
@@ -532,18 +534,18 @@ impl Served {
                 }
             }
             if !self.draining {
-                self.pump(driver.conn()).await;
+                self.pump(driver.conn());
             }
         }
     }
 
     /// Let every link take what it holds, as far as it may.
-    async fn pump(&mut self, conn: &mut Connection) {
+    fn pump(&mut self, conn: &mut Connection) {
         let mut confirms = Vec::new();
         let mut rooms = Vec::new();
         let sh = shared!(self);
         for l in self.links.values_mut() {
-            l.pump(conn, &sh, &mut confirms, &mut rooms).await;
+            l.pump(conn, &sh, &mut confirms, &mut rooms);
         }
         self.confirms.extend(confirms);
         self.rooms.extend(rooms);

@@ -54,7 +54,7 @@ use crate::{
     dedup::{Seen, Ticket},
     publisher::Publisher,
     routing::Routes,
-    settle::{Pause, PauseEvent, Settle},
+    settle::{Pause, PauseEvent, Settle, Transient},
     Ctx,
 };
 
@@ -216,6 +216,8 @@ pub(crate) struct Link {
     held_back: bool,
     /// A link canary's: the canary queue its probes go to (not an inbox).
     canary: Option<String>,
+    /// The waiting delivery waited for its broker channel to open: it does not wait twice.
+    opened: bool,
 }
 
 impl Link {
@@ -242,6 +244,7 @@ impl Link {
             front: 0,
             held_back: false,
             canary,
+            opened: false,
         }
     }
 
@@ -274,12 +277,13 @@ impl Link {
     pub(crate) fn drain(&mut self) {
         self.held.clear();
         self.waiting = None;
+        self.opened = false;
     }
 
     /// Take held deliveries while the link may (see the module doc): each is settled at
     /// once, published (its confirm joins `confirms`), or parked until the budgets have room
     /// (its wait joins `rooms`).
-    pub(crate) async fn pump(
+    pub(crate) fn pump(
         &mut self,
         conn: &mut Connection,
         sh: &Shared<'_>,
@@ -316,7 +320,7 @@ impl Link {
             let len = outbound.len();
             match self.budget.try_take(len) {
                 Some(permit) => {
-                    if let Some(c) = self.publish(conn, id, outbound, permit, sh).await {
+                    if let Some(c) = self.publish(conn, id, outbound, permit, sh, rooms) {
                         confirms.push(c);
                     }
                 }
@@ -329,16 +333,18 @@ impl Link {
         }
     }
 
-    /// The budgets have room for the waiting delivery: publish it. `None` when it is gone
-    /// (drained): the permit is given back.
-    pub(crate) async fn room(
+    /// The budgets have room for the waiting delivery, or its broker channel was being
+    /// opened: publish it. `None` when it is gone (drained): the permit is given back; or when
+    /// it waits again (its new [`Room`] joins `rooms`).
+    pub(crate) fn room(
         &mut self,
         permit: Permit,
         conn: &mut Connection,
         sh: &Shared<'_>,
+        rooms: &mut Vec<Room>,
     ) -> Option<Confirm> {
         let (id, outbound) = self.waiting.take()?;
-        self.publish(conn, id, outbound, permit, sh).await
+        self.publish(conn, id, outbound, permit, sh, rooms)
     }
 
     /// Count and log the start of each episode of holding back for lack of budget.
@@ -359,14 +365,32 @@ impl Link {
 
     /// Publish a delivery holding its bytes: returns its confirm, or settles it at once when
     /// the publish failed before one.
-    async fn publish(
+    ///
+    /// Its broker channel not open, it waits (once) for it to open, in a [`Room`] the
+    /// connection's task polls with the rest; the task itself never waits for the broker.
+    fn publish(
         &mut self,
         conn: &mut Connection,
         id: Option<u32>,
         outbound: Outbound,
         permit: Permit,
         sh: &Shared<'_>,
+        rooms: &mut Vec<Room>,
     ) -> Option<Confirm> {
+        let channel = self.publisher.channel_now();
+        if channel.is_none() && !std::mem::take(&mut self.opened) {
+            self.opened = true;
+            let link = self.id;
+            rooms.push(
+                self.publisher
+                    .opening(&sh.ctx.broker)
+                    .map(move |()| (link, permit))
+                    .boxed(),
+            );
+            self.waiting = Some((id, outbound));
+            return None;
+        }
+        self.opened = false;
         let Outbound {
             inbox,
             body,
@@ -374,17 +398,19 @@ impl Link {
             properties_len,
             ticket,
         } = outbound;
-        let published = self
-            .publisher
-            .publish(
-                &sh.ctx.broker,
+        let published = match channel {
+            Some(channel) => self.publisher.publish(
+                channel,
+                sh.ctx.broker.config().op_timeout,
                 &sh.ctx.cfg.inbox_exchange,
                 inbox,
                 body,
                 properties,
                 properties_len,
-            )
-            .await;
+            ),
+            // It was opened for this delivery, and is gone again or could not be.
+            None => Err(Settle::Release(Transient::BrokerUnavailable)),
+        };
         match published {
             Ok(confirm) => {
                 let seq = self.front + self.inflight.len() as u64;

@@ -14,9 +14,12 @@
 //! to inboxes it declared, so the broker has no reason to close a channel short of a broken
 //! connection, which takes every channel anyway.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 use drawbridge_mapping::{self as mapping, inbound::Invalid};
@@ -96,10 +99,35 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
+    /// The slot's channel, if it is open now. Never waits: the connection's task calls it, and
+    /// while it waited the peer's frames (its heartbeats included) would wait too. A slot
+    /// another link is opening counts as not open.
+    pub(crate) fn channel_now(&self) -> Option<(Arc<Live>, Channel)> {
+        let slot = self.slot.try_lock().ok()?;
+        let (live, ch) = slot.as_ref()?;
+        (!live.is_lost() && ch.status().connected()).then(|| (live.clone(), ch.clone()))
+    }
+
+    /// Opens the slot's channel on the current broker connection (or finds it opened by
+    /// another link meanwhile): polled by the connection's task among its other futures, so
+    /// a broker slow to open channels stalls no peer. A failure is logged and left to the
+    /// publish that follows (it settles `released`).
+    pub(crate) fn opening(&self, broker: &BrokerSession) -> BoxFuture<'static, ()> {
+        let slot = self.slot.clone();
+        let broker = broker.clone();
+        async move {
+            if let Err(ChannelError::Open(source)) = open(&slot, &broker).await {
+                warn!(reason = %source, "cannot open a broker channel");
+            }
+        }
+        .boxed()
+    }
+
     /// Publish `body` persistent and mandatory to `inbox` through `exchange` (the inboxes'
-    /// direct exchange, or `""`: the default exchange); the returned future settles once
-    /// the broker confirmed (or not within the operation timeout). Having no channel is
-    /// returned at once; a publish that fails later settles `released` through the future.
+    /// direct exchange, or `""`: the default exchange) on `channel` (from
+    /// [`Publisher::channel_now`]); the returned future settles once the broker confirmed (or
+    /// not within `op`, the operation timeout). A publish that fails later settles `released`
+    /// through the future.
     ///
     /// The publish is handed to lapin before this returns, in the link's order, but not
     /// awaited: lapin's `basic_publish` completes only once its I/O thread has written the
@@ -111,24 +139,17 @@ impl Publisher {
     /// frame of the connection (its negotiated `frame_max`) are never handed to lapin — the
     /// broker would close the whole connection (`frame_too_large`) — and the transfer is
     /// rejected instead. `Err` is how the transfer settles at once.
-    pub(crate) async fn publish(
-        &mut self,
-        broker: &BrokerSession,
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn publish(
+        &self,
+        (live, channel): (Arc<Live>, Channel),
+        op: Duration,
         exchange: &str,
         inbox: Arc<str>,
         body: Vec<u8>,
         properties: BasicProperties,
         properties_len: usize,
     ) -> Result<Confirm, Settle> {
-        let (live, channel) = match self.channel(broker).await {
-            Ok(c) => c,
-            Err(e) => {
-                if let ChannelError::Open(source) = &e {
-                    warn!(reason = %source, "cannot open a broker channel");
-                }
-                return Err(Settle::Release(Transient::BrokerUnavailable));
-            }
-        };
         let frame_max = live.conn.configuration().frame_max();
         if !mapping::fits_frame(properties_len, frame_max) {
             return Err(Settle::Reject(
@@ -139,7 +160,6 @@ impl Publisher {
                 .to_string(),
             ));
         }
-        let op = broker.config().op_timeout;
         let slot = self.slot.clone();
         let exchange = ShortString::from(exchange);
         let mut confirm = async move {
@@ -179,43 +199,45 @@ impl Publisher {
         .boxed();
         // One poll runs `basic_publish` up to where lapin holds the frames (and has numbered
         // the publish for its confirm): from here the order among this link's publishes is
-        // fixed, whoever polls the rest.
-        if let std::task::Poll::Ready(settle) = futures::poll!(&mut confirm) {
+        // fixed, whoever polls the rest. The waker is a no-op: the connection's task polls the
+        // future again (a future pushed into its `FuturesUnordered` is polled at once).
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(settle) = confirm.as_mut().poll(&mut cx) {
             return Ok(std::future::ready(settle).boxed());
         }
         Ok(confirm)
     }
+}
 
-    /// The slot's confirm-mode channel, reopened on the current connection when needed. The
-    /// slot stays locked while a channel opens, so links sharing it open one, not one each.
-    async fn channel(
-        &mut self,
-        broker: &BrokerSession,
-    ) -> Result<(Arc<Live>, Channel), ChannelError> {
-        let mut slot = self.slot.lock().await;
-        if let Some((live, ch)) = slot.as_ref() {
-            if !live.is_lost() && ch.status().connected() {
-                return Ok((live.clone(), ch.clone()));
-            }
+/// `slot`'s confirm-mode channel, reopened on the current connection when needed. The slot
+/// stays locked while a channel opens, so links sharing it open one, not one each.
+async fn open(
+    slot: &tokio::sync::Mutex<Current>,
+    broker: &BrokerSession,
+) -> Result<(Arc<Live>, Channel), ChannelError> {
+    let mut slot = slot.lock().await;
+    if let Some((live, ch)) = slot.as_ref() {
+        if !live.is_lost() && ch.status().connected() {
+            return Ok((live.clone(), ch.clone()));
         }
-        *slot = None;
-        let live = broker.current().ok_or(ChannelError::NoConnection)?;
-        let opened = tokio::time::timeout(broker.config().op_timeout, async {
-            let ch = live.conn.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            Ok::<_, lapin::Error>(ch)
-        })
-        .await;
-        match opened {
-            Ok(Ok(ch)) => {
-                *slot = Some((live.clone(), ch.clone()));
-                Ok((live, ch))
-            }
-            Ok(Err(e)) => Err(ChannelError::Open(e)),
-            Err(_) => {
-                live.report_broken("channel open timed out");
-                Err(ChannelError::TimedOut)
-            }
+    }
+    *slot = None;
+    let live = broker.current().ok_or(ChannelError::NoConnection)?;
+    let opened = tokio::time::timeout(broker.config().op_timeout, async {
+        let ch = live.conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok::<_, lapin::Error>(ch)
+    })
+    .await;
+    match opened {
+        Ok(Ok(ch)) => {
+            *slot = Some((live.clone(), ch.clone()));
+            Ok((live, ch))
+        }
+        Ok(Err(e)) => Err(ChannelError::Open(e)),
+        Err(_) => {
+            live.report_broken("channel open timed out");
+            Err(ChannelError::TimedOut)
         }
     }
 }

@@ -442,3 +442,92 @@ async fn a_stalled_channel_close_reports_the_broker_connection_broken() -> Resul
     );
     Ok(())
 }
+
+/// A publish whose broker channel must first be opened no longer holds up the peer's
+/// connection. The float's connection task used to wait for the channel inline (up to the
+/// broker operation timeout): meanwhile it read and wrote nothing, sent no heartbeat, and a
+/// bridge with a short idle timeout gave the connection up. Here the float's broker path goes
+/// silent before the first publish opens its channel: the open waits (15 s op timeout) while
+/// the bridge, which asks for a frame every second or so (idle timeout 2 s), keeps its link
+/// up; once the path is back the message arrives.
+#[tokio::test]
+async fn a_channel_that_takes_its_time_to_open_stalls_no_peer_connection() -> Result<()> {
+    use drawbridge_testkit::proxy::{FaultProxy, ProxyMode};
+    let mut p = two_orgs().await?;
+    let proxy = FaultProxy::start(p.node.amqp_addr()).await?;
+    p.b.daemon_broker = Some(format!(
+        "uris = [\"amqp://guest:guest@{}/{}\"]\nop_timeout = \"15s\"\nheartbeat_secs = 60\nconnect_timeout = \"2s\"",
+        proxy.addr(),
+        drawbridge_testkit::rabbit::encode_vhost(&p.vb)
+    ));
+    let q = link_up(
+        &mut p.a,
+        &mut p.b,
+        "",
+        "idle_timeout = \"2s\"\ncanary_interval = \"0s\"",
+        Duration::from_secs(20),
+    )
+    .await?;
+    let (_cb, ch_b) = p.b.channel().await?;
+    world::declare_queue(&ch_b, INBOX).await?;
+
+    // No publish yet: the float's publishing channels are not open. The path goes silent, and
+    // a message comes.
+    proxy.set_mode(ProxyMode::BlackHole);
+    let (_ca, ch_a) = p.a.channel().await?;
+    let spec = PublishSpec {
+        run: "slow-open".into(),
+        from: 0,
+        to: 1,
+        size: 256,
+        destination: BANK_B.into(),
+        headers: vec![],
+    };
+    stream::publish(&ch_a, &q, &spec, |_| {}).await?;
+    let float = p.b.float.as_ref().expect("float");
+    let bridge = p.a.bridge.as_ref().expect("bridge");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bridge.status().await?["links"][0]["in_flight"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the bridge never sent the transfer:\n{}\nfloat:\n{}",
+                bridge.log_tail(30),
+                float.log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several idle timeouts of the bridge while the channel waits to open.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let status = bridge.status().await?;
+    let link = &status["links"][0];
+    assert_eq!(
+        link["state"],
+        "up",
+        "{status}\nbridge:\n{}",
+        bridge.log_tail(30)
+    );
+    assert_eq!(
+        link["connects"],
+        1,
+        "the link never went down: {status}\nbridge:\n{}",
+        bridge.log_tail(30)
+    );
+
+    // The path comes back (the silent connection dies): the message arrives, once.
+    proxy.set_mode(ProxyMode::Reset);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set_mode(ProxyMode::Pass);
+    let mut tally = Tally::new("slow-open", 1, Some(BANK_A.to_string()));
+    stream::consume(&ch_b, INBOX, &mut tally, Duration::from_secs(40), |_| {}).await?;
+    let r = tally.report();
+    assert!(
+        r.complete() && r.corrupted == 0 && r.duplicates == 0,
+        "{r:?}"
+    );
+    Ok(())
+}

@@ -58,13 +58,31 @@ pub fn effective_filter<'a>(config_level: &'a str, rust_log: Option<&'a str>) ->
     }
 }
 
+/// lapin's log target for a message the broker returned (a mandatory publish no queue took).
+const LAPIN_RETURNS: &str = "lapin::returned_messages";
+
+/// `filter` with lapin's returned-message line turned off, unless it names that target itself.
+///
+/// lapin logs every returned message at WARN with the whole message in `Debug` form, body
+/// included: a bank's payload in the log file, one line per message, as large as the message.
+/// The float reports returns itself (once per episode, without the content), so the line is off
+/// whatever level lapin is given; an operator who really wants it names the target.
+pub fn quiet_returns(filter: &str) -> String {
+    if filter.contains(LAPIN_RETURNS) {
+        filter.to_string()
+    } else {
+        format!("{filter},{LAPIN_RETURNS}=off")
+    }
+}
+
 /// Install the global subscriber, filtered by `RUST_LOG` if set, else by `config_level`
 /// (`log.level`; see [`effective_filter`]). An unparsable `RUST_LOG` falls back to
-/// `config_level`.
+/// `config_level`. Either way lapin's returned-message line is off ([`quiet_returns`]).
 pub fn init(format: LogFormat, config_level: &str) {
     let rust_log = std::env::var(EnvFilter::DEFAULT_ENV).ok();
     let wanted = effective_filter(config_level, rust_log.as_deref());
-    let filter = EnvFilter::try_new(wanted).unwrap_or_else(|_| EnvFilter::new(config_level));
+    let filter = EnvFilter::try_new(quiet_returns(wanted))
+        .unwrap_or_else(|_| EnvFilter::new(quiet_returns(config_level)));
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -84,6 +102,22 @@ mod tests {
         let mut r = ConfigReader::from_toml(toml).unwrap();
         let level = read_level(&mut r);
         r.finish().map(|()| level).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn lapins_returned_message_line_is_off_unless_named() {
+        assert_eq!(quiet_returns("info"), "info,lapin::returned_messages=off");
+        assert_eq!(
+            quiet_returns("debug,lapin=trace"),
+            "debug,lapin=trace,lapin::returned_messages=off"
+        );
+        assert_eq!(
+            quiet_returns("info,lapin::returned_messages=warn"),
+            "info,lapin::returned_messages=warn"
+        );
+        for f in ["info", "warn,lapin=debug", "trace"] {
+            EnvFilter::try_new(quiet_returns(f)).unwrap();
+        }
     }
 
     #[test]

@@ -237,6 +237,7 @@ pub(crate) async fn float_connections(
         link_name: "load".into(),
         address: DEFAULT_TARGET_ADDRESS.into(),
         canary_address: None,
+        proxy: None,
     };
     let target = Target::new("127.0.0.1", b.float_port);
     println!("## {n} idle inbound connections on B's float (from this process, A's certificate)");

@@ -1,6 +1,6 @@
 //! The bridge's configuration (`bridge.toml`, overridable by `DRAWBRIDGE_...` variables).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
 use drawbridge_node::topology::QueueType;
@@ -111,6 +111,8 @@ pub struct BridgeConfig {
     pub canary_interval: Option<Duration>,
     /// Target address of the probes (the float's `canary_address`).
     pub canary_address: String,
+    /// The outbound proxy peer links go through (`[bridge.proxy]`), if any.
+    pub proxy: Option<Arc<drawbridge_runtime::proxy::Proxy>>,
     /// Broker connection.
     pub broker: BrokerConfig,
     /// Admin HTTP port; `None` disables it.
@@ -291,6 +293,8 @@ impl BridgeConfig {
                 "bridge.canary_address",
                 drawbridge_control_protocol::CANARY_ADDRESS.to_string(),
             ),
+            proxy: drawbridge_runtime::proxy::Proxy::read(&mut r, "bridge.proxy", key_access)
+                .map(Arc::new),
             broker: BrokerConfig::read_with(
                 &mut r,
                 "broker",
@@ -487,6 +491,55 @@ mod ha_tests {
             errs.iter().any(|e| e.starts_with("bridge.ha_lease_check")),
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn the_outbound_proxy_is_checked_key_by_key() {
+        assert!(load("", "").unwrap().proxy.is_none());
+        let cfg = load(
+            "proxy.url = \"socks5://127.0.0.1:1080\"\nproxy.bypass = [\"Float.Internal\"]\n",
+            "",
+        )
+        .unwrap();
+        let proxy = cfg.proxy.expect("proxy");
+        assert_eq!(proxy.to_string(), "socks5://127.0.0.1:1080");
+        assert!(!proxy.applies_to("float.internal"));
+        // Every bad key is listed: a URL with credentials in it, a username without its
+        // password file.
+        let errs = load(
+            "proxy.url = \"http://u:p@proxy:3128\"\nproxy.username = \"u\"\nproxy.port = 1\n",
+            "",
+        )
+        .unwrap_err();
+        for key in [
+            "bridge.proxy.url",
+            "bridge.proxy.password_file",
+            "bridge.proxy.port",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
+        let errs = load("proxy.username = \"u\"\n", "").unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("bridge.proxy.url")),
+            "{errs:#?}"
+        );
+        // The password file is a secret file.
+        let path = std::env::temp_dir().join(format!("drawbridge-proxy-{}", std::process::id()));
+        std::fs::write(&path, "pw\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let lines = format!(
+            "proxy.url = \"http://proxy:3128\"\nproxy.username = \"u\"\nproxy.password_file = {:?}\n",
+            path.display().to_string()
+        );
+        let errs = load(&lines, "").unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("bridge.proxy.password_file")),
+            "{errs:#?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(load(&lines, "").unwrap().proxy.is_some());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

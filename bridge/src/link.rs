@@ -819,6 +819,7 @@ pub(crate) fn settings(
             .cfg
             .canary_interval
             .map(|_| ctx.cfg.canary_address.clone()),
+        proxy: ctx.cfg.proxy.clone(),
     };
     Ok((settings, verified_chain, own.generation))
 }

@@ -9,6 +9,7 @@ use drawbridge_amqp::{
     Limits,
 };
 use drawbridge_control_protocol::Target;
+use drawbridge_runtime::proxy::Proxy;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -72,6 +73,8 @@ pub struct PeerSettings {
     pub address: String,
     /// Target address of the link canary; `None` attaches no canary link.
     pub canary_address: Option<String>,
+    /// The outbound proxy (`[bridge.proxy]`), if connections go through one.
+    pub proxy: Option<Arc<Proxy>>,
 }
 
 /// Connect to `target`: TCP (NODELAY) → direct TLS → SASL EXTERNAL → open → session →
@@ -106,15 +109,23 @@ fn engine_config(target: &Target, s: &PeerSettings) -> Config {
     }
 }
 
-/// TCP (NODELAY) and the TLS handshake to `target` with `tls`; failures classified for the
-/// retry policy.
+/// TCP (NODELAY), directly or through `proxy` (unless it bypasses the target's host), and the
+/// TLS handshake to `target` with `tls`, end to end through the proxy; failures classified for
+/// the retry policy (a proxy's refusal is a network failure: the next target may go).
 pub async fn connect_tls(
     target: &Target,
     tls: &Arc<rustls::ClientConfig>,
+    proxy: Option<&Proxy>,
 ) -> Result<PeerStream, ConnectFailure> {
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?;
+    let tcp = match proxy.filter(|p| p.applies_to(&target.host)) {
+        Some(p) => p
+            .connect(&target.host, target.port)
+            .await
+            .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?,
+        None => TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| ConnectFailure::Network(format!("{target}: {e}")))?,
+    };
     let _ = tcp.set_nodelay(true);
     // The host name is not what is verified (the link's legal names are), but rustls needs
     // one for SNI.
@@ -132,7 +143,7 @@ async fn connect_inner(
     target: &Target,
     s: &PeerSettings,
 ) -> Result<PeerConnection, ConnectFailure> {
-    let tls = connect_tls(target, &s.tls).await?;
+    let tls = connect_tls(target, &s.tls, s.proxy.as_deref()).await?;
     let mut driver = Driver::new(tls, Connection::client(engine_config(target, s)));
     let amqp = |e: String| ConnectFailure::Amqp(format!("{target}: {e}"));
     let session = driver.conn().begin().map_err(|e| amqp(e.to_string()))?;

@@ -16,6 +16,7 @@ pub mod frame_guard;
 pub mod logging;
 pub mod lograte;
 pub mod metrics_catalog;
+pub mod proxy;
 pub mod revocation;
 pub mod sd_notify;
 pub mod shutdown;

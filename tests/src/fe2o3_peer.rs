@@ -44,7 +44,7 @@ async fn connect_inner(
     s: &PeerSettings,
 ) -> Result<PeerConnection, ConnectFailure> {
     // TLS here rather than inside fe2o3, as the bridge does (`peer::connect_tls`).
-    let mut tls = peer::connect_tls(target, &s.tls).await?;
+    let mut tls = peer::connect_tls(target, &s.tls, s.proxy.as_deref()).await?;
     sasl_external(&mut tls, &target.host)
         .await
         .map_err(|e| ConnectFailure::Amqp(format!("{target}: SASL: {e}")))?;

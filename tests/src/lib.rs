@@ -11,6 +11,7 @@
 pub mod daemon;
 pub mod fe2o3_peer;
 pub mod fixtures;
+pub mod outbound_proxy;
 pub mod peer_client;
 pub mod proton;
 pub mod proxy;

@@ -43,6 +43,7 @@ pub fn peer_settings(
         link_name: link_name.into(),
         address: drawbridge_control_protocol::DEFAULT_TARGET_ADDRESS.into(),
         canary_address: None,
+        proxy: None,
     })
 }
 

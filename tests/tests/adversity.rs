@@ -366,6 +366,20 @@ async fn the_prefetch_follows_message_sizes_within_the_link_budget() -> Result<(
     Ok(())
 }
 
+/// A daemon's `[broker]` lines reaching `vhost` through the fault proxy `proxy`, with
+/// `op_timeout` and a heartbeat too slow to notice a black hole within a test.
+fn broker_through(
+    proxy: &drawbridge_testkit::proxy::FaultProxy,
+    vhost: &str,
+    op_timeout: &str,
+) -> String {
+    format!(
+        "uris = [\"amqp://guest:guest@{}/{}\"]\nop_timeout = \"{op_timeout}\"\nheartbeat_secs = 60\nconnect_timeout = \"2s\"",
+        proxy.addr(),
+        drawbridge_testkit::rabbit::encode_vhost(vhost)
+    )
+}
+
 /// A consumer channel whose close never completes holds the link's unacked deliveries on a
 /// connection nobody reads from again; only a new connection frees them. The close has a
 /// deadline, and missing it reports the broker connection broken (issue: the link said "up"
@@ -378,11 +392,7 @@ async fn a_stalled_channel_close_reports_the_broker_connection_broken() -> Resul
     use drawbridge_testkit::proxy::{FaultProxy, ProxyMode};
     let mut p = two_orgs().await?;
     let proxy = FaultProxy::start(p.node.amqp_addr()).await?;
-    p.a.daemon_broker = Some(format!(
-        "uris = [\"amqp://guest:guest@{}/{}\"]\nop_timeout = \"2s\"\nheartbeat_secs = 60\nconnect_timeout = \"2s\"",
-        proxy.addr(),
-        drawbridge_testkit::rabbit::encode_vhost(&p.va)
-    ));
+    p.a.daemon_broker = Some(broker_through(&proxy, &p.va, "2s"));
     let q = link_up(
         &mut p.a,
         &mut p.b,
@@ -455,11 +465,7 @@ async fn a_channel_that_takes_its_time_to_open_stalls_no_peer_connection() -> Re
     use drawbridge_testkit::proxy::{FaultProxy, ProxyMode};
     let mut p = two_orgs().await?;
     let proxy = FaultProxy::start(p.node.amqp_addr()).await?;
-    p.b.daemon_broker = Some(format!(
-        "uris = [\"amqp://guest:guest@{}/{}\"]\nop_timeout = \"15s\"\nheartbeat_secs = 60\nconnect_timeout = \"2s\"",
-        proxy.addr(),
-        drawbridge_testkit::rabbit::encode_vhost(&p.vb)
-    ));
+    p.b.daemon_broker = Some(broker_through(&proxy, &p.vb, "15s"));
     let q = link_up(
         &mut p.a,
         &mut p.b,

@@ -37,9 +37,10 @@ pub use revocation::{
     RevocationSettings, WeakRevocation,
 };
 pub use tls::{
-    client_config, client_config_with, install_crypto_provider, load_crls, load_trust_roots,
-    peer_legal_name, server_config, server_config_with, trust_roots_from_pem, CertInfo,
-    TlsIdentity, TlsPolicy, VerifiedPeerChain,
+    client_config, client_config_with, install_crypto_provider, is_tls13_server_certificate_verify,
+    load_cert_chain, load_crls, load_trust_roots, peer_legal_name, server_config,
+    server_config_remote_key, server_config_with, trust_roots_from_pem, CertInfo, TlsIdentity,
+    TlsPolicy, VerifiedPeerChain,
 };
 
 /// Re-exported so callers name the same rustls types this crate was built against.

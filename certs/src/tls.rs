@@ -126,6 +126,16 @@ fn parse_certs(
     Ok(certs)
 }
 
+/// A PEM certificate chain alone (leaf first), for a float in tunnel mode, which presents a
+/// chain whose key it does not hold.
+pub fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let pem = std::fs::read(path).map_err(|source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_certs(&mut pem.as_slice(), path)
+}
+
 impl TlsIdentity {
     /// Loads a PEM certificate chain (leaf first) and a PEM private key (PKCS#8, PKCS#1 or
     /// SEC1), checking that the key belongs to the leaf. The key file must be readable by its
@@ -650,6 +660,60 @@ pub fn server_config_with(
     // preferring a weaker suite does not get it (testssl.sh flags a missing server order).
     config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// TLS server configuration for a float in tunnel mode, which holds no private key: the
+/// certificate chain is presented as in [`server_config_with`] (the same client verifier,
+/// identity rule and no resumption), and every handshake signature is made by `key` — in
+/// tunnel mode a key whose signer asks the bridge over the tunnel.
+///
+/// TLS 1.3 only, whatever the float's policy: in TLS 1.3 what a server signs is the
+/// CertificateVerify content, which starts with a fixed context string, so the bridge can
+/// refuse to sign anything else (a TLS 1.2 server signs key-exchange parameters it cannot
+/// tell from other data).
+pub fn server_config_remote_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<dyn rustls::sign::SigningKey>,
+    revocation: &Revocation,
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    let policy = TlsPolicy::Tls13Only;
+    let provider = policy.provider();
+    let verifier = Arc::new(NodeCaBoundClientVerifier::new(
+        revocation.clone(),
+        &provider,
+    ));
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, key));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(policy.versions())?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(FixedCert(certified)));
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.ignore_client_order = true;
+    Ok(Arc::new(config))
+}
+
+/// One certificate and key for every handshake.
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The content a TLS 1.3 server signs in its CertificateVerify starts with this (RFC 8446,
+/// 4.4.3): 64 spaces, the context string and a zero byte. A bridge signing for a float checks
+/// it, so the float can have nothing else signed with the organisation's key.
+pub fn is_tls13_server_certificate_verify(message: &[u8]) -> bool {
+    const CONTEXT: &[u8] = b"TLS 1.3, server CertificateVerify\0";
+    message.len() > 64 + CONTEXT.len()
+        && message.iter().take(64).all(|&b| b == b' ')
+        && message.get(64..64 + CONTEXT.len()) == Some(CONTEXT)
 }
 
 #[cfg(test)]

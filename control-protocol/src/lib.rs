@@ -92,3 +92,5 @@ pub const CANARY_ADDRESS: &str = "drawbridge.canary";
 pub mod proto {
     include!("gen/drawbridge.control.v1.rs");
 }
+
+pub mod tunnel;

@@ -17,6 +17,9 @@ use prost::Message as _;
 
 const GENERATED_FILE: &str = "drawbridge.control.v1.rs";
 const PROTO_FILE: &str = "drawbridge/control/v1/control.proto";
+/// The bridge ↔ float tunnel (docs/tunnel.md): Rust only, no Python module.
+const TUNNEL_GENERATED_FILE: &str = "drawbridge.tunnel.v1.rs";
+const TUNNEL_PROTO_FILE: &str = "drawbridge/tunnel/v1/tunnel.proto";
 const PYTHON_MODULE: &str = "control_pb2";
 
 fn crate_dir() -> PathBuf {
@@ -25,7 +28,14 @@ fn crate_dir() -> PathBuf {
 
 fn descriptors() -> prost_types::FileDescriptorSet {
     let proto_dir = crate_dir().join("proto");
-    protox::compile([proto_dir.join(PROTO_FILE)], [proto_dir]).expect("compile the .proto")
+    protox::compile(
+        [
+            proto_dir.join(PROTO_FILE),
+            proto_dir.join(TUNNEL_PROTO_FILE),
+        ],
+        [proto_dir],
+    )
+    .expect("compile the .proto files")
 }
 
 fn generate(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
@@ -106,4 +116,10 @@ fn generated_code_is_up_to_date() {
     let fresh =
         std::fs::read_to_string(tmp.path().join(GENERATED_FILE)).expect("read generated file");
     check_or_update(&crate_dir().join("src/gen").join(GENERATED_FILE), &fresh);
+    let fresh = std::fs::read_to_string(tmp.path().join(TUNNEL_GENERATED_FILE))
+        .expect("read generated tunnel file");
+    check_or_update(
+        &crate_dir().join("src/gen").join(TUNNEL_GENERATED_FILE),
+        &fresh,
+    );
 }

@@ -20,14 +20,37 @@ pub struct Identity {
     pub inbox: String,
 }
 
+/// Tunnel mode (`float.mode = "tunnel"`, docs/tunnel.md): no broker, no private key; the
+/// bridges dial in to `[float.tunnel]`.
+#[derive(Debug, Clone)]
+pub struct TunnelSettings {
+    /// Where bridges connect (mTLS with the tunnel CA), apart from the peers' port.
+    pub listen: SocketAddr,
+    /// PEM chain the float presents to bridges (issued under the tunnel CA).
+    pub tls_cert: PathBuf,
+    /// Its key: the tunnel's own, never the organisation's.
+    pub tls_key: PathBuf,
+    /// PEM tunnel CA: bridges' certificates must chain to it (not to the network's root).
+    pub trust_roots: PathBuf,
+    /// Legal names of the bridges allowed to hold a tunnel.
+    pub bridges: Vec<LegalName>,
+    /// How long a peer's TLS handshake waits for the bridge's signature.
+    pub sign_timeout: Duration,
+    /// How long a transfer waits for the bridge's outcome before it is released.
+    pub outcome_timeout: Duration,
+}
+
 /// Everything the float needs to run.
 #[derive(Debug, Clone)]
 pub struct FloatConfig {
+    /// Tunnel mode's settings; `None` in direct mode (the default), where the float publishes
+    /// into the broker itself.
+    pub tunnel: Option<TunnelSettings>,
     /// Where peers connect (TLS).
     pub listen: SocketAddr,
     /// PEM chain presented to peers (leaf first).
     pub tls_cert: PathBuf,
-    /// PEM private key of `tls_cert`.
+    /// PEM private key of `tls_cert` (direct mode; tunnel mode has none: the bridge signs).
     pub tls_key: PathBuf,
     /// PEM network root(s) that client certificates must chain to.
     pub trust_roots: PathBuf,
@@ -120,8 +143,8 @@ pub struct FloatConfig {
     pub dedup_capacity: usize,
     /// How long a pair is remembered.
     pub dedup_max_age: Duration,
-    /// Broker connection.
-    pub broker: BrokerConfig,
+    /// Broker connection (direct mode; tunnel mode has none).
+    pub broker: Option<BrokerConfig>,
     /// Admin HTTP port (health, readiness, metrics, status); `None` disables it.
     pub admin_listen: Option<SocketAddr>,
     /// SIGTERM grace period for settling in-flight transfers.
@@ -137,7 +160,43 @@ impl FloatConfig {
     pub fn from_reader(mut r: ConfigReader) -> Result<FloatConfig, ConfigErrors> {
         let listen = parse_addr(&mut r, "float.listen", true);
         let tls_cert = r.required::<PathBuf>("float.tls_cert").unwrap_or_default();
-        let tls_key = r.required::<PathBuf>("float.tls_key").unwrap_or_default();
+        let mode: String = r.get("float.mode", "direct".to_string());
+        let tunnel_mode = match mode.as_str() {
+            "direct" => false,
+            "tunnel" => true,
+            other => {
+                r.invalid(
+                    "float.mode",
+                    format!("`{other}` is not a mode: `direct` (the default) or `tunnel`"),
+                );
+                false
+            }
+        };
+        let tls_key = if tunnel_mode {
+            if r.is_set("float.tls_key") {
+                r.invalid(
+                    "float.tls_key",
+                    "tunnel mode holds no private key (the bridge signs the handshakes): remove it",
+                );
+            }
+            PathBuf::new()
+        } else {
+            r.required::<PathBuf>("float.tls_key").unwrap_or_default()
+        };
+        let tunnel = if tunnel_mode {
+            if r.is_set("broker") {
+                r.invalid(
+                    "broker",
+                    "tunnel mode has no broker connection (the bridge publishes): remove [broker]",
+                );
+            }
+            Some(read_tunnel(&mut r))
+        } else {
+            if r.is_set("float.tunnel") {
+                r.invalid("float.tunnel", "only with float.mode = \"tunnel\"");
+            }
+            None
+        };
         let trust_roots = r
             .required::<PathBuf>("float.trust_roots")
             .unwrap_or_default();
@@ -320,6 +379,7 @@ impl FloatConfig {
         // but `classic` / `quorum` is reported by key.
         let inbox_queue_type: QueueType = r.get("float.inbox_queue_type", QueueType::Classic);
         let cfg = FloatConfig {
+            tunnel,
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_cert,
             tls_key,
@@ -365,7 +425,7 @@ impl FloatConfig {
             inbox_exchange: r.get("float.inbox_exchange", INBOX_EXCHANGE.to_string()),
             dedup_capacity: r.get("dedup.capacity", 100_000),
             dedup_max_age: r.duration("dedup.max_age", Duration::from_secs(600)),
-            broker: BrokerConfig::read(&mut r, "broker", key_access),
+            broker: (!tunnel_mode).then(|| BrokerConfig::read(&mut r, "broker", key_access)),
             admin_listen: parse_addr(&mut r, "admin.listen", false),
             drain_grace: r.duration("float.drain_grace", Duration::from_secs(10)),
             log_format: r.get("log.format", LogFormat::Human),
@@ -391,6 +451,55 @@ impl FloatConfig {
         );
         r.finish()?;
         Ok(cfg)
+    }
+}
+
+/// `[float.tunnel]`.
+fn read_tunnel(r: &mut ConfigReader) -> TunnelSettings {
+    let listen = parse_addr(r, "float.tunnel.listen", true);
+    let tls_cert = r
+        .required::<PathBuf>("float.tunnel.tls_cert")
+        .unwrap_or_default();
+    let tls_key = r
+        .required::<PathBuf>("float.tunnel.tls_key")
+        .unwrap_or_default();
+    let trust_roots = r
+        .required::<PathBuf>("float.tunnel.trust_roots")
+        .unwrap_or_default();
+    let names: Vec<String> = r.required("float.tunnel.bridges").unwrap_or_default();
+    let mut bridges = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        match n.parse::<LegalName>() {
+            Ok(name) => bridges.push(name),
+            Err(e) => r.invalid(&format!("float.tunnel.bridges[{i}]"), e),
+        }
+    }
+    if names.is_empty() && r.is_set("float.tunnel.bridges") {
+        r.invalid(
+            "float.tunnel.bridges",
+            "names no bridge: no tunnel could be held",
+        );
+    }
+    let sign_timeout = r.duration("float.tunnel.sign_timeout", Duration::from_secs(2));
+    r.check(
+        "float.tunnel.sign_timeout",
+        sign_timeout >= Duration::from_millis(10),
+        "must be at least 10ms",
+    );
+    let outcome_timeout = r.duration("float.tunnel.outcome_timeout", Duration::from_secs(30));
+    r.check(
+        "float.tunnel.outcome_timeout",
+        outcome_timeout >= Duration::from_millis(100),
+        "must be at least 100ms",
+    );
+    TunnelSettings {
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        tls_cert,
+        tls_key,
+        trust_roots,
+        bridges,
+        sign_timeout,
+        outcome_timeout,
     }
 }
 

@@ -75,6 +75,9 @@ pub(crate) enum Refused {
     /// bridge back off and lets a load balancer pick another float.
     #[error("broker unavailable")]
     BrokerUnavailable,
+    /// Tunnel mode: no bridge holds an active tunnel.
+    #[error("no active bridge")]
+    NoBridge,
     /// The AMQP open (or SASL) failed.
     #[error("AMQP open refused: {0}")]
     Open(String),
@@ -132,6 +135,9 @@ impl Refused {
             Refused::BrokerUnavailable => {
                 warn!(peer = %peer, peer_addr = %addr, "connection refused: broker unavailable")
             }
+            Refused::NoBridge => {
+                warn!(peer = %peer, peer_addr = %addr, "connection refused: no active bridge holds the tunnel")
+            }
             Refused::Open(e) => {
                 warn!(peer = %peer, peer_addr = %addr, reason = %e, "AMQP open refused")
             }
@@ -150,6 +156,7 @@ impl Refused {
             Refused::Tls(_) => Some("tls"),
             Refused::TlsTimeout(_) => Some("tls_timeout"),
             Refused::BrokerUnavailable => Some("broker_down"),
+            Refused::NoBridge => Some("no_bridge"),
             Refused::Limit(refusal) => Some(refusal.label()),
             Refused::Hostile { label, .. } => Some(label),
             Refused::NoClientCertificate
@@ -188,6 +195,10 @@ pub(crate) enum ConnectionEnd {
     /// A certificate of the peer's chain passed its `notAfter` while it was connected.
     #[error("{0}")]
     Expired(String),
+    /// Tunnel mode: the active tunnel went (or was deactivated); the peer retries, at
+    /// another float if it has one.
+    #[error("no active bridge")]
+    NoBridge,
 }
 
 /// Serve one TCP connection until the peer leaves or the float shuts down.
@@ -294,7 +305,7 @@ async fn handshake(
 > {
     let _ = tcp.set_nodelay(true);
     // The configuration in force now: a reload applies from the next handshake on.
-    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.current().built.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.server_config());
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err((Refused::Tls(e), None)),
@@ -305,8 +316,13 @@ async fn handshake(
         Some(Err(e)) => return Err((Refused::Subject(e), None)),
         None => return Err((Refused::NoClientCertificate, None)),
     };
-    if !ctx.broker.is_connected() {
-        return Err((Refused::BrokerUnavailable, Some(peer)));
+    if !ctx.upstream_ready() {
+        let refused = if ctx.tunnel.is_some() {
+            Refused::NoBridge
+        } else {
+            Refused::BrokerUnavailable
+        };
+        return Err((refused, Some(peer)));
     }
     let slot = match ctx
         .admission
@@ -351,6 +367,21 @@ async fn handshake(
             }
             _ => {}
         }
+    }
+}
+
+/// The next change of the hub's "a tunnel is active" (`None`: direct mode, or the hub is
+/// gone; never completes then).
+async fn bridge_lost(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) -> Option<bool> {
+    match rx {
+        Some(r) => match r.changed().await {
+            Ok(()) => Some(*r.borrow_and_update()),
+            Err(_) => {
+                *rx = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -447,6 +478,8 @@ impl Served {
         let mut peer_check = self.ctx.established_peer(chain);
         let mut crl = self.ctx.crl_changes();
         let mut crl_open = true;
+        // Tunnel mode: the connection ends when no tunnel is active any more.
+        let mut bridge = self.ctx.tunnel.as_ref().map(|h| h.subscribe());
         // Our close is sent: the peer has until then to answer it.
         let mut close_by: Option<tokio::time::Instant> = None;
         loop {
@@ -458,7 +491,14 @@ impl Served {
                 }
             }
             if self.stopping.is_some() && close_by.is_none() && self.confirms.is_empty() {
-                driver.conn().close(None);
+                // A peer told why retries elsewhere at once; a shutdown closes plainly.
+                let forced = matches!(self.stopping, Some(ConnectionEnd::NoBridge)).then(|| {
+                    AmqpError::new(
+                        "amqp:connection:forced",
+                        "no active bridge behind this float",
+                    )
+                });
+                driver.conn().close(forced);
                 close_by = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
             let stopping = self.stopping.is_some();
@@ -479,6 +519,9 @@ impl Served {
                 }
                 _ = tokio::time::sleep(expiry.unwrap_or_default()), if expiry.is_some() && !stopping => Step::Wake,
                 _ = shutdown.cancelled(), if !stopping => Step::Stop(ConnectionEnd::Shutdown),
+                Some(active) = bridge_lost(&mut bridge), if !stopping => {
+                    if active { Step::Wake } else { Step::Stop(ConnectionEnd::NoBridge) }
+                }
                 _ = tokio::time::sleep_until(close_by.unwrap_or_else(tokio::time::Instant::now)), if close_by.is_some() => Step::CloseTimeout,
             };
             match step {

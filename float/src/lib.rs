@@ -36,6 +36,7 @@ mod listener;
 mod publisher;
 mod routing;
 pub mod settle;
+mod tunnel;
 
 use std::{
     collections::HashMap,
@@ -92,12 +93,13 @@ pub struct Stats {
 pub(crate) struct Ctx {
     /// The configuration it runs with.
     cfg: FloatConfig,
-    /// TLS server side, client certificates required: the configuration in force, taken
-    /// per accepted connection so that a reloaded certificate, key or trust roots apply to
-    /// the next handshake (established connections keep theirs).
-    tls: TlsReload<Arc<rustls::ServerConfig>>,
-    /// The broker connection every link publishes through.
-    broker: BrokerSession,
+    /// TLS server side, client certificates required.
+    tls: PeerTls,
+    /// The broker connection every link publishes through (direct mode).
+    broker: Option<BrokerSession>,
+    /// Tunnel mode: the bridges' tunnels, through which links publish and handshakes are
+    /// signed.
+    tunnel: Option<Arc<tunnel::Hub>>,
     /// Duplicate suppression, shared by every link.
     dedup: Dedup,
     /// Bytes in flight of all links (`max_bytes_in_flight`).
@@ -125,7 +127,51 @@ pub(crate) struct Ctx {
     rejection_logs: Mutex<HashMap<Arc<str>, Arc<drawbridge_runtime::lograte::Every>>>,
 }
 
+/// The peers' TLS configuration.
+pub(crate) enum PeerTls {
+    /// Direct mode: the configuration in force, taken per accepted connection so that a
+    /// reloaded certificate, key or trust roots apply to the next handshake (established
+    /// connections keep theirs).
+    Reload(TlsReload<Arc<rustls::ServerConfig>>),
+    /// Tunnel mode: the certificate chain read at start, its key the bridge's (signing over
+    /// the tunnel). Not reloaded: a new certificate takes a restart.
+    Remote {
+        config: Arc<rustls::ServerConfig>,
+        cert: drawbridge_certs::CertInfo,
+    },
+}
+
+impl PeerTls {
+    /// The configuration for the next handshake.
+    pub(crate) fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        match self {
+            PeerTls::Reload(r) => r.current().built.clone(),
+            PeerTls::Remote { config, .. } => config.clone(),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        match self {
+            PeerTls::Reload(r) => r.status(),
+            PeerTls::Remote { cert, .. } => serde_json::json!({
+                "key": "remote (signed by the bridge over the tunnel)",
+                "cert_serial": cert.serial,
+                "not_after": drawbridge_certs::CertInfo::rfc3339(cert.not_after),
+            }),
+        }
+    }
+}
+
 impl Ctx {
+    /// Whether links can publish: the broker connected (direct mode) or a tunnel active.
+    pub(crate) fn upstream_ready(&self) -> bool {
+        match (&self.broker, &self.tunnel) {
+            (Some(broker), _) => broker.is_connected(),
+            (None, Some(hub)) => hub.is_active(),
+            (None, None) => false,
+        }
+    }
+
     /// `peer`'s "transfer rejected" log line: at most one per 10 s.
     pub(crate) fn rejection_log(&self, peer: &Arc<str>) -> Arc<drawbridge_runtime::lograte::Every> {
         let mut logs = self
@@ -190,7 +236,7 @@ impl Ctx {
 
 impl AdminState for Ctx {
     fn ready(&self) -> bool {
-        self.broker.is_connected()
+        self.upstream_ready()
     }
 
     fn live(&self) -> Result<(), String> {
@@ -198,10 +244,10 @@ impl AdminState for Ctx {
     }
 
     fn summary(&self) -> String {
-        if self.ready() {
-            format!("serving peers on {}", self.cfg.listen)
-        } else {
-            format!("broker unreachable: refusing peers on {}", self.cfg.listen)
+        match (self.ready(), self.tunnel.is_some()) {
+            (true, _) => format!("serving peers on {}", self.cfg.listen),
+            (false, false) => format!("broker unreachable: refusing peers on {}", self.cfg.listen),
+            (false, true) => format!("no active bridge: refusing peers on {}", self.cfg.listen),
         }
     }
 
@@ -216,7 +262,9 @@ impl AdminState for Ctx {
         serde_json::json!({
             "role": "float",
             "ready": self.ready(),
-            "broker": self.broker.current().map(|l| l.uri.clone()),
+            "mode": if self.tunnel.is_some() { "tunnel" } else { "direct" },
+            "broker": self.broker.as_ref().and_then(|b| b.current()).map(|l| l.uri.clone()),
+            "tunnel": self.tunnel.as_ref().map(|h| h.status()),
             "listen": self.cfg.listen.to_string(),
             "identities": self.identities.iter().map(|(n, q)| serde_json::json!({"legal_name": n.to_string(), "inbox": q})).collect::<Vec<_>>(),
             "connections": conns,
@@ -249,6 +297,8 @@ pub use drawbridge_runtime::daemon::StartError;
 pub struct RunningFloat {
     /// Where peers connect.
     pub listen_addr: SocketAddr,
+    /// Where bridges connect (tunnel mode).
+    pub tunnel_addr: Option<SocketAddr>,
     /// Admin port, if enabled.
     pub admin_addr: Option<SocketAddr>,
     /// Completes when the float has drained after `shutdown`.
@@ -274,32 +324,69 @@ pub async fn start_with_service(
     shutdown: CancellationToken,
     service: Service,
 ) -> Result<RunningFloat, StartError> {
-    let source = TlsSource {
-        cert: cfg.tls_cert.clone(),
-        key: cfg.tls_key.clone(),
-        trust_roots: cfg.trust_roots.clone(),
-        key_access: cfg.key_access,
-        reload_interval: cfg.tls_reload_interval,
+    let (tls, revocation, own_name, hub) = match &cfg.tunnel {
+        None => {
+            let source = TlsSource {
+                cert: cfg.tls_cert.clone(),
+                key: cfg.tls_key.clone(),
+                trust_roots: cfg.trust_roots.clone(),
+                key_access: cfg.key_access,
+                reload_interval: cfg.tls_reload_interval,
+            };
+            let material = TlsMaterial::load(&source)?;
+            // The acceptor's verifier asks `revocation` for the roots and CRLs in force at
+            // each handshake: a reloaded CRL file (or a fetched URL) or trust-roots file
+            // applies to the next connection, no restart.
+            let revocation = drawbridge_runtime::revocation::start(
+                material.roots.clone(),
+                cfg.revocation.clone(),
+            )?;
+            let own_name = material.legal_name.clone();
+            let policy = cfg.tls_policy;
+            let tls = TlsReload::new(
+                "drawbridge_float_tls_reload_total",
+                source,
+                material,
+                revocation.clone(),
+                move |identity, revocation| {
+                    drawbridge_certs::server_config_with(identity, revocation, policy)
+                },
+            )?;
+            // SIGHUP and file changes reload the TLS material; stops with the float.
+            tls.spawn(shutdown.clone());
+            (PeerTls::Reload(tls), revocation, own_name, None)
+        }
+        Some(t) => {
+            // No key: the chain alone, its signatures made by the active bridge.
+            let chain = drawbridge_certs::load_cert_chain(&cfg.tls_cert)?;
+            let leaf = chain.first().cloned().ok_or_else(|| {
+                drawbridge_certs::CertError::NoCertificates {
+                    path: cfg.tls_cert.clone(),
+                }
+            })?;
+            let roots = drawbridge_certs::load_trust_roots(&cfg.trust_roots)?;
+            let revocation = drawbridge_runtime::revocation::start(roots, cfg.revocation.clone())?;
+            let own_name = drawbridge_certs::peer_legal_name(&chain)?;
+            let cert = drawbridge_certs::CertInfo::of(&leaf)?;
+            let hub = Arc::new(tunnel::Hub::new(
+                leaf.to_vec(),
+                t.sign_timeout,
+                t.outcome_timeout,
+            ));
+            let key = tunnel::RemoteKey::new(hub.clone(), &leaf)
+                .map_err(|e| StartError::Tls(drawbridge_certs::CertError::Verifier(e)))?;
+            let config =
+                drawbridge_certs::server_config_remote_key(chain, Arc::new(key), &revocation)?;
+            (
+                PeerTls::Remote { config, cert },
+                revocation,
+                own_name,
+                Some(hub),
+            )
+        }
     };
-    let material = TlsMaterial::load(&source)?;
-    // The acceptor's verifier asks `revocation` for the roots and CRLs in force at each
-    // handshake: a reloaded CRL file (or a fetched URL) or trust-roots file applies to the
-    // next connection, no restart.
-    let revocation =
-        drawbridge_runtime::revocation::start(material.roots.clone(), cfg.revocation.clone())?;
-    let own_name = material.legal_name.clone();
-    let policy = cfg.tls_policy;
-    let tls = TlsReload::new(
-        "drawbridge_float_tls_reload_total",
-        source,
-        material,
-        revocation.clone(),
-        move |identity, revocation| {
-            drawbridge_certs::server_config_with(identity, revocation, policy)
-        },
-    )?;
     let identities: Vec<(LegalName, String)> = if cfg.identities.is_empty() {
-        vec![(own_name, cfg.default_inbox.clone())]
+        vec![(own_name.clone(), cfg.default_inbox.clone())]
     } else {
         cfg.identities
             .iter()
@@ -370,14 +457,61 @@ pub async fn start_with_service(
         })
     });
     let broker_shutdown = CancellationToken::new();
-    let broker = BrokerSession::start(
-        cfg.broker.clone(),
-        "drawbridge-float",
-        setup,
-        broker_shutdown.clone(),
-    );
-    let supervisor = broker.clone();
-    service.watch_task("broker session", move || supervisor.supervisor_running());
+    let broker = cfg.broker.clone().map(|broker_cfg| {
+        BrokerSession::start(
+            broker_cfg,
+            "drawbridge-float",
+            setup,
+            broker_shutdown.clone(),
+        )
+    });
+    if let Some(broker) = &broker {
+        let supervisor = broker.clone();
+        service.watch_task("broker session", move || supervisor.supervisor_running());
+    }
+    // Tunnel mode: the bridges' listener, apart from the peers'. It outlives the peers'
+    // connections on shutdown, so that what they have in flight can still be answered.
+    let tunnel_shutdown = CancellationToken::new();
+    let tunnel_addr = match (&cfg.tunnel, &hub) {
+        (Some(t), Some(hub)) => {
+            let identity =
+                drawbridge_certs::TlsIdentity::load_with(&t.tls_cert, &t.tls_key, cfg.key_access)?;
+            let roots = drawbridge_certs::load_trust_roots(&t.trust_roots)?;
+            let tls = drawbridge_certs::server_config_with(
+                &identity,
+                &drawbridge_certs::Revocation::off(roots)?,
+                drawbridge_certs::TlsPolicy::Tls13Only,
+            )?;
+            let listener = tokio::net::TcpListener::bind(t.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: t.listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: t.listen,
+                source,
+            })?;
+            let server = tunnel::TunnelServer {
+                tls,
+                bridges: t.bridges.clone(),
+                max_message_size: usize::try_from(connection::announced_max_message_size(
+                    cfg.max_message_size,
+                ))
+                .unwrap_or(usize::MAX),
+                float_id: format!("{}:{}", own_name, listen_addr),
+            };
+            info!(tunnel_listen = %addr, bridges = ?t.bridges.iter().map(ToString::to_string).collect::<Vec<_>>(), "tunnel listener up: waiting for a bridge to activate this float");
+            tokio::spawn(tunnel::serve(
+                listener,
+                server,
+                hub.clone(),
+                tunnel_shutdown.clone(),
+            ));
+            Some(addr)
+        }
+        _ => None,
+    };
     let heartbeat = service.heartbeat("accept loop");
     let ctx = Arc::new(Ctx {
         dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_max_age),
@@ -400,8 +534,9 @@ pub async fn start_with_service(
             per_address: cfg.max_connections_per_address,
         }),
         channels: publisher::Channels::new(cfg.publish_channels),
-        tls: tls.clone(),
+        tls,
         broker,
+        tunnel: hub,
         stats: Stats::default(),
         identities: Identities::new(identities),
         connections: Mutex::new(HashMap::new()),
@@ -414,19 +549,19 @@ pub async fn start_with_service(
     let admin_addr =
         admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())
             .await?;
-    // SIGHUP and file changes reload the TLS material; stops with the float.
-    tls.spawn(shutdown.clone());
     info!(listen = %listen_addr, admin = ?admin_addr, identities = ?ctx.identities.iter().map(|(n, q)| format!("{n} -> {q}")).collect::<Vec<_>>(), "float listening");
     service.spawn(ctx.clone(), shutdown.clone());
     let done = tokio::spawn(async move {
         listener::serve(listener, ctx.clone(), shutdown, heartbeat).await;
-        // Links are settled; now the broker connection can close.
+        // Links are settled; now the broker connection (or the tunnels) can close.
         broker_shutdown.cancel();
+        tunnel_shutdown.cancel();
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         info!("float stopped");
     });
     Ok(RunningFloat {
         listen_addr,
+        tunnel_addr,
         admin_addr,
         done,
     })

@@ -130,6 +130,9 @@ pub(crate) struct Outbound {
     /// This copy's place in the dedup window; confirmed with the publish, dropped otherwise
     /// (`None`: a canary probe, which bypasses the window).
     ticket: Option<Ticket>,
+    /// Tunnel mode: the message as the peer sent it, which goes to the bridge (the bridge
+    /// converts it again with the same checks: it trusts the float no more than a peer).
+    raw: Option<Bytes>,
 }
 
 impl Outbound {
@@ -299,10 +302,15 @@ impl Link {
             let Some((id, payload)) = self.held.pop_front() else {
                 return;
             };
-            let prepared = match &self.canary {
+            let mut prepared = match &self.canary {
                 Some(queue) => prepare_probe(&payload, queue, sh.sender),
                 None => prepare(&payload, sh.sender, sh.ctx, &mut self.routes),
             };
+            if let (Prepared::Publish(o), Some(_)) = (&mut prepared, &sh.ctx.tunnel) {
+                if o.ticket.is_some() {
+                    o.raw = Some(payload.clone());
+                }
+            }
             drop(payload);
             let outbound = match prepared {
                 Prepared::Settle(settle) => {
@@ -377,13 +385,33 @@ impl Link {
         sh: &Shared<'_>,
         rooms: &mut Vec<Room>,
     ) -> Option<Confirm> {
+        if let Some(hub) = &sh.ctx.tunnel {
+            let Outbound {
+                inbox,
+                body,
+                ticket,
+                raw,
+                ..
+            } = outbound;
+            let (message, probe) = match raw {
+                Some(raw) => (raw.to_vec(), false),
+                None => (body, true),
+            };
+            let published = hub.publish(sh.sender, &inbox, message, probe);
+            return self.published(conn, id, published, ticket, permit, sh);
+        }
         let channel = self.publisher.channel_now();
+        let Some(broker) = &sh.ctx.broker else {
+            // Neither a tunnel nor a broker: not a configuration the float starts with.
+            let unavailable = Err(Settle::Release(Transient::BrokerUnavailable));
+            return self.published(conn, id, unavailable, outbound.ticket, permit, sh);
+        };
         if channel.is_none() && !std::mem::take(&mut self.opened) {
             self.opened = true;
             let link = self.id;
             rooms.push(
                 self.publisher
-                    .opening(&sh.ctx.broker)
+                    .opening(broker)
                     .map(move |()| (link, permit))
                     .boxed(),
             );
@@ -397,11 +425,12 @@ impl Link {
             properties,
             properties_len,
             ticket,
+            raw: _,
         } = outbound;
         let published = match channel {
             Some(channel) => self.publisher.publish(
                 channel,
-                sh.ctx.broker.config().op_timeout,
+                broker.config().op_timeout,
                 &sh.ctx.cfg.inbox_exchange,
                 inbox,
                 body,
@@ -411,6 +440,20 @@ impl Link {
             // It was opened for this delivery, and is gone again or could not be.
             None => Err(Settle::Release(Transient::BrokerUnavailable)),
         };
+        self.published(conn, id, published, ticket, permit, sh)
+    }
+
+    /// A publish was handed over (its confirm) or settled at once: the confirm joins the
+    /// link's order, or the delivery is settled now.
+    fn published(
+        &mut self,
+        conn: &mut Connection,
+        id: Option<u32>,
+        published: Result<crate::publisher::Confirm, Settle>,
+        ticket: Option<Ticket>,
+        permit: Permit,
+        sh: &Shared<'_>,
+    ) -> Option<Confirm> {
         match published {
             Ok(confirm) => {
                 let seq = self.front + self.inflight.len() as u64;
@@ -542,6 +585,7 @@ fn prepare(payload: &[u8], sender: &Arc<str>, ctx: &Ctx, routes: &mut Routes) ->
         properties_len: inbound.properties_len,
         body: inbound.body,
         ticket: Some(ticket),
+        raw: None,
     }))
 }
 
@@ -582,6 +626,7 @@ fn prepare_probe(payload: &[u8], queue: &str, sender: &Arc<str>) -> Prepared {
         properties,
         body: body.to_vec(),
         ticket: None,
+        raw: None,
     }))
 }
 

@@ -44,6 +44,12 @@ pub enum Transient {
     /// No confirm within the operation timeout.
     #[error("publisher confirm timed out after {0:?}")]
     ConfirmTimedOut(Duration),
+    /// Tunnel mode: no bridge holds an active tunnel (or it went before answering).
+    #[error("no active bridge")]
+    NoBridge,
+    /// Tunnel mode: the bridge released the publish (its broker's answer).
+    #[error("released by the bridge: {0}")]
+    Bridge(String),
     /// Confirms were not enabled on the channel (a bug; never accept unconfirmed).
     #[error("internal error: publisher confirms not enabled")]
     NotConfirmed,
@@ -65,6 +71,8 @@ impl Transient {
             Transient::PublishFailed(_) => "publish_failed",
             Transient::ConfirmTimedOut(_) => "confirm_timeout",
             Transient::NotConfirmed => "not_confirmed",
+            Transient::NoBridge => "no_bridge",
+            Transient::Bridge(_) => "bridge",
         }
     }
 }

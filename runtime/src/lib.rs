@@ -22,6 +22,7 @@ pub mod sd_notify;
 pub mod shutdown;
 pub mod text;
 pub mod tls_reload;
+pub mod tunnel;
 pub mod watchdog;
 
 /// Exit code for invalid configuration (`EX_CONFIG` from sysexits.h, 78, which systemd also

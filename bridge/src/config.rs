@@ -34,6 +34,97 @@ pub struct HaConfig {
     pub lease_check: Duration,
 }
 
+/// `[bridge.tunnel]`: the floats in tunnel mode this bridge serves.
+#[derive(Debug, Clone)]
+pub struct TunnelSettings {
+    /// The floats' tunnel ports (`host:port`); the bridge keeps a tunnel to each.
+    pub floats: Vec<drawbridge_control_protocol::Target>,
+    /// The legal name of the floats' tunnel certificates; default: this bridge's own.
+    pub float_name: Option<LegalName>,
+    /// PEM chain this bridge presents on the tunnel (issued under the tunnel CA).
+    pub tls_cert: PathBuf,
+    /// Its key.
+    pub tls_key: PathBuf,
+    /// PEM tunnel CA the floats' tunnel certificates chain to.
+    pub trust_roots: PathBuf,
+    /// The queues floats may have published into (the floats' inboxes).
+    pub inboxes: Vec<String>,
+    /// Exchange the inboxes are published through (`""`: the default exchange).
+    pub inbox_exchange: String,
+    /// Declare the inboxes (durable, of `inbox_queue_type`) on each broker connection.
+    pub declare_inboxes: bool,
+    /// Their queue type.
+    pub inbox_queue_type: QueueType,
+    /// Publishes in flight per tunnel: the bridge reads no more from a float beyond it.
+    pub max_in_flight: usize,
+    /// Largest message a float may hand over (its `max_message_size`).
+    pub max_message_size: usize,
+}
+
+/// `[bridge.tunnel]`, if present.
+fn read_tunnel(r: &mut ConfigReader) -> Option<TunnelSettings> {
+    if !r.is_set("bridge.tunnel") {
+        return None;
+    }
+    let raw: Vec<String> = r.required("bridge.tunnel.floats").unwrap_or_default();
+    let mut floats = Vec::new();
+    for (i, f) in raw.iter().enumerate() {
+        match f.parse::<drawbridge_control_protocol::Target>() {
+            Ok(t) => floats.push(t),
+            Err(e) => r.invalid(&format!("bridge.tunnel.floats[{i}]"), e),
+        }
+    }
+    let float_name = r
+        .optional::<String>("bridge.tunnel.float_name")
+        .and_then(|n| match n.parse::<LegalName>() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                r.invalid("bridge.tunnel.float_name", e);
+                None
+            }
+        });
+    let inboxes: Vec<String> = r.get(
+        "bridge.tunnel.inboxes",
+        vec!["drawbridge.inbox".to_string()],
+    );
+    r.check(
+        "bridge.tunnel.inboxes",
+        !inboxes.is_empty()
+            && inboxes
+                .iter()
+                .all(|q| !q.is_empty() && q.len() <= 255 && !q.starts_with("amq.")),
+        "must name at least one queue, each 1..=255 bytes and not starting with `amq.`",
+    );
+    let max_in_flight: usize = r.get("bridge.tunnel.max_in_flight", 1024);
+    r.check(
+        "bridge.tunnel.max_in_flight",
+        (1..=65536).contains(&max_in_flight),
+        "must be 1..=65536",
+    );
+    let max_message_size: usize = r.get("bridge.tunnel.max_message_size", 10 * 1024 * 1024);
+    r.check(
+        "bridge.tunnel.max_message_size",
+        (1024..=512 * 1024 * 1024).contains(&max_message_size),
+        "must be 1 KiB..=512 MiB",
+    );
+    Some(TunnelSettings {
+        floats,
+        float_name,
+        tls_cert: r.required("bridge.tunnel.tls_cert").unwrap_or_default(),
+        tls_key: r.required("bridge.tunnel.tls_key").unwrap_or_default(),
+        trust_roots: r.required("bridge.tunnel.trust_roots").unwrap_or_default(),
+        inboxes,
+        inbox_exchange: r.get(
+            "bridge.tunnel.inbox_exchange",
+            drawbridge_node::topology::INBOX_EXCHANGE.to_string(),
+        ),
+        declare_inboxes: r.get("bridge.tunnel.declare_inboxes", true),
+        inbox_queue_type: r.get("bridge.tunnel.inbox_queue_type", QueueType::Classic),
+        max_in_flight,
+        max_message_size,
+    })
+}
+
 /// Everything the bridge needs to run.
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
@@ -113,6 +204,9 @@ pub struct BridgeConfig {
     pub canary_address: String,
     /// The outbound proxy peer links go through (`[bridge.proxy]`), if any.
     pub proxy: Option<Arc<drawbridge_runtime::proxy::Proxy>>,
+    /// Tunnel mode (`[bridge.tunnel]`, docs/tunnel.md): the floats this bridge dials and
+    /// carries the inbound path for; `None`: no tunnels.
+    pub tunnel: Option<TunnelSettings>,
     /// Broker connection.
     pub broker: BrokerConfig,
     /// Admin HTTP port; `None` disables it.
@@ -295,6 +389,7 @@ impl BridgeConfig {
             ),
             proxy: drawbridge_runtime::proxy::Proxy::read(&mut r, "bridge.proxy", key_access)
                 .map(Arc::new),
+            tunnel: read_tunnel(&mut r),
             broker: BrokerConfig::read_with(
                 &mut r,
                 "broker",

@@ -18,6 +18,7 @@ pub mod peer;
 pub mod rotation;
 mod session;
 pub mod settle;
+mod tunnel;
 pub mod view;
 mod window;
 
@@ -320,6 +321,8 @@ pub async fn start_with_service(
     info!(id = %ctx.cfg.id, admin = ?admin_addr, "bridge starting");
     service.spawn(ctx.clone(), shutdown.clone());
     let notifier = tokio::spawn(control::notifier(ctx.clone(), rx));
+    // Tunnel mode: a tunnel to each float, activated while this bridge is the active one.
+    tunnel::start(ctx.clone(), shutdown.clone())?;
     if ctx.ha.enabled {
         info!(lock = %ctx.ha.lock_queue, "high availability on: contending for the lock queue");
         tokio::spawn(ha::run(ctx.clone(), ha_requests, shutdown.clone()));

@@ -1,0 +1,217 @@
+//! Tunnel mode (issue 24, docs/tunnel.md), on loopback: B's float holds no broker
+//! connection and no private key; B's bridge dials its tunnel, activates it, publishes what
+//! it hands over and signs its handshakes. A's bridge links to B's float as to any float.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{ensure, Context, Result};
+use drawbridge_certs::devpki;
+use drawbridge_testkit::{
+    daemon::{free_port, Daemon, Kind},
+    fixtures::{receive, send, two_orgs, TwoOrgs},
+    world::Org,
+};
+
+/// B's float in tunnel mode, its tunnel port, and the `[bridge]` lines of B's bridge that
+/// dial it. The tunnel has its own CA (a dev network of its own), so no partner's
+/// certificate could open a tunnel.
+struct Tunnel {
+    float: Daemon,
+    bridge_lines: String,
+}
+
+fn tunnel_pki(p: &TwoOrgs) -> Result<devpki::NodeFiles> {
+    let net =
+        devpki::generate_network(&p.dir.path().join("tunnel-pki"), &[p.b.legal_name.parse()?])?;
+    Ok(net.nodes[0].clone())
+}
+
+async fn start_tunnel_float(p: &TwoOrgs) -> Result<Tunnel> {
+    let t = tunnel_pki(p)?;
+    let b: &Org = &p.b;
+    let tunnel_port = free_port();
+    let cfg = format!(
+        "[float]\nmode = \"tunnel\"\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntrust_roots = {root:?}\n\n[float.tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\ntls_cert = {tcert:?}\ntls_key = {tkey:?}\ntrust_roots = {troot:?}\nbridges = [{name:?}]\n\n[admin]\nlisten = \"{admin}\"\n",
+        port = b.float_port,
+        cert = b.files.tls_cert.display().to_string(),
+        root = b.files.root_cert.display().to_string(),
+        tcert = t.tls_cert.display().to_string(),
+        tkey = t.tls_key.display().to_string(),
+        troot = t.root_cert.display().to_string(),
+        name = b.legal_name,
+        admin = b.float_admin,
+    );
+    let float = Daemon::start(Kind::Float, &b.dir, "float", &cfg, b.float_admin).await?;
+    let bridge_lines = format!(
+        "tunnel.floats = [\"127.0.0.1:{tunnel_port}\"]\ntunnel.tls_cert = {tcert:?}\ntunnel.tls_key = {tkey:?}\ntunnel.trust_roots = {troot:?}\n",
+        tcert = t.tls_cert.display().to_string(),
+        tkey = t.tls_key.display().to_string(),
+        troot = t.root_cert.display().to_string(),
+    );
+    Ok(Tunnel {
+        float,
+        bridge_lines,
+    })
+}
+
+async fn float_status(addr: SocketAddr) -> Result<serde_json::Value> {
+    let (code, body) = drawbridge_testkit::daemon::http_get(addr, "/status").await?;
+    ensure!(code == 200, "/status answered {code}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// Wait until `f` holds for B's float's `/status`.
+async fn wait_float(
+    addr: SocketAddr,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(s) = float_status(addr).await {
+            if f(&s) {
+                return Ok(s);
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("float never {what}: {s:#}");
+            }
+        } else if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("float never {what}: no /status");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn active(s: &serde_json::Value) -> bool {
+    s["tunnel"]["active"] == true
+}
+
+#[tokio::test]
+async fn a_keyless_float_serves_peers_through_its_bridge_and_loses_nothing_when_the_bridge_dies(
+) -> Result<()> {
+    let mut p = two_orgs().await?;
+    let tunnel = start_tunnel_float(&p).await?;
+    let mut float = tunnel.float;
+    // No bridge yet: the float is up but not ready, and refuses peers (it cannot sign).
+    let s = wait_float(p.b.float_admin, Duration::from_secs(20), "answered", |_| {
+        true
+    })
+    .await?;
+    ensure!(s["mode"] == "tunnel" && !active(&s), "{s:#}");
+    ensure!(
+        s["broker"].is_null(),
+        "a tunnel-mode float has no broker: {s:#}"
+    );
+
+    p.b.start_bridge(&tunnel.bridge_lines).await?;
+    let s = wait_float(
+        p.b.float_admin,
+        Duration::from_secs(20),
+        "activated",
+        active,
+    )
+    .await?;
+    ensure!(s["ready"] == true, "{s:#}");
+
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let queue = p.a.queue_to(&p.b);
+    p.a.wait_link_state(&queue, "up", Duration::from_secs(30))
+        .await
+        .context("A's link to B's keyless float")?;
+
+    let n = 300;
+    send(&p.a, &p.b, "tunnel-1", n).await?;
+    let report = receive(&p.b, "tunnel-1", n, &p.a.legal_name).await?;
+    ensure!(
+        report.lost == 0 && report.wrong_sender == 0 && report.corrupted == 0,
+        "through the tunnel: {report:?}"
+    );
+    let s = float_status(p.b.float_admin).await?;
+    ensure!(
+        s["tunnel"]["signatures"].as_u64().unwrap_or(0) >= 1,
+        "the handshake was signed by the bridge: {s:#}"
+    );
+    ensure!(
+        s["accepted"].as_u64() == Some(n),
+        "accepted on outcomes: {s:#}"
+    );
+
+    // The bridge dies mid-stream: the float closes its peers and serves none until a bridge
+    // is back; what A sent meanwhile waits in A's queue and arrives once, after.
+    let mut b_bridge = p.b.bridge.take().context("B's bridge")?;
+    let sending = send(&p.a, &p.b, "tunnel-2", 2000);
+    let killing = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b_bridge.kill9().await
+    };
+    let (sent, killed) = tokio::join!(sending, killing);
+    sent?;
+    killed?;
+    wait_float(
+        p.b.float_admin,
+        Duration::from_secs(20),
+        "deactivated",
+        |s| !active(s),
+    )
+    .await?;
+    b_bridge.restart().await?;
+    wait_float(
+        p.b.float_admin,
+        Duration::from_secs(30),
+        "re-activated",
+        active,
+    )
+    .await?;
+    let report = receive(&p.b, "tunnel-2", 2000, &p.a.legal_name).await?;
+    ensure!(
+        report.lost == 0 && report.wrong_sender == 0 && report.corrupted == 0,
+        "bridge killed mid-stream: {report:?}"
+    );
+    eprintln!("bridge killed mid-stream: {report:?}");
+
+    // The float never opened its key (it has none) and holds no broker connection.
+    let pid = float.pid().context("float pid")?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect::<Vec<_>>();
+    ensure!(
+        !fds.iter().any(|f| f == &p.b.files.tls_key),
+        "the float has the organisation's key open: {fds:?}"
+    );
+    float.terminate(Duration::from_secs(15)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tunnel_float_refuses_a_private_key_and_a_broker_section() -> Result<()> {
+    let p = two_orgs().await?;
+    let b = &p.b;
+    let cfg = format!(
+        "[float]\nmode = \"tunnel\"\nlisten = \"127.0.0.1:1\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntrust_roots = \"r\"\n\n[broker]\nuris = [\"amqp://127.0.0.1:1/%2f\"]\n"
+    );
+    let path = b.dir.join("bad-float.toml");
+    std::fs::create_dir_all(&b.dir)?;
+    std::fs::write(&path, cfg)?;
+    let out = std::process::Command::new(drawbridge_testkit::daemon::binary(Kind::Float)?)
+        .arg("--config")
+        .arg(&path)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(78),
+        "exit {:?}: {err}",
+        out.status
+    );
+    for needle in [
+        "float.tls_key: tunnel mode holds no private key",
+        "broker: tunnel mode has no broker connection",
+        "float.tunnel.listen: required",
+        "float.tunnel.bridges: required",
+    ] {
+        ensure!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+    Ok(())
+}

@@ -404,7 +404,7 @@ impl<'a> Tunnel<'a> {
             ))
             .boxed();
         }
-        if !self.shared.settings.inboxes.iter().any(|q| *q == p.inbox) {
+        if !self.shared.settings.inboxes.contains(&p.inbox) {
             warn!(float = %self.target, inbox = %drawbridge_runtime::text::truncate(&p.inbox, 255), "tunnel: the float asked for a queue that is not one of bridge.tunnel.inboxes; rejected");
             return futures::future::ready(done(
                 Kind::Rejected,

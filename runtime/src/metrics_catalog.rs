@@ -81,6 +81,21 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "1 on the active bridge of an HA group, 0 on standbys.",
     ),
     (
+        "drawbridge_bridge_tunnels_up",
+        Gauge,
+        "Tunnels to floats in tunnel mode that are up now (bridge.tunnel.floats).",
+    ),
+    (
+        "drawbridge_bridge_tunnel_signatures_total",
+        Counter,
+        "TLS handshake signatures made for floats in tunnel mode.",
+    ),
+    (
+        "drawbridge_bridge_tunnel_sign_refused_total",
+        Counter,
+        "Signing requests from floats refused because they were not a TLS 1.3 server CertificateVerify.",
+    ),
+    (
         "drawbridge_bridge_link_up",
         Gauge,
         "1 while the link forwards to its peer, 0 while it connects or is down.",
@@ -210,6 +225,21 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "drawbridge_float_connections",
         Gauge,
         "Peer connections established now.",
+    ),
+    (
+        "drawbridge_float_tunnels",
+        Gauge,
+        "Tunnel mode: bridges' tunnels up now.",
+    ),
+    (
+        "drawbridge_float_tunnel_epoch",
+        Gauge,
+        "Tunnel mode: the activation epoch in force (the active bridge's).",
+    ),
+    (
+        "drawbridge_float_sign_seconds",
+        Histogram,
+        "Tunnel mode: time a peer's TLS handshake waited for the bridge's signature.",
     ),
     (
         "drawbridge_float_connections_refused_total",

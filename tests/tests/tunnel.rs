@@ -189,9 +189,7 @@ async fn a_keyless_float_serves_peers_through_its_bridge_and_loses_nothing_when_
 async fn a_tunnel_float_refuses_a_private_key_and_a_broker_section() -> Result<()> {
     let p = two_orgs().await?;
     let b = &p.b;
-    let cfg = format!(
-        "[float]\nmode = \"tunnel\"\nlisten = \"127.0.0.1:1\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntrust_roots = \"r\"\n\n[broker]\nuris = [\"amqp://127.0.0.1:1/%2f\"]\n"
-    );
+    let cfg = "[float]\nmode = \"tunnel\"\nlisten = \"127.0.0.1:1\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntrust_roots = \"r\"\n\n[broker]\nuris = [\"amqp://127.0.0.1:1/%2f\"]\n";
     let path = b.dir.join("bad-float.toml");
     std::fs::create_dir_all(&b.dir)?;
     std::fs::write(&path, cfg)?;

@@ -4,12 +4,13 @@
 #   python3-qpid-proton  Qpid Proton peers (tests/proton/*.py), run with /usr/bin/python3
 #   python3-pika, python3-protobuf  the Python node example (examples/node-python/), run with /usr/bin/python3
 #   openssl              test certificates for the Proton self-test
-#   iproute2             `ss` for diagnostics
+#   iproute2             `ss` for diagnostics; `ip netns` for the network-namespace world (tests/src/netns.rs)
+#   nftables             `nft`: that world's firewall (the dmz may not connect to the inside)
 #   dpkg-dev             dpkg-shlibdeps, for the .deb packages' dependencies (scripts/package.sh)
 #   curl, shellcheck     scripts/watchdog.sh probes with curl; its test checks it with shellcheck
 set -euo pipefail
 
-PACKAGES=(rabbitmq-server python3-qpid-proton python3-pika python3-protobuf openssl iproute2 curl shellcheck dpkg-dev)
+PACKAGES=(rabbitmq-server python3-qpid-proton python3-pika python3-protobuf openssl iproute2 nftables curl shellcheck dpkg-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -145,6 +145,8 @@ pub struct Daemon {
     admin: SocketAddr,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// Network namespace the process runs in (`ip netns exec`), kept across restarts.
+    netns: Option<String>,
 }
 
 impl Daemon {
@@ -170,6 +172,35 @@ impl Daemon {
         admin: SocketAddr,
         env: &[(&str, &str)],
     ) -> Result<Daemon> {
+        Daemon::launch(kind, dir, name, config_toml, admin, env, None).await
+    }
+
+    /// [`Daemon::start_with_env`] in the network namespace `netns` (e.g. a
+    /// [`crate::netns::NetWorld`]'s dmz), under `ip netns exec`, which execs the daemon: the
+    /// pid held here is the daemon's, so signals, `kill9`, `restart` and `/proc/<pid>` reach
+    /// it. `admin` must be reachable from the test, e.g. on
+    /// [`crate::netns::NetWorld::dmz_inside_addr`] (the inside may connect to the dmz).
+    pub async fn start_in(
+        netns: &str,
+        kind: Kind,
+        dir: &Path,
+        name: &str,
+        config_toml: &str,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        Daemon::launch(kind, dir, name, config_toml, admin, env, Some(netns)).await
+    }
+
+    async fn launch(
+        kind: Kind,
+        dir: &Path,
+        name: &str,
+        config_toml: &str,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+        netns: Option<&str>,
+    ) -> Result<Daemon> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, config_toml)?;
@@ -184,6 +215,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns: netns.map(String::from),
         };
         d.spawn().await?;
         Ok(d)
@@ -194,7 +226,14 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = Command::new(binary(self.kind)?);
+        let mut cmd = match &self.netns {
+            None => Command::new(binary(self.kind)?),
+            Some(ns) => {
+                let mut cmd = Command::new(crate::netns::ip_program());
+                cmd.args(["netns", "exec", ns]).arg(binary(self.kind)?);
+                cmd
+            }
+        };
         cmd.arg("--config")
             .arg(&self.config)
             .env(
@@ -278,6 +317,11 @@ impl Daemon {
     /// The admin address.
     pub fn admin(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The network namespace it runs in ([`Daemon::start_in`]), if not the test's.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// Process id, if running.

@@ -9,6 +9,7 @@ use drawbridge_certs::devpki;
 use drawbridge_testkit::{
     daemon::{free_port, Daemon, Kind},
     fixtures::{receive, send, two_orgs, TwoOrgs},
+    netns::{open_files_of, tcp_sockets_of, NetWorld, Ns},
     world::Org,
 };
 
@@ -26,24 +27,49 @@ fn tunnel_pki(p: &TwoOrgs) -> Result<devpki::NodeFiles> {
     Ok(net.nodes[0].clone())
 }
 
-async fn start_tunnel_float(p: &TwoOrgs) -> Result<Tunnel> {
+/// Where B's float listens: its peers' port, its tunnel port and its admin port; and the
+/// network namespace it runs in, if any.
+struct Place {
+    peers: SocketAddr,
+    tunnel: SocketAddr,
+    admin: SocketAddr,
+    netns: Option<String>,
+}
+
+impl Place {
+    /// All on loopback, in our namespace.
+    fn loopback(b: &Org) -> Place {
+        Place {
+            peers: SocketAddr::from(([127, 0, 0, 1], b.float_port)),
+            tunnel: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: b.float_admin,
+            netns: None,
+        }
+    }
+}
+
+async fn start_tunnel_float(p: &TwoOrgs, at: &Place) -> Result<Tunnel> {
     let t = tunnel_pki(p)?;
     let b: &Org = &p.b;
-    let tunnel_port = free_port();
     let cfg = format!(
-        "[float]\nmode = \"tunnel\"\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntrust_roots = {root:?}\n\n[float.tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\ntls_cert = {tcert:?}\ntls_key = {tkey:?}\ntrust_roots = {troot:?}\nbridges = [{name:?}]\n\n[admin]\nlisten = \"{admin}\"\n",
-        port = b.float_port,
+        "[float]\nmode = \"tunnel\"\nlisten = \"{peers}\"\ntls_cert = {cert:?}\ntrust_roots = {root:?}\n\n[float.tunnel]\nlisten = \"{tunnel}\"\ntls_cert = {tcert:?}\ntls_key = {tkey:?}\ntrust_roots = {troot:?}\nbridges = [{name:?}]\n\n[admin]\nlisten = \"{admin}\"\n",
+        peers = at.peers,
+        tunnel = at.tunnel,
         cert = b.files.tls_cert.display().to_string(),
         root = b.files.root_cert.display().to_string(),
         tcert = t.tls_cert.display().to_string(),
         tkey = t.tls_key.display().to_string(),
         troot = t.root_cert.display().to_string(),
         name = b.legal_name,
-        admin = b.float_admin,
+        admin = at.admin,
     );
-    let float = Daemon::start(Kind::Float, &b.dir, "float", &cfg, b.float_admin).await?;
+    let float = match &at.netns {
+        Some(ns) => Daemon::start_in(ns, Kind::Float, &b.dir, "float", &cfg, at.admin, &[]).await?,
+        None => Daemon::start(Kind::Float, &b.dir, "float", &cfg, at.admin).await?,
+    };
     let bridge_lines = format!(
-        "tunnel.floats = [\"127.0.0.1:{tunnel_port}\"]\ntunnel.tls_cert = {tcert:?}\ntunnel.tls_key = {tkey:?}\ntunnel.trust_roots = {troot:?}\n",
+        "tunnel.floats = [\"{tunnel}\"]\ntunnel.tls_cert = {tcert:?}\ntunnel.tls_key = {tkey:?}\ntunnel.trust_roots = {troot:?}\n",
+        tunnel = at.tunnel,
         tcert = t.tls_cert.display().to_string(),
         tkey = t.tls_key.display().to_string(),
         troot = t.root_cert.display().to_string(),
@@ -91,7 +117,7 @@ fn active(s: &serde_json::Value) -> bool {
 async fn a_keyless_float_serves_peers_through_its_bridge_and_loses_nothing_when_the_bridge_dies(
 ) -> Result<()> {
     let mut p = two_orgs().await?;
-    let tunnel = start_tunnel_float(&p).await?;
+    let tunnel = start_tunnel_float(&p, &Place::loopback(&p.b)).await?;
     let mut float = tunnel.float;
     // No bridge yet: the float is up but not ready, and refuses peers (it cannot sign).
     let s = wait_float(p.b.float_admin, Duration::from_secs(20), "answered", |_| {
@@ -211,5 +237,97 @@ async fn a_tunnel_float_refuses_a_private_key_and_a_broker_section() -> Result<(
     ] {
         ensure!(err.contains(needle), "`{needle}` not in: {err}");
     }
+    Ok(())
+}
+
+/// The DMZ for real: B's float in a network namespace whose new connections toward the
+/// inside are dropped by nftables, A as a peer outside, B's bridge and broker inside. The
+/// float serves A through the tunnel B's bridge dialled in, holds no inward socket it opened,
+/// and the tunnel cut mid-stream (the link between inside and DMZ down for longer than the
+/// tunnel's silence limit) loses nothing.
+#[tokio::test]
+async fn in_a_dmz_that_cannot_connect_inward_the_float_serves_peers_and_survives_a_cut_tunnel(
+) -> Result<()> {
+    let Some(world) = NetWorld::build_or_skip("tunnel mode in a DMZ")? else {
+        return Ok(());
+    };
+    let mut p = two_orgs().await?;
+    let at = Place {
+        peers: SocketAddr::from((world.dmz_public_addr(), free_port())),
+        tunnel: SocketAddr::from((world.dmz_inside_addr(), free_port())),
+        admin: SocketAddr::from((world.dmz_inside_addr(), free_port())),
+        netns: Some(world.ns_name(Ns::Dmz).to_string()),
+    };
+    p.b.float_admin = at.admin;
+    let tunnel = start_tunnel_float(&p, &at).await?;
+    let mut float = tunnel.float;
+    p.b.start_bridge(&tunnel.bridge_lines).await?;
+    wait_float(at.admin, Duration::from_secs(30), "activated", active).await?;
+
+    // A is outside: its link reaches the float's public address from the outside namespace.
+    let outside = world.forward_from(Ns::Outside, at.peers).await?;
+    p.b.float_port = outside.addr().port();
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let queue = p.a.queue_to(&p.b);
+    p.a.wait_link_state(&queue, "up", Duration::from_secs(30))
+        .await
+        .context("A's link from outside to B's float in the DMZ")?;
+    let n = 300;
+    send(&p.a, &p.b, "dmz-1", n).await?;
+    let report = receive(&p.b, "dmz-1", n, &p.a.legal_name).await?;
+    ensure!(
+        report.lost == 0 && report.wrong_sender == 0 && report.corrupted == 0,
+        "through the DMZ: {report:?}"
+    );
+
+    // Every socket of the float toward the inside is one the inside opened (the tunnel, the
+    // admin port); none it opened itself, not even one the firewall left half-open.
+    let pid = float.pid().context("float pid")?;
+    let inside = std::net::IpAddr::V4(world.inside_addr());
+    for s in tcp_sockets_of(pid)? {
+        if s.remote.ip() == inside {
+            ensure!(
+                s.local == at.tunnel || s.local == at.admin,
+                "the float opened a connection inward: {s:?}"
+            );
+        }
+    }
+    let files = open_files_of(pid)?;
+    ensure!(
+        !files.iter().any(|f| f == &p.b.files.tls_key),
+        "the float holds the organisation's key open: {files:?}"
+    );
+
+    // Cut the tunnel mid-stream: the link between inside and DMZ goes down for longer than
+    // the tunnel's silence limit (15 s), then comes back; the bridge dials again.
+    let sending = send(&p.a, &p.b, "dmz-2", 3000);
+    let cutting = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        set_link(world.inside_link(), false).await?;
+        tokio::time::sleep(Duration::from_secs(18)).await;
+        set_link(world.inside_link(), true).await
+    };
+    let (sent, cut) = tokio::join!(sending, cutting);
+    sent?;
+    cut?;
+    wait_float(at.admin, Duration::from_secs(40), "re-activated", active).await?;
+    let report = receive(&p.b, "dmz-2", 3000, &p.a.legal_name).await?;
+    eprintln!("tunnel cut mid-stream: {report:?}");
+    ensure!(
+        report.lost == 0 && report.wrong_sender == 0 && report.corrupted == 0,
+        "tunnel cut mid-stream: {report:?}"
+    );
+    float.terminate(Duration::from_secs(15)).await?;
+    Ok(())
+}
+
+/// `ip link set <link> up|down` in our namespace.
+async fn set_link(link: &str, up: bool) -> Result<()> {
+    let status = tokio::process::Command::new("ip")
+        .args(["link", "set", link, if up { "up" } else { "down" }])
+        .status()
+        .await?;
+    ensure!(status.success(), "ip link set {link}: {status}");
     Ok(())
 }

@@ -331,3 +331,91 @@ async fn set_link(link: &str, up: bool) -> Result<()> {
     ensure!(status.success(), "ip link set {link}: {status}");
     Ok(())
 }
+
+/// The HA state (`active`, `standby`, …) of a bridge, `""` when it does not answer.
+async fn ha_state(bridge: &Daemon) -> String {
+    match bridge.status().await {
+        Ok(s) => s["ha"]["state"].as_str().unwrap_or_default().to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Two bridges of B keep a tunnel each to B's float; only the one holding the HA lock
+/// activates it. The active one is killed mid-stream: the standby takes the lock and
+/// activates the float over the tunnel it already holds, and nothing is lost.
+#[tokio::test]
+async fn the_standby_bridge_re_activates_the_float_when_the_active_one_dies() -> Result<()> {
+    let mut p = two_orgs().await?;
+    let tunnel = start_tunnel_float(&p, &Place::loopback(&p.b)).await?;
+    let mut float = tunnel.float;
+    p.b.start_bridge(&tunnel.bridge_lines).await?;
+    let second =
+        p.b.start_extra_bridge("bridge-2", &tunnel.bridge_lines)
+            .await?;
+    let first = p.b.bridge.take().context("B's bridge")?;
+    let mut bridges = [first, second];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let active_one = loop {
+        let states = [ha_state(&bridges[0]).await, ha_state(&bridges[1]).await];
+        if let Some(i) = states.iter().position(|s| s == "active") {
+            if states[1 - i] == "standby" {
+                break i;
+            }
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no active + standby pair: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let s = wait_float(
+        p.b.float_admin,
+        Duration::from_secs(20),
+        "activated",
+        active,
+    )
+    .await?;
+    ensure!(
+        s["tunnel"]["tunnels"].as_array().map(Vec::len) == Some(2),
+        "both bridges hold a tunnel, one active: {s:#}"
+    );
+    let epoch_before = s["tunnel"]["epoch"].as_u64().unwrap_or_default();
+
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let queue = p.a.queue_to(&p.b);
+    p.a.wait_link_state(&queue, "up", Duration::from_secs(30))
+        .await?;
+
+    let sending = send(&p.a, &p.b, "failover", 3000);
+    let killing = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bridges[active_one].kill9().await
+    };
+    let (sent, killed) = tokio::join!(sending, killing);
+    sent?;
+    killed?;
+    let s = wait_float(
+        p.b.float_admin,
+        Duration::from_secs(30),
+        "re-activated by the standby",
+        |s| active(s) && s["tunnel"]["epoch"].as_u64().unwrap_or_default() > epoch_before,
+    )
+    .await?;
+    ensure!(
+        s["tunnel"]["tunnels"].as_array().map(Vec::len) == Some(1),
+        "the dead bridge's tunnel is gone: {s:#}"
+    );
+    let report = receive(&p.b, "failover", 3000, &p.a.legal_name).await?;
+    eprintln!("active bridge killed mid-stream: {report:?}");
+    ensure!(
+        report.lost == 0 && report.wrong_sender == 0 && report.corrupted == 0,
+        "active bridge killed mid-stream: {report:?}"
+    );
+    ensure!(
+        ha_state(&bridges[1 - active_one]).await == "active",
+        "the standby took over"
+    );
+    float.terminate(Duration::from_secs(15)).await?;
+    Ok(())
+}

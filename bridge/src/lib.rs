@@ -84,6 +84,8 @@ pub(crate) struct Ctx {
     heartbeat: Heartbeat,
     /// What `/healthz` asks whether the work loops run (the systemd watchdog's verdict).
     service: Service,
+    /// Tunnel mode: each float's tunnel as `/status` shows it, by float address.
+    tunnels: Mutex<BTreeMap<String, tunnel::TunnelView>>,
 }
 
 impl AdminState for Ctx {
@@ -191,6 +193,7 @@ impl AdminState for Ctx {
             "converged": self.readiness(admin::Readiness::Converged).is_ok(),
             "ha_state": self.ha.current().as_str(),
             "ha": self.ha.status(),
+            "tunnels": self.tunnels.lock().expect("poisoned").values().collect::<Vec<_>>(),
             "wanted_links": *self.wanted.lock().expect("poisoned"),
             "broker": self.broker.current().map(|l| l.uri.clone()),
             "node_identity": self.node_identity.to_string(),
@@ -314,6 +317,7 @@ pub async fn start_with_service(
         wanted: Mutex::new(Vec::new()),
         heartbeat: service.heartbeat("control loop"),
         service: service.clone(),
+        tunnels: Mutex::default(),
     });
     let admin_addr =
         admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())

@@ -40,6 +40,52 @@ const SILENCE: Duration = Duration::from_secs(15);
 /// Connect, TLS and hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A tunnel as `/status` shows it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct TunnelView {
+    /// The float's tunnel address.
+    pub float: String,
+    /// `up` or `down`.
+    pub state: &'static str,
+    /// The epoch this bridge activated the float with, while it holds it.
+    pub activated_epoch: Option<u64>,
+    /// Since when (Unix ms) it is in this state.
+    pub since_unix_ms: u64,
+    /// Why it is down, or why it went down last.
+    pub reason: Option<String>,
+    /// Publishes answered on it, and handshakes signed for its float.
+    pub published: u64,
+    pub signatures: u64,
+}
+
+fn view(ctx: &Ctx, target: &Target, f: impl FnOnce(&mut TunnelView)) {
+    let mut views = ctx.tunnels.lock().expect("poisoned");
+    let v = views
+        .entry(target.to_string())
+        .or_insert_with(|| TunnelView {
+            float: target.to_string(),
+            state: "down",
+            since_unix_ms: drawbridge_runtime::daemon::unix_ms(),
+            ..TunnelView::default()
+        });
+    f(v);
+}
+
+fn set_state(ctx: &Ctx, target: &Target, state: &'static str, reason: Option<String>) {
+    view(ctx, target, |v| {
+        if v.state != state {
+            v.since_unix_ms = drawbridge_runtime::daemon::unix_ms();
+        }
+        v.state = state;
+        if reason.is_some() {
+            v.reason = reason;
+        }
+        if state == "down" {
+            v.activated_epoch = None;
+        }
+    });
+}
+
 /// What every tunnel of this bridge shares.
 struct Shared {
     settings: TunnelSettings,
@@ -89,6 +135,7 @@ pub(crate) fn start(
         signing_spki,
     });
     for target in &shared.settings.floats {
+        set_state(&ctx, target, "down", Some("dialling".into()));
         info!(float = %target, "tunnel: dialling the float");
         tokio::spawn(dial(
             ctx.clone(),
@@ -124,16 +171,19 @@ async fn dial(ctx: Arc<Ctx>, shared: Arc<Shared>, target: Target, shutdown: Canc
                 backoff.reset();
                 last_failure = None;
                 metrics::gauge!("drawbridge_bridge_tunnels_up").increment(1.0);
+                set_state(&ctx, &target, "up", None);
                 let why = Tunnel::new(&ctx, &shared, &target, hello)
                     .run(framed, &shutdown)
                     .await;
                 metrics::gauge!("drawbridge_bridge_tunnels_up").decrement(1.0);
+                set_state(&ctx, &target, "down", Some(why.clone()));
                 if shutdown.is_cancelled() {
                     return;
                 }
                 warn!(float = %target, reason = %why, "tunnel down; redialling");
             }
             Err(why) => {
+                set_state(&ctx, &target, "down", Some(why.clone()));
                 if last_failure.as_deref() != Some(why.as_str()) {
                     warn!(float = %target, reason = %why, "tunnel not established; retrying with backoff");
                     last_failure = Some(why);
@@ -263,9 +313,11 @@ impl<'a> Tunnel<'a> {
                 }
                 self.activated = Some(epoch);
                 self.float_epoch = epoch;
+                view(self.ctx, self.target, |v| v.activated_epoch = Some(epoch));
                 info!(float = %self.target, epoch, "tunnel: float activated");
             } else if !should && self.activated.is_some() {
                 let epoch = self.activated.take().unwrap_or_default();
+                view(self.ctx, self.target, |v| v.activated_epoch = None);
                 if let Err(e) = framed
                     .send(Body::Deactivate(proto::Deactivate {
                         epoch,
@@ -300,6 +352,7 @@ impl<'a> Tunnel<'a> {
                         Body::Deactivate(d) => {
                             self.float_epoch = self.float_epoch.max(d.epoch);
                             if self.activated.take().is_some() {
+                                view(self.ctx, self.target, |v| v.activated_epoch = None);
                                 info!(float = %self.target, epoch = d.epoch, reason = %drawbridge_runtime::text::escape(&d.reason), "tunnel: the float was activated by another bridge");
                             }
                         }
@@ -316,11 +369,14 @@ impl<'a> Tunnel<'a> {
                     if let Err(e) = framed.feed(Body::Outcome(outcome)).await {
                         return e.to_string();
                     }
+                    let mut answered = 1;
                     while let Some(Some(o)) = answers.next().now_or_never() {
+                        answered += 1;
                         if let Err(e) = framed.feed(Body::Outcome(o)).await {
                             return e.to_string();
                         }
                     }
+                    view(self.ctx, self.target, |v| v.published += answered);
                     if let Err(e) = framed.flush().await {
                         return e.to_string();
                     }
@@ -378,6 +434,7 @@ impl<'a> Tunnel<'a> {
         match signer.sign(&r.message) {
             Ok(signature) => {
                 metrics::counter!("drawbridge_bridge_tunnel_signatures_total").increment(1);
+                view(self.ctx, self.target, |v| v.signatures += 1);
                 proto::SignResponse {
                     id: r.id,
                     signature,

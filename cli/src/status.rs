@@ -47,6 +47,21 @@ fn bridge(v: &Value, now: u64) -> String {
         }
         out.push_str(&format!("  lock      {lock}\n"));
     }
+    for t in v["tunnels"].as_array().into_iter().flatten() {
+        let since = t["since_unix_ms"]
+            .as_u64()
+            .map_or("-".to_string(), |ms| human(now.saturating_sub(ms)));
+        let line = match (t["state"].as_str(), t["activated_epoch"].as_u64()) {
+            (Some("up"), Some(epoch)) => format!(
+                "up {since}, activated (epoch {epoch}); {} published, {} handshakes signed",
+                number(&t["published"]),
+                number(&t["signatures"])
+            ),
+            (Some("up"), None) => format!("up {since}, not activated (standby)"),
+            _ => format!("DOWN {since}: {}", text(&t["reason"])),
+        };
+        out.push_str(&format!("  tunnel    {} {line}\n", text(&t["float"])));
+    }
     let wanted = v["wanted_links"].as_array().map_or(0, Vec::len);
     let links = v["links"].as_array().cloned().unwrap_or_default();
     if links.is_empty() {
@@ -112,7 +127,38 @@ fn float(v: &Value, now: u64) -> String {
         "NOT READY"
     };
     out.push_str(&format!("float on {} ({ready})\n", text(&v["listen"])));
-    out.push_str(&format!("  broker    {}\n", text(&v["broker"])));
+    if v["mode"].as_str() == Some("tunnel") {
+        let t = &v["tunnel"];
+        let state = if t["active"].as_bool() == Some(true) {
+            format!("active (epoch {})", number(&t["epoch"]))
+        } else {
+            "NO ACTIVE BRIDGE".to_string()
+        };
+        out.push_str(&format!(
+            "  tunnel    {state}; {} handshakes signed by the bridge, {} failed; {} publishes waiting for an outcome\n",
+            number(&t["signatures"]),
+            number(&t["signature_failures"]),
+            number(&t["publishes_waiting"]),
+        ));
+        for b in t["tunnels"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  bridge    {} ({}) from {}, {}, up {}\n",
+                text(&b["bridge_id"]),
+                text(&b["bridge"]),
+                text(&b["address"]),
+                if b["active"].as_bool() == Some(true) {
+                    "active"
+                } else {
+                    "standby"
+                },
+                b["up_seconds"]
+                    .as_u64()
+                    .map_or("-".to_string(), |s| human(s * 1000)),
+            ));
+        }
+    } else {
+        out.push_str(&format!("  broker    {}\n", text(&v["broker"])));
+    }
     for id in v["identities"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "  serves    {} -> {}\n",
@@ -286,6 +332,40 @@ mod tests {
         assert!(out.contains("holding off 42s"), "{out}");
         assert!(
             out.contains("1 wanted; they run on the active bridge"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_tunnel_float_and_its_bridge_show_the_tunnel() {
+        let float = serde_json::json!({
+            "role": "float", "ready": true, "listen": "10.0.0.2:5671", "mode": "tunnel",
+            "broker": null, "identities": [], "connections": [],
+            "tunnel": {"active": true, "epoch": 1765000000000u64, "signatures": 4,
+                "signature_failures": 1, "publishes_waiting": 0, "tunnels": [
+                {"bridge": "O=Bank B, L=Paris, C=FR", "bridge_id": "bridge-b", "address": "10.0.0.1:40000",
+                 "active": true, "up_seconds": 90}]},
+        });
+        let out = render(&float, 0);
+        assert!(out.contains("  tunnel    active (epoch 1765000000000); 4 handshakes signed by the bridge, 1 failed"), "{out}");
+        assert!(out.contains("  bridge    bridge-b (O=Bank B, L=Paris, C=FR) from 10.0.0.1:40000, active, up 1m30s"), "{out}");
+        assert!(!out.contains("broker"), "{out}");
+        let bridge = serde_json::json!({
+            "role": "bridge", "id": "bridge-b", "ready": true, "ha_state": "standby",
+            "broker": "amqp://x", "node_identity": "O=Bank B, L=Paris, C=FR", "links": [],
+            "wanted_links": [], "ha": {"enabled": false},
+            "tunnels": [
+                {"float": "10.0.0.2:7000", "state": "up", "activated_epoch": null, "since_unix_ms": 0},
+                {"float": "10.0.0.3:7000", "state": "down", "since_unix_ms": 0, "reason": "connection refused"},
+            ],
+        });
+        let out = render(&bridge, 5_000);
+        assert!(
+            out.contains("  tunnel    10.0.0.2:7000 up 5s, not activated (standby)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  tunnel    10.0.0.3:7000 DOWN 5s: connection refused"),
             "{out}"
         );
     }

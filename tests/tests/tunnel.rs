@@ -130,6 +130,27 @@ async fn a_keyless_float_serves_peers_through_its_bridge_and_loses_nothing_when_
         "a tunnel-mode float has no broker: {s:#}"
     );
 
+    // A's link comes first: its handshakes fail cleanly (nothing can sign them), the float
+    // says why.
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    let queue = p.a.queue_to(&p.b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !float.log_contains("no active bridge to sign the handshake") {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal logged: {}",
+            float.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(
+        p.a.wait_link_state(&queue, "up", Duration::from_secs(1))
+            .await
+            .is_err(),
+        "a link came up with no bridge to sign its handshake"
+    );
+
     p.b.start_bridge(&tunnel.bridge_lines).await?;
     let s = wait_float(
         p.b.float_admin,
@@ -139,13 +160,14 @@ async fn a_keyless_float_serves_peers_through_its_bridge_and_loses_nothing_when_
     )
     .await?;
     ensure!(s["ready"] == true, "{s:#}");
-
-    p.a.start_bridge("").await?;
-    p.a.create_link_to(&p.b).await?;
-    let queue = p.a.queue_to(&p.b);
     p.a.wait_link_state(&queue, "up", Duration::from_secs(30))
         .await
         .context("A's link to B's keyless float")?;
+    let bs = p.b.bridge.as_ref().context("B's bridge")?.status().await?;
+    ensure!(
+        bs["tunnels"][0]["state"] == "up" && bs["tunnels"][0]["activated_epoch"].is_u64(),
+        "B's bridge shows its tunnel up and activated: {bs:#}"
+    );
 
     let n = 300;
     send(&p.a, &p.b, "tunnel-1", n).await?;

@@ -63,7 +63,7 @@ pub struct TunnelSettings {
 
 /// `[bridge.tunnel]`, if present.
 fn read_tunnel(r: &mut ConfigReader) -> Option<TunnelSettings> {
-    if !r.is_set("bridge.tunnel") {
+    if !r.is_present("bridge.tunnel") {
         return None;
     }
     let raw: Vec<String> = r.required("bridge.tunnel.floats").unwrap_or_default();
@@ -586,6 +586,38 @@ mod ha_tests {
             errs.iter().any(|e| e.starts_with("bridge.ha_lease_check")),
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn the_tunnel_section_is_checked_key_by_key() {
+        assert!(load("", "").unwrap().tunnel.is_none());
+        let cfg = load(
+            "tunnel.floats = [\"float-1.dmz:7443\"]\ntunnel.tls_cert = \"t.crt\"\ntunnel.tls_key = \"t.key\"\ntunnel.trust_roots = \"ca.crt\"\ntunnel.float_name = \"O=Bank A, L=London, C=GB\"\n",
+            "",
+        )
+        .unwrap();
+        let t = cfg.tunnel.expect("tunnel");
+        assert_eq!(t.floats.len(), 1);
+        assert_eq!(t.inboxes, vec!["drawbridge.inbox".to_string()]);
+        assert_eq!(t.max_in_flight, 1024);
+        // Every bad key is listed.
+        let errs = load(
+            "tunnel.floats = [\"no port\"]\ntunnel.float_name = \"nobody\"\ntunnel.inboxes = [\"amq.x\"]\ntunnel.max_in_flight = 0\ntunnel.colour = 1\n",
+            "",
+        )
+        .unwrap_err();
+        for key in [
+            "bridge.tunnel.floats[0]",
+            "bridge.tunnel.float_name",
+            "bridge.tunnel.inboxes",
+            "bridge.tunnel.max_in_flight",
+            "bridge.tunnel.tls_cert",
+            "bridge.tunnel.tls_key",
+            "bridge.tunnel.trust_roots",
+            "bridge.tunnel.colour",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
     }
 
     #[test]

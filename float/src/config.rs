@@ -587,4 +587,16 @@ mod example_tests {
     fn example_config_is_valid_with_every_documented_key() {
         drawbridge_runtime::config::assert_example_valid(EXAMPLE, FloatConfig::from_reader);
     }
+
+    #[test]
+    fn the_tunnel_mode_example_is_valid_with_every_documented_key() {
+        drawbridge_runtime::config::assert_example_valid(
+            include_str!("../../examples/float-tunnel.toml"),
+            |r| {
+                let cfg = FloatConfig::from_reader(r)?;
+                assert!(cfg.tunnel.is_some() && cfg.broker.is_none());
+                Ok(cfg)
+            },
+        );
+    }
 }

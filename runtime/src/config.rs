@@ -114,6 +114,12 @@ impl ConfigReader {
         }
     }
 
+    /// Whether `key` (a key or a table) is present, without counting it as known: what is
+    /// under it is still reported if no one reads it.
+    pub fn is_present(&self, key: &str) -> bool {
+        self.cfg.get::<Value>(key).is_ok()
+    }
+
     /// Whether `key` is set (file or environment).
     pub fn is_set(&mut self, key: &str) -> bool {
         self.known.insert(key.to_string());

@@ -119,14 +119,14 @@ impl Hub {
     /// outcome, `released` if the tunnel goes first or no outcome comes in time. `Err` when
     /// there is no active tunnel.
     pub(crate) fn publish(
-        &self,
+        self: &Arc<Self>,
         sender: &str,
         inbox: &str,
         message: Vec<u8>,
         probe: bool,
     ) -> Result<BoxFuture<'static, Settle>, Settle> {
         let (tx, rx) = oneshot::channel();
-        {
+        let seq = {
             let mut st = self.state();
             let Some(active) = st.active else {
                 return Err(Settle::Release(Transient::NoBridge));
@@ -147,13 +147,19 @@ impl Hub {
                 return Err(Settle::Release(Transient::NoBridge));
             }
             st.pending.insert(seq, (active, tx));
-        }
+            seq
+        };
         let timeout = self.outcome_timeout;
+        let hub = self.clone();
         Ok(async move {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(settle)) => settle,
                 Ok(Err(_)) => Settle::Release(Transient::NoBridge),
-                Err(_) => Settle::Release(Transient::ConfirmTimedOut(timeout)),
+                Err(_) => {
+                    // No outcome will be waited for: a late one finds nothing to settle.
+                    hub.state().pending.remove(&seq);
+                    Settle::Release(Transient::ConfirmTimedOut(timeout))
+                }
             }
         }
         .boxed())
@@ -658,5 +664,123 @@ fn frame_name(b: &Body) -> &'static str {
         Body::SignResponse(_) => "sign_response",
         Body::Ping(_) => "ping",
         Body::Pong(_) => "pong",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(outcome_timeout: Duration) -> Arc<Hub> {
+        Arc::new(Hub::new(
+            Vec::new(),
+            Duration::from_millis(50),
+            outcome_timeout,
+        ))
+    }
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 4000))
+    }
+
+    fn publishes(rx: &mut mpsc::UnboundedReceiver<Body>) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            if let Body::Publish(p) = b {
+                seqs.push(p.seq);
+            }
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn the_highest_epoch_holds_the_float_and_the_other_tunnel_is_told() {
+        let hub = hub(Duration::from_secs(5));
+        assert!(matches!(
+            hub.publish("O=A, L=L, C=GB", "inbox", vec![1], false),
+            Err(Settle::Release(Transient::NoBridge))
+        ));
+        let (one, mut rx1) = hub.register("b".into(), "bridge-1".into(), addr());
+        let (two, mut rx2) = hub.register("b".into(), "bridge-2".into(), addr());
+        assert!(hub.activate(one, 100).is_ok());
+        assert!(hub.is_active());
+        // A lower or equal epoch from the other tunnel is refused with the one in force.
+        assert_eq!(hub.activate(two, 99).err(), Some(100));
+        assert_eq!(hub.activate(two, 100).err(), Some(100));
+        // The same tunnel may repeat its activation.
+        assert!(hub.activate(one, 100).is_ok());
+        // A higher one wins, and the old active tunnel hears of it.
+        assert_eq!(
+            hub.activate(two, 101).ok().flatten(),
+            Some("bridge-1".into())
+        );
+        let told = std::iter::from_fn(|| rx1.try_recv().ok())
+            .any(|b| matches!(b, Body::Deactivate(d) if d.epoch == 101));
+        assert!(told);
+        // Publishes go to the active tunnel only.
+        let _settled = hub
+            .publish("O=A, L=L, C=GB", "inbox", vec![1], false)
+            .unwrap();
+        assert_eq!(publishes(&mut rx2).len(), 1);
+        assert!(publishes(&mut rx1).is_empty());
+        // Its bridge deactivates it: no tunnel is active, peers are closed.
+        let mut watch = hub.subscribe();
+        assert!(hub.deactivate(two));
+        assert!(!*watch.borrow_and_update());
+    }
+
+    #[tokio::test]
+    async fn only_the_tunnel_a_publish_went_on_settles_it_and_a_lost_tunnel_releases_it() {
+        let hub = hub(Duration::from_secs(5));
+        let (one, mut rx1) = hub.register("b".into(), "bridge-1".into(), addr());
+        let (two, _rx2) = hub.register("b".into(), "bridge-2".into(), addr());
+        hub.activate(one, 1).unwrap();
+        let first = hub
+            .publish("O=A, L=L, C=GB", "inbox", vec![1], false)
+            .unwrap();
+        let second = hub
+            .publish("O=A, L=L, C=GB", "inbox", vec![2], false)
+            .unwrap();
+        let seqs = publishes(&mut rx1);
+        let outcome = |seq, kind: proto::outcome::Kind| proto::Outcome {
+            seq,
+            kind: kind as i32,
+            reason: "why".into(),
+        };
+        // Another tunnel's answer is ignored; the right one settles.
+        hub.outcome(two, outcome(seqs[0], proto::outcome::Kind::Accepted));
+        hub.outcome(one, outcome(seqs[0], proto::outcome::Kind::Rejected));
+        assert_eq!(first.await, Settle::Reject("why".into()));
+        // The tunnel goes before the second is answered: released, the float inactive.
+        hub.unregister(one);
+        assert_eq!(second.await, Settle::Release(Transient::NoBridge));
+        assert!(!hub.is_active());
+        assert!(hub.state().pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_publish_with_no_outcome_in_time_is_released_and_forgotten() {
+        let hub = hub(Duration::from_millis(20));
+        let (one, _rx) = hub.register("b".into(), "bridge-1".into(), addr());
+        hub.activate(one, 1).unwrap();
+        let settled = hub
+            .publish("O=A, L=L, C=GB", "inbox", vec![1], false)
+            .unwrap();
+        assert!(matches!(
+            settled.await,
+            Settle::Release(Transient::ConfirmTimedOut(_))
+        ));
+        assert!(hub.state().pending.is_empty(), "no entry left behind");
+    }
+
+    #[test]
+    fn signing_without_an_active_tunnel_fails_at_once() {
+        let hub = hub(Duration::from_secs(5));
+        let started = Instant::now();
+        let err = hub
+            .sign_blocking(SignatureScheme::ECDSA_NISTP256_SHA256, b"x")
+            .unwrap_err();
+        assert!(err.contains("no active bridge"), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(40));
     }
 }

@@ -17,7 +17,7 @@ if [[ ${#targets[@]} -eq 0 ]]; then
     # float_message, float_frames and bridge_frames fuzz the frame guard and the fe2o3 path
     # the daemons ran before their own engine (issue 23): kept to replay what they found, run
     # by name, not by default.
-    targets=(control_decode mapping_round_trip mapping_wire_in amqp_decode amqp_connection legal_name legal_name_der)
+    targets=(control_decode tunnel_decode mapping_round_trip mapping_wire_in amqp_decode amqp_connection legal_name legal_name_der)
 fi
 if ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
     echo "fuzz.sh: seconds per target must be a whole number, got '$seconds'" >&2

@@ -33,6 +33,28 @@ pub const INBOX: &str = "drawbridge.inbox";
 /// Dead-letter queue.
 pub const DEAD_LETTER: &str = "drawbridge.dead-letter";
 
+/// Where a tunnel-mode float listens: peers, bridges (the tunnel) and admin.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelPorts {
+    /// The peers' port.
+    pub peers: SocketAddr,
+    /// The tunnel port bridges dial.
+    pub tunnel: SocketAddr,
+    /// The admin port.
+    pub admin: SocketAddr,
+}
+
+impl TunnelPorts {
+    /// On loopback: peers on `peer_port`, admin on `admin`, the tunnel on a free port.
+    pub fn loopback(peer_port: u16, admin: SocketAddr) -> Self {
+        TunnelPorts {
+            peers: SocketAddr::from(([127, 0, 0, 1], peer_port)),
+            tunnel: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin,
+        }
+    }
+}
+
 /// One organisation: a legal name, its PKI files, its broker and its daemons.
 #[derive(Debug)]
 pub struct Org {
@@ -178,6 +200,62 @@ impl Org {
         d.wait_ready(Duration::from_secs(30)).await?;
         self.bridge = Some(d);
         Ok(())
+    }
+
+    /// The tunnel's own PKI for this organisation (a dev network of its legal name alone,
+    /// under `<dir>/tunnel-pki`): the files both its bridges and its tunnel-mode floats
+    /// present on the tunnel, and the tunnel CA. Generated on first use.
+    pub fn tunnel_pki(&self) -> Result<NodeFiles> {
+        let dir = self.dir.join("tunnel-pki");
+        let net = drawbridge_certs::devpki::generate_network(&dir, &[self.files.legal_name.clone()])?;
+        net.nodes.first().cloned().context("no tunnel node files")
+    }
+
+    /// A tunnel-mode float's config (docs/tunnel.md): no `tls_key`, no `[broker]`; peers on
+    /// `at.peers`, bridges on `at.tunnel` (this organisation's bridges only), admin on
+    /// `at.admin`; `extra` lines go to `[float]`.
+    pub fn tunnel_float_config(&self, t: &NodeFiles, at: &TunnelPorts, extra: &str) -> String {
+        format!(
+            "[float]\nmode = \"tunnel\"\nlisten = \"{peers}\"\ntls_cert = {cert:?}\ntrust_roots = {root:?}\n{extra}\n\n[float.tunnel]\nlisten = \"{tunnel}\"\ntls_cert = {tcert:?}\ntls_key = {tkey:?}\ntrust_roots = {troot:?}\nbridges = [{name:?}]\n\n[admin]\nlisten = \"{admin}\"\n",
+            peers = at.peers,
+            tunnel = at.tunnel,
+            admin = at.admin,
+            cert = self.files.tls_cert.display().to_string(),
+            root = self.files.root_cert.display().to_string(),
+            tcert = t.tls_cert.display().to_string(),
+            tkey = t.tls_key.display().to_string(),
+            troot = t.root_cert.display().to_string(),
+            name = self.legal_name,
+        )
+    }
+
+    /// The `[bridge]` lines of a bridge of this organisation dialling the tunnel at `tunnel`.
+    pub fn tunnel_bridge_lines(t: &NodeFiles, tunnel: SocketAddr) -> String {
+        format!(
+            "tunnel.floats = [\"{tunnel}\"]\ntunnel.tls_cert = {tcert:?}\ntunnel.tls_key = {tkey:?}\ntunnel.trust_roots = {troot:?}\n",
+            tcert = t.tls_cert.display().to_string(),
+            tkey = t.tls_key.display().to_string(),
+            troot = t.root_cert.display().to_string(),
+        )
+    }
+
+    /// Tunnel mode on loopback: start this organisation's float in tunnel mode on its usual
+    /// peer and admin ports, then its bridge dialling it (`bridge_extra` `[bridge]` lines
+    /// besides the tunnel's), and wait until the float is ready (activated by the bridge).
+    pub async fn start_tunnel(&mut self, float_extra: &str, bridge_extra: &str) -> Result<()> {
+        let t = self.tunnel_pki()?;
+        let at = TunnelPorts::loopback(self.float_port, self.float_admin);
+        let cfg = self.tunnel_float_config(&t, &at, float_extra);
+        let float = Daemon::start(Kind::Float, &self.dir, "float", &cfg, self.float_admin).await?;
+        self.float = Some(float);
+        let lines = format!("{}{bridge_extra}", Org::tunnel_bridge_lines(&t, at.tunnel));
+        self.start_bridge(&lines).await?;
+        self.float
+            .as_ref()
+            .context("float")?
+            .wait_ready(Duration::from_secs(30))
+            .await
+            .context("the tunnel-mode float was not activated by its bridge")
     }
 
     /// The peer queue this org uses for messages to `peer`.

@@ -124,6 +124,18 @@ async fn j_float_refuses_publishes_for_a_minute() -> Result<()> {
     run(&J_FLOAT_REFUSES_PUBLISHES_FOR_A_MINUTE).await
 }
 
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn k_tunnel_mode_receiving_bridge_killed() -> Result<()> {
+    run(&K_TUNNEL_MODE_RECEIVING_BRIDGE_KILLED).await
+}
+
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn l_tunnel_mode_keyless_float_killed() -> Result<()> {
+    run(&L_TUNNEL_MODE_KEYLESS_FLOAT_KILLED).await
+}
+
 // ---------------------------------------------------------------------------------------
 // The table.
 // ---------------------------------------------------------------------------------------
@@ -379,6 +391,38 @@ const J_FLOAT_REFUSES_PUBLISHES_FOR_A_MINUTE: Scenario = Scenario {
     ..BASE
 };
 
+/// k. tunnel mode (docs/tunnel.md): B's float holds no broker connection and no key; B's
+/// bridge, which publishes for it and signs its handshakes, is killed mid-stream and
+/// restarted. The float closes A's link, takes nothing until the bridge is back, and what it
+/// had handed over without an outcome is resent.
+const K_TUNNEL_MODE_RECEIVING_BRIDGE_KILLED: Scenario = Scenario {
+    streams: &[Stream {
+        route: Route::Tunnel,
+        ..Stream::to_b("k", "k. tunnel mode: kill -9 B's bridge (restart)")
+    }],
+    faults: &[Fault::restart(
+        When::b_holds(1, 3, 120),
+        kill9_receiving_bridge,
+        restart_receiving_bridge,
+    )],
+    ..BASE
+};
+
+/// l. tunnel mode: the keyless float is killed mid-stream and restarted; B's bridge dials it
+/// again and re-activates it.
+const L_TUNNEL_MODE_KEYLESS_FLOAT_KILLED: Scenario = Scenario {
+    streams: &[Stream {
+        route: Route::Tunnel,
+        ..Stream::to_b("l", "l. tunnel mode: kill -9 float (restart)")
+    }],
+    faults: &[Fault::restart(
+        When::b_holds(1, 3, 120),
+        kill9_float,
+        restart_float,
+    )],
+    ..BASE
+};
+
 // ---------------------------------------------------------------------------------------
 // What a scenario is.
 // ---------------------------------------------------------------------------------------
@@ -480,6 +524,8 @@ enum Route {
     TwoFloats,
     /// The peer's float behind a [`FaultProxy`].
     Proxy,
+    /// The peer's float in tunnel mode (no broker, no key), behind its own bridge.
+    Tunnel,
 }
 
 /// How the bridge learns the links that exist from the start.
@@ -794,11 +840,15 @@ impl Rig {
         }
         let float = s.float.join("\n");
         for stream in s.streams {
-            rig.org_mut(stream.to)?.start_float(&float).await?;
+            let org = rig.org_mut(stream.to)?;
+            match stream.route {
+                Route::Tunnel => org.start_tunnel(&float, FAST_BRIDGE).await?,
+                _ => org.start_float(&float).await?,
+            }
         }
         for stream in s.streams {
             match stream.route {
-                Route::Direct => {}
+                Route::Direct | Route::Tunnel => {}
                 Route::TwoFloats => {
                     let org = rig.org(stream.to)?;
                     rig.second_float = Some(org.start_extra_float("float-2", &float).await?);
@@ -877,7 +927,7 @@ impl Rig {
     fn link_spec(&self, stream: &Stream) -> Result<PeerLink> {
         let mut link = self.a.link_to(self.org(stream.to)?);
         match stream.route {
-            Route::Direct => {}
+            Route::Direct | Route::Tunnel => {}
             Route::TwoFloats => {
                 let (_, port) = self.second_float.as_ref().context("no second float")?;
                 link.targets.push(Target::new("127.0.0.1", *port));
@@ -1093,6 +1143,15 @@ fn kill9_bridge(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
 
 fn restart_bridge(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
     Box::pin(async move { r.bridge()?.restart().await })
+}
+
+/// B's bridge: in tunnel mode, the one that publishes for B's float.
+fn kill9_receiving_bridge(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
+    Box::pin(async move { r.b.bridge.as_mut().context("B's bridge")?.kill9().await })
+}
+
+fn restart_receiving_bridge(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
+    Box::pin(async move { r.b.bridge.as_mut().context("B's bridge")?.restart().await })
 }
 
 fn kill9_float(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {

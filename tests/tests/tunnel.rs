@@ -5,12 +5,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{ensure, Context, Result};
-use drawbridge_certs::devpki;
 use drawbridge_testkit::{
     daemon::{free_port, Daemon, Kind},
     fixtures::{receive, send, two_orgs, TwoOrgs},
     netns::{open_files_of, tcp_sockets_of, NetWorld, Ns},
-    world::Org,
+    world::{Org, TunnelPorts},
 };
 
 /// B's float in tunnel mode, its tunnel port, and the `[bridge]` lines of B's bridge that
@@ -21,62 +20,19 @@ struct Tunnel {
     bridge_lines: String,
 }
 
-fn tunnel_pki(p: &TwoOrgs) -> Result<devpki::NodeFiles> {
-    let net =
-        devpki::generate_network(&p.dir.path().join("tunnel-pki"), &[p.b.legal_name.parse()?])?;
-    Ok(net.nodes[0].clone())
-}
-
-/// Where B's float listens: its peers' port, its tunnel port and its admin port; and the
-/// network namespace it runs in, if any.
-struct Place {
-    peers: SocketAddr,
-    tunnel: SocketAddr,
-    admin: SocketAddr,
-    netns: Option<String>,
-}
-
-impl Place {
-    /// All on loopback, in our namespace.
-    fn loopback(b: &Org) -> Place {
-        Place {
-            peers: SocketAddr::from(([127, 0, 0, 1], b.float_port)),
-            tunnel: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            admin: b.float_admin,
-            netns: None,
-        }
-    }
-}
-
-async fn start_tunnel_float(p: &TwoOrgs, at: &Place) -> Result<Tunnel> {
-    let t = tunnel_pki(p)?;
+/// Start B's float in tunnel mode at `at` (in the namespace `netns`, if any); the lines of a
+/// B bridge dialling it come with it.
+async fn start_tunnel_float(p: &TwoOrgs, at: &TunnelPorts, netns: Option<&str>) -> Result<Tunnel> {
     let b: &Org = &p.b;
-    let cfg = format!(
-        "[float]\nmode = \"tunnel\"\nlisten = \"{peers}\"\ntls_cert = {cert:?}\ntrust_roots = {root:?}\n\n[float.tunnel]\nlisten = \"{tunnel}\"\ntls_cert = {tcert:?}\ntls_key = {tkey:?}\ntrust_roots = {troot:?}\nbridges = [{name:?}]\n\n[admin]\nlisten = \"{admin}\"\n",
-        peers = at.peers,
-        tunnel = at.tunnel,
-        cert = b.files.tls_cert.display().to_string(),
-        root = b.files.root_cert.display().to_string(),
-        tcert = t.tls_cert.display().to_string(),
-        tkey = t.tls_key.display().to_string(),
-        troot = t.root_cert.display().to_string(),
-        name = b.legal_name,
-        admin = at.admin,
-    );
-    let float = match &at.netns {
+    let t = b.tunnel_pki()?;
+    let cfg = b.tunnel_float_config(&t, at, "");
+    let float = match netns {
         Some(ns) => Daemon::start_in(ns, Kind::Float, &b.dir, "float", &cfg, at.admin, &[]).await?,
         None => Daemon::start(Kind::Float, &b.dir, "float", &cfg, at.admin).await?,
     };
-    let bridge_lines = format!(
-        "tunnel.floats = [\"{tunnel}\"]\ntunnel.tls_cert = {tcert:?}\ntunnel.tls_key = {tkey:?}\ntunnel.trust_roots = {troot:?}\n",
-        tunnel = at.tunnel,
-        tcert = t.tls_cert.display().to_string(),
-        tkey = t.tls_key.display().to_string(),
-        troot = t.root_cert.display().to_string(),
-    );
     Ok(Tunnel {
         float,
-        bridge_lines,
+        bridge_lines: Org::tunnel_bridge_lines(&t, at.tunnel),
     })
 }
 
@@ -117,7 +73,7 @@ fn active(s: &serde_json::Value) -> bool {
 async fn a_keyless_float_serves_peers_through_its_bridge_and_loses_nothing_when_the_bridge_dies(
 ) -> Result<()> {
     let mut p = two_orgs().await?;
-    let tunnel = start_tunnel_float(&p, &Place::loopback(&p.b)).await?;
+    let tunnel = start_tunnel_float(&p, &TunnelPorts::loopback(p.b.float_port, p.b.float_admin), None).await?;
     let mut float = tunnel.float;
     // No bridge yet: the float is up but not ready, and refuses peers (it cannot sign).
     let s = wait_float(p.b.float_admin, Duration::from_secs(20), "answered", |_| {
@@ -274,14 +230,13 @@ async fn in_a_dmz_that_cannot_connect_inward_the_float_serves_peers_and_survives
         return Ok(());
     };
     let mut p = two_orgs().await?;
-    let at = Place {
+    let at = TunnelPorts {
         peers: SocketAddr::from((world.dmz_public_addr(), free_port())),
         tunnel: SocketAddr::from((world.dmz_inside_addr(), free_port())),
         admin: SocketAddr::from((world.dmz_inside_addr(), free_port())),
-        netns: Some(world.ns_name(Ns::Dmz).to_string()),
     };
     p.b.float_admin = at.admin;
-    let tunnel = start_tunnel_float(&p, &at).await?;
+    let tunnel = start_tunnel_float(&p, &at, Some(world.ns_name(Ns::Dmz))).await?;
     let mut float = tunnel.float;
     p.b.start_bridge(&tunnel.bridge_lines).await?;
     wait_float(at.admin, Duration::from_secs(30), "activated", active).await?;
@@ -368,7 +323,7 @@ async fn ha_state(bridge: &Daemon) -> String {
 #[tokio::test]
 async fn the_standby_bridge_re_activates_the_float_when_the_active_one_dies() -> Result<()> {
     let mut p = two_orgs().await?;
-    let tunnel = start_tunnel_float(&p, &Place::loopback(&p.b)).await?;
+    let tunnel = start_tunnel_float(&p, &TunnelPorts::loopback(p.b.float_port, p.b.float_admin), None).await?;
     let mut float = tunnel.float;
     p.b.start_bridge(&tunnel.bridge_lines).await?;
     let second =

@@ -203,7 +203,7 @@ pub struct BridgeConfig {
     /// Target address of the probes (the float's `canary_address`).
     pub canary_address: String,
     /// The outbound proxy peer links go through (`[bridge.proxy]`), if any.
-    pub proxy: Option<Arc<drawbridge_runtime::proxy::Proxy>>,
+    pub proxy: Option<Arc<drawbridge_runtime::proxy::Proxies>>,
     /// Tunnel mode (`[bridge.tunnel]`, docs/tunnel.md): the floats this bridge dials and
     /// carries the inbound path for; `None`: no tunnels.
     pub tunnel: Option<TunnelSettings>,
@@ -387,8 +387,13 @@ impl BridgeConfig {
                 "bridge.canary_address",
                 drawbridge_control_protocol::CANARY_ADDRESS.to_string(),
             ),
-            proxy: drawbridge_runtime::proxy::Proxy::read(&mut r, "bridge.proxy", key_access)
-                .map(Arc::new),
+            proxy: drawbridge_runtime::proxy::Proxies::read(
+                &mut r,
+                "bridge.proxy",
+                "bridge.proxies",
+                key_access,
+            )
+            .map(Arc::new),
             tunnel: read_tunnel(&mut r),
             broker: BrokerConfig::read_with(
                 &mut r,
@@ -628,9 +633,10 @@ mod ha_tests {
             "",
         )
         .unwrap();
-        let proxy = cfg.proxy.expect("proxy");
+        let proxies = cfg.proxy.expect("proxy");
+        assert!(proxies.for_host("float.internal").is_none(), "bypassed");
+        let proxy = proxies.for_host("float.bank-b.example").expect("global");
         assert_eq!(proxy.to_string(), "socks5://127.0.0.1:1080");
-        assert!(!proxy.applies_to("float.internal"));
         // Every bad key is listed: a URL with credentials in it, a username without its
         // password file.
         let errs = load(

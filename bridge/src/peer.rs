@@ -9,7 +9,7 @@ use drawbridge_amqp::{
     Limits,
 };
 use drawbridge_control_protocol::Target;
-use drawbridge_runtime::proxy::Proxy;
+use drawbridge_runtime::proxy::Proxies;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -74,7 +74,7 @@ pub struct PeerSettings {
     /// Target address of the link canary; `None` attaches no canary link.
     pub canary_address: Option<String>,
     /// The outbound proxy (`[bridge.proxy]`), if connections go through one.
-    pub proxy: Option<Arc<Proxy>>,
+    pub proxy: Option<Arc<Proxies>>,
 }
 
 /// Connect to `target`: TCP (NODELAY) → direct TLS → SASL EXTERNAL → open → session →
@@ -115,9 +115,9 @@ fn engine_config(target: &Target, s: &PeerSettings) -> Config {
 pub async fn connect_tls(
     target: &Target,
     tls: &Arc<rustls::ClientConfig>,
-    proxy: Option<&Proxy>,
+    proxy: Option<&Proxies>,
 ) -> Result<PeerStream, ConnectFailure> {
-    let tcp = match proxy.filter(|p| p.applies_to(&target.host)) {
+    let tcp = match proxy.and_then(|p| p.for_host(&target.host)) {
         Some(p) => p
             .connect(&target.host, target.port)
             .await

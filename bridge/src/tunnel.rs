@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use drawbridge_certs::{
     is_tls13_server_certificate_verify,
-    rustls::{self, pki_types::ServerName, SignatureScheme},
+    rustls::{self, SignatureScheme},
     LegalName, Revocation, TlsIdentity, TlsPolicy,
 };
 use drawbridge_control_protocol::{
@@ -208,26 +208,10 @@ async fn connect(
     shared: &Shared,
     target: &Target,
 ) -> Result<(TunnelStream, proto::FloatHello), String> {
-    let tcp = match ctx
-        .cfg
-        .proxy
-        .as_deref()
-        .filter(|p| p.applies_to(&target.host))
-    {
-        Some(p) => p
-            .connect(&target.host, target.port)
-            .await
-            .map_err(|e| format!("{target}: {e}"))?,
-        None => tokio::net::TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| format!("{target}: {e}"))?,
-    };
-    let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(target.host.clone()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(shared.tls.clone())
-        .connect(name, drawbridge_runtime::coalesce::Coalesce::new(tcp))
+    // The peer links' dialler: directly or through the proxy for this host, TLS end to end.
+    let tls = crate::peer::connect_tls(target, &shared.tls, ctx.cfg.proxy.as_deref())
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| e.reason())?;
     let mut framed = Framed::new(tls, TunnelCodec::new(shared.settings.max_message_size));
     framed
         .send(Body::BridgeHello(proto::BridgeHello {

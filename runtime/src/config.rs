@@ -120,6 +120,15 @@ impl ConfigReader {
         self.cfg.get::<Value>(key).is_ok()
     }
 
+    /// The keys of the table at `key` (empty when absent or not a table), without counting
+    /// anything as known: the caller reads what is under each.
+    pub fn table_keys(&self, key: &str) -> Vec<String> {
+        self.cfg
+            .get::<config::Map<String, Value>>(key)
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `key` is set (file or environment).
     pub fn is_set(&mut self, key: &str) -> bool {
         self.known.insert(key.to_string());

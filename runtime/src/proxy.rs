@@ -45,6 +45,80 @@ pub struct Proxy {
     bypass: Vec<String>,
 }
 
+/// The proxies a bridge's outbound connections go through: a proxy per target host
+/// (`[bridge.proxies.<name>]` with `hosts`), else the global one (`[bridge.proxy]`, unless the
+/// host is in its `bypass`), else none.
+#[derive(Debug, Default)]
+pub struct Proxies {
+    per_host: Vec<(Vec<String>, Proxy)>,
+    global: Option<Proxy>,
+}
+
+impl Proxies {
+    /// One global proxy (tests, tools).
+    pub fn global(proxy: Proxy) -> Self {
+        Proxies {
+            per_host: Vec::new(),
+            global: Some(proxy),
+        }
+    }
+
+    /// Read `{global}` (see [`Proxy::read`]) and every `{per_target}.<name>` table: `url`,
+    /// `username`, `password_file` as for the global one, and `hosts`, the target hosts it
+    /// serves (each host in one table at most). `None` when no proxy is configured. Every bad
+    /// key is reported on `r`.
+    pub fn read(
+        r: &mut ConfigReader,
+        global: &str,
+        per_target: &str,
+        access: KeyFileAccess,
+    ) -> Option<Proxies> {
+        let global = Proxy::read(r, global, access);
+        let mut per_host: Vec<(Vec<String>, Proxy)> = Vec::new();
+        let mut names = r.table_keys(per_target);
+        names.sort();
+        for name in names {
+            let prefix = format!("{per_target}.{name}");
+            let hosts_key = format!("{prefix}.hosts");
+            let hosts: Vec<String> = r.required(&hosts_key).unwrap_or_default();
+            if r.is_set(&format!("{prefix}.bypass")) {
+                r.invalid(
+                    &format!("{prefix}.bypass"),
+                    "a proxy per target has `hosts`, not `bypass`",
+                );
+            }
+            let hosts: Vec<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            if hosts.is_empty() && r.is_present(&hosts_key) {
+                r.invalid(&hosts_key, "names no host");
+            }
+            for h in &hosts {
+                if per_host.iter().any(|(hs, _)| hs.contains(h)) {
+                    r.invalid(
+                        &hosts_key,
+                        format!("`{h}` is already served by another proxy"),
+                    );
+                }
+            }
+            if !r.is_present(&format!("{prefix}.url")) {
+                r.invalid(&format!("{prefix}.url"), "required but not set");
+            }
+            if let Some(proxy) = Proxy::read(r, &prefix, access) {
+                per_host.push((hosts, proxy));
+            }
+        }
+        (global.is_some() || !per_host.is_empty()).then_some(Proxies { per_host, global })
+    }
+
+    /// The proxy connections to `host` go through, if any.
+    pub fn for_host(&self, host: &str) -> Option<&Proxy> {
+        self.per_host
+            .iter()
+            .find(|(hosts, _)| hosts.iter().any(|h| h.eq_ignore_ascii_case(host)))
+            .map(|(_, p)| p)
+            .or_else(|| self.global.as_ref().filter(|p| p.applies_to(host)))
+    }
+}
+
 impl fmt::Debug for Proxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Proxy")
@@ -684,5 +758,84 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, Failure::Refused(_)), "{e:?}");
+    }
+}
+
+#[cfg(test)]
+mod per_target_tests {
+    use super::*;
+
+    fn read(toml: &str) -> (Option<Proxies>, Vec<String>) {
+        let mut r = ConfigReader::from_toml(toml).unwrap();
+        let p = Proxies::read(
+            &mut r,
+            "bridge.proxy",
+            "bridge.proxies",
+            KeyFileAccess::OwnerOnly,
+        );
+        let errs = r.finish().err().map(|e| e.0).unwrap_or_default();
+        (p, errs)
+    }
+
+    #[test]
+    fn a_target_host_takes_its_own_proxy_else_the_global_one() {
+        let (p, errs) = read(
+            r#"
+[bridge.proxy]
+url = "socks5://global:1080"
+bypass = ["inside.example"]
+[bridge.proxies.partners]
+url = "http://partners-proxy:3128"
+hosts = ["Float.Bank-B.example", "float.bank-c.example"]
+"#,
+        );
+        assert!(errs.is_empty(), "{errs:#?}");
+        let p = p.unwrap();
+        let via = |h: &str| p.for_host(h).map(|x| x.to_string());
+        assert_eq!(
+            via("float.bank-b.example").as_deref(),
+            Some("http://partners-proxy:3128")
+        );
+        assert_eq!(
+            via("FLOAT.BANK-C.EXAMPLE").as_deref(),
+            Some("http://partners-proxy:3128")
+        );
+        assert_eq!(
+            via("float.bank-d.example").as_deref(),
+            Some("socks5://global:1080")
+        );
+        assert_eq!(via("inside.example"), None);
+        // Per-target proxies alone: other hosts go directly.
+        let (p, errs) = read("[bridge.proxies.x]\nurl = \"socks5://x:1\"\nhosts = [\"a\"]\n");
+        assert!(errs.is_empty(), "{errs:#?}");
+        let p = p.unwrap();
+        assert!(p.for_host("a").is_some() && p.for_host("b").is_none());
+        assert!(read("").0.is_none());
+    }
+
+    #[test]
+    fn every_bad_per_target_key_is_listed() {
+        let (_, errs) = read(
+            r#"
+[bridge.proxies.one]
+url = "socks5://one:1"
+hosts = ["a"]
+bypass = ["b"]
+[bridge.proxies.two]
+hosts = ["a"]
+colour = "red"
+[bridge.proxies.three]
+url = "socks5://three:1"
+"#,
+        );
+        for key in [
+            "bridge.proxies.one.bypass",
+            "bridge.proxies.two.hosts",
+            "bridge.proxies.two.url",
+            "bridge.proxies.two.colour",
+            "bridge.proxies.three.hosts",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
     }
 }

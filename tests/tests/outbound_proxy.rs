@@ -72,3 +72,46 @@ async fn a_proxy_that_refuses_the_credentials_is_named_in_the_links_reason() -> 
     assert_eq!(proxy.tunnels(), 0);
     Ok(())
 }
+
+/// A proxy per target host (`[bridge.proxies.<name>]`) wins over the global one: the link to
+/// B's float (host `127.0.0.1`) goes through its own proxy, and the global proxy sees nothing.
+#[tokio::test]
+async fn a_proxy_per_target_host_carries_its_link_and_the_global_one_is_not_used() -> Result<()> {
+    let mut p = two_orgs().await?;
+    let global = OutboundProxy::start(Kind::Socks5, None).await?;
+    let partners = OutboundProxy::start(Kind::HttpConnect, None).await?;
+    let lines = format!(
+        "proxy.url = {:?}\nproxies.partners.url = {:?}\nproxies.partners.hosts = [\"127.0.0.1\"]\n",
+        global.url(),
+        partners.url()
+    );
+    link_up(&mut p.a, &mut p.b, "", &lines, Duration::from_secs(30)).await?;
+    send(&p.a, &p.b, "per-target", 50).await?;
+    let r = receive(&p.b, "per-target", 50, BANK_A).await?;
+    assert!(r.complete() && r.corrupted == 0, "{r:?}");
+    assert!(
+        partners.tunnels() >= 1,
+        "the link went through its own proxy"
+    );
+    assert_eq!(global.tunnels(), 0, "the global proxy was not used");
+    Ok(())
+}
+
+/// Tunnel mode (docs/tunnel.md): B's bridge reaches its float's tunnel port through the
+/// proxy, as banks route the inside's outbound traffic, and A's messages reach B through it.
+#[tokio::test]
+async fn the_bridge_reaches_its_tunnel_mode_float_through_a_proxy() -> Result<()> {
+    let mut p = two_orgs().await?;
+    let proxy = OutboundProxy::start(Kind::Socks5, Some(("bridge-b", "s3cret"))).await?;
+    let lines = proxy_lines(p.dir.path(), &proxy, Some(("bridge-b", "s3cret")));
+    p.b.start_tunnel("", &lines).await?;
+    assert!(proxy.tunnels() >= 1, "the tunnel went through the proxy");
+    p.a.start_bridge("").await?;
+    p.a.create_link_to(&p.b).await?;
+    p.a.wait_link_state(&p.a.queue_to(&p.b), "up", Duration::from_secs(30))
+        .await?;
+    send(&p.a, &p.b, "tunnel-via-proxy", 50).await?;
+    let r = receive(&p.b, "tunnel-via-proxy", 50, BANK_A).await?;
+    assert!(r.complete() && r.corrupted == 0, "{r:?}");
+    Ok(())
+}

@@ -73,7 +73,12 @@ fn active(s: &serde_json::Value) -> bool {
 async fn a_keyless_float_serves_peers_through_its_bridge_and_loses_nothing_when_the_bridge_dies(
 ) -> Result<()> {
     let mut p = two_orgs().await?;
-    let tunnel = start_tunnel_float(&p, &TunnelPorts::loopback(p.b.float_port, p.b.float_admin), None).await?;
+    let tunnel = start_tunnel_float(
+        &p,
+        &TunnelPorts::loopback(p.b.float_port, p.b.float_admin),
+        None,
+    )
+    .await?;
     let mut float = tunnel.float;
     // No bridge yet: the float is up but not ready, and refuses peers (it cannot sign).
     let s = wait_float(p.b.float_admin, Duration::from_secs(20), "answered", |_| {
@@ -323,7 +328,12 @@ async fn ha_state(bridge: &Daemon) -> String {
 #[tokio::test]
 async fn the_standby_bridge_re_activates_the_float_when_the_active_one_dies() -> Result<()> {
     let mut p = two_orgs().await?;
-    let tunnel = start_tunnel_float(&p, &TunnelPorts::loopback(p.b.float_port, p.b.float_admin), None).await?;
+    let tunnel = start_tunnel_float(
+        &p,
+        &TunnelPorts::loopback(p.b.float_port, p.b.float_admin),
+        None,
+    )
+    .await?;
     let mut float = tunnel.float;
     p.b.start_bridge(&tunnel.bridge_lines).await?;
     let second =

@@ -1,6 +1,6 @@
 //! `drawbridge-bench`: one process, three private RabbitMQ nodes (A and C with the Shovel
 //! plugin, B plain with a TLS listener besides), and the same N persistent messages moved
-//! five ways, side by side:
+//! six ways, side by side:
 //!
 //! 1. **raw broker** — publish to a durable queue on B with confirms, consume on B (the
 //!    ceiling of one broker hop);
@@ -10,7 +10,13 @@
 //! 4. **Shovel on C over TLS** — the same, publishing to B's TLS listener with a client
 //!    certificate, so it pays for encryption on one hop as Drawbridge does;
 //! 5. **Drawbridge** — A's bridge → B's float (real processes, mTLS AMQP 1.0) moves them
-//!    from A's peer queue to B's inbox.
+//!    from A's peer queue to B's inbox;
+//! 6. **Drawbridge, tunnel mode** — A's bridge → a second float of B in tunnel mode (no
+//!    broker, no key: docs/tunnel.md) → over the tunnel → B's own bridge, which publishes
+//!    into B's inbox: what the extra hop costs.
+//!
+//! `--routes` picks some of them (by short name); the tunnel float and B's bridge are
+//! started only when `drawbridge-tunnel` is measured.
 //!
 //! Publisher and consumer run concurrently, so each figure is the throughput of the path
 //! (first publish → last message consumed), not of a preloaded queue. The order of the
@@ -28,7 +34,8 @@ mod output;
 mod scale;
 
 use std::{
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -37,8 +44,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use comfy_table::{presets::ASCII_MARKDOWN, CellAlignment, Table};
 use drawbridge_certs::devpki;
-use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink};
+use drawbridge_control_protocol::{ControlCommand, CreateLink, DeleteLink, Target};
 use drawbridge_testkit::{
+    daemon::{free_ports, Daemon, Kind},
     rabbit::{BrokerPki, NodeOptions, RabbitNode},
     stream::{self, PublishSpec, Report, Tally},
     world::{self, Org, INBOX},
@@ -91,6 +99,16 @@ struct Args {
     /// Only the flood of `--size` bytes (no latency runs, no size runs).
     #[arg(long)]
     quick: bool,
+    /// The paths to measure, by short name (comma-separated), in every experiment; they run
+    /// in this list's order on even rounds and reversed on odd ones. The tunnel float and
+    /// B's bridge are started only for `drawbridge-tunnel`.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_values_t = Route::ALL
+    )]
+    routes: Vec<Route>,
     /// Where results.json, throughput.svg and latency.svg are written (not cleaned).
     #[arg(long, default_value = "target/drawbridge-bench")]
     results: PathBuf,
@@ -130,32 +148,39 @@ const IDLE: Duration = Duration::from_secs(60);
 /// to 1000 as well, and the verifying consumer uses prefetch 1000.
 const PREFETCH: u32 = 1000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Route {
     Raw,
     Shovel,
     /// The same shovel, run on a third node C (consuming from A, publishing to B), so beam
     /// C's CPU is the Shovel's own forwarding cost, the counterpart of bridge + float.
+    #[value(name = "shovel-c")]
     ShovelC,
     /// The Shovel on C publishing to B over TLS (amqps with a client certificate, the peer
     /// verified), so it pays for encryption on one hop as Drawbridge does on its peer link.
+    #[value(name = "shovel-tls")]
     ShovelTls,
     Drawbridge,
+    /// A's bridge → a second float of B in tunnel mode → over the tunnel → B's bridge →
+    /// B's inbox: the extra hop of tunnel mode.
+    #[value(name = "drawbridge-tunnel")]
+    DrawbridgeTunnel,
 }
 
 impl Route {
-    const ALL: [Route; 5] = [
+    const ALL: [Route; 6] = [
         Route::Raw,
         Route::Shovel,
         Route::ShovelC,
         Route::ShovelTls,
         Route::Drawbridge,
+        Route::DrawbridgeTunnel,
     ];
 
-    /// The paths in the order of round `i`: forwards, then backwards, so that no path always
-    /// runs first (on a fresh broker) or last.
-    fn order(i: usize) -> [Route; 5] {
-        let mut order = Route::ALL;
+    /// The paths of `routes` in the order of round `i`: forwards, then backwards, so that
+    /// no path always runs first (on a fresh broker) or last.
+    fn order(routes: &[Route], i: usize) -> Vec<Route> {
+        let mut order = routes.to_vec();
         if i % 2 == 1 {
             order.reverse();
         }
@@ -169,6 +194,7 @@ impl Route {
             Route::ShovelC => "RabbitMQ Shovel on C (A→C→B)",
             Route::ShovelTls => "RabbitMQ Shovel on C, TLS to B (A→C⇒B)",
             Route::Drawbridge => "Drawbridge (A→B)",
+            Route::DrawbridgeTunnel => "Drawbridge, tunnel mode (A→B float⇒B bridge→B)",
         }
     }
 
@@ -179,7 +205,15 @@ impl Route {
             Route::ShovelC => "shovel-c",
             Route::ShovelTls => "shovel-tls",
             Route::Drawbridge => "drawbridge",
+            Route::DrawbridgeTunnel => "drawbridge-tunnel",
         }
+    }
+}
+
+/// The short name, as `--routes` takes it.
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.short())
     }
 }
 
@@ -305,7 +339,15 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 
 #[tokio::main]
 async fn main() -> Result<ExitCode> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // Each path once, in the order given.
+    let mut routes = Vec::new();
+    for r in std::mem::take(&mut args.routes) {
+        if !routes.contains(&r) {
+            routes.push(r);
+        }
+    }
+    args.routes = routes;
     drawbridge_certs::install_crypto_provider();
     run(args).await
 }
@@ -321,8 +363,71 @@ struct Bench {
     shovel_tls_query: String,
     a: Org,
     b: Org,
+    /// B's tunnel-mode float of `Route::DrawbridgeTunnel` (B's bridge, which dials it, is
+    /// `b.bridge`); `None` when that path is not measured.
+    tunnel: Option<TunnelFloat>,
     probes: Probes,
     args: Args,
+}
+
+/// A second float of B, in tunnel mode: no broker, no private key; B's bridge dials its
+/// tunnel port, publishes into B's inbox what it hands over and signs its handshakes.
+struct TunnelFloat {
+    float: Daemon,
+    /// Its peers' port, the target of A's links on `Route::DrawbridgeTunnel`.
+    port: u16,
+}
+
+/// Start B's tunnel-mode float (its own peer, tunnel and admin ports; the tunnel's own dev
+/// PKI under `dir/tunnel-pki`) and B's bridge dialling its tunnel; answer the bridge's
+/// snapshot request and wait until the float shows its tunnel active. The configs are those
+/// of `tests/tests/tunnel.rs`.
+async fn start_tunnel(dir: &Path, b: &mut Org) -> Result<TunnelFloat> {
+    let net = devpki::generate_network(&dir.join("tunnel-pki"), &[b.legal_name.parse()?])?;
+    let t = net.nodes[0].clone();
+    let [port, tunnel_port, admin_port] = free_ports::<3>()?;
+    let peers = SocketAddr::from(([127, 0, 0, 1], port));
+    let tunnel = SocketAddr::from(([127, 0, 0, 1], tunnel_port));
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let cfg = format!(
+        "[float]\nmode = \"tunnel\"\nlisten = \"{peers}\"\ntls_cert = {cert:?}\ntrust_roots = {root:?}\n\n[float.tunnel]\nlisten = \"{tunnel}\"\ntls_cert = {tcert:?}\ntls_key = {tkey:?}\ntrust_roots = {troot:?}\nbridges = [{name:?}]\n\n[admin]\nlisten = \"{admin}\"\n",
+        cert = b.files.tls_cert.display().to_string(),
+        root = b.files.root_cert.display().to_string(),
+        tcert = t.tls_cert.display().to_string(),
+        tkey = t.tls_key.display().to_string(),
+        troot = t.root_cert.display().to_string(),
+        name = b.legal_name,
+    );
+    let float = Daemon::start(Kind::Float, &b.dir, "float-tunnel", &cfg, admin)
+        .await
+        .context("B's tunnel-mode float")?;
+    let bridge_lines = format!(
+        "tunnel.floats = [\"{tunnel}\"]\ntunnel.tls_cert = {tcert:?}\ntunnel.tls_key = {tkey:?}\ntunnel.trust_roots = {troot:?}\n",
+        tcert = t.tls_cert.display().to_string(),
+        tkey = t.tls_key.display().to_string(),
+        troot = t.root_cert.display().to_string(),
+    );
+    b.start_bridge(&bridge_lines)
+        .await
+        .context("B's bridge (tunnel)")?;
+    // Like A's, B's bridge asks for a snapshot at start; it has no links of its own.
+    b.snapshot(vec![]).await?;
+    let within = Duration::from_secs(30);
+    let deadline = Instant::now() + within;
+    loop {
+        let s = float.status().await.ok();
+        if s.as_ref().is_some_and(|s| s["tunnel"]["active"] == true) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the tunnel float not active within {within:?}: {s:?}\nfloat log:\n{}",
+                float.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(TunnelFloat { float, port })
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
@@ -434,8 +539,16 @@ async fn run(args: Args) -> Result<ExitCode> {
     a.start_bridge(&settings_lines(&args.bridge_set)).await?;
     // The bridge asks for a snapshot at start; answer it (links come per run).
     a.snapshot(vec![]).await?;
+    // Tunnel mode only when its path is measured: the other modes (idle links, float
+    // connections, failovers) run as before.
+    let throughput = args.failovers == 0 && args.idle_links == 0 && args.float_connections == 0;
+    let tunnel = if throughput && args.routes.contains(&Route::DrawbridgeTunnel) {
+        Some(start_tunnel(&dir, &mut b).await?)
+    } else {
+        None
+    };
 
-    let probes = Probes {
+    let mut probes = Probes {
         names: vec!["beam A", "beam B", "beam C", "bridge A", "float B", "bench"],
         pids: vec![
             beam_pid(&na),
@@ -447,7 +560,18 @@ async fn run(args: Args) -> Result<ExitCode> {
         ],
         tick: procfs::ticks_per_second() as f64,
     };
-    if probes.pids[..5].iter().any(Option::is_none) {
+    if let Some(t) = &tunnel {
+        probes.names.extend(["bridge B", "float B (tunnel)"]);
+        probes
+            .pids
+            .extend([b.bridge.as_ref().and_then(|d| d.pid()), t.float.pid()]);
+    }
+    if probes
+        .names
+        .iter()
+        .zip(&probes.pids)
+        .any(|(name, pid)| *name != "bench" && pid.is_none())
+    {
         println!("warning: some pids unknown, CPU figures incomplete: {probes:?}");
     }
     println!("logs    : {}", dir.display());
@@ -460,6 +584,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         shovel_tls_query,
         a,
         b,
+        tunnel,
         probes,
         args,
     };
@@ -505,9 +630,14 @@ async fn run(args: Args) -> Result<ExitCode> {
     }
     let result = measure_all(&bench).await;
 
-    for d in [bench.a.bridge.as_mut(), bench.b.float.as_mut()]
-        .into_iter()
-        .flatten()
+    for d in [
+        bench.a.bridge.as_mut(),
+        bench.b.float.as_mut(),
+        bench.b.bridge.as_mut(),
+        bench.tunnel.as_mut().map(|t| &mut t.float),
+    ]
+    .into_iter()
+    .flatten()
     {
         let _ = d.terminate(Duration::from_secs(20)).await;
     }
@@ -596,7 +726,7 @@ async fn measure_rates(bench: &Bench) -> Result<Vec<Sample>> {
         2..8,
     );
     for (i, &rate) in args.rates.iter().enumerate() {
-        let order = Route::order(i);
+        let order = Route::order(&args.routes, i);
         for route in order {
             let job = Job {
                 route,
@@ -647,6 +777,7 @@ async fn measure_sizes(bench: &Bench) -> Result<Vec<Sample>> {
     let names = bench.probes.all_names();
     let at = |name: &str| names.iter().position(|n| *n == name);
     let (bridge, float, beam_c) = (at("bridge A"), at("float B"), at("beam C"));
+    let (bridge_b, tunnel_float) = (at("bridge B"), at("float B (tunnel)"));
     let mut table = markdown_table(
         [
             "size",
@@ -664,7 +795,7 @@ async fn measure_sizes(bench: &Bench) -> Result<Vec<Sample>> {
     );
     for (i, &size) in args.sizes.iter().enumerate() {
         let n = messages_for_size(size, args.size_budget, args.messages);
-        let order = Route::order(i);
+        let order = Route::order(&args.routes, i);
         for route in order {
             let job = Job {
                 route,
@@ -682,6 +813,10 @@ async fn measure_sizes(bench: &Bench) -> Result<Vec<Sample>> {
             let per_msg = |i: Option<usize>| i.map_or(0.0, |i| s.cpu[i]) / n as f64 * 1e6;
             let forwarder = match route {
                 Route::Drawbridge => format!("{:.0}", per_msg(bridge) + per_msg(float)),
+                Route::DrawbridgeTunnel => format!(
+                    "{:.0}",
+                    per_msg(bridge) + per_msg(tunnel_float) + per_msg(bridge_b)
+                ),
                 Route::ShovelC | Route::ShovelTls => format!("{:.0}", per_msg(beam_c)),
                 _ => String::new(),
             };
@@ -724,7 +859,7 @@ async fn measure_flood(bench: &Bench) -> Result<Vec<Sample>> {
     let args = &bench.args;
     if args.warmup > 0 {
         print!("warm-up ({} messages each):", args.warmup);
-        for route in Route::ALL {
+        for &route in &args.routes {
             let job = Job {
                 route,
                 n: args.warmup,
@@ -753,7 +888,7 @@ async fn measure_flood(bench: &Bench) -> Result<Vec<Sample>> {
     );
     let mut samples = Vec::new();
     for run in 0..args.runs {
-        let order = Route::order(run);
+        let order = Route::order(&args.routes, run);
         for route in order {
             let tag = format!("r{}", run + 1);
             let job = Job {
@@ -814,6 +949,13 @@ struct Ratios {
     shovel_tls_cpu_us: f64,
     /// Bridge A + float B CPU per message over beam C's with TLS: both pay for encryption.
     forwarder_cpu_shovel_tls_cpu: f64,
+    /// Drawbridge in tunnel mode's msg/s over Drawbridge's (direct mode): what the extra hop
+    /// costs in throughput. `None` (null) when `drawbridge-tunnel` was not measured.
+    drawbridge_tunnel_drawbridge: Option<f64>,
+    /// Bridge A + B's tunnel-mode float + bridge B, µs of CPU per message (tunnel mode).
+    tunnel_forwarder_cpu_us: Option<f64>,
+    /// That over bridge A + float B's (`forwarder_cpu_us`): what the extra hop costs in CPU.
+    tunnel_forwarder_cpu_forwarder_cpu: Option<f64>,
 }
 
 /// Print the flood's summary tables and return its headline ratios.
@@ -841,7 +983,7 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
         .map(String::from),
         1..7,
     );
-    for r in Route::ALL {
+    for &r in &bench.args.routes {
         let rate = med_rate(r);
         table.add_row(vec![
             r.name().to_string(),
@@ -878,7 +1020,12 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
         (Route::Shovel, Route::Raw),
         (Route::ShovelC, Route::Raw),
         (Route::ShovelTls, Route::ShovelC),
+        (Route::DrawbridgeTunnel, Route::Drawbridge),
+        (Route::DrawbridgeTunnel, Route::Raw),
     ] {
+        if !bench.args.routes.contains(&x) || !bench.args.routes.contains(&y) {
+            continue;
+        }
         println!(
             "ratio {}/{}: {:.2} (of medians), {:.2} (median of per-run ratios)",
             x.short(),
@@ -897,7 +1044,7 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
             .chain(std::iter::once("total".to_string())),
         1..names.len() + 2,
     );
-    for r in Route::ALL {
+    for &r in &bench.args.routes {
         let per = (0..names.len())
             .map(|i| median(of(r).map(|s| s.cpu[i] / n * 1e6).collect()))
             .map(|v| format!("{v:.0}"));
@@ -922,6 +1069,14 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
     let forwarder_cpu_us = cpu_us(Route::Drawbridge, &[at("bridge A"), at("float B")]);
     let shovel_cpu_us = cpu_us(Route::ShovelC, &[at("beam C")]);
     let shovel_tls_cpu_us = cpu_us(Route::ShovelTls, &[at("beam C")]);
+    let tunnel = bench.args.routes.contains(&Route::DrawbridgeTunnel)
+        && bench.args.routes.contains(&Route::Drawbridge);
+    let tunnel_forwarder_cpu_us = cpu_us(
+        Route::DrawbridgeTunnel,
+        &[at("bridge A"), at("float B (tunnel)"), at("bridge B")],
+    );
+    let drawbridge_tunnel_drawbridge =
+        med_rate(Route::DrawbridgeTunnel) / med_rate(Route::Drawbridge);
     let shovel = if med_rate(Route::ShovelC) > med_rate(Route::Shovel) {
         Route::ShovelC
     } else {
@@ -937,6 +1092,10 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
         drawbridge_shovel_tls: med_rate(Route::Drawbridge) / med_rate(Route::ShovelTls),
         shovel_tls_cpu_us,
         forwarder_cpu_shovel_tls_cpu: forwarder_cpu_us / shovel_tls_cpu_us,
+        drawbridge_tunnel_drawbridge: tunnel.then_some(drawbridge_tunnel_drawbridge),
+        tunnel_forwarder_cpu_us: tunnel.then_some(tunnel_forwarder_cpu_us),
+        tunnel_forwarder_cpu_forwarder_cpu: tunnel
+            .then_some(tunnel_forwarder_cpu_us / forwarder_cpu_us),
     };
     println!(
         "forwarder CPU per message: bridge A + float B {forwarder_cpu_us:.1} µs, the Shovel on C (beam C) {shovel_cpu_us:.1} µs: {:.2}",
@@ -951,6 +1110,14 @@ fn summary(bench: &Bench, samples: &[Sample]) -> Ratios {
         shovel.short(),
         ratios.drawbridge_shovel
     );
+    if let (Some(cpu), Some(rate)) = (
+        ratios.tunnel_forwarder_cpu_forwarder_cpu,
+        ratios.drawbridge_tunnel_drawbridge,
+    ) {
+        println!(
+            "tunnel mode, the extra hop: bridge A + float B (tunnel) + bridge B {tunnel_forwarder_cpu_us:.1} µs, bridge A + float B {forwarder_cpu_us:.1} µs: {cpu:.2}; throughput drawbridge-tunnel/drawbridge {rate:.2}"
+        );
+    }
     println!();
     ratios
 }
@@ -1091,9 +1258,14 @@ async fn measure(bench: &Bench, job: Job, tag: &str) -> Result<Sample> {
             }
             s
         }
-        Route::Drawbridge => {
+        Route::Drawbridge | Route::DrawbridgeTunnel => {
             // A fresh peer queue (and link) per run; B's inbox is shared and must be empty.
-            let queue = format!("{}bench-{tag}", "drawbridge.peers.");
+            // The tunnel path differs only in the link's target: B's tunnel-mode float, whose
+            // bridge publishes into the same inbox.
+            let queue = match route {
+                Route::DrawbridgeTunnel => format!("drawbridge.peers.bench-tunnel-{tag}"),
+                _ => format!("{}bench-{tag}", "drawbridge.peers."),
+            };
             let (c1, pub_ch) = channel(a.broker_uri()).await?;
             let (c2, recv_ch) = channel(b.broker_uri()).await?;
             world::declare_peer_queue(&pub_ch, &queue, "classic").await?;
@@ -1104,6 +1276,13 @@ async fn measure(bench: &Bench, job: Job, tag: &str) -> Result<Sample> {
             }
             let mut link = a.link_to(b);
             link.queue = queue.clone();
+            if route == Route::DrawbridgeTunnel {
+                let tunnel = bench
+                    .tunnel
+                    .as_ref()
+                    .context("the tunnel float was not started")?;
+                link.targets = vec![Target::new("127.0.0.1", tunnel.port)];
+            }
             a.control(&ControlCommand::CreateLink(CreateLink {
                 node_identity: a.legal_name.clone(),
                 link,
@@ -1314,6 +1493,63 @@ mod tests {
         assert!(lines[1].starts_with("|-"), "{text}");
         assert!(lines[2].starts_with("| raw"), "{text}");
         assert!(lines[2].ends_with("12345 |"), "right-aligned: {text}");
+    }
+
+    #[test]
+    fn routes_are_chosen_by_their_short_names_and_alternate() {
+        use clap::ValueEnum as _;
+        for r in Route::ALL {
+            let value = r.to_possible_value().expect("a value");
+            assert_eq!(value.get_name(), r.short());
+            assert_eq!(Route::from_str(r.short(), false), Ok(r));
+        }
+        let all = Args::try_parse_from(["drawbridge-bench"]).expect("defaults");
+        assert_eq!(all.routes, Route::ALL.to_vec());
+        let some = Args::try_parse_from([
+            "drawbridge-bench",
+            "--routes",
+            "drawbridge,drawbridge-tunnel",
+        ])
+        .expect("--routes");
+        assert_eq!(
+            some.routes,
+            vec![Route::Drawbridge, Route::DrawbridgeTunnel]
+        );
+        assert!(Args::try_parse_from(["drawbridge-bench", "--routes", "tunnel"]).is_err());
+        assert_eq!(Route::order(&Route::ALL, 0), Route::ALL.to_vec());
+        let back = Route::order(&Route::ALL, 1);
+        assert_eq!(back.len(), 6);
+        assert_eq!(back[0], Route::DrawbridgeTunnel);
+        assert_eq!(back[5], Route::Raw);
+        assert_eq!(Route::order(&Route::ALL, 2), Route::ALL.to_vec());
+    }
+
+    #[test]
+    fn the_ratio_line_keeps_its_fields_and_adds_the_tunnels() {
+        let mut r = Ratios {
+            drawbridge_shovel: 1.5,
+            shovel_path: "shovel-c",
+            drawbridge_raw: 0.5,
+            forwarder_cpu_shovel_cpu: 0.25,
+            forwarder_cpu_us: 10.0,
+            shovel_cpu_us: 40.0,
+            drawbridge_shovel_tls: 2.0,
+            shovel_tls_cpu_us: 50.0,
+            forwarder_cpu_shovel_tls_cpu: 0.2,
+            drawbridge_tunnel_drawbridge: None,
+            tunnel_forwarder_cpu_us: None,
+            tunnel_forwarder_cpu_forwarder_cpu: None,
+        };
+        let without =
+            "RATIO drawbridge/shovel=1.50 drawbridge/raw=0.50 forwarder_cpu/shovel_cpu=0.25";
+        assert_eq!(output::ratio_line(&r), without);
+        r.drawbridge_tunnel_drawbridge = Some(0.75);
+        r.tunnel_forwarder_cpu_us = Some(18.0);
+        r.tunnel_forwarder_cpu_forwarder_cpu = Some(1.8);
+        assert_eq!(
+            output::ratio_line(&r),
+            format!("{without} drawbridge-tunnel/drawbridge=0.75 tunnel_forwarder_cpu/forwarder_cpu=1.80")
+        );
     }
 
     #[test]

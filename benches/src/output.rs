@@ -65,14 +65,26 @@ struct ArgsJson<'a> {
     rate_seconds: u64,
     sizes: &'a [usize],
     size_budget: u64,
+    /// The paths measured (`--routes`), by short name.
+    routes: Vec<&'static str>,
 }
 
 /// The last line of the output, for scripts: the 1 KiB (or `--size`) flood's ratios.
+/// The tunnel path's two ratios follow when it was measured.
 pub fn ratio_line(r: &Ratios) -> String {
-    format!(
+    let mut line = format!(
         "RATIO drawbridge/shovel={:.2} drawbridge/raw={:.2} forwarder_cpu/shovel_cpu={:.2}",
         r.drawbridge_shovel, r.drawbridge_raw, r.forwarder_cpu_shovel_cpu
-    )
+    );
+    if let (Some(rate), Some(cpu)) = (
+        r.drawbridge_tunnel_drawbridge,
+        r.tunnel_forwarder_cpu_forwarder_cpu,
+    ) {
+        line.push_str(&format!(
+            " drawbridge-tunnel/drawbridge={rate:.2} tunnel_forwarder_cpu/forwarder_cpu={cpu:.2}"
+        ));
+    }
+    line
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -127,6 +139,7 @@ pub fn write(meta: &Meta, args: &Args, names: &[&str], results: &Results) -> Res
             rate_seconds: args.rate_seconds,
             sizes: &args.sizes,
             size_budget: args.size_budget,
+            routes: args.routes.iter().map(|r| r.short()).collect(),
         },
         ratios: results.ratios,
         samples,
@@ -148,7 +161,8 @@ pub fn write(meta: &Meta, args: &Args, names: &[&str], results: &Results) -> Res
     } else {
         &results.sizes
     };
-    let series: Vec<(Route, Vec<f64>)> = Route::ALL
+    let series: Vec<(Route, Vec<f64>)> = args
+        .routes
         .iter()
         .map(|&r| {
             let per_size = sizes
@@ -177,6 +191,7 @@ pub fn write(meta: &Meta, args: &Args, names: &[&str], results: &Results) -> Res
             .iter()
             .map(|(r, v)| (r.short().to_string(), v.clone(), false))
             .collect::<Vec<_>>(),
+        1,
     )?;
     written.push(throughput);
 
@@ -184,7 +199,7 @@ pub fn write(meta: &Meta, args: &Args, names: &[&str], results: &Results) -> Res
         let latency = dir.join("latency.svg");
         let labels: Vec<String> = args.rates.iter().map(|r| format!("{r:.0} msg/s")).collect();
         let mut lines = Vec::new();
-        for &r in &Route::ALL {
+        for &r in &args.routes {
             for (pct, thin, get) in [
                 (
                     "p50",
@@ -215,13 +230,15 @@ pub fn write(meta: &Meta, args: &Args, names: &[&str], results: &Results) -> Res
             "ms",
             &labels,
             &lines,
+            3,
         )?;
         written.push(latency);
     }
     Ok(written)
 }
 
-/// A line chart over categories (`labels`), log-scale y; each line is (name, values, thin).
+/// A line chart over categories (`labels`), log-scale y; each line is (name, values, thin),
+/// `per_path` consecutive lines per path (one colour per path).
 fn plot(
     path: &std::path::Path,
     caption: &str,
@@ -229,6 +246,7 @@ fn plot(
     y_desc: &str,
     labels: &[String],
     lines: &[(String, Vec<f64>, bool)],
+    per_path: usize,
 ) -> Result<()> {
     let finite = || {
         lines
@@ -270,11 +288,7 @@ fn plot(
             .draw()?;
         for (i, (name, values, thin)) in lines.iter().enumerate() {
             // Latency plots have three lines per path: one colour per path, p99 thick.
-            let color = Palette99::pick(if lines.len() > Route::ALL.len() {
-                i / 3
-            } else {
-                i
-            });
+            let color = Palette99::pick(i / per_path.max(1));
             let style = color.stroke_width(if *thin { 1 } else { 3 });
             let points: Vec<(f64, f64)> = values
                 .iter()

@@ -207,8 +207,10 @@ impl Org {
     /// present on the tunnel, and the tunnel CA. Generated on first use.
     pub fn tunnel_pki(&self) -> Result<NodeFiles> {
         let dir = self.dir.join("tunnel-pki");
-        let net =
-            drawbridge_certs::devpki::generate_network(&dir, &[self.files.legal_name.clone()])?;
+        let net = drawbridge_certs::devpki::generate_network(
+            &dir,
+            std::slice::from_ref(&self.files.legal_name),
+        )?;
         net.nodes.first().cloned().context("no tunnel node files")
     }
 

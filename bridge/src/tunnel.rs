@@ -483,38 +483,35 @@ impl<'a> Tunnel<'a> {
         let op = self.ctx.broker.config().op_timeout;
         let exchange = ShortString::from(self.shared.settings.inbox_exchange.as_str());
         let inbox = p.inbox;
-        let publish = tokio::time::timeout(
-            op,
-            channel.basic_publish(
-                exchange,
-                ShortString::from(inbox.as_str()),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &inbound.body,
-                inbound.properties,
-            ),
-        )
-        .await;
-        let confirm = match publish {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                self.channel = None;
-                return futures::future::ready(done(
-                    Kind::Released,
-                    format!("publish failed: {e}"),
-                ))
-                .boxed();
-            }
-            Err(_) => {
-                self.channel = None;
-                live.report_broken("publish timed out");
-                return futures::future::ready(done(Kind::Released, "publish timed out".into()))
-                    .boxed();
-            }
-        };
-        async move {
+        // The publish and its confirm as one future. It is polled once here, which hands the
+        // publish to lapin in the tunnel's order (lapin numbers it for its confirm), and not
+        // awaited: waiting for lapin's I/O thread to write each message would cost two thread
+        // hand-offs per message, the float's largest cost before it stopped doing so
+        // (docs/performance.md). A failed publish closes the channel or reports the
+        // connection broken; the next publish then opens another (`Tunnel::channel`).
+        let mut answer = async move {
+            let publish = tokio::time::timeout(
+                op,
+                channel.basic_publish(
+                    exchange,
+                    ShortString::from(inbox.as_str()),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &inbound.body,
+                    inbound.properties,
+                ),
+            )
+            .await;
+            let confirm = match publish {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return done(Kind::Released, format!("publish failed: {e}")),
+                Err(_) => {
+                    live.report_broken("publish timed out");
+                    return done(Kind::Released, "publish timed out".into());
+                }
+            };
             match tokio::time::timeout(op, confirm).await {
                 Ok(Ok(Confirmation::Ack(None))) => done(Kind::Accepted, String::new()),
                 Ok(Ok(Confirmation::Ack(Some(_)))) => {
@@ -534,7 +531,12 @@ impl<'a> Tunnel<'a> {
                 }
             }
         }
-        .boxed()
+        .boxed();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(outcome) = answer.as_mut().poll(&mut cx) {
+            return futures::future::ready(outcome).boxed();
+        }
+        answer
     }
 
     /// The tunnel's confirm-mode channel, opened (and the inboxes declared and bound) on the

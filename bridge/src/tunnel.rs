@@ -21,7 +21,11 @@ use drawbridge_control_protocol::{
     Target,
 };
 use drawbridge_mapping::{self as mapping, wire_in};
-use drawbridge_runtime::{backoff::Backoff, broker::Live, tunnel::TunnelCodec};
+use drawbridge_runtime::{
+    backoff::Backoff,
+    broker::Live,
+    tunnel::{within, TunnelCodec},
+};
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, SinkExt, StreamExt};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
@@ -252,7 +256,16 @@ struct Tunnel<'a> {
     can_sign: bool,
     /// The confirm-mode channel publishes go on, and the connection it is on.
     channel: Option<(Arc<Live>, Channel)>,
+    /// Signatures this float may still ask for now, and when they were last topped up: a
+    /// float cannot make the bridge spend its CPU signing (see [`SIGN_RATE`]).
+    sign_tokens: f64,
+    sign_refilled: std::time::Instant,
 }
+
+/// Signatures per second (and burst) a float may ask for: a peer handshake each, so a
+/// reconnect storm of 1,000 peers is signed within about two seconds, and a compromised float
+/// gets no more than this out of the bridge's CPU.
+const SIGN_RATE: f64 = 500.0;
 
 impl<'a> Tunnel<'a> {
     fn new(
@@ -276,6 +289,8 @@ impl<'a> Tunnel<'a> {
             activated: None,
             can_sign,
             channel: None,
+            sign_tokens: SIGN_RATE,
+            sign_refilled: std::time::Instant::now(),
         }
     }
 
@@ -292,7 +307,8 @@ impl<'a> Tunnel<'a> {
                 *ha.borrow_and_update() == HaState::Active && self.ctx.broker.is_connected();
             if should && self.activated.is_none() {
                 let epoch = (self.float_epoch + 1).max(drawbridge_runtime::daemon::unix_ms());
-                if let Err(e) = framed.send(Body::Activate(proto::Activate { epoch })).await {
+                if let Err(e) = within(framed.send(Body::Activate(proto::Activate { epoch }))).await
+                {
                     return e.to_string();
                 }
                 self.activated = Some(epoch);
@@ -329,7 +345,7 @@ impl<'a> Tunnel<'a> {
                         }
                         Body::SignRequest(r) => {
                             let answer = self.sign(r);
-                            if let Err(e) = framed.send(Body::SignResponse(answer)).await {
+                            if let Err(e) = within(framed.send(Body::SignResponse(answer))).await {
                                 return e.to_string();
                             }
                         }
@@ -341,7 +357,7 @@ impl<'a> Tunnel<'a> {
                             }
                         }
                         Body::Ping(p) => {
-                            if let Err(e) = framed.send(Body::Pong(proto::Pong { nonce: p.nonce })).await {
+                            if let Err(e) = within(framed.send(Body::Pong(proto::Pong { nonce: p.nonce }))).await {
                                 return e.to_string();
                             }
                         }
@@ -350,18 +366,18 @@ impl<'a> Tunnel<'a> {
                     }
                 }
                 Some(outcome) = answers.next(), if !answers.is_empty() => {
-                    if let Err(e) = framed.feed(Body::Outcome(outcome)).await {
+                    if let Err(e) = within(framed.feed(Body::Outcome(outcome))).await {
                         return e.to_string();
                     }
                     let mut answered = 1;
                     while let Some(Some(o)) = answers.next().now_or_never() {
                         answered += 1;
-                        if let Err(e) = framed.feed(Body::Outcome(o)).await {
+                        if let Err(e) = within(framed.feed(Body::Outcome(o))).await {
                             return e.to_string();
                         }
                     }
                     view(self.ctx, self.target, |v| v.published += answered);
-                    if let Err(e) = framed.flush().await {
+                    if let Err(e) = within(framed.flush()).await {
                         return e.to_string();
                     }
                 }
@@ -375,19 +391,19 @@ impl<'a> Tunnel<'a> {
                         return format!("nothing from the float for {SILENCE:?}");
                     }
                     nonce += 1;
-                    if let Err(e) = framed.send(Body::Ping(proto::Ping { nonce })).await {
+                    if let Err(e) = within(framed.send(Body::Ping(proto::Ping { nonce }))).await {
                         return e.to_string();
                     }
                 }
                 _ = shutdown.cancelled() => {
                     // What is in flight is answered first (the float settles on it).
                     while let Ok(Some(o)) = tokio::time::timeout(Duration::from_secs(5), answers.next()).await {
-                        let _ = framed.feed(Body::Outcome(o)).await;
+                        let _ = within(framed.feed(Body::Outcome(o))).await;
                     }
-                    let _ = framed.send(Body::Deactivate(proto::Deactivate {
+                    let _ = within(framed.send(Body::Deactivate(proto::Deactivate {
                         epoch: self.activated.unwrap_or_default(),
                         reason: "bridge shutting down".into(),
-                    })).await;
+                    }))).await;
                     return "bridge shutting down".into();
                 }
             }
@@ -395,7 +411,7 @@ impl<'a> Tunnel<'a> {
     }
 
     /// Sign a handshake for the float, if this bridge may.
-    fn sign(&self, r: proto::SignRequest) -> proto::SignResponse {
+    fn sign(&mut self, r: proto::SignRequest) -> proto::SignResponse {
         let refuse = |error: &str| proto::SignResponse {
             id: r.id,
             signature: Vec::new(),
@@ -407,6 +423,15 @@ impl<'a> Tunnel<'a> {
         if !self.can_sign {
             return refuse("the float's certificate is not for this bridge's key");
         }
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(self.sign_refilled).as_secs_f64();
+        self.sign_refilled = now;
+        self.sign_tokens = (self.sign_tokens + elapsed * SIGN_RATE).min(SIGN_RATE);
+        if self.sign_tokens < 1.0 {
+            metrics::counter!("drawbridge_bridge_tunnel_sign_refused_total").increment(1);
+            return refuse("more than 500 signatures a second asked for");
+        }
+        self.sign_tokens -= 1.0;
         if !is_tls13_server_certificate_verify(&r.message) {
             metrics::counter!("drawbridge_bridge_tunnel_sign_refused_total").increment(1);
             return refuse("only a TLS 1.3 server CertificateVerify is signed");

@@ -28,7 +28,7 @@ use drawbridge_certs::{
     LegalName,
 };
 use drawbridge_control_protocol::tunnel::{proto, Body, TUNNEL_VERSION};
-use drawbridge_runtime::tunnel::TunnelCodec;
+use drawbridge_runtime::tunnel::{within, TunnelCodec};
 use futures::{future::BoxFuture, FutureExt, SinkExt, StreamExt};
 use tokio::{net::TcpListener, sync::mpsc, sync::oneshot, sync::watch};
 use tokio_util::{codec::Framed, sync::CancellationToken};
@@ -593,10 +593,10 @@ where
                         }
                         Err(highest) => {
                             info!(epoch = a.epoch, highest, "activation refused: an equal or higher epoch holds the float");
-                            let _ = framed.send(Body::Deactivate(proto::Deactivate {
+                            let _ = within(framed.send(Body::Deactivate(proto::Deactivate {
                                 epoch: highest,
                                 reason: format!("epoch {} is not above {highest}", a.epoch),
-                            })).await;
+                            }))).await;
                         }
                     },
                     Body::Deactivate(d) => {
@@ -607,7 +607,7 @@ where
                     Body::Outcome(o) => hub.outcome(id, o),
                     Body::SignResponse(r) => hub.signed(r),
                     Body::Ping(p) => {
-                        if framed.send(Body::Pong(proto::Pong { nonce: p.nonce })).await.is_err() {
+                        if within(framed.send(Body::Pong(proto::Pong { nonce: p.nonce }))).await.is_err() {
                             return "write failed".into();
                         }
                     }
@@ -627,11 +627,11 @@ where
                     }
                 }
                 for b in batch {
-                    if let Err(e) = framed.feed(b).await {
+                    if let Err(e) = within(framed.feed(b)).await {
                         return e.to_string();
                     }
                 }
-                if let Err(e) = framed.flush().await {
+                if let Err(e) = within(framed.flush()).await {
                     return e.to_string();
                 }
             }
@@ -640,12 +640,12 @@ where
                     return format!("nothing from the bridge for {TUNNEL_SILENCE:?}");
                 }
                 nonce += 1;
-                if framed.send(Body::Ping(proto::Ping { nonce })).await.is_err() {
+                if within(framed.send(Body::Ping(proto::Ping { nonce }))).await.is_err() {
                     return "write failed".into();
                 }
             }
             _ = shutdown.cancelled() => {
-                let _ = framed.send(Body::Deactivate(proto::Deactivate { epoch: 0, reason: "float shutting down".into() })).await;
+                let _ = within(framed.send(Body::Deactivate(proto::Deactivate { epoch: 0, reason: "float shutting down".into() }))).await;
                 return "float shutting down".into();
             }
         }

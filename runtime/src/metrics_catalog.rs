@@ -93,7 +93,7 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
     (
         "drawbridge_bridge_tunnel_sign_refused_total",
         Counter,
-        "Signing requests from floats refused because they were not a TLS 1.3 server CertificateVerify.",
+        "Signing requests from floats refused: not a TLS 1.3 server CertificateVerify, or over 500 a second.",
     ),
     (
         "drawbridge_bridge_link_up",

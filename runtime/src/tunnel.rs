@@ -72,3 +72,18 @@ impl Encoder<Body> for TunnelCodec {
         Ok(())
     }
 }
+
+/// How long a write on the tunnel may wait for the other side to take bytes: a tunnel whose
+/// other end stopped reading (or whose path went black) is given up instead of holding its
+/// task, and with it the heartbeat, forever.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `write` (a send, feed or flush on the tunnel), given up after [`WRITE_TIMEOUT`].
+pub async fn within<T>(
+    write: impl std::future::Future<Output = Result<T, TunnelIoError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("the other side took nothing for {WRITE_TIMEOUT:?}")),
+    }
+}

@@ -396,7 +396,11 @@ impl<'a> Tunnel<'a> {
                     }
                 }
                 _ = shutdown.cancelled() => {
-                    // What is in flight is answered first (the float settles on it).
+                    // What is in flight is answered first (the float settles on it). An
+                    // outcome that cannot be written leaves its transfer waiting at the float
+                    // until its outcome timeout: released, resent, recognised by the dedup
+                    // window if the broker confirmed it. Never a loss. The Deactivate is a
+                    // courtesy: the float sees the tunnel close either way.
                     while let Ok(Some(o)) = tokio::time::timeout(Duration::from_secs(5), answers.next()).await {
                         let _ = within(framed.feed(Body::Outcome(o))).await;
                     }

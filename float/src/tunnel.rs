@@ -278,6 +278,8 @@ impl Hub {
         let before = st.active.replace(id);
         if let Some(old) = before.filter(|old| *old != id) {
             if let Some(t) = st.tunnels.get(&old) {
+                // A notice, not a message: it fails only when that tunnel's task is gone,
+                // and a gone tunnel is inactive anyway.
                 let _ = t.tx.send(Body::Deactivate(proto::Deactivate {
                     epoch,
                     reason: format!("another bridge activated this float with epoch {epoch}"),
@@ -312,6 +314,9 @@ impl Hub {
                     Ok(proto::outcome::Kind::Rejected) => Settle::Reject(o.reason),
                     _ => Settle::Release(Transient::Bridge(o.reason)),
                 };
+                // Fails only when the transfer's wait is over (outcome timeout, connection
+                // gone): it was released or stays unsettled, the peer resends it, and the
+                // dedup window knows a copy the broker confirmed. Never a loss.
                 let _ = tx.send(settle);
             }
         }
@@ -593,6 +598,8 @@ where
                         }
                         Err(highest) => {
                             info!(epoch = a.epoch, highest, "activation refused: an equal or higher epoch holds the float");
+                            // A notice; if it cannot be written the tunnel is failing and
+                            // its next read or write ends it.
                             let _ = within(framed.send(Body::Deactivate(proto::Deactivate {
                                 epoch: highest,
                                 reason: format!("epoch {} is not above {highest}", a.epoch),
@@ -645,6 +652,7 @@ where
                 }
             }
             _ = shutdown.cancelled() => {
+                // A courtesy: the bridge sees the tunnel close either way.
                 let _ = within(framed.send(Body::Deactivate(proto::Deactivate { epoch: 0, reason: "float shutting down".into() }))).await;
                 return "float shutting down".into();
             }

@@ -18,6 +18,12 @@
 //! `--routes` picks some of them (by short name); the tunnel float and B's bridge are
 //! started only when `drawbridge-tunnel` is measured.
 //!
+//! Instead of the paths, `--idle-links`, `--float-connections`, `--failovers` (`failover`)
+//! `--hot-hot` (`hothot`: aggregate throughput of 1, 2, 3… hot-hot bridges sharing many
+//! links) and `--inbox-types` (`inbox`: the Drawbridge path into a quorum inbox against a
+//! stream inbox, and the stream window's rebuild after a float restart) measure one thing
+//! each.
+//!
 //! Publisher and consumer run concurrently, so each figure is the throughput of the path
 //! (first publish → last message consumed), not of a preloaded queue. The order of the
 //! paths alternates per run; the machine is shared and noisy, so read the ratios, not the
@@ -30,6 +36,8 @@
 #![forbid(unsafe_code)]
 
 mod failover;
+mod hothot;
+mod inbox;
 mod output;
 mod scale;
 
@@ -138,6 +146,60 @@ struct Args {
     /// be active and to forward (median), and lost / duplicates over the whole stream.
     #[arg(long, default_value_t = 0)]
     failovers: usize,
+    /// Instead of the throughput paths: for each instance count (comma-separated, e.g.
+    /// `1,2,3`) start that many hot-hot bridges of A (`ha = "hot-hot"`, distinct `bridge.id`s,
+    /// the same config otherwise), give them `--hot-hot-links` peer links to B's float, wait
+    /// until every link is up on exactly one instance, then flood `--messages` of `--size`
+    /// bytes spread evenly over the links: aggregate msg/s, the forwarders' CPU per message
+    /// (all bridges + float B), links per instance, lost and duplicates. `--runs` rounds, the
+    /// order of the counts alternating per round; fresh bridges for every measurement.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_instances,
+        conflicts_with_all = ["idle_links", "float_connections", "failovers"]
+    )]
+    hot_hot: Vec<usize>,
+    /// Peer links (peer queues, all to B's float) shared by the hot-hot bridges of
+    /// `--hot-hot`.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=2000))]
+    hot_hot_links: u32,
+    /// Instead of the throughput paths: the Drawbridge path A → B with B's inbox declared as
+    /// each of these queue types in turn (comma-separated: `classic`, `quorum`, `stream`), e.g.
+    /// `quorum,stream`. Per measurement the inbox is deleted and B's float restarted with
+    /// `inbox_queue_type` set, so it declares the new type; then a flood of `--messages` of
+    /// `--size` bytes (msg/s, p50/p99, CPU per message of B's float and broker, lost and
+    /// duplicates), what the float read back (a stream), and the time a float restart takes
+    /// until ready with the inbox holding the flood (`window.last_rebuild_ms` for a stream).
+    /// `--runs` rounds, the order alternating per round.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        conflicts_with_all = ["idle_links", "float_connections", "failovers", "hot_hot"]
+    )]
+    inbox_types: Vec<inbox::InboxType>,
+    /// With `--inbox-types` including `stream`: afterwards, a stream inbox filled with this
+    /// many messages of `--size` bytes through Drawbridge, then B's float restarted
+    /// `--inbox-rebuild-restarts` times: how the window's rebuild grows with the stream. 0:
+    /// none.
+    #[arg(long, default_value_t = 200_000)]
+    inbox_rebuild_messages: u64,
+    /// Float restarts on the large stream of `--inbox-rebuild-messages`.
+    #[arg(long, default_value_t = 3)]
+    inbox_rebuild_restarts: usize,
+}
+
+/// One instance count of `--hot-hot`: 1 to 16 bridges.
+fn parse_instances(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=hothot::MAX_INSTANCES).contains(&n) => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} instances: between 1 and {} hot-hot bridges",
+            hothot::MAX_INSTANCES
+        )),
+        Err(e) => Err(format!("`{s}` is not an instance count: {e}")),
+    }
 }
 
 const ORG_A: &str = "O=Bench A, L=London, C=GB";
@@ -348,6 +410,22 @@ async fn main() -> Result<ExitCode> {
         }
     }
     args.routes = routes;
+    // Each instance count once, too.
+    let mut counts = Vec::new();
+    for n in std::mem::take(&mut args.hot_hot) {
+        if !counts.contains(&n) {
+            counts.push(n);
+        }
+    }
+    args.hot_hot = counts;
+    // And each inbox type once.
+    let mut types = Vec::new();
+    for t in std::mem::take(&mut args.inbox_types) {
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    args.inbox_types = types;
     drawbridge_certs::install_crypto_provider();
     run(args).await
 }
@@ -526,8 +604,14 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut a = Org::new(net.nodes[0].clone(), vec![na.amqp_uri("/")], &dir);
     let mut b = Org::new(net.nodes[1].clone(), vec![nb.amqp_uri("/")], &dir);
     // Room for every idle link's connection (one per link, all from one peer and address).
-    let float_extra = if args.idle_links > 0 || args.float_connections > 0 {
-        let room = args.idle_links + args.float_connections + 16;
+    // Hot-hot: every link may briefly have two connections while it moves between instances.
+    let hot_hot_room = if args.hot_hot.is_empty() {
+        0
+    } else {
+        2 * args.hot_hot_links as usize
+    };
+    let float_extra = if args.idle_links > 0 || args.float_connections > 0 || hot_hot_room > 0 {
+        let room = args.idle_links + args.float_connections + hot_hot_room + 16;
         format!(
             "max_connections = {room}\nmax_connections_per_peer = {room}\nmax_connections_per_address = {room}\n"
         )
@@ -535,13 +619,25 @@ async fn run(args: Args) -> Result<ExitCode> {
         String::new()
     };
     let float_extra = float_extra + &settings_lines(&args.float_set);
-    b.start_float(&float_extra).await?;
-    a.start_bridge(&settings_lines(&args.bridge_set)).await?;
-    // The bridge asks for a snapshot at start; answer it (links come per run).
-    a.snapshot(vec![]).await?;
+    // `--inbox-types` starts B's float per measurement, with the inbox type to measure.
+    let inbox_types = !args.inbox_types.is_empty();
+    if !inbox_types {
+        b.start_float(&float_extra).await?;
+    }
+    // Hot-hot starts its own bridges of A, per measurement.
+    let hot_hot = !args.hot_hot.is_empty();
+    if !hot_hot {
+        a.start_bridge(&settings_lines(&args.bridge_set)).await?;
+        // The bridge asks for a snapshot at start; answer it (links come per run).
+        a.snapshot(vec![]).await?;
+    }
     // Tunnel mode only when its path is measured: the other modes (idle links, float
-    // connections, failovers) run as before.
-    let throughput = args.failovers == 0 && args.idle_links == 0 && args.float_connections == 0;
+    // connections, failovers, hot-hot, inbox types) run as before.
+    let throughput = args.failovers == 0
+        && args.idle_links == 0
+        && args.float_connections == 0
+        && !hot_hot
+        && !inbox_types;
     let tunnel = if throughput && args.routes.contains(&Route::DrawbridgeTunnel) {
         Some(start_tunnel(&dir, &mut b).await?)
     } else {
@@ -560,6 +656,13 @@ async fn run(args: Args) -> Result<ExitCode> {
         ],
         tick: procfs::ticks_per_second() as f64,
     };
+    if hot_hot {
+        // Its bridges are added per measurement (see `hothot`).
+        if let Some(i) = probes.names.iter().position(|n| *n == "bridge A") {
+            probes.names.remove(i);
+            probes.pids.remove(i);
+        }
+    }
     if let Some(t) = &tunnel {
         probes.names.extend(["bridge B", "float B (tunnel)"]);
         probes
@@ -570,7 +673,10 @@ async fn run(args: Args) -> Result<ExitCode> {
         .names
         .iter()
         .zip(&probes.pids)
-        .any(|(name, pid)| *name != "bench" && pid.is_none())
+        // With `--inbox-types` B's float is started (and its pid set) per measurement.
+        .any(|(name, pid)| {
+            *name != "bench" && !(inbox_types && *name == "float B") && pid.is_none()
+        })
     {
         println!("warning: some pids unknown, CPU figures incomplete: {probes:?}");
     }
@@ -592,6 +698,28 @@ async fn run(args: Args) -> Result<ExitCode> {
         let ok = failover::failovers(&mut bench.a, &bench.b, bench.args.failovers).await;
         if let Some(f) = bench.b.float.as_mut() {
             let _ = f.terminate(Duration::from_secs(30)).await;
+        }
+        return Ok(if ok? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if hot_hot {
+        let ok = hothot::hot_hot(&bench).await;
+        if let Some(f) = bench.b.float.as_mut() {
+            let _ = f.terminate(Duration::from_secs(30)).await;
+        }
+        return Ok(if ok? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if inbox_types {
+        let ok = inbox::inbox_types(&bench, &meta).await;
+        if let Some(d) = bench.a.bridge.as_mut() {
+            let _ = d.terminate(Duration::from_secs(30)).await;
         }
         return Ok(if ok? {
             ExitCode::SUCCESS
@@ -1331,9 +1459,44 @@ async fn timed(
     publish: (&Channel, &str),
     consume: (&Channel, &str),
     spec: &PublishSpec,
-    mut tally: Tally,
+    tally: Tally,
 ) -> Result<Sample> {
-    let n = spec.to - spec.from;
+    timed_spread(job, probes, &[(publish.0, publish.1, spec)], consume, tally).await
+}
+
+/// [`timed`] with several publishers at once, each publishing its `PublishSpec` (one run,
+/// disjoint sequence ranges) to its queue on its own channel; `n` is the sum of their ranges.
+async fn timed_spread(
+    job: Job,
+    probes: &Probes,
+    publishers: &[(&Channel, &str, &PublishSpec)],
+    consume: (&Channel, &str),
+    tally: Tally,
+) -> Result<Sample> {
+    timed_from(
+        job,
+        probes,
+        publishers,
+        consume,
+        FieldTable::default(),
+        tally,
+    )
+    .await
+    .map(|(s, _)| s)
+}
+
+/// [`timed_spread`] with `consume_args` for the verifying consumer's `basic.consume` (a
+/// stream's `x-stream-offset`); returns the tally too (for the window markers it skipped).
+async fn timed_from(
+    job: Job,
+    probes: &Probes,
+    publishers: &[(&Channel, &str, &PublishSpec)],
+    consume: (&Channel, &str),
+    consume_args: FieldTable,
+    mut tally: Tally,
+) -> Result<(Sample, Tally)> {
+    let n: u64 = publishers.iter().map(|(_, _, s)| s.to - s.from).sum();
+    let run = publishers.first().map_or("", |(_, _, s)| s.run.as_str());
     let (recv_ch, recv_q) = consume;
     recv_ch
         .basic_qos(PREFETCH as u16, BasicQosOptions::default())
@@ -1341,33 +1504,42 @@ async fn timed(
     let mut consumer = recv_ch
         .basic_consume(
             ShortString::from(recv_q),
-            ShortString::from(format!("drawbridge-bench-{}", spec.run)),
+            ShortString::from(format!("drawbridge-bench-{run}")),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            consume_args,
         )
         .await
         .with_context(|| format!("consuming {recv_q}"))?;
     let cpu0 = probes.sample();
     let start = Instant::now();
+    let publish = futures::future::join_all(publishers.iter().map(|&(ch, q, spec)| async move {
+        stream::publish_paced(ch, q, spec, job.rate, |_| {})
+            .await
+            .with_context(|| format!("publishing to {q}"))
+    }));
     let (sent, got) = tokio::join!(
-        stream::publish_paced(publish.0, publish.1, spec, job.rate, |_| {}),
+        publish,
         consume_all(recv_ch, &mut consumer, &mut tally, n, probes)
     );
-    sent.with_context(|| format!("publishing to {}", publish.1))?;
+    for s in sent {
+        s?;
+    }
     let (end, cpu1) = got?;
-    Ok(Sample {
+    let sample = Sample {
         route: job.route,
         size: job.size,
         rate: job.rate,
         report: tally.report(),
         e2e: end.saturating_duration_since(start),
         cpu: cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).collect(),
-    })
+    };
+    Ok((sample, tally))
 }
 
 /// Like `stream::consume` (prefetch set by the caller, multiple-ack every 100, a short
-/// drain for late duplicates), but it also returns the instant the last expected message
-/// arrived and the CPU sample taken then, which the end-to-end figures need.
+/// drain for late duplicates, a float's window markers in a stream inbox skipped), but it
+/// also returns the instant the last expected message arrived and the CPU sample taken then,
+/// which the end-to-end figures need.
 async fn consume_all(
     ch: &Channel,
     consumer: &mut Consumer,
@@ -1386,7 +1558,10 @@ async fn consume_all(
             Ok(Some(Err(e))) => bail!("consuming: {e}"),
             Ok(Some(Ok(d))) => d,
         };
-        record(tally, &d);
+        // A marker is acked with the rest (on a stream the acks are the consumer's credit).
+        if !tally.skip_marker(d.properties.headers().as_ref()) {
+            record(tally, &d);
+        }
         last_seen = Instant::now();
         if tally.distinct() >= n {
             done = Some((last_seen, probes.sample()));
@@ -1406,7 +1581,9 @@ async fn consume_all(
     while let Ok(Some(Ok(d))) =
         tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
     {
-        record(tally, &d);
+        if !tally.skip_marker(d.properties.headers().as_ref()) {
+            record(tally, &d);
+        }
         ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
             .await?;
     }
@@ -1522,6 +1699,41 @@ mod tests {
         assert_eq!(back[0], Route::DrawbridgeTunnel);
         assert_eq!(back[5], Route::Raw);
         assert_eq!(Route::order(&Route::ALL, 2), Route::ALL.to_vec());
+    }
+
+    #[test]
+    fn hot_hot_takes_instance_counts_and_a_link_count() {
+        let none = Args::try_parse_from(["drawbridge-bench"]).expect("defaults");
+        assert!(none.hot_hot.is_empty());
+        assert_eq!(none.hot_hot_links, 30);
+        let some = Args::try_parse_from([
+            "drawbridge-bench",
+            "--hot-hot",
+            "1,2,3",
+            "--hot-hot-links",
+            "12",
+            "--messages",
+            "30000",
+        ])
+        .expect("--hot-hot");
+        assert_eq!(some.hot_hot, vec![1, 2, 3]);
+        assert_eq!(some.hot_hot_links, 12);
+        assert_eq!(some.messages, 30_000);
+        let one = Args::try_parse_from(["drawbridge-bench", "--hot-hot", "2"]).expect("one count");
+        assert_eq!(one.hot_hot, vec![2]);
+        assert_eq!(one.hot_hot_links, 30);
+        for bad in [
+            &["--hot-hot", "0"][..],
+            &["--hot-hot", "1,x"],
+            &["--hot-hot", "17"],
+            &["--hot-hot", "1,2", "--hot-hot-links", "0"],
+            &["--hot-hot", "1", "--idle-links", "10"],
+            &["--hot-hot", "1", "--failovers", "2"],
+            &["--hot-hot", "1", "--float-connections", "10"],
+        ] {
+            let argv = std::iter::once("drawbridge-bench").chain(bad.iter().copied());
+            assert!(Args::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct Meta {
 }
 
 #[derive(Debug, Serialize)]
-struct SampleJson<'a> {
+pub(crate) struct SampleJson<'a> {
     path: &'static str,
     experiment: &'static str,
     size: usize,
@@ -91,7 +91,11 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn sample_json<'a>(s: &Sample, experiment: &'static str, names: &[&'a str]) -> SampleJson<'a> {
+pub(crate) fn sample_json<'a>(
+    s: &Sample,
+    experiment: &'static str,
+    names: &[&'a str],
+) -> SampleJson<'a> {
     let n = s.report.expected.max(1) as f64;
     SampleJson {
         path: s.route.short(),

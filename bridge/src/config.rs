@@ -11,11 +11,46 @@ use drawbridge_runtime::{
     revocation, tls_reload,
 };
 
-/// Leader election between several bridges of one node (see `crate::ha`).
+/// How several bridges of one node share the work (`bridge.ha`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaMode {
+    /// One bridge, always active (a second instance is fenced by single-active-consumer only).
+    Off,
+    /// One active bridge elected through a lock queue; the others stand by (see `crate::ha`).
+    HotWarm,
+    /// Every instance is active and the peer queues are shared out among them (see
+    /// `crate::members`).
+    HotHot,
+}
+
+impl HaMode {
+    /// The name shown in `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HaMode::Off => "off",
+            HaMode::HotWarm => "hot-warm",
+            HaMode::HotHot => "hot-hot",
+        }
+    }
+}
+
+/// What `bridge.ha` takes: a boolean (the form before hot-hot) or a mode's name.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+enum HaSetting {
+    On(bool),
+    Named(String),
+}
+
+/// Leader election between several bridges of one node (see `crate::ha`), or the sharing of
+/// their links (see `crate::members`).
 #[derive(Debug, Clone)]
 pub struct HaConfig {
-    /// Elect one active bridge through the broker. Off: this bridge is always active (a
-    /// second instance is fenced by single-active-consumer only).
+    /// `bridge.ha`: off, hot-warm (the default) or hot-hot.
+    pub mode: HaMode,
+    /// Elect one active bridge through the broker, or share the links (`mode` is not off).
+    /// Off: this bridge is always active (a second instance is fenced by
+    /// single-active-consumer only).
     pub enabled: bool,
     /// The lock queue's name; `None`: `drawbridge.bridge.lock.<group>`, where the group is
     /// `bridge.ha_group` or the slug of the node identity (resolved at start).
@@ -30,8 +65,13 @@ pub struct HaConfig {
     /// How often the active bridge checks that it still holds the lock (its lease runs
     /// `2 × lease_check` from the last answered check; see `crate::ha::Lease`). Must satisfy
     /// `2 × lease_check ≤ broker.heartbeat_secs`, so a bridge cut off from its broker stops
-    /// its links before the broker can give the lock to another one.
+    /// its links before the broker can give the lock to another one. Hot-hot: the same
+    /// lease on the instance's member queue.
     pub lease_check: Duration,
+    /// Hot-hot: how often each instance announces itself and checks the other members
+    /// (`bridge.ha_member_interval`); a new instance listens for two intervals before it
+    /// takes links.
+    pub member_interval: Duration,
 }
 
 /// `[bridge.tunnel]`: the floats in tunnel mode this bridge serves.
@@ -119,7 +159,18 @@ fn read_tunnel(r: &mut ConfigReader) -> Option<TunnelSettings> {
             drawbridge_node::topology::INBOX_EXCHANGE.to_string(),
         ),
         declare_inboxes: r.get("bridge.tunnel.declare_inboxes", true),
-        inbox_queue_type: r.get("bridge.tunnel.inbox_queue_type", QueueType::Classic),
+        inbox_queue_type: {
+            let t = r.get("bridge.tunnel.inbox_queue_type", QueueType::Classic);
+            // Not yet: in tunnel mode this bridge publishes for the float, so it would be the
+            // one to rebuild the window from the stream (docs/guarantees.md). Refused rather
+            // than accepted at a weaker promise than a stream inbox makes in direct mode.
+            r.check(
+                "bridge.tunnel.inbox_queue_type",
+                t != QueueType::Stream,
+                "a stream inbox is not supported in tunnel mode yet; use `classic` or `quorum`",
+            );
+            t
+        },
         max_in_flight,
         max_message_size,
     })
@@ -242,6 +293,18 @@ impl BridgeConfig {
         let peer_queue_type: QueueType = r.get("bridge.peer_queue_type", QueueType::Classic);
         let dead_letter_queue_type: QueueType =
             r.get("bridge.dead_letter_queue_type", peer_queue_type);
+        // A stream keeps what was read and cannot be consumed with single-active-consumer
+        // and acks as the bridge consumes: it is an inbox type only.
+        for (key, t) in [
+            ("bridge.peer_queue_type", peer_queue_type),
+            ("bridge.dead_letter_queue_type", dead_letter_queue_type),
+        ] {
+            r.check(
+                key,
+                t != QueueType::Stream,
+                "must be `classic` or `quorum` (a stream is for inboxes only)",
+            );
+        }
         let max_message_size: usize = r.get("bridge.max_message_size", 10 * 1024 * 1024);
         r.check(
             "bridge.max_message_size",
@@ -316,15 +379,38 @@ impl BridgeConfig {
             None => None,
         };
         let lease_check_set = r.is_set("bridge.ha_lease_check");
+        let mode = match r.get("bridge.ha", HaSetting::On(true)) {
+            HaSetting::On(true) => HaMode::HotWarm,
+            HaSetting::On(false) => HaMode::Off,
+            HaSetting::Named(n) => match n.as_str() {
+                "hot-warm" => HaMode::HotWarm,
+                "hot-hot" => HaMode::HotHot,
+                "off" => HaMode::Off,
+                other => {
+                    r.invalid(
+                        "bridge.ha",
+                        format!("`{}` is not one of \"hot-warm\", \"hot-hot\", \"off\" (or true / false)", drawbridge_runtime::text::escape(other)),
+                    );
+                    HaMode::HotWarm
+                }
+            },
+        };
         let ha = HaConfig {
-            enabled: r.get("bridge.ha", true),
+            mode,
+            enabled: mode != HaMode::Off,
             lock_queue: r.optional("bridge.ha_lock_queue"),
             group: r.optional("bridge.ha_group"),
             retry: r.duration("bridge.ha_retry", Duration::from_millis(500)),
             hold_off: r.duration("bridge.ha_hold_off", Duration::from_secs(30)),
             // Resolved against `broker.heartbeat_secs` once that is read (below).
             lease_check: r.duration("bridge.ha_lease_check", Duration::ZERO),
+            member_interval: r.duration("bridge.ha_member_interval", Duration::from_secs(1)),
         };
+        r.check(
+            "bridge.ha_member_interval",
+            (Duration::from_millis(100)..=Duration::from_secs(30)).contains(&ha.member_interval),
+            "must be between 100ms and 30s",
+        );
         r.check(
             "bridge.ha_retry",
             (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&ha.retry),
@@ -411,6 +497,12 @@ impl BridgeConfig {
             "bridge.reconnect_max",
             cfg.reconnect_max >= cfg.reconnect_min,
             "must not be smaller than reconnect_min",
+        );
+        // A float in tunnel mode takes one active bridge (its epoch); hot-hot has several.
+        r.check(
+            "bridge.ha",
+            !(cfg.ha.mode == HaMode::HotHot && cfg.tunnel.is_some()),
+            "\"hot-hot\" cannot be used with [bridge.tunnel]: a tunnel-mode float is served by one active bridge at a time; use \"hot-warm\"",
         );
         let heartbeat = cfg.broker.heartbeat;
         if !lease_check_set {
@@ -559,6 +651,41 @@ mod ha_tests {
     }
 
     #[test]
+    fn ha_takes_a_mode_or_a_boolean_and_hot_hot_refuses_a_tunnel() {
+        use super::HaMode;
+        for (text, mode) in [
+            ("", HaMode::HotWarm),
+            ("ha = true\n", HaMode::HotWarm),
+            ("ha = false\n", HaMode::Off),
+            ("ha = \"hot-warm\"\n", HaMode::HotWarm),
+            ("ha = \"hot-hot\"\n", HaMode::HotHot),
+            ("ha = \"off\"\n", HaMode::Off),
+        ] {
+            let cfg = load(text, "").unwrap();
+            assert_eq!(cfg.ha.mode, mode, "{text}");
+            assert_eq!(cfg.ha.enabled, mode != HaMode::Off, "{text}");
+        }
+        let cfg = load("ha = \"hot-hot\"\n", "").unwrap();
+        assert_eq!(cfg.ha.member_interval, Duration::from_secs(1));
+        // Every bad key listed: the mode's name and the interval.
+        let errs = load("ha = \"hot-cold\"\nha_member_interval = \"1ms\"\n", "").unwrap_err();
+        for key in ["bridge.ha", "bridge.ha_member_interval"] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
+        assert!(errs.iter().any(|e| e.contains("hot-cold")), "{errs:#?}");
+        let errs = load(
+            "ha = \"hot-hot\"\ntunnel.floats = [\"float-1.dmz:7443\"]\ntunnel.tls_cert = \"t.crt\"\ntunnel.tls_key = \"t.key\"\ntunnel.trust_roots = \"ca.crt\"\n",
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("bridge.ha") && e.contains("[bridge.tunnel]")),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
     fn the_lease_check_fits_within_the_heartbeat() {
         let with = |bridge: &str, heartbeat: &str| {
             let text = format!(
@@ -620,6 +747,23 @@ mod ha_tests {
             "bridge.tunnel.tls_key",
             "bridge.tunnel.trust_roots",
             "bridge.tunnel.colour",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
+        }
+    }
+
+    /// A stream is an inbox type: the bridge consumes and acks its queues away.
+    #[test]
+    fn a_stream_is_refused_for_the_bridges_queues_and_a_tunnel_inbox() {
+        let errs = load(
+            "peer_queue_type = \"stream\"\ndead_letter_queue_type = \"stream\"\ntunnel.floats = [\"f:7443\"]\ntunnel.tls_cert = \"t.crt\"\ntunnel.tls_key = \"t.key\"\ntunnel.trust_roots = \"ca.crt\"\ntunnel.float_name = \"O=Bank A, L=London, C=GB\"\ntunnel.inbox_queue_type = \"stream\"\n",
+            "",
+        )
+        .unwrap_err();
+        for key in [
+            "bridge.peer_queue_type",
+            "bridge.dead_letter_queue_type",
+            "bridge.tunnel.inbox_queue_type",
         ] {
             assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:#?}");
         }

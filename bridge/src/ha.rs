@@ -67,7 +67,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{control, Ctx};
+use crate::{config::HaMode, control, Ctx};
 
 /// The election state of this bridge (`ha_state` in `/status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +101,11 @@ type Request = oneshot::Sender<StepDown>;
 pub(crate) struct Ha {
     /// `bridge.ha`: off means always active, no lock.
     pub(crate) enabled: bool,
+    /// `bridge.ha`: off, hot-warm (this module) or hot-hot (`members`).
+    pub(crate) mode: HaMode,
+    /// Hot-hot: the members and who owns which queue (in the other modes, this bridge owns
+    /// everything).
+    pub(crate) hot: crate::members::Shared,
     /// The lock queue's name.
     pub(crate) lock_queue: String,
     /// The state; the control plane runs links only while it is `Active`.
@@ -203,7 +208,8 @@ pub(crate) fn lease_check_on(configured: Duration, negotiated_secs: u16) -> Dura
 
 impl Ha {
     /// The shared state and the receiving end of step-down requests (for [`run`]).
-    pub(crate) fn new(enabled: bool, lock_queue: String) -> (Ha, mpsc::Receiver<Request>) {
+    pub(crate) fn new(mode: HaMode, lock_queue: String, id: &str) -> (Ha, mpsc::Receiver<Request>) {
+        let enabled = mode != HaMode::Off;
         let (requests, rx) = mpsc::channel(4);
         let initial = if enabled {
             HaState::Disconnected
@@ -213,6 +219,8 @@ impl Ha {
         metrics::gauge!("drawbridge_bridge_active").set(if enabled { 0.0 } else { 1.0 });
         let ha = Ha {
             enabled,
+            mode,
+            hot: crate::members::Shared::new(mode == HaMode::HotHot, id),
             lock_queue,
             state: watch::channel(initial).0,
             links_running: watch::channel(false).0,
@@ -232,6 +240,11 @@ impl Ha {
         *self.state.borrow()
     }
 
+    /// Set (or end) a step-down's hold-off (hot-hot: `members` keeps its own).
+    pub(crate) fn hold_off(&self, until: Option<Instant>) {
+        *self.hold_off_until.lock().expect("poisoned") = until;
+    }
+
     /// Whether a stepped-down bridge is still staying away from the election.
     pub(crate) fn holding_off(&self) -> bool {
         self.hold_off_until
@@ -248,17 +261,25 @@ impl Ha {
             .expect("poisoned")
             .and_then(|t| t.checked_duration_since(Instant::now()))
             .map(|d| d.as_millis() as u64);
-        serde_json::json!({
+        let mut status = serde_json::json!({
             "enabled": self.enabled,
+            "mode": self.mode.as_str(),
             "state": self.current().as_str(),
             "reason": *self.reason.lock().expect("poisoned"),
-            "lock_queue": self.lock_queue,
             "hold_off_ms_left": hold_off_left,
-        })
+        });
+        if self.mode == HaMode::HotHot {
+            status["members_exchange"] = self.lock_queue.clone().into();
+            status["members"] = serde_json::to_value(&*self.hot.members.lock().expect("poisoned"))
+                .unwrap_or_default();
+        } else {
+            status["lock_queue"] = self.lock_queue.clone().into();
+        }
+        status
     }
 
     /// Move to `state` for `reason`; logs one line when either changes.
-    fn set(&self, state: HaState, reason: &str) {
+    pub(crate) fn set(&self, state: HaState, reason: &str) {
         let changed_state = self.state.send_if_modified(|s| {
             let changed = *s != state;
             *s = state;
@@ -269,9 +290,17 @@ impl Ha {
             if matches!(state, HaState::Active | HaState::SteppingDown)
                 || !reason.starts_with("lost")
             {
-                info!(ha_state = state.as_str(), lock = %self.lock_queue, "{reason}");
+                info!(
+                    ha_state = state.as_str(),
+                    ha_mode = self.mode.as_str(),
+                    "{reason}"
+                );
             } else {
-                warn!(ha_state = state.as_str(), lock = %self.lock_queue, "{reason}");
+                warn!(
+                    ha_state = state.as_str(),
+                    ha_mode = self.mode.as_str(),
+                    "{reason}"
+                );
             }
             *last = reason.to_string();
         }
@@ -614,7 +643,7 @@ async fn wait(
 }
 
 /// The AMQP reply code of a broker refusal, if it was one.
-fn reply_code(e: &lapin::Error) -> Option<u16> {
+pub(crate) fn reply_code(e: &lapin::Error) -> Option<u16> {
     match e.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
         _ => None,
@@ -693,10 +722,13 @@ async fn acquire(live: &Live, queue: &str, op: Duration) -> Result<Lock, Attempt
     }
 }
 
-/// A passive declare of the lock queue on the lock's channel: answered only while the broker
-/// hears us, and only while the queue is still ours (404 when gone, 405 when another
-/// connection's).
-fn lease_check(channel: &Channel, queue: &str) -> BoxFuture<'static, Result<(), lapin::Error>> {
+/// A passive declare of `queue` (the lock queue on the lock's channel; in hot-hot, a member
+/// queue): answered only while the broker hears us, and only while the queue exists (404 when
+/// gone; for the exclusive lock, 405 when another connection's). Its consumer count.
+pub(crate) fn passive_declare(
+    channel: &Channel,
+    queue: &str,
+) -> BoxFuture<'static, Result<u32, lapin::Error>> {
     let channel = channel.clone();
     let queue = ShortString::from(queue);
     Box::pin(async move {
@@ -710,7 +742,7 @@ fn lease_check(channel: &Channel, queue: &str) -> BoxFuture<'static, Result<(), 
                 FieldTable::default(),
             )
             .await
-            .map(|_| ())
+            .map(|q| q.consumer_count())
     })
 }
 
@@ -737,7 +769,7 @@ async fn hold(
     let mut lease = Lease::new(every, lock.declared_at);
     let mut next_check = lease.next_check(lock.declared_at);
     // The check in flight and when it was sent.
-    let mut check: Option<(Instant, BoxFuture<'static, Result<(), lapin::Error>>)> = None;
+    let mut check: Option<(Instant, BoxFuture<'static, Result<u32, lapin::Error>>)> = None;
     loop {
         tokio::select! {
             _ = live.lost() => return Held::ConnectionLost,
@@ -751,12 +783,12 @@ async fn hold(
                 ),
             },
             _ = tokio::time::sleep_until(next_check), if check.is_none() => {
-                check = Some((Instant::now(), lease_check(&lock.channel, &ctx.ha.lock_queue)));
+                check = Some((Instant::now(), passive_declare(&lock.channel, &ctx.ha.lock_queue)));
             }
             answer = async { check.as_mut().expect("guarded").1.as_mut().await }, if check.is_some() => {
                 let (sent, _) = check.take().expect("guarded");
                 match answer {
-                    Ok(()) => {
+                    Ok(_) => {
                         lease.answered(sent);
                         next_check = lease.next_check(sent);
                     }
@@ -783,12 +815,10 @@ async fn hold(
     }
 }
 
-/// Drain the links, then release the lock.
-async fn step_down(ctx: &Ctx, live: &Live, lock: Lock) -> StepDown {
-    let ha = &ctx.ha;
-    let hold_off = ctx.cfg.ha.hold_off;
-    ha.set(HaState::SteppingDown, "stepping down: draining links");
-    let mut running = ha.links_running.subscribe();
+/// Wait until the control plane says the links have stopped (a step-down); if they have not
+/// by their stop deadline, say so and go on (`then`: what is done anyway).
+pub(crate) async fn wait_links_stopped(ctx: &Ctx, then: &str) {
+    let mut running = ctx.ha.links_running.subscribe();
     // The control plane aborts a link that has not stopped by its stop deadline; one more
     // margin for the aborted links to be reported stopped.
     let deadline = control::stop_deadline(ctx.cfg.drain_grace) + control::STOP_MARGIN;
@@ -798,9 +828,17 @@ async fn step_down(ctx: &Ctx, live: &Live, lock: Lock) -> StepDown {
     {
         warn!(
             ?deadline,
-            "links did not stop in time; releasing the lock anyway (single-active-consumer still fences them)"
+            "links did not stop in time; {then} (single-active-consumer still fences them)"
         );
     }
+}
+
+/// Drain the links, then release the lock.
+async fn step_down(ctx: &Ctx, live: &Live, lock: Lock) -> StepDown {
+    let ha = &ctx.ha;
+    let hold_off = ctx.cfg.ha.hold_off;
+    ha.set(HaState::SteppingDown, "stepping down: draining links");
+    wait_links_stopped(ctx, "releasing the lock anyway").await;
     let op = ctx.broker.config().op_timeout;
     let released = tokio::time::timeout(
         op,
@@ -892,7 +930,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bridge_without_ha_is_active_and_refuses_to_step_down() {
-        let (ha, _rx) = Ha::new(false, "q".into());
+        let (ha, _rx) = Ha::new(HaMode::Off, "q".into(), "b");
         assert_eq!(ha.current(), HaState::Active);
         assert!(matches!(ha.step_down().await, StepDown::NotActive(_)));
     }

@@ -13,6 +13,7 @@ mod control;
 pub mod dead_letter;
 pub mod ha;
 pub mod link;
+mod members;
 mod notify;
 pub mod peer;
 pub mod rotation;
@@ -119,7 +120,6 @@ impl AdminState for Ctx {
         if !self.snapshot_applied.load(Ordering::Relaxed) {
             return Err("active, waiting for the node's snapshot".to_string());
         }
-        let wanted = self.wanted.lock().expect("poisoned").clone();
         let views: Vec<view::LinkView> = self
             .views
             .lock()
@@ -128,6 +128,17 @@ impl AdminState for Ctx {
             .map(|v| v.lock().expect("poisoned").clone())
             .collect();
         let running: Vec<&str> = views.iter().map(|v| v.queue.as_str()).collect();
+        // Hot-hot: the wanted links this instance owns and runs or is to start (the rule of
+        // `control::Links::converge`).
+        let owners = self.ha.hot.owners();
+        let wanted: Vec<String> = self
+            .wanted
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|q| owners.may_start(q) || (owners.mine(q) && running.contains(&q.as_str())))
+            .cloned()
+            .collect();
         if running != wanted.iter().map(String::as_str).collect::<Vec<_>>() {
             return Err(format!(
                 "active, links not converged: wanted {wanted:?}, running {running:?}"
@@ -186,13 +197,23 @@ impl AdminState for Ctx {
             .values()
             .map(|v| v.lock().expect("poisoned").clone())
             .collect();
+        let mut ha = self.ha.status();
+        let owners = self.ha.hot.owners();
+        if owners.shared() {
+            let wanted = self.wanted.lock().expect("poisoned");
+            ha["owners"] = wanted
+                .iter()
+                .map(|q| (q.clone(), owners.owner(q).unwrap_or_default().into()))
+                .collect::<serde_json::Map<String, serde_json::Value>>()
+                .into();
+        }
         serde_json::json!({
             "role": "bridge",
             "id": self.cfg.id,
             "ready": self.ready(),
             "converged": self.readiness(admin::Readiness::Converged).is_ok(),
             "ha_state": self.ha.current().as_str(),
-            "ha": self.ha.status(),
+            "ha": ha,
             "tunnels": self.tunnels.lock().expect("poisoned").values().collect::<Vec<_>>(),
             "wanted_links": *self.wanted.lock().expect("poisoned"),
             "broker": self.broker.current().map(|l| l.uri.clone()),
@@ -294,8 +315,12 @@ pub async fn start_with_service(
         broker_shutdown.clone(),
     );
     let group = cfg.ha.group.clone().unwrap_or_else(|| node_identity.slug());
-    let lock_queue = ha::lock_queue_name(cfg.ha.lock_queue.as_deref(), &group);
-    let (ha, ha_requests) = ha::Ha::new(cfg.ha.enabled, lock_queue);
+    // Hot-hot: the members' fanout takes the lock queue's place in `/status`.
+    let lock_queue = match cfg.ha.mode {
+        config::HaMode::HotHot => members::exchange_name(&group),
+        _ => ha::lock_queue_name(cfg.ha.lock_queue.as_deref(), &group),
+    };
+    let (ha, ha_requests) = ha::Ha::new(cfg.ha.mode, lock_queue, &cfg.id);
     let supervisor = broker.clone();
     service.watch_task("broker session", move || supervisor.supervisor_running());
     let (tx, rx) = mpsc::channel(1024);
@@ -327,7 +352,14 @@ pub async fn start_with_service(
     let notifier = tokio::spawn(control::notifier(ctx.clone(), rx));
     // Tunnel mode: a tunnel to each float, activated while this bridge is the active one.
     tunnel::start(ctx.clone(), shutdown.clone())?;
-    if ctx.ha.enabled {
+    if ctx.ha.mode == config::HaMode::HotHot {
+        tokio::spawn(members::run(
+            ctx.clone(),
+            group,
+            ha_requests,
+            shutdown.clone(),
+        ));
+    } else if ctx.ha.enabled {
         info!(lock = %ctx.ha.lock_queue, "high availability on: contending for the lock queue");
         tokio::spawn(ha::run(ctx.clone(), ha_requests, shutdown.clone()));
     } else {

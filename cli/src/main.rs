@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use drawbridge_control_protocol::{
     ControlCommand, CreateLink, DeleteLink, PeerLink, Snapshot, Target,
 };
+use drawbridge_node::stream_inbox::StreamOffset;
 use drawbridge_stream::{self as stream, progress_bar, PublishSpec, Tally};
 
 mod generate;
@@ -92,6 +93,13 @@ enum Cmd {
         /// Give up after this long without a message (e.g. 30s, 2m).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         idle: std::time::Duration,
+        /// Read a *stream* inbox (`float.inbox_queue_type = "stream"`) from this offset:
+        /// `first` (the oldest message kept), `last`, `next` (only new ones) or an offset.
+        /// The float's window markers are skipped (counted as `markers=`). Nothing is
+        /// committed: each run reads from where it is told. Without it the inbox is
+        /// consumed as a queue (what is acked is gone).
+        #[arg(long, value_name = "first|last|next|OFFSET")]
+        stream_offset: Option<StreamOffset>,
     },
     /// Show a daemon's status (its admin port's /status) as a table: a bridge's role
     /// (active / standby), readiness and links (state, since, peer, in flight, forwarded,
@@ -508,16 +516,29 @@ async fn run(cli: Cli) -> Result<i32> {
             run,
             sender,
             idle,
+            stream_offset,
         } => {
             let conn = broker.connect().await?;
             let ch = conn.create_channel().await?;
             let mut tally = Tally::new(&run, expect, sender);
             let bar = progress_bar(expect, "received");
-            stream::consume(&ch, &queue, &mut tally, idle, |n| bar.set_position(n)).await?;
+            stream::consume_from(
+                &ch,
+                &queue,
+                stream_offset.map(StreamOffset::to_amqp),
+                &mut tally,
+                idle,
+                |n| bar.set_position(n),
+            )
+            .await?;
             bar.finish();
             let r = tally.report();
+            let markers = match stream_offset {
+                Some(_) => format!(" markers={}", tally.markers()),
+                None => String::new(),
+            };
             println!(
-                "received={} lost={} duplicates={} corrupted={} unexpected={} wrong_sender={} rate={:.0} msg/s p50={:?} p99={:?}",
+                "received={} lost={} duplicates={} corrupted={} unexpected={} wrong_sender={} rate={:.0} msg/s p50={:?} p99={:?}{markers}",
                 r.received, r.lost, r.duplicates, r.corrupted, r.unexpected, r.wrong_sender, r.rate(), r.p50, r.p99
             );
             Ok(if r.complete() { 0 } else { 1 })
@@ -603,6 +624,45 @@ fn run_demo(args: &[String]) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receive_reads_a_stream_from_the_offset_given_or_consumes_a_queue() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec![
+                "drawbridge",
+                "receive",
+                "--broker",
+                "amqp://h",
+                "--expect",
+                "1",
+            ];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.cmd {
+                Cmd::Receive { stream_offset, .. } => stream_offset,
+                other => panic!("parsed as {other:?}"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(
+            parse(&["--stream-offset", "first"]).unwrap(),
+            Some(StreamOffset::First)
+        );
+        assert_eq!(
+            parse(&["--stream-offset", "next"]).unwrap(),
+            Some(StreamOffset::Next)
+        );
+        assert_eq!(
+            parse(&["--stream-offset", "12"]).unwrap(),
+            Some(StreamOffset::Offset(12))
+        );
+        let e = parse(&["--stream-offset", "oldest"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is not `first`, `last`, `next` or an offset"),
+            "{e}"
+        );
+    }
 
     /// `certs init` without `--dir`, run from the repository root as the README does, writes
     /// its keys where git ignores them and outside every crate's folder.

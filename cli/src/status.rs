@@ -36,7 +36,27 @@ fn bridge(v: &Value, now: u64) -> String {
     ));
     out.push_str(&format!("  broker    {}\n", text(&v["broker"])));
     out.push_str(&format!("  node      {}\n", text(&v["node_identity"])));
-    if v["ha"]["enabled"].as_bool() == Some(true) {
+    let hot_hot = v["ha"]["mode"].as_str() == Some("hot-hot");
+    if hot_hot {
+        out.push_str(&format!(
+            "  hot-hot   {} ({})\n",
+            text(&v["ha"]["members_exchange"]),
+            text(&v["ha"]["reason"])
+        ));
+        for m in v["ha"]["members"].as_array().into_iter().flatten() {
+            let me = if m["self"].as_bool() == Some(true) {
+                ", this instance"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "  member    {}: {}, {} links{me}\n",
+                text(&m["id"]),
+                text(&m["state"]),
+                number(&m["links"])
+            ));
+        }
+    } else if v["ha"]["enabled"].as_bool() == Some(true) {
         let mut lock = format!(
             "{} ({})",
             text(&v["ha"]["lock_queue"]),
@@ -64,6 +84,34 @@ fn bridge(v: &Value, now: u64) -> String {
     }
     let wanted = v["wanted_links"].as_array().map_or(0, Vec::len);
     let links = v["links"].as_array().cloned().unwrap_or_default();
+    // Hot-hot: where each wanted link runs that does not run here.
+    let elsewhere: Vec<[String; 2]> = v["ha"]["owners"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, owner)| owner.as_str() != v["id"].as_str())
+        .map(|(queue, owner)| {
+            let owner = match owner.as_str() {
+                Some("") | None => "nobody (no alive member)".to_string(),
+                Some(o) => o.to_string(),
+            };
+            [queue.clone(), owner]
+        })
+        .collect();
+    let elsewhere = if elsewhere.is_empty() {
+        String::new()
+    } else {
+        let mut rows = vec![["QUEUE", "RUNS ON"].map(String::from)];
+        rows.extend(elsewhere);
+        format!("\n{}", table(&rows))
+    };
+    if hot_hot && links.is_empty() {
+        out.push_str(&format!(
+            "  links     none running here ({wanted} wanted in the group)\n"
+        ));
+        out.push_str(&elsewhere);
+        return out;
+    }
     if links.is_empty() {
         if state == "active" {
             out.push_str(&format!("  links     none running ({wanted} wanted)\n"));
@@ -116,6 +164,7 @@ fn bridge(v: &Value, now: u64) -> String {
     }
     out.push('\n');
     out.push_str(&table(&rows));
+    out.push_str(&elsewhere);
     out
 }
 
@@ -174,6 +223,7 @@ fn float(v: &Value, now: u64) -> String {
         number(&v["duplicates_suppressed"]),
         number(&v["bytes_in_flight"]),
     ));
+    out.push_str(&window_line(&v["window"]));
     let conns = v["connections"].as_array().cloned().unwrap_or_default();
     if conns.is_empty() {
         out.push_str("  peers     none connected\n");
@@ -194,6 +244,34 @@ fn float(v: &Value, now: u64) -> String {
     out.push('\n');
     out.push_str(&table(&rows));
     out
+}
+
+/// The dedup window: in memory (not shown), or read back from stream inboxes (its state,
+/// and what the read back found).
+fn window_line(w: &Value) -> String {
+    if w["mode"] != "stream" {
+        return String::new();
+    }
+    let inboxes = w["inboxes"].as_array().cloned().unwrap_or_default();
+    let sum = |k: &str| inboxes.iter().filter_map(|i| i[k].as_u64()).sum::<u64>();
+    let state = match (w["state"].as_str(), w["rebuilding_for_ms"].as_u64()) {
+        (Some("ready"), _) => format!(
+            "ready (last rebuild {})",
+            w["last_rebuild_ms"].as_u64().map_or("-".to_string(), human)
+        ),
+        (_, Some(ms)) => format!("REBUILDING for {}: links publish nothing yet", human(ms)),
+        _ => "REBUILDING: links publish nothing yet".to_string(),
+    };
+    let mut line = format!(
+        "  window    stream, {state}; {} read back, {} copies stored twice, {} rebuilds\n",
+        sum("read"),
+        sum("duplicates_stored"),
+        number(&w["rebuilds"]),
+    );
+    if let Some(e) = w["last_error"].as_str() {
+        line.push_str(&format!("  window    last error: {e}\n"));
+    }
+    line
 }
 
 /// A JSON string or number as text; `-` when absent.
@@ -316,6 +394,54 @@ mod tests {
     }
 
     #[test]
+    fn a_hot_hot_member_shows_the_members_and_where_each_link_runs() {
+        let v = json!({
+            "role": "bridge", "id": "bridge-1", "ready": true, "converged": true,
+            "ha_state": "active", "broker": "amqp://x",
+            "ha": {"enabled": true, "mode": "hot-hot", "state": "active",
+                   "reason": "member: running the links this instance owns",
+                   "members_exchange": "drawbridge.bridge.members.a",
+                   "members": [
+                       {"id": "bridge-1", "state": "alive", "links": 1, "self": true},
+                       {"id": "bridge-2", "state": "alive", "links": 1, "self": false},
+                       {"id": "bridge-3", "state": "joining", "links": 0, "self": false}],
+                   "owners": {"drawbridge.peers.b": "bridge-1", "drawbridge.peers.c": "bridge-2"}},
+            "wanted_links": ["drawbridge.peers.b", "drawbridge.peers.c"],
+            "links": [{"queue": "drawbridge.peers.b", "peer": "O=Bank B, L=Paris, C=FR",
+                       "state": "up", "target": "127.0.0.1:5671", "reason": "connected",
+                       "forwarded": 3, "dead_lettered": 0, "in_flight": 0, "since_unix_ms": 0}]
+        });
+        let out = render(&v, 1000);
+        assert!(
+            out.contains("  hot-hot   drawbridge.bridge.members.a (member: running"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  member    bridge-1: alive, 1 links, this instance\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  member    bridge-3: joining, 0 links\n"),
+            "{out}"
+        );
+        assert!(!out.contains("  lock "), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("QUEUE  ")).unwrap();
+        assert!(lines[header + 1].starts_with("drawbridge.peers.b"), "{out}");
+        let runs_on = lines.iter().position(|l| l.contains("RUNS ON")).unwrap();
+        assert!(
+            lines[runs_on + 1].starts_with("drawbridge.peers.c")
+                && lines[runs_on + 1].ends_with("bridge-2"),
+            "{out}"
+        );
+        assert_eq!(
+            lines.len(),
+            runs_on + 2,
+            "only the link run elsewhere: {out}"
+        );
+    }
+
+    #[test]
     fn a_standby_says_where_its_links_run() {
         let v = json!({
             "role": "bridge", "id": "bridge-a2", "ready": true, "converged": true,
@@ -371,6 +497,36 @@ mod tests {
     }
 
     #[test]
+    fn a_float_with_a_stream_inbox_shows_its_window() {
+        let mut v = json!({
+            "role": "float", "ready": true, "listen": "127.0.0.1:5671", "broker": "amqp://x",
+            "accepted": 5, "rejected": 0, "released": 0, "duplicates_suppressed": 2,
+            "bytes_in_flight": 0, "connections": [],
+            "window": {"mode": "stream", "state": "ready", "last_rebuild_ms": 2000, "rebuilds": 2,
+                       "last_error": null,
+                       "inboxes": [{"inbox": "a", "read": 10, "duplicates_stored": 1},
+                                   {"inbox": "b", "read": 5, "duplicates_stored": 0}]}
+        });
+        let out = render(&v, 0);
+        assert!(
+            out.contains("  window    stream, ready (last rebuild 2s); 15 read back, 1 copies stored twice, 2 rebuilds\n"),
+            "{out}"
+        );
+        v["window"]["state"] = json!("rebuilding");
+        v["window"]["rebuilding_for_ms"] = json!(3000);
+        v["window"]["last_error"] = json!("the marker was unroutable");
+        let out = render(&v, 0);
+        assert!(
+            out.contains("REBUILDING for 3s: links publish nothing yet"),
+            "{out}"
+        );
+        assert!(
+            out.contains("last error: the marker was unroutable"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn a_float_lists_its_peers() {
         let v = json!({
             "role": "float", "ready": false, "listen": "127.0.0.1:5671", "broker": null,
@@ -387,6 +543,10 @@ mod tests {
         );
         assert!(out.contains("broker    -"), "{out}");
         assert!(out.contains("5 accepted, 1 rejected"), "{out}");
+        assert!(
+            !out.contains("window"),
+            "a window in memory is not shown: {out}"
+        );
         assert!(
             out.contains("O=Bank A, L=London, C=GB  127.0.0.1:40000  1m01s  0a1b"),
             "{out}"

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use drawbridge_certs::{KeyFileAccess, LegalName, RevocationSettings, TlsPolicy};
-use drawbridge_node::topology::{QueueType, INBOX_EXCHANGE};
+use drawbridge_node::topology::{QueueType, StreamRetention, INBOX_EXCHANGE};
 use drawbridge_runtime::{
     broker::BrokerConfig,
     config::{ConfigErrors, ConfigReader},
@@ -129,8 +129,13 @@ pub struct FloatConfig {
     pub identities: Vec<Identity>,
     /// Inbox used when `identities` is empty.
     pub default_inbox: String,
-    /// `x-queue-type` for inboxes we declare (`classic` or `quorum`).
+    /// `x-queue-type` of the inboxes (`classic`, `quorum` or `stream`). With `stream` the
+    /// dedup window is rebuilt from the inboxes themselves (see `crate::window`), whether
+    /// the float or the node declares them.
     pub inbox_queue_type: QueueType,
+    /// Retention of stream inboxes the float declares (`float.stream_max_age`,
+    /// `float.stream_max_bytes`).
+    pub stream_retention: StreamRetention,
     /// Declare the inboxes on connect (off if the node owns their declaration).
     pub declare_inboxes: bool,
     /// Direct exchange the float publishes through, each inbox bound with its own name as
@@ -378,6 +383,37 @@ impl FloatConfig {
         // Parsed as the node library's `QueueType`, as the bridge's queue types are: anything
         // but `classic` / `quorum` is reported by key.
         let inbox_queue_type: QueueType = r.get("float.inbox_queue_type", QueueType::Classic);
+        let dedup_max_age = r.duration("dedup.max_age", Duration::from_secs(600));
+        let stream_retention = StreamRetention {
+            max_age: r.get("float.stream_max_age", StreamRetention::default().max_age),
+            max_bytes: r.get(
+                "float.stream_max_bytes",
+                StreamRetention::default().max_bytes,
+            ),
+        };
+        match stream_retention.max_age_duration() {
+            Err(e) => r.invalid("float.stream_max_age", e),
+            // The window is read back from the stream: what the stream no longer keeps
+            // cannot be recognised.
+            Ok(age) if inbox_queue_type == QueueType::Stream && age < dedup_max_age => r.invalid(
+                "float.stream_max_age",
+                format!(
+                    "must be at least dedup.max_age ({}s): the window is rebuilt from what the stream keeps",
+                    dedup_max_age.as_secs()
+                ),
+            ),
+            Ok(_) => {}
+        }
+        r.check(
+            "float.stream_max_bytes",
+            stream_retention.max_bytes >= 1024 * 1024,
+            "must be at least 1 MiB (1048576)",
+        );
+        r.check(
+            "float.inbox_queue_type",
+            !(tunnel_mode && inbox_queue_type == QueueType::Stream),
+            "a stream inbox is not supported in tunnel mode yet (the bridge publishes there)",
+        );
         let cfg = FloatConfig {
             tunnel,
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -421,10 +457,11 @@ impl FloatConfig {
             identities,
             default_inbox: r.get("float.default_inbox", "drawbridge.inbox".to_string()),
             inbox_queue_type,
+            stream_retention,
             declare_inboxes: r.get("float.declare_inboxes", true),
             inbox_exchange: r.get("float.inbox_exchange", INBOX_EXCHANGE.to_string()),
             dedup_capacity: r.get("dedup.capacity", 100_000),
-            dedup_max_age: r.duration("dedup.max_age", Duration::from_secs(600)),
+            dedup_max_age,
             broker: (!tunnel_mode).then(|| BrokerConfig::read(&mut r, "broker", key_access)),
             admin_listen: parse_addr(&mut r, "admin.listen", false),
             drain_grace: r.duration("float.drain_grace", Duration::from_secs(10)),
@@ -542,7 +579,7 @@ max_links_per_connection = 0
 max_message_size = 2048
 max_bytes_in_flight = 1024
 max_link_bytes_in_flight = 10
-inbox_queue_type = "stream"
+inbox_queue_type = "lazy"
 identities = [{ legal_name = "not a name", inbox = "x" }]
 [broker]
 uris = ["amqp://127.0.0.1:5672/%2f"]
@@ -586,6 +623,42 @@ mod example_tests {
     #[test]
     fn example_config_is_valid_with_every_documented_key() {
         drawbridge_runtime::config::assert_example_valid(EXAMPLE, FloatConfig::from_reader);
+    }
+
+    /// A stream inbox must keep what the window reads back; its retention is RabbitMQ's
+    /// syntax.
+    #[test]
+    fn a_stream_inbox_keeps_at_least_the_window_and_its_retention_is_checked() {
+        let cfg = |lines: &str| {
+            FloatConfig::from_reader(
+                ConfigReader::from_toml(&format!(
+                    "[float]\nlisten = \"127.0.0.1:5671\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntrust_roots = \"r\"\n{lines}\n[broker]\nuris = [\"amqp://127.0.0.1:5672/%2f\"]\n"
+                ))
+                .unwrap(),
+            )
+        };
+        let ok = cfg("inbox_queue_type = \"stream\"").unwrap();
+        assert_eq!(ok.inbox_queue_type, QueueType::Stream);
+        assert_eq!(ok.stream_retention, StreamRetention::default());
+        let errs = cfg("inbox_queue_type = \"stream\"\nstream_max_age = \"5m\"\nstream_max_bytes = 10\n[dedup]\nmax_age = \"10m\"")
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("float.stream_max_age") && e.contains("dedup.max_age")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("float.stream_max_bytes")),
+            "{errs:#?}"
+        );
+        let errs = cfg("stream_max_age = \"7 days\"").unwrap_err().0;
+        assert!(
+            errs.iter().any(|e| e.starts_with("float.stream_max_age")),
+            "{errs:#?}"
+        );
+        // A queue inbox does not care how long a stream would keep.
+        assert!(cfg("stream_max_age = \"1m\"").is_ok());
     }
 
     #[test]

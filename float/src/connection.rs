@@ -454,6 +454,18 @@ macro_rules! shared {
     };
 }
 
+/// Resolves when a window round completes; never without a stream window.
+async fn window_round(rx: &mut Option<tokio::sync::watch::Receiver<crate::window::Gate>>) {
+    if let Some(rx) = rx {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    // The sender lives as long as the float's context: an error is not expected, and never
+    // resolves (instead of waking the task in a loop).
+    std::future::pending().await
+}
+
 /// What one `select!` round of [`Served::run`] got.
 enum Step {
     Event(std::io::Result<Event>),
@@ -480,6 +492,9 @@ impl Served {
         let mut crl_open = true;
         // Tunnel mode: the connection ends when no tunnel is active any more.
         let mut bridge = self.ctx.tunnel.as_ref().map(|h| h.subscribe());
+        // Stream inboxes: links held at the window's gate take their deliveries once a round
+        // completes.
+        let mut window = self.ctx.window.as_ref().map(|w| w.subscribe());
         // Our close is sent: the peer has until then to answer it.
         let mut close_by: Option<tokio::time::Instant> = None;
         loop {
@@ -513,6 +528,7 @@ impl Served {
                     Step::Room(link, permit)
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => Step::Wake,
+                () = window_round(&mut window) => Step::Wake,
                 changed = crl.changed(), if crl_open => {
                     crl_open = changed.is_ok();
                     Step::Wake

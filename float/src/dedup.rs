@@ -47,6 +47,17 @@ pub enum Seen {
     Confirmed,
 }
 
+/// What a message read back from a stream inbox told the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadBack {
+    /// Not in the window: another publisher's, or this float's before a restart.
+    New,
+    /// Confirmed to this float and now read back: the one stored copy.
+    Known,
+    /// Read back before: a second stored copy (a duplicate in the inbox, counted).
+    Again,
+}
+
 /// The window shared by every link of a float.
 #[derive(Debug, Clone)]
 pub struct Dedup {
@@ -81,6 +92,22 @@ impl Dedup {
         } else {
             Seen::InFlight(ticket)
         }
+    }
+
+    /// A triple the inbox stream shows stored — published by this float or by another —
+    /// is remembered as confirmed (see `crate::window`).
+    pub fn remember(
+        &self,
+        sender: &str,
+        destination: &Arc<str>,
+        id: &str,
+        now: Instant,
+    ) -> ReadBack {
+        let triple: Triple = (Arc::from(sender), (destination.clone(), Arc::from(id)));
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(&triple, now, true)
     }
 
     /// Triples remembered as confirmed.
@@ -142,8 +169,9 @@ impl Drop for Ticket {
 /// One sender's confirmed pairs, oldest first.
 #[derive(Debug, Default)]
 struct SenderWindow {
-    /// Pair → time it was first confirmed.
-    seen: HashMap<Key, Instant>,
+    /// Pair → time it was first confirmed, and whether it was read back from a stream
+    /// inbox (a second read back is a second stored copy).
+    seen: HashMap<Key, (Instant, bool)>,
     /// Confirmed pairs in the order they were recorded; exactly the keys of `seen`.
     order: VecDeque<(Key, Instant)>,
 }
@@ -234,17 +262,29 @@ impl DedupWindow {
     /// Record a confirmed triple. A triple confirmed twice (two copies after a recycle)
     /// keeps its first time: `seen` and `order` always hold the same keys, so eviction is
     /// exact.
-    fn insert(&mut self, (sender, key): &Triple, now: Instant) {
+    fn insert(&mut self, triple: &Triple, now: Instant) -> ReadBack {
+        self.record(triple, now, false)
+    }
+
+    /// Record a triple confirmed (`read_back` false) or read back from a stream inbox.
+    fn record(&mut self, (sender, key): &Triple, now: Instant, read_back: bool) -> ReadBack {
         if self.capacity == 0 {
-            return;
+            return ReadBack::New;
         }
         let max_age = self.max_age;
         let w = self.senders.entry(sender.clone()).or_default();
         self.len -= w.expire(now, max_age);
-        if w.seen.contains_key(key) {
-            return;
+        if let Some((_, read)) = w.seen.get_mut(key) {
+            return match (read_back, *read) {
+                (true, true) => ReadBack::Again,
+                (true, false) => {
+                    *read = true;
+                    ReadBack::Known
+                }
+                (false, _) => ReadBack::Known,
+            };
         }
-        w.seen.insert(key.clone(), now);
+        w.seen.insert(key.clone(), (now, read_back));
         w.order.push_back((key.clone(), now));
         self.len += 1;
         if self.len > self.capacity {
@@ -258,6 +298,7 @@ impl DedupWindow {
             }
             self.senders.retain(|_, w| !w.order.is_empty());
         }
+        ReadBack::New
     }
 
     /// Drop the oldest pair of the sender holding the most (`prefer` on a tie).
@@ -303,7 +344,7 @@ impl DedupWindow {
         for w in self.senders.values() {
             assert_eq!(w.seen.len(), w.order.len(), "seen and order agree");
             for (k, t) in &w.order {
-                assert_eq!(w.seen.get(k), Some(t));
+                assert_eq!(w.seen.get(k).map(|(at, _)| at), Some(t));
             }
             total += w.order.len();
         }
@@ -359,6 +400,34 @@ mod tests {
         );
         assert!(d.is_empty());
         assert_eq!(d.in_flight(), 0, "dropped tickets are finished");
+    }
+
+    /// A stream inbox read back: another publisher's copy is recognised, this float's own
+    /// confirmed copy read back once is the one stored copy, a second read back is a copy
+    /// stored twice — in whichever order confirm and read back come.
+    #[test]
+    fn reading_a_stream_back_recognises_stored_copies_and_counts_a_second_one() {
+        let t0 = Instant::now();
+        let d = Dedup::new(10, Duration::from_secs(10));
+        let s = a();
+        assert_eq!(d.remember("A", &dest(), "x", t0), ReadBack::New);
+        assert!(matches!(d.begin(&s, &dest(), "x", t0), Seen::Confirmed));
+        assert_eq!(d.remember("A", &dest(), "x", t0), ReadBack::Again);
+        let Seen::New(t) = d.begin(&s, &dest(), "y", t0) else {
+            panic!("new")
+        };
+        t.confirmed(t0);
+        assert_eq!(d.remember("A", &dest(), "y", t0), ReadBack::Known);
+        assert_eq!(d.remember("A", &dest(), "y", t0), ReadBack::Again);
+        // Read back before its confirm came: the confirm changes nothing.
+        let Seen::New(t) = d.begin(&s, &dest(), "z", t0) else {
+            panic!("new")
+        };
+        assert_eq!(d.remember("A", &dest(), "z", t0), ReadBack::New);
+        t.confirmed(t0);
+        assert_eq!(d.remember("A", &dest(), "z", t0), ReadBack::Again);
+        assert_eq!(d.len(), 3);
+        d.inner.lock().unwrap().check();
     }
 
     #[test]

@@ -37,6 +37,7 @@ mod publisher;
 mod routing;
 pub mod settle;
 mod tunnel;
+mod window;
 
 use std::{
     collections::HashMap,
@@ -51,7 +52,7 @@ use drawbridge_certs::{
     pki_types::CertificateDer, rustls, EstablishedPeer, LegalName, PeerRefusal, PeerRole,
     Revocation,
 };
-use drawbridge_node::topology::{self, plain_queue_args};
+use drawbridge_node::topology::{self, QueueType};
 use drawbridge_runtime::{
     admin::{self, AdminState},
     broker::{BrokerSession, Live, Setup},
@@ -102,6 +103,8 @@ pub(crate) struct Ctx {
     tunnel: Option<Arc<tunnel::Hub>>,
     /// Duplicate suppression, shared by every link.
     dedup: Dedup,
+    /// Stream inboxes: the window's rebuild from them, and the gate links wait at.
+    window: Option<Arc<window::StreamWindow>>,
     /// Bytes in flight of all links (`max_bytes_in_flight`).
     pool: budget::Pool,
     /// Handshake and connection slots.
@@ -172,6 +175,14 @@ impl Ctx {
         }
     }
 
+    /// The broker connection's generation, if connected (direct mode).
+    pub(crate) fn broker_generation(&self) -> Option<u64> {
+        self.broker
+            .as_ref()
+            .and_then(|b| b.current())
+            .map(|l| l.generation)
+    }
+
     /// `peer`'s "transfer rejected" log line: at most one per 10 s.
     pub(crate) fn rejection_log(&self, peer: &Arc<str>) -> Arc<drawbridge_runtime::lograte::Every> {
         let mut logs = self
@@ -237,6 +248,10 @@ impl Ctx {
 impl AdminState for Ctx {
     fn ready(&self) -> bool {
         self.upstream_ready()
+            && self
+                .window
+                .as_ref()
+                .is_none_or(|w| w.ready_on(self.broker_generation()))
     }
 
     fn live(&self) -> Result<(), String> {
@@ -280,6 +295,10 @@ impl AdminState for Ctx {
             "budget_holds": self.stats.budget_holds.load(Ordering::Relaxed),
             "dedup_window": self.dedup.len(),
             "dedup_in_flight": self.dedup.in_flight(),
+            "window": match &self.window {
+                Some(w) => w.status(self.broker_generation()),
+                None => serde_json::json!({"mode": "memory"}),
+            },
             "tls": self.tls.status(),
             "revocation": {
                 "mode": self.revocation.mode().as_str(),
@@ -406,13 +425,17 @@ pub async fn start_with_service(
 
     let inboxes: Vec<String> = identities.iter().map(|(_, q)| q.clone()).collect();
     let queue_type = cfg.inbox_queue_type;
+    let retention = cfg.stream_retention.clone();
     let declare = cfg.declare_inboxes;
     let exchange = cfg.inbox_exchange.clone();
     let canary_queue = cfg.canary_queue.clone();
     let canary_ready = Arc::new(AtomicBool::new(false));
     let canary_flag = canary_ready.clone();
+    let window = (queue_type == QueueType::Stream && cfg.broker.is_some())
+        .then(|| window::StreamWindow::new(inboxes.clone(), cfg.max_message_size));
     let setup: Setup = Arc::new(move |live: Arc<Live>| {
         let inboxes = inboxes.clone();
+        let retention = retention.clone();
         let exchange = exchange.clone();
         let canary_queue = canary_queue.clone();
         let canary_flag = canary_flag.clone();
@@ -439,7 +462,7 @@ pub async fn start_with_service(
                             durable: true,
                             ..Default::default()
                         },
-                        plain_queue_args(queue_type),
+                        topology::inbox_args(queue_type, &retention),
                     )
                     .await
                     .map_err(|e| format!("declaring inbox `{q}`: {e}"))?;
@@ -515,6 +538,7 @@ pub async fn start_with_service(
     let heartbeat = service.heartbeat("accept loop");
     let ctx = Arc::new(Ctx {
         dedup: Dedup::new(cfg.dedup_capacity, cfg.dedup_max_age),
+        window: window.clone(),
         pool: budget::Pool::new(cfg.max_bytes_in_flight),
         admission: admission::Admission::new(admission::Limits {
             pending: cfg.max_pending_handshakes,
@@ -550,6 +574,15 @@ pub async fn start_with_service(
         admin::serve_if_configured(ctx.cfg.admin_listen, ctx.clone(), metrics, shutdown.clone())
             .await?;
     info!(listen = %listen_addr, admin = ?admin_addr, identities = ?ctx.identities.iter().map(|(n, q)| format!("{n} -> {q}")).collect::<Vec<_>>(), "float listening");
+    if let (Some(w), Some(broker)) = (&window, &ctx.broker) {
+        tokio::spawn(w.clone().run(
+            broker.clone(),
+            ctx.dedup.clone(),
+            ctx.cfg.inbox_exchange.clone(),
+            ctx.cfg.dedup_max_age,
+            broker_shutdown.clone(),
+        ));
+    }
     service.spawn(ctx.clone(), shutdown.clone());
     let done = tokio::spawn(async move {
         listener::serve(listener, ctx.clone(), shutdown, heartbeat).await;

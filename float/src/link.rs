@@ -221,6 +221,10 @@ pub(crate) struct Link {
     canary: Option<String>,
     /// The waiting delivery waited for its broker channel to open: it does not wait twice.
     opened: bool,
+    /// Stream inboxes: the window round this link waits for before it publishes (asked at
+    /// attach, so that what another float published for its peer is read back first; see
+    /// `crate::window`). 0 without a stream window, and for a canary.
+    needed: u64,
 }
 
 impl Link {
@@ -246,8 +250,22 @@ impl Link {
             inflight: VecDeque::new(),
             front: 0,
             held_back: false,
+            needed: match (&ctx.window, &canary) {
+                (Some(w), None) => w.request(),
+                _ => 0,
+            },
             canary,
             opened: false,
+        }
+    }
+
+    /// Stream inboxes: whether the window is not rebuilt yet for this link on the current
+    /// broker connection. Without a connection it does not hold: the publish is released as
+    /// without a window.
+    fn gated(&self, ctx: &Ctx) -> bool {
+        match (&ctx.window, ctx.broker_generation()) {
+            (Some(w), Some(generation)) => !w.is_open(self.needed, generation),
+            _ => false,
         }
     }
 
@@ -297,6 +315,11 @@ impl Link {
             let paused = self.pause.until(tokio::time::Instant::now()).is_some();
             self.note_budget(sh);
             if paused || self.waiting.is_some() || !self.budget.has_room() {
+                return;
+            }
+            // Checked before the window classifies anything: an incomplete window would
+            // take a stored message for a new one.
+            if self.canary.is_none() && self.gated(sh.ctx) {
                 return;
             }
             let Some((id, payload)) = self.held.pop_front() else {
@@ -419,6 +442,16 @@ impl Link {
             return None;
         }
         self.opened = false;
+        // The connection changed since the window classified it (a reconnect between the
+        // gate and here, or its channel opened on the new one): released, and resent.
+        if let (Some(w), Some((live, _)), true) =
+            (&sh.ctx.window, &channel, outbound.ticket.is_some())
+        {
+            if !w.is_open(self.needed, live.generation) {
+                let unavailable = Err(Settle::Release(Transient::BrokerUnavailable));
+                return self.published(conn, id, unavailable, outbound.ticket, permit, sh);
+            }
+        }
         let Outbound {
             inbox,
             body,

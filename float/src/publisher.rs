@@ -76,6 +76,7 @@ impl Channels {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         Publisher {
             slot: self.slots.get(i).cloned().unwrap_or_default(),
+            last: Arc::default(),
         }
     }
 
@@ -96,16 +97,38 @@ impl Channels {
 #[derive(Debug)]
 pub(crate) struct Publisher {
     slot: Arc<tokio::sync::Mutex<Current>>,
+    /// The slot's channel as this link last saw it (or opened it): used while another link
+    /// holds the slot's lock. Never held across an await.
+    last: Arc<std::sync::Mutex<Current>>,
+}
+
+/// `current` if its connection and channel are still open.
+fn usable(current: &Current) -> Current {
+    let (live, ch) = current.as_ref()?;
+    (!live.is_lost() && ch.status().connected()).then(|| (live.clone(), ch.clone()))
 }
 
 impl Publisher {
     /// The slot's channel, if it is open now. Never waits: the connection's task calls it, and
-    /// while it waited the peer's frames (its heartbeats included) would wait too. A slot
-    /// another link is opening counts as not open.
+    /// while it waited the peer's frames (its heartbeats included) would wait too.
+    ///
+    /// While another link holds the slot (opening its channel: when many links start at
+    /// once, each `opening` takes the lock in turn), the channel this link last saw or opened
+    /// is used if it is still open. Without that, a link whose own `opening` had just found
+    /// the channel open could find the lock taken by the next link's and release its
+    /// delivery as `broker_unavailable` (seen when 30 links started together, hot-hot).
     pub(crate) fn channel_now(&self) -> Option<(Arc<Live>, Channel)> {
-        let slot = self.slot.try_lock().ok()?;
-        let (live, ch) = slot.as_ref()?;
-        (!live.is_lost() && ch.status().connected()).then(|| (live.clone(), ch.clone()))
+        match self.slot.try_lock() {
+            Ok(slot) => {
+                let current = usable(&slot);
+                self.last
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone_from(&current);
+                current
+            }
+            Err(_) => usable(&self.last.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 
     /// Opens the slot's channel on the current broker connection (or finds it opened by
@@ -114,10 +137,15 @@ impl Publisher {
     /// publish that follows (it settles `released`).
     pub(crate) fn opening(&self, broker: &BrokerSession) -> BoxFuture<'static, ()> {
         let slot = self.slot.clone();
+        let last = self.last.clone();
         let broker = broker.clone();
         async move {
-            if let Err(ChannelError::Open(source)) = open(&slot, &broker).await {
-                warn!(reason = %source, "cannot open a broker channel");
+            match open(&slot, &broker).await {
+                Ok(current) => *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(current),
+                Err(ChannelError::Open(source)) => {
+                    warn!(reason = %source, "cannot open a broker channel")
+                }
+                Err(_) => {}
             }
         }
         .boxed()

@@ -22,6 +22,14 @@ pub const CORRELATION_ID_TYPE: &str = "drawbridge-correlation-id-type";
 /// receiving broker checks `user_id` against the float's own login and refuses others.
 pub const ORIGINAL_USER_ID: &str = "drawbridge-original-user-id";
 
+/// Set (with the publishing float's instance and round, `<instance>:<round>`) on the
+/// window markers a float publishes into a *stream* inbox: an empty message that tells the
+/// float reading the stream back that it has read everything stored before it (see
+/// `docs/guarantees.md`, "Exactly once into a stream inbox"). It carries no sender and is no
+/// peer's message: a node reading a stream inbox skips it. A peer cannot forge one: the name
+/// is reserved ([`reserved`]), so the float strips it from what peers send.
+pub const WINDOW_MARKER: &str = "drawbridge-window-marker";
+
 /// Headers a sending node sets for the receiving node; a float passes them on.
 pub const SET_BY_SENDER: [&str; 2] = [DESTINATION, TOPIC];
 

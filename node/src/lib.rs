@@ -1,6 +1,8 @@
 //! What a Drawbridge node does on its own broker, as a library: publish control messages
 //! (sequenced, with `user_id` set to the node's broker login), answer the bridge's snapshot
-//! requests, and declare peer queues with the arguments the bridge expects.
+//! requests, and declare peer queues with the arguments the bridge expects. Reading the
+//! inbox: [`dedup::Seen`] drops the duplicates a queue inbox may hold, and
+//! [`stream_inbox::StreamInbox`] reads a stream inbox from where the node stopped.
 //!
 //! The message types are `drawbridge-control-protocol`'s; this crate adds the broker side
 //! (lapin). The operator CLI, the test kit and the demo use it, and it is the reference for
@@ -22,6 +24,7 @@ use std::{
 
 pub mod connect;
 pub mod dedup;
+pub mod stream_inbox;
 pub mod topology;
 
 pub use connect::{connect_with, BrokerTls, ConnectOptions};

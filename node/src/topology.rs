@@ -32,6 +32,10 @@ pub enum QueueType {
     Classic,
     /// Quorum queue (replicated on a cluster).
     Quorum,
+    /// Stream (RabbitMQ ≥ 3.9): an append-only log read by offset. Only for inboxes: a
+    /// stream keeps what was read, so it cannot be a peer or dead-letter queue, which the
+    /// bridge consumes and acks away (the bridge refuses it there).
+    Stream,
 }
 
 impl QueueType {
@@ -40,6 +44,7 @@ impl QueueType {
         match self {
             QueueType::Classic => "classic",
             QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
         }
     }
 }
@@ -57,7 +62,8 @@ impl FromStr for QueueType {
         match s {
             "classic" => Ok(QueueType::Classic),
             "quorum" => Ok(QueueType::Quorum),
-            other => Err(format!("`{other}` is not `classic` or `quorum`")),
+            "stream" => Ok(QueueType::Stream),
+            other => Err(format!("`{other}` is not `classic`, `quorum` or `stream`")),
         }
     }
 }
@@ -110,6 +116,67 @@ pub fn plain_queue_args(queue_type: QueueType) -> FieldTable {
         ShortString::from("x-queue-type"),
         AMQPValue::LongString(LongString::from(queue_type.as_str())),
     );
+    args
+}
+
+/// How long and how much a stream inbox keeps (`x-max-age`, `x-max-length-bytes`). RabbitMQ
+/// drops whole segments past either; a node that reads slower than this loses nothing it has
+/// not read only while it stays within it, so size it to the longest outage of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRetention {
+    /// `x-max-age`, RabbitMQ's syntax: a number and a unit of `Y M D h m s` (e.g. `7D`).
+    pub max_age: String,
+    /// `x-max-length-bytes`.
+    pub max_bytes: u64,
+}
+
+impl Default for StreamRetention {
+    fn default() -> Self {
+        StreamRetention {
+            max_age: "7D".to_string(),
+            max_bytes: 20 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl StreamRetention {
+    /// `max_age` as a duration, or why it is not RabbitMQ's syntax.
+    pub fn max_age_duration(&self) -> Result<std::time::Duration, String> {
+        let s = self.max_age.as_str();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number and a unit (Y, M, D, h, m, s)"))?;
+        let secs = match unit {
+            "Y" => 365 * 86_400,
+            "M" => 30 * 86_400,
+            "D" => 86_400,
+            "h" => 3_600,
+            "m" => 60,
+            "s" => 1,
+            _ => return Err(format!("`{s}`: the unit is one of Y, M, D, h, m, s")),
+        };
+        if n == 0 {
+            return Err(format!("`{s}` keeps nothing"));
+        }
+        Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
+    }
+}
+
+/// Arguments of an inbox of `queue_type`: the type, and for a stream its retention.
+pub fn inbox_args(queue_type: QueueType, retention: &StreamRetention) -> FieldTable {
+    let mut args = plain_queue_args(queue_type);
+    if queue_type == QueueType::Stream {
+        args.insert(
+            ShortString::from("x-max-age"),
+            AMQPValue::LongString(LongString::from(retention.max_age.as_str())),
+        );
+        args.insert(
+            ShortString::from("x-max-length-bytes"),
+            AMQPValue::LongLongInt(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX)),
+        );
+    }
     args
 }
 

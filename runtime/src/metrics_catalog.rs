@@ -78,7 +78,27 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
     (
         "drawbridge_bridge_active",
         Gauge,
-        "1 on the active bridge of an HA group, 0 on standbys.",
+        "1 on the active bridge of an HA group (in hot-hot: on every alive member), 0 on standbys.",
+    ),
+    (
+        "drawbridge_bridge_members",
+        Gauge,
+        "Hot-hot: alive members of the group this instance counts (itself included).",
+    ),
+    (
+        "drawbridge_bridge_links_owned",
+        Gauge,
+        "Wanted links this instance runs (in hot-hot: its share; otherwise all of them while active).",
+    ),
+    (
+        "drawbridge_bridge_link_handovers_total",
+        Counter,
+        "Hot-hot: links moved because the members changed, by direction (out: handed over to their new owner; in: started while other members were alive, i.e. taken over or joined into).",
+    ),
+    (
+        "drawbridge_bridge_member_announcements_refused_total",
+        Counter,
+        "Hot-hot: announcements on the members fanout ignored as malformed or oversized.",
     ),
     (
         "drawbridge_bridge_tunnels_up",
@@ -280,6 +300,36 @@ pub const CATALOG: &[(&str, Kind, &str)] = &[
         "drawbridge_float_duplicates_passed_total",
         Counter,
         "Resends of messages still in flight, published again (deduplication cannot tell yet).",
+    ),
+    (
+        "drawbridge_float_window_ready",
+        Gauge,
+        "Stream inboxes: 1 while the dedup window is read back from the inbox streams on the current broker connection (links publish), 0 while it is rebuilt.",
+    ),
+    (
+        "drawbridge_float_window_rebuilds_total",
+        Counter,
+        "Stream inboxes: rebuilds of the dedup window from the inbox streams (at start, after each broker reconnect, after a failure).",
+    ),
+    (
+        "drawbridge_float_window_last_rebuild_seconds",
+        Gauge,
+        "Stream inboxes: how long the last rebuild held the links, from start or connection loss until the window was read back.",
+    ),
+    (
+        "drawbridge_float_window_stream_read_total",
+        Counter,
+        "Stream inboxes: messages read back from the inbox streams into the dedup window.",
+    ),
+    (
+        "drawbridge_float_window_duplicates_stored_total",
+        Counter,
+        "Stream inboxes: messages read back from an inbox stream a second time within the window (a copy stored twice: two floats publishing at once, or a resend while its first copy was in flight).",
+    ),
+    (
+        "drawbridge_float_window_markers_total",
+        Counter,
+        "Stream inboxes: window markers published into the inbox streams (one per inbox per round).",
     ),
     (
         "drawbridge_float_reserved_headers_stripped_total",

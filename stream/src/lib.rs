@@ -31,6 +31,8 @@ use sha2::{Digest, Sha256};
 pub const DESTINATION: &str = "drawbridge-destination";
 /// Sender header stamped by the float.
 pub const SENDER: &str = "drawbridge-sender";
+/// Header of a float's window marker in a stream inbox: no peer's message, skipped.
+pub const WINDOW_MARKER: &str = "drawbridge-window-marker";
 
 const HEADER_LEN: usize = 8 + 8 + 32;
 
@@ -148,6 +150,7 @@ pub struct Tally {
     first: Option<std::time::Instant>,
     last: Option<std::time::Instant>,
     header_keys: std::collections::BTreeSet<String>,
+    markers: u64,
 }
 
 impl Tally {
@@ -167,7 +170,21 @@ impl Tally {
             first: None,
             last: None,
             header_keys: Default::default(),
+            markers: 0,
         }
+    }
+
+    /// Whether a message with these headers is a float's window marker (counted, not a
+    /// message of the run).
+    pub fn skip_marker(&mut self, headers: Option<&FieldTable>) -> bool {
+        let marker = headers.is_some_and(|h| h.inner().contains_key(WINDOW_MARKER));
+        self.markers += u64::from(marker);
+        marker
+    }
+
+    /// Window markers skipped so far.
+    pub fn markers(&self) -> u64 {
+        self.markers
     }
 
     /// Remember the header names of a received message (see [`Report::header_keys`]).
@@ -390,15 +407,34 @@ pub async fn consume(
     queue: &str,
     tally: &mut Tally,
     idle: Duration,
+    progress: impl FnMut(u64),
+) -> Result<()> {
+    consume_from(channel, queue, None, tally, idle, progress).await
+}
+
+/// As [`consume`]; `offset`, when given, is the `x-stream-offset` a *stream* inbox is read
+/// from (`"first"`, a number, a timestamp). A stream keeps what is read: the acks only give
+/// the consumer credit. The float's window markers ([`WINDOW_MARKER`]) are skipped (counted
+/// in [`Tally::markers`]).
+pub async fn consume_from(
+    channel: &Channel,
+    queue: &str,
+    offset: Option<AMQPValue>,
+    tally: &mut Tally,
+    idle: Duration,
     mut progress: impl FnMut(u64),
 ) -> Result<()> {
     channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut args = FieldTable::default();
+    if let Some(offset) = offset {
+        args.insert(ShortString::from("x-stream-offset"), offset);
+    }
     let mut consumer = channel
         .basic_consume(
             ShortString::from(queue),
             ShortString::from(format!("drawbridge-verify-{}", uuid::Uuid::new_v4())),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            args,
         )
         .await
         .with_context(|| format!("consuming {queue}"))?;
@@ -412,6 +448,12 @@ pub async fn consume(
             Ok(Some(Err(e))) => bail!("consuming {queue}: {e}"),
             Ok(Some(Ok(d))) => d,
         };
+        if tally.skip_marker(d.properties.headers().as_ref()) {
+            channel
+                .basic_ack(d.delivery_tag, BasicAckOptions::default())
+                .await?;
+            continue;
+        }
         let id = d
             .properties
             .message_id()
@@ -439,6 +481,12 @@ pub async fn consume(
     while let Ok(Some(Ok(d))) =
         tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
     {
+        if tally.skip_marker(d.properties.headers().as_ref()) {
+            channel
+                .basic_ack(d.delivery_tag, BasicAckOptions::default())
+                .await?;
+            continue;
+        }
         let id = d
             .properties
             .message_id()

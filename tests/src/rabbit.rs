@@ -547,6 +547,33 @@ impl RabbitNode {
             .collect())
     }
 
+    /// Consumers per queue of `vhost` (`rabbitmqctl list_queues name consumers`).
+    pub async fn consumers(&self, vhost: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+        let out = self
+            .ctl(&[
+                "list_queues",
+                "-p",
+                vhost,
+                "--no-table-headers",
+                "-q",
+                "name",
+                "consumers",
+            ])
+            .await?;
+        let mut m = std::collections::BTreeMap::new();
+        for line in out.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if let [name, n] = cols[..] {
+                m.insert(
+                    name.to_string(),
+                    n.parse()
+                        .map_err(|e| anyhow::anyhow!("consumers of {name}: {e}"))?,
+                );
+            }
+        }
+        Ok(m)
+    }
+
     /// `rabbitmqctl -n NAME args...`; returns stdout, errors include stderr.
     pub async fn ctl(&self, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(CTL);

@@ -276,6 +276,17 @@ impl Org {
         }
     }
 
+    /// `n` links to `peer`'s float, each on its own peer queue `<queue_to(peer)>-<i>` (`i` in
+    /// `0..n`, zero-padded to two digits): for tests that share many links out among bridges.
+    pub fn links_to(&self, peer: &Org, n: usize) -> Vec<PeerLink> {
+        (0..n)
+            .map(|i| PeerLink {
+                queue: format!("{}-{i:02}", self.queue_to(peer)),
+                ..self.link_to(peer)
+            })
+            .collect()
+    }
+
     /// The `drawbridge-reason` of each message taken from this org's dead-letter queue, until
     /// `n` were taken or `within` ran out ("" for a copy without a reason).
     pub async fn dead_letter_reasons(&self, n: usize, within: Duration) -> Result<Vec<String>> {

@@ -20,8 +20,16 @@
 //! time from the failure until the component reports itself recovered (link up on the
 //! other float, float or link up on another cluster node). One line
 //! per scenario starting with `FAULT-REPORT` is printed for the summary table.
+//!
+//! The `*_stream` scenarios repeat b, c, d1, e and j with B's inbox a RabbitMQ stream
+//! (`float.inbox_queue_type = "stream"`), whose float rebuilds its dedup window from the
+//! stream; m_stream kills the float during that rebuild. They require **0 duplicates** as
+//! well: B's stream is watched by a reader from its first offset (a stream's depth from a
+//! passive declare is coarse), and verified by reading it from its first offset, window
+//! markers skipped, twice (the second time after a quiet period, for late resends).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -35,8 +43,11 @@ use drawbridge_testkit::{
     world::{self, Org, SnapshotResponder, INBOX},
     BANK_A, BANK_B, BANK_C,
 };
-use futures::future::LocalBoxFuture;
-use lapin::{options::QueueDeclareOptions, types::FieldTable};
+use futures::{future::LocalBoxFuture, StreamExt};
+use lapin::{
+    options::{BasicAckOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
 
 /// Bridge settings that make failures show quickly (the defaults suit WAN links).
 const FAST_BRIDGE: &str = "reconnect_max = \"2s\"\nidle_timeout = \"5s\"\nsettle_timeout = \"10s\"\nconnect_timeout = \"3s\"\ndrain_grace = \"10s\"";
@@ -126,6 +137,42 @@ async fn j_float_refuses_publishes_for_a_minute() -> Result<()> {
 
 #[tokio::test]
 #[ignore = "fault suite"]
+async fn b_stream_float_killed_and_restarted() -> Result<()> {
+    run(&B_STREAM_FLOAT_KILLED_AND_RESTARTED).await
+}
+
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn c_stream_one_of_two_floats_killed() -> Result<()> {
+    run(&C_STREAM_ONE_OF_TWO_FLOATS_KILLED).await
+}
+
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn d1_stream_receiving_cluster_node_killed() -> Result<()> {
+    run(&D1_STREAM_RECEIVING_CLUSTER_NODE_KILLED).await
+}
+
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn e_stream_brokers_stopped_for_ten_seconds() -> Result<()> {
+    run(&E_STREAM_BROKERS_STOPPED_FOR_TEN_SECONDS).await
+}
+
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn j_stream_float_refuses_publishes_for_a_minute() -> Result<()> {
+    run(&J_STREAM_FLOAT_REFUSES_PUBLISHES_FOR_A_MINUTE).await
+}
+
+#[tokio::test]
+#[ignore = "fault suite"]
+async fn m_stream_float_killed_during_rebuild() -> Result<()> {
+    run(&M_STREAM_FLOAT_KILLED_DURING_REBUILD).await
+}
+
+#[tokio::test]
+#[ignore = "fault suite"]
 async fn k_tunnel_mode_receiving_bridge_killed() -> Result<()> {
     run(&K_TUNNEL_MODE_RECEIVING_BRIDGE_KILLED).await
 }
@@ -152,6 +199,9 @@ const BASE: Scenario = Scenario {
     bridge: &[FAST_BRIDGE],
     links: Links::CreateLink,
     prepare: None,
+    started: None,
+    fill: None,
+    inbox: Inbox::Queue,
     faults: &[],
     verify: Verify::Inbox,
     note: None,
@@ -243,9 +293,17 @@ const E_BROKERS_STOPPED_FOR_TEN_SECONDS: Scenario = Scenario {
         "e",
         "e. stop_app float's broker 10 s, then bridge's broker 10 s",
     )],
-    faults: &[
+    faults: &stop_b_then_a((1, 4), (1, 2)),
+    note: Some(broker_start_times),
+    ..BASE
+};
+
+/// e: stop_app of B's broker (the float's) for 10 s once B holds `b` of the stream, then of
+/// A's (the bridge's) once it holds `a`.
+const fn stop_b_then_a(b: (u64, u64), a: (u64, u64)) -> [Fault; 2] {
+    [
         Fault {
-            at: When::b_holds(1, 4, 120),
+            at: When::b_holds(b.0, b.1, 120),
             strike: stop_app_b,
             recovery: Recovery::Heal {
                 hold: Duration::from_secs(10),
@@ -256,7 +314,7 @@ const E_BROKERS_STOPPED_FOR_TEN_SECONDS: Scenario = Scenario {
             },
         },
         Fault {
-            at: When::b_holds(1, 2, 120),
+            at: When::b_holds(a.0, a.1, 120),
             strike: stop_app_a,
             recovery: Recovery::Heal {
                 hold: Duration::from_secs(10),
@@ -264,10 +322,8 @@ const E_BROKERS_STOPPED_FOR_TEN_SECONDS: Scenario = Scenario {
                 baseline: Baseline::SettledBeforeHeal,
             },
         },
-    ],
-    note: Some(broker_start_times),
-    ..BASE
-};
+    ]
+}
 
 /// f. the bridge↔float path cut for 30 s as a black hole (no FIN/RST), then as resets.
 const F_PATH_CUT_BLACK_HOLE_THEN_RESET: Scenario = Scenario {
@@ -423,6 +479,112 @@ const L_TUNNEL_MODE_KEYLESS_FLOAT_KILLED: Scenario = Scenario {
     ..BASE
 };
 
+// Stream inboxes (issue 26): the same faults with `float.inbox_queue_type = "stream"`. The
+// float rebuilds its dedup window from the stream, so a resend of anything the broker stored
+// is recognised: every one of these must show 0 lost *and 0 duplicates*, read back from the
+// stream's first offset twice (the second time after a quiet period, for late resends).
+
+/// b_stream. As b, with a stream inbox: the restarted float reads the stream back before it
+/// publishes, so the bridge's resends of what the killed float had stored are suppressed.
+const B_STREAM_FLOAT_KILLED_AND_RESTARTED: Scenario = Scenario {
+    streams: &[Stream::to_b(
+        "bs",
+        "b_stream. kill -9 float (restart), stream inbox",
+    )],
+    inbox: Inbox::Stream,
+    ..B_FLOAT_KILLED_AND_RESTARTED
+};
+
+/// c_stream. As c, both floats with stream inboxes: the surviving float has followed the
+/// stream all along and reads it up to its own marker before the link publishes.
+const C_STREAM_ONE_OF_TWO_FLOATS_KILLED: Scenario = Scenario {
+    streams: &[Stream {
+        route: Route::TwoFloats,
+        ..Stream::to_b(
+            "cs",
+            "c_stream. kill -9 one of two floats (failover, no restart), stream inbox",
+        )
+    }],
+    inbox: Inbox::Stream,
+    ..C_ONE_OF_TWO_FLOATS_KILLED
+};
+
+/// d1_stream. As d1, with the inbox a stream replicated over B's 3-node cluster: the float's
+/// node is killed; the float reconnects to another node and rebuilds before it publishes.
+const D1_STREAM_RECEIVING_CLUSTER_NODE_KILLED: Scenario = Scenario {
+    streams: &[Stream::to_b(
+        "d1s",
+        "d1_stream. kill -9 the float's cluster node (stream inbox)",
+    )],
+    float: &[FAST_FLOAT],
+    inbox: Inbox::Stream,
+    ..D1_RECEIVING_CLUSTER_NODE_KILLED
+};
+
+/// e_stream. As e, with a stream inbox: publishes whose confirms died with the float's
+/// broker connection are found in the stream after the reconnect.
+const E_STREAM_BROKERS_STOPPED_FOR_TEN_SECONDS: Scenario = Scenario {
+    streams: &[Stream::to_b(
+        "es",
+        "e_stream. stop_app float's broker 10 s, then bridge's broker 10 s, stream inbox",
+    )],
+    // The stream inbox takes ~40,000 messages in the time `stop_app` takes to hold (its
+    // CLI starts first): a longer stream and earlier strikes, so that both brokers stop with
+    // messages still to come.
+    messages: 200_000,
+    faults: &stop_b_then_a((1, 10), (1, 2)),
+    inbox: Inbox::Stream,
+    ..E_BROKERS_STOPPED_FOR_TEN_SECONDS
+};
+
+/// j_stream. As j, with a stream inbox. The float must be up (its window rebuilt, which
+/// publishes a marker) before its broker refuses publishes, so the refusal comes once the
+/// floats are started, and B's connections are closed so that no channel keeps a permission
+/// it checked before. Every message ends in the inbox or the dead-letter queue, none twice.
+const J_STREAM_FLOAT_REFUSES_PUBLISHES_FOR_A_MINUTE: Scenario = Scenario {
+    streams: &[Stream::to_b(
+        "js",
+        "j_stream. float's broker refuses publishes 60 s (quorum, delivery-limit 5), stream inbox",
+    )],
+    prepare: Some(limit_deliveries),
+    started: Some(refuse_publishes_and_reconnect),
+    inbox: Inbox::Stream,
+    // The float holds what it takes while its window cannot be rebuilt (its marker is
+    // refused) instead of releasing each refused publish: the bridge sees settle timeouts,
+    // not returns, and does not call the head of the queue stuck within the minute. The
+    // float says why it holds.
+    checks: &[
+        every_dead_letter_has_a_reason,
+        window_reported_refusal,
+        link_backed_off,
+    ],
+    ..J_FLOAT_REFUSES_PUBLISHES_FOR_A_MINUTE
+};
+
+/// m_stream. The stream inbox already holds a first run (`M_FILL` messages, sent through the
+/// link before the stream) when, a third into the stream, the float is killed, restarted,
+/// and killed again *while its window is rebuilding* from the stream (seen on `/status`), then
+/// restarted once more. The interrupted rebuild must leave nothing half done: both runs are
+/// in the stream exactly once.
+const M_STREAM_FLOAT_KILLED_DURING_REBUILD: Scenario = Scenario {
+    streams: &[Stream::to_b(
+        "m2",
+        "m_stream. kill -9 float, restart, kill -9 during its window rebuild, restart; stream inbox",
+    )],
+    fill: Some(("m1", M_FILL)),
+    inbox: Inbox::Stream,
+    faults: &[Fault::restart(
+        When::b_holds(1, 3, 180),
+        kill9_restart_kill9_while_rebuilding,
+        restart_float,
+    )],
+    note: Some(rebuild_kill_summary),
+    ..BASE
+};
+
+/// m_stream: messages of the first run, already in the stream when the faults strike.
+const M_FILL: u64 = 100_000;
+
 // ---------------------------------------------------------------------------------------
 // What a scenario is.
 // ---------------------------------------------------------------------------------------
@@ -453,6 +615,13 @@ struct Scenario {
     links: Links,
     /// Runs once the brokers are up, before the streams are loaded (policies, permissions).
     prepare: Option<Step>,
+    /// Runs once the floats are up, before A's bridge starts.
+    started: Option<Step>,
+    /// A first run (name, messages) loaded into the same peer queue before the streams, so
+    /// that it is in B's inbox before them; verified with them.
+    fill: Option<(&'static str, u64)>,
+    /// What B's inbox is (every float of B gets `inbox_queue_type` for it).
+    inbox: Inbox,
     /// The faults, in order; each strikes at its point in the stream and is followed by its
     /// recovery probe.
     faults: &'static [Fault],
@@ -623,6 +792,23 @@ enum Baseline {
     AfterHeal,
 }
 
+/// What B's inbox is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inbox {
+    /// The float's default queue inbox: duplicates are reported, not failed.
+    Queue,
+    /// `float.inbox_queue_type = "stream"`: B's inbox is a stream, watched by a reader from
+    /// its first offset ([`StreamCount`]) instead of its (coarse) depth, verified by reading
+    /// it from the first offset twice; 0 duplicates required.
+    Stream,
+}
+
+/// The float line for a stream inbox.
+const STREAM_INBOX: &str = "inbox_queue_type = \"stream\"";
+
+/// How long the stream is left alone before it is read a second time (late resends).
+const QUIET_BEFORE_REREAD: Duration = Duration::from_secs(5);
+
 /// How the delivered messages are checked.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Verify {
@@ -662,24 +848,52 @@ async fn run(s: &Scenario) -> Result<()> {
             whole.with_context(|| rig.logs())?;
         }
     }
-    rig.reports = match s.verify {
-        Verify::Inbox => {
+    rig.reports = match (s.verify, s.inbox) {
+        (Verify::Inbox, Inbox::Queue) => {
             let mut reports = Vec::new();
             for stream in s.streams {
                 reports.push(verify(rig.org(stream.to)?, stream.run, rig.n, BANK_A).await?);
             }
             reports
         }
-        Verify::InboxAndDeadLetters => vec![rig.verify_with_dead_letters(&s.streams[0]).await?],
+        (Verify::Inbox, Inbox::Stream) => {
+            let (runs, idle) = (rig.stream_runs(s), Duration::from_secs(60));
+            let first = read_stream(&rig.b, &runs, BANK_A, idle).await?;
+            tokio::time::sleep(QUIET_BEFORE_REREAD).await;
+            let again = read_stream(&rig.b, &runs, BANK_A, idle).await?;
+            // The fill's report comes first; B's stream is the one reported.
+            let reports = first.reports[usize::from(s.fill.is_some())..].to_vec();
+            rig.stream_reads = vec![first, again];
+            reports
+        }
+        (Verify::InboxAndDeadLetters, _) => {
+            let r = rig.verify_with_dead_letters(&s.streams[0], s.inbox).await?;
+            if s.inbox == Inbox::Stream {
+                tokio::time::sleep(QUIET_BEFORE_REREAD).await;
+                let idle = Duration::from_secs(5);
+                let again = read_stream(&rig.b, &rig.stream_runs(s), BANK_A, idle).await?;
+                rig.stream_reads = vec![again];
+            }
+            vec![r]
+        }
     };
+    if s.inbox == Inbox::Stream {
+        rig.window_notes = rig.window_summaries().await;
+    }
     if let Some(note) = s.note {
         println!("{}", note(&rig));
+    }
+    for line in rig.stream_notes(s) {
+        println!("{line}");
     }
     for (stream, r) in s.streams.iter().zip(&rig.reports) {
         report(stream.title, r, &rig.recoveries);
     }
     for (stream, r) in s.streams.iter().zip(&rig.reports) {
         assert_intact(stream.label, r, &rig.logs());
+    }
+    if s.inbox == Inbox::Stream {
+        rig.assert_exactly_once(s);
     }
     for check in s.checks {
         check(&mut rig).await?;
@@ -780,6 +994,18 @@ struct Rig {
     dead_letters: (u64, BTreeMap<String, u64>),
     /// One report per stream, once verified.
     reports: Vec<Report>,
+    /// Stream inbox: what each read of it from the first offset found (the verification,
+    /// then the re-read after a quiet period).
+    stream_reads: Vec<StreamRead>,
+    /// Stream inbox: B's floats' windows, duplicates suppressed, at the end.
+    window_notes: Vec<String>,
+    /// m: the float's `window` just before it was killed during its rebuild, and the stream's
+    /// length then.
+    rebuild_kill: Option<(serde_json::Value, u64)>,
+    /// Faults healed after the whole stream had arrived (nothing left to recover).
+    struck_late: u32,
+    /// j_stream: messages both in the stream inbox and dead-lettered, with what says when.
+    in_both: Vec<String>,
 }
 
 impl Rig {
@@ -797,7 +1023,12 @@ impl Rig {
         };
 
         drawbridge_certs::install_crypto_provider();
-        let dir = tempfile::tempdir()?;
+        let mut dir = tempfile::tempdir()?;
+        if std::env::var_os("DRAWBRIDGE_FAULT_KEEP_DIR").is_some() {
+            // Configs and daemon logs stay for a post-mortem.
+            dir.disable_cleanup(true);
+            println!("keeping {}", dir.path().display());
+        }
         let mut names = vec![BANK_A.parse()?, BANK_B.parse()?];
         if broker_c.is_some() {
             names.push(BANK_C.parse()?);
@@ -811,7 +1042,10 @@ impl Rig {
         let mut rig = Rig {
             n: messages(s.messages).min(s.max_messages),
             _responder: None,
-            probe_b: InboxProbe::new(&b),
+            probe_b: match s.inbox {
+                Inbox::Queue => InboxProbe::new(&b),
+                Inbox::Stream => InboxProbe::stream(&b, s.streams[0].run),
+            },
             probe_c: c.as_ref().map(InboxProbe::new),
             proxy: None,
             second_float: None,
@@ -830,15 +1064,27 @@ impl Rig {
             accounted: (0, 0),
             dead_letters: (0, BTreeMap::new()),
             reports: Vec::new(),
+            stream_reads: Vec::new(),
+            window_notes: Vec::new(),
+            rebuild_kill: None,
+            struck_late: 0,
+            in_both: Vec::new(),
         };
 
         if let Some(prepare) = s.prepare {
             prepare(&mut rig).await?;
         }
+        if let Some((run, n)) = s.fill {
+            preload(&rig.a, &rig.b, run, n, s.peer_queue).await?;
+        }
         for stream in s.streams {
             preload(&rig.a, rig.org(stream.to)?, stream.run, rig.n, s.peer_queue).await?;
         }
-        let float = s.float.join("\n");
+        let mut float = s.float.to_vec();
+        if s.inbox == Inbox::Stream {
+            float.push(STREAM_INBOX);
+        }
+        let float = float.join("\n");
         for stream in s.streams {
             let org = rig.org_mut(stream.to)?;
             match stream.route {
@@ -858,6 +1104,9 @@ impl Rig {
                     rig.proxy = Some(FaultProxy::start(([127, 0, 0, 1], port).into()).await?);
                 }
             }
+        }
+        if let Some(started) = s.started {
+            started(&mut rig).await?;
         }
         rig.a.start_bridge(&s.bridge.join("\n")).await?;
         let mut links = Vec::new();
@@ -998,6 +1247,7 @@ impl Rig {
                         heal(self).await?;
                         self.heal_times.push(t0.elapsed());
                         if baseline >= self.n {
+                            self.struck_late += 1;
                             // The backlog drained faster than the fault took hold (stop_app
                             // takes a second or two): everything had arrived before the heal,
                             // so there is no recovery to time. Loss and duplicates are still
@@ -1017,8 +1267,9 @@ impl Rig {
                         heal(self).await?;
                         let healed = t0.elapsed();
                         self.heal_times.push(healed);
-                        let baseline = self.probe_b.now().await;
+                        let baseline = self.probe_b.caught_up().await;
                         if baseline >= self.n {
+                            self.struck_late += 1;
                             println!(
                                 "note: all {} messages had arrived before the heal; no recovery to time",
                                 self.n
@@ -1105,13 +1356,28 @@ impl Rig {
 
     /// Drain B's inbox and A's dead-letter queue into one tally, counting the dead-letters'
     /// reasons.
-    async fn verify_with_dead_letters(&mut self, stream: &Stream) -> Result<Report> {
+    async fn verify_with_dead_letters(&mut self, stream: &Stream, inbox: Inbox) -> Result<Report> {
         let (_cb, chb) = self.b.channel().await?;
         let mut tally = Tally::new(stream.run, self.n, Some(BANK_A.to_string()));
-        stream::consume(&chb, INBOX, &mut tally, Duration::from_secs(5), |_| {}).await?;
+        let from = (inbox == Inbox::Stream).then(|| AMQPValue::LongString("first".into()));
+        stream::consume_from(
+            &chb,
+            INBOX,
+            from,
+            &mut tally,
+            Duration::from_secs(5),
+            |_| {},
+        )
+        .await?;
         let delivered = tally.distinct();
         let (_ca, cha) = self.a.channel().await?;
         let mut reasons = BTreeMap::<String, u64>::new();
+        // When the stream's watch first read each message (a stream inbox only).
+        let stored = self
+            .probe_b
+            .stream_count()
+            .map(|c| c.ids)
+            .unwrap_or_default();
         while let Some(m) = cha
             .basic_get(
                 world::DEAD_LETTER.into(),
@@ -1126,10 +1392,189 @@ impl Rig {
                 .unwrap_or_else(|| "NO REASON".into());
             *reasons.entry(reason).or_default() += 1;
             let id = props.message_id().as_ref().map(|s| s.to_string());
+            if let Some(at) = id.as_ref().and_then(|id| stored.get(id)) {
+                self.in_both.push(format!(
+                    "{} read in the stream inbox at {at} (Unix ms), dead-lettered with {}",
+                    id.as_deref().unwrap_or_default(),
+                    death(h)
+                ));
+            }
             tally.record(id.as_deref(), &m.delivery.data, Some(BANK_A));
         }
         self.dead_letters = (delivered, reasons);
         Ok(tally.report())
+    }
+
+    /// The runs a stream inbox holds: the fill (if any), then B's stream.
+    fn stream_runs(&self, s: &Scenario) -> Vec<(&'static str, u64)> {
+        s.fill
+            .into_iter()
+            .chain(
+                s.streams
+                    .iter()
+                    .filter(|st| st.to == Peer::B)
+                    .map(|st| (st.run, self.n)),
+            )
+            .collect()
+    }
+
+    /// One line per running float of B: its stream window and what it suppressed.
+    async fn window_summaries(&self) -> Vec<String> {
+        let mut floats = vec![("float", self.b.float.as_ref())];
+        if let Some((second, _)) = &self.second_float {
+            floats.push(("float-2", Some(second)));
+        }
+        let mut lines = Vec::new();
+        for (name, float) in floats {
+            let Some(float) = float else { continue };
+            let line = match float.status().await {
+                Ok(st) => {
+                    let w = &st["window"];
+                    format!(
+                        "{name}: window {} rebuilds {} last_rebuild_ms {} read {} markers_published {} duplicates_stored {}; accepted {} duplicates_suppressed {}",
+                        w["state"],
+                        w["rebuilds"],
+                        w["last_rebuild_ms"],
+                        w["inboxes"][0]["read"],
+                        w["markers_published"],
+                        w["inboxes"][0]["duplicates_stored"],
+                        st["accepted"],
+                        st["duplicates_suppressed"]
+                    )
+                }
+                Err(_) => format!("{name}: not running"),
+            };
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// Stream inbox: what the reads from the first offset found, and B's floats' windows.
+    fn stream_notes(&self, s: &Scenario) -> Vec<String> {
+        let runs = self.stream_runs(s);
+        let mut lines = Vec::new();
+        for (i, read) in self.stream_reads.iter().enumerate() {
+            let which = if i == 0 && s.verify == Verify::Inbox {
+                "read".to_string()
+            } else {
+                format!("re-read after {}s quiet", QUIET_BEFORE_REREAD.as_secs())
+            };
+            for ((run, _), r) in runs.iter().zip(&read.reports) {
+                lines.push(format!(
+                    "stream inbox {which}, run {run}: received {} lost {} duplicates {} corrupted {} unexpected {}",
+                    r.received, r.lost, r.duplicates, r.corrupted, r.unexpected
+                ));
+            }
+            lines.push(format!(
+                "stream inbox {which}: {} messages, {} window markers, {} of no run",
+                read.messages, read.markers, read.other
+            ));
+        }
+        let c = self.probe_b.stream_count();
+        if let Some(c) = c {
+            lines.push(format!(
+                "stream inbox watch (reader from the first offset): run {}: {} distinct, {} copies; {} messages, {} markers; {} reconnects",
+                s.streams[0].run, c.ids.len(), c.copies, c.messages, c.markers, c.connects.saturating_sub(1)
+            ));
+        }
+        lines.extend(
+            self.window_notes
+                .iter()
+                .map(|l| format!("stream window {l}")),
+        );
+        if !self.in_both.is_empty() {
+            lines.push(format!(
+                "stream inbox: {} messages both in the inbox (once) and dead-lettered:",
+                self.in_both.len()
+            ));
+            lines.extend(self.in_both.iter().take(20).map(|l| format!("  {l}")));
+        }
+        // What B's floats said about their windows (a line per rebuild, warnings).
+        let mut floats: Vec<&Daemon> = self.b.float.iter().collect();
+        floats.extend(self.second_float.iter().map(|(d, _)| d));
+        for (i, float) in floats.into_iter().enumerate() {
+            let log = std::fs::read_to_string(float.log_path()).unwrap_or_default();
+            let said: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("stream window"))
+                .collect();
+            for l in &said[said.len().saturating_sub(12)..] {
+                lines.push(format!("float {} log: {}", i + 1, l.trim()));
+            }
+        }
+        lines
+    }
+
+    /// A's broker (single node): how many crash reports (or terminating servers) its log has, and the first (its
+    /// first 30 lines), for the messages both delivered and dead-lettered (j).
+    fn broker_a_crashes(&self) -> (usize, Vec<String>) {
+        let Ok(node) = self.broker_a.node() else {
+            return (0, Vec::new());
+        };
+        let log = node.dir().join("log").join(format!("{}.log", node.name()));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let crash = |l: &str| l.contains("crasher:") || l.contains("terminating");
+        let count = text.lines().filter(|l| crash(l)).count();
+        // The first one's head and its reason (the message it choked on is long).
+        let lines: Vec<&str> = text.lines().collect();
+        let Some(at) = lines.iter().position(|l| crash(l)) else {
+            return (count, Vec::new());
+        };
+        let reason = lines[at..]
+            .iter()
+            .position(|l| l.contains("Reason for termination"))
+            .map_or(at, |r| at + r);
+        let first = lines[at..at + 1]
+            .iter()
+            .chain(lines[reason..].iter().take(25))
+            .map(|l| l.chars().take(240).collect())
+            .collect();
+        (count, first)
+    }
+
+    /// Stream inbox: every run once, in every read of the stream, nothing else in it.
+    fn assert_exactly_once(&self, s: &Scenario) {
+        assert_eq!(
+            self.struck_late, 0,
+            "a fault came after the whole stream had arrived: it shows nothing about a stream inbox"
+        );
+        let runs = self.stream_runs(s);
+        assert!(
+            !self.stream_reads.is_empty(),
+            "the stream inbox was not read"
+        );
+        for (i, read) in self.stream_reads.iter().enumerate() {
+            for ((run, _), r) in runs.iter().zip(&read.reports) {
+                let lost_ok = if s.verify == Verify::Inbox {
+                    r.lost == 0
+                } else {
+                    // Dead-lettered messages are not in the inbox: every one that is must be
+                    // counted by the verification too.
+                    r.received == self.dead_letters.0
+                };
+                assert!(
+                    lost_ok
+                        && r.duplicates == 0
+                        && r.corrupted == 0
+                        && r.unexpected == 0
+                        && r.wrong_sender == 0,
+                    "stream inbox read {i}, run {run}: exactly once expected: {r:?}\n{}\n{}",
+                    self.window_notes.join("\n"),
+                    self.logs()
+                );
+            }
+            assert_eq!(read.other, 0, "messages of no run in the stream inbox");
+        }
+        for r in &self.reports {
+            // j: a message A's broker dead-lettered after its copy had been stored in the
+            // inbox is counted twice by the inbox-and-dead-letters tally; the inbox itself
+            // holds it once (the reads above). Anything else counted twice is a duplicate.
+            let in_both = self.in_both.len() as u64;
+            assert_eq!(
+                r.duplicates, in_both,
+                "stream inbox: no duplicates ({in_both} in the inbox and dead-lettered): {r:?}"
+            );
+        }
     }
 }
 
@@ -1182,6 +1627,68 @@ fn terminate_float(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
     Box::pin(async move {
         let code = r.float()?.terminate(Duration::from_secs(20)).await?;
         assert_eq!(code, Some(0), "float exit code after SIGTERM");
+        Ok(())
+    })
+}
+
+/// The line the float logs when its window is rebuilt from the stream inboxes.
+const REBUILT: &str = "stream window rebuilt from the inboxes";
+
+/// m: kill -9 the float, restart it, and kill -9 it again while its window is being rebuilt
+/// from the stream: once `/status` says `rebuilding` and the float has read a quarter of the
+/// stream back (not before it started reading, not after it finished).
+fn kill9_restart_kill9_while_rebuilding(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
+    Box::pin(async move {
+        let before = r.float()?.status().await.unwrap_or_default();
+        r.float()?.kill9().await?;
+        println!(
+            "m: first kill: the float had accepted {}, suppressed {}",
+            before["accepted"], before["duplicates_suppressed"]
+        );
+        let rebuilt_before = log_count(r.float()?, REBUILT);
+        r.float()?.restart().await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (window, length) = loop {
+            let length = r
+                .probe_b
+                .stream_count()
+                .map_or(0, |c| c.messages + c.markers);
+            let status = r.float()?.status().await.unwrap_or_default();
+            let w = &status["window"];
+            let read = w["inboxes"][0]["read"].as_u64().unwrap_or(0);
+            if w["state"] == "ready" {
+                bail!(
+                    "the restarted float rebuilt its window (read {read} of {length}) before it could be killed during the rebuild: {w}"
+                );
+            }
+            if w["state"] == "rebuilding" && read * 4 >= length && length > 0 {
+                r.float()?.kill9().await?;
+                break (status, length);
+            }
+            if Instant::now() > deadline {
+                bail!("the restarted float's window was never seen rebuilding: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // The kill landed during the rebuild: the status just before it said so, the float
+        // had published nothing yet, and its log never said the rebuild was done.
+        let read = window["window"]["inboxes"][0]["read"].as_u64().unwrap_or(0);
+        assert!(
+            read < length,
+            "killed after the whole stream was read back: {window}"
+        );
+        assert_eq!(
+            window["accepted"], 0,
+            "the float published before its window was rebuilt: {window}"
+        );
+        let rebuilt_after = log_count(r.float()?, REBUILT);
+        assert_eq!(
+            rebuilt_after,
+            rebuilt_before,
+            "the killed float had finished its rebuild:\n{}",
+            r.float()?.log_tail(20)
+        );
+        r.rebuild_kill = Some((window, length));
         Ok(())
     })
 }
@@ -1316,6 +1823,24 @@ fn b_rate_with_c_healthy(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
 /// j: a delivery limit of 5 on A's peer queues, and B's broker refusing every publish.
 fn limit_deliveries_and_refuse_publishes(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
     Box::pin(async move {
+        limit_deliveries(r).await?;
+        refuse_publishes(r).await
+    })
+}
+
+/// j_stream: B's broker refuses every publish, and closes every connection so that no
+/// channel goes on with a write permission it checked before (RabbitMQ caches them per
+/// channel). The float reconnects and cannot rebuild its window (its marker is refused).
+fn refuse_publishes_and_reconnect(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
+    Box::pin(async move {
+        refuse_publishes(r).await?;
+        r.broker_b.node()?.close_all_connections().await
+    })
+}
+
+/// j: a delivery limit of 5 on A's peer queues.
+fn limit_deliveries(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
+    Box::pin(async move {
         r.broker_a
             .node()?
             .ctl(&[
@@ -1328,7 +1853,14 @@ fn limit_deliveries_and_refuse_publishes(r: &mut Rig) -> LocalBoxFuture<'_, Resu
                 "--apply-to",
                 "queues",
             ])
-            .await?;
+            .await
+            .map(drop)
+    })
+}
+
+/// j: B's broker refuses every publish.
+fn refuse_publishes(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
+    Box::pin(async move {
         // No write on the float's publishing exchange (`drawbridge.inboxes`), so every
         // publish is refused; write on the inbox queue itself stays, since binding it to the
         // exchange at start needs it (RabbitMQ checks a bind as write on the queue).
@@ -1438,6 +1970,20 @@ fn stuck_link_reported(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
     })
 }
 
+/// j_stream: the float said why its window could not be rebuilt.
+fn window_reported_refusal(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
+    Box::pin(async move {
+        let float = r.float()?;
+        assert!(
+            float.log_contains("cannot read the inbox stream back")
+                && float.log_contains("ACCESS_REFUSED"),
+            "the float reports its window blocked by the refusal:\n{}",
+            float.log_tail(20)
+        );
+        Ok(())
+    })
+}
+
 /// j: the link backed off while the peer refused (at most 10 connects in the minute).
 fn link_backed_off(r: &mut Rig) -> LocalBoxFuture<'_, Result<()>> {
     Box::pin(async move {
@@ -1460,6 +2006,21 @@ fn broker_start_times(r: &Rig) -> String {
     )
 }
 
+/// m: where the rebuild was when the float was killed, and how long the last one took.
+fn rebuild_kill_summary(r: &Rig) -> String {
+    let Some((status, length)) = &r.rebuild_kill else {
+        return "m: no kill during a rebuild".into();
+    };
+    let w = &status["window"];
+    format!(
+        "m: second kill during the window rebuild: read {} of the stream's {length} (messages and markers), rebuilding for {} ms, accepted {}; the float after the last restart: {}",
+        w["inboxes"][0]["read"],
+        w["rebuilding_for_ms"],
+        status["accepted"],
+        r.window_notes.first().map_or("-", String::as_str)
+    )
+}
+
 /// f: the recovery after each kind of cut.
 fn path_cut_recoveries(r: &Rig) -> String {
     [ProxyMode::BlackHole, ProxyMode::Reset]
@@ -1475,10 +2036,13 @@ fn recycle_storm_summary(r: &Rig) -> String {
     let (connects, view) = &r.outage;
     let (inbox, dead) = r.accounted;
     let (delivered, reasons) = &r.dead_letters;
+    let crashes = r.broker_a_crashes();
     format!(
-        "j: link connects during the 60 s outage {connects}; delivered {delivered}; dead-lettered {dead} {reasons:?}; inbox depth at heal+{:.1}s {inbox}; link {}",
+        "j: link connects during the 60 s outage {connects}; delivered {delivered}; dead-lettered {dead} {reasons:?}; inbox depth at heal+{:.1}s {inbox}; link {}\nj: A's broker: {} channel crash reports{}",
         r.recoveries.first().copied().unwrap_or_default().as_secs_f64(),
-        view.clone().unwrap_or_default()
+        view.clone().unwrap_or_default(),
+        crashes.0,
+        if crashes.1.is_empty() { String::new() } else { format!(", the first:\n{}", crashes.1.join("\n")) }
     )
 }
 
@@ -1503,10 +2067,17 @@ async fn preload(from: &Org, to: &Org, run: &str, n: u64, queue_type: &str) -> R
 
 /// Watches the depth of an org's inbox over AMQP (passive declare), reconnecting across
 /// its broker URIs as needed. The inbox is not consumed until the end, so its depth only grows.
+///
+/// A stream inbox's message count from a passive declare comes from the broker's coarse
+/// metrics (updated every few seconds, never lower): a stream is watched instead by a reader
+/// that follows it from its first offset ([`StreamCount`]), and its "depth" is the number of
+/// *distinct* messages of the scenario's run read so far (markers and other runs aside).
 struct InboxProbe {
     uris: Vec<String>,
     queue: String,
     chan: Option<(lapin::Connection, lapin::Channel)>,
+    /// Stream inbox: what the reader has counted, and the reader.
+    stream: Option<(Arc<Mutex<StreamCount>>, AbortOnDrop)>,
 }
 
 impl InboxProbe {
@@ -1515,10 +2086,55 @@ impl InboxProbe {
             uris: org.broker_uris.clone(),
             queue: INBOX.to_string(),
             chan: None,
+            stream: None,
         }
     }
 
+    /// A probe on an org's stream inbox, counting the messages of `run`.
+    fn stream(org: &Org, run: &str) -> Self {
+        let count = Arc::new(Mutex::new(StreamCount::default()));
+        let reader = tokio::spawn(follow_stream(
+            org.broker_uris.clone(),
+            format!("{run}-"),
+            count.clone(),
+        ));
+        InboxProbe {
+            stream: Some((count, AbortOnDrop(reader))),
+            ..InboxProbe::new(org)
+        }
+    }
+
+    /// Stream inbox: a copy of what the reader has counted so far.
+    fn stream_count(&self) -> Option<StreamCount> {
+        self.stream.as_ref().map(|(c, _)| lock(c).clone())
+    }
+
+    /// The depth now, for a baseline: for a stream, once the reader is consuming and has read
+    /// nothing for 300 ms (it has caught up after its broker came back), at most 10 s.
+    async fn caught_up(&mut self) -> u64 {
+        if let Some((count, _)) = &self.stream {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let quiet = {
+                    let c = lock(count);
+                    let gap = Duration::from_millis(300);
+                    c.consuming_since.is_some_and(|t| t.elapsed() >= gap)
+                        && c.last_delivery.is_none_or(|t| t.elapsed() >= gap)
+                };
+                if quiet {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.now().await
+    }
+
     async fn depth(&mut self) -> Option<u64> {
+        if let Some((count, _)) = &self.stream {
+            let c = lock(count);
+            return (c.connects > 0).then_some(c.ids.len() as u64);
+        }
         if self
             .chan
             .as_ref()
@@ -1635,6 +2251,247 @@ impl InboxProbe {
     }
 }
 
+/// Ends a task when dropped (the stream reader ends with its scenario).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the reader of a stream inbox has counted.
+#[derive(Clone, Default)]
+struct StreamCount {
+    /// Distinct message ids of the watched run, and when each was first read (Unix ms).
+    ids: HashMap<String, u64>,
+    /// Messages of the watched run, copies included.
+    copies: u64,
+    /// Messages that are no window marker (every run).
+    messages: u64,
+    /// Window markers.
+    markers: u64,
+    /// The offset to read next.
+    next: Option<i64>,
+    /// Connections on which it consumed.
+    connects: u64,
+    /// Since when it consumes on its current connection (`None`: not connected).
+    consuming_since: Option<Instant>,
+    /// When the last message came.
+    last_delivery: Option<Instant>,
+}
+
+/// Follow B's stream inbox from its first offset, counting into `count`, across broker
+/// restarts and node failures (it resumes where it stopped, on whichever node answers).
+async fn follow_stream(uris: Vec<String>, prefix: String, count: Arc<Mutex<StreamCount>>) {
+    let mut turn = 0usize;
+    loop {
+        let uri = &uris[turn % uris.len()];
+        turn += 1;
+        let from = lock(&count).next;
+        let Ok(Ok(conn)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            lapin::Connection::connect(uri, Default::default()),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let consume = tokio::time::timeout(Duration::from_secs(5), async {
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(1000, Default::default()).await?;
+            let mut args = FieldTable::default();
+            let offset = match from {
+                Some(o) => AMQPValue::LongLongInt(o),
+                None => AMQPValue::LongString("first".into()),
+            };
+            args.insert("x-stream-offset".into(), offset);
+            let consumer = ch
+                .basic_consume(
+                    INBOX.into(),
+                    "fault-suite-stream-watch".into(),
+                    Default::default(),
+                    args,
+                )
+                .await?;
+            Ok::<_, lapin::Error>((ch, consumer))
+        })
+        .await;
+        if let Ok(Ok((ch, mut consumer))) = consume {
+            {
+                let mut c = lock(&count);
+                c.connects += 1;
+                c.consuming_since = Some(Instant::now());
+            }
+            let mut unacked = 0;
+            while let Some(Ok(d)) = consumer.next().await {
+                {
+                    let mut c = lock(&count);
+                    c.last_delivery = Some(Instant::now());
+                    if let Some(offset) = stream_offset(&d) {
+                        c.next = Some(offset + 1);
+                    }
+                    let h = d.properties.headers().as_ref();
+                    if h.is_some_and(|h| h.inner().contains_key(stream::WINDOW_MARKER)) {
+                        c.markers += 1;
+                    } else {
+                        c.messages += 1;
+                        if let Some(id) = d.properties.message_id() {
+                            if id.as_str().starts_with(&prefix) {
+                                c.copies += 1;
+                                c.ids.entry(id.to_string()).or_insert_with(unix_ms);
+                            }
+                        }
+                    }
+                }
+                unacked += 1;
+                if unacked >= 200 {
+                    let multiple = BasicAckOptions { multiple: true };
+                    if ch.basic_ack(d.delivery_tag, multiple).await.is_err() {
+                        break;
+                    }
+                    unacked = 0;
+                }
+            }
+            lock(&count).consuming_since = None;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "".into())).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A dead-letter's `x-death` (first entry): reason, count, time.
+fn death(h: Option<&FieldTable>) -> String {
+    let Some(AMQPValue::FieldArray(deaths)) = h.and_then(|h| h.inner().get("x-death")) else {
+        return "no x-death".into();
+    };
+    let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() else {
+        return "an empty x-death".into();
+    };
+    let f = first.inner();
+    let reason = match f.get("reason") {
+        Some(AMQPValue::LongString(r)) => String::from_utf8_lossy(r.as_bytes()).into_owned(),
+        other => format!("{other:?}"),
+    };
+    let time = match f.get("time") {
+        Some(AMQPValue::Timestamp(t)) => format!("{t} (Unix s)"),
+        other => format!("{other:?}"),
+    };
+    format!("reason {reason}, count {:?}, at {time}", f.get("count"))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A stream delivery's offset.
+fn stream_offset(d: &lapin::message::Delivery) -> Option<i64> {
+    match d
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-stream-offset")?
+    {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// What one read of a stream inbox from its first offset found.
+struct StreamRead {
+    /// One report per run asked for.
+    reports: Vec<Report>,
+    /// Window markers skipped.
+    markers: u64,
+    /// Messages that are no marker.
+    messages: u64,
+    /// Messages of none of the runs.
+    other: u64,
+}
+
+/// Read B's stream inbox from its first offset (window markers skipped) until every run is
+/// complete and nothing more came for 2 s (or, while some is not, for `idle`).
+async fn read_stream(
+    at: &Org,
+    runs: &[(&str, u64)],
+    sender: &str,
+    idle: Duration,
+) -> Result<StreamRead> {
+    let (_c, ch) = at.channel().await?;
+    ch.basic_qos(1000, Default::default()).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = ch
+        .basic_consume(
+            INBOX.into(),
+            "fault-suite-stream-verify".into(),
+            Default::default(),
+            args,
+        )
+        .await
+        .context("reading the stream inbox")?;
+    let mut tallies: Vec<(String, Tally)> = runs
+        .iter()
+        .map(|(run, n)| (format!("{run}-"), Tally::new(run, *n, Some(sender.into()))))
+        .collect();
+    let expected: u64 = runs.iter().map(|(_, n)| n).sum();
+    let (mut markers, mut messages, mut other, mut unacked) = (0, 0, 0, 0);
+    loop {
+        let complete = tallies.iter().map(|(_, t)| t.distinct()).sum::<u64>() >= expected;
+        let idle = if complete {
+            Duration::from_secs(2)
+        } else {
+            idle
+        };
+        let d = match tokio::time::timeout(idle, consumer.next()).await {
+            Err(_) => break,
+            Ok(None) => bail!("the stream inbox reader was cancelled"),
+            Ok(Some(Err(e))) => bail!("reading the stream inbox: {e}"),
+            Ok(Some(Ok(d))) => d,
+        };
+        let h = d.properties.headers().as_ref();
+        if h.is_some_and(|h| h.inner().contains_key(stream::WINDOW_MARKER)) {
+            markers += 1;
+        } else {
+            messages += 1;
+            let id = d.properties.message_id().as_ref().map(|s| s.to_string());
+            let from = stream::header_string(h, stream::SENDER);
+            match tallies
+                .iter_mut()
+                .find(|(p, _)| id.as_deref().is_some_and(|i| i.starts_with(p.as_str())))
+            {
+                Some((_, t)) => t.record(id.as_deref(), &d.data, from.as_deref()),
+                None => other += 1,
+            }
+        }
+        unacked += 1;
+        if unacked >= 200 {
+            ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+            unacked = 0;
+        }
+    }
+    Ok(StreamRead {
+        reports: tallies.iter().map(|(_, t)| t.report()).collect(),
+        markers,
+        messages,
+        other,
+    })
+}
+
 /// Drain B's inbox through the verifying consumer.
 async fn verify(to: &Org, run: &str, n: u64, sender: &str) -> Result<Report> {
     let (_c, ch) = to.channel().await?;
@@ -1664,6 +2521,13 @@ fn assert_intact(name: &str, r: &Report, ctx: &str) {
         r.lost == 0 && r.corrupted == 0 && r.unexpected == 0 && r.wrong_sender == 0,
         "{name}: {r:?}\n{ctx}"
     );
+}
+
+/// How often `needle` occurs in a daemon's log (every run of it).
+fn log_count(d: &Daemon, needle: &str) -> usize {
+    std::fs::read_to_string(d.log_path())
+        .map(|s| s.matches(needle).count())
+        .unwrap_or(0)
 }
 
 fn logs(org: &Org) -> String {

@@ -164,30 +164,12 @@ async fn until_forwarding(
     }
 }
 
-/// Consumers of `queue` in `vhost`, from the broker (`rabbitmqctl list_queues`).
+/// Consumers of `queue` in `vhost`, from the broker.
 async fn consumers(node: &RabbitNode, vhost: &str, queue: &str) -> Result<u64> {
-    let out = node
-        .ctl(&[
-            "list_queues",
-            "-p",
-            vhost,
-            "--no-table-headers",
-            "-q",
-            "name",
-            "consumers",
-        ])
-        .await?;
-    for line in out.lines() {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.first() == Some(&queue) {
-            return cols
-                .get(1)
-                .context("no consumers column")?
-                .parse()
-                .context("consumers");
-        }
-    }
-    bail!("queue {queue} not listed: {out}")
+    let all = node.consumers(vhost).await?;
+    all.get(queue)
+        .copied()
+        .with_context(|| format!("queue {queue} not listed: {all:?}"))
 }
 
 fn spec(run: &str, from: u64, to: u64) -> PublishSpec {

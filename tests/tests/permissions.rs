@@ -197,13 +197,14 @@ async fn cli_ok(args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
-/// Start `org`'s float and bridge, each logged in as its own user.
-async fn start_daemons(org: &mut Org, broker: &Broker) -> Result<()> {
+/// Start `org`'s float and bridge (extra `[bridge]` lines `bridge`), each logged in as its
+/// own user.
+async fn start_daemons(org: &mut Org, broker: &Broker, bridge: &str) -> Result<()> {
     // `daemon_broker` is the `[broker]` table of the daemon started next.
     org.daemon_broker = Some(format!("uris = [{:?}]", broker.uri(FLOAT_USER)));
     org.start_float("").await?;
     org.daemon_broker = Some(format!("uris = [{:?}]", broker.uri(BRIDGE_USER)));
-    org.start_bridge("").await?;
+    org.start_bridge(bridge).await?;
     Ok(())
 }
 
@@ -349,8 +350,10 @@ async fn the_least_privilege_users_run_the_whole_path_and_nothing_more() -> Resu
     let mut a = Org::new(net.nodes[0].clone(), vec![ba.uri(NODE_USER)], dir.path());
     let mut b = Org::new(net.nodes[1].clone(), vec![bb.uri(NODE_USER)], dir.path());
     assert_eq!(a.node.user, NODE_USER, "the bridges' node_user");
-    start_daemons(&mut a, &ba).await?;
-    start_daemons(&mut b, &bb).await?;
+    start_daemons(&mut a, &ba, "").await?;
+    // B's bridge runs hot-hot: its members fanout and member queue are within the patterns
+    // too (it runs no link unless it can join).
+    start_daemons(&mut b, &bb, "ha = \"hot-hot\"").await?;
 
     // Every daemon is connected as its own user.
     for (broker, org) in [(&ba, &a), (&bb, &b)] {

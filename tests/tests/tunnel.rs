@@ -355,17 +355,15 @@ async fn the_standby_bridge_re_activates_the_float_when_the_active_one_dies() ->
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // The standby dials its tunnel on its own schedule: it may arrive after the
+    // active bridge has already activated the float, so wait for both.
     let s = wait_float(
         p.b.float_admin,
         Duration::from_secs(20),
-        "activated",
-        active,
+        "activated, with both bridges holding a tunnel",
+        |s| active(s) && s["tunnel"]["tunnels"].as_array().map(Vec::len) == Some(2),
     )
     .await?;
-    ensure!(
-        s["tunnel"]["tunnels"].as_array().map(Vec::len) == Some(2),
-        "both bridges hold a tunnel, one active: {s:#}"
-    );
     let epoch_before = s["tunnel"]["epoch"].as_u64().unwrap_or_default();
 
     p.a.start_bridge("").await?;

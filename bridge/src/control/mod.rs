@@ -91,10 +91,26 @@ impl Links {
         }
         self.active = active;
         if active {
-            info!(
-                links = self.wanted.len(),
-                "active: starting the wanted links"
-            );
+            let owners = self.ctx.ha.hot.owners();
+            if owners.shared() {
+                let mine = self.wanted.keys().filter(|q| owners.may_start(q)).count();
+                info!(
+                    links = mine,
+                    wanted = self.wanted.len(),
+                    members = ?owners_list(&owners),
+                    "alive member: starting the wanted links this instance owns"
+                );
+                // Joining a running group: each of these ran on another member until now.
+                if owners.alive().len() > 1 {
+                    metrics::counter!("drawbridge_bridge_link_handovers_total", "direction" => "in")
+                        .increment(mine as u64);
+                }
+            } else {
+                info!(
+                    links = self.wanted.len(),
+                    "active: starting the wanted links"
+                );
+            }
             self.converge().await;
         } else {
             if !self.running.is_empty() {
@@ -110,16 +126,67 @@ impl Links {
                 .busy_for(stop_deadline(self.ctx.cfg.drain_grace));
             self.stop_all().await;
             self.ctx.views.lock().expect("poisoned").clear();
+            metrics::gauge!("drawbridge_bridge_links_owned").set(0.0);
         }
         self.ctx.ha.links_running.send_replace(active);
         active
     }
 
-    /// Start and stop links until the running set is the wanted one.
+    /// Start and stop links until the running set is the wanted one (in hot-hot, the wanted
+    /// links this instance owns).
     async fn converge(&mut self) {
-        let wanted: Vec<PeerLink> = self.wanted.values().cloned().collect();
+        let owners = self.ctx.ha.hot.owners();
+        // What it owns and runs stays; what it owns and does not run yet starts unless a
+        // member about to join will own it (see `Owners::may_start`).
+        let wanted: Vec<PeerLink> = self
+            .wanted
+            .values()
+            .filter(|l| {
+                owners.may_start(&l.queue)
+                    || (owners.mine(&l.queue) && self.running.contains_key(&l.queue))
+            })
+            .cloned()
+            .collect();
+        metrics::gauge!("drawbridge_bridge_links_owned").set(wanted.len() as f64);
         let actions = plan(&self.specs(), &wanted);
         self.execute(actions).await;
+    }
+
+    /// Hot-hot: the members changed. Stop the links this instance no longer owns (each
+    /// drains first; the new owner's consumer waits behind it) and start the ones it now
+    /// owns. Nothing to do unless active.
+    pub(crate) async fn members_changed(&mut self) {
+        if !self.active {
+            return;
+        }
+        let owners = self.ctx.ha.hot.owners();
+        let (out, into) = {
+            let running = &self.running;
+            let out = running
+                .keys()
+                .filter(|q| self.wanted.contains_key(*q) && !owners.mine(q))
+                .count();
+            let into = self
+                .wanted
+                .keys()
+                .filter(|q| owners.may_start(q) && !running.contains_key(*q))
+                .count();
+            (out, into)
+        };
+        if out == 0 && into == 0 {
+            return;
+        }
+        info!(
+            handed_over = out,
+            taken_over = into,
+            members = ?owners_list(&owners),
+            "members changed: moving the links whose owner changed"
+        );
+        metrics::counter!("drawbridge_bridge_link_handovers_total", "direction" => "out")
+            .increment(out as u64);
+        metrics::counter!("drawbridge_bridge_link_handovers_total", "direction" => "in")
+            .increment(into as u64);
+        self.converge().await;
     }
 
     /// Queue → spec of every running link (the input of [`plan`]).
@@ -164,7 +231,12 @@ impl Links {
             match action {
                 Action::Delete(queue) => {
                     self.ctx.views.lock().expect("poisoned").remove(&queue);
-                    info!(queue = %queue, "link deleted");
+                    if self.wanted.contains_key(&queue) {
+                        let owners = self.ctx.ha.hot.owners();
+                        info!(queue = %queue, owner = owners.owner(&queue).unwrap_or("<none>"), "link handed over to its new owner");
+                    } else {
+                        info!(queue = %queue, "link deleted");
+                    }
                 }
                 Action::Replace(spec) => {
                     info!(queue = %spec.queue, "link changed; restarted it");
@@ -208,6 +280,11 @@ impl Links {
     pub(crate) fn len(&self) -> usize {
         self.running.len()
     }
+}
+
+/// The alive members, for a log line.
+fn owners_list(owners: &crate::members::Owners) -> Vec<String> {
+    owners.alive().to_vec()
 }
 
 /// Ask one link to drain and stop; abort its task if it has not stopped within `deadline`
@@ -419,6 +496,10 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut ha = ctx.ha.state.subscribe();
     let now = *ha.borrow_and_update();
     state.links.follow(now).await;
+    // Hot-hot: who owns which queue (never changes in the other modes). Followed between
+    // control sessions too: a member may join while the control channel is re-established.
+    let mut owners = ctx.ha.hot.owners.subscribe();
+    owners.borrow_and_update();
     // The control loop is the bridge's work loop for the systemd watchdog: it beats while
     // it waits for a connection too, so waiting for the broker is not mistaken for a hang.
     let mut idle = ctx.heartbeat.ticker();
@@ -435,6 +516,11 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                     state.links.follow(now).await;
                     ctx.heartbeat.beat();
                 }
+                Ok(()) = owners.changed() => {
+                    owners.borrow_and_update();
+                    state.links.members_changed().await;
+                    ctx.heartbeat.beat();
+                }
                 _ = shutdown.cancelled() => break None,
                 _ = idle.tick() => ctx.heartbeat.beat(),
             }
@@ -443,7 +529,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         let Some(live) = live else { continue };
         generation = live.generation;
         let started = tokio::time::Instant::now();
-        let session = control_session(&ctx, &live, &mut state, &mut ha, &shutdown).await;
+        let session =
+            control_session(&ctx, &live, &mut state, &mut ha, &mut owners, &shutdown).await;
         // Not ready again until the next session consumes control messages.
         ctx.control_consuming
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -478,6 +565,7 @@ async fn control_session(
     live: &Arc<Live>,
     state: &mut ControlState,
     ha: &mut tokio::sync::watch::Receiver<HaState>,
+    owners: &mut tokio::sync::watch::Receiver<Arc<crate::members::Owners>>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let op = ctx.broker.config().op_timeout;
@@ -536,6 +624,10 @@ async fn control_session(
                 Some(Err(e)) => return Err(SessionError::Consumer(e)),
                 None => return Err(SessionError::Cancelled),
             },
+            Ok(()) = owners.changed() => {
+                owners.borrow_and_update();
+                state.links.members_changed().await;
+            }
             Ok(()) = ha.changed() => {
                 let now = *ha.borrow_and_update();
                 if state.links.follow(now).await {

@@ -9,7 +9,7 @@ mod authorize;
 mod plan;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -111,7 +111,8 @@ impl Links {
                     "active: starting the wanted links"
                 );
             }
-            self.converge().await;
+            // Counted above: `converge` must not count these starts again.
+            self.converge(&BTreeSet::new()).await;
         } else {
             if !self.running.is_empty() {
                 info!(
@@ -134,7 +135,13 @@ impl Links {
 
     /// Start and stop links until the running set is the wanted one (in hot-hot, the wanted
     /// links this instance owns).
-    async fn converge(&mut self) {
+    ///
+    /// Handovers are counted here, where they happen, whatever made this call: a change of
+    /// members, or a control message handled first when both arrive together (the members'
+    /// watch and the control consumer race in one `select!`). A link stopped while still
+    /// wanted is handed over (out); a link started that was wanted before the current
+    /// command (`known`) is taken over (in); a link the node just asked for is neither.
+    async fn converge(&mut self, known: &BTreeSet<String>) {
         let owners = self.ctx.ha.hot.owners();
         // What it owns and runs stays; what it owns and does not run yet starts unless a
         // member about to join will own it (see `Owners::may_start`).
@@ -148,6 +155,26 @@ impl Links {
             .cloned()
             .collect();
         metrics::gauge!("drawbridge_bridge_links_owned").set(wanted.len() as f64);
+        if owners.shared() {
+            let keep: BTreeSet<&str> = wanted.iter().map(|l| l.queue.as_str()).collect();
+            let out = self
+                .running
+                .keys()
+                .filter(|q| self.wanted.contains_key(*q) && !keep.contains(q.as_str()))
+                .count();
+            let into = keep
+                .iter()
+                .filter(|q| !self.running.contains_key(**q) && known.contains(**q))
+                .count();
+            if out > 0 {
+                metrics::counter!("drawbridge_bridge_link_handovers_total", "direction" => "out")
+                    .increment(out as u64);
+            }
+            if into > 0 {
+                metrics::counter!("drawbridge_bridge_link_handovers_total", "direction" => "in")
+                    .increment(into as u64);
+            }
+        }
         let actions = plan(&self.specs(), &wanted);
         self.execute(actions).await;
     }
@@ -182,11 +209,8 @@ impl Links {
             members = ?owners_list(&owners),
             "members changed: moving the links whose owner changed"
         );
-        metrics::counter!("drawbridge_bridge_link_handovers_total", "direction" => "out")
-            .increment(out as u64);
-        metrics::counter!("drawbridge_bridge_link_handovers_total", "direction" => "in")
-            .increment(into as u64);
-        self.converge().await;
+        let known: BTreeSet<String> = self.wanted.keys().cloned().collect();
+        self.converge(&known).await;
     }
 
     /// Queue → spec of every running link (the input of [`plan`]).
@@ -199,6 +223,7 @@ impl Links {
 
     /// Record what `command` asks for, and converge to it if active.
     pub(crate) async fn apply(&mut self, command: &ControlCommand) {
+        let known: BTreeSet<String> = self.wanted.keys().cloned().collect();
         // Same queue twice in a snapshot: the last one wins, as in `plan`.
         self.wanted = plan::wanted(command, &self.wanted)
             .into_iter()
@@ -206,7 +231,7 @@ impl Links {
             .collect();
         *self.ctx.wanted.lock().expect("poisoned") = self.wanted.keys().cloned().collect();
         if self.active {
-            self.converge().await;
+            self.converge(&known).await;
         }
     }
 
